@@ -1,0 +1,1 @@
+"""ctd-monitor command line: one console script over the offline (probes) and streaming (worker) sides."""

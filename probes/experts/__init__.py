@@ -1,0 +1,1 @@
+"""Expert backends: stronger (and costlier) scorers the cascade delegates to."""

@@ -1,0 +1,176 @@
+"""Activation extraction: hidden states of one block, pooled (mean / last) or per token (EMA probes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from safetensors.numpy import load_file, save_file
+
+from probes.batching import plan_batches
+from probes.cache import atomic_write_bytes, sha256_text
+from probes.config import Pooling
+from probes.conversation import Conversation
+from probes.models import LoadedModel, layer_stack
+from probes.render import render_ids
+
+Progress = Callable[[int], None]
+FloatArray = npt.NDArray[np.float32]
+
+
+def pool_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean over tokens: padding never contributes."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def pool_last(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last real token under right padding (index = number of real tokens - 1)."""
+    last = mask.long().sum(dim=1).clamp_min(1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    return pool_mean(hidden, mask) if pooling == "mean" else pool_last(hidden, mask)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded ids of a batch and the positions of its items in the caller's list."""
+
+    indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def collate(ids: Sequence[Sequence[int]], indices: list[int], pad_id: int) -> TokenBatch:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return TokenBatch(indices=indices, input_ids=input_ids, attention_mask=mask)
+
+
+class FeatureExtractor:
+    """Runs the truncated model and captures the output of block ``layer`` with a forward hook.
+
+    A hook rather than ``output_hidden_states`` because the last stored hidden state of a decoder is
+    post-norm, so the same layer number would mean different things depending on truncation.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, layer: int, max_tokens: int, batch_tokens: int, max_items: int):
+        if not 1 <= layer <= loaded.max_layer:
+            raise ValueError(f"layer {layer} not in the loaded blocks 1..{loaded.max_layer}")
+        self.loaded = loaded
+        self.layer = layer
+        self.max_tokens = max_tokens
+        self.batch_tokens = batch_tokens
+        self.max_items = max_items
+        self._captured: torch.Tensor | None = None
+        layer_stack(loaded.model)[layer - 1].register_forward_hook(self._capture)
+
+    def _capture(self, module: Any, inputs: Any, output: Any) -> None:
+        self._captured = output[0] if isinstance(output, tuple) else output
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.loaded.tokenizer.pad_token_id)
+
+    def tokenize(self, conversations: Sequence[Conversation]) -> list[list[int]]:
+        return [render_ids(self.loaded.tokenizer, c, self.max_tokens) for c in conversations]
+
+    def batches(self, ids: Sequence[Sequence[int]]) -> Iterator[TokenBatch]:
+        plan = plan_batches([len(x) for x in ids], batch_tokens=self.batch_tokens, max_items=self.max_items)
+        for indices in plan:
+            yield collate([ids[i] for i in indices], indices, self.pad_id)
+
+    @torch.inference_mode()
+    def hidden(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [B, T, D] (float32, on the model's device) and the attention mask [B, T]."""
+        device = self.loaded.device
+        non_blocking = device.type == "cuda"
+        input_ids = batch.input_ids.to(device, non_blocking=non_blocking)
+        mask = batch.attention_mask.to(device, non_blocking=non_blocking)
+        self._captured = None
+        self.loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        if self._captured is None:
+            raise RuntimeError("the forward hook captured nothing")
+        return self._captured.float(), mask
+
+    def pooled_batch(self, batch: TokenBatch, pooling: Pooling) -> FloatArray:
+        hidden, mask = self.hidden(batch)
+        return pool(hidden, mask, pooling).cpu().numpy().astype(np.float32)
+
+    def pooled(
+        self, conversations: Sequence[Conversation], pooling: Pooling, progress: Progress | None = None
+    ) -> FloatArray:
+        ids = self.tokenize(conversations)
+        out = np.zeros((len(ids), self.loaded.hidden_size), dtype=np.float32)
+        for batch in self.batches(ids):
+            out[batch.indices] = self.pooled_batch(batch, pooling)
+            if progress is not None:
+                progress(len(batch.indices))
+        return out
+
+    def token_states(self, conversations: Sequence[Conversation]) -> list[FloatArray]:
+        """Per-token hidden states of each conversation (real tokens only), for streamed/EMA scoring."""
+        ids = self.tokenize(conversations)
+        out: list[FloatArray] = [np.zeros((0, 0), dtype=np.float32)] * len(ids)
+        for batch in self.batches(ids):
+            hidden, mask = self.hidden(batch)
+            lengths = mask.sum(dim=1).tolist()
+            for row, index in enumerate(batch.indices):
+                out[index] = hidden[row, : int(lengths[row])].cpu().numpy().astype(np.float32)
+        return out
+
+
+def ema_scores(token_logits: npt.ArrayLike, decay: float) -> npt.NDArray[np.float64]:
+    """s_t = λ·s_{t−1} + (1−λ)·z_t with s_0 = z_0 (one scalar of state per stream, method.md §7)."""
+    z = np.asarray(token_logits, dtype=np.float64)
+    out = np.empty_like(z)
+    state = 0.0
+    for t, value in enumerate(z):
+        state = value if t == 0 else decay * state + (1.0 - decay) * value
+        out[t] = state
+    return out
+
+
+class FeatureCache:
+    """Pooled features on disk, keyed by everything that changes them, so reruns are instant."""
+
+    def __init__(self, cache_dir: Path):
+        self.root = cache_dir / "features"
+
+    @staticmethod
+    def key(
+        loaded: LoadedModel, *, layer: int, pooling: Pooling, max_tokens: int, data_hash: str, dtype: str
+    ) -> str:
+        return sha256_text(
+            loaded.model_id, loaded.weights_sha256, str(layer), pooling, str(max_tokens), data_hash, dtype, "v1"
+        )[:32]
+
+    def get(self, key: str) -> FloatArray | None:
+        path = self.root / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        return load_file(str(path))["features"]
+
+    def put(self, key: str, features: FloatArray, metadata: dict[str, str]) -> Path:
+        path = self.root / f"{key}.safetensors"
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"features": np.ascontiguousarray(features)}, str(tmp), metadata=metadata)
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink(missing_ok=True)
+        return path

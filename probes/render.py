@@ -1,0 +1,46 @@
+"""Conversation -> token ids: the chat template when the tokenizer has one, truncated from the left.
+
+Left truncation keeps the latest turns: whole oldest messages are dropped first, and only a single
+remaining message that is still too long is cut token-wise from the left (keeping a leading BOS/CLS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from probes.conversation import Message, plain_text
+
+
+def render_text(tokenizer: Any, messages: Sequence[Message]) -> str:
+    """The string the monitored model reads for these messages."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=False
+        )
+        return str(rendered)
+    return plain_text(messages)
+
+
+def _encode(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    text = render_text(tokenizer, messages)
+    # A chat template already wrote its own special tokens; plain text gets the tokenizer's (CLS/SEP, BOS).
+    add_special = not getattr(tokenizer, "chat_template", None)
+    ids = tokenizer(text, add_special_tokens=add_special, truncation=False)["input_ids"]
+    return list(ids)
+
+
+def render_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> list[int]:
+    """Token ids of the rendered conversation, at most ``max_tokens`` long, keeping the latest content."""
+    if not messages:
+        raise ValueError("cannot render an empty conversation")
+    start = 0
+    ids = _encode(tokenizer, messages)
+    while len(ids) > max_tokens and start < len(messages) - 1:
+        start += 1
+        ids = _encode(tokenizer, messages[start:])
+    if len(ids) <= max_tokens:
+        return ids
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    head = ids[:1] if ids and ids[0] in special else []
+    return head + ids[len(ids) - (max_tokens - len(head)) :]

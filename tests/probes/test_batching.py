@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from probes.batching import plan_batches
+
+
+def test_token_budget_and_sorting() -> None:
+    lengths = [10, 200, 30, 190, 20, 5]
+    batches = plan_batches(lengths, batch_tokens=400, max_items=8)
+    assert batches[0] == [1, 3]  # the two long ones together: 200 x 2 = 400
+    for batch in batches:
+        assert max(lengths[i] for i in batch) * len(batch) <= 400
+
+
+def test_oversized_item_gets_its_own_batch() -> None:
+    assert plan_batches([1000, 3], batch_tokens=100, max_items=4) == [[0], [1]]
+
+
+@given(st.lists(st.integers(min_value=1, max_value=300), max_size=60), st.integers(1, 9))
+def test_every_item_once_and_budget_kept(lengths: list[int], max_items: int) -> None:
+    batches = plan_batches(lengths, batch_tokens=512, max_items=max_items)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= max_items
+        assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 512

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from probes.bundle import HEADS_FILE, MANIFEST, Bundle, load_bundle, new_manifest, save_bundle, update_manifest
+from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
+from probes.heads import fit_logistic
+
+
+def _bundle() -> Bundle:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    manifest = new_manifest(
+        model={"spec": "minilm-l6", "weights_sha256": "a" * 64, "max_tokens": 64},
+        features={"layer": 3, "pooling": "mean"},
+        data={"split_sizes": {"probe_train": {"n": 60, "positives": int(y.sum())}}},
+    )
+    return Bundle(manifest=manifest, heads={"safety": fit_logistic(x, y)})
+
+
+def test_roundtrip(tmp_path: Path) -> None:
+    original = _bundle()
+    save_bundle(original, tmp_path / "b")
+    loaded = load_bundle(tmp_path / "b")
+    x = np.random.default_rng(1).normal(size=(5, 8))
+    np.testing.assert_allclose(loaded.heads["safety"].proba(x), original.heads["safety"].proba(x))
+    assert loaded.features == {"layer": 3, "pooling": "mean"}
+    assert loaded.manifest["files"][HEADS_FILE] and loaded.version
+    # no pickle anywhere: only json and safetensors in the bundle
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [HEADS_FILE, MANIFEST]
+
+
+def test_tampered_file_refused(tmp_path: Path) -> None:
+    save_bundle(_bundle(), tmp_path / "b")
+    path = tmp_path / "b" / HEADS_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="sha256 mismatch"):
+        load_bundle(tmp_path / "b")
+
+
+def test_model_mismatch_refused(tmp_path: Path) -> None:
+    save_bundle(_bundle(), tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")
+    bundle.check_model("minilm-l6", "a" * 64)
+    with pytest.raises(BundleModelMismatch, match="trained on minilm-l6"):
+        bundle.check_model("smollm2-135m-instruct", "b" * 64)
+
+
+def test_not_a_bundle_and_bad_format(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a probe bundle"):
+        load_bundle(tmp_path)
+    save_bundle(_bundle(), tmp_path / "b")
+    manifest = orjson.loads((tmp_path / "b" / MANIFEST).read_bytes())
+    manifest["format_version"] = 99
+    (tmp_path / "b" / MANIFEST).write_bytes(orjson.dumps(manifest))
+    with pytest.raises(BundleError, match="unsupported bundle format"):
+        load_bundle(tmp_path / "b")
+
+
+def test_update_manifest_keeps_tensors_valid(tmp_path: Path) -> None:
+    save_bundle(_bundle(), tmp_path / "b")
+    update_manifest(tmp_path / "b", calibration={"tau": 0.3})
+    assert load_bundle(tmp_path / "b").manifest["calibration"] == {"tau": 0.3}
