@@ -12,27 +12,36 @@ import orjson
 import structlog
 
 
-def configure_logging(level: str = "INFO", *, json: bool = True) -> None:
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is *now*: test runners and CLIs swap it after configuration."""
+
+    def write(self, data: bytes) -> None:
+        stream = sys.stderr
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+        else:
+            stream.write(data.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def configure_logging(level: str = "INFO") -> None:
     """Configure structlog once per process; safe to call again (the last call wins)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    processors: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-    ]
-    if json:
-        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
-        factory: structlog.typing.WrappedLogger = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
-    else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
-        factory = structlog.PrintLoggerFactory(file=sys.stderr)
     structlog.configure(
-        processors=processors,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=factory,
+        logger_factory=structlog.BytesLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 
