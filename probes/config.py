@@ -157,6 +157,12 @@ class OpenAIExpertConfig(Frozen):
     backoff_s: float = 0.5
     concurrency: int = Field(8, ge=1)
     top_logprobs: int = Field(20, ge=1)
+    api: Literal["completions", "chat"] = "completions"
+    chat_messages: Literal["template", "conversation"] = Field(
+        "template", description="chat API: our guard prompt as one user turn, or the raw conversation (LG3 on vLLM)"
+    )
+    prompts_per_request: int = Field(1, ge=1, description="completions API: prompts batched into one request")
+    params_per_token: int = Field(0, ge=0, description="guard parameters, for compute accounting (8e9 for LG3-8B)")
 
 
 ExpertBackendName = Literal["encoder-head", "hf-guard", "openai-compatible"]
@@ -164,6 +170,7 @@ ExpertBackendName = Literal["encoder-head", "hf-guard", "openai-compatible"]
 
 class ExpertConfig(Frozen):
     backend: ExpertBackendName = "encoder-head"
+    path: Path | None = Field(None, description="encoder-head: a trained expert directory (default: the bundle's)")
     encoder_head: EncoderHeadConfig = EncoderHeadConfig()
     hf_guard: HFGuardConfig = HFGuardConfig()
     openai: OpenAIExpertConfig = OpenAIExpertConfig()
