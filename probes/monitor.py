@@ -1,0 +1,131 @@
+"""The per-event monitor: bundle heads on the monitored model's activations, and the delegation rule.
+
+The decision for one event depends only on its own features, the model/bundle versions and the threshold,
+never on what else is in its batch (method.md §5), so batching is free to reorder events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.bundle import Bundle, load_bundle
+from probes.config import ModelConfig
+from probes.conversation import Conversation
+from probes.dv import with_extra_features
+from probes.errors import BundleError
+from probes.features import FeatureExtractor, TokenBatch, collate
+from probes.heads import sigmoid
+from probes.models import LoadedModel, load_model
+
+Signal = Literal["dv", "uncertainty"]
+F64 = npt.NDArray[np.float64]
+
+
+def uncertainty(p: npt.ArrayLike) -> F64:
+    """−|p − 0.5|: highest where the probe is least sure."""
+    return -np.abs(np.asarray(p, dtype=np.float64) - 0.5)
+
+
+@dataclass(frozen=True)
+class DelegationRule:
+    """delegate ⇔ signal > threshold. ``threshold=None`` means no certified threshold: never delegate."""
+
+    signal: Signal
+    threshold: float | None
+    alpha: float | None
+    variant: str = "fixed"
+
+    @property
+    def valid(self) -> bool:
+        return self.threshold is not None
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> DelegationRule:
+        cal = manifest.get("calibration")
+        if not cal:
+            return cls(signal="dv" if "dv" in manifest.get("head_names", []) else "uncertainty", threshold=None,
+                       alpha=None, variant="uncalibrated")
+        return cls(signal=cal["signal"], threshold=cal.get("threshold"), alpha=cal.get("alpha"),
+                   variant=str(cal.get("variant", "fixed")))
+
+    def decide(self, values: npt.ArrayLike, threshold: float | None = None) -> npt.NDArray[np.bool_]:
+        tau = self.threshold if threshold is None else threshold
+        v = np.asarray(values, dtype=np.float64)
+        if tau is None:
+            return np.zeros(v.shape, dtype=bool)
+        return v > tau
+
+
+@dataclass(frozen=True)
+class Scores:
+    p_unsafe: F64
+    dv: F64 | None
+    signal: F64
+
+
+def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal) -> Scores:
+    p = bundle.heads["safety"].proba(features)
+    dv = dv_scores(bundle, features, p) if "dv" in bundle.heads else None
+    if signal == "dv":
+        if dv is None:
+            raise BundleError("the bundle's calibration uses the DV signal but the bundle has no DV head")
+        return Scores(p, dv, dv)
+    return Scores(p, dv, uncertainty(p))
+
+
+def dv_scores(bundle: Bundle, features: npt.ArrayLike, p: F64) -> F64:
+    """The DV head's output; its kind (logistic → probability, ridge → value) is in the manifest."""
+    head = bundle.heads["dv"]
+    x = dv_inputs(bundle, features, p)
+    kind = bundle.manifest.get("heads", {}).get("dv", {}).get("type", "logistic")
+    return sigmoid(head.logit(x)) if kind == "logistic" else head.logit(x)
+
+
+def dv_inputs(bundle: Bundle, features: npt.ArrayLike, p: F64) -> npt.NDArray[np.float32]:
+    """DV features: the activations, plus the probe's logit and |p − 0.5| when the head was trained so."""
+    if bundle.manifest.get("heads", {}).get("dv", {}).get("extra_features"):
+        return with_extra_features(features, p)
+    return np.asarray(features, dtype=np.float32)
+
+
+class Monitor:
+    """Loads a bundle and the model it was trained on; scores token batches."""
+
+    def __init__(self, bundle_dir: Path, model: ModelConfig, *, cache_dir: Path) -> None:
+        self.bundle = load_bundle(bundle_dir)
+        features = self.bundle.features
+        # The bundle decides which model runs: its heads are meaningless on any other.
+        spec = self.bundle.model["spec"]
+        self.loaded: LoadedModel = load_model(
+            spec, cache_dir=cache_dir, device=model.device, dtype=model.dtype, max_layer=int(features["layer"])
+        )
+        self.bundle.check_model(spec, self.loaded.weights_sha256)
+        self.pooling = features["pooling"]
+        self.max_tokens = int(self.bundle.model.get("max_tokens", model.max_tokens))
+        self.extractor = FeatureExtractor(
+            self.loaded, layer=int(features["layer"]), max_tokens=self.max_tokens,
+            batch_tokens=model.batch_tokens, max_items=model.max_batch_items,
+        )
+        self.rule = DelegationRule.from_manifest(self.bundle.manifest)
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.loaded.model_id}@{self.loaded.weights_sha256[:12]}"
+
+    def tokenize(self, conversation: Conversation) -> list[int]:
+        return self.extractor.tokenize([conversation])[0]
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
+        return collate(ids, list(range(len(ids))), self.extractor.pad_id)
+
+    def features(self, batch: TokenBatch) -> npt.NDArray[np.float32]:
+        return self.extractor.pooled_batch(batch, self.pooling)
+
+    def score(self, batch: TokenBatch) -> Scores:
+        return head_scores(self.bundle, self.features(batch), self.rule.signal)

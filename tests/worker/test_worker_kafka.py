@@ -1,0 +1,252 @@
+"""The worker against the real Kafka broker the test session starts (MiniLM bundle, real shared data)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from probes.data import read_file
+from probes.monitor import Monitor
+from tests.worker.helpers import (
+    ALPHA,
+    build_small_bundle,
+    distinct,
+    new_topics,
+    produce_raw,
+    read_topic,
+    wait_for,
+    worker_settings,
+)
+from worker.app import MonitorWorker
+from worker.config import WorkerSettings
+from worker.runner import replay
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
+    return build_small_bundle(tmp_path_factory.mktemp("bundle") / "b", datasets_dir, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def monitor(small_bundle: Path, cache_dir: Path) -> Monitor:
+    from probes.config import ModelConfig
+
+    return Monitor(small_bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
+
+
+def _settings(kafka_broker, small_bundle: Path, cache_dir: Path, partitions: int = 3, **worker) -> WorkerSettings:
+    topics = new_topics(kafka_broker.create_topics, partitions)
+    return worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
+                           group=f"g-{uuid.uuid4().hex[:6]}", **worker)
+
+
+async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorWorker, asyncio.Task[None]]:
+    worker = MonitorWorker(settings, monitor)
+    task = asyncio.create_task(worker.run())
+    await wait_for(lambda: worker.ready() or task.done(), timeout=60)
+    assert not task.done(), task.exception()
+    return worker, task
+
+
+async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir)
+    worker, task = await _start(s, monitor)
+    replay_file = small_bundle / "replay.jsonl"
+    n = len(replay_file.read_text().splitlines())
+    assert n >= 30
+    result = await replay(s, [replay_file], rate=None, limit=None)
+    verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= n)
+    assert len(distinct(verdicts)) == n == result["events"]
+    delegated = {v["event_id"] for v in verdicts if v["delegated"]}
+    reviews = await read_topic(s.kafka.bootstrap_servers, s.topics.review,
+                               until=lambda r: len({x["event"]["event_id"] for x in r}) >= len(delegated), timeout=20)
+    assert {r["event"]["event_id"] for r in reviews} == delegated
+    assert 0 < len(delegated) / n <= ALPHA
+    for v in verdicts:
+        assert v["source"] == "probe" and v["budget"]["threshold"] == monitor.rule.threshold
+        assert v["delegated"] == (-abs(v["p_unsafe"] - 0.5) > v["budget"]["threshold"])
+        assert v["metadata"]["label"] in (0, 1)
+    # health endpoints and metrics over HTTP
+    assert worker.health is not None
+    base = f"http://127.0.0.1:{worker.health.port}"
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{base}/healthz/ready")).status_code == 200
+        assert (await client.get(f"{base}/healthz/live")).status_code == 200
+        metrics = (await client.get(f"{base}/metrics")).text
+    assert f"ctd_events_in_total {float(n)}" in metrics and "ctd_consumer_lag" in metrics
+    worker.stop()
+    await asyncio.wait_for(task, 15)
+    # everything was committed before leaving the group: a new worker in the group reads nothing again
+    worker2, task2 = await _start(s, monitor)
+    await asyncio.sleep(2)
+    assert worker2.metrics.events_in._value.get() == 0
+    worker2.stop()
+    await asyncio.wait_for(task2, 15)
+
+
+async def test_bad_inputs_go_to_the_dead_letter_topic(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1, max_event_bytes=4096)
+    worker, task = await _start(s, monitor)
+
+    def good(i: int) -> bytes:
+        return orjson.dumps({"event_id": f"ok-{i}", "conversation_id": f"c{i}", "created_at": "2026-01-01T00:00:00Z",
+                             "messages": [{"role": "user", "content": f"how do I bake bread {i}"}]})
+
+    bad = {
+        "undecodable_utf8": b"\xff\xfe\xfa",
+        "invalid_json": b"{nope",
+        "schema_violation": orjson.dumps({"event_id": "x"}),
+        "oversize": orjson.dumps({"event_id": "big", "conversation_id": "c", "created_at": "2026-01-01T00:00:00Z",
+                                  "messages": [{"role": "user", "content": "x" * 8000}]}),
+        "empty_conversation": orjson.dumps({"event_id": "e", "conversation_id": "c",
+                                            "created_at": "2026-01-01T00:00:00Z", "messages": []}),
+    }
+    values: list[tuple[bytes | None, bytes | None]] = []
+    for i, raw in enumerate(bad.values()):
+        values += [(b"k", good(2 * i)), (b"k", raw), (b"k", good(2 * i + 1))]
+    await produce_raw(s.kafka.bootstrap_servers, s.topics.input, values)
+    dlq = await read_topic(s.kafka.bootstrap_servers, s.topics.dead_letter, until=lambda r: len(r) >= len(bad))
+    verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= 10)
+    assert {d["reason"] for d in dlq} == set(bad)
+    import base64
+
+    by_reason = {d["reason"]: d for d in dlq}
+    for reason, raw in bad.items():
+        assert base64.b64decode(by_reason[reason]["value_b64"]) == raw
+        assert by_reason[reason]["topic"] == s.topics.input and by_reason[reason]["offset"] >= 0
+    assert distinct(verdicts) == {f"ok-{i}" for i in range(10)}
+    await wait_for(lambda: worker.tracker.committable() == {} and worker.tracker.in_flight() == 0, 10)
+    worker.stop()
+    await asyncio.wait_for(task, 15)
+
+
+async def test_model_error_splits_the_batch_and_dead_letters_the_culprit(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1)
+    original = monitor.score
+
+    def flaky(batch):  # the batch holding the poisoned token length fails, like an OOM on an extreme batch
+        if batch.input_ids.shape[1] >= 60:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(batch)
+
+    monkeypatch.setattr(monitor, "score", flaky)
+    worker, task = await _start(s, monitor)
+    values = []
+    for i in range(6):
+        content = "poison " * 200 if i == 3 else f"short message {i}"
+        values.append((b"k", orjson.dumps({"event_id": f"m-{i}", "conversation_id": "c",
+                                             "created_at": "2026-01-01T00:00:00Z",
+                                             "messages": [{"role": "user", "content": content}]})))
+    await produce_raw(s.kafka.bootstrap_servers, s.topics.input, values)
+    verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= 5)
+    dlq = await read_topic(s.kafka.bootstrap_servers, s.topics.dead_letter, until=lambda r: len(r) >= 1)
+    assert distinct(verdicts) == {f"m-{i}" for i in range(6) if i != 3}
+    assert [d["reason"] for d in dlq] == ["inference_error"] and dlq[0]["stage"] == "inference"
+    worker.stop()
+    await asyncio.wait_for(task, 15)
+
+
+async def test_two_workers_split_partitions_and_a_rebalance_loses_nothing(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir, partitions=4)
+    a, task_a = await _start(s, monitor)
+    b, task_b = await _start(s, monitor)
+    await wait_for(lambda: len(a._assigned) == 2 and len(b._assigned) == 2, timeout=30)
+    n = 120
+    replay_task = asyncio.create_task(replay(s, [datasets_dir / "xstest.jsonl"], rate=60, limit=n))
+    await asyncio.sleep(0.8)
+    b.stop()  # leaves mid-stream: its partitions move to a
+    await asyncio.wait_for(task_b, 20)
+    await replay_task
+    verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= n)
+    assert len(distinct(verdicts)) == n
+    assert len(a._assigned) == 4
+    a.stop()
+    await asyncio.wait_for(task_a, 20)
+
+
+def _write_config(path: Path, s: WorkerSettings) -> Path:
+    data = orjson.loads(s.model_dump_json())
+    data["kafka"].pop("sasl_password", None)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _spawn(config: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ctd_monitor.cli", "--config", str(config), "--no-progress", "run"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_stream_loses_no_event(
+    kafka_broker, small_bundle: Path, cache_dir: Path, tmp_path: Path, datasets_dir: Path
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir)
+    config = _write_config(tmp_path / "w.yaml", s)
+    n = 200
+    await replay(s, [datasets_dir / "xstest.jsonl"], rate=None, limit=n)
+    proc = _spawn(config)
+    first = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 20, timeout=90)
+    assert len(first) >= 20
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc = _spawn(config)
+    try:
+        verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts,
+                                    until=lambda r: len(distinct(r)) >= n, timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert len(distinct(verdicts)) == n  # nothing lost
+    # duplicates only for work that was not committed before the kill
+    assert len(verdicts) - n <= 2 * 500
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_commits_and_exits_within_the_deadline(
+    kafka_broker, small_bundle: Path, cache_dir: Path, tmp_path: Path, datasets_dir: Path
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir)
+    config = _write_config(tmp_path / "w.yaml", s)
+    n = 150
+    await replay(s, [datasets_dir / "xstest.jsonl"], rate=None, limit=n)
+    proc = _spawn(config)
+    await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 10, timeout=90)
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = proc.wait(s.worker.shutdown_deadline_s + 10)
+    assert code == 0 and time.monotonic() - started < s.worker.shutdown_deadline_s + 5
+    before = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: False, timeout=3)
+    proc = _spawn(config)
+    try:
+        after = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts,
+                                 until=lambda r: len(distinct(r)) >= n, timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert len(distinct(after)) == n
+    # a clean drain commits everything it published: the restart re-processes nothing already verdicted
+    assert len(after) == n, f"{len(after) - n} duplicates after a graceful drain ({len(before)} before restart)"

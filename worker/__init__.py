@@ -1,0 +1,1 @@
+"""Streaming side of ctd-monitor: Kafka consumers, batching, verdicts."""

@@ -1,0 +1,199 @@
+"""The event contract: conversation events in, verdicts / review requests / dead letters out.
+
+Every model is versioned (``schema_version``) and serialised with orjson. Input limits are enforced while
+decoding, and every way an input can be bad maps to one ``DecodeError`` reason so it can be dead-lettered.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from probes.conversation import Conversation, Message
+
+SCHEMA_VERSION = 1
+MAX_EVENT_BYTES = 1_000_000
+MAX_MESSAGES = 512
+MAX_ID_CHARS = 256
+
+DecodeReason = Literal["undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_EVENT_BYTES)
+
+
+class ConversationEvent(_Model):
+    """One conversation so far; ``event_id`` is the idempotency key, ``conversation_id`` the Kafka key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ConversationEvent")
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    conversation_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    tenant: str = Field("default", min_length=1, max_length=MAX_ID_CHARS)
+    created_at: dt.datetime
+    messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value or not any(m.content.strip() for m in value):
+            raise ValueError("empty conversation")
+        return value
+
+    def conversation(self) -> Conversation:
+        return tuple(Message(m.role, m.content) for m in self.messages)
+
+
+class BudgetState(_Model):
+    """What the delegation rule looked like when this verdict was made."""
+
+    alpha: float | None = None
+    threshold: float | None = None
+    offline_threshold: float | None = None
+    window_threshold: float | None = None
+    window_rate: float | None = None
+    cap_binding: bool = False
+    valid: bool = True
+
+
+class Timings(_Model):
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Verdict(_Model):
+    """The monitor's decision on one event; the newest verdict for an ``event_id`` supersedes older ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Verdict")
+
+    schema_version: Literal[1] = 1
+    event_id: str
+    conversation_id: str
+    tenant: str
+    p_unsafe: float = Field(ge=0.0, le=1.0)
+    dv: float | None = None
+    delegated: bool
+    decision: Literal["unsafe", "safe"]
+    source: Literal["probe", "expert"]
+    budget: BudgetState
+    bundle_version: str
+    model_version: str
+    expert_version: str | None = None
+    timings: Timings
+    decided_at: dt.datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReviewRequest(_Model):
+    """A delegated event for the guard service, with the probe's view of it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ReviewRequest")
+
+    schema_version: Literal[1] = 1
+    event: ConversationEvent
+    p_unsafe: float
+    dv: float | None
+    reason: str
+    threshold: float | None
+    bundle_version: str
+    requested_at: dt.datetime
+
+
+class DeadLetter(_Model):
+    """An input the stream could not process: the original bytes, why, and where it came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="DeadLetter")
+
+    schema_version: Literal[1] = 1
+    reason: str
+    error: str
+    topic: str
+    partition: int
+    offset: int
+    key_b64: str | None
+    value_b64: str
+    stage: Literal["decode", "inference", "expert"]
+    failed_at: dt.datetime
+
+
+class DecodeError(Exception):
+    def __init__(self, reason: DecodeReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: DecodeReason = reason
+        self.detail = detail
+
+
+def decode_event(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> ConversationEvent:
+    """Bytes from Kafka → a validated event, or DecodeError naming exactly what is wrong."""
+    if raw is None:
+        raise DecodeError("schema_violation", "null message value (tombstone)")
+    if len(raw) > max_bytes:
+        raise DecodeError("oversize", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("undecodable_utf8", str(exc)) from exc
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", str(exc)) from exc
+    if not isinstance(obj, dict):
+        raise DecodeError("schema_violation", "top level must be a JSON object")
+    try:
+        return ConversationEvent.model_validate(obj)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if any("empty conversation" in str(e.get("msg", "")) for e in errors) or (
+            isinstance(obj.get("messages"), list) and not obj["messages"]
+        ):
+            raise DecodeError("empty_conversation", "the conversation has no non-empty message") from exc
+        summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+        raise DecodeError("schema_violation", summary) from exc
+
+
+def dead_letter(
+    *, reason: str, error: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+    stage: Literal["decode", "inference", "expert"],
+) -> DeadLetter:
+    return DeadLetter(
+        reason=reason, error=error[:2000], topic=topic, partition=partition, offset=offset,
+        key_b64=None if key is None else base64.b64encode(key).decode(),
+        value_b64=base64.b64encode(value or b"").decode(), stage=stage, failed_at=utcnow(),
+    )
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "conversation_event": ConversationEvent,
+    "verdict": Verdict,
+    "review_request": ReviewRequest,
+    "dead_letter": DeadLetter,
+}
+
+
+def json_schemas() -> dict[str, bytes]:
+    """The checked-in JSON Schema files, generated from the models (tests compare them byte for byte)."""
+    return {
+        f"{name}.schema.json": orjson.dumps(model.model_json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        + b"\n"
+        for name, model in SCHEMA_MODELS.items()
+    }

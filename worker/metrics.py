@@ -1,0 +1,67 @@
+"""Prometheus metrics of the worker and the guard service (names are referenced by deploy/ alert rules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass
+class WorkerMetrics:
+    """One registry per worker instance, so several workers can live in one test process."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events_in = Counter("ctd_events_in", "Records consumed from the input topic", registry=r)
+        self.verdicts_out = Counter(
+            "ctd_verdicts_out", "Verdicts acknowledged by the broker", ["decision", "source"], registry=r
+        )
+        self.delegated = Counter("ctd_delegated", "Events sent to the expert-review topic", registry=r)
+        self.dead_letters = Counter("ctd_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r)
+        self.batch_size = Histogram(
+            "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batch_tokens = Histogram(
+            "ctd_batch_tokens", "Padded tokens per inference batch",
+            buckets=(128, 512, 1024, 2048, 4096, 8192, 16384, 32768), registry=r,
+        )
+        self.queue_latency = Histogram(
+            "ctd_queue_latency_seconds", "Time from consume to the start of inference", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            "ctd_inference_latency_seconds", "Forward pass + heads per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.end_to_end_latency = Histogram(
+            "ctd_end_to_end_latency_seconds", "Consume to broker-acknowledged verdict", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delegation_rate = Gauge(
+            "ctd_delegation_rate", "Fraction of recent verdicts delegated (last 1000 events)", registry=r
+        )
+        self.threshold = Gauge("ctd_delegation_threshold", "Threshold applied to the delegation signal", registry=r)
+        self.budget_alpha = Gauge("ctd_delegation_budget", "Delegation budget alpha of the bundle", registry=r)
+        self.no_valid_threshold = Gauge(
+            "ctd_no_valid_threshold", "1 when no certified threshold exists (never delegating)", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "ctd_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=r
+        )
+        self.rebalances = Counter("ctd_rebalances", "Partition assignments and revocations", ["kind"], registry=r)
+        self.in_flight = Gauge("ctd_in_flight", "Events consumed but not yet committable", registry=r)
+        self.paused = Gauge("ctd_fetch_paused", "1 while fetching is paused by backpressure", registry=r)
+        self.last_progress = Gauge(
+            "ctd_last_progress_timestamp_seconds", "Unix time of the last poll that returned or commit", registry=r
+        )
+        self.inference_errors = Counter(
+            "ctd_inference_errors", "Inference failures (batches split and retried)", registry=r
+        )
+        self.publish_errors = Counter(
+            "ctd_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
+        )
+        self.ready = Gauge("ctd_ready", "1 when the model is loaded and partitions are assigned", registry=r)
