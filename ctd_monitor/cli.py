@@ -181,6 +181,139 @@ def replay(
     emit(result)
 
 
+BundleOpt = Annotated[Path, typer.Option("--bundle", help="probe bundle directory")]
+
+
+@app.command("train-dv")
+@_guarded
+def train_dv(
+    bundle: BundleOpt = Path("runs/bundle"),
+    target: Annotated[str, typer.Option(help="binary | continuous")] = "binary",
+) -> None:
+    """Train the delegation-value head and the SafeRoute-style router on the dev split; store them in the bundle."""
+    from probes.cascade import CascadeContext
+    from probes.cascade import train_dv as run
+
+    if target not in ("binary", "continuous"):
+        fail("--target must be binary or continuous")
+    s = settings()
+    with progress_bars(state.progress) as bars:
+        result = run(CascadeContext(s, bundle, bars), target=target)  # type: ignore[arg-type]
+    emit({"bundle": str(bundle), **result})
+
+
+@app.command()
+@_guarded
+def calibrate(
+    bundle: BundleOpt = Path("runs/bundle"),
+    alpha: Annotated[float, typer.Option(help="delegation budget (fraction of traffic)")] = 0.1,
+    delta: Annotated[float, typer.Option(help="allowed failure probability of the guarantee")] = 0.1,
+    signal: Annotated[str, typer.Option(help="dv | uncertainty | router")] = "dv",
+    variant: Annotated[str, typer.Option(help="pareto | budget")] = "pareto",
+    seed: Annotated[int, typer.Option(help="seed of the opt/HT split")] = 0,
+) -> None:
+    """Learn-then-Test calibration of the delegation threshold on the calibration split; writes the manifest."""
+    from probes.cascade import CascadeContext, calibrate_signal, write_calibration
+
+    if signal not in ("dv", "uncertainty", "router") or variant not in ("pareto", "budget"):
+        fail("--signal must be dv|uncertainty|router and --variant pareto|budget")
+    s = settings()
+    with progress_bars(state.progress) as bars:
+        ctx = CascadeContext(s, bundle, bars)
+        result = calibrate_signal(ctx, ctx.split("calibration"), signal, alpha=alpha, delta=delta,
+                                  variant=variant, seed=seed)  # type: ignore[arg-type]
+    payload = write_calibration(ctx, result)
+    if not result.valid:
+        console.print("[bold yellow]warning:[/] no valid threshold: the monitor will never delegate")
+    emit(payload)
+
+
+@app.command()
+@_guarded
+def evaluate(
+    bundle: BundleOpt = Path("runs/bundle"),
+    data: Annotated[list[Path] | None, typer.Option("--data", help="evaluation file(s); default: evaluation split")] = None,
+    budgets: Annotated[str, typer.Option(help="comma-separated budgets")] = "0.05,0.1,0.2,0.3",
+    delta: Annotated[float, typer.Option(help="δ used to calibrate each budget")] = 0.1,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/eval"),
+) -> None:
+    """Every policy at every budget (calibrated on the calibration split, applied as is): metrics, plots, report."""
+    from probes.cascade import CascadeContext
+    from probes.data import read_file
+    from probes.dv import signal_quality
+    from probes.evaluation import evaluate_policies, write_report
+
+    try:
+        alphas = [float(x) for x in budgets.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--budgets must be comma-separated numbers, got {budgets!r}")
+    s = settings()
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bars(state.progress) as bars:
+        ctx = CascadeContext(s, bundle, bars)
+        records = [r for path in data for r in read_file(path)] if data else list(ctx.prepared.splits.evaluation)
+        scored = ctx.score(records)
+        report = evaluate_policies(ctx, scored, alphas, delta=delta)
+        report["signal_quality"] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
+                                    for name in ("dv", "uncertainty", "router")}
+        if data and len(data) > 1:
+            report["per_file"] = {}
+            for path in data:
+                sub = ctx.score(read_file(path))
+                report["per_file"][path.name] = evaluate_policies(ctx, sub, alphas, delta=delta)["policies"]["ctd"]
+    report["files"] = [str(p) for p in data] if data else ["<bundle evaluation split>"]
+    (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    write_report(report, out)
+    emit({"out": str(out), "n": report["n"], "probe_only": report["probe_only"], "expert_only": report["expert_only"],
+          "faic": report["faic"]})
+
+
+@app.command("validate-guarantee")
+@_guarded
+def validate_guarantee(
+    bundle: BundleOpt = Path("runs/bundle"),
+    data: Annotated[list[Path] | None, typer.Option("--data", help="file(s); default: calibration+evaluation")] = None,
+    alpha: Annotated[float, typer.Option()] = 0.1,
+    delta: Annotated[float, typer.Option()] = 0.1,
+    splits: Annotated[int, typer.Option()] = 1000,
+    signal: Annotated[str, typer.Option(help="dv | uncertainty | router (default: the bundle's)")] = "",
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON only")] = True,
+) -> None:
+    """Repeat calibration on random calibration/evaluation splits; report how often the budget is exceeded."""
+    from probes.cascade import CascadeContext
+    from probes.data import read_file
+    from probes.evaluation import validate_guarantee as run
+
+    s = settings()
+    with progress_bars(state.progress and not json_out) as bars:
+        ctx = CascadeContext(s, bundle, bars)
+        records = ([r for path in data for r in read_file(path)] if data
+                   else list(ctx.prepared.splits.calibration) + list(ctx.prepared.splits.evaluation))
+        chosen = signal or (ctx.bundle.manifest.get("calibration") or {}).get("signal", "dv")
+        values = ctx.signal(chosen, ctx.score(records))
+    result = run(values, alpha=alpha, delta=delta, splits=splits)
+    emit({**result, "signal": chosen})
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("pipeline")
+@_guarded
+def bench_pipeline(
+    data: Annotated[list[Path] | None, typer.Option("--data", help="texts to push through")] = None,
+    n: Annotated[int, typer.Option(help="number of events")] = 300,
+) -> None:
+    """Raw forward-pass rate vs end-to-end worker rate through a real local broker, same texts, one run."""
+    from worker.bench import bench_pipeline as run_bench
+    from worker.config import WorkerSettings
+
+    s: WorkerSettings = settings(cls=WorkerSettings)
+    files = data or [s.data.datasets_dir / "harmbench.jsonl", s.data.datasets_dir / "xstest.jsonl"]
+    emit(run_bench(s, files, n))
+
+
 @app.command()
 def schemas(
     write: Annotated[bool, typer.Option("--write", help="rewrite worker/schemas/*.json")] = False,

@@ -22,8 +22,9 @@ from probes.errors import BundleError
 from probes.features import FeatureExtractor, TokenBatch, collate
 from probes.heads import sigmoid
 from probes.models import LoadedModel, load_model
+from probes.router import MLPHead
 
-Signal = Literal["dv", "uncertainty"]
+Signal = Literal["dv", "uncertainty", "router"]
 F64 = npt.NDArray[np.float64]
 
 
@@ -76,6 +77,8 @@ def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal) -> Scor
         if dv is None:
             raise BundleError("the bundle's calibration uses the DV signal but the bundle has no DV head")
         return Scores(p, dv, dv)
+    if signal == "router":
+        return Scores(p, dv, MLPHead.from_tensors(bundle.extra_tensors, "router").proba(features))
     return Scores(p, dv, uncertainty(p))
 
 

@@ -76,3 +76,60 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("model: {dtype: fp8}\n")
     result = CliRunner().invoke(app, ["--config", str(path), "extract"])
     assert result.exit_code == 2 and "invalid configuration" in result.output
+
+
+def test_ctd_workflow_train_dv_calibrate_evaluate_validate(
+    tmp_path: Path, datasets_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole CTD method through the CLI on MiniLM (layer 2: a deliberately weak probe) and a MiniLM expert."""
+    monkeypatch.setenv("CTD_CACHE_DIR", str(cache_dir))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+model: {{spec: minilm-l6, dtype: fp32, max_tokens: 48}}
+features: {{layer: 1, pooling: mean}}
+data:
+  datasets_dir: {datasets_dir}
+  files: [xstest.jsonl, harmbench.jsonl, forbidden_questions.jsonl, tense_reformulations.jsonl, alpaca_benign.jsonl]
+  max_per_source: 120
+expert:
+  encoder_head: {{backbone: minilm-l6, max_length: 64, epochs: 2, max_train: 400, dtype: fp32, train_layers: all}}
+"""
+    )
+    bundle = tmp_path / "bundle"
+    runner = CliRunner()
+
+    def run(*args: str) -> dict:
+        result = runner.invoke(app, ["--config", str(config), "--no-progress", *args])
+        assert result.exit_code == 0, result.output
+        return orjson.loads(result.stdout)
+
+    run("train", "--out", str(bundle))
+    dv = run("train-dv", "--bundle", str(bundle))
+    assert dv["dev"]["helps"] >= 3
+    assert set(dv["quality"]["evaluation"]) == {"dv", "uncertainty", "router"}
+    cal = run("calibrate", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1")
+    assert cal["signal"] == "dv" and cal["alpha"] == 0.2 and cal["n_cal"] > 0
+    manifest = load_bundle(bundle).manifest
+    assert manifest["calibration"]["threshold"] == cal["threshold"] and "dv" in manifest["head_names"]
+    out = tmp_path / "eval"
+    summary = run("evaluate", "--bundle", str(bundle), "--budgets", "0.1,0.3", "--out", str(out))
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    assert summary["n"] == metrics["n"] > 0
+    assert set(metrics["policies"]) == {"ctd", "uncertainty", "router", "random", "oracle"}
+    for rows in metrics["policies"].values():
+        assert [r["alpha"] for r in rows] == [0.1, 0.3]
+        assert all({"threshold", "realized_rate", "auroc", "accuracy", "f1", "expert_calls_per_1k"} <= set(r)
+                   for r in rows)
+    assert set(metrics["faic"]) >= {"ctd", "uncertainty", "router"}
+    assert (out / "report.md").is_file() and (out / "metrics_vs_budget.png").stat().st_size > 1000
+    assert (out / "realized_vs_target.png").is_file()
+    # per-file realised rates when several evaluation files are given
+    data = [str(datasets_dir / "xstest.jsonl"), str(datasets_dir / "simple_safety_tests.jsonl")]
+    run("evaluate", "--bundle", str(bundle), "--data", data[0], "--data", data[1], "--budgets", "0.2",
+        "--out", str(tmp_path / "eval2"))
+    assert set(orjson.loads((tmp_path / "eval2" / "metrics.json").read_bytes())["per_file"]) == {
+        "xstest.jsonl", "simple_safety_tests.jsonl"}
+    v = run("validate-guarantee", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1", "--splits", "200")
+    assert v["splits"] == 200 and 0 <= v["violation_rate"] <= 1 and v["signal"] == "dv"
+    assert v["violation_rate_population"] <= 0.1 + 3 * (0.09 / 200) ** 0.5

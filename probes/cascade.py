@@ -1,0 +1,189 @@
+"""The CTD workflow on a bundle: DV + router heads, LTT calibration, and scores for evaluation.
+
+Everything is computed from the bundle's own data recipe (manifest ``data``) so that calibration and
+evaluation use exactly the splits the probe was trained against; a changed dataset is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from safetensors.numpy import load_file, save_file
+
+from probes.bundle import Bundle, load_bundle, save_bundle, update_manifest
+from probes.cache import sha256_text
+from probes.calibration import Calibration, Variant, calibrate, cascade_error_risk, split_opt_ht
+from probes.config import DataConfig, Settings, SplitConfig
+from probes.data import Record
+from probes.dv import Target, dv_binary, fit_dv, signal_quality
+from probes.errors import BundleError
+from probes.experts.base import Expert
+from probes.experts.factory import build_expert
+from probes.logs import get_logger
+from probes.monitor import head_scores, uncertainty
+from probes.pipeline import (
+    Prepared,
+    ProgressFactory,
+    extract_features,
+    load_monitored_model,
+    make_extractor,
+    no_progress,
+    prepare_data,
+)
+from probes.router import MLPHead, fit_router
+
+log = get_logger(__name__)
+F64 = npt.NDArray[np.float64]
+SIGNALS = ("dv", "uncertainty", "router")
+
+
+def settings_for_bundle(settings: Settings, bundle: Bundle) -> Settings:
+    """The settings the bundle was trained with (model, layer, pooling, data recipe), others from ``settings``."""
+    m, f, d = bundle.model, bundle.features, bundle.manifest["data"]
+    fractions = d["split_fractions"]
+    return settings.model_copy(update={
+        "model": settings.model.model_copy(update={"spec": m["spec"], "max_tokens": m["max_tokens"]}),
+        "features": settings.features.model_copy(update={"layer": f["layer"], "pooling": f["pooling"]}),
+        "data": DataConfig(
+            datasets_dir=Path(d["datasets_dir"]) if Path(d["datasets_dir"]).is_dir() else settings.data.datasets_dir,
+            files=tuple(d["file_sha256"]), sources=tuple(d["sources"]), categories=tuple(d["categories"]),
+            max_per_source=d["max_per_source"], balance_with=d["balance_with"],
+            splits=SplitConfig(seed=d["split_seed"], **fractions),
+        ),
+    })
+
+
+@dataclass
+class Scored:
+    """Everything a policy or metric needs about a set of records."""
+
+    records: list[Record]
+    features: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int64]
+    p: F64
+    b: F64
+
+    def subset(self, idx: npt.NDArray[np.int64]) -> Scored:
+        return Scored([self.records[i] for i in idx], self.features[idx], self.y[idx], self.p[idx], self.b[idx])
+
+
+class CascadeContext:
+    """A bundle, its model, its expert, and cached features / expert scores for any record list."""
+
+    def __init__(self, settings: Settings, bundle_dir: Path, progress: ProgressFactory = no_progress,
+                 expert: Expert | None = None) -> None:
+        self.bundle_dir = bundle_dir
+        self.bundle = load_bundle(bundle_dir)
+        self.settings = settings_for_bundle(settings, self.bundle)
+        self.progress = progress
+        self.loaded = load_monitored_model(self.settings)
+        self.bundle.check_model(self.loaded.spec, self.loaded.weights_sha256)
+        self.extractor = make_extractor(self.settings, self.loaded)
+        self.expert = expert or build_expert(self.settings, bundle_manifest=self.bundle.manifest)
+        self._prepared: Prepared | None = None
+
+    @property
+    def prepared(self) -> Prepared:
+        if self._prepared is None:
+            prepared = prepare_data(self.settings)
+            want = self.bundle.manifest["data"]["content_hash"]
+            if prepared.dataset.content_hash() != want:
+                raise BundleError("the bundle's training data changed on disk (content hash differs); retrain")
+            self._prepared = prepared
+        return self._prepared
+
+    def score(self, records: list[Record]) -> Scored:
+        data_hash = sha256_text(*(f"{r.id}\x1e{r.content_key()}" for r in records))
+        features, _ = extract_features(self.settings, self.extractor, records, data_hash, self.progress)
+        p = self.bundle.heads["safety"].proba(features)
+        b = self.expert_scores(records, data_hash)
+        return Scored(records, features, np.asarray([r.label for r in records], dtype=np.int64), p, b)
+
+    def expert_scores(self, records: list[Record], data_hash: str) -> F64:
+        path = self.settings.cache_dir / "expert_scores" / f"{sha256_text(self.expert.name, data_hash)[:32]}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["b"].astype(np.float64)
+        advance = self.progress(f"expert scores ({self.expert.name.split(':')[0]})", len(records))
+        out = np.zeros(len(records), dtype=np.float64)
+        for start in range(0, len(records), 128):
+            part = records[start : start + 128]
+            out[start : start + len(part)] = self.expert.score([r.messages for r in part])
+            advance(len(part))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"b": out}, str(path))
+        return out
+
+    def split(self, name: str) -> Scored:
+        return self.score(list(self.prepared.splits.get(name)))  # type: ignore[arg-type]
+
+    def signal(self, name: str, scored: Scored) -> F64:
+        if name == "uncertainty":
+            return uncertainty(scored.p)
+        if name == "router":
+            if not any(k.startswith("router.") for k in self.bundle.extra_tensors):
+                raise BundleError("the bundle has no router head: run `ctd-monitor train-dv` first")
+            return MLPHead.from_tensors(self.bundle.extra_tensors, "router").proba(scored.features)
+        if "dv" not in self.bundle.heads:
+            raise BundleError("the bundle has no DV head: run `ctd-monitor train-dv` first")
+        dv = head_scores(self.bundle, scored.features, "dv").dv
+        assert dv is not None
+        return dv
+
+
+def train_dv(ctx: CascadeContext, *, target: Target = "binary") -> dict[str, Any]:
+    """Fit the DV head and the router on the dev split; store both in the bundle with their quality."""
+    dev = ctx.split("dev")
+    fit = fit_dv(dev.features, dev.y, dev.p, dev.b, target=target, seed=ctx.settings.data.splits.seed)
+    router = fit_router(dev.features, dv_binary(dev.y, dev.p, dev.b), seed=ctx.settings.data.splits.seed)
+    bundle = ctx.bundle
+    bundle.heads["dv"] = fit.head
+    bundle.extra_tensors = {k: v for k, v in bundle.extra_tensors.items() if not k.startswith("router.")}
+    bundle.extra_tensors.update(router.to_tensors("router"))
+    manifest = dict(bundle.manifest)
+    manifest["heads"] = dict(manifest["heads"])
+    manifest["heads"]["dv"] = {"type": "logistic" if target == "binary" else "ridge", "target": target,
+                               "extra_features": ["probe_logit", "abs_margin"], "regularization": fit.regularization,
+                               "n_train": fit.n_train, "train_positives": fit.positives, "trained_on": "dev"}
+    manifest["heads"]["router"] = {"type": "mlp", "hidden": [int(w.shape[1]) for w in router.weights[:-1]],
+                                   "target": "binary", "trained_on": "dev"}
+    bundle.manifest = manifest
+    save_bundle(bundle, ctx.bundle_dir)
+    ctx.bundle = load_bundle(ctx.bundle_dir)
+    quality: dict[str, Any] = {}
+    for split in ("calibration", "evaluation"):
+        scored = ctx.split(split)
+        quality[split] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
+                          for name in SIGNALS}
+    manifest = update_manifest(ctx.bundle_dir, metrics={**ctx.bundle.manifest["metrics"], "dv_quality": quality})
+    ctx.bundle.manifest = manifest
+    log.info("dv.trained", target=target, dev_helps=fit.positives, n=fit.n_train)
+    return {"target": target, "dev": {"n": fit.n_train, "helps": fit.positives},
+            "regularization": fit.regularization, "quality": quality}
+
+
+def calibrate_signal(ctx: CascadeContext, cal: Scored, signal: str, *, alpha: float, delta: float,
+                     variant: Variant, seed: int = 0) -> Calibration:
+    values = ctx.signal(signal, cal) if signal != "random" else random_signal(len(cal.records), seed)
+    risk = None
+    if variant == "pareto":
+        opt, _ = split_opt_ht(len(values), seed)
+        risk = cascade_error_risk(values[opt], cal.p[opt], cal.b[opt], cal.y[opt])
+    return calibrate(values, alpha=alpha, delta=delta, variant=variant, error_risk=risk, seed=seed,
+                     signal_name=signal)
+
+
+def random_signal(n: int, seed: int) -> F64:
+    return np.random.default_rng(10_000 + seed).uniform(size=n)
+
+
+def write_calibration(ctx: CascadeContext, result: Calibration) -> dict[str, Any]:
+    manifest = update_manifest(ctx.bundle_dir, calibration=result.to_manifest())
+    ctx.bundle.manifest = manifest
+    if not result.valid:
+        log.warning("calibration.no_valid_threshold", signal=result.signal, alpha=result.alpha, delta=result.delta,
+                    n_ht=result.n_ht)
+    return result.to_manifest()

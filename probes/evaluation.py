@@ -1,0 +1,224 @@
+"""Evaluation of delegation policies across budgets, guarantee validation, and the written report.
+
+Thresholds are always calibrated on the bundle's calibration split and applied as is to the evaluation
+records: nothing is refitted on the data being measured.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.calibration import Variant, calibrate, cascade_predictions
+from probes.cascade import CascadeContext, Scored, calibrate_signal, random_signal
+from probes.dv import dv_continuous
+from probes.metrics import classification_metrics
+
+F64 = npt.NDArray[np.float64]
+POLICIES = ("ctd", "uncertainty", "router", "random", "oracle")
+SIGNAL_OF = {"ctd": "dv", "uncertainty": "uncertainty", "router": "router", "random": "random"}
+
+
+def _metrics(y: npt.ArrayLike, scores: F64) -> dict[str, float]:
+    m = classification_metrics(y, scores)
+    return {"auroc": m["auroc"], "accuracy": m["accuracy"], "f1": m["f1"]}
+
+
+def oracle_delegation(ev: Scored, alpha: float) -> npt.NDArray[np.bool_]:
+    """Delegate the items with the largest true v > 0, at most an α fraction (an upper bound)."""
+    v = dv_continuous(ev.y, ev.p, ev.b)
+    k = int(np.floor(alpha * len(v)))
+    order = np.argsort(-v, kind="stable")[:k]
+    chosen = np.zeros(len(v), dtype=bool)
+    chosen[order[v[order] > 0]] = True
+    return chosen
+
+
+def evaluate_policies(
+    ctx: CascadeContext, evaluation: Scored, budgets: list[float], *, delta: float = 0.1,
+) -> dict[str, Any]:
+    cal = ctx.split("calibration")
+    out: dict[str, Any] = {
+        "n": len(evaluation.records), "positives": int(evaluation.y.sum()), "delta": delta,
+        "probe_only": _metrics(evaluation.y, evaluation.p),
+        "expert_only": _metrics(evaluation.y, evaluation.b),
+        "policies": {name: [] for name in POLICIES},
+        "groups": {},
+    }
+    group_keys = [f"{r.source}/{r.category}" if r.category else r.source for r in evaluation.records]
+    for alpha in budgets:
+        for policy in POLICIES:
+            if policy == "oracle":
+                delegated = oracle_delegation(evaluation, alpha)
+                threshold: float | None = None
+                valid = True
+            else:
+                signal = SIGNAL_OF[policy]
+                variant: Variant = "budget" if policy == "random" else "pareto"
+                result = calibrate_signal(ctx, cal, signal, alpha=alpha, delta=delta, variant=variant)
+                values = (random_signal(len(evaluation.records), 1) if policy == "random"
+                          else ctx.signal(signal, evaluation))
+                _, delegated = cascade_predictions(values, result.threshold, evaluation.p, evaluation.b)
+                threshold, valid = result.threshold, result.valid
+            final = np.where(delegated, evaluation.b, evaluation.p)
+            rate = float(delegated.mean())
+            out["policies"][policy].append({
+                "alpha": alpha, "threshold": threshold, "valid": valid, "realized_rate": rate,
+                **_metrics(evaluation.y, final), "expert_calls_per_1k": 1000.0 * rate,
+            })
+            if policy in ("ctd", "uncertainty"):
+                out["groups"].setdefault(policy, {})[str(alpha)] = group_analysis(
+                    group_keys, delegated, evaluation.y, evaluation.p, final)
+    out["faic"] = {name: faic(out, name) for name in ("ctd", "uncertainty", "router", "random")}
+    return out
+
+
+def group_analysis(keys: list[str], delegated: npt.NDArray[np.bool_], y: npt.ArrayLike, p: F64,
+                   final: F64) -> dict[str, dict[str, float]]:
+    """Where the budget goes: delegation rate and accuracy gain over probe-only, per source/category."""
+    labels = np.asarray(y)
+    idx: dict[str, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        idx[key].append(i)
+    table = {}
+    for key, members in sorted(idx.items()):
+        m = np.asarray(members)
+        probe_acc = float(np.mean((p[m] >= 0.5) == labels[m]))
+        cascade_acc = float(np.mean((final[m] >= 0.5) == labels[m]))
+        table[key] = {"n": int(len(m)), "delegation_rate": float(delegated[m].mean()),
+                      "accuracy_gain": cascade_acc - probe_acc}
+    return table
+
+
+def faic(report: dict[str, Any], policy: str, metric: str = "accuracy") -> float:
+    """Area between the policy's curve and probe-only over the budget range, over the oracle's area."""
+    base = report["probe_only"][metric]
+    rows, oracle = report["policies"][policy], report["policies"]["oracle"]
+    alphas = np.array([r["alpha"] for r in rows])
+    if len(alphas) < 2:
+        gain = rows[0][metric] - base if rows else 0.0
+        top = oracle[0][metric] - base if oracle else 0.0
+        return float(gain / top) if top > 0 else float("nan")
+    area = np.trapezoid([r[metric] - base for r in rows], alphas)
+    top = np.trapezoid([r[metric] - base for r in oracle], alphas)
+    return float(area / top) if top > 0 else float("nan")
+
+
+def validate_guarantee(values: F64, *, alpha: float, delta: float, splits: int, cal_fraction: float = 0.5,
+                       seed: int = 0) -> dict[str, Any]:
+    """Repeat budget calibration on random calibration/evaluation splits of one file.
+
+    A violation is a realised evaluation rate above α. The evaluation half is finite, so its rate is
+    itself noisy around the threshold's true rate; ``violation_rate_population`` measures instead the
+    rate on the whole file (the empirical population the splits are drawn from), which has no
+    evaluation noise. The LTT guarantee bounds the latter by δ.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    n_cal = int(round(cal_fraction * n))
+    realized, population, violations, violations_pop, none = [], [], 0, 0, 0
+    for i in range(splits):
+        perm = rng.permutation(n)
+        cal, ev = values[perm[:n_cal]], values[perm[n_cal:]]
+        result = calibrate(cal, alpha=alpha, delta=delta, variant="budget", seed=i, grid_size=100)
+        if result.threshold is None:
+            none += 1
+            rate = pop = 0.0
+        else:
+            rate = float(np.mean(ev > result.threshold))
+            pop = float(np.mean(values > result.threshold))
+        realized.append(rate)
+        population.append(pop)
+        violations += rate > alpha
+        violations_pop += pop > alpha
+    return {
+        "violation_rate": violations / splits, "alpha": alpha, "delta": delta, "splits": splits,
+        "mean_realized_rate": float(np.mean(realized)), "violation_rate_population": violations_pop / splits,
+        "mean_population_rate": float(np.mean(population)), "no_valid_threshold": none, "n": n, "n_cal": n_cal,
+        "noise_note": "violation_rate uses the held-out half (finite-sample noise included); "
+                      "violation_rate_population uses the whole file as the population (no evaluation noise)",
+    }
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """metrics.json is written by the caller; this draws the PNG plots and report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ("auroc", "accuracy", "f1"), strict=True):
+        for policy, rows in report["policies"].items():
+            ax.plot([r["alpha"] for r in rows], [r[metric] for r in rows], marker="o", label=policy)
+        ax.axhline(report["probe_only"][metric], color="grey", ls="--", label="probe only")
+        ax.axhline(report["expert_only"][metric], color="black", ls=":", label="expert only")
+        ax.set_xlabel("delegation budget α")
+        ax.set_title(metric.upper() if metric == "auroc" else metric)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "metrics_vs_budget.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for policy, rows in report["policies"].items():
+        if policy != "oracle":
+            ax.plot([r["alpha"] for r in rows], [r["realized_rate"] for r in rows], marker="o", label=policy)
+    alphas = [r["alpha"] for r in report["policies"]["ctd"]]
+    ax.plot(alphas, alphas, color="black", ls="--", label="α")
+    ax.set_xlabel("target α")
+    ax.set_ylabel("realised delegation rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "realized_vs_target.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    groups = report["groups"].get("ctd", {})
+    if groups:
+        alpha_key = sorted(groups, key=float)[len(groups) // 2]
+        table = groups[alpha_key]
+        keys = sorted(table, key=lambda k: -table[k]["delegation_rate"])[:25]
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(keys))))
+        ax.barh(keys, [table[k]["delegation_rate"] for k in keys])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"CTD delegation rate at α={alpha_key}")
+        fig.tight_layout()
+        paths.append(out / "delegation_by_group.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    lines = [
+        "# Evaluation report", "",
+        f"n = {report['n']} ({report['positives']} unsafe); thresholds calibrated on the bundle's calibration split "
+        f"(LTT, δ = {report['delta']}), applied unchanged here.", "",
+        "| policy | α | threshold | realised rate | AUROC | accuracy | F1 |", "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("probe_only", "expert_only"):
+        m = report[name]
+        lines.append(f"| {name} | – | – | {'0' if name == 'probe_only' else '1'} | {m['auroc']:.4f} | "
+                     f"{m['accuracy']:.4f} | {m['f1']:.4f} |")
+    for policy, rows in report["policies"].items():
+        for r in rows:
+            tau = "–" if r["threshold"] is None else f"{r['threshold']:.4f}"
+            lines.append(f"| {policy} | {r['alpha']} | {tau} | {r['realized_rate']:.3f} | {r['auroc']:.4f} | "
+                         f"{r['accuracy']:.4f} | {r['f1']:.4f} |")
+    lines += ["", "FAIC (accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report["faic"].items()), ""]
+    if "signal_quality" in report:
+        lines += ["Signal quality on these records (Spearman with true v; AUROC for 'delegation helps'):", ""]
+        for name, q in report["signal_quality"].items():
+            lines.append(f"- {name}: Spearman {q['spearman_v']:.3f}, AUROC {q['auroc_helps']:.3f} "
+                         f"({q['helps']} helpful of {q['n']})")
+    if "per_file" in report:
+        lines += ["", "Realised CTD delegation rate per file vs α:", ""]
+        for name, rows in report["per_file"].items():
+            lines.append(f"- {name}: " + ", ".join(f"α={r['alpha']}: {r['realized_rate']:.3f}" for r in rows))
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in paths], ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return paths
