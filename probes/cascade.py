@@ -18,9 +18,9 @@ from probes.bundle import Bundle, load_bundle, save_bundle, update_manifest
 from probes.cache import sha256_text
 from probes.calibration import Calibration, Variant, calibrate, cascade_error_risk, split_opt_ht
 from probes.config import DataConfig, Settings, SplitConfig
-from probes.data import Record
+from probes.data import SPLITS, Record
 from probes.dv import Target, dv_binary, fit_dv, signal_quality
-from probes.errors import BundleError
+from probes.errors import BundleError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
@@ -85,6 +85,7 @@ class CascadeContext:
         self.extractor = make_extractor(self.settings, self.loaded)
         self.expert = expert or build_expert(self.settings, bundle_manifest=self.bundle.manifest)
         self._prepared: Prepared | None = None
+        self._split_cache: dict[str, Scored] = {}
 
     @property
     def prepared(self) -> Prepared:
@@ -97,11 +98,35 @@ class CascadeContext:
         return self._prepared
 
     def score(self, records: list[Record]) -> Scored:
+        """Features, probe and expert scores; records of the bundle's own splits reuse the split caches."""
+        known = self._from_splits(records)
+        if known is not None:
+            return known
         data_hash = sha256_text(*(f"{r.id}\x1e{r.content_key()}" for r in records))
         features, _ = extract_features(self.settings, self.extractor, records, data_hash, self.progress)
+        return self._scored(records, features, self.expert_scores(records, data_hash))
+
+    def _scored(self, records: list[Record], features: npt.NDArray[np.float32], b: F64) -> Scored:
         p = self.bundle.heads["safety"].proba(features)
-        b = self.expert_scores(records, data_hash)
         return Scored(records, features, np.asarray([r.label for r in records], dtype=np.int64), p, b)
+
+    def _from_splits(self, records: list[Record]) -> Scored | None:
+        try:
+            splits = self.prepared.splits
+        except (BundleError, DataError):
+            return None  # evaluating other files on a bundle whose training data is not at hand
+        where: dict[tuple[str, str], tuple[str, int]] = {}
+        for name in SPLITS:
+            for i, r in enumerate(splits.get(name)):
+                where[(r.id, r.content_key())] = (name, i)
+        keys = [(r.id, r.content_key()) for r in records]
+        if not all(k in where for k in keys):
+            return None
+        parts = {name: self.split(name) for name in {where[k][0] for k in keys}}
+        idx = [where[k] for k in keys]
+        features = np.stack([parts[n].features[i] for n, i in idx]) if idx else np.zeros((0, 0), np.float32)
+        b = np.asarray([parts[n].b[i] for n, i in idx], dtype=np.float64)
+        return self._scored(records, features, b)
 
     def expert_scores(self, records: list[Record], data_hash: str) -> F64:
         path = self.settings.cache_dir / "expert_scores" / f"{sha256_text(self.expert.name, data_hash)[:32]}.safetensors"
@@ -118,7 +143,12 @@ class CascadeContext:
         return out
 
     def split(self, name: str) -> Scored:
-        return self.score(list(self.prepared.splits.get(name)))  # type: ignore[arg-type]
+        if name not in self._split_cache:
+            records = list(self.prepared.splits.get(name))  # type: ignore[arg-type]
+            data_hash = sha256_text(*(f"{r.id}\x1e{r.content_key()}" for r in records))
+            features, _ = extract_features(self.settings, self.extractor, records, data_hash, self.progress)
+            self._split_cache[name] = self._scored(records, features, self.expert_scores(records, data_hash))
+        return self._split_cache[name]
 
     def signal(self, name: str, scored: Scored) -> F64:
         if name == "uncertainty":

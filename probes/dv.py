@@ -9,6 +9,7 @@ with its regularisation chosen by cross-validation.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,7 +71,10 @@ def fit_dv(
         folds = int(min(5, v.sum(), len(v) - v.sum()))
         model = LogisticRegressionCV(Cs=np.logspace(-4, 1, 12), cv=folds, scoring="roc_auc", max_iter=3000,
                                      class_weight="balanced", random_state=seed)
-        model.fit(z, v)
+        with warnings.catch_warnings():
+            # sklearn 1.8 announces a change of LogisticRegressionCV's attribute layout; we read coef_ and C_ only.
+            warnings.simplefilter("ignore", FutureWarning)
+            model.fit(z, v)
         head = LinearHead(mean=mean, scale=scale, weight=model.coef_[0].astype(np.float32),
                           bias=float(model.intercept_[0]))
         return DVFit(head, target, float(model.C_[0]), len(v), int(v.sum()))

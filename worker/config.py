@@ -25,7 +25,6 @@ class KafkaConfig(Frozen):
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
-    transactional: bool = Field(False, description="exactly-once outputs through Kafka transactions")
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection arguments shared by aiokafka consumers, producers and admin clients."""
