@@ -189,16 +189,17 @@ BundleOpt = Annotated[Path, typer.Option("--bundle", help="probe bundle director
 def train_dv(
     bundle: BundleOpt = Path("runs/bundle"),
     target: Annotated[str, typer.Option(help="binary | continuous")] = "binary",
+    source: Annotated[str, typer.Option(help="crossfit (probe-train + dev, out-of-fold probe) | dev")] = "crossfit",
 ) -> None:
-    """Train the delegation-value head and the SafeRoute-style router on the dev split; store them in the bundle."""
+    """Train the delegation-value head and the SafeRoute-style router; store them in the bundle."""
     from probes.cascade import CascadeContext
     from probes.cascade import train_dv as run
 
-    if target not in ("binary", "continuous"):
-        fail("--target must be binary or continuous")
+    if target not in ("binary", "continuous") or source not in ("crossfit", "dev"):
+        fail("--target must be binary or continuous, --source crossfit or dev")
     s = settings()
     with progress_bars(state.progress) as bars:
-        result = run(CascadeContext(s, bundle, bars), target=target)  # type: ignore[arg-type]
+        result = run(CascadeContext(s, bundle, bars), target=target, source=source)  # type: ignore[arg-type]
     emit({"bundle": str(bundle), **result})
 
 

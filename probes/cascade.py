@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +19,7 @@ from probes.cache import sha256_text
 from probes.calibration import Calibration, Variant, calibrate, cascade_error_risk, split_opt_ht
 from probes.config import DataConfig, Settings, SplitConfig
 from probes.data import SPLITS, Record
-from probes.dv import Target, dv_binary, fit_dv, signal_quality
+from probes.dv import Target, crossfit_probe, dv_binary, fit_dv, signal_quality
 from probes.errors import BundleError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
@@ -86,6 +86,7 @@ class CascadeContext:
         self.expert = expert or build_expert(self.settings, bundle_manifest=self.bundle.manifest)
         self._prepared: Prepared | None = None
         self._split_cache: dict[str, Scored] = {}
+        self._dataset_features: npt.NDArray[np.float32] | None = None
 
     @property
     def prepared(self) -> Prepared:
@@ -144,9 +145,15 @@ class CascadeContext:
 
     def split(self, name: str) -> Scored:
         if name not in self._split_cache:
+            dataset = self.prepared.dataset
+            # Features of the whole dataset were cached when the probe was trained: index them.
+            if self._dataset_features is None:
+                self._dataset_features, _ = extract_features(
+                    self.settings, self.extractor, list(dataset.records), dataset.content_hash(), self.progress)
+            position = {id(r): i for i, r in enumerate(dataset.records)}
             records = list(self.prepared.splits.get(name))  # type: ignore[arg-type]
+            features = self._dataset_features[[position[id(r)] for r in records]]
             data_hash = sha256_text(*(f"{r.id}\x1e{r.content_key()}" for r in records))
-            features, _ = extract_features(self.settings, self.extractor, records, data_hash, self.progress)
             self._split_cache[name] = self._scored(records, features, self.expert_scores(records, data_hash))
         return self._split_cache[name]
 
@@ -164,22 +171,50 @@ class CascadeContext:
         return dv
 
 
-def train_dv(ctx: CascadeContext, *, target: Target = "binary") -> dict[str, Any]:
-    """Fit the DV head and the router on the dev split; store both in the bundle with their quality."""
+DVData = Literal["crossfit", "dev"]
+
+
+def dv_training_data(ctx: CascadeContext, source: DVData) -> Scored:
+    """Records with honest probe scores for DV labels.
+
+    ``dev``: the dev split, where both probe and expert are out of sample (few "expert helps" cases).
+    ``crossfit``: probe-train ∪ dev with 5-fold out-of-fold probe scores, several times the cases. The
+    expert's scores on probe-train are in-sample (one more fine-tune per fold is too costly on CPU); the
+    manifest records the expert's in-sample vs out-of-sample accuracy so the approximation is visible.
+    """
     dev = ctx.split("dev")
-    fit = fit_dv(dev.features, dev.y, dev.p, dev.b, target=target, seed=ctx.settings.data.splits.seed)
-    router = fit_router(dev.features, dv_binary(dev.y, dev.p, dev.b), seed=ctx.settings.data.splits.seed)
+    if source == "dev":
+        return dev
+    train = ctx.split("probe_train")
+    features = np.concatenate([train.features, dev.features])
+    y = np.concatenate([train.y, dev.y])
+    p = crossfit_probe(features, y, c=ctx.settings.probe.regularization_c, seed=ctx.settings.data.splits.seed)
+    return Scored(train.records + dev.records, features, y, p, np.concatenate([train.b, dev.b]))
+
+
+def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData = "crossfit") -> dict[str, Any]:
+    """Fit the DV head and the router; store both in the bundle with their quality on held-out splits."""
+    data = dv_training_data(ctx, source)
+    seed = ctx.settings.data.splits.seed
+    fit = fit_dv(data.features, data.y, data.p, data.b, target=target, seed=seed)
+    router = fit_router(data.features, dv_binary(data.y, data.p, data.b), seed=seed)
+    train = ctx.split("probe_train")
+    expert_acc = {"probe_train_in_sample": float(np.mean((train.b >= 0.5) == train.y)),
+                  "dev_out_of_sample": float(np.mean((ctx.split("dev").b >= 0.5) == ctx.split("dev").y))}
     bundle = ctx.bundle
     bundle.heads["dv"] = fit.head
     bundle.extra_tensors = {k: v for k, v in bundle.extra_tensors.items() if not k.startswith("router.")}
     bundle.extra_tensors.update(router.to_tensors("router"))
     manifest = dict(bundle.manifest)
     manifest["heads"] = dict(manifest["heads"])
-    manifest["heads"]["dv"] = {"type": "logistic" if target == "binary" else "ridge", "target": target,
-                               "extra_features": ["probe_logit", "abs_margin"], "regularization": fit.regularization,
-                               "n_train": fit.n_train, "train_positives": fit.positives, "trained_on": "dev"}
+    manifest["heads"]["dv"] = {
+        "type": "logistic" if target == "binary" else "ridge", "target": target,
+        "extra_features": ["probe_logit", "abs_margin"], "feature_set": fit.feature_set, "cv_auroc": fit.cv_auroc,
+        "regularization": fit.regularization, "n_train": fit.n_train, "train_positives": fit.positives,
+        "trained_on": source, "expert_accuracy": expert_acc,
+    }
     manifest["heads"]["router"] = {"type": "mlp", "hidden": [int(w.shape[1]) for w in router.weights[:-1]],
-                                   "target": "binary", "trained_on": "dev"}
+                                   "target": "binary", "trained_on": source}
     bundle.manifest = manifest
     save_bundle(bundle, ctx.bundle_dir)
     ctx.bundle = load_bundle(ctx.bundle_dir)
@@ -190,9 +225,11 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary") -> dict[str, Any
                           for name in SIGNALS}
     manifest = update_manifest(ctx.bundle_dir, metrics={**ctx.bundle.manifest["metrics"], "dv_quality": quality})
     ctx.bundle.manifest = manifest
-    log.info("dv.trained", target=target, dev_helps=fit.positives, n=fit.n_train)
-    return {"target": target, "dev": {"n": fit.n_train, "helps": fit.positives},
-            "regularization": fit.regularization, "quality": quality}
+    log.info("dv.trained", target=target, source=source, helps=fit.positives, n=fit.n_train,
+             feature_set=fit.feature_set)
+    return {"target": target, "source": source, "train": {"n": fit.n_train, "helps": fit.positives},
+            "feature_set": fit.feature_set, "cv_auroc": fit.cv_auroc, "regularization": fit.regularization,
+            "expert_accuracy": expert_acc, "quality": quality}
 
 
 def calibrate_signal(ctx: CascadeContext, cal: Scored, signal: str, *, alpha: float, delta: float,

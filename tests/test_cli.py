@@ -106,7 +106,8 @@ expert:
 
     run("train", "--out", str(bundle))
     dv = run("train-dv", "--bundle", str(bundle))
-    assert dv["dev"]["helps"] >= 3
+    assert dv["train"]["helps"] >= 5 and dv["source"] == "crossfit"
+    assert set(dv["cv_auroc"]) == {"margin", "extras", "full"} and dv["feature_set"] in dv["cv_auroc"]
     assert set(dv["quality"]["evaluation"]) == {"dv", "uncertainty", "router"}
     cal = run("calibrate", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1")
     assert cal["signal"] == "dv" and cal["alpha"] == 0.2 and cal["n_cal"] > 0

@@ -62,3 +62,25 @@ def test_router_roundtrip_and_learns() -> None:
     again = MLPHead.from_tensors(head.to_tensors("router"), "router")
     np.testing.assert_allclose(again.proba(x[800:]), head.proba(x[800:]))
     assert signal_quality(head.proba(x[800:]), y[800:], p[800:], b[800:])["auroc_helps"] > 0.85
+
+
+def test_feature_selection_keeps_activations_out_when_they_are_noise() -> None:
+    rng = np.random.default_rng(3)
+    n = 1500
+    x = rng.normal(size=(n, 64)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    p = np.clip(np.where(y == 1, 0.7, 0.3) + rng.normal(0, 0.2, n), 0.01, 0.99)  # errors near 0.5 only
+    b = np.where(y == 1, 0.95, 0.05)
+    fit = fit_dv(x, y, p, b)
+    assert fit.feature_set in ("margin", "extras") and set(fit.cv_auroc) == {"margin", "extras", "full"}
+    assert np.all(fit.head.weight[:64] == 0)
+
+
+def test_crossfit_probe_scores_are_out_of_fold() -> None:
+    from probes.dv import crossfit_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 200)).astype(np.float32)
+    y = rng.integers(0, 2, 300)  # pure noise: in-sample a 200-d probe memorises, out-of-fold it cannot
+    oof = crossfit_probe(x, y, c=10.0)
+    assert abs(float(np.mean((oof >= 0.5) == y)) - 0.5) < 0.12
