@@ -33,6 +33,7 @@ from probes.pipeline import (
     make_extractor,
     no_progress,
     prepare_data,
+    score_in_chunks,
 )
 from probes.router import MLPHead, fit_router
 
@@ -134,11 +135,7 @@ class CascadeContext:
         if path.is_file():
             return load_file(str(path))["b"].astype(np.float64)
         advance = self.progress(f"expert scores ({self.expert.name.split(':')[0]})", len(records))
-        out = np.zeros(len(records), dtype=np.float64)
-        for start in range(0, len(records), 128):
-            part = records[start : start + 128]
-            out[start : start + len(part)] = self.expert.score([r.messages for r in part])
-            advance(len(part))
+        out = score_in_chunks(self.expert, records, advance)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"b": out}, str(path))
         return out

@@ -13,6 +13,7 @@ import numpy.typing as npt
 from probes.bundle import Bundle, new_manifest, save_bundle
 from probes.config import Settings
 from probes.data import Dataset, Record, Splits, load_dataset, source_counts, split_dataset
+from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.features import FeatureCache, FeatureExtractor
 from probes.heads import fit_logistic
@@ -172,8 +173,9 @@ def train_expert(
     return ExpertResult(expert_dir=expert_dir, metrics=metrics, name=expert.name)
 
 
-def score_in_chunks(expert: EncoderHeadExpert, records: Sequence[Record], advance: Callable[[int], None],
+def score_in_chunks(expert: Expert, records: Sequence[Record], advance: Callable[[int], None],
                     chunk: int = 256) -> npt.NDArray[np.float64]:
+    """Expert scores in chunks, so progress moves and a huge file never becomes one batch."""
     out = np.zeros(len(records), dtype=np.float64)
     for start in range(0, len(records), chunk):
         part = records[start : start + chunk]

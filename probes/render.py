@@ -34,11 +34,18 @@ def render_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> 
     """Token ids of the rendered conversation, at most ``max_tokens`` long, keeping the latest content."""
     if not messages:
         raise ValueError("cannot render an empty conversation")
-    start = 0
     ids = _encode(tokenizer, messages)
-    while len(ids) > max_tokens and start < len(messages) - 1:
-        start += 1
-        ids = _encode(tokenizer, messages[start:])
+    if len(ids) > max_tokens and len(messages) > 1:
+        # Fewest oldest turns to drop: binary search (renders shrink as turns are dropped), so a long
+        # conversation costs O(log turns) tokenizations on the worker's hot path, not O(turns).
+        lo, hi = 1, len(messages) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(_encode(tokenizer, messages[mid:])) <= max_tokens:
+                hi = mid
+            else:
+                lo = mid + 1
+        ids = _encode(tokenizer, messages[lo:])
     if len(ids) <= max_tokens:
         return ids
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
