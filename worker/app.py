@@ -176,21 +176,27 @@ class MonitorWorker:
         tasks[0].cancel()  # stop fetching first; batch and commit loops drain what is in hand
         await asyncio.gather(tasks[0], return_exceptions=True)
         try:
-            await asyncio.wait_for(self._drain(tasks[1]), timeout=max(0.1, deadline.remaining() * 0.8))
+            # Keep a share of the deadline for the commit, leaving the group and flushing the producer.
+            await asyncio.wait_for(self._drain(tasks[1]), timeout=max(0.1, deadline.remaining() * 0.6))
         except TimeoutError:
             log.warning("worker.drain_timeout", abandoned=self.tracker.in_flight())
         for task in tasks[1:]:
             task.cancel()
         await asyncio.gather(*tasks[1:], return_exceptions=True)
-        await self._commit(deadline)
-        assert self.consumer is not None and self.producer is not None
-        # Commit before leaving the group: closing the consumer stops heartbeats and triggers the rebalance.
-        await asyncio.wait_for(self.consumer.stop(), timeout=max(0.5, deadline.remaining()))
-        await asyncio.wait_for(self.producer.stop(), timeout=max(0.5, deadline.remaining()))
-        if self.health is not None:
-            await self.health.stop()
-        self._prep.shutdown(wait=False, cancel_futures=True)
-        self._infer.shutdown(wait=False, cancel_futures=True)
+        try:
+            await self._commit(deadline)
+            assert self.consumer is not None and self.producer is not None
+            # Commit before leaving the group: closing the consumer stops heartbeats and triggers the rebalance.
+            for step, closing in (("consumer", self.consumer.stop()), ("producer", self.producer.stop())):
+                try:
+                    await asyncio.wait_for(closing, timeout=max(0.5, deadline.remaining()))
+                except TimeoutError:
+                    log.warning("worker.stop_timeout", step=step)
+        finally:
+            if self.health is not None:
+                await self.health.stop()
+            self._prep.shutdown(wait=False, cancel_futures=True)
+            self._infer.shutdown(wait=False, cancel_futures=True)
         log.info("worker.stopped", left_in_flight=self.tracker.in_flight())
 
     async def _drain(self, batch_loop: asyncio.Task[None]) -> None:
