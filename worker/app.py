@@ -238,6 +238,8 @@ class MonitorWorker:
                     consumer.pause(*consumer.assignment())
                     paused = True
                     self.metrics.paused.set(1)
+                # The loop is alive while paused; whether work is stuck is the commit age's call.
+                self._last_progress = time.monotonic()
                 await asyncio.sleep(0.01)
                 continue
             if paused:

@@ -250,3 +250,34 @@ async def test_sigterm_drains_commits_and_exits_within_the_deadline(
     assert len(distinct(after)) == n
     # a clean drain commits everything it published: the restart re-processes nothing already verdicted
     assert len(after) == n, f"{len(after) - n} duplicates after a graceful drain ({len(before)} before restart)"
+
+
+async def test_backpressure_pauses_fetching_and_liveness_turns_red_when_stuck(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1, max_in_flight=8, liveness_max_stall_s=1.5)
+    release = __import__("threading").Event()
+    original = monitor.score
+
+    def stuck(batch):  # the model hangs (a wedged GPU, say) until released
+        release.wait(30)
+        return original(batch)
+
+    monkeypatch.setattr(monitor, "score", stuck)
+    worker, task = await _start(s, monitor)
+    values = [(b"k", orjson.dumps({"event_id": f"bp-{i}", "conversation_id": "c", "created_at": "2026-01-01T00:00:00Z",
+                                     "messages": [{"role": "user", "content": f"message {i}"}]})) for i in range(60)]
+    await produce_raw(s.kafka.bootstrap_servers, s.topics.input, values)
+    await wait_for(lambda: worker.metrics.paused._value.get() == 1, timeout=20)
+    assert worker.tracker.in_flight() < 2 * s.worker.max_in_flight  # bounded: one poll past the limit at most
+    await asyncio.sleep(2.0)
+    assert worker.health is not None
+    async with httpx.AsyncClient() as client:
+        live = await client.get(f"http://127.0.0.1:{worker.health.port}/healthz/live")
+    assert live.status_code == 503 and "no commit" in live.text
+    release.set()
+    verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= 60)
+    assert len(distinct(verdicts)) == 60
+    await wait_for(lambda: worker.live()[0], timeout=10)
+    worker.stop()
+    await asyncio.wait_for(task, 15)
