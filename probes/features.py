@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ class FeatureExtractor:
         self.batch_tokens = batch_tokens
         self.max_items = max_items
         self._captured: torch.Tensor | None = None
+        # The hook writes shared state: one forward at a time per extractor, whichever thread calls it.
+        self._lock = threading.Lock()
         layer_stack(loaded.model)[layer - 1].register_forward_hook(self._capture)
 
     def _capture(self, module: Any, inputs: Any, output: Any) -> None:
@@ -102,11 +105,13 @@ class FeatureExtractor:
         non_blocking = device.type == "cuda"
         input_ids = batch.input_ids.to(device, non_blocking=non_blocking)
         mask = batch.attention_mask.to(device, non_blocking=non_blocking)
-        self._captured = None
-        self.loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        if self._captured is None:
+        with self._lock:
+            self._captured = None
+            self.loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            captured, self._captured = self._captured, None
+        if captured is None:
             raise RuntimeError("the forward hook captured nothing")
-        return self._captured.float(), mask
+        return captured.float(), mask
 
     def pooled_batch(self, batch: TokenBatch, pooling: Pooling) -> FloatArray:
         hidden, mask = self.hidden(batch)

@@ -80,3 +80,15 @@ def test_collate_right_pads() -> None:
     batch = collate([[5, 6, 7], [8]], [0, 1], pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_one_extractor_is_safe_to_share_between_threads(minilm) -> None:
+    """Two workers in one process share a model: concurrent forwards must not swap captured states."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    extractor = FeatureExtractor(minilm, layer=3, max_tokens=64, batch_tokens=4096, max_items=8)
+    convs = [single_turn(f"text number {i} " * (1 + i % 5)) for i in range(24)]
+    expected = extractor.pooled(convs, "mean")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: extractor.pooled([c], "mean")[0], convs))
+    np.testing.assert_allclose(np.stack(results), expected, rtol=1e-4, atol=1e-4)
