@@ -230,8 +230,10 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData =
 
 
 def calibrate_signal(ctx: CascadeContext, cal: Scored, signal: str, *, alpha: float, delta: float,
-                     variant: Variant, seed: int = 0) -> Calibration:
-    values = ctx.signal(signal, cal) if signal != "random" else random_signal(len(cal.records), seed)
+                     variant: Variant, seed: int = 0, values: F64 | None = None) -> Calibration:
+    """LTT for one signal on the calibration records; ``values`` saves recomputing the signal per budget."""
+    if values is None:
+        values = ctx.signal(signal, cal) if signal != "random" else random_signal(len(cal.records), seed)
     risk = None
     if variant == "pareto":
         opt, _ = split_opt_ht(len(values), seed)

@@ -50,6 +50,11 @@ def evaluate_policies(
         "groups": {},
     }
     group_keys = [f"{r.source}/{r.category}" if r.category else r.source for r in evaluation.records]
+    # Each signal once per record set, not once per budget.
+    cal_values = {p: random_signal(len(cal.records), 0) if p == "random" else ctx.signal(SIGNAL_OF[p], cal)
+                  for p in SIGNAL_OF}
+    eval_values = {p: random_signal(len(evaluation.records), 1) if p == "random"
+                   else ctx.signal(SIGNAL_OF[p], evaluation) for p in SIGNAL_OF}
     for alpha in budgets:
         for policy in POLICIES:
             if policy == "oracle":
@@ -59,10 +64,9 @@ def evaluate_policies(
             else:
                 signal = SIGNAL_OF[policy]
                 variant: Variant = "budget" if policy == "random" else "pareto"
-                result = calibrate_signal(ctx, cal, signal, alpha=alpha, delta=delta, variant=variant)
-                values = (random_signal(len(evaluation.records), 1) if policy == "random"
-                          else ctx.signal(signal, evaluation))
-                _, delegated = cascade_predictions(values, result.threshold, evaluation.p, evaluation.b)
+                result = calibrate_signal(ctx, cal, signal, alpha=alpha, delta=delta, variant=variant,
+                                          values=cal_values[policy])
+                _, delegated = cascade_predictions(eval_values[policy], result.threshold, evaluation.p, evaluation.b)
                 threshold, valid = result.threshold, result.valid
             final = np.where(delegated, evaluation.b, evaluation.p)
             rate = float(delegated.mean())

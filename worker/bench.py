@@ -104,10 +104,8 @@ def bench_pipeline(settings: WorkerSettings, files: Sequence[Path], n: int) -> d
         broker.start()
         try:
             suffix = uuid.uuid4().hex[:6]
-            topics = TopicsConfig(input=f"bench-in-{suffix}", verdicts=f"bench-v-{suffix}", review=f"bench-r-{suffix}",
-                                  dead_letter=f"bench-d-{suffix}", alerts=f"bench-a-{suffix}")
-            broker.create_topics({topics.input: 3, topics.verdicts: 3, topics.review: 3, topics.dead_letter: 1,
-                                  topics.alerts: 1})
+            topics = TopicsConfig().suffixed(f"bench-{suffix}")
+            broker.create_topics(topics.partitions(3))
             s = settings.model_copy(update={
                 "topics": topics,
                 "kafka": settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap,

@@ -56,6 +56,15 @@ class TopicsConfig(Frozen):
     dead_letter: str = "ctd-dead-letter"
     alerts: str = "ctd-alerts"
 
+    def suffixed(self, suffix: str) -> TopicsConfig:
+        """The same topic set under unique names (benchmarks and tests share one broker)."""
+        return TopicsConfig(**{name: f"{topic}-{suffix}" for name, topic in self.model_dump().items()})
+
+    def partitions(self, input_partitions: int, output_partitions: int = 3) -> dict[str, int]:
+        """Topic → partition count for creating the whole set; workers scale up to ``input_partitions``."""
+        return {self.input: input_partitions, self.verdicts: output_partitions, self.review: output_partitions,
+                self.dead_letter: 1, self.alerts: 1}
+
 
 class BatchingConfig(Frozen):
     max_batch_tokens: int = Field(8192, ge=64)

@@ -71,11 +71,8 @@ def worker_settings(bootstrap: str, bundle: Path, cache_dir: Path, *, topics: To
 
 
 def new_topics(create: Callable[[dict[str, int]], None], partitions: int = 3) -> TopicsConfig:
-    suffix = uuid.uuid4().hex[:8]
-    topics = TopicsConfig(input=f"in-{suffix}", verdicts=f"verdicts-{suffix}", review=f"review-{suffix}",
-                          dead_letter=f"dlq-{suffix}", alerts=f"alerts-{suffix}")
-    create({topics.input: partitions, topics.verdicts: 3, topics.review: 3, topics.dead_letter: 1,
-            topics.alerts: 1})
+    topics = TopicsConfig().suffixed(uuid.uuid4().hex[:8])
+    create(topics.partitions(partitions))
     return topics
 
 
