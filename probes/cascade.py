@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +24,7 @@ from probes.errors import BundleError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
-from probes.monitor import head_scores, uncertainty
+from probes.monitor import Signal, head_scores
 from probes.pipeline import (
     Prepared,
     ProgressFactory,
@@ -35,7 +35,7 @@ from probes.pipeline import (
     prepare_data,
     score_in_chunks,
 )
-from probes.router import MLPHead, fit_router
+from probes.router import fit_router
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
@@ -67,9 +67,6 @@ class Scored:
     y: npt.NDArray[np.int64]
     p: F64
     b: F64
-
-    def subset(self, idx: npt.NDArray[np.int64]) -> Scored:
-        return Scored([self.records[i] for i in idx], self.features[idx], self.y[idx], self.p[idx], self.b[idx])
 
 
 class CascadeContext:
@@ -155,17 +152,14 @@ class CascadeContext:
         return self._split_cache[name]
 
     def signal(self, name: str, scored: Scored) -> F64:
-        if name == "uncertainty":
-            return uncertainty(scored.p)
-        if name == "router":
-            if not any(k.startswith("router.") for k in self.bundle.extra_tensors):
-                raise BundleError("the bundle has no router head: run `ctd-monitor train-dv` first")
-            return MLPHead.from_tensors(self.bundle.extra_tensors, "router").proba(scored.features)
-        if "dv" not in self.bundle.heads:
+        """The delegation signal the worker would compute for these records (one code path: head_scores)."""
+        if name == "router" and not any(k.startswith("router.") for k in self.bundle.extra_tensors):
+            raise BundleError("the bundle has no router head: run `ctd-monitor train-dv` first")
+        if name == "dv" and "dv" not in self.bundle.heads:
             raise BundleError("the bundle has no DV head: run `ctd-monitor train-dv` first")
-        dv = head_scores(self.bundle, scored.features, "dv").dv
-        assert dv is not None
-        return dv
+        if name not in SIGNALS:
+            raise BundleError(f"unknown delegation signal {name!r}: use one of {', '.join(SIGNALS)}")
+        return head_scores(self.bundle, scored.features, cast(Signal, name)).signal
 
 
 DVData = Literal["crossfit", "dev"]

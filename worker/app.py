@@ -21,7 +21,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 
 from probes.logs import get_logger
 from probes.monitor import Monitor
-from worker.batcher import BatchLimits, MicroBatcher, Pending
+from worker.batcher import BatchLimits, MicroBatcher
 from worker.commits import CommitTracker
 from worker.config import WorkerSettings
 from worker.deadline import Deadline

@@ -8,8 +8,9 @@ committable position of a partition is the lowest offset still in flight, or one
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
 
@@ -83,6 +84,3 @@ class CommitTracker(Generic[P]):
         """Drop revoked partitions: their in-flight offsets will be re-read by the new owner."""
         for partition in partitions:
             self._parts.pop(partition, None)
-
-    def partitions(self) -> list[P]:
-        return list(self._parts)
