@@ -85,8 +85,69 @@ class WorkerConfig(Frozen):
     inference_retries: int = Field(1, ge=0)
 
 
+class BudgetConfig(Frozen):
+    """Live delegation-budget control (issue 6): windowed re-certification, sequential monitor, hard cap."""
+
+    window: int = Field(2000, ge=50, description="DV scores kept for the label-free window threshold")
+    min_window: int = Field(500, ge=10, description="events seen before the window threshold applies")
+    recertify_every: int = Field(200, ge=1, description="events between window re-certifications")
+    delta: float = Field(0.05, gt=0, lt=1, description="error level of the window's fixed-sequence test")
+    hard_cap: bool = Field(False, description="token bucket at alpha: never delegate faster than the budget")
+    cap_burst: int = Field(20, ge=1, description="token-bucket depth (delegations allowed in a burst)")
+    scope: Literal["worker", "partition"] = "worker"
+
+
 class WorkerSettings(Settings):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     batching: BatchingConfig = BatchingConfig()
     worker: WorkerConfig = WorkerConfig()
+    budget: BudgetConfig = BudgetConfig()
+
+
+class GuardConfig(Frozen):
+    """The guard service (``ctd-monitor expert``): review topic in, final expert verdicts out."""
+
+    group_id: str = "ctd-guard"
+    max_batch: int = Field(16, ge=1, description="review requests scored together")
+    max_wait_ms: float = Field(50.0, ge=0)
+    max_in_flight: int = Field(256, ge=1)
+    expert_timeout_s: float = Field(60.0, gt=0, description="a batch slower than this counts as the expert down")
+    retry_backoff_s: float = Field(1.0, gt=0, description="first wait before retrying a down expert (doubles)")
+    retry_backoff_max_s: float = Field(30.0, gt=0)
+    unsafe_threshold: float = Field(0.5, gt=0, lt=1)
+    shutdown_deadline_s: float = Field(25.0, gt=0)
+    commit_interval_s: float = Field(1.0, gt=0)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8081, ge=0, le=65535)
+    liveness_max_stall_s: float = Field(120.0, gt=0)
+
+
+class WebhookSinkConfig(Frozen):
+    url: str
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(0.5, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class AlertsConfig(Frozen):
+    """Alerts on harmful verdicts: the alerts topic always; log and webhook sinks optional."""
+
+    enabled: bool = True
+    on_probe_verdicts: bool = Field(True, description="alert on undelegated probe 'unsafe' verdicts too")
+    dedupe_window_s: float = Field(600.0, ge=0, description="one alert per conversation within this window")
+    rate_limit_per_s: float = Field(5.0, gt=0, description="token bucket over all alerts")
+    rate_burst: int = Field(50, ge=1)
+    critical_score: float = Field(0.9, gt=0, le=1, description="score at or above which severity is critical")
+    include_conversation: bool = Field(False, description="put the conversation text into alert payloads")
+    log_sink: bool = True
+    webhooks: tuple[WebhookSinkConfig, ...] = ()
+    group_id: str = "ctd-alerter"
+
+
+class GuardSettings(Settings):
+    kafka: KafkaConfig = KafkaConfig()
+    topics: TopicsConfig = TopicsConfig()
+    guard: GuardConfig = GuardConfig()
+    alerts: AlertsConfig = AlertsConfig()

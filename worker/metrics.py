@@ -65,3 +65,64 @@ class WorkerMetrics:
             "ctd_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
         )
         self.ready = Gauge("ctd_ready", "1 when the model is loaded and partitions are assigned", registry=r)
+        # Live budget control (worker/budget.py).
+        self.window_threshold = Gauge(
+            "ctd_window_threshold", "Label-free threshold certified on the recent window (NaN until it applies)",
+            registry=r,
+        )
+        self.window_delegation_rate = Gauge(
+            "ctd_window_delegation_rate", "Realised delegation rate over the current budget window", registry=r
+        )
+        self.budget_exceeded = Gauge(
+            "ctd_budget_exceeded", "1 while the delegation rate is significantly above the budget", registry=r
+        )
+        self.cap_hits = Counter(
+            "ctd_budget_cap_hits", "Delegations the hard cap (token bucket at alpha) refused", registry=r
+        )
+        self.recertifications = Counter(
+            "ctd_window_recertifications", "Window threshold re-certifications", ["outcome"], registry=r
+        )
+
+
+@dataclass
+class GuardMetrics:
+    """The guard service (expert verdicts) and the alerter; shares the consumer-health names with the worker."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests_in = Counter("ctd_expert_requests_in", "Review requests consumed", registry=r)
+        self.verdicts_out = Counter(
+            "ctd_expert_verdicts_out", "Expert verdicts acknowledged by the broker", ["decision"], registry=r
+        )
+        self.expert_errors = Counter(
+            "ctd_expert_errors", "Expert scoring failures (batch retried later)", ["kind"], registry=r
+        )
+        self.degraded = Gauge("ctd_expert_degraded", "1 while the expert is unavailable or timing out", registry=r)
+        self.degraded_total = Counter(
+            "ctd_expert_degraded_episodes", "Times the expert became unavailable", registry=r
+        )
+        self.expert_latency = Histogram(
+            "ctd_expert_latency_seconds", "Expert scoring time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.review_latency = Histogram(
+            "ctd_expert_review_latency_seconds", "Review requested to expert verdict acknowledged",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.dead_letters = Counter("ctd_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r)
+        self.consumer_lag = Gauge(
+            "ctd_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=r
+        )
+        self.last_progress = Gauge(
+            "ctd_last_progress_timestamp_seconds", "Unix time of the last poll that returned or commit", registry=r
+        )
+        self.in_flight = Gauge("ctd_in_flight", "Requests consumed but not yet committable", registry=r)
+        self.ready = Gauge("ctd_ready", "1 when the expert is loaded and partitions are assigned", registry=r)
+        self.alerts_raised = Counter("ctd_alerts_raised", "Alerts published", ["severity", "source"], registry=r)
+        self.alerts_suppressed = Counter(
+            "ctd_alerts_suppressed", "Harmful verdicts not alerted", ["reason"], registry=r
+        )
+        self.alert_sink_errors = Counter(
+            "ctd_alert_sink_errors", "Alert deliveries a sink gave up on after retries", ["sink"], registry=r
+        )
