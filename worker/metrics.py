@@ -10,19 +10,50 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 @dataclass
-class WorkerMetrics:
-    """One registry per worker instance, so several workers can live in one test process."""
+class ConsumerMetrics:
+    """Consumer health shared by every stream service: what was consumed, lag, progress, commits, DLQ.
+
+    ``prefix`` keeps two services apart when they share one process and registry (the alerter runs inside
+    the guard service as ``ctd_alerter_*``).
+    """
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    prefix: str = "ctd"
+    consumed_name: str = "events_in"
+    consumed_help: str = "Records consumed from the input topic"
 
     def __post_init__(self) -> None:
+        r, p = self.registry, self.prefix
+        self.consumed = Counter(f"{p}_{self.consumed_name}", self.consumed_help, registry=r)
+        self.dead_letters = Counter(f"{p}_dead_letters", "Records sent to the dead-letter topic", ["reason"],
+                                    registry=r)
+        self.consumer_lag = Gauge(
+            f"{p}_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=r
+        )
+        self.rebalances = Counter(f"{p}_rebalances", "Partition assignments and revocations", ["kind"], registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight", "Records consumed but not yet committable", registry=r)
+        self.paused = Gauge(f"{p}_fetch_paused", "1 while fetching is paused by backpressure", registry=r)
+        self.last_progress = Gauge(
+            f"{p}_last_progress_timestamp_seconds", "Unix time of the last poll that returned or commit", registry=r
+        )
+        self.publish_errors = Counter(
+            f"{p}_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
+        )
+        self.ready = Gauge(f"{p}_ready", "1 when models are loaded and partitions are assigned", registry=r)
+
+
+@dataclass
+class WorkerMetrics(ConsumerMetrics):
+    """One registry per worker instance, so several workers can live in one test process."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         r = self.registry
-        self.events_in = Counter("ctd_events_in", "Records consumed from the input topic", registry=r)
+        self.events_in = self.consumed
         self.verdicts_out = Counter(
             "ctd_verdicts_out", "Verdicts acknowledged by the broker", ["decision", "source"], registry=r
         )
         self.delegated = Counter("ctd_delegated", "Events sent to the expert-review topic", registry=r)
-        self.dead_letters = Counter("ctd_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r)
         self.batch_size = Histogram(
             "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
@@ -49,22 +80,9 @@ class WorkerMetrics:
         self.no_valid_threshold = Gauge(
             "ctd_no_valid_threshold", "1 when no certified threshold exists (never delegating)", registry=r
         )
-        self.consumer_lag = Gauge(
-            "ctd_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=r
-        )
-        self.rebalances = Counter("ctd_rebalances", "Partition assignments and revocations", ["kind"], registry=r)
-        self.in_flight = Gauge("ctd_in_flight", "Events consumed but not yet committable", registry=r)
-        self.paused = Gauge("ctd_fetch_paused", "1 while fetching is paused by backpressure", registry=r)
-        self.last_progress = Gauge(
-            "ctd_last_progress_timestamp_seconds", "Unix time of the last poll that returned or commit", registry=r
-        )
         self.inference_errors = Counter(
             "ctd_inference_errors", "Inference failures (batches split and retried)", registry=r
         )
-        self.publish_errors = Counter(
-            "ctd_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
-        )
-        self.ready = Gauge("ctd_ready", "1 when the model is loaded and partitions are assigned", registry=r)
         # Live budget control (worker/budget.py).
         self.window_threshold = Gauge(
             "ctd_window_threshold", "Label-free threshold certified on the recent window (NaN until it applies)",
@@ -85,14 +103,16 @@ class WorkerMetrics:
 
 
 @dataclass
-class GuardMetrics:
-    """The guard service (expert verdicts) and the alerter; shares the consumer-health names with the worker."""
+class GuardMetrics(ConsumerMetrics):
+    """The guard service: review requests in, expert verdicts out."""
 
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    consumed_name: str = "expert_requests_in"
+    consumed_help: str = "Review requests consumed"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         r = self.registry
-        self.requests_in = Counter("ctd_expert_requests_in", "Review requests consumed", registry=r)
+        self.requests_in = self.consumed
         self.verdicts_out = Counter(
             "ctd_expert_verdicts_out", "Expert verdicts acknowledged by the broker", ["decision"], registry=r
         )
@@ -110,18 +130,22 @@ class GuardMetrics:
             "ctd_expert_review_latency_seconds", "Review requested to expert verdict acknowledged",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.dead_letters = Counter("ctd_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r)
-        self.consumer_lag = Gauge(
-            "ctd_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=r
-        )
-        self.last_progress = Gauge(
-            "ctd_last_progress_timestamp_seconds", "Unix time of the last poll that returned or commit", registry=r
-        )
-        self.in_flight = Gauge("ctd_in_flight", "Requests consumed but not yet committable", registry=r)
-        self.ready = Gauge("ctd_ready", "1 when the expert is loaded and partitions are assigned", registry=r)
+
+
+@dataclass
+class AlerterMetrics(ConsumerMetrics):
+    """The alerter: final harmful verdicts in, alerts out (topic + sinks)."""
+
+    prefix: str = "ctd_alerter"
+    consumed_name: str = "verdicts_in"
+    consumed_help: str = "Verdicts consumed by the alerter"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.registry
         self.alerts_raised = Counter("ctd_alerts_raised", "Alerts published", ["severity", "source"], registry=r)
         self.alerts_suppressed = Counter(
-            "ctd_alerts_suppressed", "Harmful verdicts not alerted", ["reason"], registry=r
+            "ctd_alerts_suppressed", "Harmful verdicts not alerted or not notified", ["reason"], registry=r
         )
         self.alert_sink_errors = Counter(
             "ctd_alert_sink_errors", "Alert deliveries a sink gave up on after retries", ["sink"], registry=r
