@@ -161,6 +161,25 @@ def run(
 
 @app.command()
 @_guarded
+def expert(
+    bundle: Annotated[Path | None, typer.Option(help="take the encoder-head expert recorded in this bundle")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+) -> None:
+    """Run the guard service (expert verdicts for delegated events) and the alerter until SIGTERM/SIGINT."""
+    from worker.config import GuardSettings
+    from worker.runner import run_guard
+
+    s: GuardSettings = settings(cls=GuardSettings)
+    updates: dict[str, Any] = {}
+    if bundle is not None:
+        updates["guard"] = s.guard.model_copy(update={"bundle": bundle})
+    if bootstrap is not None:
+        updates["kafka"] = s.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    run_guard(s.model_copy(update=updates))
+
+
+@app.command()
+@_guarded
 def replay(
     data: Annotated[list[Path], typer.Option("--data", help="dataset file(s) to replay")],
     rate: Annotated[float | None, typer.Option(help="events per second (default: as fast as possible)")] = None,

@@ -221,7 +221,8 @@ class MonitorWorker(StreamService):
             request = ReviewRequest(
                 event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
                 reason=f"{rule.signal}={outcome.signal:.4f} > threshold={rule.threshold}",
-                threshold=rule.threshold, bundle_version=self.monitor.bundle.version, requested_at=utcnow(),
+                threshold=rule.threshold, bundle_version=self.monitor.bundle.version,
+                model_version=self.monitor.model_version, requested_at=utcnow(),
             )
             sends.append(self.producer.send(topics.review, request.to_json(), key=key, headers=headers))
         self._recent.append(outcome.delegated)

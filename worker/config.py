@@ -109,6 +109,7 @@ class GuardConfig(Frozen):
     """The guard service (``ctd-monitor expert``): review topic in, final expert verdicts out."""
 
     group_id: str = "ctd-guard"
+    bundle: Path | None = Field(None, description="encoder-head: take the expert recorded in this bundle")
     max_batch: int = Field(16, ge=1, description="review requests scored together")
     max_wait_ms: float = Field(50.0, ge=0)
     max_in_flight: int = Field(256, ge=1)
@@ -132,7 +133,10 @@ class WebhookSinkConfig(Frozen):
 
 
 class AlertsConfig(Frozen):
-    """Alerts on harmful verdicts: the alerts topic always; log and webhook sinks optional."""
+    """Alerts on harmful final verdicts: the alerts topic always; log and webhook sinks optional.
+
+    Alerts never carry conversation text (verdicts do not either): look the conversation up by event id.
+    """
 
     enabled: bool = True
     on_probe_verdicts: bool = Field(True, description="alert on undelegated probe 'unsafe' verdicts too")
@@ -140,7 +144,8 @@ class AlertsConfig(Frozen):
     rate_limit_per_s: float = Field(5.0, gt=0, description="token bucket over all alerts")
     rate_burst: int = Field(50, ge=1)
     critical_score: float = Field(0.9, gt=0, le=1, description="score at or above which severity is critical")
-    include_conversation: bool = Field(False, description="put the conversation text into alert payloads")
+    probe_critical: bool = Field(False, description="probe-only verdicts may be critical (else warning at most)")
+    include_metadata: bool = Field(False, description="copy the event's metadata into alert payloads")
     log_sink: bool = True
     webhooks: tuple[WebhookSinkConfig, ...] = ()
     group_id: str = "ctd-alerter"

@@ -112,7 +112,28 @@ class ReviewRequest(_Model):
     reason: str
     threshold: float | None
     bundle_version: str
+    model_version: str | None = None
     requested_at: dt.datetime
+
+
+class Alert(_Model):
+    """A harmful final verdict worth a human's attention; ``alert_id`` is stable per event (dedupe key)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Alert")
+
+    schema_version: Literal[1] = 1
+    alert_id: str
+    event_id: str
+    conversation_id: str
+    tenant: str
+    severity: Literal["warning", "critical"]
+    source: Literal["probe", "expert"]
+    p_unsafe: float
+    bundle_version: str
+    expert_version: str | None = None
+    verdict_decided_at: dt.datetime
+    raised_at: dt.datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class DeadLetter(_Model):
@@ -187,6 +208,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "verdict": Verdict,
     "review_request": ReviewRequest,
     "dead_letter": DeadLetter,
+    "alert": Alert,
 }
 
 

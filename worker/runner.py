@@ -11,12 +11,19 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from probes.bundle import read_manifest
 from probes.data import Record, read_file
+from probes.experts.base import Expert
+from probes.experts.factory import build_expert
 from probes.logs import get_logger
 from probes.monitor import Monitor
+from worker.alerts import Alerter
 from worker.app import MonitorWorker
-from worker.config import WorkerSettings
+from worker.config import GuardSettings, WorkerSettings
 from worker.events import ChatMessage, ConversationEvent, utcnow
+from worker.guard import GuardService
+from worker.health import HealthServer
+from worker.metrics import AlerterMetrics, GuardMetrics
 
 log = get_logger(__name__)
 
@@ -35,6 +42,70 @@ def run_worker(settings: WorkerSettings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
+
+    asyncio.run(main())
+
+
+def load_expert(settings: GuardSettings) -> Expert:
+    bundle = settings.guard.bundle
+    manifest = read_manifest(bundle) if bundle is not None else None
+    return build_expert(settings, bundle_manifest=manifest)
+
+
+class GuardProcess:
+    """The guard service and (when enabled) the alerter in one process, behind one health/metrics server."""
+
+    def __init__(self, settings: GuardSettings, expert: Expert) -> None:
+        self.settings = settings
+        self.guard_metrics = GuardMetrics()
+        self.guard = GuardService(settings, expert, self.guard_metrics, serve_http=False)
+        self.alerter: Alerter | None = None
+        if settings.alerts.enabled:
+            self.alerter = Alerter(settings, AlerterMetrics(registry=self.guard_metrics.registry))
+        self.health: HealthServer | None = None
+
+    @property
+    def services(self) -> list[GuardService | Alerter]:
+        return [self.guard] + ([self.alerter] if self.alerter is not None else [])
+
+    def ready(self) -> bool:
+        return all(s.ready() for s in self.services)
+
+    def live(self) -> tuple[bool, str]:
+        states = [s.live() for s in self.services]
+        return all(ok for ok, _ in states), "; ".join(why for _, why in states)
+
+    def stop(self) -> None:
+        for service in self.services:
+            service.stop()
+
+    async def run(self) -> None:
+        g = self.settings.guard
+        self.health = HealthServer(host=g.http_host, port=g.http_port, registry=self.guard_metrics.registry,
+                                   ready=self.ready, live=self.live)
+        await self.health.start()
+        try:
+            runs = [asyncio.create_task(s.run(), name=s.name) for s in self.services]
+            await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
+            self.stop()  # one service ending (signal or crash) ends the process: the supervisor restarts it
+            results = await asyncio.gather(*runs, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+        finally:
+            await self.health.stop()
+
+
+def run_guard(settings: GuardSettings) -> None:
+    """Load the expert, then serve review requests (and alerts) until signalled."""
+    expert = load_expert(settings)
+
+    async def main() -> None:
+        process = GuardProcess(settings, expert)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, process.stop)
+        await process.run()
 
     asyncio.run(main())
 

@@ -16,11 +16,9 @@ import orjson
 import pytest
 import yaml
 
-from probes.data import read_file
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
-    build_small_bundle,
     distinct,
     new_topics,
     produce_raw,
@@ -33,18 +31,6 @@ from worker.config import WorkerSettings
 from worker.runner import replay
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(scope="session")
-def small_bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
-    return build_small_bundle(tmp_path_factory.mktemp("bundle") / "b", datasets_dir, cache_dir)
-
-
-@pytest.fixture(scope="session")
-def monitor(small_bundle: Path, cache_dir: Path) -> Monitor:
-    from probes.config import ModelConfig
-
-    return Monitor(small_bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
 
 
 def _settings(kafka_broker, small_bundle: Path, cache_dir: Path, partitions: int = 3, **worker) -> WorkerSettings:

@@ -1,0 +1,278 @@
+"""The guard service and the alerter against the real broker, with a real (small) fine-tuned expert."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+
+from probes.config import EncoderHeadConfig
+from probes.conversation import Conversation
+from probes.data import read_file
+from probes.errors import ExpertUnavailable
+from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
+from probes.monitor import Monitor
+from tests.worker.helpers import distinct, new_topics, produce_raw, read_topic, wait_for, worker_settings
+from worker.alerts import Alerter
+from worker.app import MonitorWorker
+from worker.config import (
+    AlertsConfig,
+    GuardConfig,
+    GuardSettings,
+    KafkaConfig,
+    TopicsConfig,
+    WebhookSinkConfig,
+)
+from worker.events import BudgetState, ReviewRequest, Timings, Verdict, utcnow
+from worker.metrics import AlerterMetrics
+from worker.runner import GuardProcess, record_event, replay
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="session")
+def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> EncoderHeadExpert:
+    """A MiniLM encoder fine-tuned for one quick epoch: real weights, real training, seconds on CPU."""
+    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
+    private = tmp_path_factory.mktemp("expert-cache")
+    (private / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
+                               dtype="fp32")
+    return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")
+
+
+def guard_settings(bootstrap: str, topics: TopicsConfig, cache_dir: Path, *, alerts: AlertsConfig | None = None,
+                   **guard: Any) -> GuardSettings:
+    suffix = uuid.uuid4().hex[:6]
+    return GuardSettings(
+        cache_dir=cache_dir,
+        kafka=KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=10_000, heartbeat_interval_ms=1_000),
+        topics=topics,
+        guard=GuardConfig(group_id=f"guard-{suffix}", http_host="127.0.0.1", http_port=0, commit_interval_s=0.2,
+                          shutdown_deadline_s=10, max_wait_ms=20, retry_backoff_s=0.2, retry_backoff_max_s=0.5,
+                          **guard),
+        alerts=alerts or AlertsConfig(group_id=f"alerter-{suffix}"),
+    )
+
+
+class FlakyExpert:
+    """The real expert behind a switch: down (unavailable) or hanging (slower than the timeout) on demand."""
+
+    def __init__(self, inner: EncoderHeadExpert) -> None:
+        self.inner = inner
+        self.down = False
+        self.hang_s = 0.0
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def parameters_per_token(self) -> int:
+        return self.inner.parameters_per_token()
+
+    def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
+        self.calls += 1
+        if self.down:
+            raise ExpertUnavailable("connection refused (test)")
+        if self.hang_s:
+            hang, self.hang_s = self.hang_s, 0.0
+            time.sleep(hang)
+        return self.inner.score(conversations)
+
+
+async def _start_guard(settings: GuardSettings, expert: Any) -> tuple[GuardProcess, asyncio.Task[None]]:
+    process = GuardProcess(settings, expert)
+    task = asyncio.create_task(process.run())
+    await wait_for(lambda: process.ready() or task.done(), timeout=60)
+    assert not task.done(), task.exception()
+    return process, task
+
+
+async def test_delegated_events_get_expert_verdicts_and_harmful_conversations_one_alert(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, small_expert: EncoderHeadExpert
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    ws = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
+                         group=f"w-{uuid.uuid4().hex[:6]}")
+    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir)
+    worker = MonitorWorker(ws, monitor)
+    worker_task = asyncio.create_task(worker.run())
+    guard, guard_task = await _start_guard(gs, small_expert)
+    replay_file = small_bundle / "replay.jsonl"
+    n = len(replay_file.read_text().splitlines())
+    await replay(ws, [replay_file], rate=None, limit=None)
+
+    def complete(records: list[dict[str, Any]]) -> bool:
+        probe = [r for r in records if r["source"] == "probe"]
+        expert = {r["event_id"] for r in records if r["source"] == "expert"}
+        return len(distinct(probe)) >= n and {r["event_id"] for r in probe if r["delegated"]} <= expert
+
+    verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=complete, timeout=120)
+    probe = [v for v in verdicts if v["source"] == "probe"]
+    expert = [v for v in verdicts if v["source"] == "expert"]
+    delegated = {v["event_id"] for v in probe if v["delegated"]}
+    assert delegated and distinct(expert) == delegated
+    for v in expert:
+        assert v["delegated"] and v["expert_version"] == small_expert.name and v["model_version"] != "unknown"
+        assert v["decision"] == ("unsafe" if v["p_unsafe"] >= 0.5 else "safe")
+        assert "probe_p_unsafe" in v["metadata"] and v["metadata"]["label"] in (0, 1)
+    # one alert per conversation whose final verdict is harmful (expert's when delegated, else the probe's)
+    final = [v for v in verdicts if v["source"] == "expert" or not v["delegated"]]
+    harmful = {v["conversation_id"] for v in final if v["decision"] == "unsafe"}
+    assert harmful
+    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= len(harmful))
+    await asyncio.sleep(1.0)
+    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= len(harmful),
+                              timeout=5)
+    assert sorted(a["conversation_id"] for a in alerts) == sorted(harmful)
+    assert all("messages" not in a and a["metadata"] == {} for a in alerts)
+    await wait_for(lambda: guard.guard_metrics.verdicts_out.labels(decision="unsafe")._value.get()
+                   + guard.guard_metrics.verdicts_out.labels(decision="safe")._value.get() == len(delegated), 10)
+    worker.stop()
+    guard.stop()
+    await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)
+
+
+def _requests(datasets_dir: Path, n: int) -> list[tuple[bytes, bytes]]:
+    records = read_file(datasets_dir / "xstest.jsonl")[:n]
+    out = []
+    for i, record in enumerate(records):
+        event = record_event(record, run_id="guard-test", index=i)
+        request = ReviewRequest(event=event, p_unsafe=0.5, dv=0.1, reason="test", threshold=0.0,
+                                bundle_version="b", model_version="m", requested_at=utcnow())
+        out.append((event.conversation_id.encode(), request.to_json()))
+    return out
+
+
+async def test_expert_outage_loses_nothing_and_recovers(
+    kafka_broker, cache_dir: Path, datasets_dir: Path, small_expert: EncoderHeadExpert
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, expert_timeout_s=0.5,
+                        alerts=AlertsConfig(enabled=False))
+    flaky = FlakyExpert(small_expert)
+    flaky.down = True
+    guard, task = await _start_guard(gs, flaky)
+    requests = _requests(datasets_dir, 20)
+    await produce_raw(kafka_broker.bootstrap, topics.review, [*requests, (b"bad", b"{not json")])
+    metrics = guard.guard_metrics
+    await wait_for(lambda: metrics.degraded._value.get() == 1 and flaky.calls >= 3, 30)
+    # while the expert is down nothing is answered and nothing is committed: the requests wait in the topic
+    assert await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: False, timeout=1.5) == []
+    assert guard.guard.tracker.in_flight() >= 20
+    assert metrics.expert_errors.labels(kind="unavailable")._value.get() >= 3
+    # a slow expert counts as down too, then the batch is retried
+    flaky.down, flaky.hang_s = False, 1.5
+    await wait_for(lambda: metrics.expert_errors.labels(kind="timeout")._value.get() >= 1, 20)
+    verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 20,
+                                timeout=60)
+    assert distinct(verdicts) == {orjson.loads(v)["event"]["event_id"] for _, v in requests}
+    assert all(v["source"] == "expert" for v in verdicts)
+    await wait_for(lambda: metrics.degraded._value.get() == 0 and guard.guard.tracker.in_flight() == 0, 20)
+    assert metrics.degraded_total._value.get() >= 1
+    assert metrics.dead_letters.labels(reason="invalid_review_request")._value.get() == 1
+    dead = await read_topic(kafka_broker.bootstrap, topics.dead_letter, until=lambda r: len(r) >= 1)
+    assert dead[0]["reason"] == "invalid_review_request" and dead[0]["stage"] == "decode"
+    guard.stop()
+    await asyncio.wait_for(task, 30)
+    # everything was committed: the next guard in the group has nothing to redo
+    again, task2 = await _start_guard(gs, small_expert)
+    await asyncio.sleep(2)
+    assert again.guard_metrics.requests_in._value.get() == 0
+    again.stop()
+    await asyncio.wait_for(task2, 30)
+
+
+class Webhook:
+    """A real HTTP endpoint on localhost: fails the first ``failures`` posts with 503, then stalls or answers."""
+
+    def __init__(self, failures: int, stall_s: float = 0.0) -> None:
+        self.failures, self.stall_s = failures, stall_s
+        self.bodies: list[dict[str, Any]] = []
+        self.attempts = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = await reader.readexactly(length)
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            status = "503 Service Unavailable"
+        else:
+            if self.stall_s:
+                await asyncio.sleep(self.stall_s)
+            self.bodies.append(orjson.loads(body))
+            status = "200 OK"
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def _verdict(conversation: str, i: int, *, p: float, source: str, delegated: bool) -> tuple[bytes, bytes]:
+    v = Verdict(
+        event_id=f"{conversation}-{i}-{source}", conversation_id=conversation, tenant="t", p_unsafe=p, dv=None,
+        delegated=delegated, decision="unsafe" if p >= 0.5 else "safe", source=source, budget=BudgetState(),
+        bundle_version="b", model_version="m", timings=Timings(), decided_at=dt.datetime.now(dt.UTC),
+    )
+    return conversation.encode(), v.to_json()
+
+
+async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_never_block(
+    kafka_broker, cache_dir: Path
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    hook = Webhook(failures=3, stall_s=1.0)
+    url = await hook.start()
+    alerts_cfg = AlertsConfig(group_id=f"alerter-{uuid.uuid4().hex[:6]}", log_sink=False,
+                              webhooks=(WebhookSinkConfig(url=url, retries=5, backoff_s=0.05, timeout_s=10),))
+    settings = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=alerts_cfg)
+    alerter = Alerter(settings, AlerterMetrics())
+    task = asyncio.create_task(alerter.run())
+    await wait_for(lambda: alerter.ready() or task.done(), 60)
+    burst: list[tuple[bytes, bytes]] = []
+    for c in range(6):  # six harmful conversations, each flagged 25 times by expert and undelegated probe
+        for i in range(25):
+            burst.append(_verdict(f"bad{c}", i, p=0.97, source="expert" if i % 2 else "probe", delegated=i % 2 == 1))
+    for c in range(10):  # unsafe but delegated probe verdicts whose expert never answered: not final, no alert
+        burst.append(_verdict(f"pending{c}", 0, p=0.9, source="probe", delegated=True))
+    burst += [_verdict(f"fine{c}", 0, p=0.1, source="probe", delegated=False) for c in range(20)]
+    burst.append((b"x", b"\xff not a verdict"))
+    await produce_raw(kafka_broker.bootstrap, topics.verdicts, burst)
+    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= 6)
+    # every verdict is handled and committed while the webhook is still failing or stalling
+    await wait_for(lambda: alerter.tracker.in_flight() == 0 and not alerter.tracker.committable(), 10)
+    assert len(hook.bodies) < 6  # deliveries take >= 6 s (1 s stall each), the verdicts did not wait for them
+    await asyncio.sleep(1.0)
+    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: False, timeout=2)
+    assert sorted(a["conversation_id"] for a in alerts) == [f"bad{c}" for c in range(6)]
+    assert alerter.metrics.alerts_suppressed.labels(reason="duplicate_conversation")._value.get() == 6 * 24
+    assert alerter.metrics.dead_letters.labels(reason="invalid_verdict")._value.get() == 1
+    # the webhook got each alert once, after 3 refused attempts were retried
+    await wait_for(lambda: len(hook.bodies) == 6, 30)
+    assert sorted(b["alert_id"] for b in hook.bodies) == sorted(a["alert_id"] for a in alerts)
+    assert hook.attempts == 9 and alerter.metrics.alert_sink_errors.labels(sink="webhook:127.0.0.1")._value.get() == 0
+    alerter.stop()
+    await asyncio.wait_for(task, 30)
+    await hook.stop()

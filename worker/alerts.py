@@ -1,0 +1,248 @@
+"""Alerts on harmful final verdicts: the alerts topic, then notification sinks (structured log, webhooks).
+
+The alerter reads the verdicts topic in its own consumer group. A verdict is final when the expert made it,
+or when the probe made it and did not delegate (a delegated probe verdict waits for the expert's). A harmful
+final verdict becomes at most one alert per conversation within ``dedupe_window_s``; every alert is published
+to the alerts topic (the durable record, acknowledged before the verdict's offset is committed). Sinks are
+notifications: they are rate-limited by a token bucket and run in background queues with retries, so a slow
+or failing webhook never holds up verdicts or commits. Payloads never carry conversation text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+import httpx
+import orjson
+from aiokafka import ConsumerRecord, TopicPartition
+from pydantic import ValidationError
+
+from probes.logs import get_logger
+from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
+from worker.events import Alert, Verdict, utcnow
+from worker.metrics import AlerterMetrics
+from worker.service import ServiceLimits, StreamService
+
+log = get_logger(__name__)
+ALERT_NAMESPACE = uuid.UUID("6f1c2d4e-9a7b-4c1e-8f3a-2b5d7e9c0a11")
+SINK_QUEUE = 1000
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``take`` says whether one was available."""
+
+    def __init__(self, rate: float, burst: int, now: float | None = None) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic() if now is None else now
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class AlertPolicy:
+    """Which verdicts become alerts, and how severe: pure and clock-injectable, so it is unit-tested alone."""
+
+    def __init__(self, config: AlertsConfig, *, max_conversations: int = 100_000) -> None:
+        self.config = config
+        self.max_conversations = max_conversations
+        self._last_alert: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    @staticmethod
+    def is_final(verdict: Verdict) -> bool:
+        return verdict.source == "expert" or not verdict.delegated
+
+    def severity(self, verdict: Verdict) -> str:
+        critical = verdict.p_unsafe >= self.config.critical_score
+        if verdict.source == "probe" and not self.config.probe_critical:
+            critical = False
+        return "critical" if critical else "warning"
+
+    def consider(self, verdict: Verdict, now: float) -> tuple[Alert | None, str | None]:
+        """The alert to raise, or None and why not (None reason: the verdict is not harmful or not final)."""
+        if verdict.decision != "unsafe" or not self.is_final(verdict):
+            return None, None
+        if verdict.source == "probe" and not self.config.on_probe_verdicts:
+            return None, "probe_verdicts_off"
+        key = f"{verdict.tenant}\x00{verdict.conversation_id}"
+        last = self._last_alert.get(key)
+        if last is not None and now - last < self.config.dedupe_window_s:
+            return None, "duplicate_conversation"
+        self._last_alert[key] = now
+        self._last_alert.move_to_end(key)
+        while len(self._last_alert) > self.max_conversations:
+            self._last_alert.popitem(last=False)
+        alert = Alert(
+            alert_id=str(uuid.uuid5(ALERT_NAMESPACE, f"{verdict.event_id}/{verdict.source}")),
+            event_id=verdict.event_id, conversation_id=verdict.conversation_id, tenant=verdict.tenant,
+            severity="critical" if self.severity(verdict) == "critical" else "warning", source=verdict.source,
+            p_unsafe=verdict.p_unsafe, bundle_version=verdict.bundle_version, expert_version=verdict.expert_version,
+            verdict_decided_at=verdict.decided_at, raised_at=utcnow(),
+            metadata=verdict.metadata if self.config.include_metadata else {},
+        )
+        return alert, None
+
+
+class AlertSink(Protocol):
+    name: str
+
+    async def deliver(self, alert: Alert) -> None:
+        """Deliver one alert or raise after giving up."""
+        ...
+
+
+class LogSink:
+    """One structured log line per alert (the log pipeline forwards it)."""
+
+    name = "log"
+
+    async def deliver(self, alert: Alert) -> None:
+        log.warning("alert", alert_id=alert.alert_id, event_id=alert.event_id, conversation_id=alert.conversation_id,
+                    tenant=alert.tenant, severity=alert.severity, source=alert.source, p_unsafe=alert.p_unsafe)
+
+
+class WebhookSink:
+    """POST the alert as JSON; retry network errors, 429 and 5xx with exponential backoff."""
+
+    def __init__(self, config: WebhookSinkConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.name = f"webhook:{httpx.URL(config.url).host}"
+        self._client = httpx.AsyncClient(timeout=config.timeout_s, headers=config.headers, transport=transport)
+
+    async def deliver(self, alert: Alert) -> None:
+        body = alert.to_json()
+        delay = self.config.backoff_s
+        for attempt in range(self.config.retries + 1):
+            try:
+                response = await self._client.post(self.config.url, content=body,
+                                                   headers={"content-type": "application/json"})
+                if response.status_code < 300:
+                    return
+                if response.status_code != 429 and response.status_code < 500:
+                    raise WebhookRejected(f"{self.name} answered {response.status_code}")
+                reason = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                reason = type(exc).__name__
+            if attempt < self.config.retries:
+                log.info("alert.webhook_retry", sink=self.name, attempt=attempt + 1, reason=reason)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise WebhookRejected(f"{self.name}: gave up after {self.config.retries + 1} attempts ({reason})")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class WebhookRejected(Exception):
+    """A webhook refused an alert or stayed unreachable through every retry."""
+
+
+def build_sinks(config: AlertsConfig) -> list[AlertSink]:
+    sinks: list[AlertSink] = [LogSink()] if config.log_sink else []
+    sinks.extend(WebhookSink(w) for w in config.webhooks)
+    return sinks
+
+
+class Alerter(StreamService):
+    name = "alerter"
+
+    def __init__(self, settings: GuardSettings, metrics: AlerterMetrics | None = None, *,
+                 sinks: Sequence[AlertSink] | None = None, serve_http: bool = False) -> None:
+        a = settings.alerts
+        self.metrics = metrics or AlerterMetrics()
+        g = settings.guard
+        super().__init__(
+            kafka=settings.kafka, group_id=a.group_id, topic=settings.topics.verdicts,
+            dead_letter_topic=settings.topics.dead_letter, metrics=self.metrics,
+            limits=ServiceLimits(max_in_flight=4096, max_event_bytes=1_000_000,
+                                 shutdown_deadline_s=g.shutdown_deadline_s, commit_interval_s=g.commit_interval_s,
+                                 liveness_max_stall_s=g.liveness_max_stall_s, http_host=g.http_host,
+                                 http_port=g.http_port if serve_http else None),
+        )
+        self.settings = settings
+        self.policy = AlertPolicy(a)
+        self.bucket = TokenBucket(a.rate_limit_per_s, a.rate_burst)
+        self.sinks = list(build_sinks(a) if sinks is None else sinks)
+        self._queues: dict[str, asyncio.Queue[Alert]] = {}
+        self._senders: list[asyncio.Task[None]] = []
+
+    def _busy(self) -> bool:
+        return False  # records are handled as they arrive; pending acks are drained by the base
+
+    async def _starting(self) -> None:
+        for sink in self.sinks:
+            queue: asyncio.Queue[Alert] = asyncio.Queue(SINK_QUEUE)
+            self._queues[sink.name] = queue
+            self._senders.append(asyncio.create_task(self._send_loop(sink, queue), name=f"sink-{sink.name}"))
+
+    async def _stopped(self) -> None:
+        # Give queued notifications a moment; the alerts topic already holds every alert durably.
+        queued = [q.join() for q in self._queues.values()]
+        if queued:
+            try:
+                await asyncio.wait_for(asyncio.gather(*queued), timeout=2.0)
+            except TimeoutError:
+                log.warning("alert.sinks_unflushed", left=sum(q.qsize() for q in self._queues.values()))
+        for task in self._senders:
+            task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
+        for sink in self.sinks:
+            close = getattr(sink, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _work_loop(self) -> None:
+        await asyncio.Event().wait()  # everything happens in _accept and the sink tasks
+
+    async def _accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        assert self.producer is not None
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            try:
+                verdict = Verdict.model_validate(orjson.loads(record.value or b""))
+            except (orjson.JSONDecodeError, ValidationError) as exc:
+                self._dead_letter_record(record, "invalid_verdict", str(exc)[:500], "decode")
+                continue
+            alert, why_not = self.policy.consider(verdict, time.monotonic())
+            if why_not is not None:
+                self.metrics.alerts_suppressed.labels(reason=why_not).inc()
+            if alert is None:
+                self.tracker.done(tp, record.offset)
+                continue
+            send = self.producer.send(self.settings.topics.alerts, alert.to_json(), key=record.key,
+                                      headers=[("alert_id", alert.alert_id.encode())])
+            self._track_acks(tp, record.offset, [send], functools.partial(self._raised, alert))
+
+    def _raised(self, alert: Alert) -> None:
+        self.metrics.alerts_raised.labels(severity=alert.severity, source=alert.source).inc()
+        if not self.bucket.take():
+            self.metrics.alerts_suppressed.labels(reason="rate_limited").inc()
+            return
+        for sink in self.sinks:
+            try:
+                self._queues[sink.name].put_nowait(alert)
+            except asyncio.QueueFull:
+                self.metrics.alerts_suppressed.labels(reason="sink_queue_full").inc()
+
+    async def _send_loop(self, sink: AlertSink, queue: asyncio.Queue[Alert]) -> None:
+        while True:
+            alert = await queue.get()
+            try:
+                await sink.deliver(alert)
+            except Exception as exc:  # noqa: BLE001 - a sink failure is counted, never fatal
+                self.metrics.alert_sink_errors.labels(sink=sink.name).inc()
+                log.error("alert.sink_failed", sink=sink.name, alert_id=alert.alert_id, error=str(exc))
+            finally:
+                queue.task_done()
