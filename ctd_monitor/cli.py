@@ -127,15 +127,10 @@ def train(
 ) -> None:
     """Train probe and expert on the shared data; print probe-only vs expert-only on the evaluation split."""
     from probes import pipeline
-    from probes.bundle import update_manifest
 
     s = settings()
     with progress_bars(state.progress) as bars:
-        prepared = pipeline.prepare_data(s, data)
-        probe = pipeline.train_probe(s, out, bars, prepared=prepared)
-        expert = pipeline.train_expert(s, bars, prepared=prepared)
-    manifest = update_manifest(out, expert={"backend": "encoder-head", "path": str(expert.expert_dir),
-                                            "name": expert.name, "evaluation": expert.metrics})
+        probe, expert, manifest = pipeline.train_bundle(s, out, bars, pipeline.prepare_data(s, data))
     emit({"bundle": str(out), "split_sizes": manifest["data"]["split_sizes"],
           "probe_only": probe.metrics["evaluation"], "expert_only": expert.metrics, "expert": expert.name})
 
@@ -176,6 +171,30 @@ def expert(
     if bootstrap is not None:
         updates["kafka"] = s.kafka.model_copy(update={"bootstrap_servers": bootstrap})
     run_guard(s.model_copy(update=updates))
+
+
+@app.command()
+@_guarded
+def demo(
+    out: Annotated[Path, typer.Option(help="where the bundle, summary.json, summary.png and demo.log go")] = Path(
+        "runs/demo"),
+    events: Annotated[int, typer.Option(min=10, help="labelled conversations to replay")] = 300,
+    alpha: Annotated[float, typer.Option(help="delegation budget")] = 0.2,
+    delta: Annotated[float, typer.Option(help="allowed failure probability of the budget guarantee")] = 0.1,
+    per_source: Annotated[int, typer.Option(min=5, help="training rows per source (small: minutes on a CPU)")] = 40,
+) -> None:
+    """The whole system on this machine: train or reuse a bundle, run broker + worker + guard + alerter, replay."""
+    from probes.logs import configure_logging
+    from worker.demo import DemoOptions, run_demo
+
+    s = settings()
+    out.mkdir(parents=True, exist_ok=True)
+    configure_logging(s.log_level, path=out / "demo.log")  # the terminal shows progress; JSON logs go here
+    options = DemoOptions(out=out, events=events, alpha=alpha, delta=delta, per_source=per_source)
+    with progress_bars(state.progress) as bars:
+        summary = run_demo(s, options, bars)
+    emit(summary)
+    console.print(f"[bold green]demo done[/]: {out / 'summary.json'}, {out / 'summary.png'}, logs in {out / 'demo.log'}")
 
 
 @app.command()

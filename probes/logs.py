@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import orjson
 import structlog
@@ -27,8 +28,11 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Configure structlog once per process; safe to call again (the last call wins)."""
+def configure_logging(level: str = "INFO", path: Path | None = None) -> None:
+    """Configure structlog once per process; safe to call again (the last call wins).
+
+    ``path`` sends the JSON lines to a file instead of stderr (the demo keeps its terminal for progress).
+    """
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
@@ -41,7 +45,9 @@ def configure_logging(level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.BytesLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
+        logger_factory=structlog.BytesLoggerFactory(
+            file=_CurrentStderr() if path is None else path.open("ab")  # type: ignore[arg-type]
+        ),
         cache_logger_on_first_use=False,
     )
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes.bundle import Bundle, new_manifest, save_bundle
+from probes.bundle import Bundle, new_manifest, save_bundle, update_manifest
 from probes.config import Settings
 from probes.data import Dataset, Record, Splits, load_dataset, source_counts, split_dataset
 from probes.experts.base import Expert
@@ -171,6 +171,18 @@ def train_expert(
     scores = score_in_chunks(expert, evaluation, progress("expert scores (evaluation)", len(evaluation)))
     metrics = classification_metrics([r.label for r in evaluation], scores)
     return ExpertResult(expert_dir=expert_dir, metrics=metrics, name=expert.name)
+
+
+def train_bundle(
+    settings: Settings, out: Path, progress: ProgressFactory = no_progress, prepared: Prepared | None = None,
+) -> tuple[ProbeResult, ExpertResult, dict[str, Any]]:
+    """Probe and expert on the shared data; the expert is recorded in the bundle manifest."""
+    prepared = prepared or prepare_data(settings)
+    probe = train_probe(settings, out, progress, prepared=prepared)
+    expert = train_expert(settings, progress, prepared=prepared)
+    manifest = update_manifest(out, expert={"backend": "encoder-head", "path": str(expert.expert_dir),
+                                            "name": expert.name, "evaluation": expert.metrics})
+    return probe, expert, manifest
 
 
 def score_in_chunks(expert: Expert, records: Sequence[Record], advance: Callable[[int], None],

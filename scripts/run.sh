@@ -1,15 +1,10 @@
 #!/usr/bin/env bash
-# The main job in one command on a fresh machine: set up (idempotent), then the CTD method on the shared data:
-# train probe + expert, train the DV head, calibrate the budget, evaluate every policy. Cached steps are instant.
+# The main job in one command on a fresh machine: set up (idempotent), then the demo: train or reuse a
+# calibrated bundle and expert on a slice of the shared data, start the embedded Kafka broker, the monitor
+# worker, the guard service and the alerter, replay held-out labelled conversations and print the summary.
+# Extra arguments go to `ctd-monitor demo` (e.g. --events 500 --alpha 0.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 VENV="${CTD_VENV:-$HOME/.cache/ctd-monitor/venv}"
-CTD="$VENV/bin/ctd-monitor"
-BUNDLE="${CTD_BUNDLE:-runs/bundle}"
-ALPHA="${CTD_ALPHA:-0.1}"
-"$CTD" train --out "$BUNDLE"
-"$CTD" train-dv --bundle "$BUNDLE"
-"$CTD" calibrate --bundle "$BUNDLE" --alpha "$ALPHA" --delta 0.1
-"$CTD" evaluate --bundle "$BUNDLE" --budgets 0.05,0.1,0.2,0.3 --out "${CTD_EVAL_OUT:-runs/eval}"
-echo "report: ${CTD_EVAL_OUT:-runs/eval}/report.md"
+exec "$VENV/bin/ctd-monitor" demo "$@"

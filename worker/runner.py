@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -132,6 +133,15 @@ async def replay(
         records.extend(read_file(path))
     if limit is not None:
         records = records[:limit]
+    result = await replay_records(settings, records, rate=rate, run_id=run_id, progress=progress)
+    return {k: v for k, v in result.items() if k != "event_ids"}
+
+
+async def replay_records(
+    settings: WorkerSettings, records: Sequence[Record], *, rate: float | None, run_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Produce records as events; returns the run id, the event ids in order and the achieved rate."""
     run_id = run_id or uuid.uuid4().hex[:12]
     producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), acks="all", enable_idempotence=True, linger_ms=5)
     await producer.start()
@@ -155,4 +165,5 @@ async def replay(
         await producer.stop()
     elapsed = time.monotonic() - started
     return {"run_id": run_id, "events": len(ids), "seconds": round(elapsed, 3),
-            "rate": round(len(ids) / elapsed, 1) if elapsed > 0 else None, "topic": settings.topics.input}
+            "rate": round(len(ids) / elapsed, 1) if elapsed > 0 else None, "topic": settings.topics.input,
+            "event_ids": ids}
