@@ -7,11 +7,18 @@ from typing import Any
 import pytest
 
 from tests.deploy.helpers import Doc, exported_names, named, promql_selectors
-from worker.metrics import GuardMetrics, WorkerMetrics
+from worker.metrics import AlerterMetrics, GuardMetrics, WorkerMetrics
 
 # Labels Prometheus adds at scrape time (ServiceMonitor target labels), not the code.
 TARGET_LABELS = frozenset({"job", "namespace", "pod", "instance", "service", "container", "endpoint"})
-EXPORTED = {"ctd-worker": exported_names(WorkerMetrics()), "ctd-guard": exported_names(GuardMetrics())}
+
+def _guard_process() -> dict[str, frozenset[str]]:
+    """The guard pod serves the guard's and the alerter's metrics from one registry (worker/runner.GuardProcess)."""
+    guard = GuardMetrics()
+    return {**exported_names(guard), **exported_names(AlerterMetrics(registry=guard.registry))}
+
+
+EXPORTED = {"ctd-worker": exported_names(WorkerMetrics()), "ctd-guard": _guard_process()}
 # The issue's alert list → the rules that cover it.
 REQUIRED_ALERTS = {
     "harmful-verdict rate": "CtdHarmfulVerdictRateHigh",

@@ -135,10 +135,9 @@ def test_ports_probes_services_and_monitors_line_up(
         (pdb,) = [p for p in of_kind(docs, "PodDisruptionBudget")
                   if selects(p["spec"]["selector"]["matchLabels"], pod_labels)]
         assert pdb["spec"]["maxUnavailable"] == 1
-        # The Deployment's command exists in the CLI (the guard's `expert` may land after this change).
+        # The Deployment's command exists in the CLI.
         registered = {cmd.name or (cmd.callback.__name__ if cmd.callback else "") for cmd in app.registered_commands}
-        if command_of(dep) == "run":
-            assert "run" in registered
+        assert command_of(dep) in registered
 
 
 def topic_partitions() -> dict[str, int]:
