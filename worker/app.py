@@ -22,6 +22,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from worker.batcher import BatchLimits, MicroBatcher
+from worker.budget import BudgetController
 from worker.commits import CommitTracker
 from worker.config import WorkerSettings
 from worker.deadline import Deadline
@@ -61,6 +62,7 @@ class Outcome:
     dv: float | None
     signal: float
     delegated: bool
+    budget: BudgetState
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -101,6 +103,7 @@ class MonitorWorker:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.health: HealthServer | None = None
+        self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
         self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
@@ -346,10 +349,10 @@ class MonitorWorker:
                 sub = await loop.run_in_executor(self._prep, self.monitor.collate, [i.ids for i in part])
                 out.extend(await self._score_with_split(part, sub, loop))
             return out
-        decisions = self.monitor.rule.decide(scores.signal)
+        decisions = self.budget.decide(scores.signal, [item.tp.partition for item in items])
         return [
             (item, Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
-                           float(scores.signal[i]), bool(decisions[i])))
+                           float(scores.signal[i]), decisions[i].delegated, decisions[i].budget))
             for i, item in enumerate(items)
         ]
 
@@ -359,8 +362,7 @@ class MonitorWorker:
         topics = self.settings.topics
         rule = self.monitor.rule
         event = item.event
-        budget = BudgetState(alpha=rule.alpha, threshold=rule.threshold, offline_threshold=rule.threshold,
-                             valid=rule.valid)
+        budget = outcome.budget
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
             p_unsafe=outcome.p_unsafe, dv=outcome.dv, delegated=outcome.delegated,
@@ -376,8 +378,8 @@ class MonitorWorker:
         if outcome.delegated:
             request = ReviewRequest(
                 event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
-                reason=f"{rule.signal}={outcome.signal:.4f} > threshold={rule.threshold}",
-                threshold=rule.threshold, bundle_version=self.monitor.bundle.version, requested_at=utcnow(),
+                reason=f"{rule.signal}={outcome.signal:.4f} > threshold={budget.threshold}",
+                threshold=budget.threshold, bundle_version=self.monitor.bundle.version, requested_at=utcnow(),
             )
             sends.append(self.producer.send(topics.review, request.to_json(), key=key, headers=headers))
         self._recent.append(outcome.delegated)
