@@ -1,0 +1,64 @@
+"""The drift simulator on real records scored by the small MiniLM bundle (no Kafka)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from probes.config import ModelConfig
+from probes.errors import ConfigError
+from probes.monitor import Monitor
+from tests.worker.helpers import build_small_bundle
+from worker.config import BudgetConfig
+from worker.drift import default_phases, drift_stream, parse_phase, report, simulate
+
+W = 300
+
+
+@pytest.fixture(scope="module")
+def monitor(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Monitor:
+    bundle = build_small_bundle(tmp_path_factory.mktemp("drift-bundle") / "b", datasets_dir, cache_dir)
+    return Monitor(bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
+
+
+def test_a_shifting_real_stream_breaks_the_offline_budget_and_the_controller_holds_it(
+    monitor: Monitor, datasets_dir: Path, tmp_path: Path
+) -> None:
+    # The bundle's own training mix, a jailbreak burst, tweets the probes never saw, the training mix again.
+    trained_on = list(monitor.bundle.manifest["data"]["file_sha256"])
+    phases = default_phases(trained_on, datasets_dir, 3 * W)
+    config = BudgetConfig(window=W, min_window=W // 2, recertify_every=50, hard_cap=True, cap_burst=10)
+    signals, pools = drift_stream(monitor, phases, pool=60, seed=0)
+    assert signals.size == 4 * 3 * W and set(pools) == {f for p in phases for f in p.files}
+    summary = report(signals, pools, phases, monitor.rule, config, tmp_path)
+    alpha = summary["alpha"]
+    offline, windowed, capped = (summary["policies"][p] for p in ("offline", "windowed", "capped"))
+    # The scenario is a real shift: the jailbreak burst pushes the offline threshold over the budget.
+    assert offline["phase_rates"][1] > alpha > offline["phase_rates"][0]
+    assert offline["peak_window_rate"] > alpha
+    # The cap holds every full window; windowed control spends fewer windows over α than the offline rule.
+    assert capped["peak_window_rate"] <= alpha and capped["windows_over_alpha"] == 0 and capped["cap_hits"] > 0
+    assert windowed["windows_over_alpha"] < offline["windows_over_alpha"]
+    assert windowed["phase_rates"][1] < offline["phase_rates"][1]
+    assert windowed["max_threshold"] > summary["offline_threshold"] == offline["max_threshold"]
+    assert orjson.loads((tmp_path / "drift.json").read_bytes()) == summary
+    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Deterministic, and back to the offline rule once the window holds only normal traffic again.
+    first, second = simulate(signals, monitor.rule, config), simulate(signals, monitor.rule, config)
+    for policy in first:
+        assert np.array_equal(first[policy]["delegated"], second[policy]["delegated"])
+    settled = 9 * W + W + config.recertify_every
+    assert np.array_equal(first["windowed"]["delegated"][settled:], first["offline"]["delegated"][settled:])
+    assert (first["windowed"]["threshold"][settled:] == summary["offline_threshold"]).all()
+
+
+def test_phase_specs_parse_and_reject_garbage(datasets_dir: Path) -> None:
+    phase = parse_phase("burst=jailbreak_prompts_itw.jsonl+/abs/x.jsonl:250", datasets_dir)
+    assert phase.name == "burst" and phase.events == 250
+    assert phase.files == (datasets_dir / "jailbreak_prompts_itw.jsonl", Path("/abs/x.jsonl"))
+    for bad in ("no-equals:5", "x=a.jsonl", "x=a.jsonl:zero", "x=a.jsonl:0"):
+        with pytest.raises(ConfigError):
+            parse_phase(bad, datasets_dir)
