@@ -30,6 +30,8 @@ this worker (and resumes if the partition comes back), while the partition's new
 at the offline threshold until ``min_window`` events (the cap, when on, still holds it to α).
 
 Pure and deterministic: no Kafka, no torch, no clock; the same signals in the same order give the same decisions.
+Cheap enough for the event loop: a re-certification is one quantile grid and a few binomial tails (the test stops
+at its first failure), every ``recertify_every`` events.
 """
 
 from __future__ import annotations
