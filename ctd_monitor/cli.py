@@ -332,6 +332,7 @@ def bench_drift(
     The window, re-certification and cap settings come from the ``budget`` config section (CTD_BUDGET__*).
     """
     from probes.monitor import Monitor
+    from worker.budget import BudgetController
     from worker.config import WorkerSettings
     from worker.drift import default_phases, drift_stream, parse_phase, report
 
@@ -345,6 +346,7 @@ def bench_drift(
         phases = default_phases(trained_on, data_dir, events)
     if not monitor.rule.valid:
         fail("the bundle has no valid delegation threshold: there is no budget to control")
+    BudgetController(monitor.rule, s.budget.model_copy(update={"hard_cap": True}))  # a bad cap fails before scoring
     signals, pools = drift_stream(monitor, phases, pool=pool, seed=seed)
     emit(report(signals, pools, phases, monitor.rule, s.budget, out))
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from typer.testing import CliRunner
 
+from ctd_monitor.cli import app
 from probes.config import ModelConfig
 from probes.errors import ConfigError
 from probes.monitor import Monitor
@@ -19,8 +21,12 @@ W = 300
 
 
 @pytest.fixture(scope="module")
-def monitor(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Monitor:
-    bundle = build_small_bundle(tmp_path_factory.mktemp("drift-bundle") / "b", datasets_dir, cache_dir)
+def bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
+    return build_small_bundle(tmp_path_factory.mktemp("drift-bundle") / "b", datasets_dir, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def monitor(bundle: Path, cache_dir: Path) -> Monitor:
     return Monitor(bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
 
 
@@ -62,3 +68,24 @@ def test_phase_specs_parse_and_reject_garbage(datasets_dir: Path) -> None:
     for bad in ("no-equals:5", "x=a.jsonl", "x=a.jsonl:zero", "x=a.jsonl:0"):
         with pytest.raises(ConfigError):
             parse_phase(bad, datasets_dir)
+
+
+def test_bench_drift_command_prints_json_and_writes_the_plot(
+    bundle: Path, datasets_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {"CTD_CACHE_DIR": cache_dir, "CTD_DATA__DATASETS_DIR": datasets_dir, "CTD_MODEL__SPEC": "minilm-l6",
+                       "CTD_MODEL__DTYPE": "fp32", "CTD_BUDGET__WINDOW": 50, "CTD_BUDGET__MIN_WINDOW": 20,
+                       "CTD_BUDGET__CAP_BURST": 5}.items():
+        monkeypatch.setenv(key, str(value))
+    out = tmp_path / "drift"
+    result = CliRunner().invoke(app, [
+        "--no-progress", "bench", "drift", "--bundle", str(bundle), "--out", str(out), "--pool", "15",
+        "--phase", "calm=alpaca_benign.jsonl:120", "--phase", "burst=xstest.jsonl+jailbreak_prompts_itw.jsonl:150",
+    ])
+    assert result.exit_code == 0, result.output
+    payload = orjson.loads(result.stdout)
+    assert payload["window"] == 50 and payload["events"] == 270
+    assert [p["name"] for p in payload["phases"]] == ["calm", "burst"] and payload["phases"][1]["start"] == 120
+    assert set(payload["policies"]) == {"offline", "windowed", "capped"}
+    assert payload["policies"]["capped"]["peak_window_rate"] <= payload["alpha"]
+    assert (out / "drift.png").is_file() and orjson.loads((out / "drift.json").read_bytes()) == payload
