@@ -56,7 +56,7 @@ from worker.metrics import WorkerMetrics
 
 log = get_logger(__name__)
 
-Outcome = Literal["offline", "tightened", "uncertified"]
+RecertOutcome = Literal["offline", "tightened", "uncertified"]
 WORKER_SCOPE = -1  # the key of the single window when scope == "worker"
 
 
@@ -79,7 +79,7 @@ class ScopeWindow:
     since_recertify: int = 0
     threshold: float | None = None  # τ_w; None until the window has been certified once
     blocked: bool = False  # the last re-certification certified nothing: delegate nothing
-    outcome: Outcome | None = None
+    outcome: RecertOutcome | None = None
     exceeded: bool = False
     cap_binding: bool = False  # in a binding episode: from a refusal until the bucket is full again
     tokens: Fraction = Fraction(0)
@@ -97,7 +97,8 @@ class ScopeWindow:
     def push(self, signal: float, delegated: bool) -> None:
         if len(self.decisions) == self.size:
             self.delegated -= self.decisions[0]
-        self.signals.append(signal)
+        if math.isfinite(signal):  # a NaN would poison the window's quantile grid
+            self.signals.append(signal)
         self.decisions.append(delegated)
         self.delegated += delegated
         self.seen += 1
@@ -198,7 +199,7 @@ class BudgetController:
                                         self.config.delta)
         w.since_recertify = 0
         w.recertifications += 1
-        outcome: Outcome
+        outcome: RecertOutcome
         if certified:
             w.threshold, w.blocked = float(grid[certified - 1]), False
             outcome = "tightened" if w.threshold > self.rule.threshold else "offline"

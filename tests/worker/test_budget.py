@@ -180,3 +180,13 @@ def test_worker_scope_shares_one_window_whatever_the_partitions() -> None:
     x = stream(12, (0.3, 1200))
     run(controller, x, [i % 4 for i in range(x.size)])
     assert list(controller.windows) == [-1] and controller.windows[-1].seen == 1200
+
+
+def test_a_non_finite_signal_is_never_delegated_and_stays_out_of_the_window() -> None:
+    controller = BudgetController(RULE, config(window=50, min_window=50, recertify_every=10))
+    x = stream(13, (0.3, 120))
+    x[::7] = np.nan
+    decisions = run(controller, x)
+    assert not any(d.delegated for d, v in zip(decisions, x, strict=True) if np.isnan(v))
+    w = controller.windows[-1]
+    assert w.threshold is not None and np.isfinite(list(w.signals)).all() and len(w.decisions) == 50
