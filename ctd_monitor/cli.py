@@ -353,6 +353,42 @@ def bench_pipeline(
     emit(run_bench(s, files, n))
 
 
+@bench_app.command("drift")
+@_guarded
+def bench_drift(
+    bundle: Annotated[Path, typer.Option(help="probe bundle with a calibrated threshold")] = Path("runs/bundle"),
+    out: Annotated[Path, typer.Option(help="directory for drift.png and drift.json")] = Path("runs/drift"),
+    phase: Annotated[list[str] | None, typer.Option(
+        "--phase", help="NAME=FILE[+FILE...]:EVENTS in stream order (files relative to the datasets dir); "
+        "default: the bundle's training mix → jailbreak prompts → unseen tweets → training mix")] = None,
+    events: Annotated[int, typer.Option(help="events per default phase")] = 4000,
+    pool: Annotated[int, typer.Option(help="records scored per source file (events are drawn from them)")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Realised delegation rate under a shifting mix: offline threshold vs windowed control vs hard cap.
+
+    The window, re-certification and cap settings come from the ``budget`` config section (CTD_BUDGET__*).
+    """
+    from probes.monitor import Monitor
+    from worker.budget import BudgetController
+    from worker.config import WorkerSettings
+    from worker.drift import default_phases, drift_stream, parse_phase, report
+
+    s: WorkerSettings = settings(cls=WorkerSettings)
+    monitor = Monitor(bundle, s.model, cache_dir=s.cache_dir)
+    data_dir = s.data.datasets_dir
+    if phase:
+        phases = [parse_phase(p, data_dir) for p in phase]
+    else:
+        trained_on = list((monitor.bundle.manifest.get("data") or {}).get("file_sha256") or s.data.files)
+        phases = default_phases(trained_on, data_dir, events)
+    if not monitor.rule.valid:
+        fail("the bundle has no valid delegation threshold: there is no budget to control")
+    BudgetController(monitor.rule, s.budget.model_copy(update={"hard_cap": True}))  # a bad cap fails before scoring
+    signals, pools = drift_stream(monitor, phases, pool=pool, seed=seed)
+    emit(report(signals, pools, phases, monitor.rule, s.budget, out))
+
+
 @app.command()
 def schemas(
     write: Annotated[bool, typer.Option("--write", help="rewrite worker/schemas/*.json")] = False,

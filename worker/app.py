@@ -21,6 +21,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from worker.batcher import BatchLimits, MicroBatcher
+from worker.budget import BudgetController
 from worker.config import WorkerSettings
 from worker.events import (
     BudgetState,
@@ -57,6 +58,7 @@ class Outcome:
     dv: float | None
     signal: float
     delegated: bool
+    budget: BudgetState
 
 
 class MonitorWorker(StreamService):
@@ -85,6 +87,7 @@ class MonitorWorker(StreamService):
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
         self._inference: asyncio.Task[None] | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
+        self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
         self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
@@ -190,10 +193,10 @@ class MonitorWorker(StreamService):
                 sub = await loop.run_in_executor(self._prep, self.monitor.collate, [i.ids for i in part])
                 out.extend(await self._score_with_split(part, sub, loop))
             return out
-        decisions = self.monitor.rule.decide(scores.signal)
+        decisions = self.budget.decide(scores.signal, [item.tp.partition for item in items])
         return [
             (item, Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
-                           float(scores.signal[i]), bool(decisions[i])))
+                           float(scores.signal[i]), decisions[i].delegated, decisions[i].budget))
             for i, item in enumerate(items)
         ]
 
@@ -203,8 +206,7 @@ class MonitorWorker(StreamService):
         topics = self.settings.topics
         rule = self.monitor.rule
         event = item.event
-        budget = BudgetState(alpha=rule.alpha, threshold=rule.threshold, offline_threshold=rule.threshold,
-                             valid=rule.valid)
+        budget = outcome.budget
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
             p_unsafe=outcome.p_unsafe, dv=outcome.dv, delegated=outcome.delegated,
@@ -220,8 +222,8 @@ class MonitorWorker(StreamService):
         if outcome.delegated:
             request = ReviewRequest(
                 event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
-                reason=f"{rule.signal}={outcome.signal:.4f} > threshold={rule.threshold}",
-                threshold=rule.threshold, bundle_version=self.monitor.bundle.version,
+                reason=f"{rule.signal}={outcome.signal:.4f} > threshold={budget.threshold}",
+                threshold=budget.threshold, bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
             sends.append(self.producer.send(topics.review, request.to_json(), key=key, headers=headers))

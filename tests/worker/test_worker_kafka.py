@@ -267,3 +267,50 @@ async def test_backpressure_pauses_fetching_and_liveness_turns_red_when_stuck(
     await wait_for(lambda: worker.live()[0], timeout=10)
     worker.stop()
     await asyncio.wait_for(task, 15)
+
+
+async def test_two_workers_each_hold_the_budget_and_a_window_survives_the_rebalance(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
+) -> None:
+    from worker.config import BudgetConfig
+
+    # xstest's scary-sounding prompts delegate ~40 % at the offline threshold, over the budget α = 0.35.
+    budget = BudgetConfig(window=50, min_window=30, recertify_every=10, hard_cap=True, cap_burst=5)
+    s = _settings(kafka_broker, small_bundle, cache_dir, partitions=4).model_copy(update={"budget": budget})
+    a, task_a = await _start(s, monitor)
+    b, task_b = await _start(s, monitor)
+    await wait_for(lambda: len(a._assigned) == 2 and len(b._assigned) == 2, timeout=30)
+    n = 160
+    replay_task = asyncio.create_task(replay(s, [datasets_dir / "xstest.jsonl"], rate=60, limit=n))
+    await wait_for(lambda: a.budget.windows.get(-1) is not None and a.budget.windows[-1].recertifications > 0,
+                   timeout=30)
+    window = a.budget.windows[-1]
+    b.stop()  # b's partitions move to a; a's window (scope "worker") is not reset by the rebalance
+    await asyncio.wait_for(task_b, 20)
+    await wait_for(lambda: len(a._assigned) == 4, timeout=30)
+    seen_at_rebalance = window.seen
+    await replay_task
+    verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= n)
+    assert len(distinct(verdicts)) == n
+    await wait_for(lambda: a.tracker.in_flight() == 0, timeout=20)
+    assert list(a.budget.windows) == [-1] and a.budget.windows[-1] is window and window.seen > seen_at_rebalance
+    published = sum(w.metrics.verdicts_out.labels(decision=d, source="probe")._value.get()
+                    for w in (a, b) for d in ("safe", "unsafe"))
+    assert len(verdicts) == published and window.seen + b.budget.windows[-1].seen == published
+    # Every verdict says how it was decided; the cap refused what the threshold alone would have delegated.
+    offline = monitor.rule.threshold
+    signal = [-abs(v["p_unsafe"] - 0.5) for v in verdicts]
+    for v, x in zip(verdicts, signal, strict=True):
+        state = v["budget"]
+        assert state["offline_threshold"] == offline and state["window_rate"] is not None
+        threshold = state["threshold"]
+        assert threshold is None or threshold >= offline
+        assert v["delegated"] <= (threshold is not None and x > threshold)
+        assert not (v["delegated"] and state["cap_binding"])
+    assert any(v["budget"]["window_threshold"] is not None for v in verdicts)
+    assert sum(x > offline for x in signal) > ALPHA * len(verdicts)  # the offline rule alone overspends ...
+    assert sum(v["delegated"] for v in verdicts) <= ALPHA * len(verdicts)  # ... the fleet does not
+    hits = sum(w.metrics.registry.get_sample_value("ctd_budget_cap_hits_total") or 0 for w in (a, b))
+    assert hits == sum(v["budget"]["cap_binding"] for v in verdicts) > 0
+    a.stop()
+    await asyncio.wait_for(task_a, 20)

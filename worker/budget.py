@@ -1,0 +1,248 @@
+"""Live delegation-budget control: a windowed threshold, a sequential budget monitor and an optional hard cap.
+
+The offline LTT threshold τ* keeps the delegation rate ≤ α only for traffic exchangeable with the calibration
+set (method.md §6); production traffic drifts. The delegation rate needs no labels, so the budget half of the
+calibration can be re-run on recent traffic (method.md §8). Per scope (the worker, or one partition):
+
+* **Window threshold.** The delegation signals of the last ``window`` events are kept. Every ``recertify_every``
+  events, once ``min_window`` are held, the offline calibration's own test runs on the window: a quantile grid,
+  highest τ first, exact binomial p-values, fixed-sequence testing at level ``delta`` (``probes.calibration``).
+  The window threshold τ_w is the smallest certified τ, and the rule applies max(τ*, τ_w). In distribution
+  τ_w ≤ τ* and the offline (Pareto) choice governs; a shift that raises the rate lifts τ_w above τ*, which
+  holds the rate at α with probability ≥ 1 − δ for traffic exchangeable with the window. During the turnover
+  after an abrupt shift (≤ ``window`` events) the window mixes old and new traffic and the rate can overshoot
+  α; the sequential monitor watches that. When nothing certifies on the window, the scope delegates nothing
+  until the next re-certification: an uncertified threshold is never applied.
+* **Sequential monitor (Hoeffding).** The realised rate r̂ over the last n ≤ ``window`` decisions counts as
+  significantly above α while r̂ − sqrt(ln(1/δ) / 2n) > α (checked after every event once n ≥ ``min_window``).
+  Each check's false-alarm probability is ≤ δ for independent decisions at rate ≤ α; the checks overlap, so
+  this is an alerting signal (``ctd_budget_exceeded`` + a warning), not an anytime-valid certificate.
+* **Hard cap (optional).** A token bucket of depth ``cap_burst`` that starts empty and refills by
+  α − cap_burst/window per event, in exact rational arithmetic. Tokens spent ≤ tokens held + refills, so every
+  ``window`` consecutive events delegate ≤ cap_burst + (α − cap_burst/window)·window = α·window of them, and
+  every prefix ≤ α of its events, whatever the traffic. Delegations beyond that are refused (cap hits).
+
+**Scope, fleet, rebalance.** Each scope is held to α on its own traffic, so the fleet's rate, the traffic-weighted
+average of the scopes' rates, is ≤ α as well; workers need no coordination. Scope ``"worker"`` keeps one window
+per worker: a rebalance does not touch it (the window follows the worker's traffic, not its partitions). Scope
+``"partition"`` keeps one window per partition the worker has scored: a revoked partition's window stays with
+this worker (and resumes if the partition comes back), while the partition's new owner starts an empty window
+at the offline threshold until ``min_window`` events (the cap, when on, still holds it to α).
+
+Pure and deterministic: no Kafka, no torch, no clock; the same signals in the same order give the same decisions.
+Cheap enough for the event loop: a re-certification is one quantile grid and a few binomial tails (the test stops
+at its first failure), every ``recertify_every`` events.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.calibration import delegation_rates, fixed_sequence_test, threshold_grid
+from probes.errors import ConfigError
+from probes.logs import get_logger
+from probes.monitor import DelegationRule
+from worker.config import BudgetConfig
+from worker.events import BudgetState
+from worker.metrics import WorkerMetrics
+
+log = get_logger(__name__)
+
+RecertOutcome = Literal["offline", "tightened", "uncertified"]
+WORKER_SCOPE = -1  # the key of the single window when scope == "worker"
+
+
+@dataclass(frozen=True)
+class Decision:
+    delegated: bool
+    budget: BudgetState
+
+
+@dataclass
+class ScopeWindow:
+    """One scope's window of signals and decisions, its certified threshold, monitor flag and token bucket."""
+
+    key: int
+    size: int
+    signals: collections.deque[float] = field(init=False)
+    decisions: collections.deque[bool] = field(init=False)
+    delegated: int = 0  # delegations among ``decisions``
+    seen: int = 0
+    since_recertify: int = 0
+    threshold: float | None = None  # τ_w; None until the window has been certified once
+    blocked: bool = False  # the last re-certification certified nothing: delegate nothing
+    outcome: RecertOutcome | None = None
+    exceeded: bool = False
+    cap_binding: bool = False  # in a binding episode: from a refusal until the bucket is full again
+    tokens: Fraction = Fraction(0)
+    cap_hits: int = 0
+    recertifications: int = 0
+
+    def __post_init__(self) -> None:
+        self.signals = collections.deque(maxlen=self.size)
+        self.decisions = collections.deque(maxlen=self.size)
+
+    @property
+    def rate(self) -> float | None:
+        return self.delegated / len(self.decisions) if self.decisions else None
+
+    def push(self, signal: float, delegated: bool) -> None:
+        if len(self.decisions) == self.size:
+            self.delegated -= self.decisions[0]
+        if math.isfinite(signal):  # a NaN would poison the window's quantile grid
+            self.signals.append(signal)
+        self.decisions.append(delegated)
+        self.delegated += delegated
+        self.seen += 1
+        self.since_recertify += 1
+
+
+class BudgetController:
+    """Decides delegation for scored events under the live budget; one instance per worker."""
+
+    def __init__(self, rule: DelegationRule, config: BudgetConfig, metrics: WorkerMetrics | None = None,
+                 *, grid_size: int = 200) -> None:
+        self.rule = rule
+        self.config = config
+        self.metrics = metrics
+        self.grid_size = grid_size
+        self.windows: dict[int, ScopeWindow] = {}
+        self.refill: Fraction | None = None
+        if config.hard_cap and rule.valid and rule.alpha is not None:
+            # repr() is the shortest decimal that round-trips: α = 0.1 becomes exactly 1/10, not a binary float.
+            self.refill = Fraction(repr(rule.alpha)) - Fraction(config.cap_burst, config.window)
+            if self.refill <= 0:
+                raise ConfigError(f"budget.cap_burst={config.cap_burst} must be below alpha × window = "
+                                  f"{rule.alpha * config.window:g} for the hard cap to hold the window to alpha")
+
+    @property
+    def active(self) -> bool:
+        """False without a certified offline threshold and budget: never delegate, nothing to control."""
+        return self.rule.valid and self.rule.alpha is not None
+
+    def window(self, partition: int) -> ScopeWindow:
+        key = partition if self.config.scope == "partition" else WORKER_SCOPE
+        if key not in self.windows:
+            self.windows[key] = ScopeWindow(key, self.config.window)
+        return self.windows[key]
+
+    def decide(self, signals: npt.ArrayLike, partitions: Sequence[int]) -> list[Decision]:
+        """One decision per event, in order; ``partitions`` picks each event's window under scope "partition"."""
+        values = np.asarray(signals, dtype=np.float64)
+        if len(partitions) != values.size:
+            raise ValueError(f"{values.size} signals but {len(partitions)} partitions")
+        if not self.active:
+            state = BudgetState(alpha=self.rule.alpha, threshold=None, offline_threshold=self.rule.threshold,
+                                valid=False)
+            return [Decision(False, state) for _ in range(values.size)]
+        decisions = [self._decide_one(float(s), self.window(p)) for s, p in zip(values, partitions, strict=True)]
+        self._update_gauges()
+        return decisions
+
+    def applied_threshold(self, w: ScopeWindow) -> float | None:
+        """max(τ*, τ_w); None (delegate nothing) when the window certified nothing."""
+        offline = self.rule.threshold
+        if offline is None or w.blocked:
+            return None
+        return offline if w.threshold is None else max(offline, w.threshold)
+
+    def _decide_one(self, signal: float, w: ScopeWindow) -> Decision:
+        tau = self.applied_threshold(w)
+        window_tau = w.threshold
+        wanted = tau is not None and signal > tau
+        delegated, refused = wanted, False
+        if self.refill is not None:
+            w.tokens = min(Fraction(self.config.cap_burst), w.tokens + self.refill)
+            if wanted:
+                if w.tokens >= 1:
+                    w.tokens -= 1
+                else:
+                    delegated, refused = False, True
+            self._cap_episode(w, refused)
+        w.push(signal, delegated)
+        if w.since_recertify >= self.config.recertify_every and len(w.signals) >= self.config.min_window:
+            self._recertify(w)
+        self._check_rate(w)
+        return Decision(delegated, BudgetState(
+            alpha=self.rule.alpha, threshold=tau, offline_threshold=self.rule.threshold, window_threshold=window_tau,
+            window_rate=w.rate, cap_binding=refused, valid=True,
+        ))
+
+    def _cap_episode(self, w: ScopeWindow, refused: bool) -> None:
+        if refused:
+            w.cap_hits += 1
+            if self.metrics is not None:
+                self.metrics.cap_hits.inc()
+            if not w.cap_binding:
+                w.cap_binding = True
+                log.warning("budget.cap_binding", scope=w.key, alpha=self.rule.alpha, window_rate=w.rate,
+                            cap_hits=w.cap_hits)
+        elif w.cap_binding and w.tokens == self.config.cap_burst:
+            # An episode ends when the bucket is full again, so a cap that binds on and off logs once.
+            w.cap_binding = False
+            log.info("budget.cap_released", scope=w.key, cap_hits=w.cap_hits)
+
+    def _recertify(self, w: ScopeWindow) -> None:
+        """Label-free LTT on the window: the smallest threshold whose rate passes FST at level δ."""
+        assert self.rule.alpha is not None and self.rule.threshold is not None
+        values = np.fromiter(w.signals, dtype=np.float64, count=len(w.signals))
+        grid = threshold_grid(values, self.grid_size)  # highest τ first, as the test requires
+        certified = fixed_sequence_test(delegation_rates(values, grid), values.size, self.rule.alpha,
+                                        self.config.delta)
+        w.since_recertify = 0
+        w.recertifications += 1
+        outcome: RecertOutcome
+        if certified:
+            w.threshold, w.blocked = float(grid[certified - 1]), False
+            outcome = "tightened" if w.threshold > self.rule.threshold else "offline"
+        else:
+            w.threshold, w.blocked = None, True
+            outcome = "uncertified"
+        if self.metrics is not None:
+            self.metrics.recertifications.labels(outcome=outcome).inc()
+        if outcome != w.outcome:
+            # Log when what governs the decision changes, not every re-certification.
+            event = "budget.window_uncertified" if outcome == "uncertified" else "budget.window_recertified"
+            (log.warning if outcome != "offline" else log.info)(
+                event, scope=w.key, outcome=outcome, window_threshold=w.threshold,
+                offline_threshold=self.rule.threshold, window=values.size, window_rate=w.rate,
+            )
+            w.outcome = outcome
+
+    def hoeffding_margin(self, n: int) -> float:
+        return math.sqrt(math.log(1 / self.config.delta) / (2 * n))
+
+    def _check_rate(self, w: ScopeWindow) -> None:
+        assert self.rule.alpha is not None
+        n = len(w.decisions)
+        rate = w.rate
+        exceeded = (n >= self.config.min_window and rate is not None
+                    and rate - self.hoeffding_margin(n) > self.rule.alpha)
+        if exceeded != w.exceeded:
+            w.exceeded = exceeded
+            if exceeded:
+                log.warning("budget.exceeded", scope=w.key, window_rate=rate, window=n, alpha=self.rule.alpha,
+                            margin=self.hoeffding_margin(n))
+            else:
+                log.info("budget.back_within", scope=w.key, window_rate=rate, window=n, alpha=self.rule.alpha)
+
+    def _update_gauges(self) -> None:
+        """Several windows (scope "partition") report the worst one: the tightest threshold, the highest rate."""
+        if self.metrics is None or not self.windows:
+            return
+        windows = self.windows.values()
+        certified = [w.threshold for w in windows if w.threshold is not None]
+        rates = [w.rate for w in windows if w.rate is not None]
+        applied = [t for t in (self.applied_threshold(w) for w in windows) if t is not None]
+        self.metrics.window_threshold.set(max(certified) if certified else math.nan)
+        self.metrics.window_delegation_rate.set(max(rates) if rates else math.nan)
+        self.metrics.budget_exceeded.set(1 if any(w.exceeded for w in windows) else 0)
+        self.metrics.threshold.set(max(applied) if applied else math.nan)
