@@ -79,6 +79,9 @@ class GuardService(StreamService):
         # A down expert cannot make progress: the drain does not wait for it, the topic keeps the requests.
         return bool(self._pending) and not self._degraded
 
+    def _waiting_on_purpose(self) -> bool:
+        return self._degraded  # the expert is down: requests wait in the topic, restarting us fixes nothing
+
     async def _stopped(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -94,6 +94,10 @@ class StreamService(ABC):
     def _busy(self) -> bool:
         """True while accepted work has not yet been handed to the producer (the drain waits for it)."""
 
+    def _waiting_on_purpose(self) -> bool:
+        """True while commits are held back deliberately (a restart would not help, so liveness stays green)."""
+        return False
+
     async def _starting(self) -> None:
         """Runs after the producer started and before the consumer subscribes (load models, clients)."""
 
@@ -117,7 +121,7 @@ class StreamService(ABC):
         commit_age = now - self._last_commit
         if poll_age > limit:
             return False, f"{self.name}: no poll for {poll_age:.1f}s"
-        if self.tracker.in_flight() and commit_age > limit:
+        if self.tracker.in_flight() and commit_age > limit and not self._waiting_on_purpose():
             return False, f"{self.name}: {self.tracker.in_flight()} in flight, no commit for {commit_age:.1f}s"
         return True, f"{self.name}: last poll {poll_age:.1f}s ago, last commit {commit_age:.1f}s ago"
 

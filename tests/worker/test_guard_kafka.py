@@ -171,6 +171,9 @@ async def test_expert_outage_loses_nothing_and_recovers(
     assert await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: False, timeout=1.5) == []
     assert guard.guard.tracker.in_flight() >= 20
     assert metrics.expert_errors.labels(kind="unavailable")._value.get() >= 3
+    # waiting for the expert is not being stuck: liveness stays green even past the stall limit
+    guard.guard._last_commit -= 10 * gs.guard.liveness_max_stall_s
+    assert guard.live()[0]
     # a slow expert counts as down too, then the batch is retried
     flaky.down, flaky.hang_s = False, 1.5
     await wait_for(lambda: metrics.expert_errors.labels(kind="timeout")._value.get() >= 1, 20)
