@@ -134,3 +134,18 @@ expert:
     v = run("validate-guarantee", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1", "--splits", "200")
     assert v["splits"] == 200 and 0 <= v["violation_rate"] <= 1 and v["signal"] == "dv"
     assert v["violation_rate_population"] <= 0.1 + 3 * (0.09 / 200) ** 0.5
+
+
+def test_guard_service_without_an_expert_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["--no-progress", "expert"])
+    assert result.exit_code == 2
+    assert "encoder-head expert: set expert.path" in result.output
+    missing = CliRunner().invoke(app, ["--no-progress", "expert", "--bundle", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "nope" in missing.output
+
+
+def test_guard_config_with_unknown_alert_keys_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "guard.yaml"
+    config.write_text("alerts: {include_conversation: true}\n")
+    result = CliRunner().invoke(app, ["--config", str(config), "--no-progress", "expert"])
+    assert result.exit_code == 2 and "include_conversation" in result.output
