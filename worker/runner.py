@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,15 +30,23 @@ def load_monitor(settings: WorkerSettings) -> Monitor:
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model (readiness stays false until partitions are assigned), then serve until signalled."""
     monitor = load_monitor(settings)
+    worker = MonitorWorker(settings, monitor)
 
     async def main() -> None:
-        worker = MonitorWorker(settings, monitor)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
     asyncio.run(main())
+    if worker.tracker.in_flight():
+        # The drain gave up on a batch still inside torch. Interpreter exit would join that thread and
+        # overrun the shutdown deadline (the pod gets SIGKILLed anyway); its offsets were never committed,
+        # so the partitions' next owner redoes them.
+        log.warning("worker.exit_abandoning", in_flight=worker.tracker.in_flight())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def record_event(record: Record, *, run_id: str, index: int) -> ConversationEvent:

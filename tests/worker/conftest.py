@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from probes.config import ModelConfig
+from probes.monitor import Monitor
+from tests.worker.helpers import build_small_bundle
 from worker.broker import LocalBroker, resolve_cache_dir
 
 
@@ -52,3 +56,13 @@ def kafka_topics(kafka_broker: LocalBroker, request: pytest.FixtureRequest) -> T
     # Unique names instead of deleting topics: tests never see each other's records or committed offsets.
     prefix = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-") or "t"
     return TopicFactory(kafka_broker, prefix)
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
+    return build_small_bundle(tmp_path_factory.mktemp("bundle") / "b", datasets_dir, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def monitor(small_bundle: Path, cache_dir: Path) -> Monitor:
+    return Monitor(small_bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
