@@ -91,7 +91,7 @@ def _mean(worker: MonitorWorker, histogram: str) -> float:
     return total / count if count else float("nan")
 
 
-def bench_pipeline(settings: WorkerSettings, files: Sequence[Path], n: int) -> dict[str, Any]:
+def bench_pipeline(settings: WorkerSettings, files: Sequence[Path], n: int, mode: str = "inline") -> dict[str, Any]:
     """Raw forward rate and end-to-end worker rate on the same ``n`` conversations, in one run."""
     monitor = Monitor(settings.worker.bundle, settings.model, cache_dir=settings.cache_dir)
     records = [r for path in files for r in read_file(path)][:n]
