@@ -389,6 +389,26 @@ def bench_cascade_cost(
     emit(run_bench(s, data, n))
 
 
+@bench_app.command("soak")
+@_guarded
+def bench_soak(
+    data: BenchDataOpt = None,
+    n: Annotated[int, typer.Option(help="number of events (the data is cycled)")] = 3000,
+    rate: Annotated[float, typer.Option(help="events per second")] = 20.0,
+    interval: Annotated[float, typer.Option(help="seconds between RSS / latency samples")] = 10.0,
+    bundle: BenchBundleOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """N events at a fixed rate through the worker process and a local broker: RSS growth and latency over time."""
+    from worker.bench_soak import bench_soak as run_bench
+
+    if rate <= 0 or interval <= 0 or n < 1:
+        fail("--rate and --interval must be positive and --n at least 1")
+    s = _bench_settings(bundle, device, dtype)
+    emit(run_bench(s, _bench_files(s, data), n, rate, interval))
+
+
 @app.command()
 def schemas(
     write: Annotated[bool, typer.Option("--write", help="rewrite worker/schemas/*.json")] = False,
