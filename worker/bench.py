@@ -39,13 +39,13 @@ def raw_forward_rate(monitor: Monitor, conversations: Sequence[Any], settings: W
     plan = plan_batches([len(x) for x in ids], batch_tokens=b.max_batch_tokens, max_items=b.max_items)
     batches = [monitor.collate([ids[i] for i in batch]) for batch in plan]
     monitor.features(batches[0])  # warm-up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
         monitor.features(batch)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     tokens = sum(len(x) for x in ids)
-    return {"raw_forward_eps": len(ids) / elapsed, "raw_seconds": elapsed, "tokens": float(tokens),
-            "batches": float(len(batches))}
+    return {"raw_forward_eps": len(ids) / elapsed, "raw_seconds": elapsed, "raw_cpu_seconds": cpu,
+            "tokens": float(tokens), "batches": float(len(batches))}
 
 
 async def _collect_verdicts(bootstrap: str, topic: str, n: int, timeout: float) -> tuple[list[dict[str, Any]], float]:
@@ -91,12 +91,15 @@ async def pipeline_rate(monitor: Monitor, settings: WorkerSettings, files: Seque
         await asyncio.sleep(0.05)
     collector = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts, n,
                                                       timeout=max(120.0, n)))
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     await replay(settings, files, rate=None, limit=n)
     verdicts, finished = await collector
+    cpu = time.process_time() - cpu
     worker.stop()
     await task
     return {
+        # The process's CPU time: the worker's, and the replay producer's and the collector's with it.
+        "worker_cpu_seconds": cpu,
         "pipeline_eps": len(verdicts) / worker_window(verdicts), "worker_seconds": worker_window(verdicts),
         "wall_eps": len(verdicts) / (finished - started), "wall_seconds": finished - started,
         **_latency_summary(verdicts),
@@ -112,15 +115,22 @@ async def pipeline_rate_process(settings: WorkerSettings, files: Sequence[Path],
     config = write_worker_config(workdir / "worker.yaml", settings)
     with WorkerProcess(config, workdir / "worker.log") as proc:
         started = time.monotonic()
-        verdicts, finished = await _collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts, n,
-                                                     timeout=max(180.0, 2.0 * n))
+        collecting = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts,
+                                                           n, timeout=max(180.0, 2.0 * n)))
+        # CPU time from the end of start-up (model loaded, group joined) to the last verdict: on a shared
+        # machine it depends far less on the neighbours than wall time does.
+        while not proc.logged('"worker.started"') and not collecting.done():
+            await asyncio.sleep(0.01)
+        cpu_start = proc.cpu_seconds()
+        verdicts, finished = await collecting
+        cpu = proc.cpu_seconds() - cpu_start
         metrics = await scrape(proc)
         code = proc.terminate(settings.worker.shutdown_deadline_s + 10)
     if len(verdicts) < n:
         raise RuntimeError(f"only {len(verdicts)} of {n} verdicts (worker exit {code}): {proc.log_tail()}")
     return {
         "pipeline_eps": len(verdicts) / worker_window(verdicts), "worker_seconds": worker_window(verdicts),
-        "wall_seconds_with_startup": finished - started, **_latency_summary(verdicts),
+        "wall_seconds_with_startup": finished - started, "worker_cpu_seconds": cpu, **_latency_summary(verdicts),
         "mean_batch_size": _ratio(metrics, "ctd_batch_size"), "mean_batch_tokens": _ratio(metrics, "ctd_batch_tokens"),
     }
 
@@ -209,5 +219,6 @@ def bench_pipeline(settings: WorkerSettings, files: Sequence[Path], n: int, mode
         "raw_forward_eps_before": raw["raw_forward_eps"], "raw_forward_eps_after": raw_after["raw_forward_eps"],
         "raw_forward_eps": baseline, **pipe,
         "efficiency": pipe["pipeline_eps"] / baseline,
+        "cpu_efficiency": (raw["raw_cpu_seconds"] + raw_after["raw_cpu_seconds"]) / 2 / pipe["worker_cpu_seconds"],
         "gpu_raw": gpu_raw.summary(), "gpu_pipeline": gpu_pipeline.summary(),
     }

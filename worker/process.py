@@ -93,6 +93,11 @@ class WorkerProcess:
         process = psutil.Process(self.pid)
         return int(process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True)))
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the worker has used so far (all its threads)."""
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
     def log_tail(self, limit: int = 4000) -> str:
         """The end of this run's log."""
         try:
