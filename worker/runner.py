@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from probes.conversation import single_turn
 from probes.data import Record, read_file
 from probes.logs import get_logger
 from probes.monitor import Monitor
@@ -27,9 +28,27 @@ def load_monitor(settings: WorkerSettings) -> Monitor:
     return Monitor(settings.worker.bundle, settings.model, cache_dir=settings.cache_dir)
 
 
+def warm_up(monitor: Monitor, settings: WorkerSettings, passes: int = 2) -> float:
+    """Run the largest batch the batcher can form a few times before joining the group.
+
+    A fresh process runs its first forward passes much slower (allocator growth, lazy kernel and thread-pool
+    set-up); without this the first real batches pay for it in latency while partitions are already ours.
+    """
+    ids = monitor.tokenize(single_turn("warm up " * monitor.max_tokens))
+    b = settings.batching
+    batch = monitor.collate([ids] * max(1, min(b.max_items, b.max_batch_tokens // len(ids))))
+    started = time.monotonic()
+    for _ in range(passes):
+        monitor.score(batch)
+    elapsed = time.monotonic() - started
+    log.info("worker.warmed_up", seconds=round(elapsed, 3), batch=list(batch.input_ids.shape), passes=passes)
+    return elapsed
+
+
 def run_worker(settings: WorkerSettings) -> None:
-    """Load the model (readiness stays false until partitions are assigned), then serve until signalled."""
+    """Load and warm the model (readiness stays false until partitions are assigned), then serve until signalled."""
     monitor = load_monitor(settings)
+    warm_up(monitor, settings)
     worker = MonitorWorker(settings, monitor)
 
     async def main() -> None:

@@ -251,10 +251,12 @@ async def test_a_worker_joining_and_leaving_under_load_loses_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("deadline", [15.0, 1.0], ids=["drain-completes", "drain-gives-up"])
 async def test_sigterm_in_the_middle_of_a_large_batch_exits_in_time_and_loses_nothing(
-    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, tmp_path: Path, datasets_dir: Path
+    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, tmp_path: Path, datasets_dir: Path,
+    deadline: float,
 ) -> None:
-    s = _settings(kafka_broker, small_bundle, cache_dir, max_in_flight=2048, shutdown_deadline_s=15)
+    s = _settings(kafka_broker, small_bundle, cache_dir, max_in_flight=2048, shutdown_deadline_s=deadline)
     # Batches of up to 256 events of up to 64 tokens: a backlog makes every batch a large one.
     s = s.model_copy(update={"batching": s.batching.model_copy(update={
         "max_batch_tokens": 64 * 256, "max_items": 256, "max_wait_ms": 200})})
@@ -284,11 +286,15 @@ async def test_sigterm_in_the_middle_of_a_large_batch_exits_in_time_and_loses_no
             took = time.monotonic() - stopped
             log = proc.log_tail(1 << 22)
         # Within the deadline even when torch is still busy: the pod is never SIGKILLed for overrunning it.
-        assert code == 0 and took < s.worker.shutdown_deadline_s + 1, (code, took)
+        assert code == 0 and took < deadline + 2, (code, took)
         await asyncio.sleep(1.0)
         drained = len(verdicts.records)
         abandoned = next((orjson.loads(line)["abandoned"] for line in log.splitlines()
                           if '"worker.drain_timeout"' in line), 0)
+        if deadline < 2:
+            # 0.6 s of drain cannot get through a 700-event backlog on a CPU: the give-up path is exercised.
+            assert abandoned > 0, "the drain finished: this case did not test giving up"
+            assert '"worker.exit_abandoning"' in log  # exits without joining the busy inference thread
         if not abandoned:
             # The interrupted batch was finished and published, not dropped.
             assert drained >= started_items, f"{drained} verdicts after draining {started_items:.0f} batched items"
