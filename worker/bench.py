@@ -139,8 +139,8 @@ async def pipeline_rate_process(settings: WorkerSettings, files: Sequence[Path],
         started = time.monotonic()
         collecting = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts,
                                                            n, timeout=max(180.0, 2.0 * n)))
-        # CPU time from the end of start-up (model loaded, group joined) to the last verdict: on a shared
-        # machine it depends far less on the neighbours than wall time does.
+        # CPU time from the end of start-up (model loaded, group joined) to the last verdict. Not immune to
+        # neighbours either: torch's OpenMP threads spin at barriers when a sibling is descheduled.
         while not proc.logged('"worker.started"') and not collecting.done():
             await asyncio.sleep(0.01)
         cpu_start = proc.cpu_seconds()
