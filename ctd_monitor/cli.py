@@ -338,19 +338,113 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON
 app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("pipeline")
-@_guarded
-def bench_pipeline(
-    data: Annotated[list[Path] | None, typer.Option("--data", help="texts to push through")] = None,
-    n: Annotated[int, typer.Option(help="number of events")] = 300,
-) -> None:
-    """Raw forward-pass rate vs end-to-end worker rate through a real local broker, same texts, one run."""
-    from worker.bench import bench_pipeline as run_bench
+BenchBundleOpt = Annotated[Path | None, typer.Option("--bundle", help="probe bundle (default: worker.bundle)")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: model.device)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="auto | bf16 | fp16 | fp32 (default: model.dtype)")]
+BenchDataOpt = Annotated[list[Path] | None, typer.Option("--data", help="texts to push through")]
+
+
+def _bench_settings(bundle: Path | None, device: str | None, dtype: str | None) -> Any:
     from worker.config import WorkerSettings
 
     s: WorkerSettings = settings(cls=WorkerSettings)
-    files = data or [s.data.datasets_dir / "harmbench.jsonl", s.data.datasets_dir / "xstest.jsonl"]
-    emit(run_bench(s, files, n))
+    updates: dict[str, Any] = {}
+    if bundle is not None:
+        updates["worker"] = s.worker.model_copy(update={"bundle": bundle})
+    model = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if model:
+        updates["model"] = s.model.model_copy(update=model)
+    return s.model_copy(update=updates)
+
+
+def _bench_files(s: Any, data: list[Path] | None) -> list[Path]:
+    return data or [s.data.datasets_dir / "harmbench.jsonl", s.data.datasets_dir / "xstest.jsonl"]
+
+
+@bench_app.command("pipeline")
+@_guarded
+def bench_pipeline(
+    data: BenchDataOpt = None,
+    n: Annotated[int, typer.Option(help="number of events")] = 300,
+    bundle: BenchBundleOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    mode: Annotated[str, typer.Option(help="process: the worker in a child process, as deployed | inline")] = "process",
+) -> None:
+    """Raw forward-pass rate vs end-to-end worker rate through a real local broker, same texts, one run."""
+    from worker.bench import bench_pipeline as run_bench
+
+    if mode not in ("process", "inline"):
+        fail("--mode must be process or inline")
+    s = _bench_settings(bundle, device, dtype)
+    emit(run_bench(s, _bench_files(s, data), n, mode=mode))
+
+
+@bench_app.command("heads")
+@_guarded
+def bench_heads(
+    data: BenchDataOpt = None,
+    n: Annotated[int, typer.Option(help="number of conversations")] = 300,
+    repeats: Annotated[int, typer.Option(help="passes over the batches")] = 3,
+    bundle: BenchBundleOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Probe + DV head scoring time versus activation extraction, per batch (overhead_ratio)."""
+    from worker.bench_heads import bench_heads as run_bench
+
+    s = _bench_settings(bundle, device, dtype)
+    emit(run_bench(s, _bench_files(s, data), n, repeats=repeats))
+
+
+@bench_app.command("cascade-cost")
+@_guarded
+def bench_cascade_cost(
+    data: Annotated[list[Path] | None, typer.Option("--data", help="labelled file(s); default: the bundle's "
+                                                    "evaluation split")] = None,
+    n: Annotated[int, typer.Option(help="at most N conversations")] = 500,
+    bundle: BenchBundleOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    expert_backend: Annotated[str | None, typer.Option(help="encoder-head | hf-guard | openai-compatible "
+                                                       "(default: expert.backend)")] = None,
+    expert_path: Annotated[Path | None, typer.Option(help="trained encoder-head expert directory "
+                                                     "(default: the bundle's)")] = None,
+) -> None:
+    """Compute per 1k events (seconds, parameters x tokens) and accuracy: expert-only vs the calibrated cascade."""
+    from worker.bench_cost import bench_cascade_cost as run_bench
+
+    s = _bench_settings(bundle, device, dtype)
+    expert: dict[str, Any] = {}
+    if expert_backend is not None:
+        if expert_backend not in ("encoder-head", "hf-guard", "openai-compatible"):
+            fail("--expert-backend must be encoder-head, hf-guard or openai-compatible")
+        expert["backend"] = expert_backend
+    if expert_path is not None:
+        expert["path"] = expert_path
+    if expert:
+        s = s.model_copy(update={"expert": s.expert.model_copy(update=expert)})
+    emit(run_bench(s, data, n))
+
+
+@bench_app.command("soak")
+@_guarded
+def bench_soak(
+    data: BenchDataOpt = None,
+    n: Annotated[int, typer.Option(help="number of events (the data is cycled)")] = 3000,
+    rate: Annotated[float, typer.Option(help="events per second")] = 20.0,
+    interval: Annotated[float, typer.Option(help="seconds between RSS / latency samples")] = 10.0,
+    bundle: BenchBundleOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """N events at a fixed rate through the worker process and a local broker: RSS growth and latency over time."""
+    from worker.bench_soak import bench_soak as run_bench
+
+    if rate <= 0 or interval <= 0 or n < 1:
+        fail("--rate and --interval must be positive and --n at least 1")
+    s = _bench_settings(bundle, device, dtype)
+    emit(run_bench(s, _bench_files(s, data), n, rate, interval))
 
 
 @bench_app.command("drift")

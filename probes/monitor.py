@@ -125,7 +125,12 @@ class Monitor:
         return self.extractor.tokenize([conversation])[0]
 
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
-        return collate(ids, list(range(len(ids))), self.extractor.pad_id)
+        batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)
+        if self.loaded.device.type == "cuda":
+            # Page-locked host memory (in the prep thread) is what makes the non-blocking copy to the GPU
+            # asynchronous; from pageable memory it silently synchronises.
+            return TokenBatch(batch.indices, batch.input_ids.pin_memory(), batch.attention_mask.pin_memory())
+        return batch
 
     def features(self, batch: TokenBatch) -> npt.NDArray[np.float32]:
         return self.extractor.pooled_batch(batch, self.pooling)

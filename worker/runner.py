@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -13,6 +15,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from probes.bundle import read_manifest
+from probes.conversation import single_turn
 from probes.data import Record, read_file
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
@@ -33,18 +36,44 @@ def load_monitor(settings: WorkerSettings) -> Monitor:
     return Monitor(settings.worker.bundle, settings.model, cache_dir=settings.cache_dir)
 
 
+def warm_up(monitor: Monitor, settings: WorkerSettings, passes: int = 2) -> float:
+    """Run the largest batch the batcher can form a few times before joining the group.
+
+    A fresh process runs its first forward passes much slower (allocator growth, lazy kernel and thread-pool
+    set-up); without this the first real batches pay for it in latency while partitions are already ours.
+    """
+    ids = monitor.tokenize(single_turn("warm up " * monitor.max_tokens))
+    b = settings.batching
+    batch = monitor.collate([ids] * max(1, min(b.max_items, b.max_batch_tokens // len(ids))))
+    started = time.monotonic()
+    for _ in range(passes):
+        monitor.score(batch)
+    elapsed = time.monotonic() - started
+    log.info("worker.warmed_up", seconds=round(elapsed, 3), batch=list(batch.input_ids.shape), passes=passes)
+    return elapsed
+
+
 def run_worker(settings: WorkerSettings) -> None:
-    """Load the model (readiness stays false until partitions are assigned), then serve until signalled."""
+    """Load and warm the model (readiness stays false until partitions are assigned), then serve until signalled."""
     monitor = load_monitor(settings)
+    warm_up(monitor, settings)
+    worker = MonitorWorker(settings, monitor)
 
     async def main() -> None:
-        worker = MonitorWorker(settings, monitor)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
     asyncio.run(main())
+    if worker.tracker.in_flight():
+        # The drain gave up on a batch still inside torch. Interpreter exit would join that thread and
+        # overrun the shutdown deadline (the pod gets SIGKILLed anyway); its offsets were never committed,
+        # so the partitions' next owner redoes them.
+        log.warning("worker.exit_abandoning", in_flight=worker.tracker.in_flight())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def load_expert(settings: GuardSettings) -> Expert:

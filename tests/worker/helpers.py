@@ -15,11 +15,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from probes.bundle import update_manifest
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings
+from probes.data import read_file
 from probes.features import FeatureExtractor
 from probes.models import load_model
 from probes.monitor import uncertainty
 from probes.pipeline import prepare_data, train_probe
 from worker.config import BatchingConfig, KafkaConfig, TopicsConfig, WorkerConfig, WorkerSettings
+from worker.events import ConversationEvent
+from worker.process import WorkerProcess, write_worker_config
+from worker.runner import record_event
 
 ALPHA = 0.35
 
@@ -65,8 +69,8 @@ def worker_settings(bootstrap: str, bundle: Path, cache_dir: Path, *, topics: To
                           heartbeat_interval_ms=1_000),
         topics=topics,
         batching=BatchingConfig(max_batch_tokens=2048, max_items=32, max_wait_ms=20),
-        worker=WorkerConfig(bundle=bundle, http_port=0, http_host="127.0.0.1", commit_interval_s=0.2,
-                            shutdown_deadline_s=10, **worker),
+        worker=WorkerConfig(**{"bundle": bundle, "http_port": 0, "http_host": "127.0.0.1", "commit_interval_s": 0.2,
+                               "shutdown_deadline_s": 10, **worker}),
     )
 
 
@@ -114,3 +118,128 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(0.05)
+
+
+def spawn_worker(settings: WorkerSettings, directory: Path, name: str = "worker") -> WorkerProcess:
+    """``ctd-monitor run`` as a child process on ``settings``; its log is ``directory/<name>.log``."""
+    config = write_worker_config(directory / f"{name}.yaml", settings)
+    return WorkerProcess(config, directory / f"{name}.log").start()
+
+
+def dataset_events(files: list[Path], n: int, run_id: str | None = None) -> list[ConversationEvent]:
+    """The first ``n`` conversations of ``files`` as events with unique ids (labels in metadata)."""
+    records = [r for path in files for r in read_file(path)][:n]
+    run = run_id or uuid.uuid4().hex[:12]
+    return [record_event(r, run_id=run, index=i) for i, r in enumerate(records)]
+
+
+async def produce_at_rate(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes | None]],
+                          rate: float | None = None) -> None:
+    """Produce ``(key, value)`` pairs at ``rate`` per second (None: as fast as acks allow); every one acked."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    started = time.monotonic()
+    try:
+        futures = []
+        for i, (key, value) in enumerate(values):
+            if rate:
+                delay = started + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            futures.append(await producer.send(topic, value, key=key))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def event_values(events: list[ConversationEvent]) -> list[tuple[bytes | None, bytes | None]]:
+    return [(e.conversation_id.encode(), e.to_json()) for e in events]
+
+
+class TopicWatcher:
+    """Reads a topic from the start in the background, so a test can wait on what has arrived so far."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.records: list[dict[str, Any]] = []
+        self.keys: list[bytes | None] = []
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> TopicWatcher:
+        self._consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+                                          enable_auto_commit=False, group_id=None)
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    self.records.append(orjson.loads(r.value))
+                    self.keys.append(r.key)
+
+    def ids(self, key: str = "event_id") -> list[str]:
+        return [r[key] for r in self.records]
+
+    def distinct(self, key: str = "event_id") -> set[str]:
+        return set(self.ids(key))
+
+    async def wait(self, predicate: Callable[[TopicWatcher], bool], timeout: float = 60.0) -> None:
+        def reached() -> bool:
+            if self._task is not None and self._task.done():
+                self._task.result()  # the reader died: say why instead of timing out
+            return predicate(self)
+
+        try:
+            await wait_for(reached, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.topic}: condition not reached with {len(self.records)} records") from None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def scrape_metrics(port: int) -> dict[str, float]:
+    """A worker's /metrics as {sample name with labels: value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return out
+
+
+async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Records of ``topic`` the group has not committed past (0: every input is accounted for)."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not partitions:
+            await consumer.topics()  # refresh metadata once
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = await consumer.end_offsets(partitions)
+        return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+    finally:
+        await consumer.stop()
+        await admin.close()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import get_args
 
 import orjson
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from worker.events import (
     ConversationEvent,
     DecodeError,
+    DecodeReason,
     dead_letter,
     decode_event,
     json_schemas,
@@ -100,3 +102,48 @@ def test_decoder_fuzz_never_raises_anything_but_decode_error(raw: bytes) -> None
         decode_event(raw)
     except DecodeError:
         pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@st.composite
+def mutated_events(draw: st.DrawFn) -> bytes:
+    """A valid event with fields dropped, replaced by arbitrary JSON, or added: the validator's deep paths."""
+    obj: dict[str, object] = dict(_event())
+    for name in draw(st.lists(st.sampled_from([*obj, "schema_version", "extra"]), max_size=3)):
+        if draw(st.booleans()):
+            obj.pop(name, None)
+        else:
+            obj[name] = draw(json_values)
+    return orjson.dumps(obj)
+
+
+raw_records = st.one_of(
+    st.none(), st.binary(max_size=300), st.text(max_size=300).map(str.encode), json_values.map(orjson.dumps),
+    mutated_events(), st.just(orjson.dumps(_event())),
+)
+
+
+@given(st.lists(raw_records, max_size=25))
+def test_decoding_fuzzed_traffic_accounts_for_every_record(raws: list[bytes | None]) -> None:
+    """Each record yields exactly one outcome: an event that re-encodes to itself, or a dead letter that
+    names a known reason and keeps the original bytes. Nothing else may escape the decoder."""
+    outcomes = 0
+    for offset, raw in enumerate(raws):
+        try:
+            event = decode_event(raw, max_bytes=4096)
+        except DecodeError as exc:
+            assert exc.reason in get_args(DecodeReason)
+            record = orjson.loads(dead_letter(reason=exc.reason, error=exc.detail, topic="in", partition=0,
+                                              offset=offset, key=None, value=raw, stage="decode").to_json())
+            assert base64.b64decode(record["value_b64"]) == (raw or b"") and record["offset"] == offset
+        else:
+            assert decode_event(event.to_json()) == event
+        outcomes += 1
+    assert outcomes == len(raws)

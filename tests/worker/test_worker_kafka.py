@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +10,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import yaml
 
 from probes.monitor import Monitor
 from tests.worker.helpers import (
@@ -23,6 +18,7 @@ from tests.worker.helpers import (
     new_topics,
     produce_raw,
     read_topic,
+    spawn_worker,
     wait_for,
     worker_settings,
 )
@@ -171,41 +167,22 @@ async def test_two_workers_split_partitions_and_a_rebalance_loses_nothing(
     await asyncio.wait_for(task_a, 20)
 
 
-def _write_config(path: Path, s: WorkerSettings) -> Path:
-    data = orjson.loads(s.model_dump_json())
-    data["kafka"].pop("sasl_password", None)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _spawn(config: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "ctd_monitor.cli", "--config", str(config), "--no-progress", "run"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-
-
 @pytest.mark.slow
 async def test_sigkill_mid_stream_loses_no_event(
     kafka_broker, small_bundle: Path, cache_dir: Path, tmp_path: Path, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir)
-    config = _write_config(tmp_path / "w.yaml", s)
     n = 200
     await replay(s, [datasets_dir / "xstest.jsonl"], rate=None, limit=n)
-    proc = _spawn(config)
-    first = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 20, timeout=90)
-    assert len(first) >= 20
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    proc = _spawn(config)
-    try:
+    with spawn_worker(s, tmp_path) as proc:
+        first = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 20,
+                                 timeout=90)
+        assert len(first) >= 20
+        proc.kill()
+    with spawn_worker(s, tmp_path) as proc:
         verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts,
                                     until=lambda r: len(distinct(r)) >= n, timeout=120)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        proc.terminate(30)
     assert len(distinct(verdicts)) == n  # nothing lost
     # duplicates only for work that was not committed before the kill
     assert len(verdicts) - n <= 2 * 500
@@ -216,23 +193,18 @@ async def test_sigterm_drains_commits_and_exits_within_the_deadline(
     kafka_broker, small_bundle: Path, cache_dir: Path, tmp_path: Path, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir)
-    config = _write_config(tmp_path / "w.yaml", s)
     n = 150
     await replay(s, [datasets_dir / "xstest.jsonl"], rate=None, limit=n)
-    proc = _spawn(config)
-    await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 10, timeout=90)
-    started = time.monotonic()
-    os.killpg(proc.pid, signal.SIGTERM)
-    code = proc.wait(s.worker.shutdown_deadline_s + 10)
-    assert code == 0 and time.monotonic() - started < s.worker.shutdown_deadline_s + 5
+    with spawn_worker(s, tmp_path) as proc:
+        await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 10, timeout=90)
+        started = time.monotonic()
+        code = proc.terminate(s.worker.shutdown_deadline_s + 10)
+        assert code == 0 and time.monotonic() - started < s.worker.shutdown_deadline_s + 5
     before = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: False, timeout=3)
-    proc = _spawn(config)
-    try:
+    with spawn_worker(s, tmp_path) as proc:
         after = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts,
                                  until=lambda r: len(distinct(r)) >= n, timeout=120)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        proc.terminate(30)
     assert len(distinct(after)) == n
     # a clean drain commits everything it published: the restart re-processes nothing already verdicted
     assert len(after) == n, f"{len(after) - n} duplicates after a graceful drain ({len(before)} before restart)"
