@@ -230,7 +230,7 @@ def _run_in_thread(factory: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(asyncio.run, main()).result()
 
 
-def _die_with_parent_prefix() -> list[str]:
+def die_with_parent_prefix() -> list[str]:
     # A test session killed with SIGKILL would otherwise leave a 300 MB JVM behind on a 2-core machine.
     # util-linux's setpriv sets PR_SET_PDEATHSIG and then execs java (same pid, so signals and wait() still
     # target the JVM); a preexec_fn would do the same but runs Python in a forked child of a threaded
@@ -447,7 +447,7 @@ class LocalBroker:
         self._log_fh.flush()
         self._log_offset = self._log_fh.tell()
         self._proc = subprocess.Popen(
-            [*_die_with_parent_prefix(), *self._java_cmd(java, libs), "kafka.Kafka", str(props)],
+            [*die_with_parent_prefix(), *self._java_cmd(java, libs), "kafka.Kafka", str(props)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,

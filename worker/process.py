@@ -18,12 +18,13 @@ import orjson
 import psutil
 import yaml
 
-from worker.config import WorkerSettings
+from worker.broker import die_with_parent_prefix
+from worker.config import GuardSettings, WorkerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_worker_config(path: Path, settings: WorkerSettings) -> Path:
+def write_worker_config(path: Path, settings: WorkerSettings | GuardSettings) -> Path:
     """The settings as the YAML file ``ctd-monitor --config`` reads (secrets are never written)."""
     data = orjson.loads(settings.model_dump_json())
     data["kafka"].pop("sasl_password", None)
@@ -39,11 +40,13 @@ def child_env() -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One ``ctd-monitor run`` child in its own session; stderr (the structured log) goes to a file."""
+    """One ``ctd-monitor run`` (or ``command``, e.g. ``expert``) child in its own session; stderr (the structured
+    log) goes to a file. The child gets SIGTERM when its parent dies, so a killed test run leaves no orphan."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, command: str = "run") -> None:
         self.config = config
         self.log_path = log_path
+        self.command = command
         self._log: IO[bytes] | None = None
         self._log_from = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,7 +55,8 @@ class WorkerProcess:
         self._log = self.log_path.open("ab")
         self._log_from = self._log.tell()  # a restart appends: read only this run's lines
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctd_monitor.cli", "--config", str(self.config), "--no-progress", "run"],
+            [*die_with_parent_prefix(), sys.executable, "-m", "ctd_monitor.cli", "--config", str(self.config),
+             "--no-progress", self.command],
             env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
         )
         return self

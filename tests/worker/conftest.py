@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from probes.config import ModelConfig
+from probes.config import EncoderHeadConfig, ModelConfig
+from probes.data import read_file
+from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.monitor import Monitor
 from tests.worker.helpers import build_small_bundle
 from worker.broker import LocalBroker, resolve_cache_dir
@@ -66,3 +68,14 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, c
 @pytest.fixture(scope="session")
 def monitor(small_bundle: Path, cache_dir: Path) -> Monitor:
     return Monitor(small_bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> EncoderHeadExpert:
+    """A MiniLM encoder fine-tuned for one quick epoch: real weights, real training, seconds on CPU."""
+    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
+    private = tmp_path_factory.mktemp("expert-cache")
+    (private / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
+                               dtype="fp32")
+    return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")

@@ -20,8 +20,17 @@ from probes.features import FeatureExtractor
 from probes.models import load_model
 from probes.monitor import uncertainty
 from probes.pipeline import prepare_data, train_probe
-from worker.config import BatchingConfig, KafkaConfig, TopicsConfig, WorkerConfig, WorkerSettings
-from worker.events import ConversationEvent
+from worker.config import (
+    AlertsConfig,
+    BatchingConfig,
+    GuardConfig,
+    GuardSettings,
+    KafkaConfig,
+    TopicsConfig,
+    WorkerConfig,
+    WorkerSettings,
+)
+from worker.events import ConversationEvent, ReviewRequest, utcnow
 from worker.process import WorkerProcess, write_worker_config
 from worker.runner import record_event
 
@@ -243,3 +252,28 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
     finally:
         await consumer.stop()
         await admin.close()
+
+
+def guard_settings(bootstrap: str, topics: TopicsConfig, cache_dir: Path, *, alerts: AlertsConfig | None = None,
+                   **guard: Any) -> GuardSettings:
+    suffix = uuid.uuid4().hex[:6]
+    return GuardSettings(
+        cache_dir=cache_dir,
+        kafka=KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=10_000, heartbeat_interval_ms=1_000),
+        topics=topics,
+        guard=GuardConfig(group_id=f"guard-{suffix}", http_host="127.0.0.1", http_port=0, commit_interval_s=0.2,
+                          shutdown_deadline_s=10, max_wait_ms=20, retry_backoff_s=0.2, retry_backoff_max_s=0.5,
+                          **guard),
+        alerts=alerts or AlertsConfig(group_id=f"alerter-{suffix}"),
+    )
+
+
+def review_requests(datasets_dir: Path, n: int) -> list[tuple[bytes, bytes]]:
+    records = read_file(datasets_dir / "xstest.jsonl")[:n]
+    out = []
+    for i, record in enumerate(records):
+        event = record_event(record, run_id="guard-test", index=i)
+        request = ReviewRequest(event=event, p_unsafe=0.5, dv=0.1, reason="test", threshold=0.0,
+                                bundle_version="b", model_version="m", requested_at=utcnow())
+        out.append((event.conversation_id.encode(), request.to_json()))
+    return out

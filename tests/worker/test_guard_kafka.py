@@ -15,53 +15,32 @@ import numpy.typing as npt
 import orjson
 import pytest
 
-from probes.config import EncoderHeadConfig
 from probes.conversation import Conversation
-from probes.data import read_file
 from probes.errors import ExpertUnavailable
-from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
+from probes.experts.encoder_head import EncoderHeadExpert
 from probes.monitor import Monitor
-from tests.worker.helpers import distinct, new_topics, produce_raw, read_topic, wait_for, worker_settings
+from tests.worker.helpers import (
+    distinct,
+    guard_settings,
+    new_topics,
+    produce_raw,
+    read_topic,
+    review_requests,
+    wait_for,
+    worker_settings,
+)
 from worker.alerts import Alerter
 from worker.app import MonitorWorker
 from worker.config import (
     AlertsConfig,
-    GuardConfig,
     GuardSettings,
-    KafkaConfig,
-    TopicsConfig,
     WebhookSinkConfig,
 )
-from worker.events import BudgetState, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import BudgetState, Timings, Verdict
 from worker.metrics import AlerterMetrics
-from worker.runner import GuardProcess, record_event, replay
+from worker.runner import GuardProcess, replay
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(scope="session")
-def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> EncoderHeadExpert:
-    """A MiniLM encoder fine-tuned for one quick epoch: real weights, real training, seconds on CPU."""
-    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
-    private = tmp_path_factory.mktemp("expert-cache")
-    (private / "models").symlink_to(cache_dir / "models", target_is_directory=True)
-    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
-                               dtype="fp32")
-    return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")
-
-
-def guard_settings(bootstrap: str, topics: TopicsConfig, cache_dir: Path, *, alerts: AlertsConfig | None = None,
-                   **guard: Any) -> GuardSettings:
-    suffix = uuid.uuid4().hex[:6]
-    return GuardSettings(
-        cache_dir=cache_dir,
-        kafka=KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=10_000, heartbeat_interval_ms=1_000),
-        topics=topics,
-        guard=GuardConfig(group_id=f"guard-{suffix}", http_host="127.0.0.1", http_port=0, commit_interval_s=0.2,
-                          shutdown_deadline_s=10, max_wait_ms=20, retry_backoff_s=0.2, retry_backoff_max_s=0.5,
-                          **guard),
-        alerts=alerts or AlertsConfig(group_id=f"alerter-{suffix}"),
-    )
 
 
 class FlakyExpert:
@@ -143,17 +122,6 @@ async def test_delegated_events_get_expert_verdicts_and_harmful_conversations_on
     await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)
 
 
-def _requests(datasets_dir: Path, n: int) -> list[tuple[bytes, bytes]]:
-    records = read_file(datasets_dir / "xstest.jsonl")[:n]
-    out = []
-    for i, record in enumerate(records):
-        event = record_event(record, run_id="guard-test", index=i)
-        request = ReviewRequest(event=event, p_unsafe=0.5, dv=0.1, reason="test", threshold=0.0,
-                                bundle_version="b", model_version="m", requested_at=utcnow())
-        out.append((event.conversation_id.encode(), request.to_json()))
-    return out
-
-
 async def test_expert_outage_loses_nothing_and_recovers(
     kafka_broker, cache_dir: Path, datasets_dir: Path, small_expert: EncoderHeadExpert
 ) -> None:
@@ -163,7 +131,7 @@ async def test_expert_outage_loses_nothing_and_recovers(
     flaky = FlakyExpert(small_expert)
     flaky.down = True
     guard, task = await _start_guard(gs, flaky)
-    requests = _requests(datasets_dir, 20)
+    requests = review_requests(datasets_dir, 20)
     await produce_raw(kafka_broker.bootstrap, topics.review, [*requests, (b"bad", b"{not json")])
     metrics = guard.guard_metrics
     await wait_for(lambda: metrics.degraded._value.get() == 1 and flaky.calls >= 3, 30)

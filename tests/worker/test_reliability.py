@@ -28,16 +28,20 @@ from tests.worker.helpers import (
     committed_lag,
     dataset_events,
     event_values,
+    guard_settings,
     new_topics,
     produce_at_rate,
+    review_requests,
     scrape_metrics,
     spawn_worker,
     wait_for,
     worker_settings,
 )
+from probes.experts.encoder_head import EncoderHeadExpert
 from worker.app import MonitorWorker
 from worker.broker import LocalBroker
-from worker.config import WorkerSettings
+from worker.config import AlertsConfig, WorkerSettings
+from worker.process import WorkerProcess, write_worker_config
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 
@@ -311,3 +315,41 @@ async def test_sigterm_in_the_middle_of_a_large_batch_exits_in_time_and_loses_no
     duplicates = _assert_accounted(verdicts, ids, faults=1, context="sigterm mid-batch")
     # Only what the drain gave up on may be redone: a complete drain commits everything it published.
     assert duplicates <= abandoned, f"{duplicates} duplicates, {abandoned} abandoned ({drained} before the restart)"
+
+
+@pytest.mark.slow
+async def test_guard_service_killed_and_restarted_answers_every_review(
+    kafka_broker: LocalBroker, small_expert: EncoderHeadExpert, cache_dir: Path, tmp_path: Path, datasets_dir: Path
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=AlertsConfig(enabled=False), max_batch=8,
+                        max_in_flight=MAX_IN_FLIGHT)
+    expert = gs.expert.model_copy(update={"path": small_expert.model_dir,
+                                          "encoder_head": gs.expert.encoder_head.model_copy(update={"dtype": "fp32"})})
+    config = write_worker_config(tmp_path / "guard.yaml", gs.model_copy(update={"expert": expert}))
+    requests = review_requests(datasets_dir, 200)
+    ids = {orjson.loads(v)["event"]["event_id"] for _, v in requests}
+    verdicts = await TopicWatcher(kafka_broker.bootstrap, topics.verdicts).start()
+    producer = asyncio.create_task(produce_at_rate(kafka_broker.bootstrap, topics.review, list(requests), rate=10))
+    try:
+        with WorkerProcess(config, tmp_path / "guard1.log", command="expert") as guard:
+            await verdicts.wait(lambda w: len(w.records) >= 20, timeout=120)
+            await asyncio.sleep(random.Random(SEED).uniform(0.0, 1.0))
+            guard.kill()  # mid-stream: scored but unpublished and published but uncommitted work both exist
+        killed_at = len(verdicts.distinct())
+        with WorkerProcess(config, tmp_path / "guard2.log", command="expert") as guard:
+            await asyncio.wait_for(producer, 60)
+            await verdicts.wait(lambda w: w.distinct() >= ids, timeout=180)
+            await wait_for(lambda: guard.logged("guard.started"), 10)
+            lag_deadline = time.monotonic() + 20
+            while (lag := await committed_lag(kafka_broker.bootstrap, gs.guard.group_id, topics.review)) != 0:
+                assert time.monotonic() < lag_deadline, f"{lag} review requests never committed"
+                await asyncio.sleep(0.3)
+            assert guard.terminate(30) == 0
+        await asyncio.sleep(1.0)
+    finally:
+        producer.cancel()
+        await verdicts.stop()
+    assert 20 <= killed_at < len(ids)  # the kill really interrupted the stream
+    assert all(v["source"] == "expert" for v in verdicts.records)
+    _assert_accounted(verdicts, ids, faults=1, context=f"guard kill after {killed_at} verdicts, seed {SEED}")
