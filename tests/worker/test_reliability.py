@@ -22,6 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from probes.experts.encoder_head import EncoderHeadExpert
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     TopicWatcher,
@@ -37,7 +38,6 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from probes.experts.encoder_head import EncoderHeadExpert
 from worker.app import MonitorWorker
 from worker.broker import LocalBroker
 from worker.config import AlertsConfig, WorkerSettings
