@@ -96,7 +96,7 @@ def fixed_sequence_test(rates: F64, n: int, alpha: float, delta: float) -> int:
     """Number of leading hypotheses rejected: reject while p < δ (strict), stop at the first failure."""
     count = 0
     for rate in rates:
-        k = int(round(rate * n))
+        k = round(rate * n)
         if budget_pvalue(k, n, alpha) < delta:
             count += 1
         else:
@@ -107,7 +107,7 @@ def fixed_sequence_test(rates: F64, n: int, alpha: float, delta: float) -> int:
 def split_opt_ht(n: int, seed: int, opt_fraction: float = 0.3) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Disjoint opt / HT index sets (CTD: 30 % / 70 %)."""
     perm = np.random.default_rng(seed).permutation(n)
-    cut = int(round(opt_fraction * n))
+    cut = round(opt_fraction * n)
     return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 

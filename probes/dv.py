@@ -146,4 +146,4 @@ def signal_quality(signal: npt.ArrayLike, y: npt.ArrayLike, p: npt.ArrayLike, b:
     helps = dv_binary(y, p, b)
     rho = spearmanr(s, v).statistic if np.std(s) > 0 and np.std(v) > 0 else float("nan")
     auroc = float(roc_auc_score(helps, s)) if 0 < helps.sum() < len(helps) else float("nan")
-    return {"spearman_v": float(rho), "auroc_helps": auroc, "helps": int(helps.sum()), "n": int(len(s))}
+    return {"spearman_v": float(rho), "auroc_helps": auroc, "helps": int(helps.sum()), "n": len(s)}

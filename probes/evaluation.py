@@ -23,7 +23,8 @@ POLICIES = ("ctd", "uncertainty", "router", "random", "oracle")
 SIGNAL_OF = {"ctd": "dv", "uncertainty": "uncertainty", "router": "router", "random": "random"}
 
 
-def _metrics(y: npt.ArrayLike, scores: F64) -> dict[str, float]:
+def decision_metrics(y: npt.ArrayLike, scores: F64) -> dict[str, float]:
+    """AUROC of the scores, accuracy and F1 of the decisions at 0.5: the figures every policy row carries."""
     m = classification_metrics(y, scores)
     return {"auroc": m["auroc"], "accuracy": m["accuracy"], "f1": m["f1"]}
 
@@ -44,8 +45,8 @@ def evaluate_policies(
     cal = ctx.split("calibration")
     out: dict[str, Any] = {
         "n": len(evaluation.records), "positives": int(evaluation.y.sum()), "delta": delta,
-        "probe_only": _metrics(evaluation.y, evaluation.p),
-        "expert_only": _metrics(evaluation.y, evaluation.b),
+        "probe_only": decision_metrics(evaluation.y, evaluation.p),
+        "expert_only": decision_metrics(evaluation.y, evaluation.b),
         "policies": {name: [] for name in POLICIES},
         "groups": {},
     }
@@ -72,7 +73,7 @@ def evaluate_policies(
             rate = float(delegated.mean())
             out["policies"][policy].append({
                 "alpha": alpha, "threshold": threshold, "valid": valid, "realized_rate": rate,
-                **_metrics(evaluation.y, final), "expert_calls_per_1k": 1000.0 * rate,
+                **decision_metrics(evaluation.y, final), "expert_calls_per_1k": 1000.0 * rate,
             })
             if policy in ("ctd", "uncertainty"):
                 out["groups"].setdefault(policy, {})[str(alpha)] = group_analysis(
@@ -93,7 +94,7 @@ def group_analysis(keys: list[str], delegated: npt.NDArray[np.bool_], y: npt.Arr
         m = np.asarray(members)
         probe_acc = float(np.mean((p[m] >= 0.5) == labels[m]))
         cascade_acc = float(np.mean((final[m] >= 0.5) == labels[m]))
-        table[key] = {"n": int(len(m)), "delegation_rate": float(delegated[m].mean()),
+        table[key] = {"n": len(m), "delegation_rate": float(delegated[m].mean()),
                       "accuracy_gain": cascade_acc - probe_acc}
     return table
 
@@ -123,7 +124,7 @@ def validate_guarantee(values: F64, *, alpha: float, delta: float, splits: int, 
     """
     rng = np.random.default_rng(seed)
     n = len(values)
-    n_cal = int(round(cal_fraction * n))
+    n_cal = round(cal_fraction * n)
     realized, population, violations, violations_pop, none = [], [], 0, 0, 0
     for i in range(splits):
         perm = rng.permutation(n)
@@ -200,8 +201,8 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
 
     lines = [
         "# Evaluation report", "",
-        f"n = {report['n']} ({report['positives']} unsafe); thresholds calibrated on the bundle's calibration split "
-        f"(LTT, δ = {report['delta']}), applied unchanged here.", "",
+        (f"n = {report['n']} ({report['positives']} unsafe); thresholds calibrated on the bundle's calibration split "
+         f"(LTT, δ = {report['delta']}), applied unchanged here."), "",
         "| policy | α | threshold | realised rate | AUROC | accuracy | F1 |", "|---|---|---|---|---|---|---|",
     ]
     for name in ("probe_only", "expert_only"):

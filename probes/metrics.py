@@ -21,6 +21,6 @@ def classification_metrics(
         "f1": float(f1_score(y, predicted, zero_division=0)),
         "precision": float(precision_score(y, predicted, zero_division=0)),
         "recall": float(recall_score(y, predicted, zero_division=0)),
-        "n": int(len(y)),
+        "n": len(y),
         "positives": int(y.sum()),
     }

@@ -214,7 +214,7 @@ def load_model(
         del blocks[keep:]
         model.config.num_hidden_layers = keep
     model.eval().to(torch_device)
-    hidden = int(getattr(model.config, "hidden_size"))
+    hidden = int(model.config.hidden_size)
     log.info("model.loaded", spec=spec, layers_run=keep, layers=num_layers, device=str(torch_device), dtype=str(torch_dtype))
     return LoadedModel(
         spec=spec,

@@ -6,7 +6,15 @@ import numpy as np
 import orjson
 import pytest
 
-from probes.bundle import HEADS_FILE, MANIFEST, Bundle, load_bundle, new_manifest, save_bundle, update_manifest
+from probes.bundle import (
+    HEADS_FILE,
+    MANIFEST,
+    Bundle,
+    load_bundle,
+    new_manifest,
+    save_bundle,
+    update_manifest,
+)
 from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
 from probes.heads import fit_logistic
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -16,8 +18,8 @@ from probes.calibration import (
 
 def test_pvalue_monotone_in_delegated_count_and_alpha() -> None:
     n = 500
-    ps = [budget_pvalue(k, n, 0.1) for k in range(0, 120)]
-    assert all(a <= b for a, b in zip(ps, ps[1:], strict=False))
+    ps = [budget_pvalue(k, n, 0.1) for k in range(120)]
+    assert all(a <= b for a, b in pairwise(ps))
     assert budget_pvalue(30, n, 0.1) > budget_pvalue(30, n, 0.2)
     assert budget_pvalue(0, n, 0.1) < 1e-20
 
@@ -49,7 +51,7 @@ def test_threshold_non_increasing_in_alpha() -> None:
     d = np.random.default_rng(1).beta(2, 5, size=2000)
     taus = [calibrate(d, alpha=a, delta=0.1, variant="budget").threshold for a in (0.05, 0.1, 0.2, 0.3, 0.5)]
     assert all(t is not None for t in taus)
-    assert all(a >= b for a, b in zip(taus, taus[1:], strict=False))  # type: ignore[operator]
+    assert all(a >= b for a, b in pairwise(taus))  # type: ignore[operator]
 
 
 def _cascade_data(n: int, seed: int) -> tuple[np.ndarray, ...]:

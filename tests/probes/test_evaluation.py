@@ -14,7 +14,7 @@ def test_validate_guarantee_accounts_for_the_population() -> None:
 
 
 def test_faic_is_one_for_the_oracle_and_zero_for_probe_only() -> None:
-    rows = lambda accs: [{"alpha": a, "accuracy": v} for a, v in zip((0.1, 0.2, 0.3), accs, strict=True)]  # noqa: E731
+    rows = lambda accs: [{"alpha": a, "accuracy": v} for a, v in zip((0.1, 0.2, 0.3), accs, strict=True)]
     report = {"probe_only": {"accuracy": 0.8},
               "policies": {"oracle": rows([0.85, 0.9, 0.92]), "ctd": rows([0.85, 0.9, 0.92]),
                            "random": rows([0.8, 0.8, 0.8])}}

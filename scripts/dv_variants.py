@@ -1,0 +1,107 @@
+"""DV head variants against uncertainty delegation on one trained bundle (the issue-3 investigation).
+
+Each variant is a different way to predict "escalating this item fixes the probe"; every one is calibrated
+with the same LTT procedure on the bundle's calibration split at each budget and applied as is to the
+evaluation records, exactly like ``ctd-monitor evaluate``. Prints JSON: signal quality (Spearman with the
+true continuous v, AUROC for "delegation helps"), accuracy / AUROC / realised rate per budget, and FAIC.
+
+    python scripts/dv_variants.py --bundle runs/bundle [--data FILE ...] [--budgets 0.05,0.1,0.2,0.3]
+
+The bundle must have been through ``train`` and ``train-dv`` (see scripts/evaluate.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from probes.calibration import cascade_predictions
+from probes.cascade import CascadeContext, Scored, calibrate_signal, dv_training_data
+from probes.config import load_settings
+from probes.data import read_file
+from probes.dv import dv_binary, fit_dv, signal_quality, with_extra_features
+from probes.evaluation import decision_metrics, faic, oracle_delegation
+from probes.router import fit_router
+
+F64 = npt.NDArray[np.float64]
+Signal = Callable[[Scored], F64]
+
+
+def variants(ctx: CascadeContext) -> dict[str, Signal]:
+    """name → signal function; the fitted variants learn from the bundle's own DV training data only."""
+    seed = ctx.settings.data.splits.seed
+    crossfit, dev = dv_training_data(ctx, "crossfit"), dv_training_data(ctx, "dev")
+    out: dict[str, Signal] = {
+        "dv_bundle": lambda s: ctx.signal("dv", s),
+        "uncertainty": lambda s: ctx.signal("uncertainty", s),
+        "router_bundle": lambda s: ctx.signal("router", s),
+    }
+
+    def linear(data: Scored, target: str) -> Signal:
+        fit = fit_dv(data.features, data.y, data.p, data.b, target=target, feature_sets=("full",),  # type: ignore[arg-type]
+                     seed=seed)
+        return lambda s: fit.head.logit(with_extra_features(s.features, s.p))
+
+    out["full_binary_crossfit"] = linear(crossfit, "binary")
+    out["full_continuous_crossfit"] = linear(crossfit, "continuous")
+    out["full_binary_dev"] = linear(dev, "binary")
+    mlp = fit_router(with_extra_features(crossfit.features, crossfit.p), dv_binary(crossfit.y, crossfit.p, crossfit.b),
+                     seed=seed)
+    out["mlp_extras_crossfit"] = lambda s: mlp.proba(with_extra_features(s.features, s.p))
+    return out
+
+
+def measure(ctx: CascadeContext, signals: dict[str, Signal], evaluation: Scored, budgets: list[float],
+            delta: float) -> dict[str, Any]:
+    cal = ctx.split("calibration")
+    report: dict[str, Any] = {
+        "n": len(evaluation.records), "probe_only": decision_metrics(evaluation.y, evaluation.p),
+        "expert_only": decision_metrics(evaluation.y, evaluation.b),
+        "helps": int(dv_binary(evaluation.y, evaluation.p, evaluation.b).sum()),
+        "policies": {}, "signal_quality": {},
+    }
+    for name, signal in signals.items():
+        cal_values, eval_values = signal(cal), signal(evaluation)
+        report["signal_quality"][name] = signal_quality(eval_values, evaluation.y, evaluation.p, evaluation.b)
+        rows = []
+        for alpha in budgets:
+            result = calibrate_signal(ctx, cal, name, alpha=alpha, delta=delta, variant="pareto", values=cal_values)
+            final, delegated = cascade_predictions(eval_values, result.threshold, evaluation.p, evaluation.b)
+            rows.append({"alpha": alpha, "threshold": result.threshold, "realized_rate": float(delegated.mean()),
+                         **decision_metrics(evaluation.y, final)})
+        report["policies"][name] = rows
+    report["policies"]["oracle"] = []
+    for alpha in budgets:
+        delegated = oracle_delegation(evaluation, alpha)
+        final = np.where(delegated, evaluation.b, evaluation.p)
+        report["policies"]["oracle"].append({"alpha": alpha, "realized_rate": float(delegated.mean()),
+                                             **decision_metrics(evaluation.y, final)})
+    report["faic"] = {name: faic(report, name) for name in signals}
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=Path("runs/bundle"))
+    parser.add_argument("--data", type=Path, nargs="*", help="evaluation file(s); default: the evaluation split")
+    parser.add_argument("--budgets", default="0.05,0.1,0.2,0.3")
+    parser.add_argument("--delta", type=float, default=0.1)
+    args = parser.parse_args()
+    budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
+    ctx = CascadeContext(load_settings(None), args.bundle)
+    records = [r for path in args.data for r in read_file(path)] if args.data else list(ctx.prepared.splits.evaluation)
+    report = measure(ctx, variants(ctx), ctx.score(records), budgets, args.delta)
+    report["files"] = [str(p) for p in args.data] if args.data else ["<bundle evaluation split>"]
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
