@@ -11,6 +11,7 @@ from probes.data import read_file
 from probes.errors import ExpertError
 from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
+from probes.models import resolve_model_dir
 
 
 def _records(datasets_dir: Path, n: int) -> list:
@@ -21,10 +22,12 @@ def _records(datasets_dir: Path, n: int) -> list:
 
 @pytest.mark.slow
 def test_fine_tunes_mpnet_and_reuses_the_cache(tmp_path: Path, cache_dir: Path, datasets_dir: Path) -> None:
-    # models come from the shared cache; the fine-tuned expert goes to a private one
-    (tmp_path / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+    # Models come from the shared cache; the fine-tuned expert goes to a private one. On a fresh machine the
+    # shared cache has no backbone yet: unpack it there first, or the link would dangle.
     config = EncoderHeadConfig(max_length=48, epochs=2, batch_size=8, max_train=48, learning_rate=5e-5,
                                train_layers=2)
+    resolve_model_dir(config.backbone, cache_dir)
+    (tmp_path / "models").symlink_to(cache_dir / "models", target_is_directory=True)
     records = _records(datasets_dir, 64)
     ticks: list[int] = []
     path = train_encoder_head(config, records, cache_dir=tmp_path, progress=ticks.append)
