@@ -28,6 +28,7 @@ from probes.config import load_settings
 from probes.data import read_file
 from probes.dv import dv_binary, fit_dv, signal_quality, with_extra_features
 from probes.evaluation import decision_metrics, faic, oracle_delegation
+from probes.logs import configure_logging
 from probes.router import fit_router
 
 F64 = npt.NDArray[np.float64]
@@ -95,7 +96,9 @@ def main() -> int:
     parser.add_argument("--delta", type=float, default=0.1)
     args = parser.parse_args()
     budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
-    ctx = CascadeContext(load_settings(None), args.bundle)
+    settings = load_settings(None)
+    configure_logging(settings.log_level)  # JSON logs on stderr: stdout is the report
+    ctx = CascadeContext(settings, args.bundle)
     records = [r for path in args.data for r in read_file(path)] if args.data else list(ctx.prepared.splits.evaluation)
     report = measure(ctx, variants(ctx), ctx.score(records), budgets, args.delta)
     report["files"] = [str(p) for p in args.data] if args.data else ["<bundle evaluation split>"]
