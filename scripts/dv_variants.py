@@ -24,7 +24,7 @@ import orjson
 
 from probes.calibration import cascade_predictions
 from probes.cascade import CascadeContext, Scored, calibrate_signal, dv_training_data
-from probes.config import load_settings
+from probes.config import Settings, load_settings
 from probes.data import read_file
 from probes.dv import dv_binary, fit_dv, signal_quality, with_extra_features
 from probes.evaluation import decision_metrics, faic, oracle_delegation
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--delta", type=float, default=0.1)
     args = parser.parse_args()
     budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
-    settings = load_settings(None)
+    settings: Settings = load_settings(None)
     configure_logging(settings.log_level)  # JSON logs on stderr: stdout is the report
     ctx = CascadeContext(settings, args.bundle)
     records = [r for path in args.data for r in read_file(path)] if args.data else list(ctx.prepared.splits.evaluation)
