@@ -277,11 +277,11 @@ class LocalBroker:
         port: int | None = None,
         version: str = KAFKA_VERSION,
     ) -> None:
-        self.cache_dir = cache_dir.expanduser()
+        self.cache_dir = cache_dir.expanduser().resolve()
         self.version = version
         self._requested_port = port
         self._own_data_dir = data_dir is None
-        self._data_dir = data_dir.expanduser() if data_dir is not None else None
+        self._data_dir = data_dir.expanduser().resolve() if data_dir is not None else None
         self._port: int | None = None
         self._controller_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None

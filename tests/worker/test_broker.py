@@ -183,3 +183,15 @@ def test_run_broker_forever_serves_until_sigterm(kafka_broker: LocalBroker, tmp_
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.kafka
+def test_a_relative_data_dir_is_resolved_before_the_jvm_changes_directory(
+    kafka_broker: LocalBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The JVM runs inside the data dir: a relative path (the demo's default runs/demo) must not be read from there.
+    monkeypatch.chdir(tmp_path)
+    with LocalBroker(cache_dir=resolve_cache_dir(), data_dir=Path("runs/kafka")) as broker:
+        assert broker.data_dir == tmp_path / "runs" / "kafka"
+        assert broker.bootstrap.startswith("127.0.0.1:")
+        assert (tmp_path / "runs" / "kafka" / "server.properties").is_file()
