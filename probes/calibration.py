@@ -96,7 +96,7 @@ def fixed_sequence_test(rates: F64, n: int, alpha: float, delta: float) -> int:
     """Number of leading hypotheses rejected: reject while p < δ (strict), stop at the first failure."""
     count = 0
     for rate in rates:
-        k = round(rate * n)
+        k = int(np.rint(rate * n))  # an int under numpy 1.x too, where round() keeps float64
         if budget_pvalue(k, n, alpha) < delta:
             count += 1
         else:
