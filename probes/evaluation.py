@@ -59,27 +59,39 @@ def evaluate_policies(
     for alpha in budgets:
         for policy in POLICIES:
             if policy == "oracle":
-                delegated = oracle_delegation(evaluation, alpha)
-                threshold: float | None = None
-                valid = True
+                threshold, valid, delegated = None, True, oracle_delegation(evaluation, alpha)
             else:
-                signal = SIGNAL_OF[policy]
-                variant: Variant = "budget" if policy == "random" else "pareto"
-                result = calibrate_signal(ctx, cal, signal, alpha=alpha, delta=delta, variant=variant,
-                                          values=cal_values[policy])
-                _, delegated = cascade_predictions(eval_values[policy], result.threshold, evaluation.p, evaluation.b)
-                threshold, valid = result.threshold, result.valid
-            final = np.where(delegated, evaluation.b, evaluation.p)
-            rate = float(delegated.mean())
-            out["policies"][policy].append({
-                "alpha": alpha, "threshold": threshold, "valid": valid, "realized_rate": rate,
-                **decision_metrics(evaluation.y, final), "expert_calls_per_1k": 1000.0 * rate,
-            })
+                threshold, valid, delegated = calibrated_delegation(
+                    ctx, cal, evaluation, SIGNAL_OF[policy], alpha, delta=delta,
+                    variant="budget" if policy == "random" else "pareto",
+                    cal_values=cal_values[policy], eval_values=eval_values[policy])
+            row, final = policy_row(evaluation, alpha, threshold, valid, delegated)
+            out["policies"][policy].append(row)
             if policy in ("ctd", "uncertainty"):
                 out["groups"].setdefault(policy, {})[str(alpha)] = group_analysis(
                     group_keys, delegated, evaluation.y, evaluation.p, final)
     out["faic"] = {name: faic(out, name) for name in ("ctd", "uncertainty", "router", "random")}
     return out
+
+
+def calibrated_delegation(
+    ctx: CascadeContext, cal: Scored, evaluation: Scored, signal: str, alpha: float, *, delta: float,
+    variant: Variant, cal_values: F64, eval_values: F64,
+) -> tuple[float | None, bool, npt.NDArray[np.bool_]]:
+    """(τ, valid, delegated): the signal calibrated on the calibration records, applied as is to the evaluated ones."""
+    result = calibrate_signal(ctx, cal, signal, alpha=alpha, delta=delta, variant=variant, values=cal_values)
+    _, delegated = cascade_predictions(eval_values, result.threshold, evaluation.p, evaluation.b)
+    return result.threshold, result.valid, delegated
+
+
+def policy_row(evaluation: Scored, alpha: float, threshold: float | None, valid: bool,
+               delegated: npt.NDArray[np.bool_]) -> tuple[dict[str, Any], F64]:
+    """One metrics.json row for a delegation decision, and the cascade's final scores."""
+    final: F64 = np.where(delegated, evaluation.b, evaluation.p)
+    rate = float(delegated.mean())
+    row = {"alpha": alpha, "threshold": threshold, "valid": valid, "realized_rate": rate,
+           **decision_metrics(evaluation.y, final), "expert_calls_per_1k": 1000.0 * rate}
+    return row, final
 
 
 def group_analysis(keys: list[str], delegated: npt.NDArray[np.bool_], y: npt.ArrayLike, p: F64,

@@ -22,12 +22,11 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from probes.calibration import cascade_predictions
-from probes.cascade import CascadeContext, Scored, calibrate_signal, dv_training_data
+from probes.cascade import CascadeContext, Scored, dv_training_data
 from probes.config import Settings, load_settings
 from probes.data import read_file
 from probes.dv import dv_binary, fit_dv, signal_quality, with_extra_features
-from probes.evaluation import decision_metrics, faic, oracle_delegation
+from probes.evaluation import calibrated_delegation, decision_metrics, faic, oracle_delegation, policy_row
 from probes.logs import configure_logging
 from probes.router import fit_router
 
@@ -71,19 +70,13 @@ def measure(ctx: CascadeContext, signals: dict[str, Signal], evaluation: Scored,
     for name, signal in signals.items():
         cal_values, eval_values = signal(cal), signal(evaluation)
         report["signal_quality"][name] = signal_quality(eval_values, evaluation.y, evaluation.p, evaluation.b)
-        rows = []
-        for alpha in budgets:
-            result = calibrate_signal(ctx, cal, name, alpha=alpha, delta=delta, variant="pareto", values=cal_values)
-            final, delegated = cascade_predictions(eval_values, result.threshold, evaluation.p, evaluation.b)
-            rows.append({"alpha": alpha, "threshold": result.threshold, "realized_rate": float(delegated.mean()),
-                         **decision_metrics(evaluation.y, final)})
-        report["policies"][name] = rows
-    report["policies"]["oracle"] = []
-    for alpha in budgets:
-        delegated = oracle_delegation(evaluation, alpha)
-        final = np.where(delegated, evaluation.b, evaluation.p)
-        report["policies"]["oracle"].append({"alpha": alpha, "realized_rate": float(delegated.mean()),
-                                             **decision_metrics(evaluation.y, final)})
+        report["policies"][name] = [
+            policy_row(evaluation, alpha, *calibrated_delegation(
+                ctx, cal, evaluation, name, alpha, delta=delta, variant="pareto", cal_values=cal_values,
+                eval_values=eval_values))[0]
+            for alpha in budgets]
+    report["policies"]["oracle"] = [policy_row(evaluation, alpha, None, True, oracle_delegation(evaluation, alpha))[0]
+                                    for alpha in budgets]
     report["faic"] = {name: faic(report, name) for name in signals}
     return report
 
