@@ -8,7 +8,7 @@ import pytest
 
 from probes.config import default_cache_dir, default_datasets_dir
 from probes.logs import configure_logging
-from probes.models import LoadedModel, load_model
+from probes.models import LoadedModel, load_model, resolve_model_dir
 
 configure_logging("WARNING")
 
@@ -35,3 +35,13 @@ def minilm(cache_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def smollm2(cache_dir: Path) -> LoadedModel:
     return load_model("smollm2-135m-instruct", cache_dir=cache_dir, dtype="fp32", max_layer=6)
+
+
+def share_models(private_cache: Path, cache_dir: Path, backbone: str) -> None:
+    """Let a private cache (fine-tuned experts stay in it) read converted models from the shared one.
+
+    The backbone is unpacked into the shared cache first: on a fresh machine its models/ does not exist yet and
+    the link would dangle.
+    """
+    resolve_model_dir(backbone, cache_dir)
+    (private_cache / "models").symlink_to(cache_dir / "models", target_is_directory=True)

@@ -11,7 +11,7 @@ from probes.data import read_file
 from probes.errors import ExpertError
 from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
-from probes.models import resolve_model_dir
+from tests.conftest import share_models
 
 
 def _records(datasets_dir: Path, n: int) -> list:
@@ -22,12 +22,10 @@ def _records(datasets_dir: Path, n: int) -> list:
 
 @pytest.mark.slow
 def test_fine_tunes_mpnet_and_reuses_the_cache(tmp_path: Path, cache_dir: Path, datasets_dir: Path) -> None:
-    # Models come from the shared cache; the fine-tuned expert goes to a private one. On a fresh machine the
-    # shared cache has no backbone yet: unpack it there first, or the link would dangle.
+    # Models come from the shared cache; the fine-tuned expert goes to a private one.
     config = EncoderHeadConfig(max_length=48, epochs=2, batch_size=8, max_train=48, learning_rate=5e-5,
                                train_layers=2)
-    resolve_model_dir(config.backbone, cache_dir)
-    (tmp_path / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+    share_models(tmp_path, cache_dir, config.backbone)
     records = _records(datasets_dir, 64)
     ticks: list[int] = []
     path = train_encoder_head(config, records, cache_dir=tmp_path, progress=ticks.append)

@@ -11,8 +11,8 @@ import pytest
 from probes.config import EncoderHeadConfig, ModelConfig
 from probes.data import read_file
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
-from probes.models import resolve_model_dir
 from probes.monitor import Monitor
+from tests.conftest import share_models
 from tests.worker.helpers import build_small_bundle
 from worker.broker import LocalBroker, resolve_cache_dir
 
@@ -78,6 +78,5 @@ def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, c
     private = tmp_path_factory.mktemp("expert-cache")
     config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
                                dtype="fp32")
-    resolve_model_dir(config.backbone, cache_dir)  # into the shared cache first: the link must not dangle
-    (private / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+    share_models(private, cache_dir, config.backbone)
     return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")

@@ -9,7 +9,7 @@ import pytest
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
-from probes.models import resolve_model_dir
+from tests.conftest import share_models
 from tests.worker.helpers import worker_settings
 from worker.bench import bench_pipeline
 from worker.bench_cost import bench_cascade_cost
@@ -44,8 +44,7 @@ def test_cascade_cost_with_and_without_an_expert(
     assert alone["expert_only"] is None and alone["cascade"] is None and "--expert-path" in alone["skipped"]
     assert alone["data"] == "bundle evaluation split" and 0 < alone["probe_only"]["accuracy"] <= 1
 
-    resolve_model_dir("minilm-l6", cache_dir)  # into the shared cache first: the link must not dangle
-    (tmp_path / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+    share_models(tmp_path, cache_dir, "minilm-l6")
     records = read_file(datasets_dir / "harmbench.jsonl")[:16] + read_file(datasets_dir / "alpaca_benign.jsonl")[:16]
     expert_dir = train_encoder_head(EncoderHeadConfig(backbone="minilm-l6", max_length=32, epochs=1, batch_size=8,
                                                       max_train=32, dtype="fp32"), records, cache_dir=tmp_path)
