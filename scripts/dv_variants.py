@@ -25,7 +25,7 @@ import orjson
 from probes.cascade import CascadeContext, Scored, dv_training_data
 from probes.config import Settings, load_settings
 from probes.data import read_file
-from probes.dv import dv_binary, fit_dv, signal_quality, with_extra_features
+from probes.dv import Target, dv_binary, fit_dv, signal_quality, with_extra_features
 from probes.evaluation import calibrated_delegation, decision_metrics, faic, oracle_delegation, policy_row
 from probes.logs import configure_logging
 from probes.router import fit_router
@@ -44,9 +44,8 @@ def variants(ctx: CascadeContext) -> dict[str, Signal]:
         "router_bundle": lambda s: ctx.signal("router", s),
     }
 
-    def linear(data: Scored, target: str) -> Signal:
-        fit = fit_dv(data.features, data.y, data.p, data.b, target=target, feature_sets=("full",),  # type: ignore[arg-type]
-                     seed=seed)
+    def linear(data: Scored, target: Target) -> Signal:
+        fit = fit_dv(data.features, data.y, data.p, data.b, target=target, feature_sets=("full",), seed=seed)
         return lambda s: fit.head.logit(with_extra_features(s.features, s.p))
 
     out["full_binary_crossfit"] = linear(crossfit, "binary")
