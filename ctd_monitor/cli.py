@@ -334,6 +334,42 @@ def validate_guarantee(
     emit({**result, "signal": chosen})
 
 
+@app.command("train-token-probe")
+@_guarded
+def train_token_probe(
+    bundle: BundleOpt = Path("runs/bundle"),
+    data: Annotated[list[Path] | None, typer.Option("--data", help="response file(s); default: stream.files")] = None,
+) -> None:
+    """Token-level probe on the response datasets + its LTT stop thresholds, stored in the bundle."""
+    from probes.token_train import train_token_probe as run
+
+    s = settings()
+    with progress_bars(state.progress) as bars:
+        emit(run(s, bundle, bars, data))
+
+
+@app.command("evaluate-stream")
+@_guarded
+def evaluate_stream(
+    bundle: BundleOpt = Path("runs/bundle"),
+    data: Annotated[list[Path] | None, typer.Option("--data", help="response file(s); default: stream.files")] = None,
+    max_per_source: Annotated[int, typer.Option(help="seeded cap per source before the split (0: all)")] = 400,
+    out: Annotated[Path, typer.Option(help="output directory (stream.json, stream.md)")] = Path("runs/stream"),
+) -> None:
+    """Streamed stop rule on the evaluation split of the response files: EMA vs rolling-max vs full-text probes."""
+    from probes.stream_eval import run_evaluate_stream
+
+    s = settings()
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bars(state.progress) as bars:
+        report = run_evaluate_stream(s, bundle, data, max_per_source or None, bars)
+    table = report.pop("markdown")
+    (out / "stream.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    (out / "stream.md").write_text(table)
+    console.print(table)
+    emit(report)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON.")
 app.add_typer(bench_app, name="bench")
 
@@ -481,6 +517,26 @@ def bench_drift(
     BudgetController(monitor.rule, s.budget.model_copy(update={"hard_cap": True}))  # a bad cap fails before scoring
     signals, pools = drift_stream(monitor, phases, pool=pool, seed=seed)
     emit(report(signals, pools, phases, monitor.rule, s.budget, out))
+
+
+@bench_app.command("stream")
+@_guarded
+def bench_stream(
+    bundle: Annotated[Path, typer.Option(help="bundle with a token probe")] = Path("runs/bundle"),
+    data: BenchDataOpt = None,
+    n: Annotated[int, typer.Option(help="responses (evaluation split of the response files)")] = 40,
+    chunks: Annotated[int, typer.Option(help="chunks per response")] = 8,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Tokens/s of incremental scoring (KV cache) vs recomputing the prefix per chunk; memory per open response."""
+    from ctd_monitor.bench.stream import bench_stream as run_bench
+
+    s = settings()
+    model = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if model:
+        s = s.model_copy(update={"model": s.model.model_copy(update=model)})
+    emit(run_bench(s, bundle, data, n, chunks))
 
 
 @app.command()

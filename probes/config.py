@@ -181,6 +181,35 @@ class ProbeConfig(Frozen):
     max_iter: int = 2000
 
 
+RESPONSE_FILES: tuple[str, ...] = (
+    "xstest_completions.conversations.jsonl",
+    "do_not_answer_responses.conversations.jsonl",
+    "refusal_direction_completions.conversations.jsonl",
+)
+
+Aggregator = Literal["ema", "rolling_max"]
+
+
+class StreamConfig(Frozen):
+    """The token-level probe read while a response streams (method.md §7): training, smoothing, stop rule."""
+
+    files: tuple[str, ...] = Field(RESPONSE_FILES, description="response datasets (label: response_label)")
+    max_per_source: int | None = Field(300, ge=1, description="seeded cap per response source; None keeps all")
+    decay: float = Field(0.9, gt=0, lt=1, description="EMA decay λ: s_t = λ·s_{t−1} + (1−λ)·z_t")
+    window: int = Field(16, ge=1, description="tokens per rolling mean (rolling-max aggregator)")
+    aggregator: Aggregator = Field("ema", description="the smoothed score the stop rule reads")
+    score: Literal["peak", "final"] = Field("peak", description="the stream's p_unsafe: peak or final smoothed score")
+    warmup_tokens: int = Field(8, ge=1, description="training weight ramps linearly over the first N response tokens")
+    train_tokens_per_response: int = Field(48, ge=1, description="tokens sampled per training response")
+    max_response_tokens: int = Field(256, ge=8, description="response tokens scored; later tokens are not read")
+    regularization_c: float = Field(0.5, gt=0)
+    alpha: float = Field(0.05, gt=0, lt=1, description="budget: certified stop rate on benign responses")
+    delta: float = Field(0.1, gt=0, lt=1, description="allowed failure probability of the budget guarantee")
+    holdback_tokens: int = Field(
+        2, ge=0, description="trailing tokens of a non-final chunk left unscored: the next chunk may re-merge them"
+    )
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "ctd-monitor"
@@ -204,6 +233,7 @@ class Settings(BaseSettings):
     data: DataConfig = DataConfig()
     probe: ProbeConfig = ProbeConfig()
     expert: ExpertConfig = ExpertConfig()
+    stream: StreamConfig = StreamConfig()
 
     @field_validator("cache_dir")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,24 @@ class FeatureExtractor:
         if captured is None:
             raise RuntimeError("the forward hook captured nothing")
         return captured.float(), mask
+
+    @torch.inference_mode()
+    def hidden_cached(self, input_ids: Sequence[int], past: Any | None = None) -> tuple[torch.Tensor, Any]:
+        """One sequence continued from ``past`` (the KV cache of its earlier tokens, None = from scratch).
+
+        Returns the captured states [T, D] (float32) of ``input_ids`` only, and the cache extended by them:
+        a causal decoder gives the same states as running the whole sequence at once.
+        """
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.loaded.device)
+        # transformers 5.x renamed past_key_values to cache (the old name warns); older versions only know it.
+        name = "cache" if "cache" in inspect.signature(self.loaded.model.forward).parameters else "past_key_values"
+        with self._lock:
+            self._captured = None
+            out = self.loaded.model(input_ids=ids, use_cache=True, **{name: past})
+            captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError("the forward hook captured nothing")
+        return captured[0].float(), out[name]
 
     def pooled_batch(self, batch: TokenBatch, pooling: Pooling) -> FloatArray:
         hidden, mask = self.hidden(batch)

@@ -1,0 +1,258 @@
+"""Score a response while it streams: only its new tokens run, continuing the prefix's KV cache.
+
+The token sequence of a response is always ``prefix_ids(context) + response_ids(text)``: the context rendered
+with the chat template up to the assistant header, then the response text tokenized on its own. Training,
+offline evaluation and the stream all read that same sequence, so the streamed scores equal an offline
+recomputation. Chunks split text, not tokens: a chunk boundary can fall inside what the tokenizer later
+merges into one token, so the last ``holdback_tokens`` of a non-final chunk are left for the next one, and if
+the re-tokenized text still disagrees with what was scored, the response is re-scored from its prefix.
+
+KV caches are the only large per-response state (``KVStore``: LRU, bounded by bytes and count). Losing one
+costs a recomputation of the prefix, never a different score.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from probes.conversation import Message, plain_text
+from probes.errors import ModelSpecError
+from probes.features import FeatureExtractor, pool
+from probes.models import LoadedModel
+from probes.token_probe import StreamAggregate, TokenProbe, first_crossing
+
+F32 = npt.NDArray[np.float32]
+
+
+def require_causal(loaded: LoadedModel) -> None:
+    """A KV cache continues a sequence only in a causal decoder; an encoder re-reads every token."""
+    config = loaded.model.config
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" not in archs and not getattr(config, "is_decoder", False):
+        raise ModelSpecError(f"{loaded.model_id} is not a causal decoder: responses cannot be scored incrementally")
+
+
+def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> list[int]:
+    """The context up to the assistant header, at most ``max_tokens`` (oldest tokens dropped, BOS kept)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = str(tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in context], tokenize=False, add_generation_prompt=True
+        ))
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        text = plain_text(context) + ("\n\n" if context else "") + "Assistant: "
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = ([bos] if bos is not None else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) <= max_tokens:
+        return ids
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    head = ids[:1] if ids and ids[0] in special else []
+    return head + ids[len(ids) - (max_tokens - len(head)) :]
+
+
+def response_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors(item)
+    elif hasattr(obj, "layers"):  # transformers' DynamicCache: one DynamicLayer (keys, values) per block
+        for layer in obj.layers:
+            yield from _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)])
+
+
+def cache_nbytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(cache))
+
+
+class KVStore:
+    """KV caches of open responses, least recently used evicted first beyond ``max_bytes`` or ``max_entries``."""
+
+    def __init__(self, *, max_bytes: int, max_entries: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> Any | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, cache: Any) -> list[str]:
+        """Hold ``cache`` for ``key``; returns the keys evicted to make room (possibly ``key`` itself)."""
+        self.pop(key)
+        size = cache_nbytes(cache)
+        self._items[key] = (cache, size)
+        self.bytes += size
+        evicted: list[str] = []
+        while self._items and (self.bytes > self.max_bytes or len(self._items) > self.max_entries):
+            old, (_, old_size) = self._items.popitem(last=False)
+            self.bytes -= old_size
+            self.evictions += 1
+            evicted.append(old)
+        return evicted
+
+    def pop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= item[1]
+
+
+@dataclass
+class ResponseState:
+    """What the scorer keeps per open response besides its KV cache: small, and rebuilt from the prefix."""
+
+    prefix: list[int]
+    aggregate: StreamAggregate
+    text: str = ""
+    scored: list[int] = field(default_factory=list)
+    stop_index: int | None = None
+    recomputations: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes held besides the cache: token ids (8 each), text (1 a char, roughly), the aggregate."""
+        return 8 * (len(self.prefix) + len(self.scored)) + len(self.text) + self.aggregate.nbytes()
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    """What one chunk did: tokens scored, whether the stream has (just) crossed the stop threshold."""
+
+    new_tokens: int
+    scored_tokens: int
+    stop_index: int | None
+    stopped_now: bool
+    recomputed: bool
+    p_unsafe: float
+    smoothed: float
+    peak: float
+
+
+class StreamScorer:
+    """The token probe on the bundle's truncated model, fed one response chunk at a time."""
+
+    def __init__(self, extractor: FeatureExtractor, probe: TokenProbe, *, prefix_max_tokens: int) -> None:
+        require_causal(extractor.loaded)
+        if extractor.layer != probe.layer:
+            raise ValueError(f"the token probe reads block {probe.layer}, the extractor block {extractor.layer}")
+        self.extractor = extractor
+        self.probe = probe
+        self.prefix_max_tokens = prefix_max_tokens
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.extractor.loaded.tokenizer
+
+    def open(self, context: Sequence[Message]) -> ResponseState:
+        return ResponseState(prefix=prefix_ids(self.tokenizer, context, self.prefix_max_tokens),
+                             aggregate=self.probe.new_aggregate())
+
+    def states(self, ids: Sequence[int], past: Any | None = None) -> tuple[F32, Any]:
+        hidden, cache = self.extractor.hidden_cached(ids, past)
+        return hidden.cpu().numpy().astype(np.float32), cache
+
+    def feed(self, key: str, state: ResponseState, delta: str, *, final: bool, store: KVStore) -> StreamStep:
+        """Append ``delta`` to the response and score the tokens it completes (all of them when ``final``)."""
+        settings = self.probe.settings
+        state.text += delta
+        ids = response_ids(self.tokenizer, state.text)
+        capped = len(ids) > settings.max_response_tokens
+        ids = ids[: settings.max_response_tokens]
+        upto = len(ids) if final or capped else max(len(state.scored), len(ids) - settings.holdback_tokens)
+        recomputed = False
+        if ids[: len(state.scored)] != state.scored:
+            # The text re-tokenized differently across a chunk boundary: score it again from the prefix.
+            state.aggregate, state.scored, state.stop_index = self.probe.new_aggregate(), [], None
+            store.pop(key)
+            state.recomputations += 1
+            recomputed = True
+        new = ids[len(state.scored) : upto]
+        stopped_now = False
+        if new:
+            past = store.get(key)
+            if past is None:
+                run = state.prefix + state.scored + new
+                recomputed = recomputed or bool(state.scored)
+                hidden, past = self.states(run)
+                hidden = hidden[len(run) - len(new) :]
+            else:
+                hidden, past = self.states(new, past)
+            series = state.aggregate.push(self.probe.logits(hidden))[settings.aggregator]
+            start = len(state.scored)
+            state.scored.extend(new)
+            if state.stop_index is None:
+                hit = first_crossing(series, settings.threshold)
+                if hit is not None:
+                    state.stop_index, stopped_now = start + hit, True
+            if final or capped or state.stop_index is not None:
+                store.pop(key)
+            else:
+                store.put(key, past)
+        elif final:
+            store.pop(key)
+        a = settings.aggregator
+        return StreamStep(
+            new_tokens=len(new), scored_tokens=len(state.scored), stop_index=state.stop_index,
+            stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
+            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
+        )
+
+
+@dataclass(frozen=True)
+class ResponseFeatures:
+    """One response read offline in one forward pass: its per-token logits and pooled conversation states."""
+
+    token_states: F32
+    pooled: dict[str, F32]
+    prefix_tokens: int
+
+
+def response_features(
+    extractor: FeatureExtractor, sequences: Sequence[tuple[list[int], list[int]]], poolings: Sequence[str],
+    progress: Any | None = None,
+) -> Iterator[tuple[int, ResponseFeatures]]:
+    """Batched offline pass over (prefix, response) id pairs: response-token states and pooled states.
+
+    The pooled states cover the whole sequence (prefix and response), what a conversation-level probe reads.
+    Yields in batch order with each item's index.
+    """
+    ids = [p + r for p, r in sequences]
+    for batch in extractor.batches(ids):
+        hidden, mask = extractor.hidden(batch)
+        pooled = {name: pool(hidden, mask, name).cpu().numpy().astype(np.float32)  # type: ignore[arg-type]
+                  for name in poolings}
+        for row, index in enumerate(batch.indices):
+            prefix, response = sequences[index]
+            start, end = len(prefix), len(prefix) + len(response)
+            yield index, ResponseFeatures(
+                token_states=hidden[row, start:end].cpu().numpy().astype(np.float32),
+                pooled={name: values[row] for name, values in pooled.items()}, prefix_tokens=len(prefix),
+            )
+        if progress is not None:
+            progress(len(batch.indices))
+
+
+def offline_stop(probe: TokenProbe, token_logits: npt.ArrayLike) -> int | None:
+    """Where the stream would stop over these logits: the same rule ``StreamScorer.feed`` applies."""
+    return first_crossing(probe.series(token_logits), probe.settings.threshold)

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from probes.conversation import Message
+from probes.errors import ModelSpecError
+from probes.features import FeatureExtractor
+from probes.heads import LinearHead
+from probes.stream_scorer import (
+    KVStore,
+    StreamScorer,
+    cache_nbytes,
+    prefix_ids,
+    require_causal,
+    response_features,
+    response_ids,
+)
+from probes.token_probe import AGGREGATORS, StreamSettings, TokenProbe
+
+LAYER = 6
+CONTEXT = (Message("user", "How do I get rid of the weeds in my garden without chemicals?"),)
+RESPONSE = ("Pulling weeds by hand works well after rain, when the soil is soft. Mulch (wood chips, straw) "
+            "blocks light so new seedlings cannot grow; boiling water kills weeds between paving stones, and "
+            "vinegar-based sprays help on sunny days. Repeat every couple of weeks.")
+
+
+def make_probe(dim: int, *, threshold: float | None = None, holdback: int = 2, max_tokens: int = 256) -> TokenProbe:
+    rng = np.random.default_rng(0)
+    head = LinearHead(mean=np.zeros(dim, np.float32), scale=np.ones(dim, np.float32),
+                      weight=(rng.normal(size=dim) / np.sqrt(dim)).astype(np.float32), bias=0.0)
+    settings = StreamSettings(decay=0.8, window=5, aggregator="ema", score="peak", max_response_tokens=max_tokens,
+                              holdback_tokens=holdback, thresholds={"ema": threshold, "rolling_max": threshold},
+                              alpha=0.1, delta=0.1)
+    return TokenProbe.from_head(head, LAYER, settings)
+
+
+@pytest.fixture(scope="module")
+def extractor(smollm2) -> FeatureExtractor:
+    return FeatureExtractor(smollm2, layer=LAYER, max_tokens=256, batch_tokens=4096, max_items=8)
+
+
+def offline_logits(scorer: StreamScorer, text: str) -> np.ndarray:
+    """Recompute from the prefix: the whole sequence in one forward pass, no cache."""
+    prefix = prefix_ids(scorer.tokenizer, CONTEXT, 256)
+    ids = response_ids(scorer.tokenizer, text)[: scorer.probe.settings.max_response_tokens]
+    hidden, _ = scorer.states(prefix + ids)
+    return scorer.probe.logits(hidden[len(prefix):])
+
+
+def chunks_of(text: str, n: int) -> list[str]:
+    bounds = np.linspace(0, len(text), n + 1).round().astype(int).tolist()
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def stream(scorer: StreamScorer, pieces: list[str], store: KVStore, key: str = "r"):  # type: ignore[no-untyped-def]
+    state = scorer.open(CONTEXT)
+    steps = [scorer.feed(key, state, p, final=i == len(pieces) - 1, store=store) for i, p in enumerate(pieces)]
+    return state, steps
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3, 8, 23])
+def test_incremental_equals_full_recompute(extractor, n_chunks: int) -> None:
+    """SmolLM2 real weights, fp32: scoring chunk by chunk on the KV cache == one pass over the whole text."""
+    probe = make_probe(extractor.loaded.hidden_size)
+    z = offline_logits(StreamScorer(extractor, probe, prefix_max_tokens=256), RESPONSE)
+    tau = float(np.quantile(probe.series(z), 0.7))  # crossed somewhere in the middle
+    probe = dataclasses.replace(probe, settings=dataclasses.replace(probe.settings, thresholds={"ema": tau}))
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    store = KVStore(max_bytes=1 << 34, max_entries=16)
+    state, steps = stream(scorer, chunks_of(RESPONSE, n_chunks), store)
+    assert state.scored == response_ids(scorer.tokenizer, RESPONSE)
+    if state.recomputations == 0:  # else a chunk boundary re-tokenized and the response was scored again
+        assert sum(s.new_tokens for s in steps) == len(z)
+    for a in AGGREGATORS:
+        offline = probe.series(z, a)
+        assert state.aggregate.peak[a] == pytest.approx(offline.max(), abs=1e-4)
+        assert state.aggregate.last[a] == pytest.approx(offline[-1], abs=1e-4)
+    expected_stop = int(np.flatnonzero(probe.series(z) > tau)[0])
+    assert steps[-1].stop_index == expected_stop
+    assert sum(s.stopped_now for s in steps) == 1
+    assert len(store) == 0  # a finished (or stopped) response holds no cache
+
+
+def test_evicted_cache_recomputes_from_the_prefix_with_the_same_scores(extractor) -> None:
+    probe = make_probe(extractor.loaded.hidden_size)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    ample = KVStore(max_bytes=1 << 34, max_entries=16)
+    state_a, _ = stream(scorer, chunks_of(RESPONSE, 6), ample)
+    # Two responses interleaved through a store that holds one cache: every step finds its cache evicted.
+    tiny = KVStore(max_bytes=1 << 34, max_entries=1)
+    s1, s2 = scorer.open(CONTEXT), scorer.open(CONTEXT)
+    pieces = chunks_of(RESPONSE, 6)
+    recomputed = 0
+    for i, piece in enumerate(pieces):
+        for key, st in (("one", s1), ("two", s2)):
+            recomputed += scorer.feed(key, st, piece, final=i == len(pieces) - 1, store=tiny).recomputed
+    assert tiny.evictions > 0 and recomputed > 0
+    for st in (s1, s2):
+        for a in AGGREGATORS:
+            assert st.aggregate.peak[a] == pytest.approx(state_a.aggregate.peak[a], abs=1e-4)
+            assert st.aggregate.last[a] == pytest.approx(state_a.aggregate.last[a], abs=1e-4)
+
+
+def test_retokenisation_across_a_chunk_boundary_rescores_from_the_prefix(extractor) -> None:
+    """No hold-back and cuts inside words: the tokens change under the scorer, the result must not."""
+    probe = make_probe(extractor.loaded.hidden_size, holdback=0)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    text = "Unbelievably, the extraordinarily comprehensive documentation"
+    pieces = [text[:4], text[4:9], text[9:20], text[20:35], text[35:]]
+    state, _ = stream(scorer, pieces, KVStore(max_bytes=1 << 34, max_entries=4))
+    assert state.recomputations > 0
+    assert state.scored == response_ids(scorer.tokenizer, text)
+    z = offline_logits(scorer, text)
+    assert state.aggregate.peak["ema"] == pytest.approx(probe.series(z).max(), abs=1e-4)
+
+
+def test_max_response_tokens_caps_what_is_read(extractor) -> None:
+    probe = make_probe(extractor.loaded.hidden_size, max_tokens=10)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    state, steps = stream(scorer, chunks_of(RESPONSE, 4), KVStore(max_bytes=1 << 34, max_entries=4))
+    assert steps[-1].scored_tokens == 10 and len(state.scored) == 10
+
+
+def test_batched_offline_features_match_the_stream(extractor) -> None:
+    """Training/evaluation read responses in padded batches: same per-token states as the stream's pass."""
+    probe = make_probe(extractor.loaded.hidden_size)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    tok = extractor.loaded.tokenizer
+    texts = [RESPONSE, "Sure.", RESPONSE[:90]]
+    seqs = [(prefix_ids(tok, CONTEXT, 256), response_ids(tok, t)) for t in texts]
+    got = dict(response_features(extractor, seqs, ("mean",)))
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(probe.logits(got[i].token_states), offline_logits(scorer, text), atol=1e-3)
+
+
+def test_kv_store_evicts_least_recently_used_by_bytes_and_count() -> None:
+    def cache(n: int) -> list[torch.Tensor]:
+        return [torch.zeros(n, dtype=torch.float32)]
+
+    store = KVStore(max_bytes=100, max_entries=3)
+    assert store.put("a", cache(10)) == [] and store.put("b", cache(10)) == []
+    store.get("a")  # a is now the most recent
+    assert store.put("c", cache(6)) == ["b"]  # 40 + 40 + 24 bytes > 100: b is the oldest
+    assert store.bytes == 64 and "b" not in store
+    store.put("d", cache(1))
+    store.put("e", cache(1))
+    assert len(store) == 3 and "a" not in store
+    assert cache_nbytes(cache(7)) == 28
+
+
+def test_encoders_are_refused(minilm) -> None:
+    with pytest.raises(ModelSpecError):
+        require_causal(minilm)
