@@ -20,7 +20,13 @@ import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
 
 from probes.bundle import save_bundle
-from probes.calibration import calibrate
+from probes.calibration import (
+    Calibration,
+    delegation_rates,
+    fixed_sequence_test,
+    split_opt_ht,
+    threshold_grid,
+)
 from probes.config import Settings
 from probes.data import SPLITS, Dataset, Record, Splits, load_dataset, split_dataset
 from probes.errors import DataError
@@ -126,6 +132,32 @@ def fit_token_head(data: TokenTrainingSet, *, c: float, seed: int, max_iter: int
                       bias=float(model.intercept_[0]))
 
 
+def calibrate_stop(peaks: npt.ArrayLike, *, alpha: float, delta: float, seed: int, name: str,
+                   grid_size: int = 200, opt_fraction: float = 0.3, extension: int = 40) -> Calibration:
+    """LTT (budget variant) of a stop threshold on benign scores, with the calibration module's test.
+
+    ``calibrate`` starts its grid just above the opt split's maximum; with a heavy upper tail (peaks of noisy
+    per-token logits) a few HT scores lie above it, the first test fails and nothing is certified. The grid is
+    therefore extended above that maximum in steps of the opt scores' spread: still fixed before the HT split
+    is read, so fixed-sequence testing stays valid.
+    """
+    values = np.asarray(peaks, dtype=np.float64)
+    opt_idx, ht_idx = split_opt_ht(values.size, seed, opt_fraction)
+    opt, ht = values[opt_idx], values[ht_idx]
+    base = threshold_grid(opt if opt.size else values, grid_size)
+    spread = float(np.std(opt)) if opt.size > 1 else 1.0
+    above = float(base[0]) + spread * np.arange(1, extension + 1) / 4.0
+    grid = np.unique(np.concatenate([base, above]))[::-1]
+    rates = delegation_rates(ht, grid)
+    certified = fixed_sequence_test(rates, ht.size, alpha, delta)
+    threshold = float(grid[certified - 1]) if certified else None
+    return Calibration(
+        signal=name, variant="budget", alpha=alpha, delta=delta, threshold=threshold, n_cal=int(values.size),
+        n_opt=int(opt.size), n_ht=int(ht.size), seed=seed, certified=certified, tested=int(grid.size),
+        ht_rate=float(rates[certified - 1]) if certified else None, opt_error=None, grid_size=int(grid.size),
+    )
+
+
 def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFactory = no_progress,
                       files: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Token head + a response-level conversation head on the same data, stop thresholds, saved into the bundle."""
@@ -151,15 +183,15 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
                            "signal": "peak smoothed logit of benign calibration responses"}
     for agg in AGGREGATORS:
         peaks = [float(smoothed(z, agg, decay=cfg.decay, window=cfg.window).max()) for z in cal_logits]
-        cal[agg] = calibrate(peaks, alpha=cfg.alpha, delta=cfg.delta, variant="budget", seed=seed,
-                             signal_name=f"token_{agg}_peak").to_manifest()
+        cal[agg] = calibrate_stop(peaks, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
+                                  name=f"token_{agg}_peak").to_manifest()
     # The conversation-level heads read the finished text once: their threshold is on that one score.
     conv_scores = conv.logit(np.stack([f.pooled["mean"] for f in cal_feats]))
-    cal[CONV_HEAD] = calibrate(conv_scores, alpha=cfg.alpha, delta=cfg.delta, variant="budget", seed=seed,
-                               signal_name=f"{CONV_HEAD}_logit").to_manifest()
+    cal[CONV_HEAD] = calibrate_stop(conv_scores, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
+                                    name=f"{CONV_HEAD}_logit").to_manifest()
     safety_scores = monitor.bundle.heads["safety"].logit(np.stack([f.pooled[monitor.pooling] for f in cal_feats]))
-    cal["safety"] = calibrate(safety_scores, alpha=cfg.alpha, delta=cfg.delta, variant="budget", seed=seed,
-                              signal_name="safety_logit_full_text").to_manifest()
+    cal["safety"] = calibrate_stop(safety_scores, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
+                                   name="safety_logit_full_text").to_manifest()
 
     bundle = monitor.bundle
     train_token_p = head.proba(tokens.x)

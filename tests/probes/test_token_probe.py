@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.calibration import calibrate
 from probes.features import ema_scores
 from probes.token_probe import AGGREGATORS, StreamAggregate, first_crossing, rolling_means, smoothed
+from probes.token_train import calibrate_stop
 
 
 def reference_ema(z: list[float], decay: float) -> list[float]:
@@ -69,12 +69,24 @@ def test_stream_calibration_bounds_the_benign_stop_rate() -> None:
     rng = np.random.default_rng(0)
     population = _benign_peaks(rng, 20000)
     exceed = certified = 0
+    rates: list[float] = []
     for rep in range(reps):
         sample = rng.choice(population, size=300, replace=False)
-        cal = calibrate(sample, alpha=alpha, delta=delta, variant="budget", seed=rep)
+        cal = calibrate_stop(sample, alpha=alpha, delta=delta, seed=rep, name="peak")
         if cal.threshold is None:
             continue
         certified += 1
         exceed += float(np.mean(population > cal.threshold)) > alpha
+        rates.append(float(np.mean(population > cal.threshold)))
     assert certified >= reps * 0.9
     assert exceed / certified <= delta + 0.05  # binomial slack over 200 repetitions
+    assert np.median(rates) > alpha / 3  # and not by stopping nothing
+
+
+def test_stop_calibration_certifies_under_a_heavy_upper_tail() -> None:
+    """Peaks above every opt-split value must not end the test at its first threshold."""
+    rng = np.random.default_rng(3)
+    peaks = np.concatenate([rng.normal(size=300), rng.pareto(1.0, size=12) + 6.0])
+    cal = calibrate_stop(peaks, alpha=0.1, delta=0.1, seed=0, name="peak")
+    assert cal.threshold is not None and cal.certified > 0
+    assert float(np.mean(peaks > cal.threshold)) <= 0.1
