@@ -22,7 +22,14 @@ from probes.heads import sigmoid
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress
-from probes.token_probe import AGGREGATORS, TokenProbe, first_crossing
+from probes.token_probe import (
+    AGGREGATORS,
+    StopCalibration,
+    StreamManifest,
+    TokenProbe,
+    first_crossing,
+    stream_section,
+)
 from probes.token_train import CONV_HEAD, load_responses, read_responses, response_label
 
 F64 = npt.NDArray[np.float64]
@@ -54,7 +61,7 @@ def _auroc(y: npt.NDArray[np.int64], scores: F64) -> float:
 
 
 def _row(name: str, y: npt.NDArray[np.int64], final: F64, peak: F64, stops: list[int | None],
-         lengths: list[int], calibration: dict[str, Any], alpha: float) -> dict[str, Any]:
+         lengths: list[int], calibration: StopCalibration, alpha: float) -> dict[str, Any]:
     stopped = np.asarray([s is not None for s in stops])
     harmful, benign = y == 1, y == 0
     seen = [(s + 1) / n for s, n, h in zip(stops, lengths, harmful.tolist(), strict=True) if s is not None and h]
@@ -67,28 +74,29 @@ def _row(name: str, y: npt.NDArray[np.int64], final: F64, peak: F64, stops: list
         "median_tokens_to_stop": float(np.median([s + 1 for s, h in zip(stops, harmful.tolist(), strict=True)
                                                   if s is not None and h])) if seen else float("nan"),
         "benign_stop_rate": benign_rate, "budget": alpha, "within_budget": bool(benign_rate <= alpha),
-        "threshold": calibration.get("threshold"), "certified": bool(calibration.get("valid")),
+        "threshold": calibration.threshold, "certified": calibration.valid,
     }
 
 
-def stream_report(scored: ScoredResponses, probe: TokenProbe, calibration: dict[str, Any]) -> dict[str, Any]:
+def stream_report(scored: ScoredResponses, probe: TokenProbe, section: StreamManifest) -> dict[str, Any]:
     """One row per method; thresholds are the bundle's calibrated ones, applied unchanged."""
-    alpha = float(calibration["alpha"])
+    alpha = section.alpha
+    calibration = section.thresholds
     lengths = [int(z.size) for z in scored.token_logits]
     rows = []
     for agg in AGGREGATORS:
         series = [probe.series(z, agg) for z in scored.token_logits]
-        tau = calibration[agg]["threshold"]
+        tau = calibration[agg].threshold
         rows.append(_row(f"token {agg}", scored.y, np.asarray([s[-1] for s in series]),
                          np.asarray([s.max() for s in series]), [first_crossing(s, tau) for s in series],
                          lengths, calibration[agg], alpha))
     for key, name, values in ((CONV_HEAD, "conversation probe (response-trained, full text)", scored.conv_logit),
                               ("safety", "conversation probe (bundle safety head, full text)", scored.safety_logit)):
-        tau = calibration[key]["threshold"]
+        tau = calibration[key].threshold
         stops = [n - 1 if tau is not None and v > tau else None for v, n in zip(values, lengths, strict=True)]
         rows.append(_row(name, scored.y, values, values, stops, lengths, calibration[key], alpha))
     s = probe.settings
-    return {"n": int(scored.y.size), "harmful": int(scored.y.sum()), "delta": calibration["delta"],
+    return {"n": int(scored.y.size), "harmful": int(scored.y.sum()), "delta": section.delta,
             "settings": {"decay": s.decay, "window": s.window, "max_response_tokens": s.max_response_tokens},
             "rows": rows}
 
@@ -115,12 +123,12 @@ def run_evaluate_stream(settings: Settings, bundle_dir: Path, files: Sequence[Pa
     """The evaluation split of the response files (split as the token probe's training was: disjoint)."""
     monitor = Monitor(bundle_dir, settings.model, cache_dir=settings.cache_dir)
     probe = TokenProbe.from_bundle(monitor.bundle)
-    section = monitor.bundle.manifest["stream"]
-    splits_cfg = settings.data.splits.model_copy(update={"seed": section["split_seed"]})
+    section = stream_section(monitor.bundle)
+    splits_cfg = settings.data.splits.model_copy(update={"seed": section.split_seed})
     settings = settings.model_copy(update={"data": settings.data.model_copy(update={"splits": splits_cfg})})
     _, splits = load_responses(settings, files, max_per_source)
     scored = score_responses(monitor, probe, splits.evaluation, progress)
-    report = stream_report(scored, probe, section["calibration"])
+    report = stream_report(scored, probe, section)
     report["files"] = [str(f) for f in files] if files else list(settings.stream.files)
     report["max_per_source"] = max_per_source
     report["bundle"] = {"path": str(bundle_dir), "id": monitor.bundle.version}

@@ -36,7 +36,14 @@ from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress
 from probes.stream_scorer import ResponseFeatures, prefix_ids, require_causal, response_features, response_ids
-from probes.token_probe import AGGREGATORS, TOKEN_HEAD, smoothed
+from probes.token_probe import (
+    AGGREGATORS,
+    STREAM_SECTION,
+    TOKEN_HEAD,
+    StopCalibration,
+    StreamManifest,
+    smoothed,
+)
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
@@ -179,8 +186,7 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
     calibration_set = [r for r in (*splits.dev, *splits.calibration) if response_label(r) == 0]
     cal_feats = read_responses(monitor, calibration_set, cfg.max_response_tokens, progress, "calibration")
     cal_logits = [f.token_states @ w + c0 for f in cal_feats]
-    cal: dict[str, Any] = {"alpha": cfg.alpha, "delta": cfg.delta, "n_benign": len(cal_feats),
-                           "signal": "peak smoothed logit of benign calibration responses"}
+    cal: dict[str, Any] = {}
     for agg in AGGREGATORS:
         peaks = [float(smoothed(z, agg, decay=cfg.decay, window=cfg.window).max()) for z in cal_logits]
         cal[agg] = calibrate_stop(peaks, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
@@ -200,27 +206,32 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
     manifest = dict(bundle.manifest)
     manifest["heads"] = {
         **manifest.get("heads", {}),
-        TOKEN_HEAD: {"type": "logistic", "input": "per-token states of the response", "label": "response_label",
-                     "c": cfg.regularization_c, "n_train_responses": tokens.responses,
-                     "n_train_tokens": int(tokens.y.size), "output": "token logit"},
-        CONV_HEAD: {"type": "logistic", "input": "mean over context + response tokens", "label": "response_label",
-                    "c": settings.probe.regularization_c, "n_train": len(train), "output": "p_unsafe"},
+        TOKEN_HEAD: {"type": "logistic", "output": "token logit", "target": "response_label",
+                     "c": cfg.regularization_c, "n_train": tokens.responses,
+                     "trained_on": f"{tokens.y.size} response-token states of {tokens.responses} responses"},
+        CONV_HEAD: {"type": "logistic", "output": "p_unsafe", "target": "response_label",
+                    "c": settings.probe.regularization_c, "n_train": len(train),
+                    "trained_on": "mean over context + response tokens"},
     }
-    manifest["stream"] = {
-        "layer": monitor.extractor.layer, "decay": cfg.decay, "window": cfg.window, "aggregator": cfg.aggregator,
-        "score": cfg.score, "max_response_tokens": cfg.max_response_tokens, "prefix_max_tokens": monitor.max_tokens,
-        "holdback_tokens": cfg.holdback_tokens, "warmup_tokens": cfg.warmup_tokens,
-        "train_tokens_per_response": cfg.train_tokens_per_response, "max_per_source": cfg.max_per_source,
-        "file_sha256": dataset.file_hashes, "content_hash": dataset.content_hash(), "split_seed": seed,
-        "split_sizes": {name: {"n": len(splits.get(name)),
-                               "harmful_responses": int(sum(response_label(r) for r in splits.get(name)))}
-                        for name in SPLITS},
-        "calibration": cal,
-        "train_token_metrics": classification_metrics(tokens.y, train_token_p),
-    }
+    section = StreamManifest(
+        layer=monitor.extractor.layer, decay=cfg.decay, window=cfg.window, aggregator=cfg.aggregator,
+        score=cfg.score, max_response_tokens=cfg.max_response_tokens, prefix_max_tokens=monitor.max_tokens,
+        holdback_tokens=cfg.holdback_tokens, warmup_tokens=cfg.warmup_tokens,
+        train_tokens_per_response=cfg.train_tokens_per_response, max_per_source=cfg.max_per_source,
+        file_sha256=dataset.file_hashes, content_hash=dataset.content_hash(), split_seed=seed,
+        split_sizes={name: {"n": len(splits.get(name)),
+                            "harmful_responses": int(sum(response_label(r) for r in splits.get(name)))}
+                     for name in SPLITS},
+        alpha=cfg.alpha, delta=cfg.delta, n_benign_calibration=len(cal_feats),
+        thresholds={k: StopCalibration.model_validate({f: v[f] for f in StopCalibration.model_fields})
+                    for k, v in cal.items()},
+        train_token_metrics=classification_metrics(tokens.y, train_token_p),
+    )
+    manifest[STREAM_SECTION] = section.model_dump(mode="json")
     bundle.manifest = manifest
     save_bundle(bundle, bundle_dir)
     log.info("token_probe.trained", bundle=str(bundle_dir), n_train=len(train),
-             thresholds={a: cal[a]["threshold"] for a in AGGREGATORS})
-    return {"bundle": str(bundle_dir), "split_sizes": manifest["stream"]["split_sizes"],
-            "train_tokens": int(tokens.y.size), "calibration": cal}
+             thresholds={a: section.thresholds[a].threshold for a in AGGREGATORS})
+    return {"bundle": str(bundle_dir), "split_sizes": section.split_sizes, "train_tokens": int(tokens.y.size),
+            "n_benign_calibration": len(cal_feats),
+            "thresholds": {k: v.model_dump(mode="json") for k, v in section.thresholds.items()}}

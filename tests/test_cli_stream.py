@@ -53,8 +53,9 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     assert "safety" in loaded.manifest["heads"] and "token" in loaded.manifest["heads"]
     probe = TokenProbe.from_bundle(loaded)
     assert probe.layer == 2 and probe.settings.max_response_tokens == 24
-    cal = payload["calibration"]
-    assert cal["ema"]["alpha"] == 0.3 and cal["ema"]["n_cal"] == cal["n_benign"] > 0
+    cal = payload["thresholds"]
+    assert cal["ema"]["alpha"] == 0.3 and cal["ema"]["n_cal"] == payload["n_benign_calibration"] > 0
+    assert set(cal) == {"ema", "rolling_max", "stream_conv", "safety"}
 
     out = tmp_path / "stream"
     files = [datasets_dir / "refusal_direction_completions.conversations.jsonl",
