@@ -143,7 +143,7 @@ def run(
 ) -> None:
     """Run the streaming monitor worker until SIGTERM/SIGINT (drains, commits and leaves the group)."""
     from worker.config import WorkerSettings
-    from worker.runner import run_worker
+    from worker.main import run_worker
 
     s: WorkerSettings = settings(cls=WorkerSettings)
     updates: dict[str, Any] = {}
@@ -162,7 +162,7 @@ def expert(
 ) -> None:
     """Run the guard service (expert verdicts for delegated events) and the alerter until SIGTERM/SIGINT."""
     from worker.config import GuardSettings
-    from worker.runner import run_guard
+    from worker.main import run_guard
 
     s: GuardSettings = settings(cls=GuardSettings)
     updates: dict[str, Any] = {}
@@ -184,8 +184,8 @@ def demo(
     per_source: Annotated[int, typer.Option(min=5, help="training rows per source (small: minutes on a CPU)")] = 40,
 ) -> None:
     """The whole system on this machine: train or reuse a bundle, run broker + worker + guard + alerter, replay."""
+    from ctd_monitor.local.demo import DemoOptions, run_demo
     from probes.logs import configure_logging
-    from worker.demo import DemoOptions, run_demo
 
     s = settings()
     out.mkdir(parents=True, exist_ok=True)
@@ -208,8 +208,8 @@ def replay(
     """Produce dataset conversations as events (labels in metadata) to the input topic."""
     import asyncio
 
+    from ctd_monitor.local.replay import replay as do_replay
     from worker.config import WorkerSettings
-    from worker.runner import replay as do_replay
 
     s: WorkerSettings = settings(cls=WorkerSettings)
     if bootstrap is not None:
@@ -372,7 +372,7 @@ def bench_pipeline(
     mode: Annotated[str, typer.Option(help="process: the worker in a child process, as deployed | inline")] = "process",
 ) -> None:
     """Raw forward-pass rate vs end-to-end worker rate through a real local broker, same texts, one run."""
-    from worker.bench import bench_pipeline as run_bench
+    from ctd_monitor.bench.pipeline import bench_pipeline as run_bench
 
     if mode not in ("process", "inline"):
         fail("--mode must be process or inline")
@@ -391,7 +391,7 @@ def bench_heads(
     dtype: DtypeOpt = None,
 ) -> None:
     """Probe + DV head scoring time versus activation extraction, per batch (overhead_ratio)."""
-    from worker.bench_heads import bench_heads as run_bench
+    from ctd_monitor.bench.heads import bench_heads as run_bench
 
     s = _bench_settings(bundle, device, dtype)
     emit(run_bench(s, _bench_files(s, data), n, repeats=repeats))
@@ -412,7 +412,7 @@ def bench_cascade_cost(
                                                      "(default: the bundle's)")] = None,
 ) -> None:
     """Compute per 1k events (seconds, parameters x tokens) and accuracy: expert-only vs the calibrated cascade."""
-    from worker.bench_cost import bench_cascade_cost as run_bench
+    from ctd_monitor.bench.cost import bench_cascade_cost as run_bench
 
     s = _bench_settings(bundle, device, dtype)
     expert: dict[str, Any] = {}
@@ -439,7 +439,7 @@ def bench_soak(
     dtype: DtypeOpt = None,
 ) -> None:
     """N events at a fixed rate through the worker process and a local broker: RSS growth and latency over time."""
-    from worker.bench_soak import bench_soak as run_bench
+    from ctd_monitor.bench.soak import bench_soak as run_bench
 
     if rate <= 0 or interval <= 0 or n < 1:
         fail("--rate and --interval must be positive and --n at least 1")
@@ -463,10 +463,10 @@ def bench_drift(
 
     The window, re-certification and cap settings come from the ``budget`` config section (CTD_BUDGET__*).
     """
+    from ctd_monitor.bench.drift import default_phases, drift_stream, parse_phase, report
     from probes.monitor import Monitor
     from worker.budget import BudgetController
     from worker.config import WorkerSettings
-    from worker.drift import default_phases, drift_stream, parse_phase, report
 
     s: WorkerSettings = settings(cls=WorkerSettings)
     monitor = Monitor(bundle, s.model, cache_dir=s.cache_dir)
@@ -505,7 +505,7 @@ def broker(
     fetch_only: Annotated[bool, typer.Option("--fetch-only", help="only fetch the Kafka jars")] = False,
 ) -> None:
     """Run a local single-node Kafka (KRaft) broker from cached Maven Central jars."""
-    from worker.broker import run_broker_forever
+    from ctd_monitor.local.broker import run_broker_forever
 
     s = settings()
     try:

@@ -27,7 +27,7 @@ from probes.logs import get_logger
 from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
 from worker.events import Alert, Verdict, utcnow
 from worker.metrics import AlerterMetrics
-from worker.service import ServiceLimits, StreamService
+from worker.stream import ServiceLimits, StreamService
 
 log = get_logger(__name__)
 ALERT_NAMESPACE = uuid.UUID("6f1c2d4e-9a7b-4c1e-8f3a-2b5d7e9c0a11")

@@ -29,7 +29,7 @@ from probes.logs import get_logger
 from worker.config import GuardSettings
 from worker.events import BudgetState, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import GuardMetrics
-from worker.service import ServiceLimits, StreamService
+from worker.stream import ServiceLimits, StreamService
 
 log = get_logger(__name__)
 

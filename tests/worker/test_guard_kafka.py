@@ -15,6 +15,7 @@ import numpy.typing as npt
 import orjson
 import pytest
 
+from ctd_monitor.local.replay import replay
 from probes.conversation import Conversation
 from probes.errors import ExpertUnavailable
 from probes.experts.encoder_head import EncoderHeadExpert
@@ -30,15 +31,15 @@ from tests.worker.helpers import (
     worker_settings,
 )
 from worker.alerts import Alerter
-from worker.app import MonitorWorker
 from worker.config import (
     AlertsConfig,
     GuardSettings,
     WebhookSinkConfig,
 )
 from worker.events import BudgetState, Timings, Verdict
+from worker.main import GuardProcess
 from worker.metrics import AlerterMetrics
-from worker.runner import GuardProcess, replay
+from worker.monitor import MonitorWorker
 
 pytestmark = pytest.mark.kafka
 

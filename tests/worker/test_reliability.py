@@ -22,6 +22,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ctd_monitor.local.broker import LocalBroker
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.monitor import Monitor
 from tests.worker.helpers import (
@@ -38,10 +40,8 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from worker.app import MonitorWorker
-from worker.broker import LocalBroker
 from worker.config import AlertsConfig, WorkerSettings
-from worker.process import WorkerProcess, write_worker_config
+from worker.monitor import MonitorWorker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 

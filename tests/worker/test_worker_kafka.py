@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from ctd_monitor.local.replay import replay
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
@@ -22,9 +23,8 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from worker.app import MonitorWorker
 from worker.config import WorkerSettings
-from worker.runner import replay
+from worker.monitor import MonitorWorker
 
 pytestmark = pytest.mark.kafka
 

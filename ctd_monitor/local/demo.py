@@ -23,6 +23,8 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
+from ctd_monitor.local.replay import replay_records
 from probes.bundle import read_manifest
 from probes.cascade import CascadeContext, calibrate_signal, train_dv, write_calibration
 from probes.config import Settings
@@ -33,8 +35,6 @@ from probes.logs import get_logger
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress, prepare_data, score_in_chunks, train_bundle
-from worker.app import MonitorWorker
-from worker.broker import LocalBroker, resolve_cache_dir
 from worker.config import (
     AlertsConfig,
     GuardConfig,
@@ -44,7 +44,8 @@ from worker.config import (
     WorkerConfig,
     WorkerSettings,
 )
-from worker.runner import GuardProcess, replay_records
+from worker.main import GuardProcess
+from worker.monitor import MonitorWorker
 
 log = get_logger(__name__)
 # A guard such as Llama Guard 3 8B beside a 1B monitored model: the production cost ratio the demo projects.

@@ -34,7 +34,7 @@ from worker.events import (
     utcnow,
 )
 from worker.metrics import WorkerMetrics
-from worker.service import ServiceLimits, StreamService
+from worker.stream import ServiceLimits, StreamService
 
 log = get_logger(__name__)
 
