@@ -1,4 +1,4 @@
-"""Process entry points: run the worker until SIGTERM/SIGINT, replay dataset conversations as events."""
+"""Process entry points of the shipped service: the monitor worker and the guard (+ alerter), until signalled."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
+from typing import Any, TypeVar
 
 from probes.bundle import read_manifest
 from probes.conversation import single_turn
@@ -14,14 +16,15 @@ from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
 from probes.monitor import Monitor
-from worker.alerts import Alerter
+from worker.alerts import AlertStream, alert_stream
 from worker.config import GuardSettings, WorkerSettings
-from worker.guard import GuardService
+from worker.guard import GuardStream, guard_stream
 from worker.health import HealthServer
 from worker.metrics import AlerterMetrics, GuardMetrics
-from worker.monitor import MonitorWorker
+from worker.monitor import monitor_stream
 
 log = get_logger(__name__)
+S = TypeVar("S", WorkerSettings, GuardSettings)
 
 
 def load_monitor(settings: WorkerSettings) -> Monitor:
@@ -49,7 +52,7 @@ def run_worker(settings: WorkerSettings) -> None:
     """Load and warm the model (readiness stays false until partitions are assigned), then serve until signalled."""
     monitor = load_monitor(settings)
     warm_up(monitor, settings)
-    worker = MonitorWorker(settings, monitor)
+    worker = monitor_stream(settings, monitor)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -80,15 +83,18 @@ class GuardProcess:
     def __init__(self, settings: GuardSettings, expert: Expert) -> None:
         self.settings = settings
         self.guard_metrics = GuardMetrics()
-        self.guard = GuardService(settings, expert, self.guard_metrics, serve_http=False)
-        self.alerter: Alerter | None = None
+        self.guard = guard_stream(settings, expert, self.guard_metrics, serve_http=False)
+        self.alerter: AlertStream | None = None
         if settings.alerts.enabled:
-            self.alerter = Alerter(settings, AlerterMetrics(registry=self.guard_metrics.registry))
+            self.alerter = alert_stream(settings, AlerterMetrics(registry=self.guard_metrics.registry))
         self.health: HealthServer | None = None
 
     @property
-    def services(self) -> list[GuardService | Alerter]:
-        return [self.guard] + ([self.alerter] if self.alerter is not None else [])
+    def services(self) -> list[GuardStream | AlertStream]:
+        services: list[GuardStream | AlertStream] = [self.guard]
+        if self.alerter is not None:
+            services.append(self.alerter)
+        return services
 
     def ready(self) -> bool:
         return all(s.ready() for s in self.services)
@@ -130,3 +136,13 @@ def run_guard(settings: GuardSettings) -> None:
         await process.run()
 
     asyncio.run(main())
+
+
+def override(settings: S, *, section: str, bundle: Path | None = None, bootstrap: str | None = None) -> S:
+    """``--bundle`` (into ``section``, e.g. ``worker`` or ``guard``) and ``--bootstrap`` over loaded settings."""
+    updates: dict[str, Any] = {}
+    if bundle is not None:
+        updates[section] = getattr(settings, section).model_copy(update={"bundle": bundle})
+    if bootstrap is not None:
+        updates["kafka"] = settings.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    return settings.model_copy(update=updates) if updates else settings

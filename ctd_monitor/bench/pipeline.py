@@ -32,7 +32,7 @@ from probes.batching import plan_batches
 from probes.data import Record, read_file
 from probes.monitor import Monitor
 from worker.config import TopicsConfig, WorkerSettings
-from worker.monitor import MonitorWorker
+from worker.monitor import monitor_stream
 
 
 def raw_forward_rate(monitor: Monitor, conversations: Sequence[Any], settings: WorkerSettings) -> dict[str, float]:
@@ -104,7 +104,7 @@ def _latency_summary(verdicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 async def pipeline_rate(monitor: Monitor, settings: WorkerSettings, files: Sequence[Path], n: int) -> dict[str, Any]:
     """Inline: the worker on this process's event loop while the same loop replays and collects."""
-    worker = MonitorWorker(settings, monitor)
+    worker = monitor_stream(settings, monitor)
     task = asyncio.create_task(worker.run())
     while not worker.ready():
         if task.done():
