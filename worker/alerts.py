@@ -1,11 +1,6 @@
-"""Alerts on harmful final verdicts: the alerts topic, then notification sinks (structured log, webhooks).
+"""Alerts on harmful final verdicts: the alert policy, the sinks (structured log, webhooks) and the alert handler.
 
-The alerter reads the verdicts topic in its own consumer group. A verdict is final when the expert made it,
-or when the probe made it and did not delegate (a delegated probe verdict waits for the expert's). A harmful
-final verdict becomes at most one alert per conversation within ``dedupe_window_s``; every alert is published
-to the alerts topic (the durable record, acknowledged before the verdict's offset is committed). Sinks are
-notifications: they are rate-limited by a token bucket and run in background queues with retries, so a slow
-or failing webhook never holds up verdicts or commits. Payloads never carry conversation text.
+docs/architecture.md ("Alerts") describes when a verdict becomes an alert and how sinks are delivered.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class WorkerConfig(ServiceConfig):
 
 
 class BudgetConfig(Frozen):
-    """Live delegation-budget control (issue 6): windowed re-certification, sequential monitor, hard cap."""
+    """Live delegation-budget control: windowed re-certification, sequential monitor, hard cap (worker/budget.py)."""
 
     window: int = Field(2000, ge=50, description="DV scores kept for the label-free window threshold")
     min_window: int = Field(500, ge=10, description="events seen before the window threshold applies")
