@@ -35,7 +35,7 @@ async def _produce(settings: WorkerSettings, files: Sequence[Path], n: int, rate
     """``n`` events at ``rate``/s, cycling through the files' conversations (each event a new id);
     ``sent`` gets each event id's send time."""
     records = [r for path in files for r in read_file(path)]
-    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), acks="all", enable_idempotence=True, linger_ms=5)
+    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), **settings.kafka.producer_kwargs())
     await producer.start()
     started = time.monotonic()
     try:

@@ -48,7 +48,7 @@ async def replay_records(
 ) -> dict[str, Any]:
     """Produce records as events; returns the run id, the event ids in order and the achieved rate."""
     run_id = run_id or uuid.uuid4().hex[:12]
-    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), acks="all", enable_idempotence=True, linger_ms=5)
+    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), **settings.kafka.producer_kwargs())
     await producer.start()
     started = time.monotonic()
     ids: list[str] = []

@@ -300,3 +300,18 @@ async def test_split_on_failure_dead_letters_only_the_item_that_still_fails() ->
     assert sorted(done) == [0, 1, 2, 3, 4, 6, 7]
     assert attempts[0] == list(range(8)) and [5] in attempts
 
+
+
+def test_limits_come_from_the_shared_service_settings_under_their_old_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from probes.config import load_settings
+    from worker.config import GuardSettings, WorkerSettings
+
+    monkeypatch.setenv("CTD_GUARD__MAX_IN_FLIGHT", "7")
+    monkeypatch.setenv("CTD_WORKER__SHUTDOWN_DEADLINE_S", "3.5")
+    guard = load_settings(cls=GuardSettings).guard
+    worker = load_settings(cls=WorkerSettings).worker
+    assert (guard.max_in_flight, guard.http_port, worker.max_in_flight, worker.http_port) == (7, 8081, 2048, 8080)
+    limits = ServiceLimits.from_config(worker, max_event_bytes=worker.max_event_bytes)
+    assert (limits.shutdown_deadline_s, limits.max_in_flight, limits.http_port) == (3.5, 2048, 8080)
+    quiet = ServiceLimits.from_config(guard, max_event_bytes=1, serve_http=False, max_in_flight=99)
+    assert (quiet.max_in_flight, quiet.http_port, quiet.commit_interval_s) == (99, None, guard.commit_interval_s)
