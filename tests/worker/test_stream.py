@@ -159,7 +159,7 @@ def make_stream(handler: EchoHandler, consumer: FakeConsumer, producer: FakeProd
                   metrics=ConsumerMetrics(), consumer=consumer, producer=producer)
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.005)
@@ -173,7 +173,7 @@ async def running(stream: Stream[EchoHandler]) -> asyncio.Task[None]:
 
 async def stopped(stream: Stream[Any], task: asyncio.Task[None]) -> None:
     stream.stop()
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 30)
 
 
 async def test_out_of_order_acks_commit_only_the_contiguous_prefix() -> None:
@@ -278,7 +278,7 @@ async def test_a_crashed_work_loop_stops_the_stream_with_an_error() -> None:
     consumer, producer = FakeConsumer({P0: 1}), FakeProducer(auto_ack=True)
     stream = make_stream(Crashing(), consumer, producer)
     with pytest.raises(RuntimeError, match="loop crashed"):
-        await asyncio.wait_for(stream.run(), 5)
+        await asyncio.wait_for(stream.run(), 30)
 
 
 async def test_split_on_failure_dead_letters_only_the_item_that_still_fails() -> None:
