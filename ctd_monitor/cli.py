@@ -327,20 +327,22 @@ def validate_guarantee(
 @app.command("train-token-probe")
 @_guarded
 def train_token_probe(
+    ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     data: Annotated[list[Path] | None, typer.Option("--data", help="response file(s); default: stream.files")] = None,
 ) -> None:
     """Token-level probe on the response datasets + its LTT stop thresholds, stored in the bundle."""
     from probes.token_train import train_token_probe as run
 
-    s = settings()
-    with progress_bars(state.progress) as bars:
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
         emit(run(s, bundle, bars, data))
 
 
 @app.command("evaluate-stream")
 @_guarded
 def evaluate_stream(
+    ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     data: Annotated[list[Path] | None, typer.Option("--data", help="response file(s); default: stream.files")] = None,
     max_per_source: Annotated[int, typer.Option(help="seeded cap per source before the split (0: all)")] = 400,
@@ -349,9 +351,9 @@ def evaluate_stream(
     """Streamed stop rule on the evaluation split of the response files: EMA vs rolling-max vs full-text probes."""
     from probes.stream_eval import run_evaluate_stream
 
-    s = settings()
+    s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
-    with progress_bars(state.progress) as bars:
+    with progress_bars(options(ctx).progress) as bars:
         report = run_evaluate_stream(s, bundle, data, max_per_source or None, bars)
     table = report.pop("markdown")
     (out / "stream.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
@@ -513,6 +515,7 @@ def bench_drift(
 @bench_app.command("stream")
 @_guarded
 def bench_stream(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Option(help="bundle with a token probe")] = Path("runs/bundle"),
     data: BenchDataOpt = None,
     n: Annotated[int, typer.Option(help="responses (evaluation split of the response files)")] = 40,
@@ -523,7 +526,7 @@ def bench_stream(
     """Tokens/s of incremental scoring (KV cache) vs recomputing the prefix per chunk; memory per open response."""
     from ctd_monitor.bench.stream import bench_stream as run_bench
 
-    s = settings()
+    s = settings(ctx)
     model = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if model:
         s = s.model_copy(update={"model": s.model.model_copy(update=model)})
