@@ -157,6 +157,21 @@ def run(
     run_worker(override(settings(ctx, cls=WorkerSettings), section="worker", bundle=bundle, bootstrap=bootstrap))
 
 
+@app.command("run-responses")
+@_guarded
+def run_responses(
+    ctx: typer.Context,
+    bundle: Annotated[Path | None, typer.Option(help="bundle with a token probe (default: responses.bundle)")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+) -> None:
+    """Score streamed responses (topic ``responses``) chunk by chunk; stop verdicts until SIGTERM/SIGINT."""
+    from worker.config import WorkerSettings
+    from worker.main import override
+    from worker.main import run_responses as serve
+
+    serve(override(settings(ctx, cls=WorkerSettings), section="responses", bundle=bundle, bootstrap=bootstrap))
+
+
 @app.command()
 @_guarded
 def expert(

@@ -42,9 +42,16 @@ def require_causal(loaded: LoadedModel) -> None:
 def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> list[int]:
     """The context up to the assistant header, at most ``max_tokens`` (oldest tokens dropped, BOS kept)."""
     if getattr(tokenizer, "chat_template", None):
-        text = str(tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in context], tokenize=False, add_generation_prompt=True
-        ))
+        if context:
+            text = str(tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in context], tokenize=False, add_generation_prompt=True
+            ))
+        else:
+            # Templates refuse an empty conversation: keep only the assistant header a generation prompt adds.
+            probe = [{"role": "user", "content": ""}]
+            with_header = str(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True))
+            without = str(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False))
+            text = with_header[len(without):]
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
         text = plain_text(context) + ("\n\n" if context else "") + "Assistant: "

@@ -62,6 +62,8 @@ class TopicsConfig(Frozen):
     review: str = "expert-review"
     dead_letter: str = "ctd-dead-letter"
     alerts: str = "ctd-alerts"
+    responses: str = Field("responses", description="streamed response chunks in (key: response_id)")
+    response_verdicts: str = Field("response-verdicts", description="one terminal verdict per streamed response")
 
     def suffixed(self, suffix: str) -> TopicsConfig:
         """The same topic set under unique names (benchmarks and tests share one broker)."""
@@ -70,7 +72,8 @@ class TopicsConfig(Frozen):
     def partitions(self, input_partitions: int, output_partitions: int = 3) -> dict[str, int]:
         """Topic → partition count for creating the whole set; workers scale up to ``input_partitions``."""
         return {self.input: input_partitions, self.verdicts: output_partitions, self.review: output_partitions,
-                self.dead_letter: 1, self.alerts: 1}
+                self.dead_letter: 1, self.alerts: 1, self.responses: input_partitions,
+                self.response_verdicts: output_partitions}
 
 
 class BatchingConfig(Frozen):
@@ -109,12 +112,26 @@ class BudgetConfig(Frozen):
     scope: Literal["worker", "partition"] = "worker"
 
 
+class ResponsesConfig(ServiceConfig):
+    """The streamed-response service (worker/responses.py): chunks in, one terminal verdict per response out."""
+
+    group_id: str = "ctd-responses"
+    bundle: Path = Path("runs/bundle")
+    max_event_bytes: int = Field(1_000_000, ge=1024)
+    max_pending_chunks: int = Field(8, ge=0, description="out-of-order chunks held per response before a gap")
+    response_timeout_s: float = Field(60.0, gt=0, description="a response with no chunk for this long is closed")
+    kv_cache_max_bytes: int = Field(512 * 2**20, ge=0, description="KV caches held for open responses (LRU)")
+    kv_cache_max_entries: int = Field(256, ge=0)
+    closed_memory: int = Field(10000, ge=1, description="closed response ids remembered to drop late chunks")
+
+
 class WorkerSettings(Settings):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     batching: BatchingConfig = BatchingConfig()
     worker: WorkerConfig = WorkerConfig()
     budget: BudgetConfig = BudgetConfig()
+    responses: ResponsesConfig = ResponsesConfig()
 
 
 class GuardConfig(ServiceConfig):

@@ -11,7 +11,7 @@ from typing import Literal
 import orjson
 from pydantic import ValidationError
 
-from worker.events import MAX_EVENT_BYTES, ConversationEvent
+from worker.events import MAX_EVENT_BYTES, ConversationEvent, ResponseChunk
 
 DecodeReason = Literal["undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation"]
 
@@ -49,3 +49,27 @@ def decode_event(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> Conv
             raise DecodeError("empty_conversation", "the conversation has no non-empty message") from exc
         summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
         raise DecodeError("schema_violation", summary) from exc
+
+
+def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> ResponseChunk:
+    """Bytes from the ``responses`` topic → a validated response chunk, or DecodeError with the reason."""
+    if raw is None:
+        raise DecodeError("schema_violation", "null message value (tombstone)")
+    if len(raw) > max_bytes:
+        raise DecodeError("oversize", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("undecodable_utf8", str(exc)) from exc
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", str(exc)) from exc
+    if not isinstance(obj, dict):
+        raise DecodeError("schema_violation", "top level must be a JSON object")
+    try:
+        return ResponseChunk.model_validate(obj)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise DecodeError("schema_violation", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                        for e in errors[:5])) from exc

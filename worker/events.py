@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from probes.conversation import Conversation, Message
 
@@ -166,12 +166,68 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class ResponseChunk(_Model):
+    """New text of one streamed response (topic ``responses``, Kafka key = ``response_id``).
+
+    Chunks are numbered by ``seq`` from 0; chunk 0 carries ``context``, the conversation before the response (the
+    prefix the token probe reads first; an empty list when there is none). ``final`` marks the last chunk.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ResponseChunk")
+
+    schema_version: Literal[1] = 1
+    response_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    seq: int = Field(ge=0)
+    text: str = Field("", max_length=MAX_EVENT_BYTES)
+    final: bool = False
+    tenant: str = Field("default", min_length=1, max_length=MAX_ID_CHARS)
+    conversation_id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    context: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
+    created_at: dt.datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _context_on_first_chunk(self) -> ResponseChunk:
+        if (self.seq == 0) != (self.context is not None):
+            raise ValueError("chunk 0, and only chunk 0, carries the context")
+        return self
+
+    def conversation(self) -> Conversation:
+        return tuple(Message(m.role, m.content) for m in self.context or ())
+
+
+class StreamVerdict(_Model):
+    """The one terminal verdict of a streamed response: stopped at ``token_index``, or judged at its end."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="StreamVerdict")
+
+    schema_version: Literal[1] = 1
+    response_id: str
+    conversation_id: str | None
+    tenant: str
+    decision: Literal["stop", "allow"]
+    reason: Literal["threshold", "final", "timeout", "gap"]
+    token_index: int | None = Field(None, description="response token at which the smoothed score crossed")
+    tokens_scored: int
+    last_seq: int
+    p_unsafe: float = Field(ge=0.0, le=1.0)
+    threshold: float | None
+    aggregator: str
+    alpha: float | None
+    bundle_version: str
+    model_version: str
+    decided_at: dt.datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "conversation_event": ConversationEvent,
     "verdict": Verdict,
     "review_request": ReviewRequest,
     "dead_letter": DeadLetter,
     "alert": Alert,
+    "response_chunk": ResponseChunk,
+    "stream_verdict": StreamVerdict,
 }
 
 

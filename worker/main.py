@@ -138,6 +138,22 @@ def run_guard(settings: GuardSettings) -> None:
     asyncio.run(main())
 
 
+def run_responses(settings: WorkerSettings) -> None:
+    """Serve the streamed-response topic (token probe, early stop) until signalled."""
+    from worker.responses import response_stream
+
+    monitor = Monitor(settings.responses.bundle, settings.model, cache_dir=settings.cache_dir)
+    service = response_stream(settings, monitor)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run()
+
+    asyncio.run(main())
+
+
 def override(settings: S, *, section: str, bundle: Path | None = None, bootstrap: str | None = None) -> S:
     """``--bundle`` (into ``section``, e.g. ``worker`` or ``guard``) and ``--bootstrap`` over loaded settings."""
     updates: dict[str, Any] = {}

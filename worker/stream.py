@@ -376,7 +376,13 @@ class Stream(Generic[H]):
         """Finish what is in flight for the revoked partitions within the deadline, commit, then let go."""
         self.metrics.rebalances.labels(kind="revoked").inc()
         deadline = Deadline(self.limits.shutdown_deadline_s)
-        while any(self.tracker.in_flight(tp) for tp in revoked) and not deadline.expired():
+        release = getattr(self.handler, "release", None)
+        if release is not None:
+            # A handler that holds records on purpose (open streamed responses) gives them up instead: they
+            # were never done, so the new owner reads them again; waiting would only run out the deadline.
+            release(revoked)
+        while (release is None and any(self.tracker.in_flight(tp) for tp in revoked)
+               and not deadline.expired()):
             self.handler.wake()
             await asyncio.sleep(0.02)
         await self._commit(deadline, only=revoked)

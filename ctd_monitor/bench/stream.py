@@ -71,12 +71,16 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
     incremental(*items[0])  # warm-up: first-call allocations are not what either side costs
     recompute(*items[0])
     gc.collect()
-    t0 = time.perf_counter()
-    inc = [incremental(c, t) for c, t in items]
-    t_inc = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rec = [recompute(c, t) for c, t in items]
-    t_rec = time.perf_counter() - t0
+    inc, rec = [], []
+    t_inc = t_rec = 0.0
+    for context, text in items:
+        # Interleaved per response, so a change in machine load hits both sides alike.
+        t0 = time.perf_counter()
+        inc.append(incremental(context, text))
+        t1 = time.perf_counter()
+        rec.append(recompute(context, text))
+        t_inc += t1 - t0
+        t_rec += time.perf_counter() - t1
     tokens = sum(x[1] for x in inc)
     peak_gap = max(abs(a[0] - b[0]) for a, b in zip(inc, rec, strict=True))
     kv = [x[2] for x in inc]

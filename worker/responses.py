@@ -1,0 +1,254 @@
+"""Streamed responses: chunks in (topic ``responses``), one terminal verdict per response out.
+
+The handler of the stream core (worker/stream.py) for responses read while they are generated. Per open
+response it keeps the chunk order (``seq``: out-of-order chunks wait, duplicates are dropped), the token
+probe's small running state, and its KV cache in a bounded store (probes/stream_scorer.py: only new tokens
+run; an evicted cache is recomputed from the prefix). A response ends with one ``StreamVerdict``: ``stop`` at
+the token where the smoothed score first crosses the calibrated threshold, else ``allow`` when its final chunk
+arrives, or when no chunk came for ``response_timeout_s`` (or it fell too far out of order: ``gap``).
+
+At-least-once: no chunk of an open response is done before its verdict is acknowledged, so the committed
+offset never passes the first chunk of a response still open. After a crash or a rebalance the response's
+chunks are read again from chunk 0 and re-scored from its prefix, which gives the same tokens, hence the same
+decision (the verdict is keyed by ``response_id``; a repeat supersedes nothing new).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiokafka import TopicPartition
+
+from probes.logs import get_logger
+from probes.monitor import Monitor
+from probes.stream_scorer import KVStore, ResponseState, StreamScorer, StreamStep
+from probes.token_probe import TokenProbe
+from worker.config import WorkerSettings
+from worker.decode import DecodeError, decode_chunk
+from worker.events import ResponseChunk, StreamVerdict, utcnow
+from worker.metrics import ConsumerMetrics
+from worker.response_order import ChunkOrder, ClosedSet
+from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream
+
+log = get_logger(__name__)
+Item = Envelope[ResponseChunk]
+Reason = Literal["threshold", "final", "timeout", "gap"]
+
+
+@dataclass
+class OpenResponse:
+    """One response being read: its chunk order, the chunks not yet scored, the envelopes it holds."""
+
+    response_id: str
+    order: ChunkOrder[Item]
+    last_seen: float
+    held: list[Item] = field(default_factory=list)
+    ready: list[Item] = field(default_factory=list)
+    state: ResponseState | None = None
+    step: StreamStep | None = None
+    last_seq: int = -1
+    first: ResponseChunk | None = None
+
+
+class ResponseHandler:
+    """Response chunks in, stream verdicts out; torch runs on one inference thread, never on the loop."""
+
+    name = "responses"
+
+    def __init__(self, settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str,
+                 model_version: str) -> None:
+        self.settings = settings
+        self.config = settings.responses
+        self.scorer = scorer
+        self.bundle_version = bundle_version
+        self.model_version = model_version
+        self.store = KVStore(max_bytes=self.config.kv_cache_max_bytes, max_entries=self.config.kv_cache_max_entries)
+        self.open: dict[str, OpenResponse] = {}
+        self.closed = ClosedSet(self.config.closed_memory)
+        self.queue: deque[str] = deque()
+        self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-stream-infer")
+        self._wake = asyncio.Event()
+        self._working = False
+        self._out: Outputs | None = None
+
+    @property
+    def out(self) -> Outputs:
+        assert self._out is not None, "the stream has not started this handler"
+        return self._out
+
+    # ---------------------------------------------------------------- handler protocol
+    async def start(self, outputs: Outputs) -> None:
+        self._out = outputs
+
+    def busy(self) -> bool:
+        return bool(self.queue) or self._working
+
+    def waiting_on_purpose(self) -> bool:
+        # Open responses hold their chunks uncommitted until their verdict: commits pause on purpose.
+        return bool(self.open)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._infer.shutdown(wait=False, cancel_futures=True)
+
+    def release(self, partitions: set[TopicPartition]) -> None:
+        """Revoked partitions: drop their open responses unjudged; the new owner re-reads them from chunk 0."""
+        for response in [r for r in self.open.values() if any(i.tp in partitions for i in r.held)]:
+            self.open.pop(response.response_id, None)
+            self.store.pop(response.response_id)
+            if response.response_id in self.queue:
+                self.queue.remove(response.response_id)
+        log.info("responses.released", partitions=len(partitions), still_open=len(self.open))
+
+    # ---------------------------------------------------------------- order
+    async def accept(self, records: Sequence[Record]) -> None:
+        now = time.monotonic()
+        for record in records:
+            try:
+                chunk = decode_chunk(record.value, max_bytes=self.config.max_event_bytes)
+            except DecodeError as exc:
+                self.out.dead_letter(record, exc.reason, exc.detail, "decode")
+                continue
+            self.offer(Envelope.of(record, chunk, now), now)
+        self._wake.set()
+
+    def offer(self, item: Item, now: float) -> None:
+        chunk = item.body
+        rid = chunk.response_id
+        if rid in self.closed:
+            self.out.done(item)  # a late or repeated chunk of a response already judged
+            return
+        response = self.open.get(rid)
+        if response is None:
+            response = self.open[rid] = OpenResponse(rid, ChunkOrder(self.config.max_pending_chunks), now)
+        status, ready = response.order.offer(chunk.seq, item)
+        if status == "duplicate":
+            self.out.done(item)
+            return
+        response.held.append(item)
+        response.last_seen = now
+        if status == "overflow":
+            self._close(response, "gap")
+            return
+        if ready:
+            response.ready.extend(ready)
+            if rid not in self.queue:
+                self.queue.append(rid)
+
+    # ---------------------------------------------------------------- score
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, self.config.response_timeout_s / 4)
+        while True:
+            self._expire(time.monotonic())
+            if not self.queue:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=tick)
+                except TimeoutError:
+                    pass
+                continue
+            rid = self.queue.popleft()
+            response = self.open.get(rid)
+            if response is None or not response.ready:
+                continue
+            chunks, response.ready = response.ready, []
+            self._working = True
+            try:
+                reason = await loop.run_in_executor(self._infer, self._feed, response, chunks)
+            except Exception as exc:  # noqa: BLE001 - one response's failure must not stop the stream
+                self._fail(response, exc)
+                continue
+            finally:
+                self._working = False
+            if reason is not None:
+                self._close(response, reason)
+
+    def _feed(self, response: OpenResponse, chunks: list[Item]) -> Reason | None:
+        """Inference thread: score the chunks in seq order; the reason to close the response, if any."""
+        for item in chunks:
+            chunk = item.body
+            if response.state is None:
+                response.first = chunk
+                response.state = self.scorer.open(chunk.conversation())
+            response.step = self.scorer.feed(response.response_id, response.state, chunk.text, final=chunk.final,
+                                             store=self.store)
+            response.last_seq = chunk.seq
+            if response.step.stop_index is not None:
+                return "threshold"
+            if chunk.final:
+                return "final"
+        return None
+
+    def _expire(self, now: float) -> None:
+        timeout = self.config.response_timeout_s
+        for response in [r for r in self.open.values() if now - r.last_seen > timeout]:
+            if response.response_id not in self.queue:
+                self._close(response, "timeout")
+
+    def _fail(self, response: OpenResponse, exc: Exception) -> None:
+        log.error("response.inference_failed", response_id=response.response_id, error=repr(exc))
+        self._forget(response)
+        for item in response.held:
+            self.out.dead_letter(item, "inference_error", repr(exc), "inference")
+
+    # ---------------------------------------------------------------- verdict
+    def _forget(self, response: OpenResponse) -> None:
+        self.open.pop(response.response_id, None)
+        self.closed.add(response.response_id)
+        self.store.pop(response.response_id)
+
+    def _close(self, response: OpenResponse, reason: Reason) -> None:
+        self._forget(response)
+        step = response.step
+        probe = self.scorer.probe
+        first = response.first or response.held[0].body
+        stopped = step is not None and step.stop_index is not None
+        verdict = StreamVerdict(
+            response_id=response.response_id, conversation_id=first.conversation_id, tenant=first.tenant,
+            decision="stop" if stopped else "allow", reason=reason,
+            token_index=step.stop_index if step is not None else None,
+            tokens_scored=step.scored_tokens if step is not None else 0, last_seq=response.last_seq,
+            p_unsafe=step.p_unsafe if step is not None else 0.0, threshold=probe.settings.threshold,
+            aggregator=probe.settings.aggregator, alpha=probe.settings.alpha, bundle_version=self.bundle_version,
+            model_version=self.model_version, decided_at=utcnow(), metadata=first.metadata,
+        )
+        last, others = response.held[-1], response.held[:-1]
+        message = Message(self.settings.topics.response_verdicts, verdict.to_json(), response.response_id.encode(),
+                          [("response_id", response.response_id.encode())])
+
+        def acked() -> None:
+            # Only now may the response's other chunks count as done: before, a crash must re-read them all.
+            for item in others:
+                self.out.done(item)
+
+        log.info("response.verdict", response_id=response.response_id, decision=verdict.decision, reason=reason,
+                 tokens=verdict.tokens_scored)
+        self.out.publish(last, [message], acked)
+
+
+ResponseStream = Stream[ResponseHandler]
+
+
+def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: ConsumerMetrics | None = None,
+                    **clients: object) -> ResponseStream:
+    """The streamed-response service: the ``responses`` topic through ``ResponseHandler``."""
+    probe = TokenProbe.from_bundle(monitor.bundle)
+    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
+    handler = ResponseHandler(settings, scorer, bundle_version=monitor.bundle.version,
+                              model_version=monitor.model_version)
+    metrics = metrics or ConsumerMetrics(prefix="ctd_responses", consumed_name="chunks_in",
+                                         consumed_help="Response chunks consumed")
+    r = settings.responses
+    return Stream(handler, kafka=settings.kafka, group_id=r.group_id, topic=settings.topics.responses,
+                  dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
+                  limits=ServiceLimits.from_config(r, max_event_bytes=r.max_event_bytes), **clients)  # type: ignore[arg-type]
+
