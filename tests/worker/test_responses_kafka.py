@@ -1,0 +1,108 @@
+"""The responses service against the real local broker: 50 responses in chunks, one verdict each."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, SplitConfig, StreamConfig
+from probes.data import read_file
+from probes.monitor import Monitor
+from probes.pipeline import prepare_data, train_probe
+from probes.stream_scorer import KVStore, StreamScorer
+from probes.token_probe import TokenProbe
+from probes.token_train import response_label, train_token_probe
+from tests.worker.helpers import new_topics, produce_raw, read_topic
+from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
+from worker.events import ResponseChunk
+from worker.responses import response_stream
+
+pytestmark = pytest.mark.kafka
+N = 50
+
+
+@pytest.fixture(scope="module")
+def stream_bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
+    """SmolLM2 (two blocks): conversation probe on prompts, token probe on real responses, α = 0.3."""
+    out = tmp_path_factory.mktemp("stream-bundle")
+    settings = Settings(
+        cache_dir=cache_dir, model=ModelConfig(spec="smollm2-135m-instruct", dtype="fp32", max_tokens=64),
+        features=FeatureConfig(layer=2, pooling="mean"),
+        data=DataConfig(datasets_dir=datasets_dir, files=("harmbench.jsonl", "alpaca_benign.jsonl"),
+                        max_per_source=30, splits=SplitConfig(probe_train=0.5, dev=0.0, calibration=0.3,
+                                                              evaluation=0.2)),
+        stream=StreamConfig(files=("refusal_direction_completions.conversations.jsonl",), max_per_source=120,
+                            max_response_tokens=32, train_tokens_per_response=16, alpha=0.3, delta=0.2),
+    )
+    train_probe(settings, out, prepared=prepare_data(settings))
+    train_token_probe(settings, out)
+    return out
+
+
+def chunk_values(records: list[Any], n_chunks: int) -> list[tuple[bytes, bytes]]:
+    """Every response cut into chunks, the responses interleaved chunk by chunk (as concurrent generations)."""
+    per: list[list[tuple[bytes, bytes]]] = []
+    for r in records:
+        text = r.messages[-1].content[:400]
+        bounds = np.linspace(0, len(text), n_chunks + 1).round().astype(int).tolist()
+        out = []
+        for seq in range(n_chunks):
+            body: dict[str, Any] = {"response_id": r.id, "seq": seq, "text": text[bounds[seq]:bounds[seq + 1]],
+                                    "final": seq == n_chunks - 1, "created_at": dt.datetime.now(dt.UTC),
+                                    "metadata": {"label": response_label(r)}}
+            if seq == 0:
+                body["context"] = [{"role": m.role, "content": m.content} for m in r.messages[:-1]]
+            out.append((r.id.encode(), ResponseChunk.model_validate(body).to_json()))
+        per.append(out)
+    return [c for i in range(n_chunks) for cs in per for c in cs[i:i + 1]]
+
+
+async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmful(
+    kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    settings = WorkerSettings(
+        cache_dir=cache_dir, model=ModelConfig(spec="smollm2-135m-instruct", dtype="fp32"),
+        kafka=KafkaConfig(bootstrap_servers=kafka_broker.bootstrap, group_id="responses-test",
+                          session_timeout_ms=10_000, heartbeat_interval_ms=1_000),
+        topics=topics,
+        responses=ResponsesConfig(bundle=stream_bundle, http_port=0, http_host="127.0.0.1", commit_interval_s=0.2,
+                                  shutdown_deadline_s=10, response_timeout_s=120),
+    )
+    monitor = Monitor(stream_bundle, settings.model, cache_dir=cache_dir)
+    records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
+    harmful = [r for r in records if response_label(r) == 1][: N // 2]
+    benign = [r for r in records if response_label(r) == 0][: N - len(harmful)]
+    chosen = harmful + benign
+    service = response_stream(settings, monitor)
+    task = asyncio.create_task(service.run())
+    try:
+        await produce_raw(kafka_broker.bootstrap, topics.responses, chunk_values(chosen, 4))  # type: ignore[arg-type]
+        got = await read_topic(kafka_broker.bootstrap, topics.response_verdicts,
+                               until=lambda r: len({v["response_id"] for v in r}) >= N, timeout=600)
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 60)
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for v in got:
+        by_id.setdefault(v["response_id"], []).append(v)
+    assert set(by_id) == {r.id for r in chosen}
+    assert all(len(vs) == 1 for vs in by_id.values()), "one terminal verdict per response"
+    # Each decision is the one an offline pass over the whole response gives (same probe, same tokens).
+    probe = TokenProbe.from_bundle(monitor.bundle)
+    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
+    for r in chosen:
+        state = scorer.open(r.messages[:-1])
+        step = scorer.feed("offline", state, r.messages[-1].content[:400], final=True,
+                           store=KVStore(max_bytes=1 << 32, max_entries=1))
+        (v,) = by_id[r.id]
+        assert v["decision"] == ("stop" if step.stop_index is not None else "allow"), r.id
+        assert v["token_index"] == step.stop_index
+    stopped = {r.id for r in chosen if by_id[r.id][0]["decision"] == "stop"}
+    assert stopped & {r.id for r in harmful}, "some harmful responses are stopped"
+    assert len(stopped & {r.id for r in harmful}) > len(stopped & {r.id for r in benign})
