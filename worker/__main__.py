@@ -24,17 +24,23 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle", type=Path, help="probe bundle (default: worker.bundle)")
     expert = commands.add_parser("expert", help="the guard service and the alerter until SIGTERM/SIGINT")
     expert.add_argument("--bundle", type=Path, help="take the encoder-head expert recorded in this bundle")
-    for command in (run, expert):
+    responses = commands.add_parser("responses", help="the streamed-response service until SIGTERM/SIGINT")
+    responses.add_argument("--bundle", type=Path, help="bundle with a token probe (default: responses.bundle)")
+    for command in (run, expert, responses):
         command.add_argument("--bootstrap", help="Kafka bootstrap servers")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from worker.main import override, run_guard, run_worker
+    from worker.main import override, run_guard, run_responses, run_worker
 
     try:
-        if args.command == "run":
+        if args.command == "responses":
+            rs = load_settings(args.config, cls=WorkerSettings)
+            configure_logging(rs.log_level)
+            run_responses(override(rs, section="responses", bundle=args.bundle, bootstrap=args.bootstrap))
+        elif args.command == "run":
             ws = load_settings(args.config, cls=WorkerSettings)
             configure_logging(ws.log_level)
             run_worker(override(ws, section="worker", bundle=args.bundle, bootstrap=args.bootstrap))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, SplitConfig, StreamConfig
 from probes.data import read_file
 from probes.monitor import Monitor
@@ -17,7 +20,7 @@ from probes.pipeline import prepare_data, train_probe
 from probes.stream_scorer import KVStore, StreamScorer
 from probes.token_probe import TokenProbe
 from probes.token_train import response_label, train_token_probe
-from tests.worker.helpers import new_topics, produce_raw, read_topic
+from tests.worker.helpers import new_topics, produce_raw, read_topic, wait_for
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
 from worker.events import ResponseChunk
 from worker.responses import response_stream
@@ -62,11 +65,9 @@ def chunk_values(records: list[Any], n_chunks: int) -> list[tuple[bytes, bytes]]
     return [c for i in range(n_chunks) for cs in per for c in cs[i:i + 1]]
 
 
-async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmful(
-    kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path
-) -> None:
+def service_settings(kafka_broker: Any, stream_bundle: Path, cache_dir: Path) -> WorkerSettings:
     topics = new_topics(kafka_broker.create_topics)
-    settings = WorkerSettings(
+    return WorkerSettings(
         cache_dir=cache_dir, model=ModelConfig(spec="smollm2-135m-instruct", dtype="fp32"),
         kafka=KafkaConfig(bootstrap_servers=kafka_broker.bootstrap, group_id="responses-test",
                           session_timeout_ms=10_000, heartbeat_interval_ms=1_000),
@@ -74,6 +75,26 @@ async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmf
         responses=ResponsesConfig(bundle=stream_bundle, http_port=0, http_host="127.0.0.1", commit_interval_s=0.2,
                                   shutdown_deadline_s=10, response_timeout_s=120),
     )
+
+
+def offline_decisions(monitor: Monitor, records: list[Any]) -> dict[str, int | None]:
+    """Stop index (None: allowed) of each response scored offline in one piece: what any replay must give."""
+    probe = TokenProbe.from_bundle(monitor.bundle)
+    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
+    out: dict[str, int | None] = {}
+    for r in records:
+        state = scorer.open(r.messages[:-1])
+        step = scorer.feed("offline", state, r.messages[-1].content[:400], final=True,
+                           store=KVStore(max_bytes=1 << 32, max_entries=1))
+        out[r.id] = step.stop_index
+    return out
+
+
+async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmful(
+    kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path
+) -> None:
+    settings = service_settings(kafka_broker, stream_bundle, cache_dir)
+    topics = settings.topics
     monitor = Monitor(stream_bundle, settings.model, cache_dir=cache_dir)
     records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
     harmful = [r for r in records if response_label(r) == 1][: N // 2]
@@ -94,15 +115,47 @@ async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmf
     assert set(by_id) == {r.id for r in chosen}
     assert all(len(vs) == 1 for vs in by_id.values()), "one terminal verdict per response"
     # Each decision is the one an offline pass over the whole response gives (same probe, same tokens).
-    probe = TokenProbe.from_bundle(monitor.bundle)
-    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
-    for r in chosen:
-        state = scorer.open(r.messages[:-1])
-        step = scorer.feed("offline", state, r.messages[-1].content[:400], final=True,
-                           store=KVStore(max_bytes=1 << 32, max_entries=1))
-        (v,) = by_id[r.id]
-        assert v["decision"] == ("stop" if step.stop_index is not None else "allow"), r.id
-        assert v["token_index"] == step.stop_index
+    for rid, stop_index in offline_decisions(monitor, chosen).items():
+        (v,) = by_id[rid]
+        assert v["decision"] == ("stop" if stop_index is not None else "allow"), rid
+        assert v["token_index"] == stop_index
     stopped = {r.id for r in chosen if by_id[r.id][0]["decision"] == "stop"}
     assert stopped & {r.id for r in harmful}, "some harmful responses are stopped"
     assert len(stopped & {r.id for r in harmful}) > len(stopped & {r.id for r in benign})
+
+
+@pytest.mark.reliability
+async def test_sigkill_mid_response_then_redelivery_gives_the_same_decisions(
+    kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path, tmp_path: Path
+) -> None:
+    """The service process is SIGKILLed with responses open; a new one re-reads them from chunk 0."""
+    settings = service_settings(kafka_broker, stream_bundle, cache_dir)
+    topics = settings.topics
+    records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
+    chosen = [r for r in records if response_label(r) == 1][:6] + [r for r in records if response_label(r) == 0][:6]
+    values = chunk_values(chosen, 4)
+    first_half = [v for v in values if orjson.loads(v[1])["seq"] < 2]
+    second_half = [v for v in values if orjson.loads(v[1])["seq"] >= 2]
+    config = write_worker_config(tmp_path / "responses.yaml", settings)
+    child = WorkerProcess(config, tmp_path / "responses.log", command="run-responses").start()
+    try:
+        await wait_for(lambda: child.logged("partitions.assigned"), timeout=300)
+        await produce_raw(kafka_broker.bootstrap, topics.responses, first_half)  # type: ignore[arg-type]
+        with contextlib.suppress(TimeoutError):  # a harmful one stopping on its first chunks: work is under way
+            await wait_for(lambda: '"response.verdict"' in child.log_tail(1 << 22), timeout=60)
+        await asyncio.sleep(1.0)  # chunks of open responses scored, none of them committed
+        assert child.kill() != 0
+    finally:
+        if child.running():
+            child.kill()
+    await produce_raw(kafka_broker.bootstrap, topics.responses, second_half)  # type: ignore[arg-type]
+    with WorkerProcess(config, tmp_path / "responses.log", command="run-responses") as again:
+        got = await read_topic(kafka_broker.bootstrap, topics.response_verdicts,
+                               until=lambda r: len({v["response_id"] for v in r}) >= len(chosen), timeout=600)
+        again.terminate(30)
+    monitor = Monitor(stream_bundle, settings.model, cache_dir=cache_dir)
+    expected = offline_decisions(monitor, chosen)
+    for v in got:  # a stop published before the kill may come again after it: the same decision both times
+        assert v["token_index"] == expected[v["response_id"]], v["response_id"]
+        assert v["decision"] == ("stop" if expected[v["response_id"]] is not None else "allow")
+    assert {v["response_id"] for v in got} == set(expected)
