@@ -30,6 +30,7 @@ from probes.data import Record, read_file, resolve_paths
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
+from probes.manifest import BundleManifest, Signal
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress, prepare_data, score_in_chunks, train_bundle
@@ -76,19 +77,20 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
 
 
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
-                  progress: ProgressFactory = no_progress) -> dict[str, Any]:
+                  progress: ProgressFactory = no_progress) -> BundleManifest:
     """Reuse a bundle calibrated at this budget; otherwise train probe, expert and DV head, then calibrate."""
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
-        cal = manifest.get("calibration") or {}
-        if manifest.get("expert") and cal.get("alpha") == options.alpha and cal.get("delta") == options.delta:
+        cal = manifest.calibration
+        if (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
+                and cal.delta == options.delta):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
     prepared = prepare_data(settings)
     train_bundle(settings, bundle_dir, progress, prepared)
     ctx = CascadeContext(settings, bundle_dir, progress)
     train_dv(ctx)
-    result = calibrate_signal(ctx, ctx.split("calibration"), "dv", alpha=options.alpha, delta=options.delta,
+    result = calibrate_signal(ctx, ctx.split("calibration"), Signal.DV, alpha=options.alpha, delta=options.delta,
                               variant="pareto", seed=options.seed)
     write_calibration(ctx, result)
     return read_manifest(bundle_dir)
@@ -258,7 +260,7 @@ def run_demo(settings: Settings, options: DemoOptions, progress: ProgressFactory
 
 
 def summarize(records: list[Record], stream: dict[str, Any], expert_all: np.ndarray, expert_all_s: float,
-              monitor: Monitor, expert: Expert, options: DemoOptions, manifest: dict[str, Any]) -> dict[str, Any]:
+              monitor: Monitor, expert: Expert, options: DemoOptions, manifest: BundleManifest) -> dict[str, Any]:
     ids: list[str] = stream["ids"]
     probe, expert_v = stream["probe"], stream["expert"]
     labels = np.array([r.label for r in records])
@@ -285,8 +287,8 @@ def summarize(records: list[Record], stream: dict[str, Any], expert_all: np.ndar
         "sources": sorted({r.source for r in records}),
         "throughput_eps": round(n / stream["probe_seconds"], 2),
         "seconds_to_all_final_verdicts": round(stream["total_seconds"], 1),
-        "budget": {"alpha": options.alpha, "delta": options.delta, "signal": manifest["calibration"]["signal"],
-                   "threshold": manifest["calibration"].get("threshold"), "realized_rate": round(rate, 4),
+        "budget": {"alpha": options.alpha, "delta": options.delta, "signal": monitor.rule.signal.value,
+                   "threshold": monitor.rule.threshold, "realized_rate": round(rate, 4),
                    "delegated": int(delegated.sum()), "within_budget": rate <= options.alpha},
         "probe_only": _rounded(classification_metrics(labels, p)),
         "cascade": _rounded(classification_metrics(labels, cascade)),
