@@ -13,7 +13,7 @@ from ctd_monitor.progress import console, progress_bars
 from probes.config import Settings, load_settings
 from probes.errors import CtdError
 from probes.logs import configure_logging
-from probes.manifest import Signal
+from probes.manifest import SIGNAL_NAMES, Signal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -221,7 +221,6 @@ def replay(
 
 
 BundleOpt = Annotated[Path, typer.Option("--bundle", help="probe bundle directory")]
-SIGNAL_NAMES = tuple(s.value for s in Signal)
 
 
 @app.command("train-dv")

@@ -35,7 +35,7 @@ from probes.experts.factory import build_expert
 from probes.fitting import crossfit_probe, fit_dv, fit_router
 from probes.heads import EXTRA_FEATURES
 from probes.logs import get_logger
-from probes.manifest import HeadInfo, Signal
+from probes.manifest import SIGNAL_NAMES, HeadInfo, Signal
 from probes.monitor import head_scores
 from probes.pipeline import (
     Prepared,
@@ -166,7 +166,7 @@ class CascadeContext:
             signal = Signal(name)
         except ValueError:
             raise BundleError(f"unknown delegation signal {name!r}: use one of "
-                              f"{', '.join(s.value for s in Signal)}") from None
+                              f"{', '.join(SIGNAL_NAMES)}") from None
         if signal == Signal.ROUTER and not any(k.startswith("router.") for k in self.bundle.extra_tensors):
             raise BundleError("the bundle has no router head: run `ctd-monitor train-dv` first")
         if signal == Signal.DV and "dv" not in self.bundle.heads:
@@ -232,7 +232,7 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData =
     for split in ("calibration", "evaluation"):
         scored = ctx.split(split)
         quality[split] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
-                          for name in Signal}
+                          for name in SIGNAL_NAMES}
     ctx.bundle.manifest = update_manifest(ctx.bundle_dir, metrics={**ctx.bundle.manifest.metrics,
                                                                    "dv_quality": quality})
     log.info("dv.trained", target=target, source=source, helps=fit.positives, n=fit.n_train,

@@ -31,6 +31,9 @@ class Signal(enum.StrEnum):
     ROUTER = "router"
 
 
+SIGNAL_NAMES: tuple[str, ...] = tuple(s.value for s in Signal)  # as plain strings: JSON keys, CLI choices
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
