@@ -17,7 +17,7 @@ from probes.calibration import Variant, calibrate, cascade_predictions
 from probes.cascade import CascadeContext, Scored, calibrate_signal, random_signal
 from probes.cascade_rule import Cuts, cascade_decisions, cascade_scores, per_1k
 from probes.dv import dv_continuous
-from probes.manifest import Signal
+from probes.manifest import SIGNAL_NAMES, Signal
 from probes.metrics import decision_metrics as all_metrics
 
 F64 = npt.NDArray[np.float64]
@@ -270,3 +270,24 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     lines += ["", *[f"![{p.stem}]({p.name})" for p in paths], ""]
     (out / "report.md").write_text("\n".join(lines))
     return paths
+
+
+def evaluation_report(ctx: CascadeContext, files: list[Path] | None, alphas: list[float], *,
+                      delta: float) -> dict[str, Any]:
+    """Every policy at every budget on ``files`` (default: the bundle's evaluation split), signal quality of
+    each delegation signal, and per-file CTD rows when several files are given: the report ``evaluate`` writes."""
+    from probes.data import read_file
+    from probes.dv import signal_quality
+
+    records = [r for path in files for r in read_file(path)] if files else list(ctx.prepared.splits.evaluation)
+    scored = ctx.score(records)
+    report = evaluate_policies(ctx, scored, alphas, delta=delta)
+    report["signal_quality"] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
+                                for name in SIGNAL_NAMES}
+    if files and len(files) > 1:
+        report["per_file"] = {
+            path.name: evaluate_policies(ctx, ctx.score(read_file(path)), alphas, delta=delta)["policies"]["ctd"]
+            for path in files
+        }
+    report["files"] = [str(p) for p in files] if files else ["<bundle evaluation split>"]
+    return report

@@ -1,0 +1,222 @@
+"""Stages 2-4 of an event in the monitor: tokenize → micro-batch → forward pass + heads → verdict.
+
+The monitor handler of the stream core (worker/stream.py): decoded events are tokenized on a prep thread,
+micro-batched by tokens (worker/batcher.py), collated while the previous batch runs, scored on the inference
+thread (never the event loop), routed by the budget controller (worker/budget.py) and published as a verdict
+(plus a review request when delegated). docs/architecture.md follows one event through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from probes.logs import get_logger
+from probes.monitor import Monitor
+from worker.batcher import BatchLimits, MicroBatcher
+from worker.budget import BudgetController, Delegation
+from worker.config import WorkerSettings
+from worker.decode import DecodeError, decode_event
+from worker.events import ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
+from worker.metrics import WorkerMetrics
+from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Tokenized:
+    """A decoded event and its token ids (the body of the monitor's envelope)."""
+
+    event: ConversationEvent
+    ids: list[int]
+
+
+Item = Envelope[Tokenized]
+
+
+class MonitorHandler:
+    """Conversation events in, probe verdicts (and review requests) out."""
+
+    name = "worker"
+
+    def __init__(self, settings: WorkerSettings, monitor: Monitor, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+        self.settings = settings
+        self.monitor = monitor
+        b = settings.batching
+        self.batcher: MicroBatcher[Item] = MicroBatcher(
+            BatchLimits(max_batch_tokens=b.max_batch_tokens, max_items=b.max_items, max_wait_s=b.max_wait_ms / 1000,
+                        lookahead=b.lookahead)
+        )
+        # Two threads: one prepares (tokenize, collate) while the other runs torch.
+        self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-prep")
+        self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
+        self._inference: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._out: Outputs | None = None
+        self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
+        self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
+        rule = monitor.rule
+        self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
+        self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
+        self.metrics.no_valid_threshold.set(0 if rule.valid else 1)
+        if not rule.valid:
+            log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
+
+    @property
+    def out(self) -> Outputs:
+        assert self._out is not None, "the stream has not started this handler"
+        return self._out
+
+    # ---------------------------------------------------------------- handler protocol
+    async def start(self, outputs: Outputs) -> None:
+        self._out = outputs
+
+    def busy(self) -> bool:
+        return bool(len(self.batcher)) or self._inference is not None
+
+    def waiting_on_purpose(self) -> bool:
+        return False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
+        self._infer.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- decode + tokenize
+    async def accept(self, records: Sequence[Record]) -> None:
+        now = time.monotonic()
+        decoded: list[tuple[Record, ConversationEvent]] = []
+        for record in records:
+            try:
+                event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
+            except DecodeError as exc:
+                self.out.dead_letter(record, exc.reason, exc.detail, "decode")
+                continue
+            decoded.append((record, event))
+        if not decoded:
+            return
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(
+            self._prep, lambda: [self.monitor.tokenize(event.conversation()) for _, event in decoded]
+        )
+        for (record, event), token_ids in zip(decoded, ids, strict=True):
+            self.batcher.add(Envelope.of(record, Tokenized(event, token_ids), now), len(token_ids), now)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- batch + infer
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        out = self.out
+        while True:
+            due = self.batcher.due_in(time.monotonic())
+            if due is None or due > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=due if due is not None else 0.5)
+                except TimeoutError:
+                    pass
+                if not out.stopping:
+                    continue
+            batch = self.batcher.next_batch(time.monotonic(), force=out.stopping)
+            if not batch:
+                continue
+            items = [p.item for p in batch]
+            collated = await loop.run_in_executor(self._prep, self.monitor.collate, [i.body.ids for i in items])
+            if self._inference is not None:
+                await self._inference  # one batch in torch at a time; this one was collated meanwhile
+            self._inference = asyncio.create_task(self._infer_and_publish(items, collated))
+            self._inference.add_done_callback(self._inference_done)
+
+    def _inference_done(self, task: asyncio.Task[None]) -> None:
+        if self._inference is task:
+            self._inference = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("inference.task_failed", error=repr(task.exception()))
+
+    async def _infer_and_publish(self, items: list[Item], collated: Any) -> None:
+        started = time.monotonic()
+        for item in items:
+            self.metrics.queue_latency.observe(started - item.consumed_at)
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.batch_tokens.observe(collated.padded_tokens)
+
+        async def attempt(part: list[Item]) -> None:
+            loop = asyncio.get_running_loop()
+            # The whole batch was collated while the previous one ran; halves after a failure are collated anew.
+            batch = collated if part is items else await loop.run_in_executor(
+                self._prep, self.monitor.collate, [i.body.ids for i in part])
+            try:
+                scores = await loop.run_in_executor(self._infer, self.monitor.score, batch)
+            except Exception:
+                self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
+                raise
+            elapsed = time.monotonic() - started
+            self.metrics.inference_latency.observe(elapsed)
+            delegations = self.budget.decide(scores.signal, [item.tp.partition for item in part])
+            for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
+                dv = None if scores.dv is None else float(scores.dv[i])
+                self._publish(item, float(scores.p_unsafe[i]), dv, delegation, queue_s=started - item.consumed_at,
+                              inference_s=elapsed)
+
+        def give_up(item: Item, exc: Exception) -> None:
+            self.out.dead_letter(item, "inference_error", repr(exc), "inference")
+
+        await split_on_failure(items, attempt, give_up, what="inference")
+
+    # ---------------------------------------------------------------- publish
+    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, queue_s: float,
+                 inference_s: float) -> None:
+        topics = self.settings.topics
+        event = item.body.event
+        verdict = Verdict(
+            event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
+            p_unsafe=p_unsafe, dv=dv, delegated=delegation.delegated,
+            decision="unsafe" if p_unsafe >= self.monitor.unsafe_cut else "safe", source="probe",
+            budget=delegation.budget,
+            bundle_version=self.monitor.bundle.version, model_version=self.monitor.model_version,
+            timings=Timings(queue_ms=queue_s * 1000, inference_ms=inference_s * 1000,
+                            total_ms=(time.monotonic() - item.consumed_at) * 1000),
+            decided_at=utcnow(), metadata=event.metadata,
+        )
+        key = event.conversation_id.encode()
+        headers = [("event_id", event.event_id.encode())]
+        messages = [Message(topics.verdicts, verdict.to_json(), key, headers)]
+        if delegation.delegated:
+            request = ReviewRequest(
+                event=event, p_unsafe=p_unsafe, dv=dv, reason=delegation.reason,
+                threshold=delegation.budget.threshold, budget=delegation.budget,
+                bundle_version=self.monitor.bundle.version,
+                model_version=self.monitor.model_version, requested_at=utcnow(),
+            )
+            messages.append(Message(topics.review, request.to_json(), key, headers))
+        self._recent.append(delegation.delegated)
+        self.out.publish(item, messages,
+                         lambda: self._acked(item.consumed_at, verdict.decision, delegation.delegated))
+
+    def _acked(self, consumed_at: float, decision: str, delegated: bool) -> None:
+        self.metrics.verdicts_out.labels(decision=decision, source="probe").inc()
+        if delegated:
+            self.metrics.delegated.inc()
+        self.metrics.end_to_end_latency.observe(time.monotonic() - consumed_at)
+        self.metrics.delegation_rate.set(sum(self._recent) / len(self._recent))
+
+
+MonitorStream = Stream[MonitorHandler]
+
+
+def monitor_stream(settings: WorkerSettings, monitor: Monitor, metrics: WorkerMetrics | None = None) -> MonitorStream:
+    """The monitor worker: the input topic through ``MonitorHandler`` in the worker's consumer group."""
+    metrics = metrics or WorkerMetrics()
+    w = settings.worker
+    return Stream(MonitorHandler(settings, monitor, metrics), kafka=settings.kafka, group_id=settings.kafka.group_id,
+                  topic=settings.topics.input, dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
+                  limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes))
