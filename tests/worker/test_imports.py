@@ -14,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ENTRIES = ("worker.main", "worker.__main__")
 TOOLING = ("typer", "matplotlib", "ctd_monitor", "ctd_monitor.local", "ctd_monitor.bench")
-# rich arrives only through scikit-learn's progress-bar callback.
-TRAINING_STACK = ("sklearn", "scipy", "rich")
+# Not rich: structlog itself imports it for console tracebacks wherever it is installed (typer brings it here).
+TRAINING_STACK = ("sklearn", "scipy")
 
 
 def loaded_after_import(module: str) -> set[str]:
