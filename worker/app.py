@@ -109,24 +109,30 @@ class MonitorWorker(StreamService):
     # ---------------------------------------------------------------- decode + tokenize
     async def _accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         now = time.monotonic()
+        stage = self.metrics.stage_cpu
         decoded: list[tuple[ConsumerRecord[bytes, bytes], ConversationEvent]] = []
-        for record in records:
-            try:
-                event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
-            except DecodeError as exc:
-                self._dead_letter_record(record, exc.reason, exc.detail, "decode")
-                continue
-            decoded.append((record, event))
+        with stage("decode"):
+            for record in records:
+                try:
+                    event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
+                except DecodeError as exc:
+                    self._dead_letter_record(record, exc.reason, exc.detail, "decode")
+                    continue
+                decoded.append((record, event))
         if not decoded:
             return
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(
-            self._prep, lambda: [self.monitor.tokenize(event.conversation()) for _, event in decoded]
-        )
-        for (record, event), token_ids in zip(decoded, ids, strict=True):
-            item = Item(TopicPartition(record.topic, record.partition), record.offset, record.key,
-                        record.value or b"", event, token_ids, now)
-            self.batcher.add(item, len(token_ids), now)
+
+        def tokenize() -> list[list[int]]:
+            with stage("render_tokenize"):
+                return [self.monitor.tokenize(event.conversation()) for _, event in decoded]
+
+        ids = await loop.run_in_executor(self._prep, tokenize)
+        with stage("batch_collate"):
+            for (record, event), token_ids in zip(decoded, ids, strict=True):
+                item = Item(TopicPartition(record.topic, record.partition), record.offset, record.key,
+                            record.value or b"", event, token_ids, now)
+                self.batcher.add(item, len(token_ids), now)
         self._wake.set()
 
     # ---------------------------------------------------------------- batch + infer
@@ -142,15 +148,24 @@ class MonitorWorker(StreamService):
                     pass
                 if not self._stopping.is_set():
                     continue
-            batch = self.batcher.next_batch(time.monotonic(), force=self._stopping.is_set())
+            with self.metrics.stage_cpu("batch_collate"):
+                batch = self.batcher.next_batch(time.monotonic(), force=self._stopping.is_set())
             if not batch:
                 continue
             items = [p.item for p in batch]
-            collated = await loop.run_in_executor(self._prep, self.monitor.collate, [i.ids for i in items])
+            collated = await loop.run_in_executor(self._prep, self._collate, [i.ids for i in items])
             if self._inference is not None:
                 await self._inference  # one batch in torch at a time; this one was collated meanwhile
             self._inference = asyncio.create_task(self._infer_and_publish(items, collated))
             self._inference.add_done_callback(self._inference_done)
+
+    def _collate(self, ids: list[list[int]]) -> Any:
+        with self.metrics.stage_cpu("batch_collate"):
+            return self.monitor.collate(ids)
+
+    def _score(self, collated: Any) -> Any:
+        with self.metrics.stage_cpu("score"):
+            return self.monitor.score(collated)
 
     def _inference_done(self, task: asyncio.Task[None]) -> None:
         if self._inference is task:
@@ -168,17 +183,18 @@ class MonitorWorker(StreamService):
         outcomes = await self._score_with_split(items, collated, loop)
         elapsed = time.monotonic() - started
         self.metrics.inference_latency.observe(elapsed)
-        for item, outcome in outcomes:
-            if outcome is None:
-                continue
-            self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+        with self.metrics.stage_cpu("serialise_publish"):
+            for item, outcome in outcomes:
+                if outcome is None:
+                    continue
+                self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
 
     async def _score_with_split(
         self, items: list[Item], collated: Any, loop: asyncio.AbstractEventLoop
     ) -> list[tuple[Item, Outcome | None]]:
         """Score a batch; on a model error (e.g. OOM) split it in halves, and dead-letter single failures."""
         try:
-            scores = await loop.run_in_executor(self._infer, self.monitor.score, collated)
+            scores = await loop.run_in_executor(self._infer, self._score, collated)
         except Exception as exc:  # noqa: BLE001 - any model failure must not stop the stream
             self.metrics.inference_errors.inc()
             if len(items) == 1:
@@ -193,12 +209,13 @@ class MonitorWorker(StreamService):
                 sub = await loop.run_in_executor(self._prep, self.monitor.collate, [i.ids for i in part])
                 out.extend(await self._score_with_split(part, sub, loop))
             return out
-        decisions = self.budget.decide(scores.signal, [item.tp.partition for item in items])
-        return [
-            (item, Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
-                           float(scores.signal[i]), decisions[i].delegated, decisions[i].budget))
-            for i, item in enumerate(items)
-        ]
+        with self.metrics.stage_cpu("budget"):
+            decisions = self.budget.decide(scores.signal, [item.tp.partition for item in items])
+            return [
+                (item, Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
+                               float(scores.signal[i]), decisions[i].delegated, decisions[i].budget))
+                for i, item in enumerate(items)
+            ]
 
     # ---------------------------------------------------------------- publish
     def _publish(self, item: Item, outcome: Outcome, *, queue_s: float, inference_s: float) -> None:

@@ -248,14 +248,16 @@ class StreamService(ABC):
             self._last_progress = time.monotonic()
             metrics.last_progress.set(time.time())
             records = []
-            for record in (r for rs in batch.values() for r in rs):
-                tp = TopicPartition(record.topic, record.partition)
-                if tp not in self._assigned:
-                    continue  # fetched before a revoke: the partition's new owner reads it from the commit
-                if not self.tracker.track(tp, record.offset):
-                    log.info("partition.reseek", service=self.name, partition=tp.partition, offset=record.offset)
-                metrics.consumed.inc()
-                records.append(record)
+            with metrics.stage_cpu("commit"):  # offset tracking is the commit's per-record share
+                for record in (r for rs in batch.values() for r in rs):
+                    tp = TopicPartition(record.topic, record.partition)
+                    if tp not in self._assigned:
+                        continue  # fetched before a revoke: the partition's new owner reads it from the commit
+                    if not self.tracker.track(tp, record.offset):
+                        log.info("partition.reseek", service=self.name, partition=tp.partition,
+                                 offset=record.offset)
+                    metrics.consumed.inc()
+                    records.append(record)
             if records:
                 await self._accept(records)
 
@@ -311,7 +313,8 @@ class StreamService(ABC):
     async def _commit(self, deadline: Deadline | None, only: set[TopicPartition] | None = None) -> None:
         assert self.consumer is not None
         async with self._commit_lock:
-            offsets = self.tracker.committable()
+            with self.consumer_metrics.stage_cpu("commit"):
+                offsets = self.tracker.committable()
             if only is not None:
                 offsets = {tp: o for tp, o in offsets.items() if tp in only}
             offsets = {tp: o for tp, o in offsets.items() if tp in self._assigned}
