@@ -384,23 +384,15 @@ def bench_pipeline(
 @_guarded
 def bench_machinery(
     data: BenchDataOpt = None,
-    n: Annotated[int, typer.Option(help="events per partition count")] = 20000,
+    n: Annotated[int, typer.Option(help="events per partition count")] = 10000,
     partitions: Annotated[str, typer.Option(help="input partition counts to run, comma-separated")] = "1,2,4",
     bundle: BenchBundleOpt = None,
-    gpu_batching: Annotated[bool, typer.Option(
-        help="the gpu overlay's batching (32k-token batches of up to 512, 16k in flight) instead of the config's"
-    )] = True,
     profile_dir: Annotated[Path | None, typer.Option(help="cProfile the worker's event loop into DIR")] = None,
 ) -> None:
     """Host-side ceiling of one worker process: the real path through a real broker, forward pass stubbed."""
     from ctd_monitor.bench.machinery import bench_machinery as run_bench
 
     s = _bench_settings(bundle, "cpu", None)
-    if gpu_batching:
-        s = s.model_copy(update={
-            "batching": s.batching.model_copy(update={"max_batch_tokens": 32768, "max_items": 512}),
-            "worker": s.worker.model_copy(update={"max_in_flight": 16384}),
-        })
     counts = [int(p) for p in partitions.split(",") if p.strip()]
     if not counts or min(counts) < 1:
         fail("--partitions must list positive integers, e.g. 1,2,4")
