@@ -18,7 +18,7 @@ from probes.cache import atomic_write_bytes, sha256_text
 from probes.config import Pooling
 from probes.conversation import Conversation
 from probes.models import LoadedModel, layer_stack
-from probes.render import render_ids
+from probes.render import BatchRenderer
 
 Progress = Callable[[int], None]
 FloatArray = npt.NDArray[np.float32]
@@ -79,6 +79,7 @@ class FeatureExtractor:
         self.batch_tokens = batch_tokens
         self.max_items = max_items
         self._captured: torch.Tensor | None = None
+        self._renderer = BatchRenderer(loaded.tokenizer, max_tokens)
         # The hook writes shared state: one forward at a time per extractor, whichever thread calls it.
         self._lock = threading.Lock()
         layer_stack(loaded.model)[layer - 1].register_forward_hook(self._capture)
@@ -91,7 +92,7 @@ class FeatureExtractor:
         return int(self.loaded.tokenizer.pad_token_id)
 
     def tokenize(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        return [render_ids(self.loaded.tokenizer, c, self.max_tokens) for c in conversations]
+        return self._renderer.ids(conversations)
 
     def batches(self, ids: Sequence[Sequence[int]]) -> Iterator[TokenBatch]:
         plan = plan_batches([len(x) for x in ids], batch_tokens=self.batch_tokens, max_items=self.max_items)
