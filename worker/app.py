@@ -125,7 +125,11 @@ class MonitorWorker(StreamService):
 
         def tokenize() -> list[list[int]]:
             with stage("render_tokenize"):
-                return [self.monitor.tokenize(event.conversation()) for _, event in decoded]
+                conversations = [event.conversation() for _, event in decoded]
+                try:
+                    return self.monitor.tokenize_batch(conversations)
+                except Exception:  # noqa: BLE001 - one at a time, so only the failing event fails
+                    return [self.monitor.tokenize(c) for c in conversations]
 
         ids = await loop.run_in_executor(self._prep, tokenize)
         with stage("batch_collate"):
