@@ -150,7 +150,16 @@ class BatchRenderer:
         self.max_tokens = max_tokens
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.template = derive_message_template(tokenizer)
-        self.backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend: Any = None
+        if backend is not None:
+            # A private copy: transformers sets padding and truncation on its backend for every call and leaves
+            # them set, so another caller's ``padding=True`` would otherwise pad this one's batches.
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.no_padding()
+            self.backend.no_truncation()
         self.fast = self.backend is not None and (self.template is not None or not self.has_template)
 
     def text(self, messages: Sequence[Message]) -> str:

@@ -96,3 +96,13 @@ def test_templates_with_more_than_fixed_wrappers_keep_jinja(body: str) -> None:
     assert derive_message_template(_JinjaTokenizer(source)) is None
     plain = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
     assert derive_message_template(_JinjaTokenizer(plain)) is not None
+
+
+def test_batch_renderer_ignores_padding_left_on_the_shared_tokenizer(minilm: LoadedModel) -> None:
+    renderer = BatchRenderer(minilm.tokenizer, 64)
+    conversations = [conversation([("user", "short")]), conversation([("user", "a much longer message " * 5)])]
+    minilm.tokenizer(["x", "y z"], padding=True)  # transformers leaves padding enabled on its backend
+    try:
+        assert renderer.ids(conversations) == [render_ids(minilm.tokenizer, c, 64) for c in conversations]
+    finally:
+        minilm.tokenizer(["x"], padding=False)
