@@ -34,7 +34,7 @@ from worker.events import (
     utcnow,
 )
 from worker.metrics import WorkerMetrics
-from worker.service import ServiceLimits, StreamService
+from worker.service import AckEntry, ServiceLimits, StreamService
 
 log = get_logger(__name__)
 
@@ -87,6 +87,8 @@ class MonitorWorker(StreamService):
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
         self._inference: asyncio.Task[None] | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
+        self._recent_delegated = 0  # delegations among _recent, kept as they come and go
+        self._verdicts_out = {d: self.metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
@@ -188,10 +190,14 @@ class MonitorWorker(StreamService):
         elapsed = time.monotonic() - started
         self.metrics.inference_latency.observe(elapsed)
         with self.metrics.stage_cpu("serialise_publish"):
-            for item, outcome in outcomes:
-                if outcome is None:
-                    continue
-                self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+            acks: list[AckEntry] = []
+            try:
+                for item, outcome in outcomes:
+                    if outcome is not None:
+                        acks.append(self._publish(item, outcome, queue_s=started - item.consumed_at,
+                                                  inference_s=elapsed))
+            finally:
+                self._track_acks_batch(acks)  # whatever was sent gets its acks tracked, even after a failure
 
     async def _score_with_split(
         self, items: list[Item], collated: Any, loop: asyncio.AbstractEventLoop
@@ -222,7 +228,7 @@ class MonitorWorker(StreamService):
             ]
 
     # ---------------------------------------------------------------- publish
-    def _publish(self, item: Item, outcome: Outcome, *, queue_s: float, inference_s: float) -> None:
+    def _publish(self, item: Item, outcome: Outcome, *, queue_s: float, inference_s: float) -> AckEntry:
         assert self.producer is not None
         topics = self.settings.topics
         rule = self.monitor.rule
@@ -248,13 +254,16 @@ class MonitorWorker(StreamService):
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
             sends.append(self.producer.send(topics.review, request.to_json(), key=key, headers=headers))
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_delegated -= self._recent[0]
         self._recent.append(outcome.delegated)
-        self._track_acks(item.tp, item.offset, sends,
-                         lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
+        self._recent_delegated += outcome.delegated
+        return (item.tp, item.offset, sends,
+                lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
 
     def _acked(self, consumed_at: float, decision: str, delegated: bool) -> None:
-        self.metrics.verdicts_out.labels(decision=decision, source="probe").inc()
+        self._verdicts_out[decision].inc()
         if delegated:
             self.metrics.delegated.inc()
         self.metrics.end_to_end_latency.observe(time.monotonic() - consumed_at)
-        self.metrics.delegation_rate.set(sum(self._recent) / len(self._recent))
+        self.metrics.delegation_rate.set(self._recent_delegated / len(self._recent))

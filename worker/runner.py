@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -58,6 +59,9 @@ def run_worker(settings: WorkerSettings) -> None:
     monitor = load_monitor(settings)
     warm_up(monitor, settings)
     worker = MonitorWorker(settings, monitor)
+    # The model, tokenizer and libraries are hundreds of thousands of long-lived objects: out of the collector's
+    # sight, the full collections that per-event garbage triggers no longer walk them all.
+    gc.freeze()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

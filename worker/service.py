@@ -29,6 +29,8 @@ from worker.metrics import ConsumerMetrics
 
 log = get_logger(__name__)
 Stage = Literal["decode", "inference", "expert"]
+# An input offset, the sends it is waiting on, and what to do once the broker acknowledged them all.
+AckEntry = tuple[TopicPartition, int, list[Any], Callable[[], None] | None]
 
 
 @dataclass(frozen=True)
@@ -285,22 +287,37 @@ class StreamService(ABC):
     def _track_acks(self, tp: TopicPartition, offset: int, sends: list[Any],
                     on_acked: Callable[[], None] | None = None) -> None:
         """Mark the offset done once the broker acknowledged every output; on failure it stays in flight."""
+        self._track_acks_batch([(tp, offset, sends, on_acked)])
+
+    def _track_acks_batch(self, entries: list[AckEntry]) -> None:
+        """``_track_acks`` for many offsets with one task: each offset still succeeds or fails on its own."""
 
         async def wait() -> None:
-            try:
-                # send() is a coroutine that enqueues the record and returns a future for the broker's ack.
-                futures = [await s for s in sends]
-                await asyncio.gather(*futures)
-            except Exception as exc:  # noqa: BLE001
-                # Never committed, so a restart re-reads it (no loss); liveness turns red once the commit
-                # position is stuck behind it.
-                self.consumer_metrics.publish_errors.inc()
-                log.error("publish.failed", service=self.name, error=repr(exc), partition=tp.partition,
-                          offset=offset)
-                return
-            self.tracker.done(tp, offset)
-            if on_acked is not None:
-                on_acked()
+            enqueued: list[list[asyncio.Future[Any]] | BaseException] = []
+            for _, _, sends, _ in entries:
+                try:
+                    # send() is a coroutine that enqueues the record and returns a future for the broker's ack.
+                    enqueued.append([await s for s in sends])
+                except Exception as exc:  # noqa: BLE001
+                    enqueued.append(exc)
+            for (tp, offset, _, on_acked), futures in zip(entries, enqueued, strict=True):
+                error = futures if isinstance(futures, BaseException) else None
+                if error is None:
+                    try:
+                        for future in futures:  # type: ignore[union-attr]
+                            await future
+                    except Exception as exc:  # noqa: BLE001
+                        error = exc
+                if error is not None:
+                    # Never committed, so a restart re-reads it (no loss); liveness turns red once the commit
+                    # position is stuck behind it.
+                    self.consumer_metrics.publish_errors.inc()
+                    log.error("publish.failed", service=self.name, error=repr(error), partition=tp.partition,
+                              offset=offset)
+                    continue
+                self.tracker.done(tp, offset)
+                if on_acked is not None:
+                    on_acked()
 
         task = asyncio.create_task(wait())
         self._pending_acks.add(task)

@@ -15,6 +15,7 @@ the verdicts' own stamps (``worker_window``), its CPU time from the OS, and its 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -76,6 +77,7 @@ def serve(config: Path, profile: Path | None = None) -> None:
     settings = load_settings(config, cls=WorkerSettings)
     configure_logging(settings.log_level)
     worker = MonitorWorker(settings, null_monitor(settings))
+    gc.freeze()  # as run_worker does after loading the model
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
