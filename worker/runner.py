@@ -56,6 +56,9 @@ def warm_up(monitor: Monitor, settings: WorkerSettings, passes: int = 2) -> floa
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load and warm the model (readiness stays false until partitions are assigned), then serve until signalled."""
+    # Tokenization runs in the prep thread with the GIL released; the Rust pool's own threads would only
+    # compete with the event loop for the same cores (and hide the cost from the stage timers).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     monitor = load_monitor(settings)
     warm_up(monitor, settings)
     worker = MonitorWorker(settings, monitor)

@@ -76,6 +76,7 @@ def serve(config: Path, profile: Path | None = None) -> None:
     """The child: a monitor worker on the null forward pass until SIGTERM (``python -m`` entry point)."""
     settings = load_settings(config, cls=WorkerSettings)
     configure_logging(settings.log_level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as run_worker does
     worker = MonitorWorker(settings, null_monitor(settings))
     gc.freeze()  # as run_worker does after loading the model
 
