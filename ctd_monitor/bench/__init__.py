@@ -1,1 +1,1 @@
-"""Development benchmarks of the streaming worker (each prints JSON through ``ctd-monitor bench``)."""
+"""Benchmarks (each prints JSON through ``ctd-monitor bench``) and the drift simulator."""

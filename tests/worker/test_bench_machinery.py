@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from ctd_monitor.bench.machinery import STAGES, NullExtractor, bench_machinery
+from ctd_monitor.local.broker import LocalBroker
 from probes.conversation import Conversation, single_turn
 from probes.features import collate
 from probes.monitor import Monitor
 from tests.worker.helpers import worker_settings
-from worker.broker import LocalBroker
 from worker.config import TopicsConfig
 
 STAGE_KEYS = {"decode", "render_tokenize", "batch_collate", "heads_budget", "serialise_publish", "commit",

@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.events import (
-    ConversationEvent,
-    DecodeError,
-    DecodeReason,
-    dead_letter,
-    decode_event,
-    json_schemas,
-)
+from worker.decode import DecodeError, DecodeReason, decode_event
+from worker.events import ConversationEvent, dead_letter, json_schemas
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "worker" / "schemas"
 
