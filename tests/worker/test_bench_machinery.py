@@ -41,7 +41,7 @@ def test_machinery_runs_through_the_real_broker(
     assert out["n"] == 300 and set(out["partitions"]) == {"1", "2"}
     for run in out["partitions"].values():
         assert run["verdicts"] == 300 and run["worker_exit_code"] == 0
-        assert run["events_per_s"] == pytest.approx(300 / run["worker_seconds"], rel=1e-3)
+        assert run["events_per_s"] == pytest.approx(300 / run["worker_seconds"], rel=1e-2)  # both rounded
         assert set(run["stages"]) == STAGE_KEYS and set(run["stage_cpu_seconds"]) == set(STAGES)
         # Every stage the worker timed ran, and the timed stages never exceed the process's CPU time.
         assert all(run["stage_cpu_seconds"][k] > 0 for k in ("decode", "render_tokenize", "serialise_publish"))
