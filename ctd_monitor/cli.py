@@ -381,6 +381,28 @@ def bench_pipeline(
     emit(run_bench(s, _bench_files(s, data), n, mode=mode))
 
 
+@bench_app.command("machinery")
+@_guarded
+def bench_machinery(
+    ctx: typer.Context,
+    data: BenchDataOpt = None,
+    n: Annotated[int, typer.Option(help="events per partition count")] = 10000,
+    partitions: Annotated[str, typer.Option(help="input partition counts to run, comma-separated")] = "1,2,4",
+    bundle: BenchBundleOpt = None,
+    profile_dir: Annotated[Path | None, typer.Option(help="cProfile the worker's event loop into DIR")] = None,
+) -> None:
+    """Host-side ceiling of one worker process: the real path through a real broker, forward pass stubbed."""
+    from ctd_monitor.bench.machinery import bench_machinery as run_bench
+
+    s = _bench_settings(ctx, bundle, "cpu", None)
+    counts = [int(p) for p in partitions.split(",") if p.strip()]
+    if not counts or min(counts) < 1:
+        fail("--partitions must list positive integers, e.g. 1,2,4")
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    emit(run_bench(s, _bench_files(s, data), n, counts, profile_dir=profile_dir))
+
+
 @bench_app.command("heads")
 @_guarded
 def bench_heads(

@@ -132,6 +132,10 @@ class Monitor:
     def tokenize(self, conversation: Conversation) -> list[int]:
         return self.extractor.tokenize([conversation])[0]
 
+    def tokenize_batch(self, conversations: Sequence[Conversation]) -> list[list[int]]:
+        """``tokenize`` for many at once: one call of the fast tokenizer for all (it releases the GIL)."""
+        return self.extractor.tokenize(conversations)
+
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
         batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)
         if self.loaded.device.type == "cuda":
