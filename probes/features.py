@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from probes.cache import atomic_write_bytes, sha256_text
 from probes.config import Pooling
 from probes.conversation import Conversation
 from probes.models import LoadedModel, layer_stack
-from probes.render import render_ids
+from probes.render import BatchRenderer
 
 Progress = Callable[[int], None]
 FloatArray = npt.NDArray[np.float32]
@@ -55,13 +56,15 @@ class TokenBatch:
 
 
 def collate(ids: Sequence[Sequence[int]], indices: list[int], pad_id: int) -> TokenBatch:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return TokenBatch(indices=indices, input_ids=input_ids, attention_mask=mask)
+    # Filled in numpy and handed to torch without a copy: a torch slice assignment per row costs more than
+    # the rest of the worker's per-event bookkeeping.
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    width = int(lengths.max())
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.arange(width) < lengths[:, None]
+    input_ids[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return TokenBatch(indices=indices, input_ids=torch.from_numpy(input_ids),
+                      attention_mask=torch.from_numpy(mask.astype(np.int64)))
 
 
 class FeatureExtractor:
@@ -80,6 +83,7 @@ class FeatureExtractor:
         self.batch_tokens = batch_tokens
         self.max_items = max_items
         self._captured: torch.Tensor | None = None
+        self._renderer = BatchRenderer(loaded.tokenizer, max_tokens)
         # The hook writes shared state: one forward at a time per extractor, whichever thread calls it.
         self._lock = threading.Lock()
         layer_stack(loaded.model)[layer - 1].register_forward_hook(self._capture)
@@ -92,7 +96,7 @@ class FeatureExtractor:
         return int(self.loaded.tokenizer.pad_token_id)
 
     def tokenize(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        return [render_ids(self.loaded.tokenizer, c, self.max_tokens) for c in conversations]
+        return self._renderer.ids(conversations)
 
     def batches(self, ids: Sequence[Sequence[int]]) -> Iterator[TokenBatch]:
         plan = plan_batches([len(x) for x in ids], batch_tokens=self.batch_tokens, max_items=self.max_items)

@@ -7,6 +7,7 @@ remaining message that is still too long is cut token-wise from the left (keepin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from probes.conversation import Message, plain_text
@@ -46,8 +47,139 @@ def render_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> 
             else:
                 lo = mid + 1
         ids = _encode(tokenizer, messages[lo:])
+    return _cut(tokenizer, ids, max_tokens)
+
+
+def _cut(tokenizer: Any, ids: list[int], max_tokens: int) -> list[int]:
+    """A single message still too long: keep its last tokens, and a leading special token (BOS/CLS)."""
     if len(ids) <= max_tokens:
         return ids
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
     head = ids[:1] if ids and ids[0] in special else []
     return head + ids[len(ids) - (max_tokens - len(head)) :]
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+_SENTINELS = ("\x00CTD-A\x00", "\x00CTD-B\x00", "\x00CTD-C\x00")
+# Contents the derived template must reproduce exactly: whitespace at either end (a template that trims
+# fails here), braces and Jinja syntax, newlines, unicode, the template's own marker characters.
+_PROBE_CONTENTS = (" lead", "trail \n", "{{ x }} {% if %} {#", "line\n\nbreak", "ünïcødé ✓ 日本", "<|im_end|> <s>", "x")
+_PROBE_ROLES = (("user",), ("system", "user"), ("user", "assistant", "user"),
+                ("system", "user", "assistant", "user", "assistant"), ("user", "assistant"))
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    """A chat template that is a fixed prefix plus a fixed wrapper per role around each message's content.
+
+    ``default_prefix`` is written when the first message is not a system message (SmolLM2's default system
+    prompt). Only ever built by ``derive_message_template``, which checks it against the real template.
+    """
+
+    default_prefix: str
+    wrappers: dict[str, tuple[str, str]]
+
+    def render(self, messages: Sequence[Message]) -> str:
+        parts = [] if messages[0].role == "system" else [self.default_prefix]
+        for m in messages:
+            before, after = self.wrappers[m.role]
+            parts += (before, m.content, after)
+        return "".join(parts)
+
+
+def _jinja(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> str:
+    return str(tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in pairs], tokenize=False,
+                                             add_generation_prompt=False))
+
+
+def derive_message_template(tokenizer: Any) -> MessageTemplate | None:
+    """The chat template as prefix + per-role wrappers, or None when it is anything more (then Jinja it is).
+
+    Derived from renders of sentinel conversations, then required to reproduce the template exactly on a
+    battery of multi-turn conversations with awkward contents; any difference, or a template that raises on
+    one of them, means no fast path.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    a, b, c = _SENTINELS
+    try:
+        system = _jinja(tokenizer, [("system", a)])
+        with_user = _jinja(tokenizer, [("system", a), ("user", b)])
+        with_assistant = _jinja(tokenizer, [("system", a), ("user", b), ("assistant", c)])
+        user_first = _jinja(tokenizer, [("user", b)])
+    except Exception:  # noqa: BLE001 - a template that cannot render these has no fixed shape
+        return None
+    if any(t.count(s) != 1 for t, s in ((system, a), (user_first, b))):
+        return None
+    s_before, s_after = system.split(a)
+    if not with_user.startswith(system) or with_user.count(b) != 1:
+        return None
+    u_before, u_after = with_user[len(system):].split(b)
+    if not with_assistant.startswith(with_user) or with_assistant.count(c) != 1:
+        return None
+    a_before, a_after = with_assistant[len(with_user):].split(c)
+    head, _, tail = user_first.partition(b)
+    if tail != u_after or not head.endswith(u_before):
+        return None
+    template = MessageTemplate(head[: len(head) - len(u_before)],
+                               {"system": (s_before, s_after), "user": (u_before, u_after),
+                                "assistant": (a_before, a_after)})
+    try:
+        for roles in _PROBE_ROLES:
+            for shift in range(len(_PROBE_CONTENTS)):
+                messages = [Message(r, _PROBE_CONTENTS[(shift + i) % len(_PROBE_CONTENTS)])
+                            for i, r in enumerate(roles)]
+                if template.render(messages) != render_text(tokenizer, messages):
+                    return None
+    except Exception:  # noqa: BLE001
+        return None
+    return template
+
+
+class BatchRenderer:
+    """``render_ids`` for many conversations at once: identical ids, a fraction of the cost.
+
+    Rendering uses the derived ``MessageTemplate`` instead of Jinja per conversation, tokenization one call
+    of the Rust tokenizer for the whole list (it releases the GIL). Conversations over ``max_tokens`` go
+    through ``render_ids`` (whole-turn left truncation), as does everything when the template has no fixed
+    shape or the tokenizer is not a fast one.
+    """
+
+    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.template = derive_message_template(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend: Any = None
+        if backend is not None:
+            # A private copy: transformers sets padding and truncation on its backend for every call and leaves
+            # them set, so another caller's ``padding=True`` would otherwise pad this one's batches.
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.no_padding()
+            self.backend.no_truncation()
+        self.fast = self.backend is not None and (self.template is not None or not self.has_template)
+
+    def text(self, messages: Sequence[Message]) -> str:
+        return self.template.render(messages) if self.template is not None else render_text(self.tokenizer, messages)
+
+    def ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        if not self.fast:
+            return [render_ids(self.tokenizer, c, self.max_tokens) for c in conversations]
+        for c in conversations:
+            if not c:
+                raise ValueError("cannot render an empty conversation")
+        # A chat template already wrote its own special tokens; plain text gets the tokenizer's (as _encode).
+        encoded = self.backend.encode_batch_fast([self.text(c) for c in conversations],
+                                                 add_special_tokens=not self.has_template)
+        out: list[list[int]] = []
+        for c, e in zip(conversations, encoded, strict=True):
+            ids = e.ids
+            if len(ids) > self.max_tokens:
+                # One message: render_ids would cut these very ids; several: it drops whole turns first.
+                ids = _cut(self.tokenizer, ids, self.max_tokens) if len(c) == 1 else render_ids(
+                    self.tokenizer, c, self.max_tokens)
+            out.append(ids)
+        return out

@@ -19,17 +19,11 @@ import numpy.typing as npt
 from probes.config import Settings
 from probes.data import Record
 from probes.heads import sigmoid
+from probes.manifest import StopCalibration, StreamManifest
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress
-from probes.token_probe import (
-    AGGREGATORS,
-    StopCalibration,
-    StreamManifest,
-    TokenProbe,
-    first_crossing,
-    stream_section,
-)
+from probes.token_probe import AGGREGATORS, TokenProbe, first_crossing, stream_section
 from probes.token_train import CONV_HEAD, load_responses, read_responses, response_label
 
 F64 = npt.NDArray[np.float64]

@@ -6,8 +6,7 @@ settings and the calibrated stop thresholds are the manifest's ``stream`` sectio
 - ``ema``: s_t = λ·s_{t−1} + (1−λ)·z_t, s_0 = z_0 (method.md §7, ``probes.features.ema_scores``);
 - ``rolling_max``: m_t = mean of the last k logits (fewer at the start), the sequence score is max_t m_t.
 
-The manifest section is typed (``StreamManifest``) and so are the head entries (``type``/``output``/``target``
-/``c``/``n_train``/``trained_on`` only), so the section slots into a typed bundle manifest unchanged.
+The manifest's ``stream`` section is typed (``probes.manifest.StreamManifest``).
 
 A stream stops at the first token whose smoothed score exceeds the aggregator's threshold, i.e. exactly
 when the running peak crosses it, so the threshold is calibrated on each benign response's peak.
@@ -18,33 +17,29 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
 
 from probes.bundle import Bundle
-from probes.config import Aggregator, Frozen
+from probes.config import Aggregator
 from probes.errors import BundleError
 from probes.features import ema_scores
 from probes.heads import LinearHead, sigmoid
+from probes.manifest import StreamManifest
 
 F64 = npt.NDArray[np.float64]
-STREAM_SECTION = "stream"
 AGGREGATORS: tuple[Aggregator, ...] = get_args(Aggregator)
 TOKEN_HEAD = "token"
 
 
 def stream_section(bundle: Bundle) -> StreamManifest:
     """The typed ``stream`` section of a bundle that has a token head (a clear error otherwise)."""
-    raw = bundle.manifest.get(STREAM_SECTION)
-    if TOKEN_HEAD not in bundle.heads or not raw:
+    section = bundle.manifest.stream
+    if TOKEN_HEAD not in bundle.heads or section is None:
         raise BundleError("the bundle has no token-level probe: run `ctd-monitor train-token-probe` first")
-    try:
-        return StreamManifest.model_validate(raw)
-    except ValueError as exc:
-        raise BundleError(f"invalid stream section in the bundle manifest: {exc}") from exc
+    return section
 
 
 def rolling_means(token_logits: npt.ArrayLike, window: int) -> F64:
@@ -114,57 +109,6 @@ class StreamAggregate:
         return 8 * (2 + len(self.recent) + 2 * len(AGGREGATORS))
 
 
-class StopCalibration(Frozen):
-    """One LTT stop threshold (``probes.calibration.Calibration`` as stored); ``threshold=None``: never stop."""
-
-    signal: str
-    variant: str
-    alpha: float
-    delta: float
-    threshold: float | None
-    n_cal: int
-    n_opt: int
-    n_ht: int
-    seed: int
-    certified: int
-    tested: int
-    ht_rate: float | None
-    grid_size: int
-
-    @property
-    def valid(self) -> bool:
-        return self.threshold is not None
-
-
-class StreamManifest(Frozen):
-    """The bundle manifest's ``stream`` section: how the token head was trained and how a stream applies it.
-
-    ``thresholds`` holds one stop calibration per aggregator and one per conversation-level baseline
-    (``stream_conv``, ``safety``: the full-text score, for evaluation only).
-    """
-
-    layer: int
-    decay: float
-    window: int
-    aggregator: Aggregator
-    score: Literal["peak", "final"]
-    max_response_tokens: int
-    prefix_max_tokens: int
-    holdback_tokens: int
-    warmup_tokens: int
-    train_tokens_per_response: int
-    max_per_source: int | None
-    file_sha256: dict[str, str]
-    content_hash: str
-    split_seed: int
-    split_sizes: dict[str, dict[str, int]]
-    alpha: float
-    delta: float
-    n_benign_calibration: int
-    thresholds: dict[str, StopCalibration]
-    train_token_metrics: dict[str, float] = Field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class StreamSettings:
     """What the manifest's ``stream`` section fixes for the runtime (the config only trains)."""
@@ -228,3 +172,4 @@ class TokenProbe:
         a = self.settings.aggregator
         value = aggregate.peak[a] if self.settings.score == "peak" else aggregate.last[a]
         return float(sigmoid(np.asarray([value]))[0]) if np.isfinite(value) else 0.0
+

@@ -21,7 +21,6 @@ from sklearn.linear_model import LogisticRegression
 
 from probes.bundle import save_bundle
 from probes.calibration import (
-    Calibration,
     delegation_rates,
     fixed_sequence_test,
     split_opt_ht,
@@ -30,20 +29,15 @@ from probes.calibration import (
 from probes.config import Settings
 from probes.data import SPLITS, Dataset, Record, Splits, load_dataset, split_dataset
 from probes.errors import DataError
-from probes.heads import LinearHead, fit_logistic, standardisation
+from probes.fitting import fit_logistic, standardisation
+from probes.heads import LinearHead
 from probes.logs import get_logger
+from probes.manifest import HeadInfo, StopCalibration, StreamManifest
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress
 from probes.stream_scorer import ResponseFeatures, prefix_ids, require_causal, response_features, response_ids
-from probes.token_probe import (
-    AGGREGATORS,
-    STREAM_SECTION,
-    TOKEN_HEAD,
-    StopCalibration,
-    StreamManifest,
-    smoothed,
-)
+from probes.token_probe import AGGREGATORS, TOKEN_HEAD, smoothed
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
@@ -140,7 +134,7 @@ def fit_token_head(data: TokenTrainingSet, *, c: float, seed: int, max_iter: int
 
 
 def calibrate_stop(peaks: npt.ArrayLike, *, alpha: float, delta: float, seed: int, name: str,
-                   grid_size: int = 200, opt_fraction: float = 0.3, extension: int = 40) -> Calibration:
+                   grid_size: int = 200, opt_fraction: float = 0.3, extension: int = 40) -> StopCalibration:
     """LTT (budget variant) of a stop threshold on benign scores, with the calibration module's test.
 
     ``calibrate`` starts its grid just above the opt split's maximum; with a heavy upper tail (peaks of noisy
@@ -158,10 +152,10 @@ def calibrate_stop(peaks: npt.ArrayLike, *, alpha: float, delta: float, seed: in
     rates = delegation_rates(ht, grid)
     certified = fixed_sequence_test(rates, ht.size, alpha, delta)
     threshold = float(grid[certified - 1]) if certified else None
-    return Calibration(
+    return StopCalibration(
         signal=name, variant="budget", alpha=alpha, delta=delta, threshold=threshold, n_cal=int(values.size),
         n_opt=int(opt.size), n_ht=int(ht.size), seed=seed, certified=certified, tested=int(grid.size),
-        ht_rate=float(rates[certified - 1]) if certified else None, opt_error=None, grid_size=int(grid.size),
+        ht_rate=float(rates[certified - 1]) if certified else None, grid_size=int(grid.size),
     )
 
 
@@ -186,32 +180,31 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
     calibration_set = [r for r in (*splits.dev, *splits.calibration) if response_label(r) == 0]
     cal_feats = read_responses(monitor, calibration_set, cfg.max_response_tokens, progress, "calibration")
     cal_logits = [f.token_states @ w + c0 for f in cal_feats]
-    cal: dict[str, Any] = {}
+    cal: dict[str, StopCalibration] = {}
     for agg in AGGREGATORS:
         peaks = [float(smoothed(z, agg, decay=cfg.decay, window=cfg.window).max()) for z in cal_logits]
         cal[agg] = calibrate_stop(peaks, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
-                                  name=f"token_{agg}_peak").to_manifest()
+                                  name=f"token_{agg}_peak")
     # The conversation-level heads read the finished text once: their threshold is on that one score.
     conv_scores = conv.logit(np.stack([f.pooled["mean"] for f in cal_feats]))
     cal[CONV_HEAD] = calibrate_stop(conv_scores, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
-                                    name=f"{CONV_HEAD}_logit").to_manifest()
+                                    name=f"{CONV_HEAD}_logit")
     safety_scores = monitor.bundle.heads["safety"].logit(np.stack([f.pooled[monitor.pooling] for f in cal_feats]))
     cal["safety"] = calibrate_stop(safety_scores, alpha=cfg.alpha, delta=cfg.delta, seed=seed,
-                                   name="safety_logit_full_text").to_manifest()
+                                   name="safety_logit_full_text")
 
     bundle = monitor.bundle
     train_token_p = head.proba(tokens.x)
     bundle.heads[TOKEN_HEAD] = head
     bundle.heads[CONV_HEAD] = conv
-    manifest = dict(bundle.manifest)
-    manifest["heads"] = {
-        **manifest.get("heads", {}),
-        TOKEN_HEAD: {"type": "logistic", "output": "token logit", "target": "response_label",
-                     "c": cfg.regularization_c, "n_train": tokens.responses,
-                     "trained_on": f"{tokens.y.size} response-token states of {tokens.responses} responses"},
-        CONV_HEAD: {"type": "logistic", "output": "p_unsafe", "target": "response_label",
-                    "c": settings.probe.regularization_c, "n_train": len(train),
-                    "trained_on": "mean over context + response tokens"},
+    heads = {
+        **bundle.manifest.heads,
+        TOKEN_HEAD: HeadInfo(type="logistic", output="token logit", target="response_label",
+                             c=cfg.regularization_c, n_train=tokens.responses,
+                             trained_on=f"{tokens.y.size} response-token states of {tokens.responses} responses"),
+        CONV_HEAD: HeadInfo(type="logistic", output="p_unsafe", target="response_label",
+                            c=settings.probe.regularization_c, n_train=len(train),
+                            trained_on="mean over context + response tokens"),
     }
     section = StreamManifest(
         layer=monitor.extractor.layer, decay=cfg.decay, window=cfg.window, aggregator=cfg.aggregator,
@@ -223,12 +216,10 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
                             "harmful_responses": int(sum(response_label(r) for r in splits.get(name)))}
                      for name in SPLITS},
         alpha=cfg.alpha, delta=cfg.delta, n_benign_calibration=len(cal_feats),
-        thresholds={k: StopCalibration.model_validate({f: v[f] for f in StopCalibration.model_fields})
-                    for k, v in cal.items()},
+        thresholds=cal,
         train_token_metrics=classification_metrics(tokens.y, train_token_p),
     )
-    manifest[STREAM_SECTION] = section.model_dump(mode="json")
-    bundle.manifest = manifest
+    bundle.manifest = bundle.manifest.replace(heads=heads, stream=section)
     save_bundle(bundle, bundle_dir)
     log.info("token_probe.trained", bundle=str(bundle_dir), n_train=len(train),
              thresholds={a: section.thresholds[a].threshold for a in AGGREGATORS})

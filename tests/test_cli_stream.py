@@ -50,7 +50,8 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     payload = orjson.loads(result.stdout)
     loaded = load_bundle(bundle)
     assert {"safety", "token", "stream_conv"} <= set(loaded.heads)
-    assert "safety" in loaded.manifest["heads"] and "token" in loaded.manifest["heads"]
+    assert "safety" in loaded.manifest.heads and "token" in loaded.manifest.heads
+    assert loaded.manifest.stream is not None and loaded.manifest.stream.layer == 2
     probe = TokenProbe.from_bundle(loaded)
     assert probe.layer == 2 and probe.settings.max_response_tokens == 24
     cal = payload["thresholds"]

@@ -7,6 +7,7 @@ The class is pure logic with an injected clock: the worker drives it from its ev
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -44,9 +45,9 @@ class MicroBatcher(Generic[T]):
         self._queue.append(Pending(item, max(1, tokens), now, self._seq))
 
     def _full(self) -> bool:
-        window = list(self._queue)[: self.limits.lookahead]
-        if len(window) >= self.limits.max_items:
-            return True
+        if min(len(self._queue), self.limits.lookahead) >= self.limits.max_items:
+            return True  # without copying the window: the queue can hold thousands while a batch is in torch
+        window = list(itertools.islice(self._queue, self.limits.lookahead))
         return max(p.tokens for p in window) * len(window) >= self.limits.max_batch_tokens
 
     def due_in(self, now: float) -> float | None:
@@ -62,7 +63,7 @@ class MicroBatcher(Generic[T]):
         due = self.due_in(now)
         if due is None or (due > 0 and not force):
             return []
-        window = list(self._queue)[: self.limits.lookahead]
+        window = list(itertools.islice(self._queue, self.limits.lookahead))
         ordered = sorted(window, key=lambda p: (p.tokens, p.seq))
         oldest = self._queue[0]
         lo = hi = ordered.index(oldest)

@@ -50,7 +50,10 @@ class KafkaConfig(Frozen):
 
     def producer_kwargs(self, max_event_bytes: int | None = None) -> dict[str, Any]:
         """Producer settings of every output: acknowledged by all replicas, idempotent, briefly lingering."""
-        kwargs: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
+        # aiokafka keeps one batch per partition in flight and makes send() wait while it is full: at its
+        # default 16 KiB (~25 verdicts) every send waited for several drains; 512 KiB takes a whole micro-batch.
+        kwargs: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5,
+                                  "max_batch_size": 512 * 1024}
         if max_event_bytes is not None:
             kwargs["max_request_size"] = 4 * max_event_bytes  # an output may embed its input (review requests)
         return kwargs
@@ -145,7 +148,9 @@ class GuardConfig(ServiceConfig):
     expert_timeout_s: float = Field(60.0, gt=0, description="a batch slower than this counts as the expert down")
     retry_backoff_s: float = Field(1.0, gt=0, description="first wait before retrying a down expert (doubles)")
     retry_backoff_max_s: float = Field(30.0, gt=0)
-    unsafe_threshold: float = Field(0.5, gt=0, lt=1)
+    unsafe_threshold: float | None = Field(
+        None, gt=0, lt=1, description="expert score at or above which a verdict is unsafe; default: the cut "
+        "`calibrate` certified for this expert in guard.bundle, else 0.5")
     http_port: int = Field(8081, ge=0, le=65535)
 
 

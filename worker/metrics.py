@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class StageClock:
+    """CPU time per pipeline stage, timed around a whole batch (never per event, never across an await).
+
+    ``time.thread_time`` rather than a wall clock: the prep and inference threads contend for the GIL with the
+    event loop, and waiting for it is not the stage's cost. What no stage covers (the Kafka client's fetch
+    parsing and produce batching, ack futures, the event loop itself) is the process's CPU time minus the sum.
+    """
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[str, Counter] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            child = self._children.get(stage)
+            if child is None:
+                child = self._children[stage] = self._counter.labels(stage=stage)
+            child.inc(time.thread_time() - started)
 
 
 @dataclass
@@ -40,6 +67,10 @@ class ConsumerMetrics:
             f"{p}_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
         )
         self.ready = Gauge(f"{p}_ready", "1 when models are loaded and partitions are assigned", registry=r)
+        self.stage_cpu = StageClock(Counter(
+            f"{p}_stage_cpu_seconds", "CPU seconds of the host-side stages (the thread running each)", ["stage"],
+            registry=r,
+        ))
 
 
 @dataclass

@@ -19,12 +19,21 @@ from typing import Any
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from worker.batcher import BatchLimits, MicroBatcher
-from worker.budget import BudgetController
+from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
-from worker.events import BudgetState, ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
+from worker.stream import (
+    Envelope,
+    Message,
+    Outputs,
+    Publication,
+    Record,
+    ServiceLimits,
+    Stream,
+    split_on_failure,
+)
 
 log = get_logger(__name__)
 
@@ -38,15 +47,6 @@ class Tokenized:
 
 
 Item = Envelope[Tokenized]
-
-
-@dataclass
-class Outcome:
-    p_unsafe: float
-    dv: float | None
-    signal: float
-    delegated: bool
-    budget: BudgetState
 
 
 class MonitorHandler:
@@ -70,6 +70,8 @@ class MonitorHandler:
         self._wake = asyncio.Event()
         self._out: Outputs | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
+        self._recent_delegated = 0  # delegations among _recent, kept as they come and go
+        self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
@@ -103,22 +105,32 @@ class MonitorHandler:
     # ---------------------------------------------------------------- decode + tokenize
     async def accept(self, records: Sequence[Record]) -> None:
         now = time.monotonic()
+        stage = self.metrics.stage_cpu
         decoded: list[tuple[Record, ConversationEvent]] = []
-        for record in records:
-            try:
-                event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
-            except DecodeError as exc:
-                self.out.dead_letter(record, exc.reason, exc.detail, "decode")
-                continue
-            decoded.append((record, event))
+        with stage("decode"):
+            for record in records:
+                try:
+                    event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
+                except DecodeError as exc:
+                    self.out.dead_letter(record, exc.reason, exc.detail, "decode")
+                    continue
+                decoded.append((record, event))
         if not decoded:
             return
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(
-            self._prep, lambda: [self.monitor.tokenize(event.conversation()) for _, event in decoded]
-        )
-        for (record, event), token_ids in zip(decoded, ids, strict=True):
-            self.batcher.add(Envelope.of(record, Tokenized(event, token_ids), now), len(token_ids), now)
+
+        def tokenize() -> list[list[int]]:
+            with stage("render_tokenize"):
+                conversations = [event.conversation() for _, event in decoded]
+                try:
+                    return self.monitor.tokenize_batch(conversations)
+                except Exception:  # noqa: BLE001 - one at a time, so only the failing event fails
+                    return [self.monitor.tokenize(c) for c in conversations]
+
+        ids = await loop.run_in_executor(self._prep, tokenize)
+        with stage("batch_collate"):
+            for (record, event), token_ids in zip(decoded, ids, strict=True):
+                self.batcher.add(Envelope.of(record, Tokenized(event, token_ids), now), len(token_ids), now)
         self._wake.set()
 
     # ---------------------------------------------------------------- batch + infer
@@ -135,15 +147,24 @@ class MonitorHandler:
                     pass
                 if not out.stopping:
                     continue
-            batch = self.batcher.next_batch(time.monotonic(), force=out.stopping)
+            with self.metrics.stage_cpu("batch_collate"):
+                batch = self.batcher.next_batch(time.monotonic(), force=out.stopping)
             if not batch:
                 continue
             items = [p.item for p in batch]
-            collated = await loop.run_in_executor(self._prep, self.monitor.collate, [i.body.ids for i in items])
+            collated = await loop.run_in_executor(self._prep, self._collate, [i.body.ids for i in items])
             if self._inference is not None:
                 await self._inference  # one batch in torch at a time; this one was collated meanwhile
             self._inference = asyncio.create_task(self._infer_and_publish(items, collated))
             self._inference.add_done_callback(self._inference_done)
+
+    def _collate(self, ids: list[list[int]]) -> Any:
+        with self.metrics.stage_cpu("batch_collate"):
+            return self.monitor.collate(ids)
+
+    def _score(self, batch: Any) -> Any:
+        with self.metrics.stage_cpu("score"):
+            return self.monitor.score(batch)
 
     def _inference_done(self, task: asyncio.Task[None]) -> None:
         if self._inference is task:
@@ -162,19 +183,25 @@ class MonitorHandler:
             loop = asyncio.get_running_loop()
             # The whole batch was collated while the previous one ran; halves after a failure are collated anew.
             batch = collated if part is items else await loop.run_in_executor(
-                self._prep, self.monitor.collate, [i.body.ids for i in part])
+                self._prep, self._collate, [i.body.ids for i in part])
             try:
-                scores = await loop.run_in_executor(self._infer, self.monitor.score, batch)
+                scores = await loop.run_in_executor(self._infer, self._score, batch)
             except Exception:
                 self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
                 raise
             elapsed = time.monotonic() - started
             self.metrics.inference_latency.observe(elapsed)
-            decisions = self.budget.decide(scores.signal, [item.tp.partition for item in part])
-            for i, item in enumerate(part):
-                outcome = Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
-                                  float(scores.signal[i]), decisions[i].delegated, decisions[i].budget)
-                self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+            with self.metrics.stage_cpu("budget"):
+                delegations = self.budget.decide(scores.signal, [item.tp.partition for item in part])
+            with self.metrics.stage_cpu("serialise_publish"):
+                publications: list[Publication] = []
+                try:
+                    for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
+                        dv = None if scores.dv is None else float(scores.dv[i])
+                        publications.append(self._publish(item, float(scores.p_unsafe[i]), dv, delegation,
+                                                          queue_s=started - item.consumed_at, inference_s=elapsed))
+                finally:
+                    self.out.publish_many(publications)  # what was built is sent and tracked, even after a failure
 
         def give_up(item: Item, exc: Exception) -> None:
             self.out.dead_letter(item, "inference_error", repr(exc), "inference")
@@ -182,15 +209,15 @@ class MonitorHandler:
         await split_on_failure(items, attempt, give_up, what="inference")
 
     # ---------------------------------------------------------------- publish
-    def _publish(self, item: Item, outcome: Outcome, *, queue_s: float, inference_s: float) -> None:
+    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, queue_s: float,
+                 inference_s: float) -> Publication:
         topics = self.settings.topics
-        rule = self.monitor.rule
         event = item.body.event
-        budget = outcome.budget
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
-            p_unsafe=outcome.p_unsafe, dv=outcome.dv, delegated=outcome.delegated,
-            decision="unsafe" if outcome.p_unsafe >= 0.5 else "safe", source="probe", budget=budget,
+            p_unsafe=p_unsafe, dv=dv, delegated=delegation.delegated,
+            decision="unsafe" if p_unsafe >= self.monitor.unsafe_cut else "safe", source="probe",
+            budget=delegation.budget,
             bundle_version=self.monitor.bundle.version, model_version=self.monitor.model_version,
             timings=Timings(queue_ms=queue_s * 1000, inference_ms=inference_s * 1000,
                             total_ms=(time.monotonic() - item.consumed_at) * 1000),
@@ -199,23 +226,26 @@ class MonitorHandler:
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
         messages = [Message(topics.verdicts, verdict.to_json(), key, headers)]
-        if outcome.delegated:
+        if delegation.delegated:
             request = ReviewRequest(
-                event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
-                reason=f"{rule.signal}={outcome.signal:.4f} > threshold={budget.threshold}",
-                threshold=budget.threshold, bundle_version=self.monitor.bundle.version,
+                event=event, p_unsafe=p_unsafe, dv=dv, reason=delegation.reason,
+                threshold=delegation.budget.threshold, budget=delegation.budget,
+                bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
             messages.append(Message(topics.review, request.to_json(), key, headers))
-        self._recent.append(outcome.delegated)
-        self.out.publish(item, messages, lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_delegated -= self._recent[0]
+        self._recent.append(delegation.delegated)
+        self._recent_delegated += delegation.delegated
+        return item, messages, lambda: self._acked(item.consumed_at, verdict.decision, delegation.delegated)
 
     def _acked(self, consumed_at: float, decision: str, delegated: bool) -> None:
-        self.metrics.verdicts_out.labels(decision=decision, source="probe").inc()
+        self._verdicts_out[decision].inc()
         if delegated:
             self.metrics.delegated.inc()
         self.metrics.end_to_end_latency.observe(time.monotonic() - consumed_at)
-        self.metrics.delegation_rate.set(sum(self._recent) / len(self._recent))
+        self.metrics.delegation_rate.set(self._recent_delegated / len(self._recent))
 
 
 MonitorStream = Stream[MonitorHandler]

@@ -9,6 +9,7 @@ the last chunk (the largest an open response gets).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import time
@@ -34,6 +35,9 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
                  chunks: int = 8) -> dict[str, Any]:
     monitor = Monitor(bundle_dir, settings.model, cache_dir=settings.cache_dir)
     probe = TokenProbe.from_bundle(monitor.bundle)
+    # Throughput only: no threshold, so no response stops early and both sides read every token.
+    probe = dataclasses.replace(probe, settings=dataclasses.replace(
+        probe.settings, thresholds=dict.fromkeys(probe.settings.thresholds)))
     scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
     tok = monitor.loaded.tokenizer
     _, splits = load_responses(settings, files)
@@ -43,6 +47,8 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
     items = [(r.messages[:-1], tok.decode(response_ids(tok, r.messages[-1].content)[:cap])) for r in records]
     items = [(c, t) for c, t in items if t]
 
+    recomputations: list[int] = []
+
     def incremental(context: Any, text: str) -> tuple[float, int, int, int]:
         store = KVStore(max_bytes=1 << 40, max_entries=8)
         state = scorer.open(context)
@@ -51,6 +57,7 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
             if i == chunks - 1:
                 kv, held = cache_nbytes(store.get("r")), state.nbytes()
             step = scorer.feed("r", state, piece, final=i == chunks - 1, store=store)
+        recomputations.append(state.recomputations)
         return step.peak, step.scored_tokens, kv, held
 
     def recompute(context: Any, text: str) -> tuple[float, int]:
@@ -93,6 +100,7 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
         "recompute": {"seconds": t_rec, "tokens_per_s": tokens / t_rec},
         "speedup": t_rec / t_inc,
         "max_abs_peak_logit_gap": peak_gap,
+        "retokenization_rescores": int(sum(recomputations[1:])),  # the first is the warm-up run
         "memory_per_open_response_bytes": {
             "kv_cache_mean": float(np.mean(kv)), "kv_cache_max": int(max(kv)),
             "state_mean": float(np.mean(state)), "state_max": int(max(state)),

@@ -1,22 +1,30 @@
 from __future__ import annotations
 
-from probes.conversation import Message, conversation, plain_text
-from probes.render import render_ids, render_text
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+
+from probes.conversation import Conversation, Message, conversation, plain_text
+from probes.data import read_file
+from probes.models import LoadedModel
+from probes.render import BatchRenderer, derive_message_template, render_ids, render_text
 
 
-def test_chat_template_rendering(smollm2) -> None:
+def test_chat_template_rendering(smollm2: LoadedModel) -> None:
     conv = conversation([("user", "How do I bake bread?"), ("assistant", "Mix flour and water.")])
     text = render_text(smollm2.tokenizer, conv)
     assert "<|im_start|>user\nHow do I bake bread?<|im_end|>" in text
     assert "<|im_start|>assistant\nMix flour and water.<|im_end|>" in text
 
 
-def test_plain_rendering_without_template(minilm) -> None:
+def test_plain_rendering_without_template(minilm: LoadedModel) -> None:
     conv = conversation([("user", "hi"), ("assistant", "hello")])
     assert render_text(minilm.tokenizer, conv) == "User: hi\n\nAssistant: hello" == plain_text(conv)
 
 
-def test_left_truncation_drops_oldest_turns_first(smollm2) -> None:
+def test_left_truncation_drops_oldest_turns_first(smollm2: LoadedModel) -> None:
     turns = [("user", f"turn number {i} " + "filler " * 20) for i in range(10)] + [("user", "FINAL question here")]
     conv = conversation(turns)
     ids = render_ids(smollm2.tokenizer, conv, max_tokens=80)
@@ -28,7 +36,7 @@ def test_left_truncation_drops_oldest_turns_first(smollm2) -> None:
     assert decoded.startswith("<|im_start|>")
 
 
-def test_single_long_message_keeps_its_tail_and_cls(minilm) -> None:
+def test_single_long_message_keeps_its_tail_and_cls(minilm: LoadedModel) -> None:
     text = " ".join(f"w{i}" for i in range(500)) + " THE END"
     ids = render_ids(minilm.tokenizer, (Message("user", text),), max_tokens=32)
     assert len(ids) == 32
@@ -36,6 +44,65 @@ def test_single_long_message_keeps_its_tail_and_cls(minilm) -> None:
     assert minilm.tokenizer.decode(ids[1:]).replace(" ", "").endswith("theend[SEP]")
 
 
-def test_short_conversation_untouched(smollm2) -> None:
+def test_short_conversation_untouched(smollm2: LoadedModel) -> None:
     conv = conversation([("user", "hello")])
     assert render_ids(smollm2.tokenizer, conv, 4096) == render_ids(smollm2.tokenizer, conv, 10_000)
+
+
+def _dataset_conversations(datasets_dir: Path) -> list[Conversation]:
+    files = ("harmbench.jsonl", "xstest.jsonl", "xstest_completions.conversations.jsonl",
+             "cosafe.conversations.jsonl", "hh_rlhf_harmless_pairs.conversations.jsonl")
+    return [r.messages for f in files for r in read_file(datasets_dir / f)[:150]]
+
+
+@pytest.mark.parametrize(("fixture", "max_tokens"), [("smollm2", 256), ("smollm2", 64), ("minilm", 64)])
+def test_batch_renderer_gives_the_template_path_ids_on_real_conversations(
+    fixture: str, max_tokens: int, datasets_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    tokenizer = request.getfixturevalue(fixture).tokenizer
+    conversations = _dataset_conversations(datasets_dir)
+    assert sum(len(c) > 2 for c in conversations) > 100  # multi-turn, system turns and left truncation covered
+    renderer = BatchRenderer(tokenizer, max_tokens)
+    assert renderer.fast
+    expected = [render_ids(tokenizer, c, max_tokens) for c in conversations]
+    assert sum(len(ids) == max_tokens for ids in expected) > 20
+    assert renderer.ids(conversations) == expected
+
+
+def test_smollm2_template_is_derived_without_jinja(smollm2: Any) -> None:
+    template = derive_message_template(smollm2.tokenizer)
+    assert template is not None and template.default_prefix.startswith("<|im_start|>system\n")
+    conv = conversation([("system", " s "), ("user", "{{ u }}\n"), ("assistant", "a")])
+    assert template.render(conv) == render_text(smollm2.tokenizer, conv)
+
+
+class _JinjaTokenizer:
+    """Just enough of a tokenizer to hand ``derive_message_template`` an arbitrary chat template."""
+
+    def __init__(self, chat_template: str) -> None:
+        self.chat_template = chat_template
+        self._template = jinja2.Environment().from_string(chat_template)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> str:
+        return self._template.render(messages=messages)
+
+
+@pytest.mark.parametrize("body", [
+    "{{ m['content'] | trim }}",  # rewrites the content
+    "{% if m['role'] == 'user' and loop.index > 2 %}again:{% endif %}{{ m['content'] }}",  # depends on position
+])
+def test_templates_with_more_than_fixed_wrappers_keep_jinja(body: str) -> None:
+    source = "{% for m in messages %}<{{ m['role'] }}>" + body + "</s>{% endfor %}"
+    assert derive_message_template(_JinjaTokenizer(source)) is None
+    plain = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    assert derive_message_template(_JinjaTokenizer(plain)) is not None
+
+
+def test_batch_renderer_ignores_padding_left_on_the_shared_tokenizer(minilm: LoadedModel) -> None:
+    renderer = BatchRenderer(minilm.tokenizer, 64)
+    conversations = [conversation([("user", "short")]), conversation([("user", "a much longer message " * 5)])]
+    minilm.tokenizer(["x", "y z"], padding=True)  # transformers leaves padding enabled on its backend
+    try:
+        assert renderer.ids(conversations) == [render_ids(minilm.tokenizer, c, 64) for c in conversations]
+    finally:
+        minilm.tokenizer(["x"], padding=False)
