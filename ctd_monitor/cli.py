@@ -422,7 +422,10 @@ def bench_generalization(
     try:
         base = g.LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else g.LosoConfig()
         alphas = tuple(float(x) for x in budgets.split(",") if x.strip())
-        known = {r.name: r for r in (g.BEFORE, g.AFTER, *base.recipes)}
+        # The built-in recipes read the configured probe features (layer 15 mean by default).
+        configured = ((s.features.layer, s.features.pooling),)
+        known = {r.name: r.model_copy(update={"variants": configured}) for r in (g.BEFORE, g.AFTER)}
+        known.update({r.name: r for r in base.recipes})
         chosen = tuple(known[name.strip()] for name in recipes.split(",") if name.strip())
         combos = [tuple((int(v.split(":")[0]), v.split(":")[1]) for v in combo.split("+"))
                   for combo in sweep.split(";") if combo.strip()]

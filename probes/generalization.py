@@ -180,7 +180,7 @@ class ExpertChoice(Frozen):
 
 class LosoConfig(Frozen):
     pool: PoolConfig = PoolConfig()
-    recipes: tuple[Recipe, ...] = (BEFORE,)
+    recipes: tuple[Recipe, ...] = Field((), description="extra named recipes (the CLI adds before and after)")
     probe_spec: str = "smollm2-135m-instruct"
     probe_max_tokens: int = 256
     dtype: str = "auto"
