@@ -12,6 +12,8 @@ chunk once.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy.typing as npt
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from probes.cache import atomic_write_bytes, sha256_text
+from probes.cache import sha256_text
 from probes.logs import get_logger
 
 log = get_logger(__name__)
@@ -110,10 +112,14 @@ class RecordStore:
             return
         name = sha256_text(*keys)[:24]
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}.partial"
-        save_file({"keys": _encode_keys(keys), "values": array}, str(tmp), metadata=self.description or None)
-        atomic_write_bytes(self.dir / f"{name}.safetensors", tmp.read_bytes())
-        tmp.unlink(missing_ok=True)
+        # A private temporary name, then one rename: concurrent writers (two workers, two CLI runs) of the
+        # same chunk never see each other's half-written file.
+        tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.partial"
+        try:
+            save_file({"keys": _encode_keys(keys), "values": array}, str(tmp), metadata=self.description or None)
+            os.replace(tmp, self.dir / f"{name}.safetensors")
+        finally:
+            tmp.unlink(missing_ok=True)
         index = self._load()
         for key, row in zip(keys, array, strict=True):
             index[key[:KEY_CHARS]] = row
