@@ -474,6 +474,58 @@ def bench_heads(
     emit(run_bench(s, _bench_files(s, data), n, repeats=repeats))
 
 
+@bench_app.command("generalization")
+@_guarded
+def bench_generalization(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="directory for metrics.json and report.md")] = Path("runs/generalization"),
+    recipes: Annotated[str, typer.Option(help="comma-separated recipes: before (today's), after (the new one)")] = (
+        "before,after"),
+    expert: Annotated[str, typer.Option(help="frozen (sentence-encoder embeddings + head per fold) | finetune "
+                                        "(the encoder-head expert fine-tuned per fold; slow)")] = "frozen",
+    expert_spec: Annotated[str, typer.Option(help="expert backbone model spec")] = "all-mpnet-base-v2",
+    per_file: Annotated[int | None, typer.Option(help="records sampled per file (default: the pool config's)")] = None,
+    budgets: Annotated[str, typer.Option(help="comma-separated delegation budgets α")] = "0.05,0.1,0.2,0.3",
+    delta: Annotated[float, typer.Option(help="δ of every certified threshold")] = 0.1,
+    sweep: Annotated[str, typer.Option(help="probe feature combinations to compare, ';'-separated, each "
+                                       "'LAYER:POOLING[+LAYER:POOLING...]', e.g. '15:mean;15:max;12:mean+15:mean'")] = "",
+    loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool, recipes)")] = None,
+) -> None:
+    """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
+    import yaml
+
+    from probes import generalization as g
+
+    s = settings(ctx)
+    try:
+        base = g.LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else g.LosoConfig()
+        alphas = tuple(float(x) for x in budgets.split(",") if x.strip())
+        # The built-in recipes read the configured probe features (layer 15 mean by default).
+        configured = ((s.features.layer, s.features.pooling),)
+        known = {r.name: r.model_copy(update={"variants": configured}) for r in (g.BEFORE, g.AFTER)}
+        known.update({r.name: r for r in base.recipes})
+        chosen = tuple(known[name.strip()] for name in recipes.split(",") if name.strip())
+        combos = [tuple((int(v.split(":")[0]), v.split(":")[1]) for v in combo.split("+"))
+                  for combo in sweep.split(";") if combo.strip()]
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        fail(f"bad option: {exc}")
+    if expert not in ("frozen", "finetune"):
+        fail("--expert must be frozen or finetune")
+    pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
+    config = base.model_copy(update={
+        "pool": pool, "recipes": chosen, "alphas": alphas, "delta": delta, "probe_spec": s.model.spec,
+        "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
+        "expert": base.expert.model_copy(update={"kind": expert, "spec": expert_spec})})
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bars(options(ctx).progress) as bars:
+        report = g.run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,
+                            sweep=combos)
+    (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    g.write_report(report, out)
+    emit({"out": str(out), "expert": report["expert"], "computed": report["computed"],
+          "means": {name: r["mean"] for name, r in report["recipes"].items()}})
+
+
 @bench_app.command("cascade-cost")
 @_guarded
 def bench_cascade_cost(

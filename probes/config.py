@@ -23,7 +23,8 @@ from pydantic_settings import (
 from probes.errors import ConfigError
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-Pooling = Literal["mean", "last"]
+#: rollmaxK: max over positions of the mean of K consecutive tokens (probes.features.pool_rolling_max).
+Pooling = Literal["mean", "last", "max", "rollmax4", "rollmax8", "rollmax16", "rollmax32"]
 
 
 class Frozen(BaseModel):
@@ -35,7 +36,7 @@ class ModelConfig(Frozen):
 
     spec: str = "smollm2-135m-instruct"
     device: str = "cpu"
-    dtype: Dtype = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU (bf16 is slow without AVX512-BF16)")
+    dtype: Dtype = Field("auto", description="auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
     max_tokens: int = Field(256, ge=8, le=131072)
     batch_tokens: int = Field(8192, ge=64, description="padded tokens (max_len x n) per forward batch")
     max_batch_items: int = Field(64, ge=1)

@@ -38,8 +38,46 @@ def pool_last(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def pool_max(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-dimension max over real tokens."""
+    masked = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+    return masked.max(dim=1).values
+
+
+def pool_rolling_max(hidden: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Max over positions of the mean of ``window`` consecutive real tokens (a short harmful span inside a
+    long benign text survives, where a plain mean dilutes it); texts shorter than the window get their mean."""
+    lengths = mask.long().sum(dim=1)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    summed = torch.cumsum(hidden * weights, dim=1)
+    summed = torch.cat([torch.zeros_like(summed[:, :1]), summed], dim=1)
+    steps = hidden.shape[1]
+    if steps < window:
+        return pool_mean(hidden, mask)
+    means = (summed[:, window:] - summed[:, :-window]) / window  # window ending at position t = window-1+i
+    ends = torch.arange(window - 1, steps, device=hidden.device)
+    valid = ends.unsqueeze(0) < lengths.unsqueeze(1)
+    rolled = means.masked_fill(~valid.unsqueeze(-1), float("-inf")).max(dim=1).values
+    short = (lengths < window).unsqueeze(-1)
+    return torch.where(short, pool_mean(hidden, mask), rolled)
+
+
+def rolling_window(pooling: str) -> int | None:
+    """``rollmax8`` -> 8; None for the other poolings."""
+    return int(pooling[len("rollmax"):]) if pooling.startswith("rollmax") else None
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    return pool_mean(hidden, mask) if pooling == "mean" else pool_last(hidden, mask)
+    if pooling == "mean":
+        return pool_mean(hidden, mask)
+    if pooling == "last":
+        return pool_last(hidden, mask)
+    if pooling == "max":
+        return pool_max(hidden, mask)
+    window = rolling_window(pooling)
+    if window is None:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    return pool_rolling_max(hidden, mask, window)
 
 
 @dataclass(frozen=True)
@@ -202,3 +240,96 @@ class FeatureCache:
         atomic_write_bytes(path, tmp.read_bytes())
         tmp.unlink(missing_ok=True)
         return path
+
+
+FeatureVariant = tuple[int, str]  # (layer, pooling)
+
+
+class MultiLayerExtractor:
+    """One forward pass, several blocks and poolings: every (layer, pooling) variant of a text at once.
+
+    Composes a ``FeatureExtractor`` on the highest layer (its tokenisation, batching, lock and hook) and
+    hooks the lower blocks beside it, so a layer/pooling sweep costs one extraction, not one per variant.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, layers: Sequence[int], max_tokens: int, batch_tokens: int,
+                 max_items: int):
+        if not layers:
+            raise ValueError("need at least one layer")
+        self.layers = sorted(set(layers))
+        self.base = FeatureExtractor(loaded, layer=self.layers[-1], max_tokens=max_tokens,
+                                     batch_tokens=batch_tokens, max_items=max_items)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()  # the lower hooks write shared state too (base.hidden has its own lock)
+        stack = layer_stack(loaded.model)
+        for layer in self.layers[:-1]:
+            stack[layer - 1].register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer: int) -> Callable[[Any, Any, Any], None]:
+        def capture(module: Any, inputs: Any, output: Any) -> None:
+            self._captured[layer] = output[0] if isinstance(output, tuple) else output
+
+        return capture
+
+    def pooled(
+        self, conversations: Sequence[Conversation], variants: Sequence[FeatureVariant],
+        progress: Progress | None = None,
+    ) -> dict[FeatureVariant, FloatArray]:
+        unknown = [v for v in variants if v[0] not in self.layers]
+        if unknown:
+            raise ValueError(f"variants {unknown} use layers this extractor does not hook ({self.layers})")
+        ids = self.base.tokenize(conversations)
+        size = self.base.loaded.hidden_size
+        out = {v: np.zeros((len(ids), size), dtype=np.float32) for v in variants}
+        for batch in self.base.batches(ids):
+            with self._lock:
+                self._captured = {}
+                top, mask = self.base.hidden(batch)
+                captured = {**self._captured, self.layers[-1]: top}
+                self._captured = {}
+            for layer, pooling in variants:
+                pooled = pool(captured[layer].float(), mask, pooling)  # type: ignore[arg-type]
+                out[(layer, pooling)][batch.indices] = pooled.cpu().numpy().astype(np.float32)
+            if progress is not None:
+                progress(len(batch.indices))
+        return out
+
+
+def feature_namespace(loaded: LoadedModel, *, layer: int, pooling: str, max_tokens: int) -> tuple[str, dict[str, str]]:
+    """The record-store namespace of one feature variant: everything but the record that changes a vector."""
+    from probes.record_cache import namespace_key
+
+    parts = {"model": loaded.model_id, "weights_sha256": loaded.weights_sha256, "layer": str(layer),
+             "pooling": pooling, "max_tokens": str(max_tokens), "dtype": str(loaded.dtype).removeprefix("torch.")}
+    return namespace_key("features", *parts.values()), parts
+
+
+def record_features(
+    cache_dir: Path, extractor: MultiLayerExtractor, conversations: Sequence[Conversation], keys: Sequence[str],
+    variants: Sequence[FeatureVariant], progress: Progress | None = None,
+) -> tuple[dict[FeatureVariant, FloatArray], int]:
+    """Features of every variant from the per-record cache; only records missing in some variant run the model.
+
+    ``keys`` are the records' content hashes (``Record.content_key``). Returns (features, records computed).
+    """
+    from probes.record_cache import RecordStore
+
+    base = extractor.base
+    stores = {}
+    for layer, pooling in variants:
+        namespace, meta = feature_namespace(base.loaded, layer=layer, pooling=pooling, max_tokens=base.max_tokens)
+        stores[(layer, pooling)] = RecordStore(cache_dir, namespace, description=meta)
+    dim = base.loaded.hidden_size
+    lookups = {v: store.get(keys, dim) for v, store in stores.items()}
+    todo = sorted({i for lookup in lookups.values() for i in lookup.missing})
+    seen: dict[str, int] = {}
+    unique = [seen.setdefault(keys[i][:32], i) for i in todo if keys[i][:32] not in seen]
+    chunk = 64  # each chunk is stored when done: an interrupted run keeps its work
+    for start in range(0, len(unique), chunk):
+        part = unique[start : start + chunk]
+        computed = extractor.pooled([conversations[i] for i in part], variants, progress)
+        for v, store in stores.items():
+            store.put([keys[i] for i in part], computed[v])
+    if not unique:
+        return {v: lookup.values for v, lookup in lookups.items()}, 0
+    return {v: store.rows(keys, dim).values for v, store in stores.items()}, len(unique)

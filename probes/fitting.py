@@ -30,16 +30,18 @@ def standardisation(features: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
 
 
 def fit_logistic(
-    features: npt.ArrayLike, labels: npt.ArrayLike, *, c: float = 0.5, max_iter: int = 2000, seed: int = 0
+    features: npt.ArrayLike, labels: npt.ArrayLike, *, c: float = 0.5, max_iter: int = 2000, seed: int = 0,
+    sample_weight: npt.ArrayLike | None = None,
 ) -> LinearHead:
-    """L2 logistic regression on standardised features."""
+    """L2 logistic regression on standardised features (optionally weighted per item)."""
     x = np.asarray(features, dtype=np.float32)
     y = np.asarray(labels, dtype=np.int64)
     if len(np.unique(y)) < 2:
         raise ValueError("logistic probe needs both classes in its training data")
     mean, scale = standardisation(x)
     model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-    model.fit((x - mean) / scale, y)
+    weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    model.fit((x - mean) / scale, y, sample_weight=weights)
     return LinearHead(
         mean=mean, scale=scale, weight=model.coef_[0].astype(np.float32), bias=float(model.intercept_[0])
     )

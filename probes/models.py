@@ -9,6 +9,7 @@ Specs:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import shutil
 import zipfile
@@ -141,10 +142,38 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
     raise ModelSpecError(f"cannot find the {count} transformer blocks of {type(model).__name__}")
 
 
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU advertises AVX512-BF16 or AMX-BF16 (bf16 matmuls run natively, not emulated)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return any(flag in flags for flag in _CPU_BF16_FLAGS)
+    return False
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    found = cpu_has_native_bf16()
+    log.info("dtype.cpu_bf16", native=found, flags=list(_CPU_BF16_FLAGS))
+    return found
+
+
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 on CPU: without AVX512-BF16/AMX, CPU bf16 matmuls are ~6x slower."""
+    """``auto``: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
+
+    Without native support CPU bf16 matmuls are emulated and about 6x slower than fp32.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cuda" or _native_bf16():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ModelSpecError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -15,12 +15,13 @@ from probes.config import Settings
 from probes.data import Dataset, Record, Splits, load_dataset, source_counts, split_dataset
 from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
-from probes.features import FeatureCache, FeatureExtractor
+from probes.features import FeatureExtractor, feature_namespace
 from probes.fitting import fit_logistic
 from probes.logs import get_logger
 from probes.manifest import BundleManifest, HeadInfo
 from probes.metrics import classification_metrics
 from probes.models import LoadedModel, load_model
+from probes.record_cache import RecordStore
 
 log = get_logger(__name__)
 
@@ -68,23 +69,28 @@ def extract_features(
     settings: Settings,
     extractor: FeatureExtractor,
     records: Sequence[Record],
-    data_hash: str,
+    data_hash: str = "",
     progress: ProgressFactory = no_progress,
 ) -> tuple[npt.NDArray[np.float32], bool]:
-    """Pooled features for ``records`` (cached on disk); returns (features, came_from_cache)."""
-    cache = FeatureCache(settings.cache_dir)
-    key = FeatureCache.key(
-        extractor.loaded, layer=settings.features.layer, pooling=settings.features.pooling,
-        max_tokens=settings.model.max_tokens, data_hash=data_hash, dtype=settings.model.dtype,
-    )
-    cached = cache.get(key)
-    if cached is not None and cached.shape[0] == len(records):
-        return cached, True
-    advance = progress("extract activations", len(records))
-    features = extractor.pooled([r.messages for r in records], settings.features.pooling, advance)
-    cache.put(key, features, {"model": extractor.loaded.model_id, "layer": str(settings.features.layer),
-                              "pooling": settings.features.pooling, "n": str(len(records))})
-    return features, False
+    """Pooled features for ``records``; returns (features, every record came from the cache).
+
+    The cache is per record (content hash, see ``probes.record_cache``): a new combination of files only
+    runs the model on records it has not seen. ``data_hash`` is accepted for older callers and unused.
+    """
+    pooling = settings.features.pooling
+    namespace, meta = feature_namespace(extractor.loaded, layer=extractor.layer, pooling=pooling,
+                                        max_tokens=extractor.max_tokens)
+    store = RecordStore(settings.cache_dir, namespace, description=meta)
+    keys = [r.content_key() for r in records]
+    todo = store.missing(keys)
+    advance = progress("extract activations", todo) if todo else None
+
+    def compute(positions: list[int]) -> npt.NDArray[np.float32]:
+        return extractor.pooled([records[i].messages for i in positions], pooling, advance)
+
+    features, computed = store.get_or_compute(keys, compute, dim=extractor.loaded.hidden_size)
+    log.info("features.cached", n=len(records), computed=computed, layer=extractor.layer, pooling=pooling)
+    return features, computed == 0
 
 
 def model_section(settings: Settings, loaded: LoadedModel) -> dict[str, Any]:

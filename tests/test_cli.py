@@ -161,3 +161,29 @@ def test_guard_config_with_unknown_alert_keys_is_a_clear_error(tmp_path: Path) -
     config.write_text("alerts: {include_conversation: true}\n")
     result = CliRunner().invoke(app, ["--config", str(config), "--no-progress", "expert"])
     assert result.exit_code == 2 and "include_conversation" in result.output
+
+
+def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_config: Path, datasets_dir: Path) -> None:
+    """The thin CLI over probes.generalization: a tiny pool (MiniLM for probe and frozen expert)."""
+    loso = tmp_path / "loso.yaml"
+    loso.write_text(
+        "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20}\n  groups:\n"
+        "    - {name: xstest, files: [xstest.jsonl]}\n"
+        "    - {name: tweets, files: [davidson_hate_offensive.jsonl]}\n"
+        "    - {name: harmful, files: [harmbench.jsonl]}\n"
+        "    - {name: alpaca, files: [alpaca_benign.jsonl]}\n"
+        "expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n"
+    )
+    out = tmp_path / "gen"
+    result = CliRunner().invoke(app, [
+        "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
+        "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = orjson.loads(result.stdout)
+    assert "frozen minilm-l6" in payload["expert"]
+    assert payload["means"]["before"]["groups_both_classes"] == 2
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    assert set(metrics["recipes"]["before"]["groups"]) == {"xstest", "tweets", "harmful", "alpaca"}
+    assert "| xstest |" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", "--recipes", "nope"])
+    assert bad.exit_code == 2

@@ -92,3 +92,27 @@ def test_one_extractor_is_safe_to_share_between_threads(minilm) -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: extractor.pooled([c], "mean")[0], convs))
     np.testing.assert_allclose(np.stack(results), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_max_and_rolling_max_pooling_ignore_padding() -> None:
+    from probes.features import pool, pool_max, pool_rolling_max
+
+    hidden = torch.tensor([[[1.0], [5.0], [3.0], [4.0], [100.0]], [[2.0], [0.0], [9.0], [-50.0], [-50.0]]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    assert pool_max(hidden, mask).flatten().tolist() == [5.0, 2.0]
+    # windows of 2 over the real tokens: (1,5)->3, (5,3)->4, (3,4)->3.5; the padded 100 never enters
+    assert pool_rolling_max(hidden, mask, 2).flatten().tolist() == [4.0, 1.0]
+    # windows of 3: (1,5,3)->3, (5,3,4)->4; the second row is shorter than the window: its mean
+    assert pool_rolling_max(hidden, mask, 3).flatten().tolist() == [4.0, 1.0]
+    assert torch.equal(pool(hidden, mask, "rollmax4"), pool_rolling_max(hidden, mask, 4))
+
+
+def test_multi_layer_extractor_matches_single_layer_extractors(minilm) -> None:
+    from probes.features import MultiLayerExtractor
+
+    convs = [single_turn("short"), single_turn("a longer message with more words " * 3)]
+    multi = MultiLayerExtractor(minilm, layers=[2, 4], max_tokens=64, batch_tokens=4096, max_items=8)
+    out = multi.pooled(convs, [(2, "mean"), (4, "max"), (4, "rollmax8")])
+    for layer, pooling in out:
+        single = FeatureExtractor(minilm, layer=layer, max_tokens=64, batch_tokens=4096, max_items=8)
+        np.testing.assert_allclose(out[(layer, pooling)], single.pooled(convs, pooling), atol=1e-5)  # type: ignore[arg-type]

@@ -56,3 +56,21 @@ def test_bad_dtype_and_missing_cuda(cache_dir: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelSpecError, match="CUDA"):
             load_model("minilm-l6", cache_dir=cache_dir, device="cuda")
+
+
+def test_dtype_auto_follows_native_cpu_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from probes import models
+
+    with_amx = tmp_path / "amx"
+    with_amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert models.cpu_has_native_bf16(with_amx) and not models.cpu_has_native_bf16(plain)
+    assert not models.cpu_has_native_bf16(tmp_path / "missing")
+    monkeypatch.setattr(models, "_native_bf16", lambda: True)
+    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "_native_bf16", lambda: False)
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("fp32", "cpu") == torch.float32

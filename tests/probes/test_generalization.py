@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probes import generalization as g
+from probes.conversation import single_turn
+from probes.data import Record
+
+TINY_GROUPS = (
+    g.SourceGroup(name="xstest", files=("xstest.jsonl",)),
+    g.SourceGroup(name="forbidden_questions", files=("forbidden_questions.jsonl",)),
+    g.SourceGroup(name="tweets", files=("davidson_hate_offensive.jsonl",)),
+    g.SourceGroup(name="harmful_behaviors", files=("advbench.jsonl", "harmbench.jsonl")),
+    g.SourceGroup(name="alpaca", files=("alpaca_benign.jsonl",)),
+)
+
+
+def tiny_config(recipes: tuple[g.Recipe, ...]) -> g.LosoConfig:
+    return g.LosoConfig(
+        pool=g.PoolConfig(groups=TINY_GROUPS, per_file=14, per_file_overrides={"alpaca_benign.jsonl": 30}),
+        recipes=recipes, probe_spec="minilm-l6", probe_max_tokens=48, dtype="fp32",
+        expert=g.ExpertChoice(spec="minilm-l6", max_tokens=48), alphas=(0.1, 0.3), calibration_fraction=0.4,
+        dv_feature_sets=("margin",),
+    )
+
+
+def test_folds_never_leak_the_held_out_group(datasets_dir: Path) -> None:
+    groups = (*g.DEFAULT_GROUPS,)
+    pool = g.build_pool(datasets_dir, g.PoolConfig(groups=groups, per_file=20))
+    # plant a near-duplicate of a held-out xstest prompt in another group: it must not reach training either
+    xs = next(p for p in pool if p.group == "xstest" and len(p.record.messages) == 1)
+    twin = Record(id="twin", messages=single_turn("  " + xs.record.messages[0].content.upper() + " !"), label=1,
+                  source="advbench", file="advbench.jsonl")
+    pool.append(g.PoolRecord(twin, "harmful_behaviors", twin.content_key(), g.normalised_text_hash(twin)))
+    assert pool[-1].dedup_key == xs.dedup_key
+    for recipe in (g.BEFORE, g.AFTER):
+        for group in groups:
+            fold = g.make_fold(pool, group.name, recipe, calibration_fraction=0.3)
+            train = np.concatenate([fold.fit, fold.calibration])
+            assert set(fold.test) == {i for i, p in enumerate(pool) if p.group == group.name}
+            assert not set(train) & set(fold.test)
+            assert not {pool[i].record.file for i in train} & set(group.files)
+            assert not {pool[i].dedup_key for i in train} & {pool[i].dedup_key for i in fold.test}
+            assert not set(fold.fit) & set(fold.calibration)
+            if recipe.files is not None:
+                assert {pool[i].record.file for i in train} <= set(recipe.files)
+
+
+def test_before_recipe_caps_sources_and_balances_with_alpaca(datasets_dir: Path) -> None:
+    pool = g.build_pool(datasets_dir, g.PoolConfig(per_file=200, per_file_overrides={"alpaca_benign.jsonl": 3000}))
+    fold = g.make_fold(pool, "tweets", g.BEFORE, calibration_fraction=0.3)
+    rows = np.concatenate([fold.fit, fold.calibration])
+    files = [pool[i].record.file for i in rows]
+    non_alpaca = [f for f in files if f != "alpaca_benign.jsonl"]
+    assert max(non_alpaca.count(f) for f in set(non_alpaca)) <= 150
+    labels = [pool[i].record.label for i in rows]
+    assert abs(sum(labels) - (len(labels) - sum(labels))) <= 2  # alpaca fills the negatives up to the positives
+
+
+def test_source_budget_and_class_balance_weights() -> None:
+    recs = [Record(id=str(i), messages=single_turn(f"t{i}"), label=int(i < 30), source="s",
+                   file="big.jsonl" if i < 30 else "small.jsonl") for i in range(40)]
+    pool = [g.PoolRecord(r, "x", r.content_key(), g.normalised_text_hash(r)) for r in recs]
+    w = g.source_weights(pool, list(range(40)), g.Recipe(name="t", source_budget=10, class_balance=True))
+    assert w[:30].sum() == pytest.approx(w[30:].sum())
+    assert w.mean() == pytest.approx(1.0)
+
+
+def test_metrics_tpr_at_fpr_and_certified_cut() -> None:
+    y = np.array([0] * 100 + [1] * 10)
+    s = np.concatenate([np.linspace(0, 0.5, 100), np.linspace(0.45, 0.9, 10)])
+    assert g.tpr_at_fpr(y, s, 0.01) == pytest.approx(0.9)
+    figs = g.decision_figures(y, s)
+    assert figs["majority_rate"] == pytest.approx(100 / 110) and figs["fpr"] == pytest.approx(0.01)
+    assert math.isnan(g.decision_figures(np.ones(5), np.ones(5))["auroc"])
+    benign = np.random.default_rng(0).uniform(size=2000)
+    cut = g.certified_cut(benign, epsilon=0.05, delta=0.1)
+    assert cut is not None and np.mean(benign > cut) <= 0.05 and np.mean(benign > cut) > 0.03
+    assert g.recentre(np.array([cut]), cut)[0] == pytest.approx(0.5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_loso_end_to_end_on_a_tiny_config(tmp_path: Path, datasets_dir: Path) -> None:
+    after = g.AFTER.model_copy(update={"variants": ((2, "mean"), (4, "max")), "epsilon": 0.2})
+    before = g.BEFORE.model_copy(update={"variants": ((4, "mean"),), "files": None})
+    config = tiny_config((before, after))
+    report = g.run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir, sweep=[((4, "mean"),), ((4, "rollmax8"),)])
+    assert report["computed"]["probe_records"] == report["pool"]["n"]
+    for name in ("before", "after"):
+        groups = report["recipes"][name]["groups"]
+        assert set(groups) == {grp.name for grp in TINY_GROUPS}
+        xs = groups["xstest"]
+        assert 0.0 <= xs["probe"]["auroc"] <= 1.0 and xs["probe"]["n"] == 14
+        assert [r["alpha"] for r in xs["policies"]["uncertainty"]] == [0.1, 0.3]
+        assert groups["alpaca"]["probe"]["positives"] == 0 and not math.isnan(groups["alpaca"]["probe"]["fpr"])
+        mean = report["recipes"][name]["mean"]
+        assert mean["groups_both_classes"] == 3 and mean["groups_harmful_only"] == 1
+    assert report["recipes"]["after"]["groups"]["xstest"]["cuts"]["probe"] != 0.5
+    assert len(report["sweep"]["rows"]) == 2
+    # a rerun reads every vector from the per-record cache
+    again = g.run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir)
+    assert again["computed"] == {"probe_records": 0, "expert_records": 0}
+    assert g.write_report(report, tmp_path).read_text().count("| xstest |") == 2
