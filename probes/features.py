@@ -80,6 +80,46 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
     return pool_rolling_max(hidden, mask, window)
 
 
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _cache_layers(cache: Any) -> list[KV]:
+    """(keys, values) per block, each [batch, heads, tokens, dim]: transformers' DynamicCache or legacy tuples."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if isinstance(cache, tuple | list):
+        return [(k, v) for k, v, *_ in cache]
+    raise TypeError(f"unsupported KV cache {type(cache).__name__}")
+
+
+def _cache_length(cache: Any) -> int:
+    return int(_cache_layers(cache)[0][0].shape[2])
+
+
+def _new_cache(layers: Sequence[KV]) -> Any:
+    """A DynamicCache holding copies of ``layers`` (its layers concatenate onto empty tensors)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(layers))
+
+
+def _stack_caches(caches: Sequence[Any | None], lengths: Sequence[int], width: int, device: torch.device) -> Any:
+    """One batch cache: item i's keys/values right-aligned at ``width`` (zeros before them, hidden by the mask)."""
+    per_item = [None if c is None else _cache_layers(c) for c in caches]
+    reference = next(layers for layers in per_item if layers is not None)
+    stacked = []
+    for layer, (k0, v0) in enumerate(reference):
+        keys = k0.new_zeros((len(caches), k0.shape[1], width, k0.shape[3]), device=device)
+        values = v0.new_zeros((len(caches), v0.shape[1], width, v0.shape[3]), device=device)
+        for row, (own, n) in enumerate(zip(per_item, lengths, strict=True)):
+            if own is not None and n:
+                k, v = own[layer]
+                keys[row, :, width - n :] = k[0]
+                values[row, :, width - n :] = v[0]
+        stacked.append((keys, values))
+    return _new_cache(stacked)
+
+
 @dataclass(frozen=True)
 class TokenBatch:
     """Right-padded ids of a batch and the positions of its items in the caller's list."""
@@ -173,6 +213,58 @@ class FeatureExtractor:
         if captured is None:
             raise RuntimeError("the forward hook captured nothing")
         return captured[0].float(), out[name]
+
+    @torch.inference_mode()
+    def hidden_cached_batch(
+        self, items: Sequence[tuple[Sequence[int], Any | None]]
+    ) -> list[tuple[torch.Tensor, Any]]:
+        """Several sequences, each continued from its own cache (or None), in one forward pass.
+
+        What ``hidden_cached`` gives for each item alone (same states within float tolerance, caches of the same
+        tokens), at the cost of one pass: the caches are left-padded to the longest and stacked, the new ids
+        right-padded; the attention mask hides both paddings and the position ids continue each item's own
+        sequence, so no real token sees a padded one and each is rotated as in its unbatched run. The given
+        caches are read, never changed (a failed pass leaves them usable); each returned cache is fresh.
+        """
+        if not items:
+            return []
+        if any(not ids for ids, _ in items):
+            raise ValueError("every item needs at least one new token")
+        if len(items) == 1:  # nothing to pad; a copy of the cache is continued, not the caller's
+            (ids, past), = items
+            return [self.hidden_cached(ids, None if past is None else _new_cache(_cache_layers(past)))]
+        device = self.loaded.device
+        past_len = [0 if past is None else _cache_length(past) for _, past in items]
+        new_len = [len(ids) for ids, _ in items]
+        width, span = max(past_len), max(new_len)
+        batch = len(items)
+        input_ids = torch.full((batch, span), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width + span), dtype=torch.long)
+        positions = torch.empty((batch, span), dtype=torch.long)
+        for row, ((ids, _), p, n) in enumerate(zip(items, past_len, new_len, strict=True)):
+            input_ids[row, :n] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, width - p : width + n] = 1
+            # Padded slots continue the count too: their outputs are dropped, their positions only need to exist.
+            positions[row] = torch.arange(p, p + span)
+        stacked = _stack_caches([past for _, past in items], past_len, width, device) if width else None
+        name = "cache" if "cache" in inspect.signature(self.loaded.model.forward).parameters else "past_key_values"
+        with self._lock:
+            self._captured = None
+            out = self.loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), use_cache=True, **{name: stacked})
+            captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError("the forward hook captured nothing")
+        hidden = captured.float()
+        layers = _cache_layers(out[name])
+        results: list[tuple[torch.Tensor, Any]] = []
+        for row, (p, n) in enumerate(zip(past_len, new_len, strict=True)):
+            # The row's real tokens are contiguous (cache right-aligned at ``width``, new ones from it); the new
+            # cache copies them, so it does not keep the whole padded batch alive in the store.
+            own = [(k[row : row + 1, :, width - p : width + n], v[row : row + 1, :, width - p : width + n])
+                   for k, v in layers]
+            results.append((hidden[row, :n], _new_cache(own)))
+        return results
 
     def pooled_batch(self, batch: TokenBatch, pooling: Pooling) -> FloatArray:
         hidden, mask = self.hidden(batch)

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from probes.batching import plan_batches
 from probes.conversation import Message, plain_text
 from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor, pool
@@ -156,6 +157,27 @@ class StreamStep:
     peak: float
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """The next piece of one open response, as ``StreamScorer.score_chunks`` takes it."""
+
+    key: str
+    state: ResponseState
+    delta: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    chunk: Chunk
+    text: str
+    capped: bool
+    retokenized: bool
+    new: list[int]
+    run: list[int]  # what the forward pass reads: ``new`` on a held cache, else prefix + scored + new
+    past: Any | None
+
+
 class StreamScorer:
     """The token probe on the bundle's truncated model, fed one response chunk at a time."""
 
@@ -181,46 +203,78 @@ class StreamScorer:
 
     def feed(self, key: str, state: ResponseState, delta: str, *, final: bool, store: KVStore) -> StreamStep:
         """Append ``delta`` to the response and score the tokens it completes (all of them when ``final``)."""
+        return self.score_chunks([Chunk(key, state, delta, final)], store=store)[0]
+
+    def score_chunks(self, chunks: Sequence[Chunk], *, store: KVStore) -> list[StreamStep]:
+        """One chunk each of several open responses, their new tokens run together; a step per chunk, in order.
+
+        Each response gets exactly what ``feed`` alone gives it: the batch only shares forward passes (one for
+        the responses continuing a held cache, one for those read from their prefix). Nothing changes, neither
+        a state nor the store, until every pass has succeeded: a batch that raises can be retried, or split.
+        """
+        keys = [c.key for c in chunks]
+        if len(set(keys)) != len(keys):
+            raise ValueError("one chunk per response in a batch: feed a response's next chunk in the next batch")
+        plans = [self._plan(c, store) for c in chunks]
+        runs = [p for p in plans if p.run]
+        hidden: dict[str, tuple[F32, Any]] = {}
+        for group in ([p for p in runs if p.past is not None], [p for p in runs if p.past is None]):
+            lengths = [len(p.run) for p in group]
+            for indices in plan_batches(lengths, batch_tokens=self.extractor.batch_tokens,
+                                        max_items=self.extractor.max_items) if group else []:
+                batch = [group[i] for i in indices]
+                outputs = self.extractor.hidden_cached_batch([(p.run, p.past) for p in batch])
+                for p, (states, cache) in zip(batch, outputs, strict=True):
+                    hidden[p.chunk.key] = states[len(p.run) - len(p.new):].cpu().numpy().astype(np.float32), cache
+        return [self._commit(p, hidden.get(p.chunk.key), store) for p in plans]
+
+    def _plan(self, chunk: Chunk, store: KVStore) -> _Plan:
+        """What ``chunk`` needs run, read from its state and the store without changing either."""
         settings = self.probe.settings
-        state.text += delta
-        ids = response_ids(self.tokenizer, state.text)
+        state = chunk.state
+        text = state.text + chunk.delta
+        ids = response_ids(self.tokenizer, text)
         capped = len(ids) > settings.max_response_tokens
         ids = ids[: settings.max_response_tokens]
-        upto = len(ids) if final or capped else max(len(state.scored), len(ids) - settings.holdback_tokens)
-        recomputed = False
-        if ids[: len(state.scored)] != state.scored:
-            # The text re-tokenized differently across a chunk boundary: score it again from the prefix.
+        # The text re-tokenized differently across a chunk boundary: score it again from the prefix.
+        retokenized = ids[: len(state.scored)] != state.scored
+        scored = [] if retokenized else state.scored
+        upto = len(ids) if chunk.final or capped else max(len(scored), len(ids) - settings.holdback_tokens)
+        new = ids[len(scored) : upto]
+        past = None if retokenized or not new else store.get(chunk.key)
+        run = new if past is not None else (state.prefix + scored + new if new else [])
+        return _Plan(chunk=chunk, text=text, capped=capped, retokenized=retokenized, new=new, run=run, past=past)
+
+    def _commit(self, plan: _Plan, computed: tuple[F32, Any] | None, store: KVStore) -> StreamStep:
+        settings = self.probe.settings
+        chunk, state = plan.chunk, plan.chunk.state
+        state.text = plan.text
+        recomputed = plan.retokenized
+        if plan.retokenized:
             state.aggregate, state.scored, state.stop_index = self.probe.new_aggregate(), [], None
-            store.pop(key)
+            store.pop(chunk.key)
             state.recomputations += 1
-            recomputed = True
-        new = ids[len(state.scored) : upto]
         stopped_now = False
-        if new:
-            past = store.get(key)
-            if past is None:
-                run = state.prefix + state.scored + new
-                recomputed = recomputed or bool(state.scored)
-                hidden, past = self.states(run)
-                hidden = hidden[len(run) - len(new) :]
-            else:
-                hidden, past = self.states(new, past)
+        if plan.new:
+            assert computed is not None, "a chunk with new tokens was not run"
+            hidden, past = computed
+            recomputed = recomputed or (plan.past is None and bool(state.scored))
             series = state.aggregate.push(self.probe.logits(hidden))[settings.aggregator]
             start = len(state.scored)
-            state.scored.extend(new)
+            state.scored.extend(plan.new)
             if state.stop_index is None:
                 hit = first_crossing(series, settings.threshold)
                 if hit is not None:
                     state.stop_index, stopped_now = start + hit, True
-            if final or capped or state.stop_index is not None:
-                store.pop(key)
+            if chunk.final or plan.capped or state.stop_index is not None:
+                store.pop(chunk.key)
             else:
-                store.put(key, past)
-        elif final:
-            store.pop(key)
+                store.put(chunk.key, past)
+        elif chunk.final:
+            store.pop(chunk.key)
         a = settings.aggregator
         return StreamStep(
-            new_tokens=len(new), scored_tokens=len(state.scored), stop_index=state.stop_index,
+            new_tokens=len(plan.new), scored_tokens=len(state.scored), stop_index=state.stop_index,
             stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
             smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
         )

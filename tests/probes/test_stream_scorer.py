@@ -12,6 +12,7 @@ from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor
 from probes.heads import LinearHead
 from probes.stream_scorer import (
+    Chunk,
     KVStore,
     StreamScorer,
     cache_nbytes,
@@ -136,6 +137,101 @@ def test_batched_offline_features_match_the_stream(extractor) -> None:
     got = dict(response_features(extractor, seqs, ("mean",)))
     for i, text in enumerate(texts):
         np.testing.assert_allclose(probe.logits(got[i].token_states), offline_logits(scorer, text), atol=1e-3)
+
+
+OTHER_CONTEXT = (Message("system", "You are terse."), Message("user", "Any tips for baking bread at home?"))
+BREAD = "Use a hot oven, weigh the flour, and let the dough rise slowly overnight in the fridge for flavour."
+
+
+def test_batched_cached_passes_equal_single_passes_and_a_full_recompute(extractor) -> None:
+    """Per-token states of one padded pass over several caches == each alone == the whole sequence at once."""
+    tok = extractor.loaded.tokenizer
+    seqs = [prefix_ids(tok, CONTEXT, 256) + response_ids(tok, RESPONSE),
+            prefix_ids(tok, OTHER_CONTEXT, 256) + response_ids(tok, BREAD),
+            prefix_ids(tok, CONTEXT, 256) + response_ids(tok, "Sure, here you go.")]
+    full = [extractor.hidden_cached(s)[0].numpy() for s in seqs]
+    cuts = [(len(s) // 3, 2 * len(s) // 3) for s in seqs]
+    # Pass 1 from scratch (no cache, different lengths), pass 2 on the caches, pass 3 mixes a cache with none.
+    first = extractor.hidden_cached_batch([(s[:a], None) for s, (a, _) in zip(seqs, cuts, strict=True)])
+    second = extractor.hidden_cached_batch([(s[a:b], c) for s, (a, b), (_, c) in zip(seqs, cuts, first, strict=True)])
+    third = extractor.hidden_cached_batch([(seqs[0][cuts[0][1]:], second[0][1]), (seqs[1], None)])
+    for i, (seq, (a, b)) in enumerate(zip(seqs, cuts, strict=True)):
+        np.testing.assert_allclose(first[i][0].numpy(), full[i][:a], rtol=1e-5, atol=2e-3)
+        np.testing.assert_allclose(second[i][0].numpy(), full[i][a:b], rtol=1e-5, atol=2e-3)
+        assert cache_nbytes(second[i][1]) == cache_nbytes(extractor.hidden_cached(seq[:b])[1])  # padding dropped
+        ((alone, _),) = extractor.hidden_cached_batch([(seq[a:b], first[i][1])])  # a batch of one: no padding
+        np.testing.assert_allclose(second[i][0].numpy(), alone.numpy(), rtol=1e-5, atol=2e-3)
+    np.testing.assert_allclose(third[0][0].numpy(), full[0][cuts[0][1]:], rtol=1e-5, atol=2e-3)
+    np.testing.assert_allclose(third[1][0].numpy(), full[1], rtol=1e-5, atol=2e-3)
+    # The caches handed in are read, not extended (batched or alone): pass 2 runs again from them alike.
+    again = extractor.hidden_cached_batch([(seqs[0][cuts[0][0]:cuts[0][1]], first[0][1]), (seqs[1][:5], None)])
+    np.testing.assert_allclose(again[0][0].numpy(), second[0][0].numpy(), rtol=1e-5, atol=2e-3)
+
+
+def test_score_chunks_of_many_responses_equals_feeding_each_alone(extractor) -> None:
+    """Responses of different lengths and chunk counts, one batch per round: same steps as one at a time."""
+    probe = make_probe(extractor.loaded.hidden_size)
+    z = offline_logits(StreamScorer(extractor, probe, prefix_max_tokens=256), RESPONSE)
+    tau = float(np.quantile(probe.series(z), 0.7))  # the garden response stops part way
+    probe = dataclasses.replace(probe, settings=dataclasses.replace(probe.settings, thresholds={"ema": tau}))
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    plan = {"garden": (CONTEXT, chunks_of(RESPONSE, 5)), "bread": (OTHER_CONTEXT, chunks_of(BREAD, 3)),
+            "short": (CONTEXT, ["Sure", ", here.", " Done."]), "garden2": (OTHER_CONTEXT, chunks_of(RESPONSE, 4))}
+    alone: dict[str, list] = {}
+    for key, (context, pieces) in plan.items():
+        state = scorer.open(context)
+        store = KVStore(max_bytes=1 << 34, max_entries=16)
+        alone[key] = [scorer.feed(key, state, p, final=i == len(pieces) - 1, store=store)
+                      for i, p in enumerate(pieces)]
+    store = KVStore(max_bytes=1 << 34, max_entries=16)
+    states = {key: scorer.open(context) for key, (context, _) in plan.items()}
+    together: dict[str, list] = {key: [] for key in plan}
+    for round_ in range(max(len(p) for _, p in plan.values())):
+        batch = [Chunk(key, states[key], pieces[round_], round_ == len(pieces) - 1)
+                 for key, (_, pieces) in plan.items() if round_ < len(pieces)]
+        for chunk, step in zip(batch, scorer.score_chunks(batch, store=store), strict=True):
+            together[chunk.key].append(step)
+    for key in plan:
+        for a, b in zip(alone[key], together[key], strict=True):
+            assert (a.new_tokens, a.scored_tokens, a.stop_index, a.stopped_now, a.recomputed) == \
+                (b.new_tokens, b.scored_tokens, b.stop_index, b.stopped_now, b.recomputed), key
+            assert (b.smoothed, b.peak) == pytest.approx((a.smoothed, a.peak), abs=1e-4)
+    assert together["garden"][-1].stop_index == int(np.flatnonzero(probe.series(z) > tau)[0])
+    assert states["garden"].aggregate.peak["ema"] == pytest.approx(probe.series(z).max(), abs=1e-4)
+    assert len(store) == 0
+    with pytest.raises(ValueError):
+        scorer.score_chunks([Chunk("x", scorer.open(CONTEXT), "a", False)] * 2, store=store)
+
+
+def test_a_failing_batch_changes_nothing_and_can_be_retried(extractor, monkeypatch) -> None:
+    probe = make_probe(extractor.loaded.hidden_size)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    pieces = chunks_of(RESPONSE, 3)
+    reference, _ = stream(scorer, pieces, KVStore(max_bytes=1 << 34, max_entries=4))
+    store = KVStore(max_bytes=1 << 34, max_entries=4)
+    state = scorer.open(CONTEXT)
+    scorer.score_chunks([Chunk("r", state, pieces[0], False)], store=store)
+    before = (state.text, list(state.scored), state.aggregate.count, cache_nbytes(store.get("r")))
+    real = extractor.hidden_cached_batch
+    calls = []
+
+    def flaky(items):  # type: ignore[no-untyped-def]
+        calls.append(len(items))
+        if len(calls) == 2:  # the first pass (the cached response) succeeds, the second (a new one) fails
+            raise RuntimeError("out of memory")
+        return real(items)
+
+    monkeypatch.setattr(extractor, "hidden_cached_batch", flaky)
+    other = scorer.open(OTHER_CONTEXT)
+    with pytest.raises(RuntimeError):
+        scorer.score_chunks([Chunk("r", state, pieces[1], False), Chunk("o", other, BREAD, True)], store=store)
+    assert (state.text, state.scored, state.aggregate.count, cache_nbytes(store.get("r"))) == before
+    assert other.text == "" and "o" not in store
+    monkeypatch.setattr(extractor, "hidden_cached_batch", real)
+    for i, piece in enumerate(pieces[1:], start=1):
+        scorer.score_chunks([Chunk("r", state, piece, i == len(pieces) - 1)], store=store)
+    assert state.scored == reference.scored
+    assert state.aggregate.peak["ema"] == pytest.approx(reference.aggregate.peak["ema"], abs=1e-4)
 
 
 def test_kv_store_evicts_least_recently_used_by_bytes_and_count() -> None:
