@@ -623,6 +623,8 @@ def bench_stream(
     data: BenchDataOpt = None,
     n: Annotated[int, typer.Option(help="responses (evaluation split of the response files)")] = 40,
     chunks: Annotated[int, typer.Option(help="chunks per response")] = 8,
+    batch: Annotated[int, typer.Option(min=1, help="responses streamed side by side, batched alike on both sides: "
+                                       "their chunks in one incremental pass, their prefixes in one recompute pass")] = 1,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -633,7 +635,7 @@ def bench_stream(
     model = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if model:
         s = s.model_copy(update={"model": s.model.model_copy(update=model)})
-    emit(run_bench(s, bundle, data, n, chunks))
+    emit(run_bench(s, bundle, data, n, chunks, batch))
 
 
 @app.command()

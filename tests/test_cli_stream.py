@@ -82,6 +82,13 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     assert bench["max_abs_peak_logit_gap"] < 1e-3  # both sides read the same tokens
     assert bench["memory_per_open_response_bytes"]["kv_cache_mean"] > 0
 
+    result = runner.invoke(app, [*base, "bench", "stream", "--bundle", str(bundle), "--n", "3", "--chunks", "4",
+                                 "--batch", "2", "--data", str(files[0])])
+    assert result.exit_code == 0, result.output
+    batched = orjson.loads(result.stdout)
+    assert batched["responses_per_pass"] == 2 and batched["response_tokens"] == bench["response_tokens"]
+    assert batched["max_abs_peak_logit_gap"] < 1e-3  # batched passes read the same tokens, to the same states
+
 
 def test_train_token_probe_on_an_encoder_is_a_clear_error(tmp_path: Path, stream_config: Path) -> None:
     config = stream_config.read_text().replace("smollm2-135m-instruct", "minilm-l6")

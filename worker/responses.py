@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -27,18 +28,26 @@ from aiokafka import TopicPartition
 
 from probes.logs import get_logger
 from probes.monitor import Monitor
-from probes.stream_scorer import KVStore, ResponseState, StreamScorer, StreamStep
+from probes.stream_scorer import Chunk, KVStore, ResponseState, StreamScorer, StreamStep
 from probes.token_probe import TokenProbe
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_chunk
 from worker.events import ResponseChunk, StreamVerdict, utcnow
 from worker.metrics import ConsumerMetrics
 from worker.response_order import ChunkOrder, ClosedSet
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream
+from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
 Item = Envelope[ResponseChunk]
 Reason = Literal["threshold", "final", "timeout", "gap"]
+
+
+@dataclass
+class Work:
+    """One response of a scoring batch and its ready chunks not yet scored, in seq order."""
+
+    response: OpenResponse
+    chunks: deque[Item]
 
 
 @dataclass
@@ -145,7 +154,6 @@ class ResponseHandler:
 
     # ---------------------------------------------------------------- score
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         tick = min(1.0, self.config.response_timeout_s / 4)
         while True:
             self._expire(time.monotonic())
@@ -156,37 +164,61 @@ class ResponseHandler:
                 except TimeoutError:
                     pass
                 continue
-            rid = self.queue.popleft()
-            response = self.open.get(rid)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            reasons: dict[str, Reason] = {}
+            self._working = True
+            try:
+                await split_on_failure(batch, functools.partial(self._score, reasons=reasons), self._give_up,
+                                       what="responses")
+            finally:
+                self._working = False
+            for work in batch:
+                reason = reasons.get(work.response.response_id)
+                if reason is not None and self.open.get(work.response.response_id) is work.response:
+                    self._close(work.response, reason)
+
+    def _take_batch(self) -> list[Work]:
+        """Up to ``max_batch`` queued responses, each with the chunks ready for it now (taken off it)."""
+        batch: list[Work] = []
+        while self.queue and len(batch) < self.config.max_batch:
+            response = self.open.get(self.queue.popleft())
             if response is None or not response.ready:
                 continue
             chunks, response.ready = response.ready, []
-            self._working = True
-            try:
-                reason = await loop.run_in_executor(self._infer, self._feed, response, chunks)
-            except Exception as exc:  # noqa: BLE001 - one response's failure must not stop the stream
-                self._fail(response, exc)
-                continue
-            finally:
-                self._working = False
-            if reason is not None:
-                self._close(response, reason)
+            batch.append(Work(response, deque(chunks)))
+        return batch
 
-    def _feed(self, response: OpenResponse, chunks: list[Item]) -> Reason | None:
-        """Inference thread: score the chunks in seq order; the reason to close the response, if any."""
-        for item in chunks:
-            chunk = item.body
-            if response.state is None:
-                response.first = chunk
-                response.state = self.scorer.open(chunk.conversation())
-            response.step = self.scorer.feed(response.response_id, response.state, chunk.text, final=chunk.final,
-                                             store=self.store)
-            response.last_seq = chunk.seq
-            if response.step.stop_index is not None:
-                return "threshold"
-            if chunk.final:
-                return "final"
-        return None
+    async def _score(self, part: list[Work], reasons: dict[str, Reason]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._infer, self._feed, part, reasons)
+
+    def _give_up(self, work: Work, exc: Exception) -> None:
+        if self.open.get(work.response.response_id) is work.response:
+            self._fail(work.response, exc)
+
+    def _feed(self, part: list[Work], reasons: dict[str, Reason]) -> None:
+        """Inference thread: the chunks of ``part`` in rounds, one chunk of each response per batched pass.
+
+        A chunk leaves its queue only once its pass has succeeded (``score_chunks`` changes nothing before),
+        so a failed part can be split and retried from where each response stands: no chunk is read twice.
+        """
+        while live := [w for w in part if w.chunks and w.response.response_id not in reasons]:
+            batch = []
+            for work in live:
+                chunk = work.chunks[0].body
+                state = work.response.state or self.scorer.open(chunk.conversation())
+                batch.append(Chunk(work.response.response_id, state, chunk.text, chunk.final))
+            steps = self.scorer.score_chunks(batch, store=self.store)
+            for work, scored, step in zip(live, batch, steps, strict=True):
+                response, chunk = work.response, work.chunks.popleft().body
+                if response.state is None:
+                    response.first, response.state = chunk, scored.state
+                response.step, response.last_seq = step, chunk.seq
+                if step.stop_index is not None:
+                    reasons[response.response_id] = "threshold"
+                elif chunk.final:
+                    reasons[response.response_id] = "final"
 
     def _expire(self, now: float) -> None:
         timeout = self.config.response_timeout_s

@@ -3,7 +3,9 @@
 Same responses, same chunks, one run: each response's text is cut into ``chunks`` pieces of equal length; the
 incremental side feeds them to ``StreamScorer`` (only new tokens run), the recompute side runs context +
 response-so-far from scratch after every chunk, as a scorer without a cache must. Both read the bundle's
-truncated model. Memory per open response: its KV cache bytes plus the small scorer state, taken just before
+truncated model. ``batch`` responses stream side by side, and both sides batch them alike: chunk i of each
+goes through ``score_chunks`` together (one pass over their stacked caches), and the recompute side runs
+the group's prefixes after chunk i in padded batches, as the offline extractor does. Memory per open response: its KV cache bytes plus the small scorer state, taken just before
 the last chunk (the largest an open response gets).
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from probes.config import Settings
 from probes.monitor import Monitor
-from probes.stream_scorer import KVStore, StreamScorer, cache_nbytes, prefix_ids, response_ids
+from probes.stream_scorer import Chunk, KVStore, StreamScorer, cache_nbytes, prefix_ids, response_ids
 from probes.token_probe import TokenProbe
 from probes.token_train import load_responses
 
@@ -32,7 +34,7 @@ def split_text(text: str, chunks: int) -> list[str]:
 
 
 def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None, n: int,
-                 chunks: int = 8) -> dict[str, Any]:
+                 chunks: int = 8, batch: int = 1) -> dict[str, Any]:
     monitor = Monitor(bundle_dir, settings.model, cache_dir=settings.cache_dir)
     probe = TokenProbe.from_bundle(monitor.bundle)
     # Throughput only: no threshold, so no response stops early and both sides read every token.
@@ -48,44 +50,61 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
     items = [(c, t) for c, t in items if t]
 
     recomputations: list[int] = []
+    extractor = monitor.extractor
 
-    def incremental(context: Any, text: str) -> tuple[float, int, int, int]:
-        store = KVStore(max_bytes=1 << 40, max_entries=8)
-        state = scorer.open(context)
-        kv = held = 0
-        for i, piece in enumerate(split_text(text, chunks)):
+    def incremental(group: list[tuple[Any, str]]) -> list[tuple[float, int, int, int]]:
+        store = KVStore(max_bytes=1 << 40, max_entries=2 * len(group))
+        states = [scorer.open(context) for context, _ in group]
+        pieces = [split_text(text, chunks) for _, text in group]
+        kv, held = [0] * len(group), [0] * len(group)
+        for i in range(chunks):
             if i == chunks - 1:
-                kv, held = cache_nbytes(store.get("r")), state.nbytes()
-            step = scorer.feed("r", state, piece, final=i == chunks - 1, store=store)
-        recomputations.append(state.recomputations)
-        return step.peak, step.scored_tokens, kv, held
+                kv = [cache_nbytes(store.get(f"r{j}")) for j in range(len(group))]
+                held = [state.nbytes() for state in states]
+            steps = scorer.score_chunks([Chunk(f"r{j}", state, pieces[j][i], i == chunks - 1)
+                                         for j, state in enumerate(states)], store=store)
+        recomputations.extend(state.recomputations for state in states)
+        return [(step.peak, step.scored_tokens, k, h) for step, k, h in zip(steps, kv, held, strict=True)]
 
-    def recompute(context: Any, text: str) -> tuple[float, int]:
-        prefix = prefix_ids(tok, context, monitor.max_tokens)
-        seen = ""
-        for i, piece in enumerate(split_text(text, chunks)):
-            seen += piece
-            ids = response_ids(tok, seen)
-            if i < chunks - 1:
-                ids = ids[: max(0, len(ids) - probe.settings.holdback_tokens)]
-            if not ids:
-                continue
-            hidden, _ = scorer.states(prefix + ids)
-            aggregate = probe.new_aggregate()
-            aggregate.push(probe.logits(hidden[len(prefix):]))
-        return aggregate.peak[probe.settings.aggregator], len(ids)
+    def recompute(group: list[tuple[Any, str]]) -> list[tuple[float, int]]:
+        """Context + response-so-far of every response of the group after each chunk, in padded batches."""
+        prefixes = [prefix_ids(tok, context, monitor.max_tokens) for context, _ in group]
+        pieces = [split_text(text, chunks) for _, text in group]
+        seen = [""] * len(group)
+        out = [(float("-inf"), 0)] * len(group)
+        for i in range(chunks):
+            todo: list[tuple[int, list[int]]] = []
+            for j in range(len(group)):
+                seen[j] += pieces[j][i]
+                ids = response_ids(tok, seen[j])
+                if i < chunks - 1:
+                    ids = ids[: max(0, len(ids) - probe.settings.holdback_tokens)]
+                if ids:
+                    todo.append((j, ids))
+            for padded in extractor.batches([prefixes[j] + ids for j, ids in todo]):
+                hidden, _ = extractor.hidden(padded)
+                for row, index in enumerate(padded.indices):
+                    j, ids = todo[index]
+                    start = len(prefixes[j])
+                    aggregate = probe.new_aggregate()
+                    aggregate.push(probe.logits(hidden[row, start : start + len(ids)].cpu().numpy()))
+                    out[j] = aggregate.peak[probe.settings.aggregator], len(ids)
+        return out
 
-    incremental(*items[0])  # warm-up: first-call allocations are not what either side costs
-    recompute(*items[0])
+    groups = [items[i : i + batch] for i in range(0, len(items), batch)]
+    incremental(groups[0])  # warm-up: first-call allocations are not what either side costs
+    recompute(groups[0])
+    del recomputations[:]
     gc.collect()
-    inc, rec = [], []
+    inc: list[tuple[float, int, int, int]] = []
+    rec: list[tuple[float, int]] = []
     t_inc = t_rec = 0.0
-    for context, text in items:
-        # Interleaved per response, so a change in machine load hits both sides alike.
+    for group in groups:
+        # Interleaved per group, so a change in machine load hits both sides alike.
         t0 = time.perf_counter()
-        inc.append(incremental(context, text))
+        inc.extend(incremental(group))
         t1 = time.perf_counter()
-        rec.append(recompute(context, text))
+        rec.extend(recompute(group))
         t_inc += t1 - t0
         t_rec += time.perf_counter() - t1
     tokens = sum(x[1] for x in inc)
@@ -94,13 +113,13 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
     state = [x[3] for x in inc]
     prefix_tokens = [len(prefix_ids(tok, c, monitor.max_tokens)) for c, _ in items]
     return {
-        "responses": len(items), "chunks_per_response": chunks, "response_tokens": tokens,
+        "responses": len(items), "chunks_per_response": chunks, "responses_per_pass": batch, "response_tokens": tokens,
         "mean_response_tokens": tokens / len(items), "mean_prefix_tokens": float(np.mean(prefix_tokens)),
         "incremental": {"seconds": t_inc, "tokens_per_s": tokens / t_inc},
         "recompute": {"seconds": t_rec, "tokens_per_s": tokens / t_rec},
         "speedup": t_rec / t_inc,
         "max_abs_peak_logit_gap": peak_gap,
-        "retokenization_rescores": int(sum(recomputations[1:])),  # the first is the warm-up run
+        "retokenization_rescores": int(sum(recomputations)),
         "memory_per_open_response_bytes": {
             "kv_cache_mean": float(np.mean(kv)), "kv_cache_max": int(max(kv)),
             "state_mean": float(np.mean(state)), "state_max": int(max(state)),

@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 from probes.conversation import Message
 from probes.features import FeatureExtractor
 from probes.heads import LinearHead
-from probes.stream_scorer import KVStore, StreamScorer
+from probes.stream_scorer import Chunk, KVStore, StreamScorer, StreamStep
 from probes.token_probe import StreamSettings, TokenProbe
 from tests.worker.test_stream import FakeConsumer, FakeProducer, record, until
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
@@ -191,3 +191,33 @@ async def test_a_revoke_releases_open_responses_unjudged_and_uncommitted(scorer:
     assert (consumer.last_commit(P0) or 0) == 0  # the new owner starts at chunk 0
     stream.stop()
     await asyncio.wait_for(task, 60)
+
+
+async def test_ready_chunks_of_many_responses_share_passes_and_a_failing_one_fails_alone(
+        scorer: StreamScorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All chunks fetched at once: one batched pass per round of chunks; a response whose scoring raises is
+    split out of the batch and dead-lettered alone, the others get the verdicts they get one at a time."""
+    reference = await clean_run(scorer)
+    full = {r: chunks(r, t, 4) for r, t in TEXTS.items()}
+    log = [full[r][seq] for seq in range(4) for r in TEXTS]  # interleaved, as concurrent streams arrive
+    batched = StreamScorer(scorer.extractor, scorer.probe, prefix_max_tokens=scorer.prefix_max_tokens)
+    real = batched.score_chunks
+    sizes: list[int] = []
+
+    def poisoned(batch: list[Chunk], *, store: KVStore) -> list[StreamStep]:
+        sizes.append(len(batch))
+        if any(c.key == "r-bread" for c in batch):
+            raise RuntimeError("poisoned input")
+        return real(batch, store=store)
+
+    monkeypatch.setattr(batched, "score_chunks", poisoned)
+    stream, consumer, producer = make(batched, log)
+    await run_until(stream, producer, len(TEXTS) - 1)
+    got = {v.response_id: v for v in verdicts(producer)}
+    assert set(got) == set(TEXTS) - {"r-bread"}
+    for rid, v in got.items():
+        assert key(v) == key(reference[rid]), rid
+    assert max(sizes) == len(TEXTS)  # the three responses' chunks went into one call
+    dead = [value for topic, value, _ in producer.sent if topic == "dlq"]
+    assert len(dead) == 4 and all(b'"reason":"inference_error"' in d for d in dead)  # every chunk of r-bread
+    await until(lambda: consumer.last_commit(P0) == len(log))
