@@ -192,7 +192,7 @@ Aggregator = Literal["ema", "rolling_max"]
 
 
 class StreamConfig(Frozen):
-    """The token-level probe read while a response streams (method.md §7): training, smoothing, stop rule."""
+    """The token-level probe read while a response streams (docs/method.md §7): training, smoothing, stop rule."""
 
     files: tuple[str, ...] = Field(RESPONSE_FILES, description="response datasets (label: response_label)")
     max_per_source: int | None = Field(300, ge=1, description="seeded cap per response source; None keeps all")

@@ -1,7 +1,7 @@
 """The per-event monitor: bundle heads on the monitored model's activations, and the delegation rule.
 
 The decision for one event depends only on its own features, the model/bundle versions and the threshold,
-never on what else is in its batch (method.md §5), so batching is free to reorder events.
+never on what else is in its batch (docs/method.md §5), so batching is free to reorder events.
 """
 
 from __future__ import annotations
