@@ -76,7 +76,11 @@ class BatchingConfig(Frozen):
 class WorkerConfig(Frozen):
     bundle: Path = Path("runs/bundle")
     max_in_flight: int = Field(2048, ge=1, description="events fetched but not committed before fetching pauses")
-    max_event_bytes: int = Field(1_000_000, ge=1024)
+    max_event_bytes: int = Field(
+        1_000_000, ge=1024,
+        description="larger inputs are dead-lettered; topics are created with room for this (worker/topics.py)")
+    max_metadata_depth: int = Field(16, ge=1, le=64, description="deeper event metadata is dead-lettered")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="larger event metadata (as JSON) is dead-lettered")
     shutdown_deadline_s: float = Field(25.0, gt=0, description="drain + flush + commit + leave, all of it")
     commit_interval_s: float = Field(1.0, gt=0)
     http_host: str = "0.0.0.0"
@@ -97,12 +101,31 @@ class BudgetConfig(Frozen):
     scope: Literal["worker", "partition"] = "worker"
 
 
+class SigningConfig(Frozen):
+    """HMAC-SHA256 over every verdict, review request and alert (worker/signing.py).
+
+    The key comes from a Secret (``CTD_SIGNING__KEY``); ``key_id`` travels in the signature header so keys can be
+    rotated: list the previous key under ``verify_keys`` until every record it signed is past retention.
+    Without a key nothing is signed and nothing is checked (a local demo); with one, readers refuse records
+    whose signature is missing or wrong.
+    """
+
+    key: SecretStr | None = None
+    key_id: str = Field("k1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    verify_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> older keys still accepted")
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None and bool(self.key.get_secret_value())
+
+
 class WorkerSettings(Settings):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     batching: BatchingConfig = BatchingConfig()
     worker: WorkerConfig = WorkerConfig()
     budget: BudgetConfig = BudgetConfig()
+    signing: SigningConfig = SigningConfig()
 
 
 class GuardConfig(Frozen):
@@ -156,3 +179,4 @@ class GuardSettings(Settings):
     topics: TopicsConfig = TopicsConfig()
     guard: GuardConfig = GuardConfig()
     alerts: AlertsConfig = AlertsConfig()
+    signing: SigningConfig = SigningConfig()

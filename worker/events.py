@@ -2,16 +2,22 @@
 
 Every model is versioned (``schema_version``) and serialised with orjson. Input limits are enforced while
 decoding, and every way an input can be bad maps to one ``DecodeError`` reason so it can be dead-lettered.
+
+Whatever decodes must also serialise again: metadata is bounded in depth and size (pydantic and orjson refuse to
+serialise deep nesting, so an unbounded event would decode and then fail in the middle of a batch), and every
+timestamp is timezone-aware UTC — a naive ``created_at``/``requested_at`` is read as UTC, never compared as
+local time.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-from typing import Any, Literal
+import hashlib
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from probes.conversation import Conversation, Message
 
@@ -19,8 +25,26 @@ SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 1_000_000
 MAX_MESSAGES = 512
 MAX_ID_CHARS = 256
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_BYTES = 16_384
+# A truncated dead letter keeps at most this much of the original key (the value gets the rest of the room).
+_DEAD_LETTER_KEY_PREFIX = 256
 
-DecodeReason = Literal["undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation"]
+DecodeReason = Literal[
+    "undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation",
+    "metadata_too_deep", "metadata_too_large",
+]
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    # Producers in the wild send "2026-11-30T12:00:00" without an offset; read it as UTC rather than fail later
+    # when it is subtracted from an aware clock reading.
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
 
 
 class _Model(BaseModel):
@@ -44,7 +68,7 @@ class ConversationEvent(_Model):
     event_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     conversation_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     tenant: str = Field("default", min_length=1, max_length=MAX_ID_CHARS)
-    created_at: dt.datetime
+    created_at: UtcDatetime
     messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -96,7 +120,7 @@ class Verdict(_Model):
     model_version: str
     expert_version: str | None = None
     timings: Timings
-    decided_at: dt.datetime
+    decided_at: UtcDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -113,7 +137,7 @@ class ReviewRequest(_Model):
     threshold: float | None
     bundle_version: str
     model_version: str | None = None
-    requested_at: dt.datetime
+    requested_at: UtcDatetime
 
 
 class Alert(_Model):
@@ -131,8 +155,8 @@ class Alert(_Model):
     p_unsafe: float
     bundle_version: str
     expert_version: str | None = None
-    verdict_decided_at: dt.datetime
-    raised_at: dt.datetime
+    verdict_decided_at: UtcDatetime
+    raised_at: UtcDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -150,7 +174,11 @@ class DeadLetter(_Model):
     key_b64: str | None
     value_b64: str
     stage: Literal["decode", "inference", "expert"]
-    failed_at: dt.datetime
+    failed_at: UtcDatetime
+    value_bytes: int | None = Field(None, description="length of the original value")
+    value_sha256: str | None = Field(None, description="sha256 of the original value (hex)")
+    key_bytes: int | None = Field(None, description="length of the original key")
+    truncated: bool = Field(False, description="key_b64/value_b64 hold only a prefix of the original bytes")
 
 
 class DecodeError(Exception):
@@ -160,8 +188,44 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def decode_event(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> ConversationEvent:
-    """Bytes from Kafka → a validated event, or DecodeError naming exactly what is wrong."""
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``{}`` is 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_metadata(obj: dict[str, Any], max_depth: int, max_bytes: int) -> None:
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        return  # absent (default {}) or not an object: the schema check names it
+    depth = _depth(metadata)
+    if depth > max_depth:
+        raise DecodeError("metadata_too_deep", f"metadata nests {depth} levels > limit {max_depth}")
+    size = len(orjson.dumps(metadata))
+    if size > max_bytes:
+        raise DecodeError("metadata_too_large", f"metadata is {size} bytes > limit {max_bytes}")
+
+
+def decode_event(
+    raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,
+    max_metadata_bytes: int = MAX_METADATA_BYTES,
+) -> ConversationEvent:
+    """Bytes from Kafka → a validated event, or DecodeError naming exactly what is wrong.
+
+    An event that decodes can be serialised again inside every output (verdict, review request, alert): the
+    metadata limits are what guarantee it.
+    """
     if raw is None:
         raise DecodeError("schema_violation", "null message value (tombstone)")
     if len(raw) > max_bytes:
@@ -176,6 +240,7 @@ def decode_event(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> Conv
         raise DecodeError("invalid_json", str(exc)) from exc
     if not isinstance(obj, dict):
         raise DecodeError("schema_violation", "top level must be a JSON object")
+    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
     try:
         return ConversationEvent.model_validate(obj)
     except ValidationError as exc:
@@ -190,13 +255,33 @@ def decode_event(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> Conv
 
 def dead_letter(
     *, reason: str, error: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    stage: Literal["decode", "inference", "expert"],
+    stage: Literal["decode", "inference", "expert"], max_bytes: int = MAX_EVENT_BYTES,
 ) -> DeadLetter:
-    return DeadLetter(
+    """The dead letter for one input; its JSON is at most ``max_bytes`` long.
+
+    Base64 grows the original by a third, so the dead letter of a record near the topic's size limit would
+    itself be refused by the broker, and its offset could never be committed. Past ``max_bytes`` the letter keeps
+    a prefix of the key and of the value, their original lengths and the value's sha256, and says so
+    (``truncated``): enough to find, count and deduplicate the original, and it can always be written.
+    """
+    raw = value or b""
+    full = DeadLetter(
         reason=reason, error=error[:2000], topic=topic, partition=partition, offset=offset,
         key_b64=None if key is None else base64.b64encode(key).decode(),
-        value_b64=base64.b64encode(value or b"").decode(), stage=stage, failed_at=utcnow(),
+        value_b64=base64.b64encode(raw).decode(), stage=stage, failed_at=utcnow(),
+        value_bytes=len(raw), value_sha256=hashlib.sha256(raw).hexdigest(),
+        key_bytes=None if key is None else len(key),
     )
+    if len(full.to_json()) <= max_bytes:
+        return full
+    short_key = None if key is None else base64.b64encode(key[:_DEAD_LETTER_KEY_PREFIX]).decode()
+    empty = full.model_copy(update={"key_b64": short_key, "value_b64": "", "truncated": True, "error": error[:200]})
+    room = max_bytes - len(empty.to_json())
+    if room < 0:
+        raise ValueError(f"max_bytes={max_bytes} is too small for a dead letter without its value")
+    # 4 base64 characters carry 3 bytes; whole groups keep the prefix decodable.
+    prefix = raw[: (room // 4) * 3]
+    return empty.model_copy(update={"value_b64": base64.b64encode(prefix).decode()})
 
 
 def utcnow() -> dt.datetime:
