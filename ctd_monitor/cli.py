@@ -210,10 +210,13 @@ def replay(
 
     from worker.config import WorkerSettings
     from worker.runner import replay as do_replay
+    from worker.topics import require_topics
 
     s: WorkerSettings = settings(cls=WorkerSettings)
     if bootstrap is not None:
         s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"bootstrap_servers": bootstrap})})
+    # Without the topic the producer would wait for metadata, then die with a raw UnknownTopicOrPartitionError.
+    asyncio.run(require_topics(s.kafka, [s.topics.input]))
     with progress_bars(state.progress) as bars:
         result = asyncio.run(do_replay(s, data, rate=rate, limit=limit, progress=bars("replay", limit or 0)))
     emit(result)
@@ -332,6 +335,32 @@ def validate_guarantee(
         values = ctx.signal(chosen, ctx.score(records))
     result = run(values, alpha=alpha, delta=delta, splits=splits)
     emit({**result, "signal": chosen})
+
+
+topics_app = typer.Typer(no_args_is_help=True, help="The Kafka topics the monitor reads and writes.")
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("create")
+@_guarded
+def topics_create(
+    partitions: Annotated[int, typer.Option(min=1, help="input partitions (the most workers that share the load)")] = 3,
+    output_partitions: Annotated[int, typer.Option(min=1, help="verdict and review partitions")] = 3,
+    replication_factor: Annotated[int, typer.Option(min=1, help="replicas per partition")] = 1,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+) -> None:
+    """Create the five topics with their configs (max.message.bytes from worker.max_event_bytes); idempotent."""
+    import asyncio
+
+    from worker.config import WorkerSettings
+    from worker.topics import create_topics, topic_specs
+
+    s: WorkerSettings = settings(cls=WorkerSettings)
+    kafka = s.kafka if bootstrap is None else s.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    specs = topic_specs(s.topics, s.worker, input_partitions=partitions, output_partitions=output_partitions,
+                        replication_factor=replication_factor)
+    outcomes = asyncio.run(create_topics(kafka, specs))
+    emit({"bootstrap": kafka.bootstrap_servers, "topics": [o.model_dump() for o in outcomes]})
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON.")

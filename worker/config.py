@@ -113,6 +113,7 @@ class SigningConfig(Frozen):
     key: SecretStr | None = None
     key_id: str = Field("k1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     verify_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> older keys still accepted")
+    required: bool = Field(False, description="refuse to start without a key (production: the key is a Secret)")
 
     @property
     def enabled(self) -> bool:

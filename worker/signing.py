@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from probes.errors import CtdError
+from probes.errors import ConfigError, CtdError
 from worker.config import SigningConfig
 
 HEADER = "ctd-signature"
@@ -40,6 +40,8 @@ class Signer:
 
     @classmethod
     def from_config(cls, config: SigningConfig) -> Signer:
+        if config.required and not config.enabled:
+            raise ConfigError("signing.required is set but no signing.key is configured (CTD_SIGNING__KEY)")
         keys = {kid: secret.get_secret_value().encode() for kid, secret in config.verify_keys.items()}
         if config.enabled:
             assert config.key is not None
