@@ -2,6 +2,10 @@
 
 Left truncation keeps the latest turns: whole oldest messages are dropped first, and only a single
 remaining message that is still too long is cut token-wise from the left (keeping a leading BOS/CLS).
+Conversations longer than that are scored in windows (probes/windows.py) so nothing is cut unseen.
+
+Message content is untrusted: control-token strings in it are neutralised (probes/special_tokens.py) before
+the chat template adds its own, so content can never open or close a turn.
 """
 
 from __future__ import annotations
@@ -10,16 +14,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from probes.conversation import Message, plain_text
+from probes.special_tokens import neutralise, special_strings
 
 
 def render_text(tokenizer: Any, messages: Sequence[Message]) -> str:
-    """The string the monitored model reads for these messages."""
+    """The string the monitored model reads for these messages (content's control tokens made inert)."""
+    strings = special_strings(tokenizer)
+    safe = [Message(m.role, neutralise(m.content, strings)) for m in messages]
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=False
+            [{"role": m.role, "content": m.content} for m in safe], tokenize=False, add_generation_prompt=False
         )
         return str(rendered)
-    return plain_text(messages)
+    return plain_text(safe)
 
 
 def _encode(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
