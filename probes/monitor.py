@@ -23,6 +23,7 @@ from probes.features import FeatureExtractor, TokenBatch, collate
 from probes.heads import sigmoid
 from probes.models import LoadedModel, load_model
 from probes.router import MLPHead
+from probes.windows import argmax_by_group, window_ids
 
 Signal = Literal["dv", "uncertainty", "router"]
 F64 = npt.NDArray[np.float64]
@@ -116,6 +117,7 @@ class Monitor:
             batch_tokens=model.batch_tokens, max_items=model.max_batch_items,
         )
         self.rule = DelegationRule.from_manifest(self.bundle.manifest)
+        self.windows = model.windows
 
     @property
     def model_version(self) -> str:
@@ -123,6 +125,10 @@ class Monitor:
 
     def tokenize(self, conversation: Conversation) -> list[int]:
         return self.extractor.tokenize([conversation])[0]
+
+    def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
+        """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too."""
+        return window_ids(self.loaded.tokenizer, conversation, self.max_tokens, self.windows)
 
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
         batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)
@@ -137,3 +143,10 @@ class Monitor:
 
     def score(self, batch: TokenBatch) -> Scores:
         return head_scores(self.bundle, self.features(batch), self.rule.signal)
+
+    def score_grouped(self, batch: TokenBatch, groups: Sequence[int], n: int) -> Scores:
+        """Scores of ``n`` conversations whose rows are in ``batch`` (``groups[row]`` = its conversation): each
+        takes the row with the highest P(unsafe) (probes/windows.py)."""
+        scores = self.score(batch)
+        rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
+        return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows])

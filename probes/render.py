@@ -37,6 +37,11 @@ def _encode(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     return list(ids)
 
 
+def full_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """Token ids of the whole rendered conversation, not truncated."""
+    return _encode(tokenizer, messages)
+
+
 def render_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> list[int]:
     """Token ids of the rendered conversation, at most ``max_tokens`` long, keeping the latest content."""
     if not messages:
