@@ -98,7 +98,9 @@ class BudgetConfig(Frozen):
     delta: float = Field(0.05, gt=0, lt=1, description="error level of the window's fixed-sequence test")
     hard_cap: bool = Field(False, description="token bucket at alpha: never delegate faster than the budget")
     cap_burst: int = Field(20, ge=1, description="token-bucket depth (delegations allowed in a burst)")
-    scope: Literal["worker", "partition"] = "worker"
+    scope: Literal["worker", "partition", "tenant"] = Field(
+        "worker", description="one budget window per worker, per partition, or per tenant (isolation)")
+    max_scopes: int = Field(1000, ge=1, description="tenant windows kept; further tenants share one")
 
 
 class SigningConfig(Frozen):
