@@ -143,6 +143,10 @@ class GuardConfig(Frozen):
     retry_backoff_s: float = Field(1.0, gt=0, description="first wait before retrying a down expert (doubles)")
     retry_backoff_max_s: float = Field(30.0, gt=0)
     unsafe_threshold: float = Field(0.5, gt=0, lt=1)
+    max_expert_attempts: int = Field(
+        5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
+    unavailable_decision: Literal["unsafe", "probe"] = Field(
+        "unsafe", description="final decision when the expert fails for good: escalate as harmful, or the probe's")
     shutdown_deadline_s: float = Field(25.0, gt=0)
     commit_interval_s: float = Field(1.0, gt=0)
     http_host: str = "0.0.0.0"
@@ -167,7 +171,9 @@ class AlertsConfig(Frozen):
     enabled: bool = True
     on_probe_verdicts: bool = Field(True, description="alert on undelegated probe 'unsafe' verdicts too")
     dedupe_window_s: float = Field(600.0, ge=0, description="one alert per conversation within this window")
-    rate_limit_per_s: float = Field(5.0, gt=0, description="token bucket over all alerts")
+    rate_limit_per_s: float = Field(5.0, gt=0, description="token bucket per tenant (or over all alerts)")
+    rate_limit_scope: Literal["tenant", "global"] = Field(
+        "tenant", description="one bucket per tenant, so one tenant's alert flood cannot silence another's")
     rate_burst: int = Field(50, ge=1)
     critical_score: float = Field(0.9, gt=0, le=1, description="score at or above which severity is critical")
     probe_critical: bool = Field(False, description="probe-only verdicts may be critical (else warning at most)")

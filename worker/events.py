@@ -114,7 +114,8 @@ class Verdict(_Model):
     dv: float | None = None
     delegated: bool
     decision: Literal["unsafe", "safe"]
-    source: Literal["probe", "expert"]
+    # "expert_unavailable": delegated, but the expert failed for good (guard.unavailable_decision decides).
+    source: Literal["probe", "expert", "expert_unavailable"]
     budget: BudgetState
     bundle_version: str
     model_version: str
@@ -151,7 +152,7 @@ class Alert(_Model):
     conversation_id: str
     tenant: str
     severity: Literal["warning", "critical"]
-    source: Literal["probe", "expert"]
+    source: Literal["probe", "expert", "expert_unavailable"]
     p_unsafe: float
     bundle_version: str
     expert_version: str | None = None
