@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -22,12 +23,16 @@ DataOpt = Annotated[
 ]
 
 
-class State:
+@dataclass(frozen=True)
+class Options:
+    """The global options, carried in typer's context object."""
+
     config: Path | None = None
     progress: bool = True
 
 
-state = State()
+def options(ctx: typer.Context) -> Options:
+    return ctx.obj if isinstance(ctx.obj, Options) else Options()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -35,9 +40,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def settings(config: Path | None = None, *, cls: type[Settings] = Settings, **overrides: Any) -> Any:
+def settings(ctx: typer.Context, *, cls: type[Settings] = Settings, **overrides: Any) -> Any:
     try:
-        loaded = load_settings(config or state.config, cls=cls, **overrides)
+        loaded = load_settings(options(ctx).config, cls=cls, **overrides)
     except CtdError as exc:
         fail(str(exc))
     configure_logging(loaded.log_level)
@@ -50,11 +55,11 @@ def emit(payload: dict[str, Any]) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     progress: Annotated[bool, typer.Option(help="show progress bars on stderr")] = True,
 ) -> None:
-    state.config = config
-    state.progress = progress
+    ctx.obj = Options(config=config, progress=progress)
 
 
 def _guarded(fn: Any) -> Any:
@@ -73,14 +78,14 @@ def _guarded(fn: Any) -> Any:
 
 @app.command()
 @_guarded
-def extract(data: DataOpt = None) -> None:
+def extract(ctx: typer.Context, data: DataOpt = None) -> None:
     """Extract pooled activations for the dataset mix (cached on disk; reruns are instant)."""
     from probes import pipeline
 
-    s = settings()
+    s = settings(ctx)
     prepared = pipeline.prepare_data(s, data)
     loaded = pipeline.load_monitored_model(s)
-    with progress_bars(state.progress) as bars:
+    with progress_bars(options(ctx).progress) as bars:
         features, cached = pipeline.extract_features(
             s, pipeline.make_extractor(s, loaded), list(prepared.dataset.records),
             prepared.dataset.content_hash(), bars,
@@ -92,14 +97,15 @@ def extract(data: DataOpt = None) -> None:
 @app.command("train-probe")
 @_guarded
 def train_probe(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="bundle directory to write")] = Path("runs/bundle"),
     data: DataOpt = None,
 ) -> None:
     """Train the safety probe on probe-train and write a probe bundle; print evaluation metrics."""
     from probes import pipeline
 
-    s = settings()
-    with progress_bars(state.progress) as bars:
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
         result = pipeline.train_probe(s, out, bars, prepared=pipeline.prepare_data(s, data))
     emit({"bundle": str(result.bundle_dir), "features_cached": result.features_cached, **result.metrics})
 
@@ -107,14 +113,15 @@ def train_probe(
 @app.command("train-expert")
 @_guarded
 def train_expert(
+    ctx: typer.Context,
     data: DataOpt = None,
     force: Annotated[bool, typer.Option(help="retrain even if a cached expert matches")] = False,
 ) -> None:
     """Fine-tune the encoder-head expert (cached outside the repo); print its evaluation metrics."""
     from probes import pipeline
 
-    s = settings()
-    with progress_bars(state.progress) as bars:
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
         result = pipeline.train_expert(s, bars, prepared=pipeline.prepare_data(s, data), force=force)
     emit({"expert": str(result.expert_dir), "name": result.name, "evaluation": result.metrics})
 
@@ -122,14 +129,15 @@ def train_expert(
 @app.command()
 @_guarded
 def train(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="bundle directory to write")] = Path("runs/bundle"),
     data: DataOpt = None,
 ) -> None:
     """Train probe and expert on the shared data; print probe-only vs expert-only on the evaluation split."""
     from probes import pipeline
 
-    s = settings()
-    with progress_bars(state.progress) as bars:
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
         probe, expert, manifest = pipeline.train_bundle(s, out, bars, pipeline.prepare_data(s, data))
     emit({"bundle": str(out), "split_sizes": manifest["data"]["split_sizes"],
           "probe_only": probe.metrics["evaluation"], "expert_only": expert.metrics, "expert": expert.name})
@@ -138,44 +146,35 @@ def train(
 @app.command()
 @_guarded
 def run(
+    ctx: typer.Context,
     bundle: Annotated[Path | None, typer.Option(help="probe bundle (default: worker.bundle)")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
 ) -> None:
     """Run the streaming monitor worker until SIGTERM/SIGINT (drains, commits and leaves the group)."""
     from worker.config import WorkerSettings
-    from worker.runner import run_worker
+    from worker.main import override, run_worker
 
-    s: WorkerSettings = settings(cls=WorkerSettings)
-    updates: dict[str, Any] = {}
-    if bundle is not None:
-        updates["worker"] = s.worker.model_copy(update={"bundle": bundle})
-    if bootstrap is not None:
-        updates["kafka"] = s.kafka.model_copy(update={"bootstrap_servers": bootstrap})
-    run_worker(s.model_copy(update=updates))
+    run_worker(override(settings(ctx, cls=WorkerSettings), section="worker", bundle=bundle, bootstrap=bootstrap))
 
 
 @app.command()
 @_guarded
 def expert(
+    ctx: typer.Context,
     bundle: Annotated[Path | None, typer.Option(help="take the encoder-head expert recorded in this bundle")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
 ) -> None:
     """Run the guard service (expert verdicts for delegated events) and the alerter until SIGTERM/SIGINT."""
     from worker.config import GuardSettings
-    from worker.runner import run_guard
+    from worker.main import override, run_guard
 
-    s: GuardSettings = settings(cls=GuardSettings)
-    updates: dict[str, Any] = {}
-    if bundle is not None:
-        updates["guard"] = s.guard.model_copy(update={"bundle": bundle})
-    if bootstrap is not None:
-        updates["kafka"] = s.kafka.model_copy(update={"bootstrap_servers": bootstrap})
-    run_guard(s.model_copy(update=updates))
+    run_guard(override(settings(ctx, cls=GuardSettings), section="guard", bundle=bundle, bootstrap=bootstrap))
 
 
 @app.command()
 @_guarded
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="where the bundle, summary.json, summary.png and demo.log go")] = Path(
         "runs/demo"),
     events: Annotated[int, typer.Option(min=10, help="labelled conversations to replay")] = 300,
@@ -184,15 +183,15 @@ def demo(
     per_source: Annotated[int, typer.Option(min=5, help="training rows per source (small: minutes on a CPU)")] = 40,
 ) -> None:
     """The whole system on this machine: train or reuse a bundle, run broker + worker + guard + alerter, replay."""
+    from ctd_monitor.local.demo import DemoOptions, run_demo
     from probes.logs import configure_logging
-    from worker.demo import DemoOptions, run_demo
 
-    s = settings()
+    s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
     configure_logging(s.log_level, path=out / "demo.log")  # the terminal shows progress; JSON logs go here
-    options = DemoOptions(out=out, events=events, alpha=alpha, delta=delta, per_source=per_source)
-    with progress_bars(state.progress) as bars:
-        summary = run_demo(s, options, bars)
+    demo_options = DemoOptions(out=out, events=events, alpha=alpha, delta=delta, per_source=per_source)
+    with progress_bars(options(ctx).progress) as bars:
+        summary = run_demo(s, demo_options, bars)
     emit(summary)
     console.print(f"[bold green]demo done[/]: {out / 'summary.json'}, {out / 'summary.png'}, logs in {out / 'demo.log'}")
 
@@ -200,6 +199,7 @@ def demo(
 @app.command()
 @_guarded
 def replay(
+    ctx: typer.Context,
     data: Annotated[list[Path], typer.Option("--data", help="dataset file(s) to replay")],
     rate: Annotated[float | None, typer.Option(help="events per second (default: as fast as possible)")] = None,
     limit: Annotated[int | None, typer.Option(help="replay at most N conversations")] = None,
@@ -208,16 +208,15 @@ def replay(
     """Produce dataset conversations as events (labels in metadata) to the input topic."""
     import asyncio
 
+    from ctd_monitor.local.replay import replay as do_replay
     from worker.config import WorkerSettings
-    from worker.runner import replay as do_replay
+    from worker.main import override
     from worker.topics import require_topics
 
-    s: WorkerSettings = settings(cls=WorkerSettings)
-    if bootstrap is not None:
-        s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"bootstrap_servers": bootstrap})})
+    s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
     # Without the topic the producer would wait for metadata, then die with a raw UnknownTopicOrPartitionError.
     asyncio.run(require_topics(s.kafka, [s.topics.input]))
-    with progress_bars(state.progress) as bars:
+    with progress_bars(options(ctx).progress) as bars:
         result = asyncio.run(do_replay(s, data, rate=rate, limit=limit, progress=bars("replay", limit or 0)))
     emit(result)
 
@@ -228,6 +227,7 @@ BundleOpt = Annotated[Path, typer.Option("--bundle", help="probe bundle director
 @app.command("train-dv")
 @_guarded
 def train_dv(
+    ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     target: Annotated[str, typer.Option(help="binary | continuous")] = "binary",
     source: Annotated[str, typer.Option(help="crossfit (probe-train + dev, out-of-fold probe) | dev")] = "crossfit",
@@ -238,8 +238,8 @@ def train_dv(
 
     if target not in ("binary", "continuous") or source not in ("crossfit", "dev"):
         fail("--target must be binary or continuous, --source crossfit or dev")
-    s = settings()
-    with progress_bars(state.progress) as bars:
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
         result = run(CascadeContext(s, bundle, bars), target=target, source=source)  # type: ignore[arg-type]
     emit({"bundle": str(bundle), **result})
 
@@ -247,6 +247,7 @@ def train_dv(
 @app.command()
 @_guarded
 def calibrate(
+    ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     alpha: Annotated[float, typer.Option(help="delegation budget (fraction of traffic)")] = 0.1,
     delta: Annotated[float, typer.Option(help="allowed failure probability of the guarantee")] = 0.1,
@@ -259,12 +260,12 @@ def calibrate(
 
     if signal not in ("dv", "uncertainty", "router") or variant not in ("pareto", "budget"):
         fail("--signal must be dv|uncertainty|router and --variant pareto|budget")
-    s = settings()
-    with progress_bars(state.progress) as bars:
-        ctx = CascadeContext(s, bundle, bars)
-        result = calibrate_signal(ctx, ctx.split("calibration"), signal, alpha=alpha, delta=delta,
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
+        cascade = CascadeContext(s, bundle, bars)
+        result = calibrate_signal(cascade, cascade.split("calibration"), signal, alpha=alpha, delta=delta,
                                   variant=variant, seed=seed)  # type: ignore[arg-type]
-    payload = write_calibration(ctx, result)
+    payload = write_calibration(cascade, result)
     if not result.valid:
         console.print("[bold yellow]warning:[/] no valid threshold: the monitor will never delegate")
     emit(payload)
@@ -273,6 +274,7 @@ def calibrate(
 @app.command()
 @_guarded
 def evaluate(
+    ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     data: Annotated[list[Path] | None, typer.Option("--data", help="evaluation file(s); default: evaluation split")] = None,
     budgets: Annotated[str, typer.Option(help="comma-separated budgets")] = "0.05,0.1,0.2,0.3",
@@ -281,29 +283,16 @@ def evaluate(
 ) -> None:
     """Every policy at every budget (calibrated on the calibration split, applied as is): metrics, plots, report."""
     from probes.cascade import CascadeContext
-    from probes.data import read_file
-    from probes.dv import signal_quality
-    from probes.evaluation import evaluate_policies, write_report
+    from probes.evaluation import evaluation_report, write_report
 
     try:
         alphas = [float(x) for x in budgets.split(",") if x.strip()]
     except ValueError:
         fail(f"--budgets must be comma-separated numbers, got {budgets!r}")
-    s = settings()
+    s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
-    with progress_bars(state.progress) as bars:
-        ctx = CascadeContext(s, bundle, bars)
-        records = [r for path in data for r in read_file(path)] if data else list(ctx.prepared.splits.evaluation)
-        scored = ctx.score(records)
-        report = evaluate_policies(ctx, scored, alphas, delta=delta)
-        report["signal_quality"] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
-                                    for name in ("dv", "uncertainty", "router")}
-        if data and len(data) > 1:
-            report["per_file"] = {}
-            for path in data:
-                sub = ctx.score(read_file(path))
-                report["per_file"][path.name] = evaluate_policies(ctx, sub, alphas, delta=delta)["policies"]["ctd"]
-    report["files"] = [str(p) for p in data] if data else ["<bundle evaluation split>"]
+    with progress_bars(options(ctx).progress) as bars:
+        report = evaluation_report(CascadeContext(s, bundle, bars), data, alphas, delta=delta)
     (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     write_report(report, out)
     emit({"out": str(out), "n": report["n"], "probe_only": report["probe_only"], "expert_only": report["expert_only"],
@@ -313,6 +302,7 @@ def evaluate(
 @app.command("validate-guarantee")
 @_guarded
 def validate_guarantee(
+    ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     data: Annotated[list[Path] | None, typer.Option("--data", help="file(s); default: calibration+evaluation")] = None,
     alpha: Annotated[float, typer.Option()] = 0.1,
@@ -326,13 +316,13 @@ def validate_guarantee(
     from probes.data import read_file
     from probes.evaluation import validate_guarantee as run
 
-    s = settings()
-    with progress_bars(state.progress and not json_out) as bars:
-        ctx = CascadeContext(s, bundle, bars)
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress and not json_out) as bars:
+        cascade = CascadeContext(s, bundle, bars)
         records = ([r for path in data for r in read_file(path)] if data
-                   else list(ctx.prepared.splits.calibration) + list(ctx.prepared.splits.evaluation))
-        chosen = signal or (ctx.bundle.manifest.get("calibration") or {}).get("signal", "dv")
-        values = ctx.signal(chosen, ctx.score(records))
+                   else list(cascade.prepared.splits.calibration) + list(cascade.prepared.splits.evaluation))
+        chosen = signal or (cascade.bundle.manifest.get("calibration") or {}).get("signal", "dv")
+        values = cascade.signal(chosen, cascade.score(records))
     result = run(values, alpha=alpha, delta=delta, splits=splits)
     emit({**result, "signal": chosen})
 
@@ -344,6 +334,7 @@ app.add_typer(topics_app, name="topics")
 @topics_app.command("create")
 @_guarded
 def topics_create(
+    ctx: typer.Context,
     partitions: Annotated[int, typer.Option(min=1, help="input partitions (the most workers that share the load)")] = 3,
     output_partitions: Annotated[int, typer.Option(min=1, help="verdict and review partitions")] = 3,
     replication_factor: Annotated[int, typer.Option(min=1, help="replicas per partition")] = 1,
@@ -353,10 +344,11 @@ def topics_create(
     import asyncio
 
     from worker.config import WorkerSettings
+    from worker.main import override
     from worker.topics import create_topics, topic_specs
 
-    s: WorkerSettings = settings(cls=WorkerSettings)
-    kafka = s.kafka if bootstrap is None else s.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
+    kafka = s.kafka
     specs = topic_specs(s.topics, s.worker, input_partitions=partitions, output_partitions=output_partitions,
                         replication_factor=replication_factor)
     outcomes = asyncio.run(create_topics(kafka, specs))
@@ -373,17 +365,13 @@ DtypeOpt = Annotated[str | None, typer.Option(help="auto | bf16 | fp16 | fp32 (d
 BenchDataOpt = Annotated[list[Path] | None, typer.Option("--data", help="texts to push through")]
 
 
-def _bench_settings(bundle: Path | None, device: str | None, dtype: str | None) -> Any:
+def _bench_settings(ctx: typer.Context, bundle: Path | None, device: str | None, dtype: str | None) -> Any:
     from worker.config import WorkerSettings
+    from worker.main import override
 
-    s: WorkerSettings = settings(cls=WorkerSettings)
-    updates: dict[str, Any] = {}
-    if bundle is not None:
-        updates["worker"] = s.worker.model_copy(update={"bundle": bundle})
+    s: WorkerSettings = override(settings(ctx, cls=WorkerSettings), section="worker", bundle=bundle)
     model = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    if model:
-        updates["model"] = s.model.model_copy(update=model)
-    return s.model_copy(update=updates)
+    return s.model_copy(update={"model": s.model.model_copy(update=model)}) if model else s
 
 
 def _bench_files(s: Any, data: list[Path] | None) -> list[Path]:
@@ -393,6 +381,7 @@ def _bench_files(s: Any, data: list[Path] | None) -> list[Path]:
 @bench_app.command("pipeline")
 @_guarded
 def bench_pipeline(
+    ctx: typer.Context,
     data: BenchDataOpt = None,
     n: Annotated[int, typer.Option(help="number of events")] = 300,
     bundle: BenchBundleOpt = None,
@@ -401,17 +390,18 @@ def bench_pipeline(
     mode: Annotated[str, typer.Option(help="process: the worker in a child process, as deployed | inline")] = "process",
 ) -> None:
     """Raw forward-pass rate vs end-to-end worker rate through a real local broker, same texts, one run."""
-    from worker.bench import bench_pipeline as run_bench
+    from ctd_monitor.bench.pipeline import bench_pipeline as run_bench
 
     if mode not in ("process", "inline"):
         fail("--mode must be process or inline")
-    s = _bench_settings(bundle, device, dtype)
+    s = _bench_settings(ctx, bundle, device, dtype)
     emit(run_bench(s, _bench_files(s, data), n, mode=mode))
 
 
 @bench_app.command("heads")
 @_guarded
 def bench_heads(
+    ctx: typer.Context,
     data: BenchDataOpt = None,
     n: Annotated[int, typer.Option(help="number of conversations")] = 300,
     repeats: Annotated[int, typer.Option(help="passes over the batches")] = 3,
@@ -420,15 +410,16 @@ def bench_heads(
     dtype: DtypeOpt = None,
 ) -> None:
     """Probe + DV head scoring time versus activation extraction, per batch (overhead_ratio)."""
-    from worker.bench_heads import bench_heads as run_bench
+    from ctd_monitor.bench.heads import bench_heads as run_bench
 
-    s = _bench_settings(bundle, device, dtype)
+    s = _bench_settings(ctx, bundle, device, dtype)
     emit(run_bench(s, _bench_files(s, data), n, repeats=repeats))
 
 
 @bench_app.command("cascade-cost")
 @_guarded
 def bench_cascade_cost(
+    ctx: typer.Context,
     data: Annotated[list[Path] | None, typer.Option("--data", help="labelled file(s); default: the bundle's "
                                                     "evaluation split")] = None,
     n: Annotated[int, typer.Option(help="at most N conversations")] = 500,
@@ -441,9 +432,9 @@ def bench_cascade_cost(
                                                      "(default: the bundle's)")] = None,
 ) -> None:
     """Compute per 1k events (seconds, parameters x tokens) and accuracy: expert-only vs the calibrated cascade."""
-    from worker.bench_cost import bench_cascade_cost as run_bench
+    from ctd_monitor.bench.cost import bench_cascade_cost as run_bench
 
-    s = _bench_settings(bundle, device, dtype)
+    s = _bench_settings(ctx, bundle, device, dtype)
     expert: dict[str, Any] = {}
     if expert_backend is not None:
         if expert_backend not in ("encoder-head", "hf-guard", "openai-compatible"):
@@ -459,6 +450,7 @@ def bench_cascade_cost(
 @bench_app.command("soak")
 @_guarded
 def bench_soak(
+    ctx: typer.Context,
     data: BenchDataOpt = None,
     n: Annotated[int, typer.Option(help="number of events (the data is cycled)")] = 3000,
     rate: Annotated[float, typer.Option(help="events per second")] = 20.0,
@@ -468,17 +460,18 @@ def bench_soak(
     dtype: DtypeOpt = None,
 ) -> None:
     """N events at a fixed rate through the worker process and a local broker: RSS growth and latency over time."""
-    from worker.bench_soak import bench_soak as run_bench
+    from ctd_monitor.bench.soak import bench_soak as run_bench
 
     if rate <= 0 or interval <= 0 or n < 1:
         fail("--rate and --interval must be positive and --n at least 1")
-    s = _bench_settings(bundle, device, dtype)
+    s = _bench_settings(ctx, bundle, device, dtype)
     emit(run_bench(s, _bench_files(s, data), n, rate, interval))
 
 
 @bench_app.command("drift")
 @_guarded
 def bench_drift(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Option(help="probe bundle with a calibrated threshold")] = Path("runs/bundle"),
     out: Annotated[Path, typer.Option(help="directory for drift.png and drift.json")] = Path("runs/drift"),
     phase: Annotated[list[str] | None, typer.Option(
@@ -492,12 +485,12 @@ def bench_drift(
 
     The window, re-certification and cap settings come from the ``budget`` config section (CTD_BUDGET__*).
     """
+    from ctd_monitor.bench.drift import default_phases, drift_stream, parse_phase, report
     from probes.monitor import Monitor
     from worker.budget import BudgetController
     from worker.config import WorkerSettings
-    from worker.drift import default_phases, drift_stream, parse_phase, report
 
-    s: WorkerSettings = settings(cls=WorkerSettings)
+    s: WorkerSettings = settings(ctx, cls=WorkerSettings)
     monitor = Monitor(bundle, s.model, cache_dir=s.cache_dir)
     data_dir = s.data.datasets_dir
     if phase:
@@ -514,6 +507,7 @@ def bench_drift(
 
 @app.command()
 def schemas(
+    ctx: typer.Context,
     write: Annotated[bool, typer.Option("--write", help="rewrite worker/schemas/*.json")] = False,
 ) -> None:
     """Print (or write) the JSON Schemas of the event, verdict, review-request and dead-letter records."""
@@ -530,13 +524,14 @@ def schemas(
 
 @app.command()
 def broker(
+    ctx: typer.Context,
     port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default: a free one)")] = None,
     fetch_only: Annotated[bool, typer.Option("--fetch-only", help="only fetch the Kafka jars")] = False,
 ) -> None:
     """Run a local single-node Kafka (KRaft) broker from cached Maven Central jars."""
-    from worker.broker import run_broker_forever
+    from ctd_monitor.local.broker import run_broker_forever
 
-    s = settings()
+    s = settings(ctx)
     try:
         code = run_broker_forever(s.cache_dir, port, fetch_only)
     except CtdError as exc:

@@ -239,3 +239,24 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     lines += ["", *[f"![{p.stem}]({p.name})" for p in paths], ""]
     (out / "report.md").write_text("\n".join(lines))
     return paths
+
+
+def evaluation_report(ctx: CascadeContext, files: list[Path] | None, alphas: list[float], *,
+                      delta: float) -> dict[str, Any]:
+    """Every policy at every budget on ``files`` (default: the bundle's evaluation split), signal quality of
+    each delegation signal, and per-file CTD rows when several files are given: the report ``evaluate`` writes."""
+    from probes.data import read_file
+    from probes.dv import signal_quality
+
+    records = [r for path in files for r in read_file(path)] if files else list(ctx.prepared.splits.evaluation)
+    scored = ctx.score(records)
+    report = evaluate_policies(ctx, scored, alphas, delta=delta)
+    report["signal_quality"] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
+                                for name in ("dv", "uncertainty", "router")}
+    if files and len(files) > 1:
+        report["per_file"] = {
+            path.name: evaluate_policies(ctx, ctx.score(read_file(path)), alphas, delta=delta)["policies"]["ctd"]
+            for path in files
+        }
+    report["files"] = [str(p) for p in files] if files else ["<bundle evaluation split>"]
+    return report

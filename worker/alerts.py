@@ -1,11 +1,6 @@
-"""Alerts on harmful final verdicts: the alerts topic, then notification sinks (structured log, webhooks).
+"""Alerts on harmful final verdicts: the alert policy, the sinks (structured log, webhooks) and the alert handler.
 
-The alerter reads the verdicts topic in its own consumer group. A verdict is final when the expert made it,
-or when the probe made it and did not delegate (a delegated probe verdict waits for the expert's). A harmful
-final verdict becomes at most one alert per conversation within ``dedupe_window_s``; every alert is published
-to the alerts topic (the durable record, acknowledged before the verdict's offset is committed). Sinks are
-notifications: they are rate-limited by a token bucket and run in background queues with retries, so a slow
-or failing webhook never holds up verdicts or commits. Payloads never carry conversation text.
+docs/architecture.md ("Alerts") describes when a verdict becomes an alert and how sinks are delivered.
 """
 
 from __future__ import annotations
@@ -20,18 +15,21 @@ from typing import Protocol
 
 import httpx
 import orjson
-from aiokafka import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from probes.logs import get_logger
 from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
-from worker.events import Alert, Verdict, utcnow
+from worker.events import MAX_EVENT_BYTES, Alert, Verdict, utcnow
 from worker.metrics import AlerterMetrics
-from worker.service import ServiceLimits, StreamService
+from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream
 
 log = get_logger(__name__)
 ALERT_NAMESPACE = uuid.UUID("6f1c2d4e-9a7b-4c1e-8f3a-2b5d7e9c0a11")
 SINK_QUEUE = 1000
+# Verdicts are cheap to judge and acknowledged in order of arrival: a deep window keeps the alerter off the
+# critical path of a verdict burst without holding much memory (a verdict is well under a kilobyte).
+ALERTER_MAX_IN_FLIGHT = 4096
+SINK_FLUSH_S = 2.0
 
 
 class TokenBucket:
@@ -155,75 +153,63 @@ def build_sinks(config: AlertsConfig) -> list[AlertSink]:
     return sinks
 
 
-class Alerter(StreamService):
+class AlertHandler:
+    """Verdicts in, alerts out (then notifications through the sinks)."""
+
     name = "alerter"
 
-    def __init__(self, settings: GuardSettings, metrics: AlerterMetrics | None = None, *,
-                 sinks: Sequence[AlertSink] | None = None, serve_http: bool = False) -> None:
+    def __init__(self, settings: GuardSettings, metrics: AlerterMetrics, sinks: Sequence[AlertSink]) -> None:
         a = settings.alerts
-        self.metrics = metrics or AlerterMetrics()
-        g = settings.guard
-        super().__init__(
-            kafka=settings.kafka, group_id=a.group_id, topic=settings.topics.verdicts,
-            dead_letter_topic=settings.topics.dead_letter, metrics=self.metrics,
-            limits=ServiceLimits(max_in_flight=4096, max_event_bytes=1_000_000,
-                                 shutdown_deadline_s=g.shutdown_deadline_s, commit_interval_s=g.commit_interval_s,
-                                 liveness_max_stall_s=g.liveness_max_stall_s, http_host=g.http_host,
-                                 http_port=g.http_port if serve_http else None),
-        )
+        self.metrics = metrics
         self.settings = settings
         self.policy = AlertPolicy(a)
         self.bucket = TokenBucket(a.rate_limit_per_s, a.rate_burst)
-        self.sinks = list(build_sinks(a) if sinks is None else sinks)
-        self._queues: dict[str, asyncio.Queue[Alert]] = {}
-        self._senders: list[asyncio.Task[None]] = []
+        self.sinks = list(sinks)
+        self._queues = {sink.name: asyncio.Queue[Alert](SINK_QUEUE) for sink in self.sinks}
+        self._out: Outputs | None = None
 
-    def _busy(self) -> bool:
-        return False  # records are handled as they arrive; pending acks are drained by the base
+    @property
+    def out(self) -> Outputs:
+        assert self._out is not None, "the stream has not started this handler"
+        return self._out
 
-    async def _starting(self) -> None:
-        for sink in self.sinks:
-            queue: asyncio.Queue[Alert] = asyncio.Queue(SINK_QUEUE)
-            self._queues[sink.name] = queue
-            self._senders.append(asyncio.create_task(self._send_loop(sink, queue), name=f"sink-{sink.name}"))
+    # ---------------------------------------------------------------- handler protocol
+    async def start(self, outputs: Outputs) -> None:
+        self._out = outputs
 
-    async def _stopped(self) -> None:
-        # Give queued notifications a moment; the alerts topic already holds every alert durably.
-        queued = [q.join() for q in self._queues.values()]
-        if queued:
-            try:
-                await asyncio.wait_for(asyncio.gather(*queued), timeout=2.0)
-            except TimeoutError:
-                log.warning("alert.sinks_unflushed", left=sum(q.qsize() for q in self._queues.values()))
-        for task in self._senders:
-            task.cancel()
-        await asyncio.gather(*self._senders, return_exceptions=True)
+    def busy(self) -> bool:
+        return False  # records are handled as they arrive; the stream drains their acknowledgements
+
+    def waiting_on_purpose(self) -> bool:
+        return False
+
+    def wake(self) -> None:
+        pass  # nothing is held back between accept and publish
+
+    async def close(self) -> None:
         for sink in self.sinks:
             close = getattr(sink, "aclose", None)
             if close is not None:
                 await close()
 
-    async def _work_loop(self) -> None:
-        await asyncio.Event().wait()  # everything happens in _accept and the sink tasks
-
-    async def _accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
-        assert self.producer is not None
+    async def accept(self, records: Sequence[Record]) -> None:
+        now = time.monotonic()
         for record in records:
-            tp = TopicPartition(record.topic, record.partition)
             try:
                 verdict = Verdict.model_validate(orjson.loads(record.value or b""))
             except (orjson.JSONDecodeError, ValidationError) as exc:
-                self._dead_letter_record(record, "invalid_verdict", str(exc)[:500], "decode")
+                self.out.dead_letter(record, "invalid_verdict", str(exc)[:500], "decode")
                 continue
-            alert, why_not = self.policy.consider(verdict, time.monotonic())
+            item = Envelope.of(record, verdict, now)
+            alert, why_not = self.policy.consider(verdict, now)
             if why_not is not None:
                 self.metrics.alerts_suppressed.labels(reason=why_not).inc()
             if alert is None:
-                self.tracker.done(tp, record.offset)
+                self.out.done(item)
                 continue
-            send = self.producer.send(self.settings.topics.alerts, alert.to_json(), key=record.key,
-                                      headers=[("alert_id", alert.alert_id.encode())])
-            self._track_acks(tp, record.offset, [send], functools.partial(self._raised, alert))
+            message = Message(self.settings.topics.alerts, alert.to_json(), record.key,
+                              [("alert_id", alert.alert_id.encode())])
+            self.out.publish(item, [message], functools.partial(self._raised, alert))
 
     def _raised(self, alert: Alert) -> None:
         self.metrics.alerts_raised.labels(severity=alert.severity, source=alert.source).inc()
@@ -236,6 +222,26 @@ class Alerter(StreamService):
             except asyncio.QueueFull:
                 self.metrics.alerts_suppressed.labels(reason="sink_queue_full").inc()
 
+    # ---------------------------------------------------------------- notifications
+    async def run(self) -> None:
+        """The work loop is the sinks' delivery: one sender per sink, flushed briefly when the stream stops."""
+        senders = [asyncio.create_task(self._send_loop(sink, self._queues[sink.name]), name=f"sink-{sink.name}")
+                   for sink in self.sinks]
+        if not senders:
+            return
+        try:
+            await asyncio.wait(senders)  # not gather: a cancelled gather would cancel the senders before the flush
+        finally:
+            # Give queued notifications a moment; the alerts topic already holds every alert durably.
+            try:
+                await asyncio.wait_for(asyncio.gather(*(q.join() for q in self._queues.values())),
+                                       timeout=SINK_FLUSH_S)
+            except TimeoutError:
+                log.warning("alert.sinks_unflushed", left=sum(q.qsize() for q in self._queues.values()))
+            for task in senders:
+                task.cancel()
+            await asyncio.gather(*senders, return_exceptions=True)
+
     async def _send_loop(self, sink: AlertSink, queue: asyncio.Queue[Alert]) -> None:
         while True:
             alert = await queue.get()
@@ -246,3 +252,17 @@ class Alerter(StreamService):
                 log.error("alert.sink_failed", sink=sink.name, alert_id=alert.alert_id, error=str(exc))
             finally:
                 queue.task_done()
+
+
+AlertStream = Stream[AlertHandler]
+
+
+def alert_stream(settings: GuardSettings, metrics: AlerterMetrics | None = None, *,
+                 sinks: Sequence[AlertSink] | None = None, serve_http: bool = False) -> AlertStream:
+    """The alerter: the verdicts topic through ``AlertHandler`` in the alerter's consumer group."""
+    metrics = metrics or AlerterMetrics()
+    handler = AlertHandler(settings, metrics, build_sinks(settings.alerts) if sinks is None else sinks)
+    return Stream(handler, kafka=settings.kafka, group_id=settings.alerts.group_id, topic=settings.topics.verdicts,
+                  dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
+                  limits=ServiceLimits.from_config(settings.guard, max_event_bytes=MAX_EVENT_BYTES,
+                                                   serve_http=serve_http, max_in_flight=ALERTER_MAX_IN_FLIGHT))

@@ -1,40 +1,10 @@
-"""Live delegation-budget control: a windowed threshold, a sequential budget monitor and an optional hard cap.
+"""Stage "route": delegate or not under the live delegation budget (window threshold, monitor, hard cap).
 
-The offline LTT threshold τ* keeps the delegation rate ≤ α only for traffic exchangeable with the calibration
-set (method.md §6); production traffic drifts. The delegation rate needs no labels, so the budget half of the
-calibration can be re-run on recent traffic (method.md §8). Per scope (the worker, or one partition):
-
-* **Window threshold.** The delegation signals of the last ``window`` events are kept. Every ``recertify_every``
-  events, once ``min_window`` are held, the offline calibration's own test runs on the window: a quantile grid,
-  highest τ first, exact binomial p-values, fixed-sequence testing at level ``delta`` (``probes.calibration``).
-  The window threshold τ_w is the smallest certified τ, and the rule applies max(τ*, τ_w). In distribution
-  τ_w ≤ τ* and the offline (Pareto) choice governs; a shift that raises the rate lifts τ_w above τ*, which
-  holds the rate at α with probability ≥ 1 − δ for traffic exchangeable with the window. During the turnover
-  after an abrupt shift (≤ ``window`` events) the window mixes old and new traffic and the rate can overshoot
-  α; the sequential monitor watches that. When nothing certifies on the window, the scope delegates nothing
-  until the next re-certification: an uncertified threshold is never applied.
-* **Sequential monitor (Hoeffding).** The realised rate r̂ over the last n ≤ ``window`` decisions counts as
-  significantly above α while r̂ − sqrt(ln(1/δ) / 2n) > α (checked after every event once n ≥ ``min_window``).
-  Each check's false-alarm probability is ≤ δ for independent decisions at rate ≤ α; the checks overlap, so
-  this is an alerting signal (``ctd_budget_exceeded`` + a warning), not an anytime-valid certificate.
-* **Hard cap (optional).** A token bucket of depth ``cap_burst`` that starts empty and refills by
-  α − cap_burst/window per event, in exact rational arithmetic. Tokens spent ≤ tokens held + refills, so every
-  ``window`` consecutive events delegate ≤ cap_burst + (α − cap_burst/window)·window = α·window of them, and
-  every prefix ≤ α of its events, whatever the traffic. Delegations beyond that are refused (cap hits).
-
-**Scope, fleet, rebalance.** Each scope is held to α on its own traffic, so the fleet's rate, the traffic-weighted
-average of the scopes' rates, is ≤ α as well; workers need no coordination. Scope ``"worker"`` keeps one window
-per worker: a rebalance does not touch it (the window follows the worker's traffic, not its partitions). Scope
-``"partition"`` keeps one window per partition the worker has scored: a revoked partition's window stays with
-this worker (and resumes if the partition comes back), while the partition's new owner starts an empty window
-at the offline threshold until ``min_window`` events (the cap, when on, still holds it to α). Scope ``"tenant"``
-keeps one window (and one token bucket) per tenant: a tenant that floods the stream with borderline traffic
-spends its own budget and tightens its own threshold, never another tenant's. Tenant names come from producers,
-so at most ``max_scopes`` tenants get a window of their own; the rest share one.
-
-Pure and deterministic: no Kafka, no torch, no clock; the same signals in the same order give the same decisions.
-Cheap enough for the event loop: a re-certification is one quantile grid and a few binomial tails (the test stops
-at its first failure), every ``recertify_every`` events.
+Pure and deterministic (no Kafka, no torch, no clock); docs/architecture.md ("Live delegation budget") gives the
+method and its guarantees. Scope ``"tenant"`` keeps one window (and one token bucket) per tenant: a tenant that
+floods the stream with borderline traffic spends its own budget and tightens its own threshold, never another
+tenant's. Tenant names come from producers, so at most ``max_scopes`` tenants get a window of their own; the rest
+share one.
 """
 
 from __future__ import annotations

@@ -48,6 +48,13 @@ class KafkaConfig(Frozen):
             kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
         return kwargs
 
+    def producer_kwargs(self, max_event_bytes: int | None = None) -> dict[str, Any]:
+        """Producer settings of every output: acknowledged by all replicas, idempotent, briefly lingering."""
+        kwargs: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
+        if max_event_bytes is not None:
+            kwargs["max_request_size"] = 4 * max_event_bytes  # an output may embed its input (review requests)
+        return kwargs
+
 
 class TopicsConfig(Frozen):
     input: str = "conversations"
@@ -73,24 +80,29 @@ class BatchingConfig(Frozen):
     lookahead: int = Field(512, ge=1)
 
 
-class WorkerConfig(Frozen):
-    bundle: Path = Path("runs/bundle")
+class ServiceConfig(Frozen):
+    """What every stream service sets the same way (``worker.*`` and ``guard.*`` keep these keys)."""
+
     max_in_flight: int = Field(2048, ge=1, description="events fetched but not committed before fetching pauses")
-    max_event_bytes: int = Field(
-        1_000_000, ge=1024,
-        description="larger inputs are dead-lettered; topics are created with room for this (worker/topics.py)")
-    max_metadata_depth: int = Field(16, ge=1, le=64, description="deeper event metadata is dead-lettered")
-    max_metadata_bytes: int = Field(16_384, ge=2, description="larger event metadata (as JSON) is dead-lettered")
     shutdown_deadline_s: float = Field(25.0, gt=0, description="drain + flush + commit + leave, all of it")
     commit_interval_s: float = Field(1.0, gt=0)
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)
     liveness_max_stall_s: float = Field(120.0, gt=0)
+
+
+class WorkerConfig(ServiceConfig):
+    bundle: Path = Path("runs/bundle")
+    max_event_bytes: int = Field(
+        1_000_000, ge=1024,
+        description="larger inputs are dead-lettered; topics are created with room for this (worker/topics.py)")
+    max_metadata_depth: int = Field(16, ge=1, le=64, description="deeper event metadata is dead-lettered")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="larger event metadata (as JSON) is dead-lettered")
     inference_retries: int = Field(1, ge=0)
 
 
 class BudgetConfig(Frozen):
-    """Live delegation-budget control (issue 6): windowed re-certification, sequential monitor, hard cap."""
+    """Live delegation-budget control: windowed re-certification, sequential monitor, hard cap (worker/budget.py)."""
 
     window: int = Field(2000, ge=50, description="DV scores kept for the label-free window threshold")
     min_window: int = Field(500, ge=10, description="events seen before the window threshold applies")
@@ -131,14 +143,14 @@ class WorkerSettings(Settings):
     signing: SigningConfig = SigningConfig()
 
 
-class GuardConfig(Frozen):
+class GuardConfig(ServiceConfig):
     """The guard service (``ctd-monitor expert``): review topic in, final expert verdicts out."""
 
     group_id: str = "ctd-guard"
     bundle: Path | None = Field(None, description="encoder-head: take the expert recorded in this bundle")
     max_batch: int = Field(16, ge=1, description="review requests scored together")
     max_wait_ms: float = Field(50.0, ge=0)
-    max_in_flight: int = Field(256, ge=1)
+    max_in_flight: int = Field(256, ge=1, description="review requests fetched but not committed")
     expert_timeout_s: float = Field(60.0, gt=0, description="a batch slower than this counts as the expert down")
     retry_backoff_s: float = Field(1.0, gt=0, description="first wait before retrying a down expert (doubles)")
     retry_backoff_max_s: float = Field(30.0, gt=0)
@@ -147,11 +159,7 @@ class GuardConfig(Frozen):
         5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
     unavailable_decision: Literal["unsafe", "probe"] = Field(
         "unsafe", description="final decision when the expert fails for good: escalate as harmful, or the probe's")
-    shutdown_deadline_s: float = Field(25.0, gt=0)
-    commit_interval_s: float = Field(1.0, gt=0)
-    http_host: str = "0.0.0.0"
     http_port: int = Field(8081, ge=0, le=65535)
-    liveness_max_stall_s: float = Field(120.0, gt=0)
 
 
 class WebhookSinkConfig(Frozen):

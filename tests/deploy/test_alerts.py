@@ -13,7 +13,7 @@ from worker.metrics import AlerterMetrics, GuardMetrics, WorkerMetrics
 TARGET_LABELS = frozenset({"job", "namespace", "pod", "instance", "service", "container", "endpoint"})
 
 def _guard_process() -> dict[str, frozenset[str]]:
-    """The guard pod serves the guard's and the alerter's metrics from one registry (worker/runner.GuardProcess)."""
+    """The guard pod serves the guard's and the alerter's metrics from one registry (worker/main.GuardProcess)."""
     guard = GuardMetrics()
     return {**exported_names(guard), **exported_names(AlerterMetrics(registry=guard.registry))}
 

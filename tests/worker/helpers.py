@@ -13,6 +13,8 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
+from ctd_monitor.local.replay import record_event
 from probes.bundle import update_manifest
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings
 from probes.data import read_file
@@ -31,8 +33,6 @@ from worker.config import (
     WorkerSettings,
 )
 from worker.events import ConversationEvent, ReviewRequest, utcnow
-from worker.process import WorkerProcess, write_worker_config
-from worker.runner import record_event
 
 ALPHA = 0.35
 

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from ctd_monitor.bench.cost import bench_cascade_cost
+from ctd_monitor.bench.heads import bench_heads
+from ctd_monitor.bench.pipeline import bench_pipeline
+from ctd_monitor.bench.soak import bench_soak
+from ctd_monitor.local.broker import LocalBroker
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
 from tests.conftest import share_models
 from tests.worker.helpers import worker_settings
-from worker.bench import bench_pipeline
-from worker.bench_cost import bench_cascade_cost
-from worker.bench_heads import bench_heads
-from worker.bench_soak import bench_soak
-from worker.broker import LocalBroker
 from worker.config import TopicsConfig, WorkerSettings
 
 

@@ -16,8 +16,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from ctd_monitor.local.broker import (
+    KAFKA_VERSION,
+    BrokerError,
+    LocalBroker,
+    fetch_jars,
+    kafka_home,
+    resolve_cache_dir,
+)
 from tests.worker.conftest import TopicFactory
-from worker.broker import KAFKA_VERSION, BrokerError, LocalBroker, fetch_jars, kafka_home, resolve_cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,7 +160,7 @@ def test_run_broker_forever_serves_until_sigterm(kafka_broker: LocalBroker, tmp_
     # Logs go to stderr as the CLI configures them: stdout carries only the JSON line scripts read.
     code = (
         "import sys; from pathlib import Path; from probes.logs import configure_logging; "
-        "from worker.broker import run_broker_forever; configure_logging('INFO'); "
+        "from ctd_monitor.local.broker import run_broker_forever; configure_logging('INFO'); "
         "sys.exit(run_broker_forever(Path(sys.argv[1]), None, False))"
     )
     proc = subprocess.Popen(

@@ -7,8 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ctd_monitor.local.demo import DemoOptions, held_out_records, run_demo
 from probes.config import EncoderHeadConfig, ExpertConfig, FeatureConfig, ModelConfig, Settings
-from worker.demo import DemoOptions, held_out_records, run_demo
 
 
 def _settings(cache_dir: Path, datasets_dir: Path) -> Settings:
@@ -22,8 +22,8 @@ def _settings(cache_dir: Path, datasets_dir: Path) -> Settings:
 
 
 def test_replayed_records_were_never_trained_on(cache_dir: Path, datasets_dir: Path) -> None:
+    from ctd_monitor.local.demo import demo_settings
     from probes.pipeline import prepare_data
-    from worker.demo import demo_settings
 
     s = demo_settings(_settings(cache_dir, datasets_dir), DemoOptions(per_source=10))
     records = held_out_records(s, 120, seed=0)

@@ -12,17 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from worker.decode import DecodeError, DecodeReason, decode_event
 from worker.events import (
     Alert,
     BudgetState,
     ConversationEvent,
-    DecodeError,
-    DecodeReason,
     ReviewRequest,
     Timings,
     Verdict,
     dead_letter,
-    decode_event,
     json_schemas,
     utcnow,
 )

@@ -15,6 +15,7 @@ import numpy.typing as npt
 import orjson
 import pytest
 
+from ctd_monitor.local.replay import replay
 from probes.conversation import Conversation
 from probes.errors import ExpertUnavailable
 from probes.experts.encoder_head import EncoderHeadExpert
@@ -29,16 +30,16 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from worker.alerts import Alerter
-from worker.app import MonitorWorker
+from worker.alerts import alert_stream
 from worker.config import (
     AlertsConfig,
     GuardSettings,
     WebhookSinkConfig,
 )
 from worker.events import BudgetState, Timings, Verdict
+from worker.main import GuardProcess
 from worker.metrics import AlerterMetrics
-from worker.runner import GuardProcess, replay
+from worker.monitor import monitor_stream
 
 pytestmark = pytest.mark.kafka
 
@@ -84,7 +85,7 @@ async def test_delegated_events_get_expert_verdicts_and_harmful_conversations_on
     ws = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
                          group=f"w-{uuid.uuid4().hex[:6]}")
     gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir)
-    worker = MonitorWorker(ws, monitor)
+    worker = monitor_stream(ws, monitor)
     worker_task = asyncio.create_task(worker.run())
     guard, guard_task = await _start_guard(gs, small_expert)
     replay_file = small_bundle / "replay.jsonl"
@@ -219,7 +220,7 @@ async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_neve
     alerts_cfg = AlertsConfig(group_id=f"alerter-{uuid.uuid4().hex[:6]}", log_sink=False,
                               webhooks=(WebhookSinkConfig(url=url, retries=5, backoff_s=0.05, timeout_s=10),))
     settings = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=alerts_cfg)
-    alerter = Alerter(settings, AlerterMetrics())
+    alerter = alert_stream(settings, AlerterMetrics())
     task = asyncio.create_task(alerter.run())
     await wait_for(lambda: alerter.ready() or task.done(), 60)
     burst: list[tuple[bytes, bytes]] = []

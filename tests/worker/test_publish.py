@@ -9,7 +9,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, NotLeaderForPartitionError
 
-from worker.broker import LocalBroker
+from ctd_monitor.local.broker import LocalBroker
 from worker.publish import Record, RetryPolicy, send_acknowledged, send_all_acknowledged
 
 FAST = RetryPolicy(backoff_s=0.001, backoff_max_s=0.004)

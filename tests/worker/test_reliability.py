@@ -22,6 +22,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ctd_monitor.local.broker import LocalBroker
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.monitor import Monitor
 from tests.worker.helpers import (
@@ -38,10 +40,8 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from worker.app import MonitorWorker
-from worker.broker import LocalBroker
 from worker.config import AlertsConfig, WorkerSettings
-from worker.process import WorkerProcess, write_worker_config
+from worker.monitor import MonitorStream, monitor_stream
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 
@@ -58,8 +58,8 @@ def _settings(broker: LocalBroker, bundle: Path, cache_dir: Path, partitions: in
     return s.model_copy(update={"kafka": s.kafka.model_copy(update={"session_timeout_ms": session_timeout_ms})})
 
 
-async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorWorker, asyncio.Task[None]]:
-    worker = MonitorWorker(settings, monitor)
+async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorStream, asyncio.Task[None]]:
+    worker = monitor_stream(settings, monitor)
     task = asyncio.create_task(worker.run())
     await wait_for(lambda: worker.ready() or task.done(), timeout=60)
     assert not task.done(), task.exception()

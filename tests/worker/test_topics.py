@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
-from worker.broker import LocalBroker
+from ctd_monitor.local.broker import LocalBroker
 from worker.config import KafkaConfig, TopicsConfig, WorkerConfig
 from worker.topics import (
     AUDIT_RETENTION_MS,

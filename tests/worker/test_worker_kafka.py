@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from ctd_monitor.local.replay import replay
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
@@ -22,9 +23,8 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from worker.app import MonitorWorker
 from worker.config import WorkerSettings
-from worker.runner import replay
+from worker.monitor import MonitorStream, monitor_stream
 
 pytestmark = pytest.mark.kafka
 
@@ -35,8 +35,8 @@ def _settings(kafka_broker, small_bundle: Path, cache_dir: Path, partitions: int
                            group=f"g-{uuid.uuid4().hex[:6]}", **worker)
 
 
-async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorWorker, asyncio.Task[None]]:
-    worker = MonitorWorker(settings, monitor)
+async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorStream, asyncio.Task[None]]:
+    worker = monitor_stream(settings, monitor)
     task = asyncio.create_task(worker.run())
     await wait_for(lambda: worker.ready() or task.done(), timeout=60)
     assert not task.done(), task.exception()
@@ -254,9 +254,10 @@ async def test_two_workers_each_hold_the_budget_and_a_window_survives_the_rebala
     await wait_for(lambda: len(a._assigned) == 2 and len(b._assigned) == 2, timeout=30)
     n = 160
     replay_task = asyncio.create_task(replay(s, [datasets_dir / "xstest.jsonl"], rate=60, limit=n))
-    await wait_for(lambda: a.budget.windows.get(-1) is not None and a.budget.windows[-1].recertifications > 0,
+    windows = a.handler.budget.windows
+    await wait_for(lambda: windows.get(-1) is not None and windows[-1].recertifications > 0,
                    timeout=30)
-    window = a.budget.windows[-1]
+    window = a.handler.budget.windows[-1]
     b.stop()  # b's partitions move to a; a's window (scope "worker") is not reset by the rebalance
     await asyncio.wait_for(task_b, 20)
     await wait_for(lambda: len(a._assigned) == 4, timeout=30)
@@ -265,10 +266,10 @@ async def test_two_workers_each_hold_the_budget_and_a_window_survives_the_rebala
     verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(distinct(r)) >= n)
     assert len(distinct(verdicts)) == n
     await wait_for(lambda: a.tracker.in_flight() == 0, timeout=20)
-    assert list(a.budget.windows) == [-1] and a.budget.windows[-1] is window and window.seen > seen_at_rebalance
+    assert list(a.handler.budget.windows) == [-1] and a.handler.budget.windows[-1] is window and window.seen > seen_at_rebalance
     published = sum(w.metrics.verdicts_out.labels(decision=d, source="probe")._value.get()
                     for w in (a, b) for d in ("safe", "unsafe"))
-    assert len(verdicts) == published and window.seen + b.budget.windows[-1].seen == published
+    assert len(verdicts) == published and window.seen + b.handler.budget.windows[-1].seen == published
     # Every verdict says how it was decided; the cap refused what the threshold alone would have delegated.
     offline = monitor.rule.threshold
     signal = [-abs(v["p_unsafe"] - 0.5) for v in verdicts]

@@ -20,12 +20,12 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from ctd_monitor.bench.pipeline import bench_topics
+from ctd_monitor.local.broker import LocalBroker
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
+from ctd_monitor.local.replay import record_event
 from probes.data import read_file
-from worker.bench import bench_topics
-from worker.broker import LocalBroker
 from worker.config import WorkerSettings
-from worker.process import WorkerProcess, write_worker_config
-from worker.runner import record_event
 
 RSS_TARGET_PCT = 5.0
 
@@ -35,7 +35,7 @@ async def _produce(settings: WorkerSettings, files: Sequence[Path], n: int, rate
     """``n`` events at ``rate``/s, cycling through the files' conversations (each event a new id);
     ``sent`` gets each event id's send time."""
     records = [r for path in files for r in read_file(path)]
-    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), acks="all", enable_idempotence=True, linger_ms=5)
+    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), **settings.kafka.producer_kwargs())
     await producer.start()
     started = time.monotonic()
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ctd_monitor.bench.heads import token_batches
 from probes.conversation import Conversation, plain_text
 from probes.data import Record, read_file
 from probes.errors import BundleError, ConfigError, CtdError, DataError
@@ -24,7 +25,6 @@ from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
 from probes.monitor import Monitor, head_scores
-from worker.bench_heads import token_batches
 from worker.config import WorkerSettings
 
 log = get_logger(__name__)

@@ -1,4 +1,4 @@
-"""The raw forward loop of ``bench pipeline`` in its own process: ``python -m worker.bench_raw CONFIG DATA N``.
+"""The raw forward loop of ``bench pipeline`` in its own process: ``python -m ctd_monitor.bench.raw CONFIG DATA N``.
 
 The worker runs as a fresh, warmed-up child process; measuring the bare loop the same way keeps the
 comparison about the streaming machinery, not about which process's torch happens to be faster.
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import orjson
 
+from ctd_monitor.bench.pipeline import raw_forward_rate
 from probes.config import load_settings
 from probes.data import read_file
 from probes.logs import configure_logging
 from probes.monitor import Monitor
-from worker.bench import raw_forward_rate
 from worker.config import WorkerSettings
 
 

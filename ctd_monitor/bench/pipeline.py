@@ -24,15 +24,15 @@ import orjson
 import torch
 from aiokafka import AIOKafkaConsumer
 
+from ctd_monitor.bench.gpu import GpuSampler
+from ctd_monitor.local.broker import LocalBroker
+from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
+from ctd_monitor.local.replay import replay
 from probes.batching import plan_batches
 from probes.data import Record, read_file
 from probes.monitor import Monitor
-from worker.app import MonitorWorker
-from worker.broker import LocalBroker
 from worker.config import TopicsConfig, WorkerSettings
-from worker.gpu import GpuSampler
-from worker.process import WorkerProcess, child_env, write_worker_config
-from worker.runner import replay
+from worker.monitor import monitor_stream
 
 
 def raw_forward_rate(monitor: Monitor, conversations: Sequence[Any], settings: WorkerSettings) -> dict[str, float]:
@@ -59,9 +59,9 @@ def raw_forward_rate(monitor: Monitor, conversations: Sequence[Any], settings: W
 
 
 def raw_forward_rate_process(settings: WorkerSettings, data: Path, n: int, workdir: Path) -> dict[str, float]:
-    """``raw_forward_rate`` in a child process (``worker.bench_raw``) on the records of ``data``."""
+    """``raw_forward_rate`` in a child process (``ctd_monitor.bench.raw``) on the records of ``data``."""
     config = write_worker_config(workdir / "raw.yaml", settings)
-    done = subprocess.run([sys.executable, "-m", "worker.bench_raw", str(config), str(data), str(n)],
+    done = subprocess.run([sys.executable, "-m", "ctd_monitor.bench.raw", str(config), str(data), str(n)],
                           env=child_env(), capture_output=True, check=False, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"raw forward child failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
@@ -104,7 +104,7 @@ def _latency_summary(verdicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 async def pipeline_rate(monitor: Monitor, settings: WorkerSettings, files: Sequence[Path], n: int) -> dict[str, Any]:
     """Inline: the worker on this process's event loop while the same loop replays and collects."""
-    worker = MonitorWorker(settings, monitor)
+    worker = monitor_stream(settings, monitor)
     task = asyncio.create_task(worker.run())
     while not worker.ready():
         if task.done():

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctd_monitor.bench.gpu import GpuSampler
 from probes.batching import plan_batches
 from probes.data import read_file
 from probes.features import TokenBatch
 from probes.monitor import Monitor, head_scores
 from worker.config import WorkerSettings
-from worker.gpu import GpuSampler
 
 
 def _sync(monitor: Monitor) -> None:

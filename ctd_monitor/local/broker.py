@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka broker (KRaft, combined broker + controller) for development and tests.
 
 The broker runs from the jars Maven Central publishes (``org.apache.kafka:kafka_2.13``), fetched once with
-``mvn dependency:copy-dependencies`` on ``worker/kafka/pom.xml`` into
+``mvn dependency:copy-dependencies`` on ``ctd_monitor/local/kafka/pom.xml`` into
 ``<cache_dir>/kafka/<version>/libs`` (``cache_dir`` is the ctd-monitor cache root, ``CTD_CACHE_DIR`` or
 ``~/.cache/ctd-monitor``), then started as ``java -cp 'libs/*' kafka.Kafka server.properties``.
 
@@ -59,7 +59,7 @@ _NODE_ID = 1
 _LOG_TAIL_BYTES = 6000
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-log = get_logger("worker.broker")
+log = get_logger("ctd_monitor.local.broker")
 T = TypeVar("T")
 
 
@@ -244,7 +244,7 @@ def die_with_parent_prefix() -> list[str]:
 
 
 _LOG4J2 = """\
-# Written by worker/broker.py. The JVM's stdout goes to kafka.log in the data dir.
+# Written by ctd_monitor/local/broker.py. The JVM's stdout goes to kafka.log in the data dir.
 status = warn
 appender.out.type = Console
 appender.out.name = out

@@ -18,10 +18,10 @@ import orjson
 import psutil
 import yaml
 
-from worker.broker import die_with_parent_prefix
+from ctd_monitor.local.broker import die_with_parent_prefix
 from worker.config import GuardSettings, WorkerSettings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_worker_config(path: Path, settings: WorkerSettings | GuardSettings) -> Path:

@@ -1,4 +1,4 @@
-"""Process entry points: run the worker until SIGTERM/SIGINT, replay dataset conversations as events."""
+"""Process entry points of the shipped service: the monitor worker and the guard (+ alerter), until signalled."""
 
 from __future__ import annotations
 
@@ -7,29 +7,24 @@ import os
 import signal
 import sys
 import time
-import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from aiokafka import AIOKafkaProducer
+from typing import Any, TypeVar
 
 from probes.bundle import read_manifest
 from probes.conversation import single_turn
-from probes.data import Record, read_file
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
 from probes.monitor import Monitor
-from worker.alerts import Alerter
-from worker.app import MonitorWorker
+from worker.alerts import AlertStream, alert_stream
 from worker.config import GuardSettings, WorkerSettings
-from worker.events import ChatMessage, ConversationEvent, utcnow
-from worker.guard import GuardService
+from worker.guard import GuardStream, guard_stream
 from worker.health import HealthServer
 from worker.metrics import AlerterMetrics, GuardMetrics
+from worker.monitor import monitor_stream
 
 log = get_logger(__name__)
+S = TypeVar("S", WorkerSettings, GuardSettings)
 
 
 def load_monitor(settings: WorkerSettings) -> Monitor:
@@ -57,7 +52,7 @@ def run_worker(settings: WorkerSettings) -> None:
     """Load and warm the model (readiness stays false until partitions are assigned), then serve until signalled."""
     monitor = load_monitor(settings)
     warm_up(monitor, settings)
-    worker = MonitorWorker(settings, monitor)
+    worker = monitor_stream(settings, monitor)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -88,15 +83,18 @@ class GuardProcess:
     def __init__(self, settings: GuardSettings, expert: Expert) -> None:
         self.settings = settings
         self.guard_metrics = GuardMetrics()
-        self.guard = GuardService(settings, expert, self.guard_metrics, serve_http=False)
-        self.alerter: Alerter | None = None
+        self.guard = guard_stream(settings, expert, self.guard_metrics, serve_http=False)
+        self.alerter: AlertStream | None = None
         if settings.alerts.enabled:
-            self.alerter = Alerter(settings, AlerterMetrics(registry=self.guard_metrics.registry))
+            self.alerter = alert_stream(settings, AlerterMetrics(registry=self.guard_metrics.registry))
         self.health: HealthServer | None = None
 
     @property
-    def services(self) -> list[GuardService | Alerter]:
-        return [self.guard] + ([self.alerter] if self.alerter is not None else [])
+    def services(self) -> list[GuardStream | AlertStream]:
+        services: list[GuardStream | AlertStream] = [self.guard]
+        if self.alerter is not None:
+            services.append(self.alerter)
+        return services
 
     def ready(self) -> bool:
         return all(s.ready() for s in self.services)
@@ -140,59 +138,11 @@ def run_guard(settings: GuardSettings) -> None:
     asyncio.run(main())
 
 
-def record_event(record: Record, *, run_id: str, index: int) -> ConversationEvent:
-    """A dataset record as a conversation event; the label travels in metadata for later scoring."""
-    return ConversationEvent(
-        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}/{index}/{record.id}")),
-        conversation_id=record.id,
-        tenant=record.source,
-        created_at=utcnow(),
-        messages=[ChatMessage(role=m.role, content=m.content) for m in record.messages],
-        metadata={"label": record.label, "source": record.source, "category": record.category, "run_id": run_id},
-    )
-
-
-async def replay(
-    settings: WorkerSettings, files: Sequence[Path], *, rate: float | None, limit: int | None,
-    run_id: str | None = None, progress: Callable[[int], None] | None = None,
-) -> dict[str, object]:
-    """Produce dataset conversations to the input topic at ``rate`` events/s (None = as fast as possible)."""
-    records: list[Record] = []
-    for path in files:
-        records.extend(read_file(path))
-    if limit is not None:
-        records = records[:limit]
-    result = await replay_records(settings, records, rate=rate, run_id=run_id, progress=progress)
-    return {k: v for k, v in result.items() if k != "event_ids"}
-
-
-async def replay_records(
-    settings: WorkerSettings, records: Sequence[Record], *, rate: float | None, run_id: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Produce records as events; returns the run id, the event ids in order and the achieved rate."""
-    run_id = run_id or uuid.uuid4().hex[:12]
-    producer = AIOKafkaProducer(**settings.kafka.client_kwargs(), acks="all", enable_idempotence=True, linger_ms=5)
-    await producer.start()
-    started = time.monotonic()
-    ids: list[str] = []
-    try:
-        futures = []
-        for index, record in enumerate(records):
-            if rate:
-                delay = started + index / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            event = record_event(record, run_id=run_id, index=index)
-            ids.append(event.event_id)
-            futures.append(await producer.send(settings.topics.input, event.to_json(),
-                                               key=event.conversation_id.encode()))
-            if progress is not None:
-                progress(1)
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    elapsed = time.monotonic() - started
-    return {"run_id": run_id, "events": len(ids), "seconds": round(elapsed, 3),
-            "rate": round(len(ids) / elapsed, 1) if elapsed > 0 else None, "topic": settings.topics.input,
-            "event_ids": ids}
+def override(settings: S, *, section: str, bundle: Path | None = None, bootstrap: str | None = None) -> S:
+    """``--bundle`` (into ``section``, e.g. ``worker`` or ``guard``) and ``--bootstrap`` over loaded settings."""
+    updates: dict[str, Any] = {}
+    if bundle is not None:
+        updates[section] = getattr(settings, section).model_copy(update={"bundle": bundle})
+    if bootstrap is not None:
+        updates["kafka"] = settings.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    return settings.model_copy(update=updates) if updates else settings

@@ -23,6 +23,8 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
+from ctd_monitor.local.replay import replay_records
 from probes.bundle import read_manifest
 from probes.cascade import CascadeContext, calibrate_signal, train_dv, write_calibration
 from probes.config import Settings
@@ -33,8 +35,6 @@ from probes.logs import get_logger
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress, prepare_data, score_in_chunks, train_bundle
-from worker.app import MonitorWorker
-from worker.broker import LocalBroker, resolve_cache_dir
 from worker.config import (
     AlertsConfig,
     GuardConfig,
@@ -44,7 +44,8 @@ from worker.config import (
     WorkerConfig,
     WorkerSettings,
 )
-from worker.runner import GuardProcess, replay_records
+from worker.main import GuardProcess
+from worker.monitor import monitor_stream
 
 log = get_logger(__name__)
 # A guard such as Llama Guard 3 8B beside a 1B monitored model: the production cost ratio the demo projects.
@@ -185,7 +186,7 @@ async def _count_alerts(bootstrap: str, topic: str, conversations: set[str]) -> 
 
 async def _stream(ws: WorkerSettings, gs: GuardSettings, monitor: Monitor, expert: Expert, records: list[Record],
                   options: DemoOptions, progress: ProgressFactory) -> dict[str, Any]:
-    worker = MonitorWorker(ws, monitor)
+    worker = monitor_stream(ws, monitor)
     guard = GuardProcess(gs, expert)
     tasks = [asyncio.create_task(worker.run(), name="worker"), asyncio.create_task(guard.run(), name="guard")]
     try:
@@ -209,7 +210,7 @@ async def _stream(ws: WorkerSettings, gs: GuardSettings, monitor: Monitor, exper
         return {
             "ids": ids, "probe": probe, "expert": expert_verdicts, "alerts": alerts, "harmful": harmful,
             "probe_seconds": last_probe - started, "total_seconds": time.monotonic() - started,
-            "inference_s": _histogram_sum(worker.metrics.inference_latency),
+            "inference_s": _histogram_sum(worker.handler.metrics.inference_latency),
             "expert_s": _histogram_sum(guard.guard_metrics.expert_latency),
             "degraded_episodes": guard.guard_metrics.degraded_total._value.get(),
             "dead_letters": sum(s.value for m in worker.metrics.dead_letters.collect() for s in m.samples

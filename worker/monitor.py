@@ -1,9 +1,9 @@
-"""The streaming monitor worker: Kafka in, micro-batched probe inference, verdicts out, at-least-once.
+"""Stages 2-4 of an event in the monitor: tokenize → micro-batch → forward pass + heads → verdict.
 
-Flow per record: consume → decode (bad input → dead-letter topic) → tokenize (prep thread) → micro-batch
-by tokens → collate (prep thread) → forward pass + heads (inference thread, never the event loop) →
-verdict (+ review request when delegated) → wait for broker acks → mark done → commit the contiguous
-prefix of done offsets per partition. The next batch is collated while the current one runs.
+The monitor handler of the stream core (worker/stream.py): decoded events are tokenized on a prep thread,
+micro-batched by tokens (worker/batcher.py), collated while the previous batch runs, scored on the inference
+thread (never the event loop), routed by the budget controller (worker/budget.py) and published as a verdict
+(plus a review request when delegated). docs/architecture.md follows one event through it.
 """
 
 from __future__ import annotations
@@ -16,40 +16,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
-
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.budget import BudgetController
 from worker.config import WorkerSettings
-from worker.events import (
-    BudgetState,
-    ConversationEvent,
-    DecodeError,
-    ReviewRequest,
-    Timings,
-    Verdict,
-    decode_event,
-    utcnow,
-)
+from worker.decode import DecodeError, decode_event
+from worker.events import BudgetState, ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
-from worker.service import ServiceLimits, StreamService
+from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
 
 
-@dataclass
-class Item:
-    """One decoded event on its way through the pipeline."""
+@dataclass(slots=True)
+class Tokenized:
+    """A decoded event and its token ids (the body of the monitor's envelope)."""
 
-    tp: TopicPartition
-    offset: int
-    key: bytes | None
-    value: bytes
     event: ConversationEvent
     ids: list[int]
-    consumed_at: float
+
+
+Item = Envelope[Tokenized]
 
 
 @dataclass
@@ -61,20 +49,13 @@ class Outcome:
     budget: BudgetState
 
 
-class MonitorWorker(StreamService):
+class MonitorHandler:
+    """Conversation events in, probe verdicts (and review requests) out."""
+
     name = "worker"
 
-    def __init__(self, settings: WorkerSettings, monitor: Monitor, metrics: WorkerMetrics | None = None) -> None:
-        w = settings.worker
-        self.metrics = metrics or WorkerMetrics()
-        super().__init__(
-            kafka=settings.kafka, group_id=settings.kafka.group_id, topic=settings.topics.input,
-            dead_letter_topic=settings.topics.dead_letter, metrics=self.metrics,
-            limits=ServiceLimits(max_in_flight=w.max_in_flight, max_event_bytes=w.max_event_bytes,
-                                 shutdown_deadline_s=w.shutdown_deadline_s, commit_interval_s=w.commit_interval_s,
-                                 liveness_max_stall_s=w.liveness_max_stall_s, http_host=w.http_host,
-                                 http_port=w.http_port),
-        )
+    def __init__(self, settings: WorkerSettings, monitor: Monitor, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.monitor = monitor
         b = settings.batching
@@ -86,6 +67,8 @@ class MonitorWorker(StreamService):
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-prep")
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
         self._inference: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._out: Outputs | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         rule = monitor.rule
@@ -95,26 +78,37 @@ class MonitorWorker(StreamService):
         if not rule.valid:
             log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
 
-    # ---------------------------------------------------------------- service hooks
-    def _busy(self) -> bool:
+    @property
+    def out(self) -> Outputs:
+        assert self._out is not None, "the stream has not started this handler"
+        return self._out
+
+    # ---------------------------------------------------------------- handler protocol
+    async def start(self, outputs: Outputs) -> None:
+        self._out = outputs
+
+    def busy(self) -> bool:
         return bool(len(self.batcher)) or self._inference is not None
 
-    async def _work_loop(self) -> None:
-        await self._batch_loop()
+    def waiting_on_purpose(self) -> bool:
+        return False
 
-    async def _stopped(self) -> None:
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
         self._infer.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- decode + tokenize
-    async def _accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    async def accept(self, records: Sequence[Record]) -> None:
         now = time.monotonic()
-        decoded: list[tuple[ConsumerRecord[bytes, bytes], ConversationEvent]] = []
+        decoded: list[tuple[Record, ConversationEvent]] = []
         for record in records:
             try:
                 event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
             except DecodeError as exc:
-                self._dead_letter_record(record, exc.reason, exc.detail, "decode")
+                self.out.dead_letter(record, exc.reason, exc.detail, "decode")
                 continue
             decoded.append((record, event))
         if not decoded:
@@ -124,14 +118,13 @@ class MonitorWorker(StreamService):
             self._prep, lambda: [self.monitor.tokenize(event.conversation()) for _, event in decoded]
         )
         for (record, event), token_ids in zip(decoded, ids, strict=True):
-            item = Item(TopicPartition(record.topic, record.partition), record.offset, record.key,
-                        record.value or b"", event, token_ids, now)
-            self.batcher.add(item, len(token_ids), now)
+            self.batcher.add(Envelope.of(record, Tokenized(event, token_ids), now), len(token_ids), now)
         self._wake.set()
 
     # ---------------------------------------------------------------- batch + infer
-    async def _batch_loop(self) -> None:
+    async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        out = self.out
         while True:
             due = self.batcher.due_in(time.monotonic())
             if due is None or due > 0:
@@ -140,13 +133,13 @@ class MonitorWorker(StreamService):
                     await asyncio.wait_for(self._wake.wait(), timeout=due if due is not None else 0.5)
                 except TimeoutError:
                     pass
-                if not self._stopping.is_set():
+                if not out.stopping:
                     continue
-            batch = self.batcher.next_batch(time.monotonic(), force=self._stopping.is_set())
+            batch = self.batcher.next_batch(time.monotonic(), force=out.stopping)
             if not batch:
                 continue
             items = [p.item for p in batch]
-            collated = await loop.run_in_executor(self._prep, self.monitor.collate, [i.ids for i in items])
+            collated = await loop.run_in_executor(self._prep, self.monitor.collate, [i.body.ids for i in items])
             if self._inference is not None:
                 await self._inference  # one batch in torch at a time; this one was collated meanwhile
             self._inference = asyncio.create_task(self._infer_and_publish(items, collated))
@@ -159,53 +152,40 @@ class MonitorWorker(StreamService):
             log.error("inference.task_failed", error=repr(task.exception()))
 
     async def _infer_and_publish(self, items: list[Item], collated: Any) -> None:
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         for item in items:
             self.metrics.queue_latency.observe(started - item.consumed_at)
         self.metrics.batch_size.observe(len(items))
         self.metrics.batch_tokens.observe(collated.padded_tokens)
-        outcomes = await self._score_with_split(items, collated, loop)
-        elapsed = time.monotonic() - started
-        self.metrics.inference_latency.observe(elapsed)
-        for item, outcome in outcomes:
-            if outcome is None:
-                continue
-            self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
 
-    async def _score_with_split(
-        self, items: list[Item], collated: Any, loop: asyncio.AbstractEventLoop
-    ) -> list[tuple[Item, Outcome | None]]:
-        """Score a batch; on a model error (e.g. OOM) split it in halves, and dead-letter single failures."""
-        try:
-            scores = await loop.run_in_executor(self._infer, self.monitor.score, collated)
-        except Exception as exc:  # noqa: BLE001 - any model failure must not stop the stream
-            self.metrics.inference_errors.inc()
-            if len(items) == 1:
-                item = items[0]
-                self._dead_letter(item.tp, item.offset, item.key, item.value, "inference_error", repr(exc),
-                                  "inference")
-                return [(item, None)]
-            log.warning("inference.split_retry", size=len(items), error=type(exc).__name__)
-            half = len(items) // 2
-            out: list[tuple[Item, Outcome | None]] = []
-            for part in (items[:half], items[half:]):
-                sub = await loop.run_in_executor(self._prep, self.monitor.collate, [i.ids for i in part])
-                out.extend(await self._score_with_split(part, sub, loop))
-            return out
-        decisions = self.budget.decide(scores.signal, [item.tp.partition for item in items])
-        return [
-            (item, Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
-                           float(scores.signal[i]), decisions[i].delegated, decisions[i].budget))
-            for i, item in enumerate(items)
-        ]
+        async def attempt(part: list[Item]) -> None:
+            loop = asyncio.get_running_loop()
+            # The whole batch was collated while the previous one ran; halves after a failure are collated anew.
+            batch = collated if part is items else await loop.run_in_executor(
+                self._prep, self.monitor.collate, [i.body.ids for i in part])
+            try:
+                scores = await loop.run_in_executor(self._infer, self.monitor.score, batch)
+            except Exception:
+                self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
+                raise
+            elapsed = time.monotonic() - started
+            self.metrics.inference_latency.observe(elapsed)
+            decisions = self.budget.decide(scores.signal, [item.tp.partition for item in part])
+            for i, item in enumerate(part):
+                outcome = Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
+                                  float(scores.signal[i]), decisions[i].delegated, decisions[i].budget)
+                self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+
+        def give_up(item: Item, exc: Exception) -> None:
+            self.out.dead_letter(item, "inference_error", repr(exc), "inference")
+
+        await split_on_failure(items, attempt, give_up, what="inference")
 
     # ---------------------------------------------------------------- publish
     def _publish(self, item: Item, outcome: Outcome, *, queue_s: float, inference_s: float) -> None:
-        assert self.producer is not None
         topics = self.settings.topics
         rule = self.monitor.rule
-        event = item.event
+        event = item.body.event
         budget = outcome.budget
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
@@ -218,7 +198,7 @@ class MonitorWorker(StreamService):
         )
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
-        sends = [self.producer.send(topics.verdicts, verdict.to_json(), key=key, headers=headers)]
+        messages = [Message(topics.verdicts, verdict.to_json(), key, headers)]
         if outcome.delegated:
             request = ReviewRequest(
                 event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
@@ -226,10 +206,9 @@ class MonitorWorker(StreamService):
                 threshold=budget.threshold, bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
-            sends.append(self.producer.send(topics.review, request.to_json(), key=key, headers=headers))
+            messages.append(Message(topics.review, request.to_json(), key, headers))
         self._recent.append(outcome.delegated)
-        self._track_acks(item.tp, item.offset, sends,
-                         lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
+        self.out.publish(item, messages, lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
 
     def _acked(self, consumed_at: float, decision: str, delegated: bool) -> None:
         self.metrics.verdicts_out.labels(decision=decision, source="probe").inc()
@@ -237,3 +216,15 @@ class MonitorWorker(StreamService):
             self.metrics.delegated.inc()
         self.metrics.end_to_end_latency.observe(time.monotonic() - consumed_at)
         self.metrics.delegation_rate.set(sum(self._recent) / len(self._recent))
+
+
+MonitorStream = Stream[MonitorHandler]
+
+
+def monitor_stream(settings: WorkerSettings, monitor: Monitor, metrics: WorkerMetrics | None = None) -> MonitorStream:
+    """The monitor worker: the input topic through ``MonitorHandler`` in the worker's consumer group."""
+    metrics = metrics or WorkerMetrics()
+    w = settings.worker
+    return Stream(MonitorHandler(settings, monitor, metrics), kafka=settings.kafka, group_id=settings.kafka.group_id,
+                  topic=settings.topics.input, dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
+                  limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes))

@@ -1,0 +1,1 @@
+"""Benchmarks (each prints JSON through ``ctd-monitor bench``) and the drift simulator."""

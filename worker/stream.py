@@ -1,0 +1,464 @@
+"""The at-least-once stream core: fetch, backpressure, rebalance, acknowledgement tracking and commits.
+
+One core drives every service; what a service does with its records is a ``Handler`` (monitor, guard,
+alerter). The handler reports outcomes through ``Outputs`` (publish, dead-letter, done); the core commits
+only what the broker acknowledged. docs/architecture.md describes the stages and the commit discipline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from probes.logs import get_logger
+from worker.commits import CommitTracker
+from worker.config import KafkaConfig, ServiceConfig
+from worker.deadline import Deadline
+from worker.events import dead_letter
+from worker.health import HealthServer
+from worker.metrics import ConsumerMetrics
+
+log = get_logger(__name__)
+Stage = Literal["decode", "inference", "expert"]
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+T = TypeVar("T")
+H = TypeVar("H", bound="Handler")
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_in_flight: int
+    max_event_bytes: int
+    shutdown_deadline_s: float
+    commit_interval_s: float
+    liveness_max_stall_s: float
+    http_host: str = "0.0.0.0"
+    http_port: int | None = 8080  # None: no HTTP server of its own (it shares its process's)
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig, *, max_event_bytes: int, serve_http: bool = True,
+                    max_in_flight: int | None = None) -> ServiceLimits:
+        """The limits of a service from its settings section (``worker.*`` or ``guard.*``)."""
+        return cls(max_in_flight=config.max_in_flight if max_in_flight is None else max_in_flight,
+                   max_event_bytes=max_event_bytes, shutdown_deadline_s=config.shutdown_deadline_s,
+                   commit_interval_s=config.commit_interval_s, liveness_max_stall_s=config.liveness_max_stall_s,
+                   http_host=config.http_host, http_port=config.http_port if serve_http else None)
+
+
+@dataclass(slots=True)
+class Envelope(Generic[T]):
+    """One consumed record in flight: its origin (for the commit and a dead letter) and what it decoded to."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes
+    body: T
+    consumed_at: float
+
+    @classmethod
+    def of(cls, record: Record, body: T, consumed_at: float) -> Envelope[T]:
+        return cls(TopicPartition(record.topic, record.partition), record.offset, record.key, record.value or b"",
+                   body, consumed_at)
+
+
+class Message(NamedTuple):
+    """One output record; every message of an input must be acknowledged before its offset is done."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+class Consumer(Protocol):
+    """The part of ``AIOKafkaConsumer`` the core uses (unit tests put an in-memory fake behind it)."""
+
+    def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[Record]]: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+    def highwater(self, partition: TopicPartition) -> int | None: ...
+    async def committed(self, partition: TopicPartition) -> int | None: ...
+
+
+class Producer(Protocol):
+    """The part of ``AIOKafkaProducer`` the core uses: ``send`` enqueues and returns the broker-ack future."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future[Any]: ...
+
+
+class Handler(Protocol):
+    """What one service does with its records; the core owns everything Kafka."""
+
+    name: str
+
+    async def start(self, outputs: Outputs) -> None:
+        """The producer is up and the consumer not yet subscribed (load clients, keep ``outputs``)."""
+        ...
+
+    async def accept(self, records: Sequence[Record]) -> None:
+        """Fresh records, already tracked: each must end published, dead-lettered or done, or stay in flight."""
+        ...
+
+    async def run(self) -> None:
+        """The handler's own work loop until cancelled (returning early is fine: nothing else to do)."""
+        ...
+
+    def busy(self) -> bool:
+        """True while accepted work is not yet handed to the producer (a drain waits for it)."""
+        ...
+
+    def waiting_on_purpose(self) -> bool:
+        """True while commits are held back deliberately (a restart would not help: liveness stays green)."""
+        ...
+
+    def wake(self) -> None:
+        """Look at the work again now (a drain, a revoke or a stop is waiting)."""
+        ...
+
+    async def close(self) -> None:
+        """Release executors and clients; runs last during shutdown."""
+        ...
+
+
+class Outputs:
+    """How a handler finishes a record: publish its outputs, dead-letter it, or mark it done."""
+
+    def __init__(self, stream: Stream[Any], producer: Producer) -> None:
+        self._stream = stream
+        self._producer = producer
+        self._metrics = stream.metrics
+        self._tracker = stream.tracker
+        self.pending_acks: set[asyncio.Task[None]] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """The stream is draining: flush what is held, do not start waiting for anything."""
+        return self._stream.stopping.is_set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but return as soon as the stream starts stopping."""
+        try:
+            await asyncio.wait_for(self._stream.stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    def done(self, item: Envelope[Any]) -> None:
+        """Nothing to publish for this record."""
+        self._tracker.done(item.tp, item.offset)
+
+    def publish(self, item: Envelope[Any], messages: Sequence[Message],
+                on_acked: Callable[[], None] | None = None) -> None:
+        """Send the outputs; the offset is done once the broker acknowledged all of them (then ``on_acked``)."""
+        sends = [self._producer.send(m.topic, m.value, key=m.key, headers=m.headers) for m in messages]
+        self._track_acks(item.tp, item.offset, sends, on_acked)
+
+    def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage) -> None:
+        """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged."""
+        if isinstance(item, Envelope):
+            tp, offset, key, value = item.tp, item.offset, item.key, item.value
+        else:
+            tp, offset, key, value = TopicPartition(item.topic, item.partition), item.offset, item.key, item.value
+        dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
+                         value=value, stage=stage)
+        self._metrics.dead_letters.labels(reason=reason).inc()
+        log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
+                    offset=offset)
+        send = self._producer.send(self._stream.dead_letter_topic, dl.to_json(), key=key)
+        self._track_acks(tp, offset, [send], None)
+
+    def _track_acks(self, tp: TopicPartition, offset: int, sends: Sequence[Awaitable[Awaitable[Any]]],
+                    on_acked: Callable[[], None] | None) -> None:
+        async def wait() -> None:
+            try:
+                # send() is a coroutine that enqueues the record and returns a future for the broker's ack.
+                futures = [await s for s in sends]
+                await asyncio.gather(*futures)
+            except Exception as exc:  # noqa: BLE001
+                # Never committed, so a restart re-reads it (no loss); liveness turns red once the commit
+                # position is stuck behind it.
+                self._metrics.publish_errors.inc()
+                log.error("publish.failed", service=self._stream.name, error=repr(exc), partition=tp.partition,
+                          offset=offset)
+                return
+            self._tracker.done(tp, offset)
+            if on_acked is not None:
+                on_acked()
+
+        task = asyncio.create_task(wait())
+        self.pending_acks.add(task)
+        task.add_done_callback(self.pending_acks.discard)
+
+
+async def split_on_failure(batch: list[T], attempt: Callable[[list[T]], Awaitable[None]],
+                           give_up: Callable[[T, Exception], None], *, what: str) -> None:
+    """Run ``attempt``; when it raises, halve the batch and retry each half, and give up on single items.
+
+    One poisoned record (or a batch too large for memory) then costs only itself a dead letter.
+    """
+    try:
+        await attempt(batch)
+    except Exception as exc:  # noqa: BLE001 - whatever fails must fail for its record alone
+        if len(batch) == 1:
+            give_up(batch[0], exc)
+            return
+        log.warning(f"{what}.split_retry", size=len(batch), error=type(exc).__name__)
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            await split_on_failure(part, attempt, give_up, what=what)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, stream: Stream[Any]) -> None:
+        self.stream = stream
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.stream.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.stream.on_assigned(set(assigned))
+
+
+class Stream(Generic[H]):
+    """Consume ``topic`` in ``group_id`` and let ``handler`` turn records into acknowledged outputs."""
+
+    def __init__(
+        self, handler: H, *, kafka: KafkaConfig, group_id: str, topic: str, dead_letter_topic: str,
+        limits: ServiceLimits, metrics: ConsumerMetrics, consumer: Consumer | None = None,
+        producer: Producer | None = None,
+    ) -> None:
+        self.handler = handler
+        self.name = handler.name
+        self.kafka = kafka
+        self.group_id = group_id
+        self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
+        self.limits = limits
+        self.metrics = metrics
+        self.tracker: CommitTracker[TopicPartition] = CommitTracker()
+        self.stopping = asyncio.Event()
+        self._assigned: set[TopicPartition] = set()
+        self._last_progress = time.monotonic()
+        self._last_commit = time.monotonic()
+        self._commit_lock = asyncio.Lock()
+        self.failed = False
+        self.consumer = consumer
+        self.producer = producer
+        self.outputs: Outputs | None = None
+        self.health: HealthServer | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def stop(self) -> None:
+        """Ask for a graceful drain (SIGTERM handler)."""
+        self.stopping.set()
+        self.handler.wake()
+
+    def ready(self) -> bool:
+        return bool(self._assigned) and not self.stopping.is_set()
+
+    def live(self) -> tuple[bool, str]:
+        """Alive while polls return and, when work is in flight, commits keep advancing."""
+        now = time.monotonic()
+        limit = self.limits.liveness_max_stall_s
+        poll_age = now - self._last_progress
+        commit_age = now - self._last_commit
+        if poll_age > limit:
+            return False, f"{self.name}: no poll for {poll_age:.1f}s"
+        if self.tracker.in_flight() and commit_age > limit and not self.handler.waiting_on_purpose():
+            return False, f"{self.name}: {self.tracker.in_flight()} in flight, no commit for {commit_age:.1f}s"
+        return True, f"{self.name}: last poll {poll_age:.1f}s ago, last commit {commit_age:.1f}s ago"
+
+    def _clients(self) -> tuple[Consumer, Producer]:
+        common = self.kafka.client_kwargs()
+        producer = self.producer or AIOKafkaProducer(**common, **self.kafka.producer_kwargs(self.limits.max_event_bytes))
+        consumer = self.consumer or AIOKafkaConsumer(
+            **common, group_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=self.kafka.session_timeout_ms, heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=self.kafka.max_poll_interval_ms, fetch_max_bytes=8 * self.limits.max_event_bytes,
+            max_partition_fetch_bytes=2 * self.limits.max_event_bytes,
+        )
+        return consumer, producer
+
+    async def run(self) -> None:
+        consumer, producer = self._clients()
+        self.consumer, self.producer = consumer, producer
+        if self.limits.http_port is not None:
+            self.health = HealthServer(host=self.limits.http_host, port=self.limits.http_port,
+                                       registry=self.metrics.registry, ready=self.ready, live=self.live)
+            await self.health.start()
+        await producer.start()
+        self.outputs = Outputs(self, producer)
+        await self.handler.start(self.outputs)
+        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        await consumer.start()
+        log.info(f"{self.name}.started", topic=self.topic, group=self.group_id)
+        fetch = asyncio.create_task(self._fetch_loop(consumer), name="fetch")
+        work = asyncio.create_task(self.handler.run(), name="work")
+        commit = asyncio.create_task(self._commit_loop(), name="commit")
+        stopping = asyncio.create_task(self.stopping.wait())
+        try:
+            waiting: set[asyncio.Task[Any]] = {stopping, fetch, work, commit}
+            while True:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                crashed = [t for t in done if t is not stopping and not t.cancelled() and t.exception()]
+                for task in crashed:
+                    # A dead loop would leave a zombie that looks alive: stop, and let the supervisor restart us.
+                    log.error(f"{self.name}.loop_crashed", loop=task.get_name(), error=repr(task.exception()))
+                    self.failed = True
+                if crashed or done != {work}:
+                    break  # a stop, or a loop that must not end; a work loop may finish when it has no more to do
+        finally:
+            stopping.cancel()
+            self.stopping.set()
+            await self._shutdown(fetch, work, commit)
+        if self.failed:
+            raise RuntimeError(f"a {self.name} loop crashed; see the log")
+
+    async def _shutdown(self, fetch: asyncio.Task[None], work: asyncio.Task[None],
+                        commit: asyncio.Task[None]) -> None:
+        deadline = Deadline(self.limits.shutdown_deadline_s)
+        log.info(f"{self.name}.draining", in_flight=self.tracker.in_flight(), deadline_s=deadline.remaining())
+        fetch.cancel()  # stop fetching first; the work and commit loops drain what is in hand
+        await asyncio.gather(fetch, return_exceptions=True)
+        try:
+            # Keep a share of the deadline for the commit, leaving the group and flushing the producer.
+            await asyncio.wait_for(self._drain(work), timeout=max(0.1, deadline.remaining() * 0.6))
+        except TimeoutError:
+            log.warning(f"{self.name}.drain_timeout", abandoned=self.tracker.in_flight())
+        for task in (work, commit):
+            task.cancel()
+        await asyncio.gather(work, commit, return_exceptions=True)
+        try:
+            await self._commit(deadline)
+            assert self.consumer is not None and self.producer is not None
+            # Commit before leaving the group: closing the consumer stops heartbeats and triggers the rebalance.
+            for step, closing in (("consumer", self.consumer.stop()), ("producer", self.producer.stop())):
+                try:
+                    await asyncio.wait_for(closing, timeout=max(0.5, deadline.remaining()))
+                except TimeoutError:
+                    log.warning(f"{self.name}.stop_timeout", step=step)
+        finally:
+            if self.health is not None:
+                await self.health.stop()
+            await self.handler.close()
+        log.info(f"{self.name}.stopped", left_in_flight=self.tracker.in_flight())
+
+    async def _drain(self, work: asyncio.Task[None]) -> None:
+        assert self.outputs is not None
+        while (self.handler.busy() and not work.done()) or self.outputs.pending_acks:
+            self.handler.wake()
+            await asyncio.sleep(0.01)
+
+    # ---------------------------------------------------------------- rebalance
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._assigned |= assigned
+        self.metrics.rebalances.labels(kind="assigned").inc()
+        self.metrics.ready.set(1 if self.ready() else 0)
+        log.info("partitions.assigned", service=self.name,
+                 partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish what is in flight for the revoked partitions within the deadline, commit, then let go."""
+        self.metrics.rebalances.labels(kind="revoked").inc()
+        deadline = Deadline(self.limits.shutdown_deadline_s)
+        while any(self.tracker.in_flight(tp) for tp in revoked) and not deadline.expired():
+            self.handler.wake()
+            await asyncio.sleep(0.02)
+        await self._commit(deadline, only=revoked)
+        abandoned = sum(self.tracker.in_flight(tp) for tp in revoked)
+        self.tracker.forget(revoked)
+        self._assigned -= revoked
+        self.metrics.ready.set(1 if self.ready() else 0)
+        log.info("partitions.revoked", service=self.name,
+                 partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked), abandoned=abandoned)
+
+    # ---------------------------------------------------------------- fetch
+    async def _fetch_loop(self, consumer: Consumer) -> None:
+        limit = self.limits.max_in_flight
+        metrics = self.metrics
+        paused = False
+        while True:
+            if self.tracker.in_flight() >= limit:
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                    metrics.paused.set(1)
+                # The loop is alive while paused; whether work is stuck is the commit age's call.
+                self._last_progress = time.monotonic()
+                await asyncio.sleep(0.01)
+                continue
+            if paused:
+                consumer.resume(*consumer.assignment())
+                paused = False
+                metrics.paused.set(0)
+            batch = await consumer.getmany(timeout_ms=100, max_records=min(500, limit))
+            self._last_progress = time.monotonic()
+            metrics.last_progress.set(time.time())
+            records = []
+            for record in (r for rs in batch.values() for r in rs):
+                tp = TopicPartition(record.topic, record.partition)
+                if tp not in self._assigned:
+                    continue  # fetched before a revoke: the partition's new owner reads it from the commit
+                if not self.tracker.track(tp, record.offset):
+                    log.info("partition.reseek", service=self.name, partition=tp.partition, offset=record.offset)
+                metrics.consumed.inc()
+                records.append(record)
+            if records:
+                await self.handler.accept(records)
+
+    # ---------------------------------------------------------------- commit
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.commit_interval_s)
+            await self._commit(None)
+            await self._update_lag()
+
+    async def _commit(self, deadline: Deadline | None, only: set[TopicPartition] | None = None) -> None:
+        assert self.consumer is not None
+        async with self._commit_lock:
+            offsets = self.tracker.committable()
+            if only is not None:
+                offsets = {tp: o for tp, o in offsets.items() if tp in only}
+            offsets = {tp: o for tp, o in offsets.items() if tp in self._assigned}
+            self.metrics.in_flight.set(self.tracker.in_flight())
+            if not offsets:
+                if not self.tracker.in_flight():
+                    self._last_commit = time.monotonic()  # nothing owed: idle is not stuck
+                return
+            timeout = None if deadline is None else max(0.1, deadline.remaining())
+            try:
+                await asyncio.wait_for(self.consumer.commit(offsets), timeout=timeout)
+            except Exception as exc:  # noqa: BLE001 - a failed commit only means re-delivery later
+                log.warning("commit.failed", service=self.name, error=repr(exc))
+                return
+            self.tracker.mark_committed(offsets)
+            self._last_commit = time.monotonic()
+            self.metrics.last_progress.set(time.time())
+
+    async def _update_lag(self) -> None:
+        assert self.consumer is not None
+        for tp in list(self._assigned):
+            high = self.consumer.highwater(tp)
+            position = self.tracker.position(tp)
+            if high is None:
+                continue
+            committed = position if position is not None else await self.consumer.committed(tp)
+            if committed is not None:
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    high - committed
+                )
