@@ -167,7 +167,7 @@ class DeadLetter(_Model):
     offset: int
     key_b64: str | None
     value_b64: str
-    stage: Literal["decode", "inference", "expert"]
+    stage: Literal["decode", "inference", "expert", "publish"]
     failed_at: UtcDatetime
     value_bytes: int | None = Field(None, description="length of the original value")
     value_sha256: str | None = Field(None, description="sha256 of the original value (hex)")
@@ -177,7 +177,7 @@ class DeadLetter(_Model):
 
 def dead_letter(
     *, reason: str, error: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    stage: Literal["decode", "inference", "expert"], max_bytes: int = MAX_EVENT_BYTES,
+    stage: Literal["decode", "inference", "expert", "publish"], max_bytes: int = MAX_EVENT_BYTES,
 ) -> DeadLetter:
     """The dead letter for one input; its JSON is at most ``max_bytes`` long.
 

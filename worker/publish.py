@@ -35,8 +35,8 @@ PERMANENT: tuple[type[BaseException], ...] = (
 
 
 class Producer(Protocol):
-    async def send(self, topic: str, value: bytes | None = ..., key: bytes | None = ...,
-                   headers: Sequence[tuple[str, bytes]] | None = ...) -> Any: ...
+    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)

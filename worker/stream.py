@@ -23,9 +23,13 @@ from worker.deadline import Deadline
 from worker.events import dead_letter
 from worker.health import HealthServer
 from worker.metrics import ConsumerMetrics
+from worker.publish import PERMANENT, RetryPolicy, send_all_acknowledged
+from worker.publish import Record as OutRecord
 
 log = get_logger(__name__)
-Stage = Literal["decode", "inference", "expert"]
+Stage = Literal["decode", "inference", "expert", "publish"]
+# A dead letter's Kafka key: enough of the original to find it, never the whole of a hostile multi-MB key.
+_DEAD_LETTER_KEY_BYTES = 256
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 T = TypeVar("T")
 H = TypeVar("H", bound="Handler")
@@ -145,6 +149,7 @@ class Outputs:
         self._metrics = stream.metrics
         self._tracker = stream.tracker
         self.pending_acks: set[asyncio.Task[None]] = set()
+        self.retry = RetryPolicy()
 
     @property
     def stopping(self) -> bool:
@@ -164,34 +169,47 @@ class Outputs:
 
     def publish(self, item: Envelope[Any], messages: Sequence[Message],
                 on_acked: Callable[[], None] | None = None) -> None:
-        """Send the outputs; the offset is done once the broker acknowledged all of them (then ``on_acked``)."""
-        sends = [self._producer.send(m.topic, m.value, key=m.key, headers=m.headers) for m in messages]
-        self._track_acks(item.tp, item.offset, sends, on_acked)
+        """Send the outputs; the offset is done once the broker acknowledged all of them (then ``on_acked``).
+
+        Transient failures (broker down, leader moving) are retried with backoff until acknowledged; an output
+        the broker can never take (too large, not authorised) dead-letters the input instead.
+        """
+        self._track_acks(item, messages, on_acked, dead=False)
 
     def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage) -> None:
-        """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged."""
-        if isinstance(item, Envelope):
-            tp, offset, key, value = item.tp, item.offset, item.key, item.value
-        else:
-            tp, offset, key, value = TopicPartition(item.topic, item.partition), item.offset, item.key, item.value
+        """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged.
+
+        The dead letter is bounded by ``max_event_bytes`` (worker/events.py truncates it), so it always fits.
+        """
+        tp, offset, key, value = _origin(item)
         dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
-                         value=value, stage=stage)
+                         value=value, stage=stage, max_bytes=self._stream.limits.max_event_bytes)
         self._metrics.dead_letters.labels(reason=reason).inc()
         log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
-                    offset=offset)
-        send = self._producer.send(self._stream.dead_letter_topic, dl.to_json(), key=key)
-        self._track_acks(tp, offset, [send], None)
+                    offset=offset, stage=stage)
+        short_key = None if key is None else key[:_DEAD_LETTER_KEY_BYTES]
+        self._track_acks(item, [Message(self._stream.dead_letter_topic, dl.to_json(), short_key)], None, dead=True)
 
-    def _track_acks(self, tp: TopicPartition, offset: int, sends: Sequence[Awaitable[Awaitable[Any]]],
-                    on_acked: Callable[[], None] | None) -> None:
+    def _track_acks(self, item: Envelope[Any] | Record, messages: Sequence[Message],
+                    on_acked: Callable[[], None] | None, *, dead: bool) -> None:
+        tp, offset, _, _ = _origin(item)
+        records = [OutRecord(m.topic, m.value, m.key, tuple(m.headers or ())) for m in messages]
+
         async def wait() -> None:
             try:
-                # send() is a coroutine that enqueues the record and returns a future for the broker's ack.
-                futures = [await s for s in sends]
-                await asyncio.gather(*futures)
+                await send_all_acknowledged(self._producer, records, policy=self.retry,
+                                            on_retry=lambda _: self._metrics.publish_retries.inc(),
+                                            stopping=self._stream.stopping)
+            except PERMANENT as exc:
+                self._metrics.publish_errors.inc()
+                log.error("publish.refused", service=self._stream.name, error=repr(exc), partition=tp.partition,
+                          offset=offset)
+                if not dead:
+                    self.dead_letter(item, "publish_refused", repr(exc), "publish")
+                return
             except Exception as exc:  # noqa: BLE001
-                # Never committed, so a restart re-reads it (no loss); liveness turns red once the commit
-                # position is stuck behind it.
+                # Given up (stopping) or an unknown failure: never committed, so whoever owns the partition next
+                # re-reads it (no loss); liveness turns red once the commit position is stuck behind it.
                 self._metrics.publish_errors.inc()
                 log.error("publish.failed", service=self._stream.name, error=repr(exc), partition=tp.partition,
                           offset=offset)
@@ -203,6 +221,12 @@ class Outputs:
         task = asyncio.create_task(wait())
         self.pending_acks.add(task)
         task.add_done_callback(self.pending_acks.discard)
+
+
+def _origin(item: Envelope[Any] | Record) -> tuple[TopicPartition, int, bytes | None, bytes | None]:
+    if isinstance(item, Envelope):
+        return item.tp, item.offset, item.key, item.value
+    return TopicPartition(item.topic, item.partition), item.offset, item.key, item.value
 
 
 async def split_on_failure(batch: list[T], attempt: Callable[[list[T]], Awaitable[None]],
@@ -294,7 +318,32 @@ class Stream(Generic[H]):
         )
         return consumer, producer
 
+    async def _wait_for_topics(self) -> None:
+        """Without its topics a service would die on UnknownTopicOrPartition; it says which and waits instead."""
+        from worker.topics import missing_topics
+
+        names = [self.topic, self.dead_letter_topic]
+        logged = False
+        while not self.stopping.is_set():
+            try:
+                missing = await missing_topics(self.kafka, names)
+            except Exception as exc:  # noqa: BLE001 - no broker yet: the clients' own retries handle that later
+                log.warning(f"{self.name}.topic_check_failed", error=repr(exc))
+                return
+            if not missing:
+                return
+            if not logged:
+                log.error("topics.missing", service=self.name, topics=missing,
+                          hint=f"create them: ctd-monitor topics create --bootstrap {self.kafka.bootstrap_servers}")
+                logged = True
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+
     async def run(self) -> None:
+        if self.consumer is None:  # real clients: the topics must exist first
+            await self._wait_for_topics()
         consumer, producer = self._clients()
         self.consumer, self.producer = consumer, producer
         if self.limits.http_port is not None:
@@ -394,19 +443,17 @@ class Stream(Generic[H]):
         paused = False
         while True:
             if self.tracker.in_flight() >= limit:
+                # Pause every assigned partition (again: a rebalance may have added some), but keep calling
+                # getmany: aiokafka leaves the group when it is not called for max_poll_interval_ms.
+                consumer.pause(*consumer.assignment())
                 if not paused:
-                    consumer.pause(*consumer.assignment())
                     paused = True
                     metrics.paused.set(1)
-                # The loop is alive while paused; whether work is stuck is the commit age's call.
-                self._last_progress = time.monotonic()
-                await asyncio.sleep(0.01)
-                continue
-            if paused:
+            elif paused:
                 consumer.resume(*consumer.assignment())
                 paused = False
                 metrics.paused.set(0)
-            batch = await consumer.getmany(timeout_ms=100, max_records=min(500, limit))
+            batch = await consumer.getmany(timeout_ms=100 if not paused else 20, max_records=min(500, limit))
             self._last_progress = time.monotonic()
             metrics.last_progress.set(time.time())
             records = []

@@ -10,12 +10,14 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from worker.config import KafkaConfig
 from worker.metrics import ConsumerMetrics
+from worker.publish import RetryPolicy
 from worker.stream import Envelope, Message, Outputs, ServiceLimits, Stream, split_on_failure
 
 TOPIC = "in"
@@ -315,3 +317,62 @@ def test_limits_come_from_the_shared_service_settings_under_their_old_keys(monke
     assert (limits.shutdown_deadline_s, limits.max_in_flight, limits.http_port) == (3.5, 2048, 8080)
     quiet = ServiceLimits.from_config(guard, max_event_bytes=1, serve_http=False, max_in_flight=99)
     assert (quiet.max_in_flight, quiet.http_port, quiet.commit_interval_s) == (99, None, guard.commit_interval_s)
+
+
+async def test_a_transient_publish_failure_is_retried_until_acknowledged() -> None:
+    """A broker outage used to leave the offset in flight for good; now the output is sent again."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    consumer, producer = FakeConsumer({P0: 2}), FakeProducer()
+    stream = make_stream(EchoHandler(), consumer, producer)
+    task = await running(stream)
+    assert stream.outputs is not None
+    stream.outputs.retry = RetryPolicy(backoff_s=0.01, backoff_max_s=0.02)
+    await until(lambda: len(producer.sent) == 2)
+    producer.sent[0][2].set_result(None)
+    producer.sent[1][2].set_exception(KafkaTimeoutError())
+    await until(lambda: len(producer.sent) == 3)  # the same output, sent again
+    assert producer.sent[2][1] == producer.sent[1][1]
+    producer.sent[2][2].set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 2)
+    assert stream.metrics.publish_retries._value.get() == 1 and stream.metrics.publish_errors._value.get() == 0
+    await stopped(stream, task)
+
+
+async def test_an_output_the_broker_refuses_for_good_dead_letters_its_input() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    consumer, producer = FakeConsumer({P0: 1}), FakeProducer()
+    stream = make_stream(EchoHandler(), consumer, producer)
+    task = await running(stream)
+    await until(lambda: len(producer.sent) == 1)
+    producer.sent[0][2].set_exception(MessageSizeTooLargeError())
+    await until(lambda: len(producer.sent) == 2)
+    topic, body, future = producer.sent[1]
+    assert topic == "dlq" and orjson.loads(body)["stage"] == "publish"
+    future.set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 1)
+    await stopped(stream, task)
+
+
+async def test_paused_fetching_keeps_polling_so_the_group_membership_stays() -> None:
+    """aiokafka leaves the group when getmany is not called for max_poll_interval_ms: back-pressure must pause
+    partitions and keep polling, not stop polling."""
+    consumer, producer = FakeConsumer({P0: 10}), FakeProducer()
+    calls = 0
+    getmany = consumer.getmany
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await getmany(*args, **kwargs)
+
+    consumer.getmany = counting  # type: ignore[method-assign]
+    stream = make_stream(EchoHandler(publish=False), consumer, producer, max_in_flight=4)
+    task = await running(stream)
+    await until(lambda: stream.tracker.in_flight() >= 4 and bool(consumer.paused))
+    before = calls
+    await asyncio.sleep(0.3)
+    assert calls > before + 3, "still polling while paused"
+    assert stream.tracker.in_flight() == 4 or stream.tracker.in_flight() <= 8
+    await stopped(stream, task)
