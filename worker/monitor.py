@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
 from worker.events import BudgetState, ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
+from worker.signing import Signer
 from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
@@ -31,10 +33,15 @@ log = get_logger(__name__)
 
 @dataclass(slots=True)
 class Tokenized:
-    """A decoded event and its token ids (the body of the monitor's envelope)."""
+    """A decoded event and its token rows (the body of the monitor's envelope): one row when the conversation
+    fits ``max_tokens``, else the usual view plus windows (probes/windows.py); the event scores as its best row."""
 
     event: ConversationEvent
-    ids: list[int]
+    rows: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.rows)
 
 
 Item = Envelope[Tokenized]
@@ -71,6 +78,7 @@ class MonitorHandler:
         self._out: Outputs | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
+        self.signer = Signer.from_config(settings.signing)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
         self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
@@ -103,10 +111,12 @@ class MonitorHandler:
     # ---------------------------------------------------------------- decode + tokenize
     async def accept(self, records: Sequence[Record]) -> None:
         now = time.monotonic()
+        w = self.settings.worker
         decoded: list[tuple[Record, ConversationEvent]] = []
         for record in records:
             try:
-                event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
+                event = decode_event(record.value, max_bytes=w.max_event_bytes,
+                                     max_metadata_depth=w.max_metadata_depth, max_metadata_bytes=w.max_metadata_bytes)
             except DecodeError as exc:
                 self.out.dead_letter(record, exc.reason, exc.detail, "decode")
                 continue
@@ -114,12 +124,26 @@ class MonitorHandler:
         if not decoded:
             return
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(
-            self._prep, lambda: [self.monitor.tokenize(event.conversation()) for _, event in decoded]
-        )
-        for (record, event), token_ids in zip(decoded, ids, strict=True):
-            self.batcher.add(Envelope.of(record, Tokenized(event, token_ids), now), len(token_ids), now)
+        rows = await loop.run_in_executor(self._prep, lambda: [self._tokenize(event) for _, event in decoded])
+        for (record, event), event_rows in zip(decoded, rows, strict=True):
+            if isinstance(event_rows, Exception):  # a chat template or tokenizer that fails on this event alone
+                self.out.dead_letter(record, "tokenize_error", repr(event_rows), "inference")
+                continue
+            body = Tokenized(event, event_rows)
+            self.batcher.add(Envelope.of(record, body, now), body.tokens, now, key=event.tenant)
         self._wake.set()
+
+    def _tokenize(self, event: ConversationEvent) -> list[list[int]] | Exception:
+        try:
+            return self.monitor.tokenize_windows(event.conversation())
+        except Exception as exc:  # noqa: BLE001 - whatever fails here fails for this event alone
+            return exc
+
+    def _collate(self, items: Sequence[Item]) -> tuple[Any, list[int]]:
+        """All rows of ``items`` in one batch, and the item each row belongs to."""
+        rows = [row for item in items for row in item.body.rows]
+        groups = [i for i, item in enumerate(items) for _ in item.body.rows]
+        return self.monitor.collate(rows), groups
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:
@@ -139,7 +163,7 @@ class MonitorHandler:
             if not batch:
                 continue
             items = [p.item for p in batch]
-            collated = await loop.run_in_executor(self._prep, self.monitor.collate, [i.body.ids for i in items])
+            collated = await loop.run_in_executor(self._prep, self._collate, items)
             if self._inference is not None:
                 await self._inference  # one batch in torch at a time; this one was collated meanwhile
             self._inference = asyncio.create_task(self._infer_and_publish(items, collated))
@@ -151,30 +175,39 @@ class MonitorHandler:
         if not task.cancelled() and task.exception() is not None:
             log.error("inference.task_failed", error=repr(task.exception()))
 
-    async def _infer_and_publish(self, items: list[Item], collated: Any) -> None:
+    async def _infer_and_publish(self, items: list[Item], collated: tuple[Any, list[int]]) -> None:
         started = time.monotonic()
         for item in items:
             self.metrics.queue_latency.observe(started - item.consumed_at)
         self.metrics.batch_size.observe(len(items))
-        self.metrics.batch_tokens.observe(collated.padded_tokens)
+        self.metrics.batch_tokens.observe(collated[0].padded_tokens)
 
         async def attempt(part: list[Item]) -> None:
             loop = asyncio.get_running_loop()
             # The whole batch was collated while the previous one ran; halves after a failure are collated anew.
-            batch = collated if part is items else await loop.run_in_executor(
-                self._prep, self.monitor.collate, [i.body.ids for i in part])
+            batch, groups = collated if part is items else await loop.run_in_executor(self._prep, self._collate, part)
             try:
-                scores = await loop.run_in_executor(self._infer, self.monitor.score, batch)
+                scores = await loop.run_in_executor(self._infer, self.monitor.score_grouped, batch, groups, len(part))
             except Exception:
                 self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
                 raise
             elapsed = time.monotonic() - started
             self.metrics.inference_latency.observe(elapsed)
-            decisions = self.budget.decide(scores.signal, [item.tp.partition for item in part])
+            decisions = self.budget.decide(scores.signal, [item.tp.partition for item in part],
+                                           [item.body.event.tenant for item in part])
+            # From here on, whatever fails fails for its event alone: the batch is scored and must not be redone.
             for i, item in enumerate(part):
-                outcome = Outcome(float(scores.p_unsafe[i]), None if scores.dv is None else float(scores.dv[i]),
-                                  float(scores.signal[i]), decisions[i].delegated, decisions[i].budget)
-                self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+                p_unsafe = float(scores.p_unsafe[i])
+                dv = None if scores.dv is None else float(scores.dv[i])
+                if not math.isfinite(p_unsafe) or (dv is not None and not math.isfinite(dv)):
+                    self.metrics.inference_errors.inc()
+                    self.out.dead_letter(item, "non_finite_score", f"p_unsafe={p_unsafe} dv={dv}", "inference")
+                    continue
+                outcome = Outcome(p_unsafe, dv, float(scores.signal[i]), decisions[i].delegated, decisions[i].budget)
+                try:
+                    self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+                except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
+                    self.out.dead_letter(item, "output_error", repr(exc), "inference")
 
         def give_up(item: Item, exc: Exception) -> None:
             self.out.dead_letter(item, "inference_error", repr(exc), "inference")
@@ -198,7 +231,8 @@ class MonitorHandler:
         )
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
-        messages = [Message(topics.verdicts, verdict.to_json(), key, headers)]
+        body = verdict.to_json()
+        messages = [Message(topics.verdicts, body, key, headers + self.signer.headers("verdict", key, body))]
         if outcome.delegated:
             request = ReviewRequest(
                 event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
@@ -206,7 +240,9 @@ class MonitorHandler:
                 threshold=budget.threshold, bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
-            messages.append(Message(topics.review, request.to_json(), key, headers))
+            review = request.to_json()
+            messages.append(Message(topics.review, review, key,
+                                    headers + self.signer.headers("review_request", key, review)))
         self._recent.append(outcome.delegated)
         self.out.publish(item, messages, lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
 
