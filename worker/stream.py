@@ -24,6 +24,7 @@ from worker.events import dead_letter
 from worker.health import HealthServer
 from worker.metrics import ConsumerMetrics
 from worker.publish import PERMANENT, RetryPolicy, send_all_acknowledged
+from worker.topics import dead_letter_bytes
 from worker.publish import Record as OutRecord
 
 log = get_logger(__name__)
@@ -179,11 +180,12 @@ class Outputs:
     def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage) -> None:
         """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged.
 
-        The dead letter is bounded by ``max_event_bytes`` (worker/events.py truncates it), so it always fits.
+        The dead letter is truncated to fit the topic's ``max.message.bytes`` as ``topics create`` sets it
+        (worker/topics.py), so it can always be written and never wedges the partition.
         """
         tp, offset, key, value = _origin(item)
         dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
-                         value=value, stage=stage, max_bytes=self._stream.limits.max_event_bytes)
+                         value=value, stage=stage, max_bytes=dead_letter_bytes(self._stream.limits.max_event_bytes))
         self._metrics.dead_letters.labels(reason=reason).inc()
         log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
                     offset=offset, stage=stage)
@@ -429,6 +431,10 @@ class Stream(Generic[H]):
             self.handler.wake()
             await asyncio.sleep(0.02)
         await self._commit(deadline, only=revoked)
+        # Queued work of partitions we no longer own would be done twice (here and by the new owner).
+        prune = getattr(self.handler, "revoked", None)
+        if prune is not None:
+            prune(revoked)
         abandoned = sum(self.tracker.in_flight(tp) for tp in revoked)
         self.tracker.forget(revoked)
         self._assigned -= revoked

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
@@ -22,9 +21,10 @@ from pydantic import Field
 
 from probes.config import Frozen
 from probes.errors import CtdError
+from probes.logs import get_logger
 from worker.config import KafkaConfig, TopicsConfig, WorkerConfig
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # Above the largest value: key (≤ 256 B kept in dead letters, ids elsewhere), headers (signature, event id) and
 # the record batch's own framing. Generous on purpose: too little makes the broker refuse a record forever.
@@ -64,6 +64,11 @@ class TopicOutcome(Frozen):
 def max_message_bytes(max_event_bytes: int) -> int:
     """The topics' ``max.message.bytes`` for events of at most ``max_event_bytes``."""
     return max_event_bytes + RECORD_OVERHEAD_BYTES
+
+
+def dead_letter_bytes(max_event_bytes: int) -> int:
+    """The largest dead-letter body: the topic's limit less room for its key (≤ 256 B) and headers."""
+    return max_message_bytes(max_event_bytes) - 4096
 
 
 def topic_specs(
