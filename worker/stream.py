@@ -24,8 +24,8 @@ from worker.events import dead_letter
 from worker.health import HealthServer
 from worker.metrics import ConsumerMetrics
 from worker.publish import PERMANENT, RetryPolicy, send_all_acknowledged
-from worker.topics import dead_letter_bytes
 from worker.publish import Record as OutRecord
+from worker.topics import dead_letter_bytes
 
 log = get_logger(__name__)
 Stage = Literal["decode", "inference", "expert", "publish"]
