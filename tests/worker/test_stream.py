@@ -376,3 +376,31 @@ async def test_paused_fetching_keeps_polling_so_the_group_membership_stays() -> 
     assert calls > before + 3, "still polling while paused"
     assert stream.tracker.in_flight() == 4 or stream.tracker.in_flight() <= 8
     await stopped(stream, task)
+
+
+async def test_a_revoke_lets_the_handler_prune_queued_work_of_those_partitions() -> None:
+    from worker.config import GuardSettings
+    from worker.guard import GuardHandler
+    from worker.metrics import GuardMetrics
+
+    class Recording(EchoHandler):
+        def __init__(self) -> None:
+            super().__init__(publish=False)
+            self.pruned: list[set[TopicPartition]] = []
+
+        def revoked(self, partitions: set[TopicPartition]) -> None:
+            self.pruned.append(partitions)
+
+    consumer, producer = FakeConsumer({P0: 2, P1: 2}), FakeProducer()
+    handler = Recording()
+    stream = make_stream(handler, consumer, producer, shutdown_deadline_s=0.1)
+    task = await running(stream)
+    await until(lambda: len(handler.accepted) == 4)
+    await consumer.revoke({P1})
+    assert handler.pruned == [{P1}]
+    await stopped(stream, task)
+
+    guard = GuardHandler(GuardSettings(), expert=None, metrics=GuardMetrics())  # type: ignore[arg-type]
+    guard._pending.extend(Envelope.of(record(tp, o), None, 0.0) for tp in (P0, P1) for o in range(3))  # type: ignore[arg-type]
+    guard.revoked({P1})
+    assert {e.tp for e in guard._pending} == {P0} and len(guard._pending) == 3
