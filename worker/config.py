@@ -9,6 +9,9 @@ from pydantic import Field, SecretStr
 
 from probes.config import Frozen, Settings
 
+# Room above worker.max_event_bytes in the topics' max.message.bytes: key, headers and batch framing (topics.py).
+RECORD_OVERHEAD_BYTES = 65_536
+
 
 class KafkaConfig(Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -52,7 +55,8 @@ class KafkaConfig(Frozen):
         """Producer settings of every output: acknowledged by all replicas, idempotent, briefly lingering."""
         kwargs: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
         if max_event_bytes is not None:
-            kwargs["max_request_size"] = 4 * max_event_bytes  # an output may embed its input (review requests)
+            # An output may embed its input (review requests), and a dead letter may fill the topic's limit.
+            kwargs["max_request_size"] = max(4 * max_event_bytes, max_event_bytes + RECORD_OVERHEAD_BYTES)
         return kwargs
 
 

@@ -31,6 +31,7 @@ log = get_logger(__name__)
 Stage = Literal["decode", "inference", "expert", "publish"]
 # A dead letter's Kafka key: enough of the original to find it, never the whole of a hostile multi-MB key.
 _DEAD_LETTER_KEY_BYTES = 256
+_SMALL_DEAD_LETTER_BYTES = 8192
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 T = TypeVar("T")
 H = TypeVar("H", bound="Handler")
@@ -177,7 +178,8 @@ class Outputs:
         """
         self._track_acks(item, messages, on_acked, dead=False)
 
-    def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage) -> None:
+    def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage, *,
+                    max_bytes: int | None = None) -> None:
         """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged.
 
         The dead letter is truncated to fit the topic's ``max.message.bytes`` as ``topics create`` sets it
@@ -185,15 +187,19 @@ class Outputs:
         """
         tp, offset, key, value = _origin(item)
         dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
-                         value=value, stage=stage, max_bytes=dead_letter_bytes(self._stream.limits.max_event_bytes))
+                         value=value, stage=stage,
+                         max_bytes=max_bytes or dead_letter_bytes(self._stream.limits.max_event_bytes))
         self._metrics.dead_letters.labels(reason=reason).inc()
         log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
                     offset=offset, stage=stage)
         short_key = None if key is None else key[:_DEAD_LETTER_KEY_BYTES]
-        self._track_acks(item, [Message(self._stream.dead_letter_topic, dl.to_json(), short_key)], None, dead=True)
+        self._track_acks(item, [Message(self._stream.dead_letter_topic, dl.to_json(), short_key)], None,
+                         dead=(reason, error, stage) if max_bytes is None else None)
 
     def _track_acks(self, item: Envelope[Any] | Record, messages: Sequence[Message],
-                    on_acked: Callable[[], None] | None, *, dead: bool) -> None:
+                    on_acked: Callable[[], None] | None, *, dead: tuple[str, str, Stage] | None | bool) -> None:
+        """``dead``: False for outputs; for a dead letter, its (reason, error, stage) while a smaller one may still
+        be tried, None once it is the small one."""
         tp, offset, _, _ = _origin(item)
         records = [OutRecord(m.topic, m.value, m.key, tuple(m.headers or ())) for m in messages]
 
@@ -206,8 +212,11 @@ class Outputs:
                 self._metrics.publish_errors.inc()
                 log.error("publish.refused", service=self._stream.name, error=repr(exc), partition=tp.partition,
                           offset=offset)
-                if not dead:
+                if dead is False:
                     self.dead_letter(item, "publish_refused", repr(exc), "publish")
+                elif isinstance(dead, tuple):
+                    # The topic takes less than we were told: a small dead letter still frees the partition.
+                    self.dead_letter(item, *dead, max_bytes=_SMALL_DEAD_LETTER_BYTES)
                 return
             except Exception as exc:  # noqa: BLE001
                 # Given up (stopping) or an unknown failure: never committed, so whoever owns the partition next

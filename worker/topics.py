@@ -22,13 +22,10 @@ from pydantic import Field
 from probes.config import Frozen
 from probes.errors import CtdError
 from probes.logs import get_logger
-from worker.config import KafkaConfig, TopicsConfig, WorkerConfig
+from worker.config import RECORD_OVERHEAD_BYTES, KafkaConfig, TopicsConfig, WorkerConfig
 
 log = get_logger(__name__)
 
-# Above the largest value: key (≤ 256 B kept in dead letters, ids elsewhere), headers (signature, event id) and
-# the record batch's own framing. Generous on purpose: too little makes the broker refuse a record forever.
-RECORD_OVERHEAD_BYTES = 65_536
 RETENTION_MS = 7 * 24 * 3600 * 1000  # input and outputs: a week to replay from
 AUDIT_RETENTION_MS = 30 * 24 * 3600 * 1000  # dead letters and alerts are read by people, later
 _TOPIC_ALREADY_EXISTS = 36

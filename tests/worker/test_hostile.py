@@ -113,16 +113,21 @@ async def test_hostile_stream_with_a_sigkill_blinds_nothing(
         assert proc.running(), "the worker is alive at the end"
         proc.terminate(30)
 
-    # every valid event: exactly one final verdict (a re-delivery after the kill repeats the same one)
-    by_event: dict[str, set[tuple[str, float]]] = {}
+    # every valid event: exactly one final verdict (a re-delivery after the kill repeats the same decision; its
+    # score may differ in the last float digits, as batches are composed differently)
+    by_event: dict[str, list[tuple[str, float]]] = {}
     for v in verdicts:
-        by_event.setdefault(v["event_id"], set()).add((v["decision"], round(v["p_unsafe"], 6)))
+        by_event.setdefault(v["event_id"], []).append((v["decision"], v["p_unsafe"]))
     assert set(by_event) == expected_verdicts
-    assert all(len(outcomes) == 1 for outcomes in by_event.values()), "one final verdict per event"
+    for event_id, outcomes in by_event.items():
+        assert len({d for d, _ in outcomes}) == 1, (event_id, outcomes)
+        scores = [p for _, p in outcomes]
+        assert max(scores) - min(scores) < 1e-4, (event_id, outcomes)
     # every hostile record that cannot be judged: a dead letter with the reason it was expected to have
     letter_at = {(d["partition"], d["offset"]): d for d in letters}
     for i, (name, _) in enumerate(plan):
         if name.startswith("hostile:") and hostile[name[8:]][1] != "verdict":
+            assert positions[i] in letter_at, f"no dead letter for {name} at {positions[i]}"
             assert letter_at[positions[i]]["reason"] == hostile[name[8:]][1], name
     near = letter_at[positions[[n for n, _ in plan].index("hostile:near_limit")]]
     raw = hostile["near_limit"][0] or b""

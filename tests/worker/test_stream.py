@@ -404,3 +404,27 @@ async def test_a_revoke_lets_the_handler_prune_queued_work_of_those_partitions()
     guard._pending.extend(Envelope.of(record(tp, o), None, 0.0) for tp in (P0, P1) for o in range(3))  # type: ignore[arg-type]
     guard.revoked({P1})
     assert {e.tp for e in guard._pending} == {P0} and len(guard._pending) == 3
+
+
+async def test_a_dead_letter_the_topic_refuses_is_sent_again_small() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    class Poison(EchoHandler):
+        async def accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+            assert self.outputs is not None
+            for r in records:
+                self.outputs.dead_letter(Envelope.of(r, b"", 0.0), "oversize", "too big", "decode")
+
+    consumer, producer = FakeConsumer({P0: 1}), FakeProducer()
+    consumer.log[P0] = [record(P0, 0, b"z" * 50_000)]
+    stream = make_stream(Poison(), consumer, producer)
+    task = await running(stream)
+    await until(lambda: len(producer.sent) == 1)
+    producer.sent[0][2].set_exception(MessageSizeTooLargeError())
+    await until(lambda: len(producer.sent) == 2)
+    topic, body, future = producer.sent[1]
+    letter = orjson.loads(body)
+    assert topic == "dlq" and len(body) <= 8192 and letter["truncated"] and letter["value_bytes"] == 50_000
+    future.set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 1)
+    await stopped(stream, task)
