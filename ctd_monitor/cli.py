@@ -14,6 +14,7 @@ from ctd_monitor.progress import console, progress_bars
 from probes.config import Settings, load_settings
 from probes.errors import CtdError
 from probes.logs import configure_logging
+from probes.manifest import SIGNAL_NAMES, Signal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -139,7 +140,7 @@ def train(
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
         probe, expert, manifest = pipeline.train_bundle(s, out, bars, pipeline.prepare_data(s, data))
-    emit({"bundle": str(out), "split_sizes": manifest["data"]["split_sizes"],
+    emit({"bundle": str(out), "split_sizes": manifest.data.split_sizes,
           "probe_only": probe.metrics["evaluation"], "expert_only": expert.metrics, "expert": expert.name})
 
 
@@ -250,25 +251,37 @@ def calibrate(
     ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
     alpha: Annotated[float, typer.Option(help="delegation budget (fraction of traffic)")] = 0.1,
-    delta: Annotated[float, typer.Option(help="allowed failure probability of the guarantee")] = 0.1,
-    signal: Annotated[str, typer.Option(help="dv | uncertainty | router")] = "dv",
+    delta: Annotated[float, typer.Option(help="allowed failure probability of each guarantee")] = 0.1,
+    epsilon: Annotated[float, typer.Option(help="benign flag rate the unsafe cuts are certified to stay under")] = 0.05,
+    signal: Annotated[str, typer.Option(help=" | ".join(SIGNAL_NAMES))] = "dv",
     variant: Annotated[str, typer.Option(help="pareto | budget")] = "pareto",
     seed: Annotated[int, typer.Option(help="seed of the opt/HT split")] = 0,
 ) -> None:
-    """Learn-then-Test calibration of the delegation threshold on the calibration split; writes the manifest."""
-    from probes.cascade import CascadeContext, calibrate_signal, write_calibration
+    """Learn-then-Test on the calibration split: the unsafe cuts of probe and expert (benign flag rate ≤ ε), then
+    the delegation threshold (rate ≤ α) at those cuts; writes both to the manifest."""
+    from probes.cascade import CascadeContext, calibrate_cuts, calibrate_signal, write_calibration, write_cuts
 
-    if signal not in ("dv", "uncertainty", "router") or variant not in ("pareto", "budget"):
-        fail("--signal must be dv|uncertainty|router and --variant pareto|budget")
+    if signal not in SIGNAL_NAMES or variant not in ("pareto", "budget"):
+        fail(f"--signal must be {'|'.join(SIGNAL_NAMES)} and --variant pareto|budget")
+    if not 0 < epsilon < 1:
+        fail("--epsilon must be in (0, 1)")
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
         cascade = CascadeContext(s, bundle, bars)
-        result = calibrate_signal(cascade, cascade.split("calibration"), signal, alpha=alpha, delta=delta,
+        cal = cascade.split("calibration")
+        probe_cut, expert_cut = calibrate_cuts(cascade, cal, epsilon=epsilon, delta=delta)
+        write_cuts(cascade, probe_cut, expert_cut)
+        result = calibrate_signal(cascade, cal, Signal(signal), alpha=alpha, delta=delta,
                                   variant=variant, seed=seed)  # type: ignore[arg-type]
-    payload = write_calibration(cascade, result)
+    write_calibration(cascade, result)
+    for cut in (probe_cut, expert_cut):
+        if not cut.valid:
+            console.print(f"[bold yellow]warning:[/] no {cut.scorer} unsafe cut certified at ε={epsilon}, δ={delta} "
+                          f"on {cut.n} benign items: the default cut {cut.cut} stays, its flag rate is not bounded")
     if not result.valid:
         console.print("[bold yellow]warning:[/] no valid threshold: the monitor will never delegate")
-    emit(payload)
+    emit({**result.model_dump(mode="json"), "unsafe_cut": probe_cut.model_dump(mode="json"),
+          "expert_unsafe_cut": expert_cut.model_dump(mode="json")})
 
 
 @app.command()
@@ -308,7 +321,7 @@ def validate_guarantee(
     alpha: Annotated[float, typer.Option()] = 0.1,
     delta: Annotated[float, typer.Option()] = 0.1,
     splits: Annotated[int, typer.Option()] = 1000,
-    signal: Annotated[str, typer.Option(help="dv | uncertainty | router (default: the bundle's)")] = "",
+    signal: Annotated[str, typer.Option(help=f"{' | '.join(SIGNAL_NAMES)} (default: the bundle's)")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="print JSON only")] = True,
 ) -> None:
     """Repeat calibration on random calibration/evaluation splits; report how often the budget is exceeded."""
@@ -321,7 +334,8 @@ def validate_guarantee(
         cascade = CascadeContext(s, bundle, bars)
         records = ([r for path in data for r in read_file(path)] if data
                    else list(cascade.prepared.splits.calibration) + list(cascade.prepared.splits.evaluation))
-        chosen = signal or (cascade.bundle.manifest.get("calibration") or {}).get("signal", "dv")
+        calibration = cascade.bundle.manifest.calibration
+        chosen = signal or (calibration.signal if calibration is not None and calibration.signal else "dv")
         values = cascade.signal(chosen, cascade.score(records))
     result = run(values, alpha=alpha, delta=delta, splits=splits)
     emit({**result, "signal": chosen})
@@ -496,7 +510,7 @@ def bench_drift(
     if phase:
         phases = [parse_phase(p, data_dir) for p in phase]
     else:
-        trained_on = list((monitor.bundle.manifest.get("data") or {}).get("file_sha256") or s.data.files)
+        trained_on = list(monitor.bundle.manifest.data.file_sha256 or s.data.files)
         phases = default_phases(trained_on, data_dir, events)
     if not monitor.rule.valid:
         fail("the bundle has no valid delegation threshold: there is no budget to control")

@@ -1,25 +1,27 @@
 """Probe bundle: a directory of safetensors heads plus ``manifest.json``; no pickle anywhere.
 
 Loading verifies every file's sha256 against the manifest and refuses a bundle trained on another model.
+The manifest is read once, into a typed ``BundleManifest`` (``probes.manifest``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 from safetensors.numpy import load_file, save_file
 
 from probes.cache import atomic_write_bytes, sha256_file
 from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
 from probes.heads import LinearHead
+from probes.manifest import FORMAT_VERSION, BundleManifest, DataRecipe, FeatureInfo, ModelInfo
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "HEADS_FILE", "MANIFEST", "Bundle", "load_bundle", "new_manifest", "read_manifest",
+           "save_bundle", "update_manifest"]
+
 MANIFEST = "manifest.json"
 HEADS_FILE = "heads.safetensors"
 
@@ -28,42 +30,34 @@ HEADS_FILE = "heads.safetensors"
 class Bundle:
     """Heads and the manifest that says how to reproduce and apply them."""
 
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     heads: dict[str, LinearHead] = field(default_factory=dict)
     extra_tensors: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
 
     @property
-    def model(self) -> dict[str, Any]:
-        return dict(self.manifest["model"])
+    def model(self) -> ModelInfo:
+        return self.manifest.model
 
     @property
-    def features(self) -> dict[str, Any]:
-        return dict(self.manifest["features"])
+    def features(self) -> FeatureInfo:
+        return self.manifest.features
 
     def check_model(self, spec: str, weights_sha256: str) -> None:
-        want = self.manifest["model"]
-        if want["weights_sha256"] != weights_sha256:
+        want = self.manifest.model
+        if want.weights_sha256 != weights_sha256:
             raise BundleModelMismatch(
-                f"bundle was trained on {want['spec']} (weights {want['weights_sha256'][:12]}), "
+                f"bundle was trained on {want.spec} (weights {want.weights_sha256[:12]}), "
                 f"but {spec} (weights {weights_sha256[:12]}) is loaded"
             )
 
     @property
     def version(self) -> str:
-        return str(self.manifest.get("bundle_id", "unknown"))
+        return self.manifest.version
 
 
-def new_manifest(*, model: dict[str, Any], features: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "model": model,
-        "features": features,
-        "data": data,
-        "heads": {},
-        "metrics": {},
-        "calibration": None,
-    }
+def new_manifest(*, model: dict[str, Any] | ModelInfo, features: dict[str, Any] | FeatureInfo,
+                 data: dict[str, Any] | DataRecipe) -> BundleManifest:
+    return BundleManifest.model_validate({"model": model, "features": features, "data": data})
 
 
 def save_bundle(bundle: Bundle, directory: Path) -> Path:
@@ -74,40 +68,30 @@ def save_bundle(bundle: Bundle, directory: Path) -> Path:
     tensors.update(bundle.extra_tensors)
     heads_path = directory / HEADS_FILE
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(heads_path))
-    manifest = dict(bundle.manifest)
-    manifest["files"] = {HEADS_FILE: sha256_file(heads_path)}
-    manifest["head_names"] = sorted(bundle.heads)
-    manifest["bundle_id"] = manifest["files"][HEADS_FILE][:16]
-    bundle.manifest = manifest
-    atomic_write_bytes(directory / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    digest = sha256_file(heads_path)
+    bundle.manifest = bundle.manifest.replace(files={HEADS_FILE: digest}, head_names=tuple(sorted(bundle.heads)),
+                                              bundle_id=digest[:16])
+    atomic_write_bytes(directory / MANIFEST, bundle.manifest.to_json())
     return directory
 
 
-def update_manifest(directory: Path, **sections: Any) -> dict[str, Any]:
+def update_manifest(directory: Path, **sections: Any) -> BundleManifest:
     """Rewrite manifest sections (e.g. calibration) without touching the verified tensor files."""
-    manifest = read_manifest(directory)
-    manifest.update(sections)
-    atomic_write_bytes(directory / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    manifest = read_manifest(directory).replace(**sections)
+    atomic_write_bytes(directory / MANIFEST, manifest.to_json())
     return manifest
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> BundleManifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise BundleError(f"not a probe bundle (no {MANIFEST}): {directory}")
-    try:
-        manifest = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:
-        raise BundleError(f"unreadable manifest {path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"unsupported bundle format in {path}: {manifest.get('format_version')!r}")
-    return manifest
+    return BundleManifest.from_json(path.read_bytes(), where=str(path))
 
 
 def load_bundle(directory: Path) -> Bundle:
     manifest = read_manifest(directory)
-    files = manifest.get("files") or {}
-    for name, digest in files.items():
+    for name, digest in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise BundleIntegrityError(f"bundle file missing: {path}")
@@ -115,7 +99,7 @@ def load_bundle(directory: Path) -> Bundle:
         if actual != digest:
             raise BundleIntegrityError(f"sha256 mismatch for {path}: manifest {digest[:12]}, file {actual[:12]}")
     tensors = load_file(str(directory / HEADS_FILE))
-    heads = {name: LinearHead.from_tensors(tensors, name) for name in manifest.get("head_names", [])}
+    heads = {name: LinearHead.from_tensors(tensors, name) for name in manifest.head_names}
     used = {f"{n}.{part}" for n in heads for part in ("mean", "scale", "weight", "bias")}
     extra = {k: v for k, v in tensors.items() if k not in used}
     return Bundle(manifest=manifest, heads=heads, extra_tensors=extra)

@@ -1,20 +1,30 @@
-"""Learn-then-Test calibration of the delegation threshold (method.md §6).
+"""Learn-then-Test calibration (method.md §6): the delegation threshold and the unsafe cuts.
 
-Guarantee: with probability ≥ 1 − δ over the calibration draw, P_x(signal(x) > τ*) ≤ α for traffic
+Delegation: with probability ≥ 1 − δ over the calibration draw, P_x(signal(x) > τ*) ≤ α for traffic
 exchangeable with the calibration data. Thresholds are tested from the most conservative (highest τ) down
 with exact binomial p-values and fixed-sequence testing: stop at the first p ≥ δ; no Bonferroni factor
 is needed because the order was fixed on data independent of the test split.
+
+Unsafe cut: the same test on the benign (label 0) calibration items, with "flagged" (score ≥ cut) in place of
+"delegated": with probability ≥ 1 − δ the benign flag rate P(score ≥ cut | benign) ≤ ε. The family is nested
+(a lower cut flags a superset), so testing every distinct benign score from the top down stays valid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import binom
+
+from probes.binomial import binom_cdf
+from probes.cascade_rule import Cuts, cascade_scores
+from probes.manifest import DEFAULT_UNSAFE_CUT, Calibration, Signal, UnsafeCut
+
+__all__ = ["Calibration", "UnsafeCut", "budget_pvalue", "calibrate", "calibrate_unsafe_cut", "cascade_error_risk",
+           "cascade_predictions", "delegation_rates", "fixed_sequence_test", "pareto_front", "split_opt_ht",
+           "threshold_grid"]
 
 Variant = Literal["budget", "pareto"]
 F64 = npt.NDArray[np.float64]
@@ -22,7 +32,7 @@ F64 = npt.NDArray[np.float64]
 
 def budget_pvalue(delegated: int, n: int, alpha: float) -> float:
     """Exact p-value of H0 "delegation rate > α" given ``delegated`` of ``n``: P(Bin(n, α) ≤ k)."""
-    return float(binom.cdf(delegated, n, alpha))
+    return float(binom_cdf(delegated, n, alpha))
 
 
 def threshold_grid(values: npt.ArrayLike, size: int = 200) -> F64:
@@ -41,9 +51,17 @@ def threshold_grid(values: npt.ArrayLike, size: int = 200) -> F64:
 
 
 def delegation_rates(values: npt.ArrayLike, grid: F64) -> F64:
+    """Fraction of ``values`` strictly above each threshold (delegate ⇔ signal > τ)."""
     v = np.sort(np.asarray(values, dtype=np.float64))
     above = v.size - np.searchsorted(v, grid, side="right")
     return above / max(1, v.size)
+
+
+def flag_rates(scores: npt.ArrayLike, cuts: F64) -> F64:
+    """Fraction of ``scores`` at or above each cut (unsafe ⇔ score ≥ cut)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    at_or_above = s.size - np.searchsorted(s, cuts, side="left")
+    return at_or_above / max(1, s.size)
 
 
 def pareto_front(budget_risk: F64, error_risk: F64) -> npt.NDArray[np.bool_]:
@@ -62,46 +80,17 @@ def pareto_front(budget_risk: F64, error_risk: F64) -> npt.NDArray[np.bool_]:
     return keep
 
 
-@dataclass
-class Calibration:
-    """The result, stored in the bundle manifest; ``threshold=None`` means no valid threshold."""
-
-    signal: str
-    variant: Variant
-    alpha: float
-    delta: float
-    threshold: float | None
-    n_cal: int
-    n_opt: int
-    n_ht: int
-    seed: int
-    certified: int
-    tested: int
-    ht_rate: float | None
-    opt_error: float | None
-    grid_size: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def valid(self) -> bool:
-        return self.threshold is not None
-
-    def to_manifest(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["valid"] = self.valid
-        return out
-
-
 def fixed_sequence_test(rates: F64, n: int, alpha: float, delta: float) -> int:
-    """Number of leading hypotheses rejected: reject while p < δ (strict), stop at the first failure."""
-    count = 0
-    for rate in rates:
-        k = int(np.rint(rate * n))  # an int under numpy 1.x too, where round() keeps float64
-        if budget_pvalue(k, n, alpha) < delta:
-            count += 1
-        else:
-            break
-    return count
+    """Number of leading hypotheses rejected: reject while p < δ (strict), stop at the first failure.
+
+    All p-values come from one vectorised binomial tail; the count is the length of the passing prefix.
+    """
+    r = np.asarray(rates, dtype=np.float64)
+    if r.size == 0:
+        return 0
+    k = np.rint(r * n)  # counts: the rates are k/n
+    failed = np.flatnonzero(binom_cdf(k, n, alpha) >= delta)
+    return int(failed[0]) if failed.size else int(r.size)
 
 
 def split_opt_ht(n: int, seed: int, opt_fraction: float = 0.3) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -119,7 +108,7 @@ def calibrate(
     variant: Variant = "pareto",
     error_risk: Callable[[F64], F64] | None = None,
     seed: int = 0,
-    signal_name: str = "dv",
+    signal_name: Signal | None = None,
     grid_size: int = 200,
     opt_fraction: float = 0.3,
 ) -> Calibration:
@@ -127,6 +116,7 @@ def calibrate(
 
     ``error_risk(τ_grid) → R_o`` is evaluated on the opt indices; it receives the grid and must close over
     the opt split's labels and scores (see ``cascade_error_risk``). Required for the Pareto variant.
+    ``signal_name`` is None for a baseline the monitor cannot compute (evaluation's random policy).
     """
     if not 0 < alpha < 1 or not 0 < delta < 1:
         raise ValueError("alpha and delta must be in (0, 1)")
@@ -168,25 +158,54 @@ def calibrate(
     )
 
 
+def calibrate_unsafe_cut(scores: npt.ArrayLike, labels: npt.ArrayLike, *, epsilon: float, delta: float,
+                         scorer: str) -> UnsafeCut:
+    """The lowest cut whose benign flag rate is certified ≤ ε at level δ (LTT on the label-0 items).
+
+    Cuts are every distinct benign score plus one above them all (flag no benign item), tested from the highest
+    down; the lowest certified one flags the most harmful items the guarantee allows. When none certifies (too
+    few benign items for this ε and δ), the result says so (``valid=False``) and keeps the default cut.
+    """
+    if not 0 < epsilon < 1 or not 0 < delta < 1:
+        raise ValueError("epsilon and delta must be in (0, 1)")
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores but {y.size} labels")
+    benign = s[(y == 0) & np.isfinite(s)]
+    if benign.size == 0:
+        return UnsafeCut(scorer=scorer, cut=DEFAULT_UNSAFE_CUT, valid=False, epsilon=epsilon, delta=delta, n=0,
+                         fpr=None)
+    top = float(benign.max()) + max(1e-9, 1e-6 * abs(float(benign.max())))
+    grid = np.concatenate([[top], np.unique(benign)[::-1]])
+    rates = flag_rates(benign, grid)
+    certified = fixed_sequence_test(rates, benign.size, epsilon, delta)
+    cut = float(grid[certified - 1]) if certified else DEFAULT_UNSAFE_CUT
+    return UnsafeCut(scorer=scorer, cut=cut, valid=bool(certified), epsilon=epsilon, delta=delta, n=int(benign.size),
+                     fpr=float(flag_rates(benign, np.asarray([cut]))[0]), certified=certified,
+                     tested=int(grid.size))
+
+
 def cascade_predictions(
     signal: F64, threshold: float | None, p: F64, b: F64
 ) -> tuple[F64, npt.NDArray[np.bool_]]:
     """s(x) = b(x) if delegated else p(x); delegated ⇔ signal > τ (never when τ is None)."""
     delegated = np.zeros(signal.shape, bool) if threshold is None else signal > threshold
-    return np.where(delegated, b, p), delegated
+    return cascade_scores(delegated, p, b), delegated
 
 
-def cascade_error_risk(signal: F64, p: F64, b: F64, y: npt.ArrayLike) -> Callable[[F64], F64]:
-    """R_o(τ) = 1 − accuracy of the cascade at decision 0.5, for each τ of a grid."""
+def cascade_error_risk(signal: F64, p: F64, b: F64, y: npt.ArrayLike, cuts: Cuts | None = None) -> Callable[[F64], F64]:
+    """R_o(τ) = 1 − accuracy of the cascade at the unsafe cuts in force, for each τ of a grid."""
     labels = np.asarray(y, dtype=np.int64)
-    probe_right = (p >= 0.5).astype(np.int64) == labels
-    expert_right = (b >= 0.5).astype(np.int64) == labels
+    c = cuts or Cuts()
+    probe_right = (p >= c.probe).astype(np.int64) == labels
+    expert_right = (b >= c.expert).astype(np.int64) == labels
 
     def risk(grid: F64) -> F64:
         out = np.empty(grid.shape, dtype=np.float64)
         for i, tau in enumerate(grid):
-            delegated = signal > tau
-            out[i] = 1.0 - float(np.mean(np.where(delegated, expert_right, probe_right)))
+            # Correct where the source that decides is correct: the same selection as cascade_scores.
+            out[i] = 1.0 - float(np.mean(np.where(signal > tau, expert_right, probe_right)))
         return out
 
     return risk

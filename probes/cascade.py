@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -16,15 +16,27 @@ from safetensors.numpy import load_file, save_file
 
 from probes.bundle import Bundle, load_bundle, save_bundle, update_manifest
 from probes.cache import sha256_text
-from probes.calibration import Calibration, Variant, calibrate, cascade_error_risk, split_opt_ht
+from probes.calibration import (
+    Calibration,
+    UnsafeCut,
+    Variant,
+    calibrate,
+    calibrate_unsafe_cut,
+    cascade_error_risk,
+    split_opt_ht,
+)
+from probes.cascade_rule import Cuts
 from probes.config import DataConfig, Settings, SplitConfig
 from probes.data import SPLITS, Record
-from probes.dv import Target, crossfit_probe, dv_binary, fit_dv, signal_quality
+from probes.dv import Target, dv_binary, signal_quality
 from probes.errors import BundleError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
+from probes.fitting import crossfit_probe, fit_dv, fit_router
+from probes.heads import EXTRA_FEATURES
 from probes.logs import get_logger
-from probes.monitor import Signal, head_scores
+from probes.manifest import SIGNAL_NAMES, HeadInfo, Signal
+from probes.monitor import head_scores
 from probes.pipeline import (
     Prepared,
     ProgressFactory,
@@ -35,25 +47,22 @@ from probes.pipeline import (
     prepare_data,
     score_in_chunks,
 )
-from probes.router import fit_router
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
-SIGNALS = ("dv", "uncertainty", "router")
 
 
 def settings_for_bundle(settings: Settings, bundle: Bundle) -> Settings:
     """The settings the bundle was trained with (model, layer, pooling, data recipe), others from ``settings``."""
-    m, f, d = bundle.model, bundle.features, bundle.manifest["data"]
-    fractions = d["split_fractions"]
+    m, f, d = bundle.model, bundle.features, bundle.manifest.data
     return settings.model_copy(update={
-        "model": settings.model.model_copy(update={"spec": m["spec"], "max_tokens": m["max_tokens"]}),
-        "features": settings.features.model_copy(update={"layer": f["layer"], "pooling": f["pooling"]}),
+        "model": settings.model.model_copy(update={"spec": m.spec, "max_tokens": m.max_tokens}),
+        "features": settings.features.model_copy(update={"layer": f.layer, "pooling": f.pooling}),
         "data": DataConfig(
-            datasets_dir=Path(d["datasets_dir"]) if Path(d["datasets_dir"]).is_dir() else settings.data.datasets_dir,
-            files=tuple(d["file_sha256"]), sources=tuple(d["sources"]), categories=tuple(d["categories"]),
-            max_per_source=d["max_per_source"], balance_with=d["balance_with"],
-            splits=SplitConfig(seed=d["split_seed"], **fractions),
+            datasets_dir=Path(d.datasets_dir) if Path(d.datasets_dir).is_dir() else settings.data.datasets_dir,
+            files=tuple(d.file_sha256), sources=d.sources, categories=d.categories,
+            max_per_source=d.max_per_source, balance_with=d.balance_with,
+            splits=SplitConfig(seed=d.split_seed, **d.split_fractions),
         ),
     })
 
@@ -90,7 +99,7 @@ class CascadeContext:
     def prepared(self) -> Prepared:
         if self._prepared is None:
             prepared = prepare_data(self.settings)
-            want = self.bundle.manifest["data"]["content_hash"]
+            want = self.bundle.manifest.data.content_hash
             if prepared.dataset.content_hash() != want:
                 raise BundleError("the bundle's training data changed on disk (content hash differs); retrain")
             self._prepared = prepared
@@ -151,15 +160,25 @@ class CascadeContext:
             self._split_cache[name] = self._scored(records, features, self.expert_scores(records, data_hash))
         return self._split_cache[name]
 
-    def signal(self, name: str, scored: Scored) -> F64:
+    def signal(self, name: Signal | str, scored: Scored) -> F64:
         """The delegation signal the worker would compute for these records (one code path: head_scores)."""
-        if name == "router" and not any(k.startswith("router.") for k in self.bundle.extra_tensors):
+        try:
+            signal = Signal(name)
+        except ValueError:
+            raise BundleError(f"unknown delegation signal {name!r}: use one of "
+                              f"{', '.join(SIGNAL_NAMES)}") from None
+        if signal == Signal.ROUTER and not any(k.startswith("router.") for k in self.bundle.extra_tensors):
             raise BundleError("the bundle has no router head: run `ctd-monitor train-dv` first")
-        if name == "dv" and "dv" not in self.bundle.heads:
+        if signal == Signal.DV and "dv" not in self.bundle.heads:
             raise BundleError("the bundle has no DV head: run `ctd-monitor train-dv` first")
-        if name not in SIGNALS:
-            raise BundleError(f"unknown delegation signal {name!r}: use one of {', '.join(SIGNALS)}")
-        return head_scores(self.bundle, scored.features, cast(Signal, name)).signal
+        return head_scores(self.bundle, scored.features, signal).signal
+
+    @property
+    def cuts(self) -> Cuts:
+        """The unsafe cuts the bundle sets for its probe and for this context's expert (default 0.5 each)."""
+        manifest = self.bundle.manifest
+        expert = manifest.expert_cut(self.expert.name)
+        return Cuts(probe=manifest.probe_cut, expert=expert.cut if expert is not None else Cuts().expert)
 
 
 DVData = Literal["crossfit", "dev"]
@@ -196,26 +215,26 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData =
     bundle.heads["dv"] = fit.head
     bundle.extra_tensors = {k: v for k, v in bundle.extra_tensors.items() if not k.startswith("router.")}
     bundle.extra_tensors.update(router.to_tensors("router"))
-    manifest = dict(bundle.manifest)
-    manifest["heads"] = dict(manifest["heads"])
-    manifest["heads"]["dv"] = {
-        "type": "logistic" if target == "binary" else "ridge", "target": target,
-        "extra_features": ["probe_logit", "abs_margin"], "feature_set": fit.feature_set, "cv_auroc": fit.cv_auroc,
-        "regularization": fit.regularization, "n_train": fit.n_train, "train_positives": fit.positives,
-        "trained_on": source, "expert_accuracy": expert_acc,
+    heads = {
+        **bundle.manifest.heads,
+        "dv": HeadInfo(
+            type="logistic" if target == "binary" else "ridge", target=target, extra_features=EXTRA_FEATURES,
+            feature_set=fit.feature_set, cv_auroc=fit.cv_auroc, regularization=fit.regularization,
+            n_train=fit.n_train, train_positives=fit.positives, trained_on=source, expert_accuracy=expert_acc,
+        ),
+        "router": HeadInfo(type="mlp", hidden=tuple(int(w.shape[1]) for w in router.weights[:-1]), target="binary",
+                           trained_on=source),
     }
-    manifest["heads"]["router"] = {"type": "mlp", "hidden": [int(w.shape[1]) for w in router.weights[:-1]],
-                                   "target": "binary", "trained_on": source}
-    bundle.manifest = manifest
+    bundle.manifest = bundle.manifest.replace(heads=heads)
     save_bundle(bundle, ctx.bundle_dir)
     ctx.bundle = load_bundle(ctx.bundle_dir)
     quality: dict[str, Any] = {}
     for split in ("calibration", "evaluation"):
         scored = ctx.split(split)
         quality[split] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
-                          for name in SIGNALS}
-    manifest = update_manifest(ctx.bundle_dir, metrics={**ctx.bundle.manifest["metrics"], "dv_quality": quality})
-    ctx.bundle.manifest = manifest
+                          for name in SIGNAL_NAMES}
+    ctx.bundle.manifest = update_manifest(ctx.bundle_dir, metrics={**ctx.bundle.manifest.metrics,
+                                                                   "dv_quality": quality})
     log.info("dv.trained", target=target, source=source, helps=fit.positives, n=fit.n_train,
              feature_set=fit.feature_set)
     return {"target": target, "source": source, "train": {"n": fit.n_train, "helps": fit.positives},
@@ -223,27 +242,42 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData =
             "expert_accuracy": expert_acc, "quality": quality}
 
 
-def calibrate_signal(ctx: CascadeContext, cal: Scored, signal: str, *, alpha: float, delta: float,
+def calibrate_signal(ctx: CascadeContext, cal: Scored, signal: Signal | None, *, alpha: float, delta: float,
                      variant: Variant, seed: int = 0, values: F64 | None = None) -> Calibration:
-    """LTT for one signal on the calibration records; ``values`` saves recomputing the signal per budget."""
+    """LTT for one signal on the calibration records; ``values`` saves recomputing the signal per budget.
+
+    ``signal=None`` is the random baseline. The Pareto filter's error is the cascade's at the bundle's cuts.
+    """
     if values is None:
-        values = ctx.signal(signal, cal) if signal != "random" else random_signal(len(cal.records), seed)
+        values = ctx.signal(signal, cal) if signal is not None else random_signal(len(cal.records), seed)
     risk = None
     if variant == "pareto":
         opt, _ = split_opt_ht(len(values), seed)
-        risk = cascade_error_risk(values[opt], cal.p[opt], cal.b[opt], cal.y[opt])
+        risk = cascade_error_risk(values[opt], cal.p[opt], cal.b[opt], cal.y[opt], ctx.cuts)
     return calibrate(values, alpha=alpha, delta=delta, variant=variant, error_risk=risk, seed=seed,
                      signal_name=signal)
+
+
+def calibrate_cuts(ctx: CascadeContext, cal: Scored, *, epsilon: float, delta: float) -> tuple[UnsafeCut, UnsafeCut]:
+    """The probe's and the expert's unsafe cuts, each certified on the calibration records (benign flag rate ≤ ε)."""
+    return (calibrate_unsafe_cut(cal.p, cal.y, epsilon=epsilon, delta=delta, scorer="probe"),
+            calibrate_unsafe_cut(cal.b, cal.y, epsilon=epsilon, delta=delta, scorer=ctx.expert.name))
+
+
+def write_cuts(ctx: CascadeContext, probe: UnsafeCut, expert: UnsafeCut) -> None:
+    ctx.bundle.manifest = update_manifest(ctx.bundle_dir, unsafe_cut=probe, expert_unsafe_cut=expert)
+    for cut in (probe, expert):
+        if not cut.valid:
+            log.warning("calibration.no_valid_unsafe_cut", scorer=cut.scorer, epsilon=cut.epsilon, delta=cut.delta,
+                        n_benign=cut.n, kept_cut=cut.cut)
 
 
 def random_signal(n: int, seed: int) -> F64:
     return np.random.default_rng(10_000 + seed).uniform(size=n)
 
 
-def write_calibration(ctx: CascadeContext, result: Calibration) -> dict[str, Any]:
-    manifest = update_manifest(ctx.bundle_dir, calibration=result.to_manifest())
-    ctx.bundle.manifest = manifest
+def write_calibration(ctx: CascadeContext, result: Calibration) -> None:
+    ctx.bundle.manifest = update_manifest(ctx.bundle_dir, calibration=result)
     if not result.valid:
         log.warning("calibration.no_valid_threshold", signal=result.signal, alpha=result.alpha, delta=result.delta,
                     n_ht=result.n_ht)
-    return result.to_manifest()

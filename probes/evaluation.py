@@ -15,18 +15,21 @@ import numpy.typing as npt
 
 from probes.calibration import Variant, calibrate, cascade_predictions
 from probes.cascade import CascadeContext, Scored, calibrate_signal, random_signal
+from probes.cascade_rule import Cuts, cascade_decisions, cascade_scores, per_1k
 from probes.dv import dv_continuous
-from probes.metrics import classification_metrics
+from probes.manifest import SIGNAL_NAMES, Signal
+from probes.metrics import decision_metrics as all_metrics
 
 F64 = npt.NDArray[np.float64]
 POLICIES = ("ctd", "uncertainty", "router", "random", "oracle")
-SIGNAL_OF = {"ctd": "dv", "uncertainty": "uncertainty", "router": "router", "random": "random"}
+SIGNAL_OF: dict[str, Signal | None] = {"ctd": Signal.DV, "uncertainty": Signal.UNCERTAINTY, "router": Signal.ROUTER,
+                                       "random": None}
 
 
-def decision_metrics(y: npt.ArrayLike, scores: F64) -> dict[str, float]:
-    """AUROC of the scores, accuracy and F1 of the decisions at 0.5: the figures every policy row carries."""
-    m = classification_metrics(y, scores)
-    return {"auroc": m["auroc"], "accuracy": m["accuracy"], "f1": m["f1"]}
+def decision_metrics(y: npt.ArrayLike, scores: F64, flagged: npt.ArrayLike) -> dict[str, float]:
+    """AUROC of the scores; accuracy, F1 and benign flag rate (fpr) of the flags: what every policy row carries."""
+    m = all_metrics(y, scores, flagged)
+    return {"auroc": m["auroc"], "accuracy": m["accuracy"], "f1": m["f1"], "fpr": m["fpr"]}
 
 
 def oracle_delegation(ev: Scored, alpha: float) -> npt.NDArray[np.bool_]:
@@ -43,19 +46,25 @@ def evaluate_policies(
     ctx: CascadeContext, evaluation: Scored, budgets: list[float], *, delta: float = 0.1,
 ) -> dict[str, Any]:
     cal = ctx.split("calibration")
+    cuts = ctx.cuts
+    manifest = ctx.bundle.manifest
+    expert_cut = manifest.expert_cut(ctx.expert.name)
     out: dict[str, Any] = {
         "n": len(evaluation.records), "positives": int(evaluation.y.sum()), "delta": delta,
-        "probe_only": decision_metrics(evaluation.y, evaluation.p),
-        "expert_only": decision_metrics(evaluation.y, evaluation.b),
+        "cuts": {"probe": None if manifest.unsafe_cut is None else manifest.unsafe_cut.model_dump(mode="json"),
+                 "expert": None if expert_cut is None else expert_cut.model_dump(mode="json"),
+                 "applied": {"probe": cuts.probe, "expert": cuts.expert}},
+        "probe_only": decision_metrics(evaluation.y, evaluation.p, evaluation.p >= cuts.probe),
+        "expert_only": decision_metrics(evaluation.y, evaluation.b, evaluation.b >= cuts.expert),
         "policies": {name: [] for name in POLICIES},
         "groups": {},
     }
     group_keys = [f"{r.source}/{r.category}" if r.category else r.source for r in evaluation.records]
     # Each signal once per record set, not once per budget.
-    cal_values = {p: random_signal(len(cal.records), 0) if p == "random" else ctx.signal(SIGNAL_OF[p], cal)
-                  for p in SIGNAL_OF}
-    eval_values = {p: random_signal(len(evaluation.records), 1) if p == "random"
-                   else ctx.signal(SIGNAL_OF[p], evaluation) for p in SIGNAL_OF}
+    cal_values = {p: random_signal(len(cal.records), 0) if s is None else ctx.signal(s, cal)
+                  for p, s in SIGNAL_OF.items()}
+    eval_values = {p: random_signal(len(evaluation.records), 1) if s is None else ctx.signal(s, evaluation)
+                   for p, s in SIGNAL_OF.items()}
     for alpha in budgets:
         for policy in POLICIES:
             if policy == "oracle":
@@ -65,17 +74,17 @@ def evaluate_policies(
                     ctx, cal, evaluation, SIGNAL_OF[policy], alpha, delta=delta,
                     variant="budget" if policy == "random" else "pareto",
                     cal_values=cal_values[policy], eval_values=eval_values[policy])
-            row, final = policy_row(evaluation, alpha, threshold, valid, delegated)
+            row, flagged = policy_row(evaluation, alpha, threshold, valid, delegated, cuts)
             out["policies"][policy].append(row)
             if policy in ("ctd", "uncertainty"):
                 out["groups"].setdefault(policy, {})[str(alpha)] = group_analysis(
-                    group_keys, delegated, evaluation.y, evaluation.p, final)
+                    group_keys, delegated, evaluation.y, evaluation.p >= cuts.probe, flagged)
     out["faic"] = {name: faic(out, name) for name in ("ctd", "uncertainty", "router", "random")}
     return out
 
 
 def calibrated_delegation(
-    ctx: CascadeContext, cal: Scored, evaluation: Scored, signal: str, alpha: float, *, delta: float,
+    ctx: CascadeContext, cal: Scored, evaluation: Scored, signal: Signal | None, alpha: float, *, delta: float,
     variant: Variant, cal_values: F64, eval_values: F64,
 ) -> tuple[float | None, bool, npt.NDArray[np.bool_]]:
     """(τ, valid, delegated): the signal calibrated on the calibration records, applied as is to the evaluated ones."""
@@ -85,17 +94,18 @@ def calibrated_delegation(
 
 
 def policy_row(evaluation: Scored, alpha: float, threshold: float | None, valid: bool,
-               delegated: npt.NDArray[np.bool_]) -> tuple[dict[str, Any], F64]:
-    """One metrics.json row for a delegation decision, and the cascade's final scores."""
-    final: F64 = np.where(delegated, evaluation.b, evaluation.p)
-    rate = float(delegated.mean())
-    row = {"alpha": alpha, "threshold": threshold, "valid": valid, "realized_rate": rate,
-           **decision_metrics(evaluation.y, final), "expert_calls_per_1k": 1000.0 * rate}
-    return row, final
+               delegated: npt.NDArray[np.bool_], cuts: Cuts) -> tuple[dict[str, Any], npt.NDArray[np.bool_]]:
+    """One metrics.json row for a delegation decision, and the cascade's "unsafe" flags at the bundle's cuts."""
+    final = cascade_scores(delegated, evaluation.p, evaluation.b)
+    flagged = cascade_decisions(delegated, evaluation.p, evaluation.b, cuts)
+    row = {"alpha": alpha, "threshold": threshold, "valid": valid, "realized_rate": float(delegated.mean()),
+           **decision_metrics(evaluation.y, final, flagged),
+           "expert_calls_per_1k": per_1k(float(delegated.sum()), len(delegated))}
+    return row, flagged
 
 
-def group_analysis(keys: list[str], delegated: npt.NDArray[np.bool_], y: npt.ArrayLike, p: F64,
-                   final: F64) -> dict[str, dict[str, float]]:
+def group_analysis(keys: list[str], delegated: npt.NDArray[np.bool_], y: npt.ArrayLike,
+                   probe_flags: npt.NDArray[np.bool_], cascade_flags: npt.NDArray[np.bool_]) -> dict[str, dict[str, float]]:
     """Where the budget goes: delegation rate and accuracy gain over probe-only, per source/category."""
     labels = np.asarray(y)
     idx: dict[str, list[int]] = defaultdict(list)
@@ -104,8 +114,8 @@ def group_analysis(keys: list[str], delegated: npt.NDArray[np.bool_], y: npt.Arr
     table = {}
     for key, members in sorted(idx.items()):
         m = np.asarray(members)
-        probe_acc = float(np.mean((p[m] >= 0.5) == labels[m]))
-        cascade_acc = float(np.mean((final[m] >= 0.5) == labels[m]))
+        probe_acc = float(np.mean(probe_flags[m] == labels[m]))
+        cascade_acc = float(np.mean(cascade_flags[m] == labels[m]))
         table[key] = {"n": len(m), "delegation_rate": float(delegated[m].mean()),
                       "accuracy_gain": cascade_acc - probe_acc}
     return table
@@ -159,6 +169,25 @@ def validate_guarantee(values: F64, *, alpha: float, delta: float, splits: int, 
         "noise_note": "violation_rate uses the held-out half (finite-sample noise included); "
                       "violation_rate_population uses the whole file as the population (no evaluation noise)",
     }
+
+
+def _cut_lines(cuts: dict[str, Any] | None) -> list[str]:
+    """How the unsafe cuts were set: certified (benign flag rate ≤ ε w.p. ≥ 1 − δ on calibration) or not."""
+    if not cuts:
+        return []
+    lines = []
+    for scorer in ("probe", "expert"):
+        applied = cuts["applied"][scorer]
+        cut = cuts.get(scorer)
+        if cut is None:
+            lines.append(f"- {scorer} unsafe cut {applied:g}: not calibrated (default)")
+        elif cut["valid"]:
+            lines.append(f"- {scorer} unsafe cut {applied:.4f}: certified benign flag rate ≤ ε = {cut['epsilon']} "
+                         f"(δ = {cut['delta']}) on {cut['n']} benign calibration items (realised {cut['fpr']:.4f})")
+        else:
+            lines.append(f"- {scorer} unsafe cut {applied:g}: NOT certified at ε = {cut['epsilon']} (δ = "
+                         f"{cut['delta']}, {cut['n']} benign calibration items); default kept")
+    return [*lines, ""]
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
@@ -215,17 +244,19 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
         "# Evaluation report", "",
         (f"n = {report['n']} ({report['positives']} unsafe); thresholds calibrated on the bundle's calibration split "
          f"(LTT, δ = {report['delta']}), applied unchanged here."), "",
-        "| policy | α | threshold | realised rate | AUROC | accuracy | F1 |", "|---|---|---|---|---|---|---|",
+        *_cut_lines(report.get("cuts")),
+        "| policy | α | threshold | realised rate | AUROC | accuracy | F1 | benign flag rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("probe_only", "expert_only"):
         m = report[name]
         lines.append(f"| {name} | – | – | {'0' if name == 'probe_only' else '1'} | {m['auroc']:.4f} | "
-                     f"{m['accuracy']:.4f} | {m['f1']:.4f} |")
+                     f"{m['accuracy']:.4f} | {m['f1']:.4f} | {m['fpr']:.4f} |")
     for policy, rows in report["policies"].items():
         for r in rows:
             tau = "–" if r["threshold"] is None else f"{r['threshold']:.4f}"
             lines.append(f"| {policy} | {r['alpha']} | {tau} | {r['realized_rate']:.3f} | {r['auroc']:.4f} | "
-                         f"{r['accuracy']:.4f} | {r['f1']:.4f} |")
+                         f"{r['accuracy']:.4f} | {r['f1']:.4f} | {r['fpr']:.4f} |")
     lines += ["", "FAIC (accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in report["faic"].items()), ""]
     if "signal_quality" in report:
         lines += ["Signal quality on these records (Spearman with true v; AUROC for 'delegation helps'):", ""]
@@ -252,7 +283,7 @@ def evaluation_report(ctx: CascadeContext, files: list[Path] | None, alphas: lis
     scored = ctx.score(records)
     report = evaluate_policies(ctx, scored, alphas, delta=delta)
     report["signal_quality"] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
-                                for name in ("dv", "uncertainty", "router")}
+                                for name in SIGNAL_NAMES}
     if files and len(files) > 1:
         report["per_file"] = {
             path.name: evaluate_policies(ctx, ctx.score(read_file(path)), alphas, delta=delta)["policies"]["ctd"]

@@ -1,4 +1,8 @@
-"""Light heads on pooled activations: a standardised logistic probe (safety; binary DV)."""
+"""Inference-only heads on pooled activations: stored weights → scores, numpy only.
+
+This is the runtime half of the heads (the worker imports it); fitting them lives in ``probes.fitting``, which
+the runtime never imports, so the shipped scorer does not load sklearn or scipy.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.linear_model import LogisticRegression
 
 FloatArray = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+EXTRA_FEATURES = ("probe_logit", "abs_margin")
 
 
-def sigmoid(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def sigmoid(x: F64) -> F64:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def uncertainty(p: npt.ArrayLike) -> F64:
+    """−|p − 0.5|: highest where the probe is least sure."""
+    return -np.abs(np.asarray(p, dtype=np.float64) - 0.5)
+
+
+def with_extra_features(features: npt.ArrayLike, p: npt.ArrayLike) -> FloatArray:
+    """Activations + [probe logit, |p − 0.5|]: the DV head's inputs, at training and at inference alike."""
+    x = np.asarray(features, dtype=np.float32)
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    logit = np.log(q) - np.log(1 - q)
+    return np.concatenate([x, np.stack([logit, np.abs(q - 0.5)], axis=1).astype(np.float32)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -24,11 +42,11 @@ class LinearHead:
     weight: FloatArray
     bias: float
 
-    def logit(self, features: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    def logit(self, features: npt.ArrayLike) -> F64:
         x = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
         return (x @ self.weight).astype(np.float64) + self.bias
 
-    def proba(self, features: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    def proba(self, features: npt.ArrayLike) -> F64:
         return sigmoid(self.logit(features))
 
     def folded(self) -> tuple[FloatArray, float]:
@@ -36,7 +54,7 @@ class LinearHead:
         w = (self.weight / self.scale).astype(np.float32)
         return w, float(self.bias - float(self.mean @ w))
 
-    def to_tensors(self, prefix: str) -> dict[str, npt.NDArray[np.float32]]:
+    def to_tensors(self, prefix: str) -> dict[str, FloatArray]:
         return {
             f"{prefix}.mean": self.mean,
             f"{prefix}.scale": self.scale,
@@ -45,7 +63,7 @@ class LinearHead:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, npt.NDArray[np.float32]], prefix: str) -> LinearHead:
+    def from_tensors(cls, tensors: dict[str, FloatArray], prefix: str) -> LinearHead:
         return cls(
             mean=tensors[f"{prefix}.mean"].astype(np.float32),
             scale=tensors[f"{prefix}.scale"].astype(np.float32),
@@ -54,25 +72,34 @@ class LinearHead:
         )
 
 
-def standardisation(features: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
-    x = np.asarray(features, dtype=np.float64)
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-6] = 1.0
-    return mean.astype(np.float32), scale.astype(np.float32)
+@dataclass(frozen=True)
+class MLPHead:
+    """The router: a ReLU MLP with a sigmoid output, stored as plain tensors (no pickle, no sklearn object)."""
 
+    mean: FloatArray
+    scale: FloatArray
+    weights: tuple[FloatArray, ...]
+    biases: tuple[FloatArray, ...]
 
-def fit_logistic(
-    features: npt.ArrayLike, labels: npt.ArrayLike, *, c: float = 0.5, max_iter: int = 2000, seed: int = 0
-) -> LinearHead:
-    """L2 logistic regression on standardised features."""
-    x = np.asarray(features, dtype=np.float32)
-    y = np.asarray(labels, dtype=np.int64)
-    if len(np.unique(y)) < 2:
-        raise ValueError("logistic probe needs both classes in its training data")
-    mean, scale = standardisation(x)
-    model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-    model.fit((x - mean) / scale, y)
-    return LinearHead(
-        mean=mean, scale=scale, weight=model.coef_[0].astype(np.float32), bias=float(model.intercept_[0])
-    )
+    def proba(self, features: npt.ArrayLike) -> F64:
+        h = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
+        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            h = np.maximum(h @ w + b, 0.0)
+        logit = (h @ self.weights[-1] + self.biases[-1]).astype(np.float64)[:, 0]
+        return sigmoid(logit)
+
+    def to_tensors(self, prefix: str) -> dict[str, FloatArray]:
+        out = {f"{prefix}.mean": self.mean, f"{prefix}.scale": self.scale}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            out[f"{prefix}.w{i}"] = w
+            out[f"{prefix}.b{i}"] = b
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, FloatArray], prefix: str) -> MLPHead:
+        layers = sum(1 for k in tensors if k.startswith(f"{prefix}.w"))
+        return cls(
+            mean=tensors[f"{prefix}.mean"], scale=tensors[f"{prefix}.scale"],
+            weights=tuple(tensors[f"{prefix}.w{i}"] for i in range(layers)),
+            biases=tuple(tensors[f"{prefix}.b{i}"] for i in range(layers)),
+        )

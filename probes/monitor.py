@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -17,21 +16,18 @@ import numpy.typing as npt
 from probes.bundle import Bundle, load_bundle
 from probes.config import ModelConfig
 from probes.conversation import Conversation
-from probes.dv import with_extra_features
 from probes.errors import BundleError
 from probes.features import FeatureExtractor, TokenBatch, collate
-from probes.heads import sigmoid
+from probes.heads import MLPHead, sigmoid, uncertainty, with_extra_features
+from probes.logs import get_logger
+from probes.manifest import BundleManifest, Signal
 from probes.models import LoadedModel, load_model
-from probes.router import MLPHead
 from probes.windows import argmax_by_group, window_ids
 
-Signal = Literal["dv", "uncertainty", "router"]
+__all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "uncertainty"]
+
+log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
-
-
-def uncertainty(p: npt.ArrayLike) -> F64:
-    """−|p − 0.5|: highest where the probe is least sure."""
-    return -np.abs(np.asarray(p, dtype=np.float64) - 0.5)
 
 
 @dataclass(frozen=True)
@@ -43,18 +39,20 @@ class DelegationRule:
     alpha: float | None
     variant: str = "fixed"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signal", Signal(self.signal))  # a plain "dv" becomes the enum member
+
     @property
     def valid(self) -> bool:
         return self.threshold is not None
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> DelegationRule:
-        cal = manifest.get("calibration")
-        if not cal:
-            return cls(signal="dv" if "dv" in manifest.get("head_names", []) else "uncertainty", threshold=None,
-                       alpha=None, variant="uncalibrated")
-        return cls(signal=cal["signal"], threshold=cal.get("threshold"), alpha=cal.get("alpha"),
-                   variant=str(cal.get("variant", "fixed")))
+    def from_manifest(cls, manifest: BundleManifest) -> DelegationRule:
+        cal = manifest.calibration
+        if cal is None or cal.signal is None:
+            signal = Signal.DV if "dv" in manifest.head_names else Signal.UNCERTAINTY
+            return cls(signal=signal, threshold=None, alpha=None, variant="uncalibrated")
+        return cls(signal=cal.signal, threshold=cal.threshold, alpha=cal.alpha, variant=cal.variant)
 
     def decide(self, values: npt.ArrayLike, threshold: float | None = None) -> npt.NDArray[np.bool_]:
         tau = self.threshold if threshold is None else threshold
@@ -74,11 +72,11 @@ class Scores:
 def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal) -> Scores:
     p = bundle.heads["safety"].proba(features)
     dv = dv_scores(bundle, features, p) if "dv" in bundle.heads else None
-    if signal == "dv":
+    if signal == Signal.DV:
         if dv is None:
             raise BundleError("the bundle's calibration uses the DV signal but the bundle has no DV head")
         return Scores(p, dv, dv)
-    if signal == "router":
+    if signal == Signal.ROUTER:
         return Scores(p, dv, MLPHead.from_tensors(bundle.extra_tensors, "router").proba(features))
     return Scores(p, dv, uncertainty(p))
 
@@ -87,13 +85,14 @@ def dv_scores(bundle: Bundle, features: npt.ArrayLike, p: F64) -> F64:
     """The DV head's output; its kind (logistic → probability, ridge → value) is in the manifest."""
     head = bundle.heads["dv"]
     x = dv_inputs(bundle, features, p)
-    kind = bundle.manifest.get("heads", {}).get("dv", {}).get("type", "logistic")
-    return sigmoid(head.logit(x)) if kind == "logistic" else head.logit(x)
+    info = bundle.manifest.heads.get("dv")
+    return head.logit(x) if info is not None and info.type == "ridge" else sigmoid(head.logit(x))
 
 
 def dv_inputs(bundle: Bundle, features: npt.ArrayLike, p: F64) -> npt.NDArray[np.float32]:
     """DV features: the activations, plus the probe's logit and |p − 0.5| when the head was trained so."""
-    if bundle.manifest.get("heads", {}).get("dv", {}).get("extra_features"):
+    info = bundle.manifest.heads.get("dv")
+    if info is not None and info.extra_features:
         return with_extra_features(features, p)
     return np.asarray(features, dtype=np.float32)
 
@@ -105,19 +104,28 @@ class Monitor:
         self.bundle = load_bundle(bundle_dir)
         features = self.bundle.features
         # The bundle decides which model runs: its heads are meaningless on any other.
-        spec = self.bundle.model["spec"]
+        spec = self.bundle.model.spec
         self.loaded: LoadedModel = load_model(
-            spec, cache_dir=cache_dir, device=model.device, dtype=model.dtype, max_layer=int(features["layer"])
+            spec, cache_dir=cache_dir, device=model.device, dtype=model.dtype, max_layer=features.layer
         )
         self.bundle.check_model(spec, self.loaded.weights_sha256)
-        self.pooling = features["pooling"]
-        self.max_tokens = int(self.bundle.model.get("max_tokens", model.max_tokens))
+        self.pooling = features.pooling
+        self.max_tokens = self.bundle.model.max_tokens
         self.extractor = FeatureExtractor(
-            self.loaded, layer=int(features["layer"]), max_tokens=self.max_tokens,
+            self.loaded, layer=features.layer, max_tokens=self.max_tokens,
             batch_tokens=model.batch_tokens, max_items=model.max_batch_items,
         )
         self.rule = DelegationRule.from_manifest(self.bundle.manifest)
         self.windows = model.windows
+        cut = self.bundle.manifest.unsafe_cut
+        if cut is None or not cut.valid:
+            log.warning("monitor.uncalibrated_unsafe_cut", bundle=self.bundle.version, cut=self.unsafe_cut,
+                        reason="no unsafe cut in the bundle" if cut is None else "no cut certified at this epsilon")
+
+    @property
+    def unsafe_cut(self) -> float:
+        """p_unsafe at or above which the probe's verdict is "unsafe": the bundle's calibrated cut."""
+        return self.bundle.manifest.probe_cut
 
     @property
     def model_version(self) -> str:

@@ -16,8 +16,9 @@ from probes.data import Dataset, Record, Splits, load_dataset, source_counts, sp
 from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.features import FeatureCache, FeatureExtractor
-from probes.heads import fit_logistic
+from probes.fitting import fit_logistic
 from probes.logs import get_logger
+from probes.manifest import BundleManifest, HeadInfo
 from probes.metrics import classification_metrics
 from probes.models import LoadedModel, load_model
 
@@ -138,9 +139,9 @@ def train_probe(
         features=settings.features.model_dump(mode="json"),
         data=data_section(settings, prepared),
     )
-    manifest["heads"] = {"safety": {"type": "logistic", "c": settings.probe.regularization_c,
-                                    "n_train": len(train_idx), "output": "p_unsafe"}}
-    manifest["metrics"] = {"safety_probe": metrics}
+    manifest = manifest.replace(heads={"safety": HeadInfo(type="logistic", c=settings.probe.regularization_c,
+                                                          n_train=len(train_idx), output="p_unsafe")},
+                                metrics={"safety_probe": metrics})
     bundle = Bundle(manifest=manifest, heads={"safety": head})
     save_bundle(bundle, out_dir)
     log.info("probe.trained", bundle=str(out_dir), eval_auroc=round(metrics["evaluation"]["auroc"], 4))
@@ -175,7 +176,7 @@ def train_expert(
 
 def train_bundle(
     settings: Settings, out: Path, progress: ProgressFactory = no_progress, prepared: Prepared | None = None,
-) -> tuple[ProbeResult, ExpertResult, dict[str, Any]]:
+) -> tuple[ProbeResult, ExpertResult, BundleManifest]:
     """Probe and expert on the shared data; the expert is recorded in the bundle manifest."""
     prepared = prepared or prepare_data(settings)
     probe = train_probe(settings, out, progress, prepared=prepared)

@@ -25,10 +25,12 @@ import orjson
 from probes.cascade import CascadeContext, Scored, dv_training_data
 from probes.config import Settings, load_settings
 from probes.data import read_file
-from probes.dv import Target, dv_binary, fit_dv, signal_quality, with_extra_features
+from probes.dv import Target, dv_binary, signal_quality
 from probes.evaluation import calibrated_delegation, decision_metrics, faic, oracle_delegation, policy_row
+from probes.fitting import fit_dv, fit_router
+from probes.heads import with_extra_features
 from probes.logs import configure_logging
-from probes.router import fit_router
+from probes.manifest import Signal as SignalName
 
 F64 = npt.NDArray[np.float64]
 Signal = Callable[[Scored], F64]
@@ -39,9 +41,9 @@ def variants(ctx: CascadeContext) -> dict[str, Signal]:
     seed = ctx.settings.data.splits.seed
     crossfit, dev = dv_training_data(ctx, "crossfit"), dv_training_data(ctx, "dev")
     out: dict[str, Signal] = {
-        "dv_bundle": lambda s: ctx.signal("dv", s),
-        "uncertainty": lambda s: ctx.signal("uncertainty", s),
-        "router_bundle": lambda s: ctx.signal("router", s),
+        "dv_bundle": lambda s: ctx.signal(SignalName.DV, s),
+        "uncertainty": lambda s: ctx.signal(SignalName.UNCERTAINTY, s),
+        "router_bundle": lambda s: ctx.signal(SignalName.ROUTER, s),
     }
 
     def linear(data: Scored, target: Target) -> Signal:
@@ -60,9 +62,11 @@ def variants(ctx: CascadeContext) -> dict[str, Signal]:
 def measure(ctx: CascadeContext, signals: dict[str, Signal], evaluation: Scored, budgets: list[float],
             delta: float) -> dict[str, Any]:
     cal = ctx.split("calibration")
+    cuts = ctx.cuts
     report: dict[str, Any] = {
-        "n": len(evaluation.records), "probe_only": decision_metrics(evaluation.y, evaluation.p),
-        "expert_only": decision_metrics(evaluation.y, evaluation.b),
+        "n": len(evaluation.records),
+        "probe_only": decision_metrics(evaluation.y, evaluation.p, evaluation.p >= cuts.probe),
+        "expert_only": decision_metrics(evaluation.y, evaluation.b, evaluation.b >= cuts.expert),
         "helps": int(dv_binary(evaluation.y, evaluation.p, evaluation.b).sum()),
         "policies": {}, "signal_quality": {},
     }
@@ -71,11 +75,11 @@ def measure(ctx: CascadeContext, signals: dict[str, Signal], evaluation: Scored,
         report["signal_quality"][name] = signal_quality(eval_values, evaluation.y, evaluation.p, evaluation.b)
         report["policies"][name] = [
             policy_row(evaluation, alpha, *calibrated_delegation(
-                ctx, cal, evaluation, name, alpha, delta=delta, variant="pareto", cal_values=cal_values,
-                eval_values=eval_values))[0]
+                ctx, cal, evaluation, None, alpha, delta=delta, variant="pareto", cal_values=cal_values,
+                eval_values=eval_values), cuts)[0]
             for alpha in budgets]
-    report["policies"]["oracle"] = [policy_row(evaluation, alpha, None, True, oracle_delegation(evaluation, alpha))[0]
-                                    for alpha in budgets]
+    report["policies"]["oracle"] = [
+        policy_row(evaluation, alpha, None, True, oracle_delegation(evaluation, alpha), cuts)[0] for alpha in budgets]
     report["faic"] = {name: faic(report, name) for name in signals}
     return report
 

@@ -39,8 +39,8 @@ def test_train_probe_writes_a_bundle_and_extract_is_cached(tmp_path: Path, small
     payload = orjson.loads(result.stdout)
     assert payload["evaluation"]["auroc"] > 0.7
     bundle = load_bundle(out)
-    assert bundle.manifest["model"]["spec"] == "minilm-l6" and "safety" in bundle.heads
-    assert bundle.manifest["data"]["split_sizes"]["evaluation"]["n"] == payload["evaluation"]["n"]
+    assert bundle.manifest.model.spec == "minilm-l6" and "safety" in bundle.heads
+    assert bundle.manifest.data.split_sizes["evaluation"]["n"] == payload["evaluation"]["n"]
     again = runner.invoke(app, ["--config", str(small_config), "--no-progress", "extract"])
     assert again.exit_code == 0, again.output
     assert orjson.loads(again.stdout)["cached"] is True
@@ -52,7 +52,8 @@ def test_train_runs_probe_and_expert(tmp_path: Path, small_config: Path) -> None
     assert result.exit_code == 0, result.output
     payload = orjson.loads(result.stdout)
     assert set(payload) >= {"probe_only", "expert_only", "split_sizes"}
-    assert load_bundle(out).manifest["expert"]["backend"] == "encoder-head"
+    expert = load_bundle(out).manifest.expert
+    assert expert is not None and expert.backend == "encoder-head"
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path: Path, small_config: Path) -> None:
@@ -109,10 +110,18 @@ expert:
     assert dv["train"]["helps"] >= 5 and dv["source"] == "crossfit"
     assert set(dv["cv_auroc"]) == {"margin", "extras", "full"} and dv["feature_set"] in dv["cv_auroc"]
     assert set(dv["quality"]["evaluation"]) == {"dv", "uncertainty", "router"}
-    cal = run("calibrate", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1")
+    cal = run("calibrate", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1", "--epsilon", "0.1")
     assert cal["signal"] == "dv" and cal["alpha"] == 0.2 and cal["n_cal"] > 0
     manifest = load_bundle(bundle).manifest
-    assert manifest["calibration"]["threshold"] == cal["threshold"] and "dv" in manifest["head_names"]
+    assert manifest.calibration is not None and manifest.calibration.threshold == cal["threshold"]
+    assert "dv" in manifest.head_names
+    # Both unsafe cuts certified on the calibration split and stored; the probe's replaces the literal 0.5.
+    probe_cut, expert_cut = manifest.unsafe_cut, manifest.expert_unsafe_cut
+    assert probe_cut is not None and expert_cut is not None and cal["unsafe_cut"]["cut"] == probe_cut.cut
+    assert probe_cut.scorer == "probe" and expert_cut.scorer == manifest.expert.name  # type: ignore[union-attr]
+    for cut in (probe_cut, expert_cut):
+        assert cut.valid and cut.epsilon == 0.1 and cut.n > 0 and cut.fpr is not None and cut.fpr <= 0.1
+    assert manifest.probe_cut == probe_cut.cut != 0.5
     out = tmp_path / "eval"
     summary = run("evaluate", "--bundle", str(bundle), "--budgets", "0.1,0.3", "--out", str(out))
     metrics = orjson.loads((out / "metrics.json").read_bytes())
@@ -123,6 +132,9 @@ expert:
         assert all({"threshold", "realized_rate", "auroc", "accuracy", "f1", "expert_calls_per_1k"} <= set(r)
                    for r in rows)
     assert set(metrics["faic"]) >= {"ctd", "uncertainty", "router"}
+    # evaluation decides at the bundle's cuts and reports the realised benign flag rate
+    assert metrics["cuts"]["applied"] == {"probe": probe_cut.cut, "expert": expert_cut.cut}
+    assert 0 <= metrics["probe_only"]["fpr"] <= 1 and all("fpr" in r for r in metrics["policies"]["ctd"])
     assert (out / "report.md").is_file() and (out / "metrics_vs_budget.png").stat().st_size > 1000
     assert (out / "realized_vs_target.png").is_file()
     # per-file realised rates when several evaluation files are given

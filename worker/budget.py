@@ -18,10 +18,12 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
 
 from probes.calibration import delegation_rates, fixed_sequence_test, threshold_grid
 from probes.errors import ConfigError
 from probes.logs import get_logger
+from probes.manifest import Signal
 from probes.monitor import DelegationRule
 from worker.config import BudgetConfig
 from worker.events import BudgetState
@@ -35,10 +37,20 @@ OVERFLOW_SCOPE = "*"  # tenants beyond budget.max_scopes share this window
 ScopeKey = int | str
 
 
-@dataclass(frozen=True)
-class Decision:
+class Delegation(BaseModel):
+    """What the controller decided for one event. It is the single record of that decision: the verdict takes
+    ``delegated`` and ``budget`` from it as they are, the review request its threshold and signal value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     delegated: bool
-    budget: BudgetState
+    signal: Signal
+    value: float  # the event's signal value (NaN when the heads produced none)
+    budget: BudgetState  # the rule as applied to this event: the verdict's ``budget`` field
+
+    @property
+    def reason(self) -> str:
+        return f"{self.signal.value}={self.value:.4f} > threshold={self.budget.threshold}"
 
 
 @dataclass
@@ -119,7 +131,7 @@ class BudgetController:
 
     def decide(
         self, signals: npt.ArrayLike, partitions: Sequence[int], tenants: Sequence[str] | None = None
-    ) -> list[Decision]:
+    ) -> list[Delegation]:
         """One decision per event, in order; ``partitions`` (scope "partition") or ``tenants`` (scope "tenant")
         pick each event's window."""
         values = np.asarray(signals, dtype=np.float64)
@@ -130,7 +142,7 @@ class BudgetController:
         if not self.active:
             state = BudgetState(alpha=self.rule.alpha, threshold=None, offline_threshold=self.rule.threshold,
                                 valid=False)
-            return [Decision(False, state) for _ in range(values.size)]
+            return [Delegation(delegated=False, signal=self.rule.signal, value=float(v), budget=state) for v in values]
         owners = list(tenants) if tenants is not None else [None] * values.size
         decisions = [self._decide_one(float(s), self.window(p, t))
                      for s, p, t in zip(values, partitions, owners, strict=True)]
@@ -144,7 +156,7 @@ class BudgetController:
             return None
         return offline if w.threshold is None else max(offline, w.threshold)
 
-    def _decide_one(self, signal: float, w: ScopeWindow) -> Decision:
+    def _decide_one(self, signal: float, w: ScopeWindow) -> Delegation:
         tau = self.applied_threshold(w)
         window_tau = w.threshold
         wanted = tau is not None and signal > tau
@@ -161,7 +173,7 @@ class BudgetController:
         if w.since_recertify >= self.config.recertify_every and len(w.signals) >= self.config.min_window:
             self._recertify(w)
         self._check_rate(w)
-        return Decision(delegated, BudgetState(
+        return Delegation(delegated=delegated, signal=self.rule.signal, value=signal, budget=BudgetState(
             alpha=self.rule.alpha, threshold=tau, offline_threshold=self.rule.threshold, window_threshold=window_tau,
             window_rate=w.rate, cap_binding=refused, valid=True,
         ))

@@ -158,7 +158,9 @@ class GuardConfig(ServiceConfig):
     expert_timeout_s: float = Field(60.0, gt=0, description="a batch slower than this counts as the expert down")
     retry_backoff_s: float = Field(1.0, gt=0, description="first wait before retrying a down expert (doubles)")
     retry_backoff_max_s: float = Field(30.0, gt=0)
-    unsafe_threshold: float = Field(0.5, gt=0, lt=1)
+    unsafe_threshold: float | None = Field(
+        None, gt=0, lt=1, description="expert score at or above which a verdict is unsafe; default: the cut "
+        "`calibrate` certified for this expert in guard.bundle, else 0.5")
     max_expert_attempts: int = Field(
         5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
     unavailable_decision: Literal["unsafe", "probe"] = Field(

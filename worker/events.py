@@ -129,6 +129,7 @@ class ReviewRequest(_Model):
     dv: float | None
     reason: str
     threshold: float | None
+    budget: BudgetState | None = None  # the delegation's rule state, copied into the expert verdict unchanged
     bundle_version: str
     model_version: str | None = None
     requested_at: UtcDatetime

@@ -28,9 +28,11 @@ import orjson
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
+from probes.bundle import read_manifest
 from probes.errors import ExpertError, ExpertUnavailable
 from probes.experts.base import Expert
 from probes.logs import get_logger
+from probes.manifest import DEFAULT_UNSAFE_CUT
 from worker.config import GuardSettings
 from worker.events import MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import GuardMetrics
@@ -49,6 +51,24 @@ class ExpertTimeout(ExpertUnavailable):
     """The expert did not answer a batch within ``guard.expert_timeout_s``."""
 
 
+def expert_unsafe_cut(settings: GuardSettings, expert_name: str) -> float:
+    """The expert's unsafe cut: ``guard.unsafe_threshold`` when set; else the cut ``calibrate`` certified for this
+    expert in ``guard.bundle``; else the default 0.5 (logged, since nothing bounds its benign flag rate)."""
+    g = settings.guard
+    if g.unsafe_threshold is not None:
+        log.info("guard.unsafe_cut", cut=g.unsafe_threshold, source="setting")
+        return g.unsafe_threshold
+    calibrated = read_manifest(g.bundle).expert_cut(expert_name) if g.bundle is not None else None
+    if calibrated is None:
+        log.warning("guard.uncalibrated_unsafe_cut", cut=DEFAULT_UNSAFE_CUT, expert=expert_name,
+                    reason="no guard.bundle" if g.bundle is None else "the bundle has no cut for this expert")
+        return DEFAULT_UNSAFE_CUT
+    (log.info if calibrated.valid else log.warning)(
+        "guard.unsafe_cut", cut=calibrated.cut, source="bundle", valid=calibrated.valid, epsilon=calibrated.epsilon,
+        delta=calibrated.delta)
+    return calibrated.cut
+
+
 class GuardHandler:
     """Review requests in, expert verdicts out."""
 
@@ -58,6 +78,7 @@ class GuardHandler:
         self.metrics = metrics
         self.settings = settings
         self.expert = expert
+        self.unsafe_cut = expert_unsafe_cut(settings, expert.name)
         self._pending: collections.deque[Review] = collections.deque()
         # Local experts run torch: one scoring thread, never the event loop.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-expert")
@@ -224,12 +245,12 @@ class GuardHandler:
         if not math.isfinite(score):
             raise ExpertError(f"non-finite expert score {score}")
         if decision is None:
-            decision = "unsafe" if score >= self.settings.guard.unsafe_threshold else "safe"
+            decision = "unsafe" if score >= self.unsafe_cut else "safe"
         waited_s = max(0.0, (utcnow() - request.requested_at).total_seconds() - scoring_s)
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
             p_unsafe=min(1.0, max(0.0, score)), dv=request.dv, delegated=True, decision=decision,
-            source=source, budget=BudgetState(threshold=request.threshold),
+            source=source, budget=request.budget or BudgetState(threshold=request.threshold),
             bundle_version=request.bundle_version, model_version=request.model_version or "unknown",
             expert_version=self.expert.name,
             timings=Timings(queue_ms=waited_s * 1000, inference_ms=scoring_s * 1000,

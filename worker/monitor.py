@@ -20,10 +20,10 @@ from typing import Any
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from worker.batcher import BatchLimits, MicroBatcher
-from worker.budget import BudgetController
+from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
-from worker.events import BudgetState, ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
 from worker.signing import Signer
 from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
@@ -45,15 +45,6 @@ class Tokenized:
 
 
 Item = Envelope[Tokenized]
-
-
-@dataclass
-class Outcome:
-    p_unsafe: float
-    dv: float | None
-    signal: float
-    delegated: bool
-    budget: BudgetState
 
 
 class MonitorHandler:
@@ -193,19 +184,19 @@ class MonitorHandler:
                 raise
             elapsed = time.monotonic() - started
             self.metrics.inference_latency.observe(elapsed)
-            decisions = self.budget.decide(scores.signal, [item.tp.partition for item in part],
-                                           [item.body.event.tenant for item in part])
+            delegations = self.budget.decide(scores.signal, [item.tp.partition for item in part],
+                                             [item.body.event.tenant for item in part])
             # From here on, whatever fails fails for its event alone: the batch is scored and must not be redone.
-            for i, item in enumerate(part):
+            for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
                 p_unsafe = float(scores.p_unsafe[i])
                 dv = None if scores.dv is None else float(scores.dv[i])
                 if not math.isfinite(p_unsafe) or (dv is not None and not math.isfinite(dv)):
                     self.metrics.inference_errors.inc()
                     self.out.dead_letter(item, "non_finite_score", f"p_unsafe={p_unsafe} dv={dv}", "inference")
                     continue
-                outcome = Outcome(p_unsafe, dv, float(scores.signal[i]), decisions[i].delegated, decisions[i].budget)
                 try:
-                    self._publish(item, outcome, queue_s=started - item.consumed_at, inference_s=elapsed)
+                    self._publish(item, p_unsafe, dv, delegation, queue_s=started - item.consumed_at,
+                                  inference_s=elapsed)
                 except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
                     self.out.dead_letter(item, "output_error", repr(exc), "inference")
 
@@ -215,15 +206,15 @@ class MonitorHandler:
         await split_on_failure(items, attempt, give_up, what="inference")
 
     # ---------------------------------------------------------------- publish
-    def _publish(self, item: Item, outcome: Outcome, *, queue_s: float, inference_s: float) -> None:
+    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, queue_s: float,
+                 inference_s: float) -> None:
         topics = self.settings.topics
-        rule = self.monitor.rule
         event = item.body.event
-        budget = outcome.budget
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
-            p_unsafe=outcome.p_unsafe, dv=outcome.dv, delegated=outcome.delegated,
-            decision="unsafe" if outcome.p_unsafe >= 0.5 else "safe", source="probe", budget=budget,
+            p_unsafe=p_unsafe, dv=dv, delegated=delegation.delegated,
+            decision="unsafe" if p_unsafe >= self.monitor.unsafe_cut else "safe", source="probe",
+            budget=delegation.budget,
             bundle_version=self.monitor.bundle.version, model_version=self.monitor.model_version,
             timings=Timings(queue_ms=queue_s * 1000, inference_ms=inference_s * 1000,
                             total_ms=(time.monotonic() - item.consumed_at) * 1000),
@@ -233,18 +224,19 @@ class MonitorHandler:
         headers = [("event_id", event.event_id.encode())]
         body = verdict.to_json()
         messages = [Message(topics.verdicts, body, key, headers + self.signer.headers("verdict", key, body))]
-        if outcome.delegated:
+        if delegation.delegated:
             request = ReviewRequest(
-                event=event, p_unsafe=outcome.p_unsafe, dv=outcome.dv,
-                reason=f"{rule.signal}={outcome.signal:.4f} > threshold={budget.threshold}",
-                threshold=budget.threshold, bundle_version=self.monitor.bundle.version,
+                event=event, p_unsafe=p_unsafe, dv=dv, reason=delegation.reason,
+                threshold=delegation.budget.threshold, budget=delegation.budget,
+                bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
             review = request.to_json()
             messages.append(Message(topics.review, review, key,
                                     headers + self.signer.headers("review_request", key, review)))
-        self._recent.append(outcome.delegated)
-        self.out.publish(item, messages, lambda: self._acked(item.consumed_at, verdict.decision, outcome.delegated))
+        self._recent.append(delegation.delegated)
+        self.out.publish(item, messages,
+                         lambda: self._acked(item.consumed_at, verdict.decision, delegation.delegated))
 
     def _acked(self, consumed_at: float, decision: str, delegated: bool) -> None:
         self.metrics.verdicts_out.labels(decision=decision, source="probe").inc()

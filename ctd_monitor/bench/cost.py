@@ -18,12 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ctd_monitor.bench.heads import token_batches
+from probes.cascade_rule import Cuts, cascade_decisions, per_1k
 from probes.conversation import Conversation, plain_text
 from probes.data import Record, read_file
 from probes.errors import BundleError, ConfigError, CtdError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
+from probes.manifest import DEFAULT_UNSAFE_CUT
 from probes.monitor import Monitor, head_scores
 from worker.config import WorkerSettings
 
@@ -46,8 +48,13 @@ def bench_records(settings: WorkerSettings, monitor: Monitor, files: Sequence[Pa
     return list(prepared.splits.evaluation)[:n], "bundle evaluation split"
 
 
-def _accuracy(y: npt.NDArray[np.int64], scores: F64) -> float:
-    return float(np.mean((scores >= 0.5) == y))
+def _accuracy(y: npt.NDArray[np.int64], flagged: npt.NDArray[np.bool_]) -> float:
+    return float(np.mean(flagged == y))
+
+
+def _expert_cut(monitor: Monitor, expert: Expert) -> float:
+    cut = monitor.bundle.manifest.expert_cut(expert.name)
+    return cut.cut if cut is not None else DEFAULT_UNSAFE_CUT
 
 
 def _expert_tokens(expert: Expert, conversations: Sequence[Conversation]) -> tuple[int, str] | None:
@@ -64,10 +71,6 @@ def _timed_expert(expert: Expert, conversations: list[Conversation]) -> tuple[F6
     started = time.perf_counter()
     scores = np.asarray(expert.score(conversations), dtype=np.float64)
     return scores, time.perf_counter() - started
-
-
-def _per_1k(value: float, n: int) -> float:
-    return 1000.0 * value / n
 
 
 def bench_cascade_cost(settings: WorkerSettings, files: Sequence[Path] | None, n: int) -> dict[str, Any]:
@@ -95,9 +98,9 @@ def bench_cascade_cost(settings: WorkerSettings, files: Sequence[Path] | None, n
     # All parameters of the stack that runs, embeddings included: the experts count theirs the same way.
     probe_params = sum(int(x.numel()) for x in monitor.loaded.model.parameters())
     probe = {
-        "seconds_per_1k": _per_1k(probe_seconds, len(records)),
-        "params_x_tokens_per_1k": _per_1k(float(probe_params) * probe_tokens, len(records)),
-        "params_per_token": probe_params, "tokens": probe_tokens, "accuracy": _accuracy(y, p),
+        "seconds_per_1k": per_1k(probe_seconds, len(records)),
+        "params_x_tokens_per_1k": per_1k(float(probe_params) * probe_tokens, len(records)),
+        "params_per_token": probe_params, "tokens": probe_tokens, "accuracy": _accuracy(y, p >= monitor.unsafe_cut),
         "model": monitor.model_version, "layers_run": monitor.loaded.max_layer,
     }
     out: dict[str, Any] = {
@@ -128,20 +131,21 @@ def bench_cascade_cost(settings: WorkerSettings, files: Sequence[Path] | None, n
     else:
         (expert_tokens, token_note), (chosen_tokens, _) = counted, chosen_counted
     ppt = expert.parameters_per_token()
-    final = np.where(delegated, b, p)
-    expert_accuracy, cascade_accuracy = _accuracy(y, b), _accuracy(y, final)
+    cuts = Cuts(probe=monitor.unsafe_cut, expert=_expert_cut(monitor, expert))
+    expert_accuracy = _accuracy(y, b >= cuts.expert)
+    cascade_accuracy = _accuracy(y, cascade_decisions(delegated, p, b, cuts))
     expert_only = {
-        "seconds_per_1k": _per_1k(expert_seconds, len(records)),
-        "params_x_tokens_per_1k": _per_1k(float(ppt) * expert_tokens, len(records)),
+        "seconds_per_1k": per_1k(expert_seconds, len(records)),
+        "params_x_tokens_per_1k": per_1k(float(ppt) * expert_tokens, len(records)),
         "params_per_token": ppt, "tokens": expert_tokens, "accuracy": expert_accuracy, "expert": expert.name,
     }
     cascade_seconds = probe_seconds + cascade_expert_seconds
     cascade_compute = float(probe_params) * probe_tokens + float(ppt) * chosen_tokens
     cascade = {
-        "seconds_per_1k": _per_1k(cascade_seconds, len(records)),
-        "params_x_tokens_per_1k": _per_1k(cascade_compute, len(records)),
-        "expert_calls_per_1k": _per_1k(float(delegated.sum()), len(records)),
-        "expert_seconds_per_1k": _per_1k(cascade_expert_seconds, len(records)),
+        "seconds_per_1k": per_1k(cascade_seconds, len(records)),
+        "params_x_tokens_per_1k": per_1k(cascade_compute, len(records)),
+        "expert_calls_per_1k": per_1k(float(delegated.sum()), len(records)),
+        "expert_seconds_per_1k": per_1k(cascade_expert_seconds, len(records)),
         "accuracy": cascade_accuracy,
     }
     return {

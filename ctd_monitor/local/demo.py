@@ -26,13 +26,22 @@ from aiokafka import AIOKafkaConsumer
 from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from ctd_monitor.local.replay import replay_records
 from probes.bundle import read_manifest
-from probes.cascade import CascadeContext, calibrate_signal, train_dv, write_calibration
+from probes.cascade import (
+    CascadeContext,
+    calibrate_cuts,
+    calibrate_signal,
+    train_dv,
+    write_calibration,
+    write_cuts,
+)
+from probes.cascade_rule import cascade_scores, per_1k
 from probes.config import Settings
 from probes.data import Record, read_file, resolve_paths
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
-from probes.metrics import classification_metrics
+from probes.manifest import DEFAULT_UNSAFE_CUT, BundleManifest, Signal
+from probes.metrics import classification_metrics, decision_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress, prepare_data, score_in_chunks, train_bundle
 from worker.config import (
@@ -59,6 +68,7 @@ class DemoOptions:
     events: int = 300
     alpha: float = 0.2
     delta: float = 0.1
+    epsilon: float = 0.05
     per_source: int = 40
     expert_train: int | None = None  # None: the whole probe-train split
     expert_epochs: float = 2.0
@@ -77,19 +87,22 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
 
 
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
-                  progress: ProgressFactory = no_progress) -> dict[str, Any]:
+                  progress: ProgressFactory = no_progress) -> BundleManifest:
     """Reuse a bundle calibrated at this budget; otherwise train probe, expert and DV head, then calibrate."""
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
-        cal = manifest.get("calibration") or {}
-        if manifest.get("expert") and cal.get("alpha") == options.alpha and cal.get("delta") == options.delta:
+        cal = manifest.calibration
+        cut = manifest.unsafe_cut
+        if (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
+                and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
     prepared = prepare_data(settings)
     train_bundle(settings, bundle_dir, progress, prepared)
     ctx = CascadeContext(settings, bundle_dir, progress)
     train_dv(ctx)
-    result = calibrate_signal(ctx, ctx.split("calibration"), "dv", alpha=options.alpha, delta=options.delta,
+    write_cuts(ctx, *calibrate_cuts(ctx, ctx.split("calibration"), epsilon=options.epsilon, delta=options.delta))
+    result = calibrate_signal(ctx, ctx.split("calibration"), Signal.DV, alpha=options.alpha, delta=options.delta,
                               variant="pareto", seed=options.seed)
     write_calibration(ctx, result)
     return read_manifest(bundle_dir)
@@ -259,23 +272,28 @@ def run_demo(settings: Settings, options: DemoOptions, progress: ProgressFactory
 
 
 def summarize(records: list[Record], stream: dict[str, Any], expert_all: np.ndarray, expert_all_s: float,
-              monitor: Monitor, expert: Expert, options: DemoOptions, manifest: dict[str, Any]) -> dict[str, Any]:
+              monitor: Monitor, expert: Expert, options: DemoOptions, manifest: BundleManifest) -> dict[str, Any]:
     ids: list[str] = stream["ids"]
     probe, expert_v = stream["probe"], stream["expert"]
     labels = np.array([r.label for r in records])
     p = np.array([probe[i]["p_unsafe"] for i in ids])
     delegated = np.array([probe[i]["delegated"] for i in ids])
-    cascade = np.array([expert_v[i]["p_unsafe"] if probe[i]["delegated"] else probe[i]["p_unsafe"] for i in ids])
+    b = np.array([expert_v[i]["p_unsafe"] if probe[i]["delegated"] else np.nan for i in ids])
+    cascade = cascade_scores(delegated, p, b)
+    # The stream's own final decisions: the expert verdict's where delegated, else the probe verdict's (each at the
+    # cut its service applied), so the figures are those of the verdicts people get.
+    flagged = np.array([(expert_v[i] if probe[i]["delegated"] else probe[i])["decision"] == "unsafe" for i in ids])
+    calibrated_expert = manifest.expert_cut(expert.name)
+    expert_cut = calibrated_expert.cut if calibrated_expert is not None else DEFAULT_UNSAFE_CUT
     n = len(ids)
     rate = float(delegated.mean())
     tokens = np.array([len(monitor.tokenize(r.messages)) for r in records])
     monitor_params = monitor.loaded.parameters_run()
     expert_params = expert.parameters_per_token()
-    per_1k = 1000 / n
-    probe_pt = float(monitor_params * tokens.sum() * per_1k)
-    expert_pt = float(expert_params * tokens.sum() * per_1k)
-    probe_s = stream["inference_s"] * per_1k
-    expert_per_event_s = expert_all_s / n
+    probe_pt = per_1k(float(monitor_params * tokens.sum()), n)
+    expert_pt = per_1k(float(expert_params * tokens.sum()), n)
+    probe_s = per_1k(stream["inference_s"], n)
+    expert_s = per_1k(expert_all_s, n)
     production = {
         "guard_params": PRODUCTION_GUARD_PARAMS, "monitor_params": PRODUCTION_MONITOR_PARAMS,
         "cascade_vs_expert_only": round((PRODUCTION_MONITOR_PARAMS + rate * PRODUCTION_GUARD_PARAMS)
@@ -286,21 +304,24 @@ def summarize(records: list[Record], stream: dict[str, Any], expert_all: np.ndar
         "sources": sorted({r.source for r in records}),
         "throughput_eps": round(n / stream["probe_seconds"], 2),
         "seconds_to_all_final_verdicts": round(stream["total_seconds"], 1),
-        "budget": {"alpha": options.alpha, "delta": options.delta, "signal": manifest["calibration"]["signal"],
-                   "threshold": manifest["calibration"].get("threshold"), "realized_rate": round(rate, 4),
+        "budget": {"alpha": options.alpha, "delta": options.delta, "signal": monitor.rule.signal.value,
+                   "threshold": monitor.rule.threshold, "realized_rate": round(rate, 4),
                    "delegated": int(delegated.sum()), "within_budget": rate <= options.alpha},
-        "probe_only": _rounded(classification_metrics(labels, p)),
-        "cascade": _rounded(classification_metrics(labels, cascade)),
-        "expert_only": _rounded(classification_metrics(labels, expert_all)),
+        "unsafe_cuts": {"probe": monitor.unsafe_cut, "expert": expert_cut,
+                        "calibrated": manifest.unsafe_cut is not None and manifest.unsafe_cut.valid
+                        and calibrated_expert is not None and calibrated_expert.valid},
+        "probe_only": _rounded(classification_metrics(labels, p, threshold=monitor.unsafe_cut)),
+        "cascade": _rounded(decision_metrics(labels, cascade, flagged)),
+        "expert_only": _rounded(classification_metrics(labels, expert_all, threshold=expert_cut)),
         "alerts": {"raised": len(stream["alerts"]), "harmful_conversations": len(stream["harmful"]),
                    "critical": sum(a["severity"] == "critical" for a in stream["alerts"])},
         "dead_letters": int(stream["dead_letters"]),
         "cost_per_1k_events": {
             "seconds": {"probe": round(probe_s, 2),
-                        "cascade": round(probe_s + rate * expert_per_event_s * 1000, 2),
-                        "expert_only": round(expert_per_event_s * 1000, 2),
-                        "expert_in_stream_per_delegated": round(stream["expert_s"] / max(1, int(delegated.sum()))
-                                                                * 1000, 2)},
+                        "cascade": round(probe_s + rate * expert_s, 2),
+                        "expert_only": round(expert_s, 2),
+                        "expert_in_stream_per_delegated": round(per_1k(stream["expert_s"],
+                                                                       max(1, int(delegated.sum()))), 2)},
             "params_x_tokens": {"probe": probe_pt, "cascade": probe_pt + rate * expert_pt,
                                 "expert_only": expert_pt},
             "parameters": {"monitored_model_run": monitor_params, "expert": expert_params},

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from probes.config import Settings
 from probes.errors import ConfigError
 from probes.experts.base import Expert
 
+if TYPE_CHECKING:
+    from probes.manifest import BundleManifest
 
-def build_expert(settings: Settings, *, bundle_manifest: dict[str, Any] | None = None) -> Expert:
+
+def build_expert(settings: Settings, *, bundle_manifest: BundleManifest | None = None) -> Expert:
     """``encoder-head`` needs a trained directory: ``expert.path``, else the one recorded in the bundle."""
     cfg = settings.expert
     if cfg.backend == "encoder-head":
         from probes.experts.encoder_head import EncoderHeadExpert
 
         path = cfg.path
-        if path is None and bundle_manifest is not None and bundle_manifest.get("expert"):
-            path = Path(bundle_manifest["expert"]["path"])
+        if path is None and bundle_manifest is not None and bundle_manifest.expert is not None:
+            path = Path(bundle_manifest.expert.path)
         if path is None:
             raise ConfigError("encoder-head expert: set expert.path or use a bundle trained with `ctd-monitor train`")
         head = cfg.encoder_head

@@ -16,7 +16,7 @@ from probes.bundle import (
     update_manifest,
 )
 from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
-from probes.heads import fit_logistic
+from probes.fitting import fit_logistic
 
 
 def _bundle() -> Bundle:
@@ -37,8 +37,9 @@ def test_roundtrip(tmp_path: Path) -> None:
     loaded = load_bundle(tmp_path / "b")
     x = np.random.default_rng(1).normal(size=(5, 8))
     np.testing.assert_allclose(loaded.heads["safety"].proba(x), original.heads["safety"].proba(x))
-    assert loaded.features == {"layer": 3, "pooling": "mean"}
-    assert loaded.manifest["files"][HEADS_FILE] and loaded.version
+    assert (loaded.features.layer, loaded.features.pooling) == (3, "mean")
+    assert loaded.manifest.files[HEADS_FILE] and loaded.version == loaded.manifest.files[HEADS_FILE][:16]
+    assert loaded.manifest == original.manifest
     # no pickle anywhere: only json and safetensors in the bundle
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [HEADS_FILE, MANIFEST]
 
@@ -74,5 +75,14 @@ def test_not_a_bundle_and_bad_format(tmp_path: Path) -> None:
 
 def test_update_manifest_keeps_tensors_valid(tmp_path: Path) -> None:
     save_bundle(_bundle(), tmp_path / "b")
-    update_manifest(tmp_path / "b", calibration={"tau": 0.3})
-    assert load_bundle(tmp_path / "b").manifest["calibration"] == {"tau": 0.3}
+    update_manifest(tmp_path / "b", calibration={"signal": "uncertainty", "variant": "budget", "alpha": 0.1,
+                                                 "delta": 0.1, "threshold": -0.3})
+    calibration = load_bundle(tmp_path / "b").manifest.calibration
+    assert calibration is not None and calibration.threshold == -0.3 and calibration.valid
+
+
+def test_update_manifest_refuses_an_untyped_section(tmp_path: Path) -> None:
+    save_bundle(_bundle(), tmp_path / "b")
+    with pytest.raises(BundleError, match="invalid manifest change"):
+        update_manifest(tmp_path / "b", calibration={"tau": 0.3})
+    load_bundle(tmp_path / "b")  # the manifest on disk is untouched

@@ -107,3 +107,73 @@ def test_coverage_on_a_known_distribution() -> None:
     rate = violations / draws
     assert rate <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
     assert rate > 0  # not vacuous: the threshold is near the boundary, not needlessly conservative
+
+
+def test_unsafe_cut_certifies_the_benign_flag_rate_over_many_draws() -> None:
+    """Benign scores ~ Beta(2, 5): the true flag rate of a cut c is its survival function. Over many calibration
+    draws the certified cut's true rate exceeds ε in at most a δ fraction (plus sampling slack)."""
+    from scipy.stats import beta
+
+    from probes.calibration import calibrate_unsafe_cut
+
+    epsilon, delta, draws, n_benign = 0.05, 0.1, 1000, 300
+    rng = np.random.default_rng(7)
+    violations, true_rates = 0, []
+    for _ in range(draws):
+        benign = rng.beta(2, 5, size=n_benign)
+        harmful = rng.beta(5, 2, size=100)  # the harmful items play no part in the cut
+        scores = np.concatenate([benign, harmful])
+        labels = np.concatenate([np.zeros(n_benign, int), np.ones(100, int)])
+        cut = calibrate_unsafe_cut(scores, labels, epsilon=epsilon, delta=delta, scorer="probe")
+        assert cut.valid and cut.n == n_benign
+        true_rate = float(beta.sf(cut.cut, 2, 5))
+        true_rates.append(true_rate)
+        violations += true_rate > epsilon
+    rate = violations / draws
+    assert rate <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
+    assert rate > 0  # not vacuous: the cut sits near the boundary ...
+    assert np.mean(true_rates) > 0.5 * epsilon  # ... and uses a good part of the flag rate allowed
+
+
+def test_unsafe_cut_is_the_lowest_certified_and_reports_its_realised_rate() -> None:
+    from probes.calibration import calibrate_unsafe_cut, flag_rates
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.uniform(0, 1, 2000), rng.uniform(0.5, 1, 500)])
+    labels = np.concatenate([np.zeros(2000, int), np.ones(500, int)])
+    loose = calibrate_unsafe_cut(scores, labels, epsilon=0.2, delta=0.1, scorer="probe")
+    tight = calibrate_unsafe_cut(scores, labels, epsilon=0.05, delta=0.1, scorer="probe")
+    assert loose.valid and tight.valid and loose.cut < tight.cut
+    benign = scores[:2000]
+    assert tight.fpr == pytest.approx(float(np.mean(benign >= tight.cut)))
+    # The next benign score below the cut would not pass the test any more (lowest certified cut).
+    below = np.max(benign[benign < tight.cut])
+    k = round(float(flag_rates(benign, np.array([below]))[0]) * benign.size)
+    assert budget_pvalue(k, benign.size, 0.05) >= 0.1
+
+
+def test_no_certifiable_unsafe_cut_keeps_the_default_and_says_so() -> None:
+    from probes.calibration import calibrate_unsafe_cut
+    from probes.manifest import DEFAULT_UNSAFE_CUT
+
+    rng = np.random.default_rng(4)
+    # 20 benign items cannot certify a 1 % flag rate at δ = 0.1: even flagging none has p = 0.99^20 ≈ 0.82.
+    cut = calibrate_unsafe_cut(rng.uniform(size=30), [0] * 20 + [1] * 10, epsilon=0.01, delta=0.1, scorer="probe")
+    assert not cut.valid and cut.cut == DEFAULT_UNSAFE_CUT and cut.certified == 0 and cut.n == 20
+    none = calibrate_unsafe_cut([0.9, 0.8], [1, 1], epsilon=0.05, delta=0.1, scorer="expert")
+    assert not none.valid and none.n == 0 and none.fpr is None
+
+
+def test_vectorised_fst_matches_the_sequential_definition() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        n = int(rng.integers(1, 400))
+        rates = np.sort(rng.uniform(0, 0.3, size=int(rng.integers(0, 30))))
+        alpha, delta = float(rng.uniform(0.02, 0.3)), float(rng.uniform(0.01, 0.3))
+        sequential = 0
+        for r in rates:
+            if budget_pvalue(int(np.rint(r * n)), n, alpha) < delta:
+                sequential += 1
+            else:
+                break
+        assert fixed_sequence_test(rates, n, alpha, delta) == sequential

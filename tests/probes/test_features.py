@@ -8,7 +8,7 @@ import torch
 
 from probes.conversation import single_turn
 from probes.features import FeatureCache, FeatureExtractor, collate, ema_scores, pool_last, pool_mean
-from probes.heads import fit_logistic
+from probes.fitting import fit_logistic
 
 
 def test_mean_pooling_ignores_padding() -> None:

@@ -9,7 +9,7 @@ from scipy.stats import norm
 
 from probes.errors import ConfigError
 from probes.monitor import DelegationRule
-from worker.budget import BudgetController, Decision
+from worker.budget import BudgetController, Delegation
 from worker.config import BudgetConfig
 from worker.metrics import WorkerMetrics
 
@@ -36,7 +36,7 @@ def config(**overrides: object) -> BudgetConfig:
     return BudgetConfig(**{**base, **overrides})  # type: ignore[arg-type]
 
 
-def run(controller: BudgetController, x: np.ndarray, partitions: list[int] | None = None) -> list[Decision]:
+def run(controller: BudgetController, x: np.ndarray, partitions: list[int] | None = None) -> list[Delegation]:
     return controller.decide(x, partitions if partitions is not None else [0] * x.size)
 
 
@@ -45,7 +45,7 @@ def full_window_rates(delegated: np.ndarray, window: int = W) -> np.ndarray:
     return (counts[window:] - counts[:-window]) / window
 
 
-def flags(decisions: list[Decision]) -> np.ndarray:
+def flags(decisions: list[Delegation]) -> np.ndarray:
     return np.array([d.delegated for d in decisions])
 
 

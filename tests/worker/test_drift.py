@@ -27,7 +27,7 @@ def test_a_shifting_real_stream_breaks_the_offline_budget_and_the_controller_hol
     monitor: Monitor, datasets_dir: Path, tmp_path: Path
 ) -> None:
     # The bundle's own training mix, a jailbreak burst, tweets the probes never saw, the training mix again.
-    trained_on = list(monitor.bundle.manifest["data"]["file_sha256"])
+    trained_on = list(monitor.bundle.manifest.data.file_sha256)
     phases = default_phases(trained_on, datasets_dir, 3 * W)
     config = BudgetConfig(window=W, min_window=W // 2, recertify_every=50, hard_cap=True, cap_burst=10)
     signals, pools = drift_stream(monitor, phases, pool=60, seed=0)

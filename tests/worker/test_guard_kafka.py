@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import orjson
 import pytest
 
 from ctd_monitor.local.replay import replay
+from probes.bundle import update_manifest
 from probes.conversation import Conversation
 from probes.errors import ExpertUnavailable
 from probes.experts.encoder_head import EncoderHeadExpert
+from probes.manifest import DEFAULT_UNSAFE_CUT, UnsafeCut
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     distinct,
@@ -34,9 +38,11 @@ from worker.alerts import alert_stream
 from worker.config import (
     AlertsConfig,
     GuardSettings,
+    TopicsConfig,
     WebhookSinkConfig,
 )
 from worker.events import BudgetState, Timings, Verdict
+from worker.guard import expert_unsafe_cut
 from worker.main import GuardProcess
 from worker.metrics import AlerterMetrics
 from worker.monitor import monitor_stream
@@ -102,8 +108,10 @@ async def test_delegated_events_get_expert_verdicts_and_harmful_conversations_on
     expert = [v for v in verdicts if v["source"] == "expert"]
     delegated = {v["event_id"] for v in probe if v["delegated"]}
     assert delegated and distinct(expert) == delegated
+    probe_budget = {v["event_id"]: v["budget"] for v in probe}
     for v in expert:
         assert v["delegated"] and v["expert_version"] == small_expert.name and v["model_version"] != "unknown"
+        assert v["budget"] == probe_budget[v["event_id"]]  # the delegation's rule state, carried unchanged
         assert v["decision"] == ("unsafe" if v["p_unsafe"] >= 0.5 else "safe")
         assert "probe_p_unsafe" in v["metadata"] and v["metadata"]["label"] in (0, 1)
     # one alert per conversation whose final verdict is harmful (expert's when delegated, else the probe's)
@@ -298,3 +306,18 @@ async def test_an_expert_that_fails_for_good_still_yields_a_final_unsafe_verdict
     assert guard.guard_metrics.expert_errors.labels(kind="given_up")._value.get() == 2
     guard.stop()
     await asyncio.wait_for(task, 30)
+
+
+def test_the_guard_cut_is_the_setting_else_the_bundles_cut_for_its_expert_else_the_default(
+    tmp_path: Path, small_bundle: Path, cache_dir: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    update_manifest(bundle, expert_unsafe_cut=UnsafeCut(scorer="fake-expert", cut=0.7, valid=True, epsilon=0.05,
+                                                        delta=0.1, n=200, fpr=0.03))
+    topics = TopicsConfig()
+    settings = partial(guard_settings, "127.0.0.1:1", topics, cache_dir)
+    assert expert_unsafe_cut(settings(bundle=bundle), "fake-expert") == 0.7
+    assert expert_unsafe_cut(settings(bundle=bundle), "another-expert") == DEFAULT_UNSAFE_CUT  # not its cut
+    assert expert_unsafe_cut(settings(bundle=bundle, unsafe_threshold=0.6), "fake-expert") == 0.6  # override
+    assert expert_unsafe_cut(settings(), "fake-expert") == DEFAULT_UNSAFE_CUT

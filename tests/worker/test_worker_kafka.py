@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from ctd_monitor.local.replay import replay
+from probes.manifest import UnsafeCut
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
@@ -43,8 +45,18 @@ async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorStr
     return worker, task
 
 
+@pytest.fixture
+def probe_cut(monitor: Monitor) -> Iterator[float]:
+    """A calibrated probe cut other than 0.5 on the shared monitor, for one test."""
+    original = monitor.bundle.manifest
+    monitor.bundle.manifest = original.replace(unsafe_cut=UnsafeCut(
+        scorer="probe", cut=0.3, valid=True, epsilon=0.05, delta=0.1, n=100, fpr=0.04))
+    yield monitor.unsafe_cut
+    monitor.bundle.manifest = original
+
+
 async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
-    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path, probe_cut: float
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir)
     worker, task = await _start(s, monitor)
@@ -58,10 +70,13 @@ async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
     reviews = await read_topic(s.kafka.bootstrap_servers, s.topics.review,
                                until=lambda r: len({x["event"]["event_id"] for x in r}) >= len(delegated), timeout=20)
     assert {r["event"]["event_id"] for r in reviews} == delegated
+    budget = {v["event_id"]: v["budget"] for v in verdicts}
+    assert all(r["budget"] == budget[r["event"]["event_id"]] for r in reviews)  # one Delegation, both records
     assert 0 < len(delegated) / n <= ALPHA
     for v in verdicts:
         assert v["source"] == "probe" and v["budget"]["threshold"] == monitor.rule.threshold
         assert v["delegated"] == (-abs(v["p_unsafe"] - 0.5) > v["budget"]["threshold"])
+        assert probe_cut == 0.3 and v["decision"] == ("unsafe" if v["p_unsafe"] >= probe_cut else "safe")
         assert v["metadata"]["label"] in (0, 1)
     # health endpoints and metrics over HTTP
     assert worker.health is not None
