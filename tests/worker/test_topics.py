@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,6 +21,7 @@ from worker.topics import (
     AUDIT_RETENTION_MS,
     RETENTION_MS,
     TopicMissingError,
+    create_topics,
     describe_topic_configs,
     max_message_bytes,
     missing_topics,
@@ -120,3 +122,27 @@ def test_topics_create_without_a_broker_is_a_clear_error(monkeypatch: pytest.Mon
     monkeypatch.setenv("CTD_KAFKA__REQUEST_TIMEOUT_MS", "2000")
     result = CliRunner().invoke(app, ["--no-progress", "topics", "create", "--bootstrap", "127.0.0.1:1"])
     assert result.exit_code == 2 and "cannot reach Kafka at 127.0.0.1:1" in result.output, result.output
+
+
+async def test_a_worker_without_its_topics_says_so_once_and_waits(
+    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """On a fresh broker the worker used to exit with a raw UnknownTopicOrPartitionError after a minute."""
+    from tests.worker.helpers import wait_for, worker_settings
+    from worker.monitor import monitor_stream
+
+    topics = TopicsConfig().suffixed(uuid.uuid4().hex[:8])
+    s = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
+                        group=f"g-{uuid.uuid4().hex[:6]}")
+    stream = monitor_stream(s, monitor)
+    task = asyncio.create_task(stream.run())
+    await asyncio.sleep(8)  # more than one check interval
+    assert not task.done() and not stream.ready()
+    await create_topics(KafkaConfig(bootstrap_servers=kafka_broker.bootstrap), topic_specs(topics, s.worker))
+    await wait_for(lambda: stream.ready() or task.done(), timeout=60)
+    assert stream.ready()
+    stream.stop()
+    await asyncio.wait_for(task, 30)
+    lines = [line for line in capfd.readouterr().err.splitlines() if '"topics.missing"' in line]
+    assert len(lines) == 1, lines
+    assert topics.input in lines[0] and "ctd-monitor topics create" in lines[0]
