@@ -400,7 +400,10 @@ async def test_a_revoke_lets_the_handler_prune_queued_work_of_those_partitions()
     assert handler.pruned == [{P1}]
     await stopped(stream, task)
 
-    guard = GuardHandler(GuardSettings(), expert=None, metrics=GuardMetrics())  # type: ignore[arg-type]
+    import types
+
+    stub = types.SimpleNamespace(name="stub-expert")
+    guard = GuardHandler(GuardSettings(), expert=stub, metrics=GuardMetrics())  # type: ignore[arg-type]
     guard._pending.extend(Envelope.of(record(tp, o), None, 0.0) for tp in (P0, P1) for o in range(3))  # type: ignore[arg-type]
     guard.revoked({P1})
     assert {e.tp for e in guard._pending} == {P0} and len(guard._pending) == 3
