@@ -227,8 +227,11 @@ def replay(
     from ctd_monitor.local.replay import replay as do_replay
     from worker.config import WorkerSettings
     from worker.main import override
+    from worker.topics import require_topics
 
     s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
+    # Without the topic the producer would wait for metadata, then die with a raw UnknownTopicOrPartitionError.
+    asyncio.run(require_topics(s.kafka, [s.topics.input]))
     with progress_bars(options(ctx).progress) as bars:
         result = asyncio.run(do_replay(s, data, rate=rate, limit=limit, progress=bars("replay", limit or 0)))
     emit(result)
@@ -389,6 +392,34 @@ def evaluate_stream(
     (out / "stream.md").write_text(table)
     console.print(table)
     emit(report)
+
+
+topics_app = typer.Typer(no_args_is_help=True, help="The Kafka topics the monitor reads and writes.")
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("create")
+@_guarded
+def topics_create(
+    ctx: typer.Context,
+    partitions: Annotated[int, typer.Option(min=1, help="input partitions (the most workers that share the load)")] = 3,
+    output_partitions: Annotated[int, typer.Option(min=1, help="verdict and review partitions")] = 3,
+    replication_factor: Annotated[int, typer.Option(min=1, help="replicas per partition")] = 1,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+) -> None:
+    """Create the topics with their configs (max.message.bytes from worker.max_event_bytes); idempotent."""
+    import asyncio
+
+    from worker.config import WorkerSettings
+    from worker.main import override
+    from worker.topics import create_topics, topic_specs
+
+    s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
+    kafka = s.kafka
+    specs = topic_specs(s.topics, s.worker, input_partitions=partitions, output_partitions=output_partitions,
+                        replication_factor=replication_factor)
+    outcomes = asyncio.run(create_topics(kafka, specs))
+    emit({"bootstrap": kafka.bootstrap_servers, "topics": [o.model_dump() for o in outcomes]})
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON.")

@@ -31,6 +31,21 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class WindowConfig(Frozen):
+    """How conversations longer than ``model.max_tokens`` are scored (probes/windows.py)."""
+
+    enabled: bool = True
+    window_tokens: int = Field(48, ge=8, description="content tokens per window")
+    stride_tokens: int = Field(24, ge=1, description="start-to-start distance of windows")
+    max_windows: int = Field(16, ge=2, description="windows per conversation (head and tail always included)")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> WindowConfig:
+        if self.stride_tokens > self.window_tokens:
+            raise ValueError("stride_tokens > window_tokens would leave content between windows unread")
+        return self
+
+
 class ModelConfig(Frozen):
     """The monitored chat model whose hidden states the probes read."""
 
@@ -40,6 +55,7 @@ class ModelConfig(Frozen):
     max_tokens: int = Field(256, ge=8, le=131072)
     batch_tokens: int = Field(8192, ge=64, description="padded tokens (max_len x n) per forward batch")
     max_batch_items: int = Field(64, ge=1)
+    windows: WindowConfig = WindowConfig()
 
 
 class FeatureConfig(Frozen):

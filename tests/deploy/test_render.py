@@ -16,7 +16,7 @@ CUSTOM_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "kafka.strimzi.io/")
 
 BASE_KINDS = {
     "Deployment": 2, "Service": 2, "ConfigMap": 2, "PodDisruptionBudget": 2, "ScaledObject": 2,
-    "ServiceMonitor": 2, "PrometheusRule": 1,
+    "ServiceMonitor": 2, "PrometheusRule": 1, "NetworkPolicy": 2,
 }
 COMPONENT_KINDS = {"KafkaTopic": 5, "TriggerAuthentication": 1}
 
