@@ -34,6 +34,10 @@ PERMANENT: tuple[type[BaseException], ...] = (
 )
 
 
+# Worth retrying: the broker is down or moving, or the request timed out.
+TRANSIENT: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
+
+
 class Producer(Protocol):
     async def send(self, topic: str, value: bytes, key: bytes | None = None,
                    headers: list[tuple[str, bytes]] | None = None) -> Any: ...
@@ -70,7 +74,7 @@ async def send_acknowledged(
             return
         except PERMANENT:
             raise
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except TRANSIENT as exc:
             if stopping is not None and stopping.is_set():
                 raise
             if on_retry is not None:

@@ -23,7 +23,7 @@ from worker.deadline import Deadline
 from worker.events import dead_letter
 from worker.health import HealthServer
 from worker.metrics import ConsumerMetrics
-from worker.publish import PERMANENT, RetryPolicy, send_all_acknowledged
+from worker.publish import PERMANENT, TRANSIENT, RetryPolicy, send_all_acknowledged
 from worker.publish import Record as OutRecord
 from worker.topics import dead_letter_bytes
 
@@ -251,18 +251,23 @@ class Outputs:
         tried, None once it is the small one.
         """
         tp, offset, _, _ = _origin(item)
-        retry: list[OutRecord] = []
+        failed: list[tuple[OutRecord, BaseException]] = []
         for record, future in zip(records, futures, strict=True):
             try:
                 if isinstance(future, BaseException):
                     raise future
                 await future
-            except Exception:  # noqa: BLE001 - retried below, where permanent errors are told apart
-                retry.append(record)
-        if not retry:
+            except Exception as error:  # noqa: BLE001 - told apart below: transient, permanent or unknown
+                failed.append((record, error))
+        if not failed:
             return True
         try:
-            await send_all_acknowledged(self._producer, retry, policy=self.retry,
+            for record, first in failed:
+                if isinstance(first, PERMANENT) or not isinstance(first, TRANSIENT) or self._stream.stopping.is_set():
+                    raise first
+                self._metrics.publish_retries.inc()
+                log.warning("publish.retry", topic=record.topic, error=type(first).__name__)
+            await send_all_acknowledged(self._producer, [record for record, _ in failed], policy=self.retry,
                                         on_retry=lambda _: self._metrics.publish_retries.inc(),
                                         stopping=self._stream.stopping)
         except PERMANENT as exc:
