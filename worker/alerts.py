@@ -23,7 +23,7 @@ from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
 from worker.events import MAX_EVENT_BYTES, Alert, Verdict, utcnow
 from worker.metrics import AlerterMetrics
 from worker.signing import SignatureError, Signer
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream
+from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream
 
 log = get_logger(__name__)
 ALERT_NAMESPACE = uuid.UUID("6f1c2d4e-9a7b-4c1e-8f3a-2b5d7e9c0a11")
@@ -161,7 +161,7 @@ def build_sinks(config: AlertsConfig) -> list[AlertSink]:
     return sinks
 
 
-class AlertHandler:
+class AlertHandler(OutputsSlot):
     """Verdicts in, alerts out (then notifications through the sinks)."""
 
     name = "alerter"
@@ -176,17 +176,8 @@ class AlertHandler:
         self.signer = Signer.from_config(settings.signing)
         self.sinks = list(sinks)
         self._queues = {sink.name: asyncio.Queue[Alert](SINK_QUEUE) for sink in self.sinks}
-        self._out: Outputs | None = None
-
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
 
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         return False  # records are handled as they arrive; the stream drains their acknowledgements
 

@@ -74,20 +74,7 @@ def decode_event(
     An event that decodes can be serialised again inside every output (verdict, review request, alert): the
     metadata limits are what guarantee it.
     """
-    if raw is None:
-        raise DecodeError("schema_violation", "null message value (tombstone)")
-    if len(raw) > max_bytes:
-        raise DecodeError("oversize", f"{len(raw)} bytes > limit {max_bytes}")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError("undecodable_utf8", str(exc)) from exc
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError("invalid_json", str(exc)) from exc
-    if not isinstance(obj, dict):
-        raise DecodeError("schema_violation", "top level must be a JSON object")
+    obj = _json_object(raw, max_bytes)
     _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
     try:
         return ConversationEvent.model_validate(obj)
@@ -101,8 +88,24 @@ def decode_event(
         raise DecodeError("schema_violation", summary) from exc
 
 
-def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> ResponseChunk:
-    """Bytes from the ``responses`` topic → a validated response chunk, or DecodeError with the reason."""
+def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,
+                 max_metadata_bytes: int = MAX_METADATA_BYTES) -> ResponseChunk:
+    """Bytes from the ``responses`` topic → a validated response chunk, or DecodeError with the reason.
+
+    The same metadata limits as events: a chunk's metadata travels into its verdict, which must serialise.
+    """
+    obj = _json_object(raw, max_bytes)
+    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+    try:
+        return ResponseChunk.model_validate(obj)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise DecodeError("schema_violation", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                        for e in errors[:5])) from exc
+
+
+def _json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
+    """Bytes → a JSON object, or DecodeError: tombstone, oversize, bad UTF-8, bad JSON, not an object."""
     if raw is None:
         raise DecodeError("schema_violation", "null message value (tombstone)")
     if len(raw) > max_bytes:
@@ -117,9 +120,4 @@ def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES) -> Resp
         raise DecodeError("invalid_json", str(exc)) from exc
     if not isinstance(obj, dict):
         raise DecodeError("schema_violation", "top level must be a JSON object")
-    try:
-        return ResponseChunk.model_validate(obj)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        raise DecodeError("schema_violation", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                        for e in errors[:5])) from exc
+    return obj

@@ -37,7 +37,15 @@ from worker.config import GuardSettings
 from worker.events import MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import GuardMetrics
 from worker.signing import SignatureError, Signer
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
+from worker.stream import (
+    Envelope,
+    Message,
+    OutputsSlot,
+    Record,
+    ServiceLimits,
+    Stream,
+    split_on_failure,
+)
 
 log = get_logger(__name__)
 
@@ -69,7 +77,7 @@ def expert_unsafe_cut(settings: GuardSettings, expert_name: str) -> float:
     return calibrated.cut
 
 
-class GuardHandler:
+class GuardHandler(OutputsSlot):
     """Review requests in, expert verdicts out."""
 
     name = "guard"
@@ -84,22 +92,13 @@ class GuardHandler:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-expert")
         self._degraded = False
         self._wake = asyncio.Event()
-        self._out: Outputs | None = None
         self.signer = Signer.from_config(settings.signing)
 
     @property
     def degraded(self) -> bool:
         return self._degraded
 
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
-
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         # A down expert cannot make progress: the drain does not wait for it, the topic keeps the requests.
         return bool(self._pending) and not self._degraded

@@ -29,7 +29,7 @@ from worker.signing import Signer
 from worker.stream import (
     Envelope,
     Message,
-    Outputs,
+    OutputsSlot,
     Publication,
     Record,
     ServiceLimits,
@@ -56,7 +56,7 @@ class Tokenized:
 Item = Envelope[Tokenized]
 
 
-class MonitorHandler:
+class MonitorHandler(OutputsSlot):
     """Conversation events in, probe verdicts (and review requests) out."""
 
     name = "worker"
@@ -75,7 +75,6 @@ class MonitorHandler:
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
         self._inference: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._out: Outputs | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
         self._recent_delegated = 0  # delegations among _recent, kept as they come and go
         self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
@@ -88,15 +87,7 @@ class MonitorHandler:
         if not rule.valid:
             log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
 
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
-
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         return bool(len(self.batcher)) or self._inference is not None
 

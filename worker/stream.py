@@ -152,6 +152,20 @@ class Handler(Protocol):
         ...
 
 
+class OutputsSlot:
+    """The ``Outputs`` a stream hands its handler in ``start``; every handler keeps one."""
+
+    _out: Outputs | None = None
+
+    @property
+    def out(self) -> Outputs:
+        assert self._out is not None, "the stream has not started this handler"
+        return self._out
+
+    async def start(self, outputs: Outputs) -> None:
+        self._out = outputs
+
+
 class Outputs:
     """How a handler finishes a record: publish its outputs, dead-letter it, or mark it done."""
 

@@ -177,6 +177,19 @@ def test_deep_metadata_is_dead_lettered_at_decode() -> None:
     assert info.value.reason == "metadata_too_deep" and "limit 16" in info.value.detail
 
 
+def test_deep_metadata_of_a_response_chunk_is_refused_at_decode_too() -> None:
+    """Streamed chunks carry metadata into their verdicts as well: the same limits hold there."""
+    from worker.decode import decode_chunk
+
+    chunk = {"response_id": "r", "seq": 0, "text": "hi", "final": True, "created_at": "2026-01-01T00:00:00Z",
+             "context": [{"role": "user", "content": "q"}], "metadata": {"x": "DEEP"}}
+    decode_chunk(orjson.dumps({**chunk, "metadata": {"x": 1}}))
+    raw = orjson.dumps(chunk).replace(b'"DEEP"', b'{"a":' * 300 + b"1" + b"}" * 300)
+    with pytest.raises(DecodeError) as info:
+        decode_chunk(raw)
+    assert info.value.reason == "metadata_too_deep"
+
+
 def test_metadata_limits_are_settings() -> None:
     at_limit = orjson.dumps(_event(metadata=_nested(16)))
     decode_event(at_limit)  # depth 16 (the metadata object itself counts) is allowed
