@@ -632,6 +632,8 @@ def bench_adaptation(
     min_window: Annotated[int | None, typer.Option(help="audits before the window's cut applies")] = None,
     refit_every: Annotated[int | None, typer.Option(help="refit after every k-th audit")] = None,
     loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool)")] = None,
+    guard_cut: Annotated[float, typer.Option(help="expert verdict cut on its recentred score (0.5: its certified "
+                                             "cut; lower: a higher-recall guard)")] = 0.5,
     plot: Annotated[bool, typer.Option(help="also write adaptation.png")] = False,
 ) -> None:
     """Offline cut vs online recalibration from audited expert verdicts, on source groups the probe never saw.
@@ -652,8 +654,8 @@ def bench_adaptation(
         audit = AuditConfig(**{**s.audit.model_dump(), **overrides})
     except (ValueError, OSError) as exc:
         fail(f"bad option: {exc}")
-    if events < 1:
-        fail("--events must be at least 1")
+    if events < 1 or not 0 < guard_cut < 1:
+        fail("--events must be at least 1 and --guard-cut in (0, 1)")
     pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
     config = base.model_copy(update={
         "pool": pool, "probe_spec": s.model.spec, "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
@@ -663,7 +665,8 @@ def bench_adaptation(
     with progress_bars(options(ctx).progress) as bars:
         try:
             report = run_adaptation(config, held_out=groups, audit=audit, events=events, cache_dir=s.cache_dir,
-                                    datasets_dir=s.data.datasets_dir, recipe=recipe, progress=bars)
+                                    datasets_dir=s.data.datasets_dir, recipe=recipe, guard_cut=guard_cut,
+                                    progress=bars)
         except ValueError as exc:
             fail(str(exc))
     emit(write(report, out, plot=plot))

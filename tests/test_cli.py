@@ -206,7 +206,7 @@ def test_bench_adaptation_replays_held_out_groups(tmp_path: Path, small_config: 
     result = CliRunner().invoke(app, [
         "--config", str(small_config), "--no-progress", "bench", "adaptation", "--loso-config", str(loso),
         "--expert-spec", "minilm-l6", "--held-out", "tweets,xstest", "--events", "300", "--audit-rate", "0.5",
-        "--window", "60", "--min-window", "20", "--refit-every", "10", "--out", str(out)])
+        "--window", "60", "--min-window", "20", "--refit-every", "10", "--guard-cut", "0.3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     payload = orjson.loads(result.stdout)
     assert list(payload["phases"]) == ["training_mix", "tweets", "xstest"]
@@ -214,7 +214,7 @@ def test_bench_adaptation_replays_held_out_groups(tmp_path: Path, small_config: 
         assert phase["events"] == 300 and 100 < phase["audited"] < 200
         assert 0.0 <= phase["offline"]["accuracy"] <= 1.0 and 0.0 <= phase["online"]["accuracy"] <= 1.0
     assert payload["final_state"]["version"] > 0 and payload["final_state"]["n"] == 60
-    assert payload["audit"]["epsilon"] == 0.2
+    assert payload["audit"]["epsilon"] == 0.2 and payload["guard_cut"] == 0.3
     assert payload["phases"]["training_mix"]["under_window_cut"] < 1.0  # the bundle's cut until min_window
     assert max(p["under_window_cut"] for p in payload["phases"].values()) > 0
     trace = orjson.loads((out / "adaptation.json").read_bytes())["trace"]

@@ -91,9 +91,13 @@ def replay(stream: Stream, p: F64, b: F64, *, offline_cut: float, offline_valid:
 
 
 def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: AuditConfig, events: int,
-                   cache_dir: Path, datasets_dir: Path, recipe: g.Recipe = g.AFTER,
+                   cache_dir: Path, datasets_dir: Path, recipe: g.Recipe = g.AFTER, guard_cut: float = 0.5,
                    progress: g.Progress = g._no_progress) -> dict[str, Any]:
-    """Train on the other groups, replay training mix → each held-out group, report both policies per phase."""
+    """Train on the other groups, replay training mix → each held-out group, report both policies per phase.
+
+    ``guard_cut``: the expert verdict of an audit is "unsafe" at or above it, on the expert's score recentred so
+    that 0.5 is its own certified cut; lower trades the guard's precision for recall.
+    """
     known = {grp.name for grp in config.pool.groups}
     unknown = [h for h in held_out if h not in known]
     if unknown or not held_out:
@@ -118,13 +122,13 @@ def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: Audi
     phases += [(h, np.asarray([i for i, r in enumerate(pool) if r.group == h], dtype=np.int64)) for h in held_out]
     stream = make_stream(phases, events, config.seed)
     valid = s.cuts["probe"] is not None
-    out = replay(stream, s.p, s.b, offline_cut=0.5, offline_valid=valid, audit=audit)
+    out = replay(stream, s.p, s.b, offline_cut=0.5, offline_valid=valid, audit=audit, expert_cut=guard_cut)
     # The same replay with a perfect guard (the dataset label as the audited verdict): how much of the gap is
     # the recalibration and how much the guard. The event ids, hence the audited events, are the same.
     oracle = replay(stream, s.p, y.astype(np.float64), offline_cut=0.5, offline_valid=valid, audit=audit)
     names = np.asarray(stream.phase)
     truth = y[stream.rows]
-    expert_flags = s.b[stream.rows] >= 0.5
+    expert_flags = s.b[stream.rows] >= guard_cut
     per_phase: dict[str, Any] = {}
     for name in [n for n, _ in phases if np.any(names == n)]:
         m = names == name
@@ -147,7 +151,7 @@ def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: Audi
         }
     held = names != TRAINING_MIX
     return {
-        "held_out": list(held_out), "events_per_phase": events, "recipe": recipe.name,
+        "held_out": list(held_out), "events_per_phase": events, "guard_cut": guard_cut, "recipe": recipe.name,
         "audit": audit.model_dump(mode="json"), "expert": f"frozen {backbone} + logistic head",
         "probe": config.probe_spec, "cuts": s.cuts,
         "train": {"n_fit": len(fold.fit), "n_calibration": len(fold.calibration),
