@@ -646,6 +646,63 @@ def bench_drift(
     emit(report(signals, pools, phases, monitor.rule, s.budget, out))
 
 
+@bench_app.command("adaptation")
+@_guarded
+def bench_adaptation(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="directory for adaptation.json (and adaptation.png)")] = Path(
+        "runs/adaptation"),
+    held_out: Annotated[str, typer.Option(help="comma-separated source groups streamed after the training mix, "
+                                          "in order; trained on the other groups")] = "tweets,dialogues,xstest",
+    events: Annotated[int, typer.Option(help="events per phase (drawn with replacement from its records)")] = 4000,
+    per_file: Annotated[int | None, typer.Option(help="records sampled per file (default: the pool config's)")] = None,
+    expert_spec: Annotated[str, typer.Option(help="frozen expert backbone (the guard of the replay)")] = (
+        "all-mpnet-base-v2"),
+    audit_rate: Annotated[float | None, typer.Option(help="share of events audited (default: audit.rate)")] = None,
+    window: Annotated[int | None, typer.Option(help="audit window (default: audit.window)")] = None,
+    min_window: Annotated[int | None, typer.Option(help="audits before the window's cut applies")] = None,
+    refit_every: Annotated[int | None, typer.Option(help="refit after every k-th audit")] = None,
+    loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool)")] = None,
+    guard_cut: Annotated[float, typer.Option(help="expert verdict cut on its recentred score (0.5: its certified "
+                                             "cut; lower: a higher-recall guard)")] = 0.5,
+    plot: Annotated[bool, typer.Option(help="also write adaptation.png")] = False,
+) -> None:
+    """Offline cut vs online recalibration from audited expert verdicts, on source groups the probe never saw.
+
+    The audit settings come from the ``audit`` config section (CTD_AUDIT__*); the options override them.
+    """
+    import yaml
+
+    from ctd_monitor.bench.adaptation import run_adaptation, write
+    from probes import generalization as g
+    from probes.config import AuditConfig
+
+    s = settings(ctx)
+    try:
+        base = g.LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else g.LosoConfig()
+        overrides = {k: v for k, v in (("rate", audit_rate), ("window", window), ("min_window", min_window),
+                                       ("refit_every", refit_every)) if v is not None}
+        audit = AuditConfig(**{**s.audit.model_dump(), **overrides})
+    except (ValueError, OSError) as exc:
+        fail(f"bad option: {exc}")
+    if events < 1 or not 0 < guard_cut < 1:
+        fail("--events must be at least 1 and --guard-cut in (0, 1)")
+    pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
+    config = base.model_copy(update={
+        "pool": pool, "probe_spec": s.model.spec, "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
+        "expert": base.expert.model_copy(update={"spec": expert_spec})})
+    recipe = g.AFTER.model_copy(update={"variants": ((s.features.layer, s.features.pooling),)})
+    groups = tuple(h.strip() for h in held_out.split(",") if h.strip())
+    with progress_bars(options(ctx).progress) as bars:
+        try:
+            report = run_adaptation(config, held_out=groups, audit=audit, events=events, cache_dir=s.cache_dir,
+                                    datasets_dir=s.data.datasets_dir, recipe=recipe, guard_cut=guard_cut,
+                                    progress=bars)
+        except ValueError as exc:
+            fail(str(exc))
+    emit(write(report, out, plot=plot))
+
+
 @bench_app.command("stream")
 @_guarded
 def bench_stream(

@@ -227,6 +227,30 @@ class StreamConfig(Frozen):
     )
 
 
+class AuditConfig(Frozen):
+    """The audit sample: a random share of events sent to the expert besides the delegated ones.
+
+    Their expert verdicts are unbiased labels for the probe's current traffic: ``probes.recalibration`` refits
+    the probe's Platt map and re-certifies its unsafe cut on a window of them (method: the LTT cut of
+    ``probes.calibration.calibrate_unsafe_cut``, with the expert's verdict standing in for the label).
+    """
+
+    rate: float = Field(0.01, ge=0, le=1, description="share of events audited (hash of the event id, not random)")
+    salt: str = Field("audit", description="hash salt: another salt audits another, equally random, sample")
+    window: int = Field(1000, ge=10, description="most recent audited items the map and the cut are fitted on")
+    min_window: int = Field(100, ge=10, description="audits held before the window replaces the bundle's cut")
+    refit_every: int = Field(20, ge=1, description="refit after every k-th audit once min_window are held")
+    epsilon: float = Field(0.05, gt=0, lt=1, description="certified benign (expert-benign) flag rate of the cut")
+    delta: float = Field(0.1, gt=0, lt=1, description="allowed failure probability of that guarantee")
+    platt_l2: float = Field(1.0, gt=0, description="L2 pull of the Platt map towards the identity (a=1, b=0)")
+
+    @model_validator(mode="after")
+    def _window_holds_min(self) -> AuditConfig:
+        if self.min_window > self.window:
+            raise ValueError("audit.min_window cannot exceed audit.window")
+        return self
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "ctd-monitor"
@@ -251,6 +275,7 @@ class Settings(BaseSettings):
     probe: ProbeConfig = ProbeConfig()
     expert: ExpertConfig = ExpertConfig()
     stream: StreamConfig = StreamConfig()
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("cache_dir")
     @classmethod
