@@ -227,8 +227,11 @@ def replay(
     from ctd_monitor.local.replay import replay as do_replay
     from worker.config import WorkerSettings
     from worker.main import override
+    from worker.topics import require_topics
 
     s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
+    # Without the topic the producer would wait for metadata, then die with a raw UnknownTopicOrPartitionError.
+    asyncio.run(require_topics(s.kafka, [s.topics.input]))
     with progress_bars(options(ctx).progress) as bars:
         result = asyncio.run(do_replay(s, data, rate=rate, limit=limit, progress=bars("replay", limit or 0)))
     emit(result)
@@ -389,6 +392,34 @@ def evaluate_stream(
     (out / "stream.md").write_text(table)
     console.print(table)
     emit(report)
+
+
+topics_app = typer.Typer(no_args_is_help=True, help="The Kafka topics the monitor reads and writes.")
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("create")
+@_guarded
+def topics_create(
+    ctx: typer.Context,
+    partitions: Annotated[int, typer.Option(min=1, help="input partitions (the most workers that share the load)")] = 3,
+    output_partitions: Annotated[int, typer.Option(min=1, help="verdict and review partitions")] = 3,
+    replication_factor: Annotated[int, typer.Option(min=1, help="replicas per partition")] = 1,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+) -> None:
+    """Create the topics with their configs (max.message.bytes from worker.max_event_bytes); idempotent."""
+    import asyncio
+
+    from worker.config import WorkerSettings
+    from worker.main import override
+    from worker.topics import create_topics, topic_specs
+
+    s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
+    kafka = s.kafka
+    specs = topic_specs(s.topics, s.worker, input_partitions=partitions, output_partitions=output_partitions,
+                        replication_factor=replication_factor)
+    outcomes = asyncio.run(create_topics(kafka, specs))
+    emit({"bootstrap": kafka.bootstrap_servers, "topics": [o.model_dump() for o in outcomes]})
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON.")
@@ -613,6 +644,63 @@ def bench_drift(
     BudgetController(monitor.rule, s.budget.model_copy(update={"hard_cap": True}))  # a bad cap fails before scoring
     signals, pools = drift_stream(monitor, phases, pool=pool, seed=seed)
     emit(report(signals, pools, phases, monitor.rule, s.budget, out))
+
+
+@bench_app.command("adaptation")
+@_guarded
+def bench_adaptation(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="directory for adaptation.json (and adaptation.png)")] = Path(
+        "runs/adaptation"),
+    held_out: Annotated[str, typer.Option(help="comma-separated source groups streamed after the training mix, "
+                                          "in order; trained on the other groups")] = "tweets,dialogues,xstest",
+    events: Annotated[int, typer.Option(help="events per phase (drawn with replacement from its records)")] = 4000,
+    per_file: Annotated[int | None, typer.Option(help="records sampled per file (default: the pool config's)")] = None,
+    expert_spec: Annotated[str, typer.Option(help="frozen expert backbone (the guard of the replay)")] = (
+        "all-mpnet-base-v2"),
+    audit_rate: Annotated[float | None, typer.Option(help="share of events audited (default: audit.rate)")] = None,
+    window: Annotated[int | None, typer.Option(help="audit window (default: audit.window)")] = None,
+    min_window: Annotated[int | None, typer.Option(help="audits before the window's cut applies")] = None,
+    refit_every: Annotated[int | None, typer.Option(help="refit after every k-th audit")] = None,
+    loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool)")] = None,
+    guard_cut: Annotated[float, typer.Option(help="expert verdict cut on its recentred score (0.5: its certified "
+                                             "cut; lower: a higher-recall guard)")] = 0.5,
+    plot: Annotated[bool, typer.Option(help="also write adaptation.png")] = False,
+) -> None:
+    """Offline cut vs online recalibration from audited expert verdicts, on source groups the probe never saw.
+
+    The audit settings come from the ``audit`` config section (CTD_AUDIT__*); the options override them.
+    """
+    import yaml
+
+    from ctd_monitor.bench.adaptation import run_adaptation, write
+    from probes import generalization as g
+    from probes.config import AuditConfig
+
+    s = settings(ctx)
+    try:
+        base = g.LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else g.LosoConfig()
+        overrides = {k: v for k, v in (("rate", audit_rate), ("window", window), ("min_window", min_window),
+                                       ("refit_every", refit_every)) if v is not None}
+        audit = AuditConfig(**{**s.audit.model_dump(), **overrides})
+    except (ValueError, OSError) as exc:
+        fail(f"bad option: {exc}")
+    if events < 1 or not 0 < guard_cut < 1:
+        fail("--events must be at least 1 and --guard-cut in (0, 1)")
+    pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
+    config = base.model_copy(update={
+        "pool": pool, "probe_spec": s.model.spec, "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
+        "expert": base.expert.model_copy(update={"spec": expert_spec})})
+    recipe = g.AFTER.model_copy(update={"variants": ((s.features.layer, s.features.pooling),)})
+    groups = tuple(h.strip() for h in held_out.split(",") if h.strip())
+    with progress_bars(options(ctx).progress) as bars:
+        try:
+            report = run_adaptation(config, held_out=groups, audit=audit, events=events, cache_dir=s.cache_dir,
+                                    datasets_dir=s.data.datasets_dir, recipe=recipe, guard_cut=guard_cut,
+                                    progress=bars)
+        except ValueError as exc:
+            fail(str(exc))
+    emit(write(report, out, plot=plot))
 
 
 @bench_app.command("stream")

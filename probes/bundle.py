@@ -90,9 +90,17 @@ def read_manifest(directory: Path) -> BundleManifest:
 
 
 def load_bundle(directory: Path) -> Bundle:
+    """The bundle in ``directory``, after checking that the manifest lists every file the loader reads, that each
+    listed name stays inside the bundle directory, and that each file's sha256 matches."""
     manifest = read_manifest(directory)
+    if HEADS_FILE not in manifest.files:
+        # Without it in the list, the tensors would be loaded unverified: refuse rather than trust them.
+        raise BundleIntegrityError(f"manifest of {directory} does not list {HEADS_FILE} in files")
+    root = directory.resolve()
     for name, digest in manifest.files.items():
         path = directory / name
+        if not path.resolve().is_relative_to(root):
+            raise BundleIntegrityError(f"bundle file {name!r} lies outside the bundle directory {directory}")
         if not path.is_file():
             raise BundleIntegrityError(f"bundle file missing: {path}")
         actual = sha256_file(path)

@@ -1,4 +1,4 @@
-"""Learn-then-Test calibration (method.md §6): the delegation threshold and the unsafe cuts.
+"""Learn-then-Test calibration (docs/method.md §6): the delegation threshold and the unsafe cuts.
 
 Delegation: with probability ≥ 1 − δ over the calibration draw, P_x(signal(x) > τ*) ≤ α for traffic
 exchangeable with the calibration data. Thresholds are tested from the most conservative (highest τ) down

@@ -1,4 +1,4 @@
-"""The cascade as arithmetic (method.md §5): its final score, its decision under the two unsafe cuts, and cost
+"""The cascade as arithmetic (docs/method.md §5): its final score, its decision under the two unsafe cuts, and cost
 per 1k events. Every caller (calibration, evaluation, benchmarks, demo) uses these, so the figures agree.
 """
 

@@ -31,6 +31,21 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class WindowConfig(Frozen):
+    """How conversations longer than ``model.max_tokens`` are scored (probes/windows.py)."""
+
+    enabled: bool = True
+    window_tokens: int = Field(48, ge=8, description="content tokens per window")
+    stride_tokens: int = Field(24, ge=1, description="start-to-start distance of windows")
+    max_windows: int = Field(16, ge=2, description="windows per conversation (head and tail always included)")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> WindowConfig:
+        if self.stride_tokens > self.window_tokens:
+            raise ValueError("stride_tokens > window_tokens would leave content between windows unread")
+        return self
+
+
 class ModelConfig(Frozen):
     """The monitored chat model whose hidden states the probes read."""
 
@@ -40,6 +55,7 @@ class ModelConfig(Frozen):
     max_tokens: int = Field(256, ge=8, le=131072)
     batch_tokens: int = Field(8192, ge=64, description="padded tokens (max_len x n) per forward batch")
     max_batch_items: int = Field(64, ge=1)
+    windows: WindowConfig = WindowConfig()
 
 
 class FeatureConfig(Frozen):
@@ -192,7 +208,7 @@ Aggregator = Literal["ema", "rolling_max"]
 
 
 class StreamConfig(Frozen):
-    """The token-level probe read while a response streams (method.md §7): training, smoothing, stop rule."""
+    """The token-level probe read while a response streams (docs/method.md §7): training, smoothing, stop rule."""
 
     files: tuple[str, ...] = Field(RESPONSE_FILES, description="response datasets (label: response_label)")
     max_per_source: int | None = Field(300, ge=1, description="seeded cap per response source; None keeps all")
@@ -209,6 +225,30 @@ class StreamConfig(Frozen):
     holdback_tokens: int = Field(
         2, ge=0, description="trailing tokens of a non-final chunk left unscored: the next chunk may re-merge them"
     )
+
+
+class AuditConfig(Frozen):
+    """The audit sample: a random share of events sent to the expert besides the delegated ones.
+
+    Their expert verdicts are unbiased labels for the probe's current traffic: ``probes.recalibration`` refits
+    the probe's Platt map and re-certifies its unsafe cut on a window of them (method: the LTT cut of
+    ``probes.calibration.calibrate_unsafe_cut``, with the expert's verdict standing in for the label).
+    """
+
+    rate: float = Field(0.01, ge=0, le=1, description="share of events audited (hash of the event id, not random)")
+    salt: str = Field("audit", description="hash salt: another salt audits another, equally random, sample")
+    window: int = Field(1000, ge=10, description="most recent audited items the map and the cut are fitted on")
+    min_window: int = Field(100, ge=10, description="audits held before the window replaces the bundle's cut")
+    refit_every: int = Field(20, ge=1, description="refit after every k-th audit once min_window are held")
+    epsilon: float = Field(0.05, gt=0, lt=1, description="certified benign (expert-benign) flag rate of the cut")
+    delta: float = Field(0.1, gt=0, lt=1, description="allowed failure probability of that guarantee")
+    platt_l2: float = Field(1.0, gt=0, description="L2 pull of the Platt map towards the identity (a=1, b=0)")
+
+    @model_validator(mode="after")
+    def _window_holds_min(self) -> AuditConfig:
+        if self.min_window > self.window:
+            raise ValueError("audit.min_window cannot exceed audit.window")
+        return self
 
 
 def default_cache_dir() -> Path:
@@ -235,6 +275,7 @@ class Settings(BaseSettings):
     probe: ProbeConfig = ProbeConfig()
     expert: ExpertConfig = ExpertConfig()
     stream: StreamConfig = StreamConfig()
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("cache_dir")
     @classmethod

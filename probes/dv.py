@@ -1,4 +1,4 @@
-"""Delegation value (method.md §4): the targets, and how well a signal predicts them.
+"""Delegation value (docs/method.md §4): the targets, and how well a signal predicts them.
 
 binary      v = 1[probe wrong ∧ expert right]            (decisions at 0.5; SafeRoute's router label)
 continuous  v = (2y − 1)(b − p) ∈ [−1, 1]                 (> 0: escalation moves the score toward the truth)

@@ -294,7 +294,7 @@ class FeatureExtractor:
 
 
 def ema_scores(token_logits: npt.ArrayLike, decay: float) -> npt.NDArray[np.float64]:
-    """s_t = λ·s_{t−1} + (1−λ)·z_t with s_0 = z_0 (one scalar of state per stream, method.md §7)."""
+    """s_t = λ·s_{t−1} + (1−λ)·z_t with s_0 = z_0 (one scalar of state per stream, docs/method.md §7)."""
     z = np.asarray(token_logits, dtype=np.float64)
     out = np.empty_like(z)
     state = 0.0

@@ -1,5 +1,5 @@
 """Fitting the heads (training only; the runtime never imports this module): the safety probe, the DV head
-(method.md §4) and the SafeRoute-style router, each returned as an inference-only head of ``probes.heads``.
+(docs/method.md §4) and the SafeRoute-style router, each returned as an inference-only head of ``probes.heads``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The per-event monitor: bundle heads on the monitored model's activations, and the delegation rule.
 
 The decision for one event depends only on its own features, the model/bundle versions and the threshold,
-never on what else is in its batch (method.md §5), so batching is free to reorder events.
+never on what else is in its batch (docs/method.md §5), so batching is free to reorder events.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from probes.heads import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
 from probes.manifest import BundleManifest, Signal
 from probes.models import LoadedModel, load_model
+from probes.windows import argmax_by_group, window_ids
 
 __all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "uncertainty"]
 
@@ -115,6 +116,7 @@ class Monitor:
             batch_tokens=model.batch_tokens, max_items=model.max_batch_items,
         )
         self.rule = DelegationRule.from_manifest(self.bundle.manifest)
+        self.windows = model.windows
         cut = self.bundle.manifest.unsafe_cut
         if cut is None or not cut.valid:
             log.warning("monitor.uncalibrated_unsafe_cut", bundle=self.bundle.version, cut=self.unsafe_cut,
@@ -136,6 +138,10 @@ class Monitor:
         """``tokenize`` for many at once: one call of the fast tokenizer for all (it releases the GIL)."""
         return self.extractor.tokenize(conversations)
 
+    def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
+        """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too."""
+        return window_ids(self.loaded.tokenizer, conversation, self.max_tokens, self.windows)
+
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
         batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)
         if self.loaded.device.type == "cuda":
@@ -149,3 +155,10 @@ class Monitor:
 
     def score(self, batch: TokenBatch) -> Scores:
         return head_scores(self.bundle, self.features(batch), self.rule.signal)
+
+    def score_grouped(self, batch: TokenBatch, groups: Sequence[int], n: int) -> Scores:
+        """Scores of ``n`` conversations whose rows are in ``batch`` (``groups[row]`` = its conversation): each
+        takes the row with the highest P(unsafe) (probes/windows.py)."""
+        scores = self.score(batch)
+        rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
+        return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows])

@@ -2,6 +2,10 @@
 
 Left truncation keeps the latest turns: whole oldest messages are dropped first, and only a single
 remaining message that is still too long is cut token-wise from the left (keeping a leading BOS/CLS).
+Conversations longer than that are scored in windows (probes/windows.py) so nothing is cut unseen.
+
+Message content is untrusted: control-token strings in it are neutralised (probes/special_tokens.py) before
+the chat template adds its own, so content can never open or close a turn.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from probes.conversation import Message, plain_text
+from probes.special_tokens import neutralise, special_strings
 
 
 def render_text(tokenizer: Any, messages: Sequence[Message]) -> str:
-    """The string the monitored model reads for these messages."""
+    """The string the monitored model reads for these messages (content's control tokens made inert)."""
+    strings = special_strings(tokenizer)
+    safe = [Message(m.role, neutralise(m.content, strings)) for m in messages]
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=False
+            [{"role": m.role, "content": m.content} for m in safe], tokenize=False, add_generation_prompt=False
         )
         return str(rendered)
-    return plain_text(messages)
+    return plain_text(safe)
 
 
 def _encode(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
@@ -29,6 +36,11 @@ def _encode(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     add_special = not getattr(tokenizer, "chat_template", None)
     ids = tokenizer(text, add_special_tokens=add_special, truncation=False)["input_ids"]
     return list(ids)
+
+
+def full_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """Token ids of the whole rendered conversation, not truncated."""
+    return _encode(tokenizer, messages)
 
 
 def render_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> list[int]:
@@ -87,6 +99,11 @@ class MessageTemplate:
         return "".join(parts)
 
 
+def _neutralised(messages: Sequence[Message], specials: frozenset[str]) -> list[Message]:
+    """Content as ``render_text`` hands it to the template: control-token strings made inert."""
+    return [Message(m.role, neutralise(m.content, specials)) for m in messages]
+
+
 def _jinja(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> str:
     return str(tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in pairs], tokenize=False,
                                              add_generation_prompt=False))
@@ -121,6 +138,7 @@ def derive_message_template(tokenizer: Any) -> MessageTemplate | None:
     head, _, tail = user_first.partition(b)
     if tail != u_after or not head.endswith(u_before):
         return None
+    specials = special_strings(tokenizer)
     template = MessageTemplate(head[: len(head) - len(u_before)],
                                {"system": (s_before, s_after), "user": (u_before, u_after),
                                 "assistant": (a_before, a_after)})
@@ -129,7 +147,7 @@ def derive_message_template(tokenizer: Any) -> MessageTemplate | None:
             for shift in range(len(_PROBE_CONTENTS)):
                 messages = [Message(r, _PROBE_CONTENTS[(shift + i) % len(_PROBE_CONTENTS)])
                             for i, r in enumerate(roles)]
-                if template.render(messages) != render_text(tokenizer, messages):
+                if template.render(_neutralised(messages, specials)) != render_text(tokenizer, messages):
                     return None
     except Exception:  # noqa: BLE001
         return None
@@ -150,6 +168,7 @@ class BatchRenderer:
         self.max_tokens = max_tokens
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.template = derive_message_template(tokenizer)
+        self.specials = special_strings(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend: Any = None
         if backend is not None:
@@ -163,7 +182,10 @@ class BatchRenderer:
         self.fast = self.backend is not None and (self.template is not None or not self.has_template)
 
     def text(self, messages: Sequence[Message]) -> str:
-        return self.template.render(messages) if self.template is not None else render_text(self.tokenizer, messages)
+        """The text ``render_text`` gives: content neutralised first, so it can never open or close a turn."""
+        if self.template is None:
+            return render_text(self.tokenizer, messages)
+        return self.template.render(_neutralised(messages, self.specials))
 
     def ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         if not self.fast:

@@ -3,7 +3,7 @@
 Runtime only (no training code): the head is a ``LinearHead`` stored in the bundle under ``token``; its
 settings and the calibrated stop thresholds are the manifest's ``stream`` section. Two aggregators:
 
-- ``ema``: s_t = λ·s_{t−1} + (1−λ)·z_t, s_0 = z_0 (method.md §7, ``probes.features.ema_scores``);
+- ``ema``: s_t = λ·s_{t−1} + (1−λ)·z_t, s_0 = z_0 (docs/method.md §7, ``probes.features.ema_scores``);
 - ``rolling_max``: m_t = mean of the last k logits (fewer at the start), the sequence score is max_t m_t.
 
 The manifest's ``stream`` section is typed (``probes.manifest.StreamManifest``).

@@ -187,3 +187,38 @@ def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_co
     assert "| xstest |" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", "--recipes", "nope"])
     assert bad.exit_code == 2
+
+
+def test_bench_adaptation_replays_held_out_groups(tmp_path: Path, small_config: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline cut vs online recalibration on a tiny pool (MiniLM probe and frozen expert)."""
+    monkeypatch.setenv("CTD_AUDIT__EPSILON", "0.2")  # a 60-item window can certify 20 %, not 5 %
+    loso = tmp_path / "loso.yaml"
+    loso.write_text(
+        "pool:\n  per_file: 12\n  per_file_overrides: {alpaca_benign.jsonl: 40}\n  groups:\n"
+        "    - {name: xstest, files: [xstest.jsonl]}\n"
+        "    - {name: tweets, files: [davidson_hate_offensive.jsonl]}\n"
+        "    - {name: harmful, files: [harmbench.jsonl, advbench.jsonl]}\n"
+        "    - {name: alpaca, files: [alpaca_benign.jsonl]}\n"
+        "expert: {max_tokens: 48}\n"
+    )
+    out = tmp_path / "adapt"
+    result = CliRunner().invoke(app, [
+        "--config", str(small_config), "--no-progress", "bench", "adaptation", "--loso-config", str(loso),
+        "--expert-spec", "minilm-l6", "--held-out", "tweets,xstest", "--events", "300", "--audit-rate", "0.5",
+        "--window", "60", "--min-window", "20", "--refit-every", "10", "--guard-cut", "0.3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = orjson.loads(result.stdout)
+    assert list(payload["phases"]) == ["training_mix", "tweets", "xstest"]
+    for phase in payload["phases"].values():
+        assert phase["events"] == 300 and 100 < phase["audited"] < 200
+        assert 0.0 <= phase["offline"]["accuracy"] <= 1.0 and 0.0 <= phase["online"]["accuracy"] <= 1.0
+    assert payload["final_state"]["version"] > 0 and payload["final_state"]["n"] == 60
+    assert payload["audit"]["epsilon"] == 0.2 and payload["guard_cut"] == 0.3
+    assert payload["phases"]["training_mix"]["under_window_cut"] < 1.0  # the bundle's cut until min_window
+    assert max(p["under_window_cut"] for p in payload["phases"].values()) > 0
+    trace = orjson.loads((out / "adaptation.json").read_bytes())["trace"]
+    assert len(trace["probe_cut"]) == 900
+    bad = CliRunner().invoke(app, ["--config", str(small_config), "--no-progress", "bench", "adaptation",
+                                   "--loso-config", str(loso), "--held-out", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output

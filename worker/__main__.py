@@ -1,4 +1,4 @@
-"""``python -m worker run|expert``: the shipped service's own entry, with no development tooling installed.
+"""``python -m worker run|expert|topics create``: the shipped service's own entry, no development tooling.
 
 Same settings as ``ctd-monitor run`` / ``ctd-monitor expert`` (a YAML/TOML file and CTD_* environment
 variables, the environment wins); the images run this.
@@ -26,7 +26,12 @@ def parser() -> argparse.ArgumentParser:
     expert.add_argument("--bundle", type=Path, help="take the encoder-head expert recorded in this bundle")
     responses = commands.add_parser("responses", help="the streamed-response service until SIGTERM/SIGINT")
     responses.add_argument("--bundle", type=Path, help="bundle with a token probe (default: responses.bundle)")
-    for command in (run, expert, responses):
+    topics = commands.add_parser("topics", help="the Kafka topics").add_subparsers(dest="action", required=True)
+    create = topics.add_parser("create", help="create the topics with their configs (idempotent)")
+    create.add_argument("--partitions", type=int, default=3, help="input partitions")
+    create.add_argument("--output-partitions", type=int, default=3, help="verdict and review partitions")
+    create.add_argument("--replication-factor", type=int, default=1)
+    for command in (run, expert, responses, create):
         command.add_argument("--bootstrap", help="Kafka bootstrap servers")
     return p
 
@@ -40,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
             rs = load_settings(args.config, cls=WorkerSettings)
             configure_logging(rs.log_level)
             run_responses(override(rs, section="responses", bundle=args.bundle, bootstrap=args.bootstrap))
+        elif args.command == "topics":
+            import asyncio
+            import json
+
+            from worker.topics import create_topics, topic_specs
+
+            ts = override(load_settings(args.config, cls=WorkerSettings), section="worker", bootstrap=args.bootstrap)
+            configure_logging(ts.log_level)
+            specs = topic_specs(ts.topics, ts.worker, input_partitions=args.partitions,
+                                output_partitions=args.output_partitions, replication_factor=args.replication_factor)
+            outcomes = asyncio.run(create_topics(ts.kafka, specs))
+            print(json.dumps({"bootstrap": ts.kafka.bootstrap_servers, "topics": [o.model_dump() for o in outcomes]}))
         elif args.command == "run":
             ws = load_settings(args.config, cls=WorkerSettings)
             configure_logging(ws.log_level)

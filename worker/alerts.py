@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import hashlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ from probes.logs import get_logger
 from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
 from worker.events import MAX_EVENT_BYTES, Alert, Verdict, utcnow
 from worker.metrics import AlerterMetrics
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream
+from worker.signing import SignatureError, Signer
+from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream
 
 log = get_logger(__name__)
 ALERT_NAMESPACE = uuid.UUID("6f1c2d4e-9a7b-4c1e-8f3a-2b5d7e9c0a11")
@@ -60,12 +62,15 @@ class AlertPolicy:
 
     @staticmethod
     def is_final(verdict: Verdict) -> bool:
-        return verdict.source == "expert" or not verdict.delegated
+        # "expert_unavailable": the guard gave up on it and answered fail-closed; it is final and must alert.
+        return verdict.source in ("expert", "expert_unavailable") or not verdict.delegated
 
     def severity(self, verdict: Verdict) -> str:
         critical = verdict.p_unsafe >= self.config.critical_score
         if verdict.source == "probe" and not self.config.probe_critical:
             critical = False
+        if verdict.source == "expert_unavailable":
+            critical = True  # escalated for review and never reviewed: a person has to look
         return "critical" if critical else "warning"
 
     def consider(self, verdict: Verdict, now: float) -> tuple[Alert | None, str | None]:
@@ -116,7 +121,10 @@ class WebhookSink:
 
     def __init__(self, config: WebhookSinkConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
-        self.name = f"webhook:{httpx.URL(config.url).host}"
+        # Keyed by the whole URL (two webhooks on one host are two sinks, with their own queues); the label shows
+        # the host and a digest, never the path, which often carries a token.
+        digest = hashlib.sha256(config.url.encode()).hexdigest()[:8]
+        self.name = f"webhook:{httpx.URL(config.url).host}#{digest}"
         self._client = httpx.AsyncClient(timeout=config.timeout_s, headers=config.headers, transport=transport)
 
     async def deliver(self, alert: Alert) -> None:
@@ -153,7 +161,7 @@ def build_sinks(config: AlertsConfig) -> list[AlertSink]:
     return sinks
 
 
-class AlertHandler:
+class AlertHandler(OutputsSlot):
     """Verdicts in, alerts out (then notifications through the sinks)."""
 
     name = "alerter"
@@ -163,20 +171,13 @@ class AlertHandler:
         self.metrics = metrics
         self.settings = settings
         self.policy = AlertPolicy(a)
-        self.bucket = TokenBucket(a.rate_limit_per_s, a.rate_burst)
+        # One bucket per tenant (alerts.rate_limit_scope): one tenant's alert flood cannot silence another's.
+        self.buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+        self.signer = Signer.from_config(settings.signing)
         self.sinks = list(sinks)
         self._queues = {sink.name: asyncio.Queue[Alert](SINK_QUEUE) for sink in self.sinks}
-        self._out: Outputs | None = None
-
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
 
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         return False  # records are handled as they arrive; the stream drains their acknowledgements
 
@@ -196,6 +197,13 @@ class AlertHandler:
         now = time.monotonic()
         for record in records:
             try:
+                # A verdict nobody with the key wrote (a forged "the expert said safe", or a fake one that would
+                # use up a conversation's dedupe window) is never acted on.
+                self.signer.verify("verdict", record.key, record.value or b"", record.headers)
+            except SignatureError as exc:
+                self.out.dead_letter(record, "bad_signature", str(exc), "decode")
+                continue
+            try:
                 verdict = Verdict.model_validate(orjson.loads(record.value or b""))
             except (orjson.JSONDecodeError, ValidationError) as exc:
                 self.out.dead_letter(record, "invalid_verdict", str(exc)[:500], "decode")
@@ -207,13 +215,14 @@ class AlertHandler:
             if alert is None:
                 self.out.done(item)
                 continue
-            message = Message(self.settings.topics.alerts, alert.to_json(), record.key,
-                              [("alert_id", alert.alert_id.encode())])
+            body = alert.to_json()
+            message = Message(self.settings.topics.alerts, body, record.key,
+                              [("alert_id", alert.alert_id.encode()), *self.signer.headers("alert", record.key, body)])
             self.out.publish(item, [message], functools.partial(self._raised, alert))
 
     def _raised(self, alert: Alert) -> None:
         self.metrics.alerts_raised.labels(severity=alert.severity, source=alert.source).inc()
-        if not self.bucket.take():
+        if not self._bucket(alert.tenant).take():
             self.metrics.alerts_suppressed.labels(reason="rate_limited").inc()
             return
         for sink in self.sinks:
@@ -221,6 +230,17 @@ class AlertHandler:
                 self._queues[sink.name].put_nowait(alert)
             except asyncio.QueueFull:
                 self.metrics.alerts_suppressed.labels(reason="sink_queue_full").inc()
+
+    def _bucket(self, tenant: str) -> TokenBucket:
+        a = self.settings.alerts
+        key = tenant if a.rate_limit_scope == "tenant" else ""
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = TokenBucket(a.rate_limit_per_s, a.rate_burst)
+            while len(self.buckets) > 10_000:  # tenant names come from producers: bounded memory
+                self.buckets.popitem(last=False)
+        self.buckets.move_to_end(key)
+        return bucket
 
     # ---------------------------------------------------------------- notifications
     async def run(self) -> None:

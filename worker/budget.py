@@ -1,7 +1,10 @@
 """Stage "route": delegate or not under the live delegation budget (window threshold, monitor, hard cap).
 
 Pure and deterministic (no Kafka, no torch, no clock); docs/architecture.md ("Live delegation budget") gives the
-method and its guarantees.
+method and its guarantees. Scope ``"tenant"`` keeps one window (and one token bucket) per tenant: a tenant that
+floods the stream with borderline traffic spends its own budget and tightens its own threshold, never another
+tenant's. Tenant names come from producers, so at most ``max_scopes`` tenants get a window of their own; the rest
+share one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ log = get_logger(__name__)
 
 RecertOutcome = Literal["offline", "tightened", "uncertified"]
 WORKER_SCOPE = -1  # the key of the single window when scope == "worker"
+OVERFLOW_SCOPE = "*"  # tenants beyond budget.max_scopes share this window
+ScopeKey = int | str
 
 
 class Delegation(BaseModel):
@@ -52,7 +57,7 @@ class Delegation(BaseModel):
 class ScopeWindow:
     """One scope's window of signals and decisions, its certified threshold, monitor flag and token bucket."""
 
-    key: int
+    key: ScopeKey
     size: int
     signals: collections.deque[float] = field(init=False)
     decisions: collections.deque[bool] = field(init=False)
@@ -96,7 +101,7 @@ class BudgetController:
         self.config = config
         self.metrics = metrics
         self.grid_size = grid_size
-        self.windows: dict[int, ScopeWindow] = {}
+        self.windows: dict[ScopeKey, ScopeWindow] = {}
         self.refill: Fraction | None = None
         if config.hard_cap and rule.valid and rule.alpha is not None:
             # repr() is the shortest decimal that round-trips: α = 0.1 becomes exactly 1/10, not a binary float.
@@ -110,22 +115,37 @@ class BudgetController:
         """False without a certified offline threshold and budget: never delegate, nothing to control."""
         return self.rule.valid and self.rule.alpha is not None
 
-    def window(self, partition: int) -> ScopeWindow:
-        key = partition if self.config.scope == "partition" else WORKER_SCOPE
+    def window(self, partition: int, tenant: str | None = None) -> ScopeWindow:
+        key: ScopeKey = WORKER_SCOPE
+        if self.config.scope == "partition":
+            key = partition
+        elif self.config.scope == "tenant":
+            if tenant is None:
+                raise ValueError('budget.scope "tenant" needs each event\'s tenant')
+            key = "t:" + tenant  # a prefix keeps a tenant named "*" apart from the overflow window
+            if key not in self.windows and len(self.windows) >= self.config.max_scopes:
+                key = OVERFLOW_SCOPE
         if key not in self.windows:
             self.windows[key] = ScopeWindow(key, self.config.window)
         return self.windows[key]
 
-    def decide(self, signals: npt.ArrayLike, partitions: Sequence[int]) -> list[Delegation]:
-        """One decision per event, in order; ``partitions`` picks each event's window under scope "partition"."""
+    def decide(
+        self, signals: npt.ArrayLike, partitions: Sequence[int], tenants: Sequence[str] | None = None
+    ) -> list[Delegation]:
+        """One decision per event, in order; ``partitions`` (scope "partition") or ``tenants`` (scope "tenant")
+        pick each event's window."""
         values = np.asarray(signals, dtype=np.float64)
         if len(partitions) != values.size:
             raise ValueError(f"{values.size} signals but {len(partitions)} partitions")
+        if tenants is not None and len(tenants) != values.size:
+            raise ValueError(f"{values.size} signals but {len(tenants)} tenants")
         if not self.active:
             state = BudgetState(alpha=self.rule.alpha, threshold=None, offline_threshold=self.rule.threshold,
                                 valid=False)
             return [Delegation(delegated=False, signal=self.rule.signal, value=float(v), budget=state) for v in values]
-        decisions = [self._decide_one(float(s), self.window(p)) for s, p in zip(values, partitions, strict=True)]
+        owners = list(tenants) if tenants is not None else [None] * values.size
+        decisions = [self._decide_one(float(s), self.window(p, t))
+                     for s, p, t in zip(values, partitions, owners, strict=True)]
         self._update_gauges()
         return decisions
 

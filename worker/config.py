@@ -9,6 +9,9 @@ from pydantic import Field, SecretStr
 
 from probes.config import Frozen, Settings
 
+# Room above worker.max_event_bytes in the topics' max.message.bytes: key, headers and batch framing (topics.py).
+RECORD_OVERHEAD_BYTES = 65_536
+
 
 class KafkaConfig(Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -55,7 +58,8 @@ class KafkaConfig(Frozen):
         kwargs: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5,
                                   "max_batch_size": 512 * 1024}
         if max_event_bytes is not None:
-            kwargs["max_request_size"] = 4 * max_event_bytes  # an output may embed its input (review requests)
+            # An output may embed its input (review requests), and a dead letter may fill the topic's limit.
+            kwargs["max_request_size"] = max(4 * max_event_bytes, max_event_bytes + RECORD_OVERHEAD_BYTES)
         return kwargs
 
 
@@ -99,7 +103,11 @@ class ServiceConfig(Frozen):
 
 class WorkerConfig(ServiceConfig):
     bundle: Path = Path("runs/bundle")
-    max_event_bytes: int = Field(1_000_000, ge=1024)
+    max_event_bytes: int = Field(
+        1_000_000, ge=1024,
+        description="larger inputs are dead-lettered; topics are created with room for this (worker/topics.py)")
+    max_metadata_depth: int = Field(16, ge=1, le=64, description="deeper event metadata is dead-lettered")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="larger event metadata (as JSON) is dead-lettered")
     inference_retries: int = Field(1, ge=0)
 
 
@@ -112,7 +120,28 @@ class BudgetConfig(Frozen):
     delta: float = Field(0.05, gt=0, lt=1, description="error level of the window's fixed-sequence test")
     hard_cap: bool = Field(False, description="token bucket at alpha: never delegate faster than the budget")
     cap_burst: int = Field(20, ge=1, description="token-bucket depth (delegations allowed in a burst)")
-    scope: Literal["worker", "partition"] = "worker"
+    scope: Literal["worker", "partition", "tenant"] = Field(
+        "worker", description="one budget window per worker, per partition, or per tenant (isolation)")
+    max_scopes: int = Field(1000, ge=1, description="tenant windows kept; further tenants share one")
+
+
+class SigningConfig(Frozen):
+    """HMAC-SHA256 over every verdict, review request and alert (worker/signing.py).
+
+    The key comes from a Secret (``CTD_SIGNING__KEY``); ``key_id`` travels in the signature header so keys can be
+    rotated: list the previous key under ``verify_keys`` until every record it signed is past retention.
+    Without a key nothing is signed and nothing is checked (a local demo); with one, readers refuse records
+    whose signature is missing or wrong.
+    """
+
+    key: SecretStr | None = None
+    key_id: str = Field("k1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    verify_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> older keys still accepted")
+    required: bool = Field(False, description="refuse to start without a key (production: the key is a Secret)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None and bool(self.key.get_secret_value())
 
 
 class ResponsesConfig(ServiceConfig):
@@ -136,6 +165,7 @@ class WorkerSettings(Settings):
     worker: WorkerConfig = WorkerConfig()
     budget: BudgetConfig = BudgetConfig()
     responses: ResponsesConfig = ResponsesConfig()
+    signing: SigningConfig = SigningConfig()
 
 
 class GuardConfig(ServiceConfig):
@@ -152,6 +182,10 @@ class GuardConfig(ServiceConfig):
     unsafe_threshold: float | None = Field(
         None, gt=0, lt=1, description="expert score at or above which a verdict is unsafe; default: the cut "
         "`calibrate` certified for this expert in guard.bundle, else 0.5")
+    max_expert_attempts: int = Field(
+        5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
+    unavailable_decision: Literal["unsafe", "probe"] = Field(
+        "unsafe", description="final decision when the expert fails for good: escalate as harmful, or the probe's")
     http_port: int = Field(8081, ge=0, le=65535)
 
 
@@ -172,7 +206,9 @@ class AlertsConfig(Frozen):
     enabled: bool = True
     on_probe_verdicts: bool = Field(True, description="alert on undelegated probe 'unsafe' verdicts too")
     dedupe_window_s: float = Field(600.0, ge=0, description="one alert per conversation within this window")
-    rate_limit_per_s: float = Field(5.0, gt=0, description="token bucket over all alerts")
+    rate_limit_per_s: float = Field(5.0, gt=0, description="token bucket per tenant (or over all alerts)")
+    rate_limit_scope: Literal["tenant", "global"] = Field(
+        "tenant", description="one bucket per tenant, so one tenant's alert flood cannot silence another's")
     rate_burst: int = Field(50, ge=1)
     critical_score: float = Field(0.9, gt=0, le=1, description="score at or above which severity is critical")
     probe_critical: bool = Field(False, description="probe-only verdicts may be critical (else warning at most)")
@@ -187,3 +223,4 @@ class GuardSettings(Settings):
     topics: TopicsConfig = TopicsConfig()
     guard: GuardConfig = GuardConfig()
     alerts: AlertsConfig = AlertsConfig()
+    signing: SigningConfig = SigningConfig()

@@ -2,16 +2,20 @@
 
 Every model is versioned (``schema_version``) and serialised with orjson; worker/decode.py turns input bytes
 into these models.
+
+Every timestamp is timezone-aware UTC: a naive ``created_at``/``requested_at`` is read as UTC, never compared
+as local time (an aware minus a naive datetime raises, in the middle of a batch).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-from typing import Any, Literal
+import hashlib
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from probes.conversation import Conversation, Message
 
@@ -19,6 +23,21 @@ SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 1_000_000
 MAX_MESSAGES = 512
 MAX_ID_CHARS = 256
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_BYTES = 16_384
+# A truncated dead letter keeps at most this much of the original key (the value gets the rest of the room).
+_DEAD_LETTER_KEY_PREFIX = 256
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    # Producers in the wild send "2026-11-30T12:00:00" without an offset; read it as UTC rather than fail later
+    # when it is subtracted from an aware clock reading.
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
 
 
 class _Model(BaseModel):
@@ -42,7 +61,7 @@ class ConversationEvent(_Model):
     event_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     conversation_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     tenant: str = Field("default", min_length=1, max_length=MAX_ID_CHARS)
-    created_at: dt.datetime
+    created_at: UtcDatetime
     messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -88,13 +107,14 @@ class Verdict(_Model):
     dv: float | None = None
     delegated: bool
     decision: Literal["unsafe", "safe"]
-    source: Literal["probe", "expert"]
+    # "expert_unavailable": delegated, but the expert failed for good (guard.unavailable_decision decides).
+    source: Literal["probe", "expert", "expert_unavailable"]
     budget: BudgetState
     bundle_version: str
     model_version: str
     expert_version: str | None = None
     timings: Timings
-    decided_at: dt.datetime
+    decided_at: UtcDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -112,7 +132,7 @@ class ReviewRequest(_Model):
     budget: BudgetState | None = None  # the delegation's rule state, copied into the expert verdict unchanged
     bundle_version: str
     model_version: str | None = None
-    requested_at: dt.datetime
+    requested_at: UtcDatetime
 
 
 class Alert(_Model):
@@ -126,12 +146,12 @@ class Alert(_Model):
     conversation_id: str
     tenant: str
     severity: Literal["warning", "critical"]
-    source: Literal["probe", "expert"]
+    source: Literal["probe", "expert", "expert_unavailable"]
     p_unsafe: float
     bundle_version: str
     expert_version: str | None = None
-    verdict_decided_at: dt.datetime
-    raised_at: dt.datetime
+    verdict_decided_at: UtcDatetime
+    raised_at: UtcDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -148,19 +168,43 @@ class DeadLetter(_Model):
     offset: int
     key_b64: str | None
     value_b64: str
-    stage: Literal["decode", "inference", "expert"]
-    failed_at: dt.datetime
+    stage: Literal["decode", "inference", "expert", "publish"]
+    failed_at: UtcDatetime
+    value_bytes: int | None = Field(None, description="length of the original value")
+    value_sha256: str | None = Field(None, description="sha256 of the original value (hex)")
+    key_bytes: int | None = Field(None, description="length of the original key")
+    truncated: bool = Field(False, description="key_b64/value_b64 hold only a prefix of the original bytes")
 
 
 def dead_letter(
     *, reason: str, error: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    stage: Literal["decode", "inference", "expert"],
+    stage: Literal["decode", "inference", "expert", "publish"], max_bytes: int = MAX_EVENT_BYTES,
 ) -> DeadLetter:
-    return DeadLetter(
+    """The dead letter for one input; its JSON is at most ``max_bytes`` long.
+
+    Base64 grows the original by a third, so the dead letter of a record near the topic's size limit would
+    itself be refused by the broker, and its offset could never be committed. Past ``max_bytes`` the letter keeps
+    a prefix of the key and of the value, their original lengths and the value's sha256, and says so
+    (``truncated``): enough to find, count and deduplicate the original, and it can always be written.
+    """
+    raw = value or b""
+    full = DeadLetter(
         reason=reason, error=error[:2000], topic=topic, partition=partition, offset=offset,
         key_b64=None if key is None else base64.b64encode(key).decode(),
-        value_b64=base64.b64encode(value or b"").decode(), stage=stage, failed_at=utcnow(),
+        value_b64=base64.b64encode(raw).decode(), stage=stage, failed_at=utcnow(),
+        value_bytes=len(raw), value_sha256=hashlib.sha256(raw).hexdigest(),
+        key_bytes=None if key is None else len(key),
     )
+    if len(full.to_json()) <= max_bytes:
+        return full
+    short_key = None if key is None else base64.b64encode(key[:_DEAD_LETTER_KEY_PREFIX]).decode()
+    empty = full.model_copy(update={"key_b64": short_key, "value_b64": "", "truncated": True, "error": error[:200]})
+    room = max_bytes - len(empty.to_json())
+    if room < 0:
+        raise ValueError(f"max_bytes={max_bytes} is too small for a dead letter without its value")
+    # 4 base64 characters carry 3 bytes; whole groups keep the prefix decodable.
+    prefix = raw[: (room // 4) * 3]
+    return empty.model_copy(update={"value_b64": base64.b64encode(prefix).decode()})
 
 
 def utcnow() -> dt.datetime:

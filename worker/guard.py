@@ -4,6 +4,12 @@ The guard handler of the stream core (worker/stream.py). Each review request is 
 expert backend and answered with a verdict of ``source: "expert"``, which supersedes the probe's verdict for
 that event id. When the expert is down or too slow the batch is retried with backoff and nothing is committed
 past it (docs/architecture.md, "When the expert is down").
+
+Fail closed: a timeout splits a batch like an error does, and a request the expert cannot score for good (an
+error on it alone, e.g. a context-length 4xx, or ``guard.max_expert_attempts`` timeouts on it alone) still gets
+a final verdict, ``source: "expert_unavailable"``, decided by ``guard.unavailable_decision`` (default: unsafe,
+so the alerter raises it). Padding a conversation until the expert chokes on it must not take it out of alerting.
+Review requests must carry the worker's signature (worker/signing.py); the guard signs its verdicts.
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import math
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+from aiokafka import TopicPartition
 from pydantic import ValidationError
 
 from probes.bundle import read_manifest
@@ -27,7 +36,16 @@ from probes.manifest import DEFAULT_UNSAFE_CUT
 from worker.config import GuardSettings
 from worker.events import MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import GuardMetrics
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
+from worker.signing import SignatureError, Signer
+from worker.stream import (
+    Envelope,
+    Message,
+    OutputsSlot,
+    Record,
+    ServiceLimits,
+    Stream,
+    split_on_failure,
+)
 
 log = get_logger(__name__)
 
@@ -59,7 +77,7 @@ def expert_unsafe_cut(settings: GuardSettings, expert_name: str) -> float:
     return calibrated.cut
 
 
-class GuardHandler:
+class GuardHandler(OutputsSlot):
     """Review requests in, expert verdicts out."""
 
     name = "guard"
@@ -74,21 +92,13 @@ class GuardHandler:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-expert")
         self._degraded = False
         self._wake = asyncio.Event()
-        self._out: Outputs | None = None
+        self.signer = Signer.from_config(settings.signing)
 
     @property
     def degraded(self) -> bool:
         return self._degraded
 
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
-
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         # A down expert cannot make progress: the drain does not wait for it, the topic keeps the requests.
         return bool(self._pending) and not self._degraded
@@ -106,12 +116,24 @@ class GuardHandler:
         now = time.monotonic()
         for record in records:
             try:
+                self.signer.verify("review_request", record.key, record.value or b"", record.headers)
+            except SignatureError as exc:
+                self.out.dead_letter(record, "bad_signature", str(exc), "decode")
+                continue
+            try:
                 request = ReviewRequest.model_validate(orjson.loads(record.value or b""))
             except (orjson.JSONDecodeError, ValidationError) as exc:
                 self.out.dead_letter(record, "invalid_review_request", str(exc)[:500], "decode")
                 continue
             self._pending.append(Envelope.of(record, request, now))
         self._wake.set()
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Drop queued requests of partitions this guard no longer owns: their new owner reviews them."""
+        before = len(self._pending)
+        self._pending = collections.deque(r for r in self._pending if r.tp not in partitions)
+        if len(self._pending) != before:
+            log.info("guard.pruned_revoked", dropped=before - len(self._pending))
 
     async def run(self) -> None:
         g = self.settings.guard
@@ -151,6 +173,7 @@ class GuardHandler:
         """Score with retries while the expert is down; raise when it cannot score these requests."""
         g = self.settings.guard
         backoff = g.retry_backoff_s
+        timeouts = 0
         while True:
             started = time.monotonic()
             try:
@@ -158,6 +181,12 @@ class GuardHandler:
             except ExpertUnavailable as exc:
                 kind = "timeout" if isinstance(exc, ExpertTimeout) else "unavailable"
                 self.metrics.expert_errors.labels(kind=kind).inc()
+                if isinstance(exc, ExpertTimeout):
+                    timeouts += 1
+                    # A batch that times out may hold one request the expert chokes on: split it like an error.
+                    # One request alone that keeps timing out is given up (fail closed), never waited on forever.
+                    if len(batch) > 1 or timeouts >= g.max_expert_attempts:
+                        raise
                 self._set_degraded(True, reason=kind)
                 if self.out.stopping:
                     return  # left in flight, uncommitted: the next owner scores them
@@ -173,11 +202,28 @@ class GuardHandler:
         self.metrics.expert_latency.observe(elapsed)
         if len(scores) != len(batch):
             raise ExpertError(f"{len(scores)} scores for {len(batch)} requests")
+        bad = [r for r, score in zip(batch, scores, strict=True) if not math.isfinite(float(score))]
+        if bad and len(batch) > 1:
+            raise ExpertError(f"{len(bad)} non-finite scores in a batch of {len(batch)}")  # split: find them
+        if bad:
+            raise ExpertError(f"non-finite expert score {float(scores[0])}")
         for review, score in zip(batch, scores, strict=True):
             self._publish(review, float(score), started=started, scoring_s=elapsed)
 
     def _give_up(self, review: Review, exc: Exception) -> None:
-        self.out.dead_letter(review, "expert_error", repr(exc), "expert")
+        """The expert cannot score this request, ever: answer it anyway (fail closed) rather than drop it."""
+        request = review.body
+        g = self.settings.guard
+        decision: Literal["unsafe", "safe"] = (
+            "unsafe" if g.unavailable_decision == "unsafe" or request.p_unsafe >= 0.5 else "safe")
+        self.metrics.expert_errors.labels(kind="given_up").inc()
+        log.error("expert.given_up", expert=self.expert.name, event_id=request.event.event_id, error=repr(exc)[:300],
+                  decision=decision)
+        try:
+            self._publish(review, request.p_unsafe, started=time.monotonic(), scoring_s=0.0,
+                          source="expert_unavailable", decision=decision)
+        except Exception as publish_exc:  # noqa: BLE001 - not even that: keep the request for people
+            self.out.dead_letter(review, "expert_error", f"{exc!r}; then {publish_exc!r}", "expert")
 
     def _set_degraded(self, degraded: bool, *, reason: str = "") -> None:
         if degraded and not self._degraded:
@@ -190,23 +236,31 @@ class GuardHandler:
         self.metrics.degraded.set(1 if degraded else 0)
 
     # ---------------------------------------------------------------- publish
-    def _publish(self, review: Review, score: float, *, started: float, scoring_s: float) -> None:
+    def _publish(self, review: Review, score: float, *, started: float, scoring_s: float,
+                 source: Literal["expert", "expert_unavailable"] = "expert",
+                 decision: Literal["unsafe", "safe"] | None = None) -> None:
         request = review.body
         event = request.event
-        decision = "unsafe" if score >= self.unsafe_cut else "safe"
+        if not math.isfinite(score):
+            raise ExpertError(f"non-finite expert score {score}")
+        if decision is None:
+            decision = "unsafe" if score >= self.unsafe_cut else "safe"
         waited_s = max(0.0, (utcnow() - request.requested_at).total_seconds() - scoring_s)
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
             p_unsafe=min(1.0, max(0.0, score)), dv=request.dv, delegated=True, decision=decision,
-            source="expert", budget=request.budget or BudgetState(threshold=request.threshold),
+            source=source, budget=request.budget or BudgetState(threshold=request.threshold),
             bundle_version=request.bundle_version, model_version=request.model_version or "unknown",
             expert_version=self.expert.name,
             timings=Timings(queue_ms=waited_s * 1000, inference_ms=scoring_s * 1000,
                             total_ms=(time.monotonic() - review.consumed_at) * 1000),
             decided_at=utcnow(), metadata={**event.metadata, "probe_p_unsafe": request.p_unsafe},
         )
-        headers = [("event_id", event.event_id.encode()), ("source", b"expert")]
-        message = Message(self.settings.topics.verdicts, verdict.to_json(), event.conversation_id.encode(), headers)
+        key = event.conversation_id.encode()
+        body = verdict.to_json()
+        headers = [("event_id", event.event_id.encode()), ("source", source.encode()),
+                   *self.signer.headers("verdict", key, body)]
+        message = Message(self.settings.topics.verdicts, body, key, headers)
         requested_at = request.requested_at
 
         def acked() -> None:

@@ -63,6 +63,9 @@ class ConsumerMetrics:
         self.last_progress = Gauge(
             f"{p}_last_progress_timestamp_seconds", "Unix time of the last poll that returned or commit", registry=r
         )
+        self.publish_retries = Counter(
+            f"{p}_publish_retries", "Output sends retried after a transient broker failure", registry=r
+        )
         self.publish_errors = Counter(
             f"{p}_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
 from worker.events import ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
+from worker.signing import Signer
 from worker.stream import (
     Envelope,
     Message,
-    Outputs,
+    OutputsSlot,
     Publication,
     Record,
     ServiceLimits,
@@ -40,16 +42,21 @@ log = get_logger(__name__)
 
 @dataclass(slots=True)
 class Tokenized:
-    """A decoded event and its token ids (the body of the monitor's envelope)."""
+    """A decoded event and its token rows (the body of the monitor's envelope): one row when the conversation
+    fits ``max_tokens``, else the usual view plus windows (probes/windows.py); the event scores as its best row."""
 
     event: ConversationEvent
-    ids: list[int]
+    rows: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.rows)
 
 
 Item = Envelope[Tokenized]
 
 
-class MonitorHandler:
+class MonitorHandler(OutputsSlot):
     """Conversation events in, probe verdicts (and review requests) out."""
 
     name = "worker"
@@ -68,11 +75,11 @@ class MonitorHandler:
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
         self._inference: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._out: Outputs | None = None
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
         self._recent_delegated = 0  # delegations among _recent, kept as they come and go
         self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
+        self.signer = Signer.from_config(settings.signing)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
         self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
@@ -80,15 +87,7 @@ class MonitorHandler:
         if not rule.valid:
             log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
 
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
-
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         return bool(len(self.batcher)) or self._inference is not None
 
@@ -106,11 +105,14 @@ class MonitorHandler:
     async def accept(self, records: Sequence[Record]) -> None:
         now = time.monotonic()
         stage = self.metrics.stage_cpu
+        w = self.settings.worker
         decoded: list[tuple[Record, ConversationEvent]] = []
         with stage("decode"):
             for record in records:
                 try:
-                    event = decode_event(record.value, max_bytes=self.settings.worker.max_event_bytes)
+                    event = decode_event(record.value, max_bytes=w.max_event_bytes,
+                                         max_metadata_depth=w.max_metadata_depth,
+                                         max_metadata_bytes=w.max_metadata_bytes)
                 except DecodeError as exc:
                     self.out.dead_letter(record, exc.reason, exc.detail, "decode")
                     continue
@@ -118,20 +120,43 @@ class MonitorHandler:
         if not decoded:
             return
         loop = asyncio.get_running_loop()
-
-        def tokenize() -> list[list[int]]:
-            with stage("render_tokenize"):
-                conversations = [event.conversation() for _, event in decoded]
-                try:
-                    return self.monitor.tokenize_batch(conversations)
-                except Exception:  # noqa: BLE001 - one at a time, so only the failing event fails
-                    return [self.monitor.tokenize(c) for c in conversations]
-
-        ids = await loop.run_in_executor(self._prep, tokenize)
+        rows = await loop.run_in_executor(self._prep, self._tokenize_all, [event for _, event in decoded])
         with stage("batch_collate"):
-            for (record, event), token_ids in zip(decoded, ids, strict=True):
-                self.batcher.add(Envelope.of(record, Tokenized(event, token_ids), now), len(token_ids), now)
+            for (record, event), event_rows in zip(decoded, rows, strict=True):
+                if isinstance(event_rows, Exception):  # a chat template or tokenizer that fails on this event alone
+                    self.out.dead_letter(record, "tokenize_error", repr(event_rows), "inference")
+                    continue
+                body = Tokenized(event, event_rows)
+                self.batcher.add(Envelope.of(record, body, now), body.tokens, now, key=event.tenant)
         self._wake.set()
+
+    def _tokenize_all(self, events: Sequence[ConversationEvent]) -> list[list[list[int]] | Exception]:
+        """Each event's rows: one call of the fast tokenizer for the batch; a conversation that had to be cut to
+        ``max_tokens`` is read again in windows (probes/windows.py). Whatever fails, fails for its event alone."""
+        with self.metrics.stage_cpu("render_tokenize"):
+            try:
+                ids = self.monitor.tokenize_batch([event.conversation() for event in events])
+            except Exception:  # noqa: BLE001 - one at a time, so only the failing event fails
+                return [self._tokenize(event) for event in events]
+            return [[row] if len(row) < self.monitor.max_tokens else self._tokenize(event)
+                    for event, row in zip(events, ids, strict=True)]
+
+    def _tokenize(self, event: ConversationEvent) -> list[list[int]] | Exception:
+        try:
+            return self.monitor.tokenize_windows(event.conversation())
+        except Exception as exc:  # noqa: BLE001 - whatever fails here fails for this event alone
+            return exc
+
+    def _collate(self, items: Sequence[Item]) -> tuple[Any, list[int]]:
+        """All rows of ``items`` in one batch, and the item each row belongs to."""
+        with self.metrics.stage_cpu("batch_collate"):
+            rows = [row for item in items for row in item.body.rows]
+            groups = [i for i, item in enumerate(items) for _ in item.body.rows]
+            return self.monitor.collate(rows), groups
+
+    def _score(self, batch: Any, groups: Sequence[int], n: int) -> Any:
+        with self.metrics.stage_cpu("score"):
+            return self.monitor.score_grouped(batch, groups, n)
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:
@@ -152,19 +177,11 @@ class MonitorHandler:
             if not batch:
                 continue
             items = [p.item for p in batch]
-            collated = await loop.run_in_executor(self._prep, self._collate, [i.body.ids for i in items])
+            collated = await loop.run_in_executor(self._prep, self._collate, items)
             if self._inference is not None:
                 await self._inference  # one batch in torch at a time; this one was collated meanwhile
             self._inference = asyncio.create_task(self._infer_and_publish(items, collated))
             self._inference.add_done_callback(self._inference_done)
-
-    def _collate(self, ids: list[list[int]]) -> Any:
-        with self.metrics.stage_cpu("batch_collate"):
-            return self.monitor.collate(ids)
-
-    def _score(self, batch: Any) -> Any:
-        with self.metrics.stage_cpu("score"):
-            return self.monitor.score(batch)
 
     def _inference_done(self, task: asyncio.Task[None]) -> None:
         if self._inference is task:
@@ -172,34 +189,45 @@ class MonitorHandler:
         if not task.cancelled() and task.exception() is not None:
             log.error("inference.task_failed", error=repr(task.exception()))
 
-    async def _infer_and_publish(self, items: list[Item], collated: Any) -> None:
+    async def _infer_and_publish(self, items: list[Item], collated: tuple[Any, list[int]]) -> None:
         started = time.monotonic()
         for item in items:
             self.metrics.queue_latency.observe(started - item.consumed_at)
         self.metrics.batch_size.observe(len(items))
-        self.metrics.batch_tokens.observe(collated.padded_tokens)
+        self.metrics.batch_tokens.observe(collated[0].padded_tokens)
 
         async def attempt(part: list[Item]) -> None:
             loop = asyncio.get_running_loop()
             # The whole batch was collated while the previous one ran; halves after a failure are collated anew.
-            batch = collated if part is items else await loop.run_in_executor(
-                self._prep, self._collate, [i.body.ids for i in part])
+            batch, groups = collated if part is items else await loop.run_in_executor(self._prep, self._collate, part)
             try:
-                scores = await loop.run_in_executor(self._infer, self._score, batch)
+                scores = await loop.run_in_executor(self._infer, self._score, batch, groups, len(part))
             except Exception:
                 self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
                 raise
             elapsed = time.monotonic() - started
             self.metrics.inference_latency.observe(elapsed)
             with self.metrics.stage_cpu("budget"):
-                delegations = self.budget.decide(scores.signal, [item.tp.partition for item in part])
+                delegations = self.budget.decide(scores.signal, [item.tp.partition for item in part],
+                                                 [item.body.event.tenant for item in part])
+            # From here on, whatever fails fails for its event alone: the batch is scored and must not be redone.
             with self.metrics.stage_cpu("serialise_publish"):
                 publications: list[Publication] = []
                 try:
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
+                        p_unsafe = float(scores.p_unsafe[i])
                         dv = None if scores.dv is None else float(scores.dv[i])
-                        publications.append(self._publish(item, float(scores.p_unsafe[i]), dv, delegation,
-                                                          queue_s=started - item.consumed_at, inference_s=elapsed))
+                        if not math.isfinite(p_unsafe) or (dv is not None and not math.isfinite(dv)):
+                            self.metrics.inference_errors.inc()
+                            self.out.dead_letter(item, "non_finite_score", f"p_unsafe={p_unsafe} dv={dv}",
+                                                 "inference")
+                            continue
+                        try:
+                            publications.append(self._publish(item, p_unsafe, dv, delegation,
+                                                              queue_s=started - item.consumed_at,
+                                                              inference_s=elapsed))
+                        except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
+                            self.out.dead_letter(item, "output_error", repr(exc), "inference")
                 finally:
                     self.out.publish_many(publications)  # what was built is sent and tracked, even after a failure
 
@@ -225,7 +253,8 @@ class MonitorHandler:
         )
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
-        messages = [Message(topics.verdicts, verdict.to_json(), key, headers)]
+        body = verdict.to_json()
+        messages = [Message(topics.verdicts, body, key, headers + self.signer.headers("verdict", key, body))]
         if delegation.delegated:
             request = ReviewRequest(
                 event=event, p_unsafe=p_unsafe, dv=dv, reason=delegation.reason,
@@ -233,7 +262,9 @@ class MonitorHandler:
                 bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
             )
-            messages.append(Message(topics.review, request.to_json(), key, headers))
+            review = request.to_json()
+            messages.append(Message(topics.review, review, key,
+                                    headers + self.signer.headers("review_request", key, review)))
         if len(self._recent) == self._recent.maxlen:
             self._recent_delegated -= self._recent[0]
         self._recent.append(delegation.delegated)

@@ -35,7 +35,7 @@ from worker.decode import DecodeError, decode_chunk
 from worker.events import ResponseChunk, StreamVerdict, utcnow
 from worker.metrics import ConsumerMetrics
 from worker.response_order import ChunkOrder, ClosedSet
-from worker.stream import Envelope, Message, Outputs, Record, ServiceLimits, Stream, split_on_failure
+from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
 Item = Envelope[ResponseChunk]
@@ -65,7 +65,7 @@ class OpenResponse:
     first: ResponseChunk | None = None
 
 
-class ResponseHandler:
+class ResponseHandler(OutputsSlot):
     """Response chunks in, stream verdicts out; torch runs on one inference thread, never on the loop."""
 
     name = "responses"
@@ -84,17 +84,8 @@ class ResponseHandler:
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-stream-infer")
         self._wake = asyncio.Event()
         self._working = False
-        self._out: Outputs | None = None
-
-    @property
-    def out(self) -> Outputs:
-        assert self._out is not None, "the stream has not started this handler"
-        return self._out
 
     # ---------------------------------------------------------------- handler protocol
-    async def start(self, outputs: Outputs) -> None:
-        self._out = outputs
-
     def busy(self) -> bool:
         return bool(self.queue) or self._working
 

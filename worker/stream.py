@@ -23,9 +23,15 @@ from worker.deadline import Deadline
 from worker.events import dead_letter
 from worker.health import HealthServer
 from worker.metrics import ConsumerMetrics
+from worker.publish import PERMANENT, TRANSIENT, RetryPolicy, send_all_acknowledged
+from worker.publish import Record as OutRecord
+from worker.topics import dead_letter_bytes
 
 log = get_logger(__name__)
-Stage = Literal["decode", "inference", "expert"]
+Stage = Literal["decode", "inference", "expert", "publish"]
+# A dead letter's Kafka key: enough of the original to find it, never the whole of a hostile multi-MB key.
+_DEAD_LETTER_KEY_BYTES = 256
+_SMALL_DEAD_LETTER_BYTES = 8192
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 T = TypeVar("T")
 H = TypeVar("H", bound="Handler")
@@ -79,7 +85,12 @@ class Message(NamedTuple):
 
 # A record to finish, its outputs, and what to run once the broker acknowledged them all.
 Publication: TypeAlias = "tuple[Envelope[Any], Sequence[Message], Callable[[], None] | None]"
-_AckEntry: TypeAlias = "tuple[TopicPartition, int, Sequence[Awaitable[Awaitable[Any]]], Callable[[], None] | None]"
+# A dead letter's (reason, error, stage) while a smaller one may still be tried; None once it is the small one;
+# False for ordinary outputs.
+_DeadLetterRetry: TypeAlias = "tuple[str, str, Stage] | None | bool"
+_AckEntry: TypeAlias = (
+    "tuple[Envelope[Any] | Record, Sequence[OutRecord], Callable[[], None] | None, _DeadLetterRetry]"
+)
 
 
 class Consumer(Protocol):
@@ -141,6 +152,20 @@ class Handler(Protocol):
         ...
 
 
+class OutputsSlot:
+    """The ``Outputs`` a stream hands its handler in ``start``; every handler keeps one."""
+
+    _out: Outputs | None = None
+
+    @property
+    def out(self) -> Outputs:
+        assert self._out is not None, "the stream has not started this handler"
+        return self._out
+
+    async def start(self, outputs: Outputs) -> None:
+        self._out = outputs
+
+
 class Outputs:
     """How a handler finishes a record: publish its outputs, dead-letter it, or mark it done."""
 
@@ -150,6 +175,7 @@ class Outputs:
         self._metrics = stream.metrics
         self._tracker = stream.tracker
         self.pending_acks: set[asyncio.Task[None]] = set()
+        self.retry = RetryPolicy()
 
     @property
     def stopping(self) -> bool:
@@ -169,64 +195,119 @@ class Outputs:
 
     def publish(self, item: Envelope[Any], messages: Sequence[Message],
                 on_acked: Callable[[], None] | None = None) -> None:
-        """Send the outputs; the offset is done once the broker acknowledged all of them (then ``on_acked``)."""
+        """Send the outputs; the offset is done once the broker acknowledged all of them (then ``on_acked``).
+
+        Transient failures (broker down, leader moving) are retried with backoff until acknowledged; an output
+        the broker can never take (too large, not authorised) dead-letters the input instead.
+        """
         self.publish_many([(item, messages, on_acked)])
 
     def publish_many(self, batch: Sequence[Publication]) -> None:
         """``publish`` for many records with one acknowledgement task; each offset still succeeds or fails alone."""
         self._track_acks_many([
-            (item.tp, item.offset, [self._producer.send(m.topic, m.value, key=m.key, headers=m.headers)
-                                    for m in messages], on_acked)
+            (item, [OutRecord(m.topic, m.value, m.key, tuple(m.headers or ())) for m in messages], on_acked, False)
             for item, messages, on_acked in batch
         ])
 
-    def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage) -> None:
-        """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged."""
-        if isinstance(item, Envelope):
-            tp, offset, key, value = item.tp, item.offset, item.key, item.value
-        else:
-            tp, offset, key, value = TopicPartition(item.topic, item.partition), item.offset, item.key, item.value
+    def dead_letter(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage, *,
+                    max_bytes: int | None = None) -> None:
+        """Publish the original bytes with the reason; the offset is done once the dead letter is acknowledged.
+
+        The dead letter is truncated to fit the topic's ``max.message.bytes`` as ``topics create`` sets it
+        (worker/topics.py), so it can always be written and never wedges the partition.
+        """
+        tp, offset, key, value = _origin(item)
         dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
-                         value=value, stage=stage)
+                         value=value, stage=stage,
+                         max_bytes=max_bytes or dead_letter_bytes(self._stream.limits.max_event_bytes))
         self._metrics.dead_letters.labels(reason=reason).inc()
         log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
-                    offset=offset)
-        send = self._producer.send(self._stream.dead_letter_topic, dl.to_json(), key=key)
-        self._track_acks_many([(tp, offset, [send], None)])
+                    offset=offset, stage=stage)
+        short_key = None if key is None else key[:_DEAD_LETTER_KEY_BYTES]
+        record = OutRecord(self._stream.dead_letter_topic, dl.to_json(), short_key)
+        self._track_acks_many([(item, [record], None, (reason, error, stage) if max_bytes is None else None)])
 
     def _track_acks_many(self, entries: list[_AckEntry]) -> None:
-        # One task per batch, not per record: per-record tasks were the event loop's largest cost at a few
-        # thousand events/s (allocation-driven garbage collections included).
+        """Send every entry's records, then mark each offset done once all of its records are acknowledged.
+
+        One task per batch, not per record: per-record tasks were the event loop's largest cost at a few thousand
+        events/s (allocation-driven garbage collections included). Everything is enqueued before any ack is
+        awaited, so the producer batches it; a record whose first send fails is then retried on its own.
+        """
+
         async def wait() -> None:
-            enqueued: list[list[Awaitable[Any]] | BaseException] = []
-            for _, _, sends, _ in entries:
-                try:
-                    # send() is a coroutine that enqueues the record and returns a future for the broker's ack.
-                    enqueued.append([await s for s in sends])
-                except Exception as exc:  # noqa: BLE001
-                    enqueued.append(exc)
-            for (tp, offset, _, on_acked), futures in zip(entries, enqueued, strict=True):
-                error = futures if isinstance(futures, BaseException) else None
-                if not isinstance(futures, BaseException):
+            enqueued: list[list[Awaitable[Any] | BaseException]] = []
+            for _, records, _, _ in entries:
+                futures: list[Awaitable[Any] | BaseException] = []
+                for r in records:
                     try:
-                        for future in futures:
-                            await future
+                        # send() enqueues the record and returns a future for the broker's ack.
+                        futures.append(await self._producer.send(r.topic, r.value, key=r.key, headers=list(r.headers)))
                     except Exception as exc:  # noqa: BLE001
-                        error = exc
-                if error is not None:
-                    # Never committed, so a restart re-reads it (no loss); liveness turns red once the commit
-                    # position is stuck behind it.
-                    self._metrics.publish_errors.inc()
-                    log.error("publish.failed", service=self._stream.name, error=repr(error),
-                              partition=tp.partition, offset=offset)
-                    continue
-                self._tracker.done(tp, offset)
-                if on_acked is not None:
-                    on_acked()
+                        futures.append(exc)
+                enqueued.append(futures)
+            for (item, records, on_acked, dead), futures in zip(entries, enqueued, strict=True):
+                if await self._acknowledged(item, records, futures, dead):
+                    tp, offset, _, _ = _origin(item)
+                    self._tracker.done(tp, offset)
+                    if on_acked is not None:
+                        on_acked()
 
         task = asyncio.create_task(wait())
         self.pending_acks.add(task)
         task.add_done_callback(self.pending_acks.discard)
+
+    async def _acknowledged(self, item: Envelope[Any] | Record, records: Sequence[OutRecord],
+                            futures: Sequence[Awaitable[Any] | BaseException], dead: _DeadLetterRetry) -> bool:
+        """True once every record is acknowledged (failed first sends retried with backoff).
+
+        ``dead``: False for outputs; for a dead letter, its (reason, error, stage) while a smaller one may still be
+        tried, None once it is the small one.
+        """
+        tp, offset, _, _ = _origin(item)
+        failed: list[tuple[OutRecord, BaseException]] = []
+        for record, future in zip(records, futures, strict=True):
+            try:
+                if isinstance(future, BaseException):
+                    raise future
+                await future
+            except Exception as error:  # noqa: BLE001 - told apart below: transient, permanent or unknown
+                failed.append((record, error))
+        if not failed:
+            return True
+        try:
+            for record, first in failed:
+                if isinstance(first, PERMANENT) or not isinstance(first, TRANSIENT) or self._stream.stopping.is_set():
+                    raise first
+                self._metrics.publish_retries.inc()
+                log.warning("publish.retry", topic=record.topic, error=type(first).__name__)
+            await send_all_acknowledged(self._producer, [record for record, _ in failed], policy=self.retry,
+                                        on_retry=lambda _: self._metrics.publish_retries.inc(),
+                                        stopping=self._stream.stopping)
+        except PERMANENT as exc:
+            self._metrics.publish_errors.inc()
+            log.error("publish.refused", service=self._stream.name, error=repr(exc), partition=tp.partition,
+                      offset=offset)
+            if dead is False:
+                self.dead_letter(item, "publish_refused", repr(exc), "publish")
+            elif isinstance(dead, tuple):
+                # The topic takes less than we were told: a small dead letter still frees the partition.
+                self.dead_letter(item, *dead, max_bytes=_SMALL_DEAD_LETTER_BYTES)
+            return False
+        except Exception as exc:  # noqa: BLE001
+            # Given up (stopping) or an unknown failure: never committed, so whoever owns the partition next
+            # re-reads it (no loss); liveness turns red once the commit position is stuck behind it.
+            self._metrics.publish_errors.inc()
+            log.error("publish.failed", service=self._stream.name, error=repr(exc), partition=tp.partition,
+                      offset=offset)
+            return False
+        return True
+
+
+def _origin(item: Envelope[Any] | Record) -> tuple[TopicPartition, int, bytes | None, bytes | None]:
+    if isinstance(item, Envelope):
+        return item.tp, item.offset, item.key, item.value
+    return TopicPartition(item.topic, item.partition), item.offset, item.key, item.value
 
 
 async def split_on_failure(batch: list[T], attempt: Callable[[list[T]], Awaitable[None]],
@@ -318,7 +399,32 @@ class Stream(Generic[H]):
         )
         return consumer, producer
 
+    async def _wait_for_topics(self) -> None:
+        """Without its topics a service would die on UnknownTopicOrPartition; it says which and waits instead."""
+        from worker.topics import missing_topics
+
+        names = [self.topic, self.dead_letter_topic]
+        logged = False
+        while not self.stopping.is_set():
+            try:
+                missing = await missing_topics(self.kafka, names)
+            except Exception as exc:  # noqa: BLE001 - no broker yet: the clients' own retries handle that later
+                log.warning(f"{self.name}.topic_check_failed", error=repr(exc))
+                return
+            if not missing:
+                return
+            if not logged:
+                log.error("topics.missing", service=self.name, topics=missing,
+                          hint=f"create them: ctd-monitor topics create --bootstrap {self.kafka.bootstrap_servers}")
+                logged = True
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+
     async def run(self) -> None:
+        if self.consumer is None:  # real clients: the topics must exist first
+            await self._wait_for_topics()
         consumer, producer = self._clients()
         self.consumer, self.producer = consumer, producer
         if self.limits.http_port is not None:
@@ -410,6 +516,10 @@ class Stream(Generic[H]):
             self.handler.wake()
             await asyncio.sleep(0.02)
         await self._commit(deadline, only=revoked)
+        # Queued work of partitions we no longer own would be done twice (here and by the new owner).
+        prune = getattr(self.handler, "revoked", None)
+        if prune is not None:
+            prune(revoked)
         abandoned = sum(self.tracker.in_flight(tp) for tp in revoked)
         self.tracker.forget(revoked)
         self._assigned -= revoked
@@ -424,19 +534,17 @@ class Stream(Generic[H]):
         paused = False
         while True:
             if self.tracker.in_flight() >= limit:
+                # Pause every assigned partition (again: a rebalance may have added some), but keep calling
+                # getmany: aiokafka leaves the group when it is not called for max_poll_interval_ms.
+                consumer.pause(*consumer.assignment())
                 if not paused:
-                    consumer.pause(*consumer.assignment())
                     paused = True
                     metrics.paused.set(1)
-                # The loop is alive while paused; whether work is stuck is the commit age's call.
-                self._last_progress = time.monotonic()
-                await asyncio.sleep(0.01)
-                continue
-            if paused:
+            elif paused:
                 consumer.resume(*consumer.assignment())
                 paused = False
                 metrics.paused.set(0)
-            batch = await consumer.getmany(timeout_ms=100, max_records=min(500, limit))
+            batch = await consumer.getmany(timeout_ms=100 if not paused else 20, max_records=min(500, limit))
             self._last_progress = time.monotonic()
             metrics.last_progress.set(time.time())
             records = []

@@ -55,6 +55,7 @@ from worker.config import (
 )
 from worker.main import GuardProcess
 from worker.monitor import monitor_stream
+from worker.topics import create_topics, topic_specs
 
 log = get_logger(__name__)
 # A guard such as Llama Guard 3 8B beside a 1B monitored model: the production cost ratio the demo projects.
@@ -254,8 +255,9 @@ def run_demo(settings: Settings, options: DemoOptions, progress: ProgressFactory
     broker = LocalBroker(cache_dir=resolve_cache_dir(), data_dir=options.out / "kafka" / run_id)
     broker.start(timeout_s=120)
     try:
-        broker.create_topics(topics.partitions(3))
         ws, gs = _service_settings(settings, broker.bootstrap, topics, bundle_dir, run_id)
+        # The same topics, configs included, as `ctd-monitor topics create` makes (worker/topics.py).
+        asyncio.run(create_topics(ws.kafka, topic_specs(ws.topics, ws.worker, input_partitions=3)))
         stream = asyncio.run(_stream(ws, gs, monitor, expert, records, options, progress))
     finally:
         broker.stop()

@@ -22,11 +22,12 @@ import torch
 from probes.batching import plan_batches
 from probes.cache import atomic_directory, atomic_write_bytes, sha256_text
 from probes.config import EncoderHeadConfig
-from probes.conversation import Conversation, plain_text
+from probes.conversation import Conversation
 from probes.data import Record
 from probes.errors import ExpertError, ModelSpecError
 from probes.logs import get_logger
 from probes.models import layer_stack, resolve_device, resolve_dtype, resolve_model_dir, weights_sha256
+from probes.render import render_text
 
 log = get_logger(__name__)
 Progress = Callable[[int], None]
@@ -43,7 +44,8 @@ def _tokenizer(model_dir: Path, max_length: int) -> Any:
 
 
 def _encode(tokenizer: Any, conversations: Sequence[Conversation], max_length: int) -> list[list[int]]:
-    texts = [plain_text(c) for c in conversations]
+    # render_text: plain text for an encoder, with control-token strings in the content made inert
+    texts = [render_text(tokenizer, c) for c in conversations]
     return list(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
 

@@ -8,12 +8,16 @@ how much probability the model wastes on formatting tokens.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 
-from probes.conversation import Conversation, plain_text
+from probes.conversation import Conversation, Message, plain_text
 from probes.errors import ConfigError, ExpertError
+from probes.special_tokens import JOINER, neutralise
 
 PLACEHOLDER = "{conversation}"
+# Turn prefixes a guard reads as speaker changes: plain_text's, and Llama Guard's "Agent".
+_ROLE_LINE = re.compile(r"(?mi)^([ \t]*)(user|assistant|system|agent|human|ai)([ \t]*:)")
 
 
 def fill_template(template: str, text: str) -> str:
@@ -27,9 +31,35 @@ def fill_template(template: str, text: str) -> str:
     return template.replace(PLACEHOLDER, text)
 
 
-def guard_prompt(template: str, conversation: Conversation) -> str:
-    """The guard's user prompt: ``template`` with the conversation's plain-text rendering filled in."""
-    return fill_template(template, plain_text(conversation))
+def _frame_lines(template: str) -> frozenset[str]:
+    """The template's own text lines (its delimiters and instructions), which content must not repeat."""
+    return frozenset(
+        line.strip() for line in template.split(PLACEHOLDER, 1)[0].splitlines()
+        + template.split(PLACEHOLDER, 1)[-1].splitlines() if len(line.strip()) >= 3
+    )
+
+
+def conversation_text(template: str, conversation: Conversation, special: Iterable[str] = ()) -> str:
+    """The conversation as the guard reads it, with nothing in it that could pass for the prompt's structure.
+
+    Content is untrusted. In each message, control-token strings (``special``: the guard tokenizer's own, plus
+    the generic chat formats) are neutralised, so are the template's delimiter and instruction lines
+    ("<END CONVERSATION>", "Provide your safety assessment ...") and line-initial speaker prefixes ("Agent:"),
+    so a user cannot end the conversation early, add instructions, or write the assistant's turn for it.
+    """
+    strings = frozenset(special) | _frame_lines(template)
+    safe = []
+    for m in conversation:
+        content = neutralise(m.content, strings)
+        content = _ROLE_LINE.sub(lambda g: g.group(1) + g.group(2)[0] + JOINER + g.group(2)[1:] + g.group(3),
+                                 content)
+        safe.append(Message(m.role, content))
+    return plain_text(safe)
+
+
+def guard_prompt(template: str, conversation: Conversation, special: Iterable[str] = ()) -> str:
+    """The guard's user prompt: ``template`` with the conversation's (neutralised) plain text filled in."""
+    return fill_template(template, conversation_text(template, conversation, special))
 
 
 def p_unsafe_from_logprobs(

@@ -22,11 +22,12 @@ import numpy.typing as npt
 import torch
 
 from probes.config import HFGuardConfig
-from probes.conversation import Conversation, plain_text
+from probes.conversation import Conversation
 from probes.errors import ConfigError, ExpertError, ModelSpecError
-from probes.experts.guard_prompt import fill_template
+from probes.experts.guard_prompt import conversation_text, fill_template
 from probes.logs import get_logger
 from probes.models import BUILTIN_SPECS, resolve_device, resolve_dtype, resolve_model_dir, weights_sha256
+from probes.special_tokens import special_strings
 
 log = get_logger(__name__)
 
@@ -80,6 +81,7 @@ class HFGuardExpert:
                 "hf_guard.multi_token_verdict", model=self.model_id, unsafe_ids=unsafe_len, safe_ids=safe_len
             )
 
+        self._special = special_strings(tokenizer)
         self._frame = self._split_template()
         overhead = 0 if self._frame is None else len(self._frame[0]) + len(self._frame[1])
         if overhead >= config.max_length:
@@ -149,7 +151,7 @@ class HFGuardExpert:
         the latest turns are what a streaming monitor must judge, and without the instructions the guard
         would not know what it is asked.
         """
-        text = plain_text(conversation)
+        text = conversation_text(self.config.prompt_template, conversation, self._special)
         full = self._ids(self._render(text))
         limit = self.config.max_length
         if len(full) <= limit:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,7 @@ from tests.deploy.helpers import DEPLOY, Doc, field_path, named, of_kind, select
 from worker.__main__ import parser
 from worker.config import GuardSettings, WorkerSettings
 from worker.health import HealthServer
+from worker.topics import topic_specs
 
 # The command each Deployment runs → its settings class (the guard's `expert` command is GuardSettings by contract).
 COMMANDS: dict[str, type[Settings]] = {"run": WorkerSettings, "expert": GuardSettings}
@@ -185,3 +187,62 @@ def test_scaledobjects_watch_the_consumer_groups_the_pods_use(
 
 def test_topic_component_names_every_topic_of_the_settings() -> None:
     assert set(topic_partitions()) == set(WorkerSettings().topics.model_dump().values())
+
+
+def test_topic_configs_match_what_topics_create_sets(
+    renders: dict[str, list[Doc]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max.message.bytes (and the rest) as `ctd-monitor topics create` would set them for the deployed worker's
+    settings: an event the worker accepts, its review request and its dead letter always fit."""
+    docs = renders["gpu+components"]
+    worker = effective_settings(docs, named(docs, "Deployment", "ctd-worker"), tmp_path, monkeypatch)
+    assert isinstance(worker, WorkerSettings)
+    topics = {d["spec"].get("topicName", d["metadata"]["name"]): d["spec"] for d in of_kind(docs, "KafkaTopic")}
+    specs = topic_specs(worker.topics, worker.worker, replication_factor=3)
+    assert set(topics) == {s.name for s in specs}
+    for spec in specs:
+        assert topics[spec.name]["replicas"] == spec.replication_factor
+        config = {k: str(v) for k, v in topics[spec.name]["config"].items()}
+        assert config == spec.config, spec.name
+        assert int(config["max.message.bytes"]) >= worker.worker.max_event_bytes + 65_536
+
+
+def _ports(rule: dict[str, Any]) -> set[object]:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_policies_let_each_pod_do_its_job_and_nothing_else(
+    renders: dict[str, list[Doc]], variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = renders[variant]
+    policies = of_kind(docs, "NetworkPolicy")
+    for dep in of_kind(docs, "Deployment"):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        mine = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+        assert len(mine) == 1, f"{dep['metadata']['name']}: one NetworkPolicy expected"
+        spec = mine[0]["spec"]
+        assert set(spec["policyTypes"]) == {"Ingress", "Egress"}, "default-deny both ways"
+        port_names = {p["name"] for p in container(dep)["ports"]}
+        ingress_ports = set().union(*(_ports(r) for r in spec["ingress"]))
+        assert ingress_ports and ingress_ports <= port_names, "only the metrics/health port is reachable"
+        settings = effective_settings(docs, dep, tmp_path, monkeypatch)
+        egress_ports = set().union(*(_ports(r) for r in spec["egress"]))
+        kafka_ports = {int(s.rsplit(":", 1)[1]) for s in settings.kafka.bootstrap_servers.split(",")}  # type: ignore[attr-defined]
+        assert kafka_ports <= egress_ports and 53 in egress_ports
+        if isinstance(settings, GuardSettings) and settings.expert.backend == "openai-compatible":
+            port = httpx.URL(settings.expert.openai.base_url).port
+            assert port in egress_ports, "the guard reaches its expert endpoint"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_signing_key_comes_from_a_secret_and_is_required(
+    renders: dict[str, list[Doc]], variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = renders[variant]
+    for dep in of_kind(docs, "Deployment"):
+        env = {e["name"]: e for e in container(dep)["env"]}
+        ref = env["CTD_SIGNING__KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "ctd-signing" and not ref.get("optional", False)
+        settings = effective_settings(docs, dep, tmp_path, monkeypatch)
+        assert settings.signing.required and settings.signing.enabled  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ import yaml
 from probes.config import Settings, load_settings
 from tests.deploy.helpers import DOCKER, REPO, field_path, tool
 from worker.__main__ import parser
-from worker.config import GuardSettings, TopicsConfig, WorkerSettings
+from worker.config import GuardSettings, WorkerSettings
 
 COMMANDS: dict[str, type[Settings]] = {"run": WorkerSettings, "expert": GuardSettings}
 IMAGES = {"Dockerfile.cpu": "run", "Dockerfile.gpu": "run", "Dockerfile.guard": "expert"}
@@ -176,8 +176,21 @@ def test_compose_services_match_images_and_settings(tmp_path: Path, monkeypatch:
         assert grace >= section.shutdown_deadline_s + 10, f"compose {name}: stop_grace_period"
 
 
-def test_compose_creates_every_topic_of_the_settings() -> None:
-    script = " ".join(compose()["services"]["topics"]["command"])
-    created = dict(re.findall(r"([a-z-]+):(\d+)", script.split(";")[0]))
-    assert set(created) == set(TopicsConfig().model_dump().values())
-    assert all(int(n) >= 1 for n in created.values())
+def test_compose_creates_the_topics_with_the_cli() -> None:
+    """The topics come from `ctd-monitor topics create` in the worker's own image, so partitions and configs
+    (max.message.bytes from worker.max_event_bytes) are the CLI's, not a second copy in a shell loop."""
+    services = compose()["services"]
+    topics, worker = services["topics"], services["worker"]
+    assert topics["image"] == worker["image"] and topics["build"] == worker["build"]
+    _, stages = parse_dockerfile(DOCKER / "Dockerfile.cpu")
+    assert json.loads(one(stages[-1], "ENTRYPOINT")) == ["python", "-m", "worker"]
+    command = [str(c) for c in topics["command"]]
+    parsed = parser().parse_args(command)
+    assert (parsed.command, parsed.action) == ("topics", "create") and parsed.partitions >= 1
+    assert command[command.index("--bootstrap") + 1] == worker["environment"]["CTD_KAFKA__BOOTSTRAP_SERVERS"]
+    # The worker and the topic creator must read the same event size limit.
+    limits = {k: v for k, v in worker["environment"].items() if k.startswith("CTD_WORKER__MAX_EVENT")}
+    assert {k: v for k, v in topics.get("environment", {}).items() if k.startswith("CTD_WORKER__")} == limits
+    assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in ("worker", "guard"):
+        assert services[name]["depends_on"]["topics"]["condition"] == "service_completed_successfully"

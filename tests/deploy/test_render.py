@@ -16,9 +16,9 @@ CUSTOM_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "kafka.strimzi.io/")
 
 BASE_KINDS = {
     "Deployment": 2, "Service": 2, "ConfigMap": 2, "PodDisruptionBudget": 2, "ScaledObject": 2,
-    "ServiceMonitor": 2, "PrometheusRule": 1,
+    "ServiceMonitor": 2, "PrometheusRule": 1, "NetworkPolicy": 2,
 }
-COMPONENT_KINDS = {"KafkaTopic": 5, "TriggerAuthentication": 1}
+COMPONENT_KINDS = {"KafkaTopic": 7, "TriggerAuthentication": 1}
 
 
 def is_core(doc: Doc) -> bool:

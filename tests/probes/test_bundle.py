@@ -86,3 +86,28 @@ def test_update_manifest_refuses_an_untyped_section(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="invalid manifest change"):
         update_manifest(tmp_path / "b", calibration={"tau": 0.3})
     load_bundle(tmp_path / "b")  # the manifest on disk is untouched
+
+
+def _rewrite_files(directory: Path, files: dict[str, str]) -> None:
+    path = directory / MANIFEST
+    manifest = orjson.loads(path.read_bytes())
+    manifest["files"] = files
+    path.write_bytes(orjson.dumps(manifest))
+
+
+def test_a_manifest_without_a_complete_files_list_is_refused(tmp_path: Path) -> None:
+    """Issue 14 point 9: an empty (or partial) files list used to load the tensors unverified."""
+    save_bundle(_bundle(), tmp_path / "b")
+    _rewrite_files(tmp_path / "b", {})
+    with pytest.raises(BundleIntegrityError, match=f"does not list {HEADS_FILE}"):
+        load_bundle(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "sub/../../outside.bin"])
+def test_file_names_must_stay_inside_the_bundle(tmp_path: Path, name: str) -> None:
+    save_bundle(_bundle(), tmp_path / "b")
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    digest = orjson.loads((tmp_path / "b" / MANIFEST).read_bytes())["files"][HEADS_FILE]
+    _rewrite_files(tmp_path / "b", {HEADS_FILE: digest, name: "0" * 64})
+    with pytest.raises(BundleIntegrityError, match="outside the bundle directory"):
+        load_bundle(tmp_path / "b")

@@ -114,3 +114,70 @@ async def test_webhook_gives_up_on_client_errors_and_after_retries() -> None:
     with pytest.raises(WebhookRejected, match="gave up after 3 attempts"):
         await unreachable.deliver(alert)
     assert len(attempts) == 3
+
+
+# --- issue 14: fail-closed verdicts alert, tenants have their own buckets, sinks per URL, signatures ------------
+
+
+def test_a_fail_closed_verdict_is_final_and_critical() -> None:
+    policy = AlertPolicy(AlertsConfig())
+    fail_closed = verdict(source="expert_unavailable", p=0.3).model_copy(update={"decision": "unsafe"})
+    alert, why = policy.consider(fail_closed, 0.0)
+    assert why is None and alert is not None and alert.severity == "critical" and alert.source == "expert_unavailable"
+
+
+def test_webhooks_on_one_host_are_separate_sinks() -> None:
+    a = WebhookSink(WebhookSinkConfig(url="https://hooks.example.com/services/T1/secret-a"))
+    b = WebhookSink(WebhookSinkConfig(url="https://hooks.example.com/services/T2/secret-b"))
+    assert a.name != b.name and "secret" not in a.name and a.name.startswith("webhook:hooks.example.com#")
+
+
+def _handler(**alerts: Any) -> Any:
+    from worker.alerts import AlertHandler
+    from worker.config import GuardSettings
+    from worker.metrics import AlerterMetrics
+
+    return AlertHandler(GuardSettings(alerts=AlertsConfig(**alerts)), AlerterMetrics(), [])
+
+
+def test_one_tenants_alert_flood_does_not_silence_another() -> None:
+    handler = _handler(rate_limit_per_s=0.001, rate_burst=5)
+    flood = [handler._bucket("noisy").take() for _ in range(100)]
+    assert sum(flood) == 5
+    assert handler._bucket("quiet").take(), "the quiet tenant still has its own bucket"
+    shared = _handler(rate_limit_per_s=0.001, rate_burst=5, rate_limit_scope="global")
+    [shared._bucket("noisy").take() for _ in range(100)]
+    assert not shared._bucket("quiet").take()
+
+
+async def test_forged_verdicts_are_dead_lettered_not_alerted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from tests.worker.test_stream import record
+    from worker.config import SigningConfig
+    from worker.signing import Signer
+
+    handler = _handler()
+    handler.signer = Signer.from_config(SigningConfig(key=SecretStr("k")))
+    done: list[Any] = []
+
+    class Out:
+        def dead_letter(self, item: Any, reason: str, error: str, stage: str) -> None:
+            done.append(("dead", reason, stage))
+
+        def done(self, item: Any) -> None:
+            done.append(("done",))
+
+        def publish(self, item: Any, messages: Any, on_acked: Any = None) -> None:
+            done.append(("alert", [dict(m.headers)["ctd-signature"][:3] for m in messages]))
+
+    handler._out = Out()
+    body = verdict(conversation="c9").to_json()
+    forged = record(__import__("aiokafka").TopicPartition("verdicts", 0), 0, body)
+    await handler.accept([forged])
+    assert done == [("dead", "bad_signature", "decode")]
+    import dataclasses
+
+    signed = dataclasses.replace(forged, key=b"c9", headers=tuple(handler.signer.headers("verdict", b"c9", body)))
+    await handler.accept([signed])
+    assert done[-1] == ("alert", [b"v1:"]), "a signed harmful verdict alerts, and the alert is signed"

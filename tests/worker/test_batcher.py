@@ -47,3 +47,39 @@ def test_every_item_exactly_once_within_limits(lengths: list[int], max_items: in
         assert len(batch) == 1 or max(p.tokens for p in batch) * len(batch) <= 400
         seen.extend(p.item for p in batch)
     assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_a_flooding_tenant_does_not_starve_another() -> None:
+    """2000 events of one tenant wait in front of 10 of another: the quiet tenant's events are batched in the
+    next few batches (oldest-first would serve them after the whole flood, ~250 batches later)."""
+    b: MicroBatcher[str] = MicroBatcher(BatchLimits(max_batch_tokens=10_000, max_items=8, max_wait_s=0,
+                                                   lookahead=512))
+    for i in range(2000):
+        b.add(f"flood{i}", 50 + i % 7, now=0.0, key="flood")
+    for i in range(10):
+        b.add(f"quiet{i}", 50, now=1.0, key="quiet")
+    batches = []
+    while len(b):
+        batches.append([p.item for p in b.next_batch(2.0)])
+    quiet_batches = [n for n, batch in enumerate(batches) if any(x.startswith("quiet") for x in batch)]
+    assert quiet_batches and max(quiet_batches) <= 3, quiet_batches
+    assert sorted(x for batch in batches for x in batch) == sorted(
+        [f"flood{i}" for i in range(2000)] + [f"quiet{i}" for i in range(10)])
+    # each tenant's own events keep their order
+    flood_order = [int(x[5:]) for batch in batches for x in batch if x.startswith("flood")]
+    assert flood_order[:8] == sorted(flood_order[:8])
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 60)), min_size=1, max_size=80),
+       st.integers(1, 6))
+def test_every_keyed_item_exactly_once(items: list[tuple[str, int]], max_items: int) -> None:
+    b: MicroBatcher[int] = MicroBatcher(BatchLimits(max_batch_tokens=200, max_items=max_items, max_wait_s=0,
+                                                   lookahead=16))
+    for i, (key, tokens) in enumerate(items):
+        b.add(i, tokens, now=0.0, key=key)
+    seen: list[int] = []
+    while len(b):
+        batch = b.next_batch(1.0)
+        assert batch and len(batch) <= max_items
+        seen.extend(p.item for p in batch)
+    assert sorted(seen) == list(range(len(items)))

@@ -190,3 +190,44 @@ def test_a_non_finite_signal_is_never_delegated_and_stays_out_of_the_window() ->
     assert not any(d.delegated for d, v in zip(decisions, x, strict=True) if np.isnan(v))
     w = controller.windows[-1]
     assert w.threshold is not None and np.isfinite(list(w.signals)).all() and len(w.decisions) == 50
+
+
+def _interleave(seed: int, flood: np.ndarray, quiet: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The flood and the quiet tenant's events merged in a seeded random order (each keeps its own order)."""
+    rng = np.random.default_rng(seed)
+    owners = np.array(["flood"] * flood.size + ["quiet"] * quiet.size)
+    rng.shuffle(owners)
+    signals = np.empty(owners.size)
+    signals[owners == "flood"], signals[owners == "quiet"] = flood, quiet
+    return signals, owners.tolist()
+
+
+@pytest.mark.parametrize("hard_cap", [False, True])
+def test_tenant_scope_keeps_a_flooding_tenant_off_the_others_budget(hard_cap: bool) -> None:
+    """One tenant floods the stream with borderline traffic (5x the events, 4x the delegation rate). Under scope
+    "tenant" the quiet tenant's decisions are exactly what they are without the flood; under the shared
+    worker scope the flood spends the quiet tenant's budget."""
+    quiet = stream(21, (OFFLINE_RATE, 1500))
+    flood = stream(22, (4 * OFFLINE_RATE, 7500))
+    signals, owners = _interleave(23, flood, quiet)
+    mine = [i for i, o in enumerate(owners) if o == "quiet"]
+
+    alone = flags(BudgetController(RULE, config(scope="tenant", hard_cap=hard_cap)).decide(
+        quiet, [0] * quiet.size, ["quiet"] * quiet.size))
+    isolated = BudgetController(RULE, config(scope="tenant", hard_cap=hard_cap))
+    with_flood = flags(isolated.decide(signals, [0] * signals.size, owners))[mine]
+    np.testing.assert_array_equal(with_flood, alone)
+    assert set(isolated.windows) == {"t:flood", "t:quiet"}
+    assert isolated.windows["t:flood"].threshold is not None and isolated.windows["t:flood"].threshold > TAU
+
+    shared = flags(BudgetController(RULE, config(hard_cap=hard_cap)).decide(signals, [0] * signals.size))[mine]
+    assert shared.sum() < alone.sum() * 0.8, "without isolation the flood takes the quiet tenant's budget"
+
+
+def test_tenant_windows_are_bounded() -> None:
+    controller = BudgetController(RULE, config(scope="tenant", max_scopes=3))
+    x = stream(24, (OFFLINE_RATE, 10))
+    controller.decide(x, [0] * 10, [f"t{i}" for i in range(10)])
+    assert len(controller.windows) == 4 and controller.windows["*"].seen == 7
+    with pytest.raises(ValueError, match="tenant"):
+        controller.decide(x[:1], [0])

@@ -51,7 +51,8 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
     assert summary["events"] == 60 and ticks["replay"] == 60 and ticks["final verdicts"] == 60
     budget = summary["budget"]
     assert budget["signal"] == "dv" and budget["threshold"] is not None
-    assert 0 < budget["delegated"] and budget["realized_rate"] == pytest.approx(budget["delegated"] / 60)
+    # the summary rounds the rate to 4 decimals
+    assert 0 < budget["delegated"] and budget["realized_rate"] == pytest.approx(budget["delegated"] / 60, abs=1e-4)
     for name in ("probe_only", "cascade", "expert_only"):
         assert 0.0 <= summary[name]["accuracy"] <= 1.0 and 0.0 <= summary[name]["f1"] <= 1.0
     assert summary["alerts"]["raised"] == summary["alerts"]["harmful_conversations"] > 0

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import hashlib
+import json
 from pathlib import Path
 from typing import get_args
 
@@ -10,7 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.decode import DecodeError, DecodeReason, decode_event
-from worker.events import ConversationEvent, dead_letter, json_schemas
+from worker.events import (
+    Alert,
+    BudgetState,
+    ConversationEvent,
+    ReviewRequest,
+    Timings,
+    Verdict,
+    dead_letter,
+    json_schemas,
+    utcnow,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "worker" / "schemas"
 
@@ -141,3 +154,129 @@ def test_decoding_fuzzed_traffic_accounts_for_every_record(raws: list[bytes | No
             assert decode_event(event.to_json()) == event
         outcomes += 1
     assert outcomes == len(raws)
+
+
+# --- hostile inputs that decode must also serialise (issue 14) -------------------------------------------------
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_deep_metadata_is_dead_lettered_at_decode() -> None:
+    """The issue's record: a schema-valid 1.5 kB event whose metadata nests a few hundred levels. It used to
+    decode, then `Verdict.to_json()` raised inside the batch and blinded the partition."""
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300  # deeper than orjson itself would write
+    raw = orjson.dumps(_event(metadata={"x": "DEEP"})).replace(b'"DEEP"', deep)
+    assert 1000 < len(raw) < 4096
+    with pytest.raises(DecodeError) as info:
+        decode_event(raw)
+    assert info.value.reason == "metadata_too_deep" and "limit 16" in info.value.detail
+
+
+def test_deep_metadata_of_a_response_chunk_is_refused_at_decode_too() -> None:
+    """Streamed chunks carry metadata into their verdicts as well: the same limits hold there."""
+    from worker.decode import decode_chunk
+
+    chunk = {"response_id": "r", "seq": 0, "text": "hi", "final": True, "created_at": "2026-01-01T00:00:00Z",
+             "context": [{"role": "user", "content": "q"}], "metadata": {"x": "DEEP"}}
+    decode_chunk(orjson.dumps({**chunk, "metadata": {"x": 1}}))
+    raw = orjson.dumps(chunk).replace(b'"DEEP"', b'{"a":' * 300 + b"1" + b"}" * 300)
+    with pytest.raises(DecodeError) as info:
+        decode_chunk(raw)
+    assert info.value.reason == "metadata_too_deep"
+
+
+def test_metadata_limits_are_settings() -> None:
+    at_limit = orjson.dumps(_event(metadata=_nested(16)))
+    decode_event(at_limit)  # depth 16 (the metadata object itself counts) is allowed
+    with pytest.raises(DecodeError, match="metadata_too_deep"):
+        decode_event(orjson.dumps(_event(metadata=_nested(17))))
+    with pytest.raises(DecodeError, match="metadata_too_deep"):
+        decode_event(at_limit, max_metadata_depth=4)
+    big = orjson.dumps(_event(metadata={"blob": "x" * 20_000}))
+    with pytest.raises(DecodeError) as info:
+        decode_event(big)
+    assert info.value.reason == "metadata_too_large"
+    assert decode_event(big, max_metadata_bytes=30_000).metadata["blob"] == "x" * 20_000
+
+
+def test_naive_timestamps_are_read_as_utc() -> None:
+    event = decode_event(orjson.dumps(_event(created_at="2026-11-23T10:00:00")))
+    assert event.created_at == dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
+    shifted = decode_event(orjson.dumps(_event(created_at="2026-11-23T12:00:00+02:00")))
+    assert shifted.created_at == event.created_at and shifted.created_at.utcoffset() == dt.timedelta(0)
+    assert (utcnow() - event.created_at).total_seconds() > 0  # aware arithmetic: used to raise TypeError
+    request = ReviewRequest(event=event, p_unsafe=0.5, dv=None, reason="r", threshold=None, bundle_version="b",
+                            requested_at=dt.datetime(2026, 11, 23, 10))
+    assert request.requested_at.tzinfo is not None
+    assert ReviewRequest.model_validate_json(request.to_json()).requested_at == request.requested_at
+
+
+def _outputs(event: ConversationEvent) -> list[bytes]:
+    """Every record the monitor writes about a decoded event, serialised."""
+    verdict = Verdict(
+        event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant, p_unsafe=0.5, dv=0.1,
+        delegated=True, decision="unsafe", source="probe", budget=BudgetState(), bundle_version="b",
+        model_version="m", timings=Timings(), decided_at=utcnow(), metadata=event.metadata,
+    )
+    review = ReviewRequest(event=event, p_unsafe=0.5, dv=0.1, reason="r", threshold=0.2, bundle_version="b",
+                           requested_at=utcnow())
+    alert = Alert(alert_id="a", event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
+                  severity="warning", source="probe", p_unsafe=0.5, bundle_version="b",
+                  verdict_decided_at=verdict.decided_at, raised_at=utcnow(), metadata=event.metadata)
+    return [verdict.to_json(), review.to_json(), alert.to_json()]
+
+
+metadata_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=40,
+)
+
+
+@given(metadata=st.dictionaries(st.text(max_size=8), metadata_values, max_size=4), depth=st.integers(0, 400),
+       created_at=st.datetimes(timezones=st.none() | st.timezones()))
+def test_every_decoded_event_serialises_in_every_output(
+    metadata: dict[str, object], depth: int, created_at: dt.datetime
+) -> None:
+    """Whatever the metadata and timestamp, an event either fails to decode or all its outputs serialise."""
+    # json, not orjson, writes the producer's bytes: it also writes integers past 64 bits
+    raw = json.dumps(_event(metadata={**metadata, "deep": _nested(depth)}, created_at=created_at.isoformat())).encode()
+    try:
+        event = decode_event(raw)
+    except DecodeError as exc:
+        assert exc.reason in get_args(DecodeReason)
+        return
+    for body in _outputs(event):
+        assert orjson.loads(body)["schema_version"] == 1
+
+
+def test_dead_letter_fits_the_limit_and_identifies_the_original() -> None:
+    raw = bytes(range(256)) * 3900  # ~1 MB of binary: base64 alone would be 1.33 MB
+    record = dead_letter(reason="oversize", error="too big", topic="in", partition=1, offset=9, key=b"k" * 2000,
+                         value=raw, stage="decode", max_bytes=1_000_000)
+    body = record.to_json()
+    assert len(body) <= 1_000_000
+    parsed = orjson.loads(body)
+    assert parsed["truncated"] is True and parsed["value_bytes"] == len(raw) and parsed["key_bytes"] == 2000
+    assert parsed["value_sha256"] == hashlib.sha256(raw).hexdigest()
+    prefix = base64.b64decode(parsed["value_b64"])
+    assert raw.startswith(prefix) and len(prefix) > 700_000
+    assert base64.b64decode(parsed["key_b64"]) == b"k" * 256
+    small = dead_letter(reason="x", error="e", topic="in", partition=0, offset=0, key=None, value=b"abc",
+                        stage="decode", max_bytes=1_000_000)
+    assert small.truncated is False and base64.b64decode(small.value_b64) == b"abc" and small.value_bytes == 3
+
+
+@given(size=st.integers(0, 20_000), limit=st.integers(1024, 12_000))
+def test_dead_letter_never_exceeds_its_limit(size: int, limit: int) -> None:
+    raw = b"\xfe" * size
+    body = dead_letter(reason="oversize", error="e" * 3000, topic="in", partition=0, offset=1, key=b"k",
+                       value=raw, stage="decode", max_bytes=limit).to_json()
+    assert len(body) <= limit
+    assert raw.startswith(base64.b64decode(orjson.loads(body)["value_b64"]))

@@ -258,6 +258,56 @@ async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_neve
     await hook.stop()
 
 
+class ChokingExpert(FlakyExpert):
+    """The real expert, except on two crafted conversations: one it refuses for good (a context-length 4xx), one
+    it never answers in time."""
+
+    def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
+        from probes.errors import ExpertError
+
+        self.calls += 1
+        texts = [c[0].content for c in conversations]
+        if any("PADDED" in t for t in texts):
+            raise ExpertError("HTTP 400: this model's maximum context length is 8192 tokens")
+        if any("HANG" in t for t in texts):
+            time.sleep(1.0)
+        return self.inner.score(conversations)
+
+
+async def test_an_expert_that_fails_for_good_still_yields_a_final_unsafe_verdict_and_an_alert(
+    kafka_broker, cache_dir: Path, datasets_dir: Path, small_expert: EncoderHeadExpert
+) -> None:
+    """Fail closed (issue 14 point 5): padding a conversation until the expert refuses it, or making it hang,
+    must not take it out of alerting. Timeouts split the batch like errors, so the others are answered."""
+    topics = new_topics(kafka_broker.create_topics)
+    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, expert_timeout_s=0.5, max_expert_attempts=2,
+                        max_batch=8)
+    requests = review_requests(datasets_dir, 6)
+    crafted = []
+    for marker in ("PADDED", "HANG"):
+        body = orjson.loads(requests[0][1])
+        body["event"]["event_id"] = f"crafted-{marker}"
+        body["event"]["conversation_id"] = f"conv-{marker}"
+        body["event"]["messages"] = [{"role": "user", "content": f"{marker} how do I make a weapon? " * 20}]
+        body["p_unsafe"] = 0.3  # the probe thought it harmless: only the expert could have said otherwise
+        crafted.append((f"conv-{marker}".encode(), orjson.dumps(body)))
+    guard, task = await _start_guard(gs, ChokingExpert(small_expert))
+    await produce_raw(kafka_broker.bootstrap, topics.review, [*crafted, *requests])
+    verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 8,
+                                timeout=90)
+    by_id = {v["event_id"]: v for v in verdicts}
+    for marker in ("PADDED", "HANG"):
+        v = by_id[f"crafted-{marker}"]
+        assert (v["source"], v["decision"]) == ("expert_unavailable", "unsafe"), v
+    assert all(by_id[orjson.loads(r)["event"]["event_id"]]["source"] == "expert" for _, r in requests)
+    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts,
+                              until=lambda r: {"crafted-PADDED", "crafted-HANG"} <= distinct(r), timeout=60)
+    assert {a["severity"] for a in alerts if a["event_id"].startswith("crafted")} == {"critical"}
+    assert guard.guard_metrics.expert_errors.labels(kind="given_up")._value.get() == 2
+    guard.stop()
+    await asyncio.wait_for(task, 30)
+
+
 def test_the_guard_cut_is_the_setting_else_the_bundles_cut_for_its_expert_else_the_default(
     tmp_path: Path, small_bundle: Path, cache_dir: Path
 ) -> None:

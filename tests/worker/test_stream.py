@@ -10,12 +10,14 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from worker.config import KafkaConfig
 from worker.metrics import ConsumerMetrics
+from worker.publish import RetryPolicy
 from worker.stream import Envelope, Message, Outputs, ServiceLimits, Stream, split_on_failure
 
 TOPIC = "in"
@@ -315,3 +317,117 @@ def test_limits_come_from_the_shared_service_settings_under_their_old_keys(monke
     assert (limits.shutdown_deadline_s, limits.max_in_flight, limits.http_port) == (3.5, 2048, 8080)
     quiet = ServiceLimits.from_config(guard, max_event_bytes=1, serve_http=False, max_in_flight=99)
     assert (quiet.max_in_flight, quiet.http_port, quiet.commit_interval_s) == (99, None, guard.commit_interval_s)
+
+
+async def test_a_transient_publish_failure_is_retried_until_acknowledged() -> None:
+    """A broker outage used to leave the offset in flight for good; now the output is sent again."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    consumer, producer = FakeConsumer({P0: 2}), FakeProducer()
+    stream = make_stream(EchoHandler(), consumer, producer)
+    task = await running(stream)
+    assert stream.outputs is not None
+    stream.outputs.retry = RetryPolicy(backoff_s=0.01, backoff_max_s=0.02)
+    await until(lambda: len(producer.sent) == 2)
+    producer.sent[0][2].set_result(None)
+    producer.sent[1][2].set_exception(KafkaTimeoutError())
+    await until(lambda: len(producer.sent) == 3)  # the same output, sent again
+    assert producer.sent[2][1] == producer.sent[1][1]
+    producer.sent[2][2].set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 2)
+    assert stream.metrics.publish_retries._value.get() == 1 and stream.metrics.publish_errors._value.get() == 0
+    await stopped(stream, task)
+
+
+async def test_an_output_the_broker_refuses_for_good_dead_letters_its_input() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    consumer, producer = FakeConsumer({P0: 1}), FakeProducer()
+    stream = make_stream(EchoHandler(), consumer, producer)
+    task = await running(stream)
+    await until(lambda: len(producer.sent) == 1)
+    producer.sent[0][2].set_exception(MessageSizeTooLargeError())
+    await until(lambda: len(producer.sent) == 2)
+    topic, body, future = producer.sent[1]
+    assert topic == "dlq" and orjson.loads(body)["stage"] == "publish"
+    future.set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 1)
+    await stopped(stream, task)
+
+
+async def test_paused_fetching_keeps_polling_so_the_group_membership_stays() -> None:
+    """aiokafka leaves the group when getmany is not called for max_poll_interval_ms: back-pressure must pause
+    partitions and keep polling, not stop polling."""
+    consumer, producer = FakeConsumer({P0: 10}), FakeProducer()
+    calls = 0
+    getmany = consumer.getmany
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await getmany(*args, **kwargs)
+
+    consumer.getmany = counting  # type: ignore[method-assign]
+    stream = make_stream(EchoHandler(publish=False), consumer, producer, max_in_flight=4)
+    task = await running(stream)
+    await until(lambda: stream.tracker.in_flight() >= 4 and bool(consumer.paused))
+    before = calls
+    await asyncio.sleep(0.3)
+    assert calls > before + 3, "still polling while paused"
+    assert stream.tracker.in_flight() == 4 or stream.tracker.in_flight() <= 8
+    await stopped(stream, task)
+
+
+async def test_a_revoke_lets_the_handler_prune_queued_work_of_those_partitions() -> None:
+    from worker.config import GuardSettings
+    from worker.guard import GuardHandler
+    from worker.metrics import GuardMetrics
+
+    class Recording(EchoHandler):
+        def __init__(self) -> None:
+            super().__init__(publish=False)
+            self.pruned: list[set[TopicPartition]] = []
+
+        def revoked(self, partitions: set[TopicPartition]) -> None:
+            self.pruned.append(partitions)
+
+    consumer, producer = FakeConsumer({P0: 2, P1: 2}), FakeProducer()
+    handler = Recording()
+    stream = make_stream(handler, consumer, producer, shutdown_deadline_s=0.1)
+    task = await running(stream)
+    await until(lambda: len(handler.accepted) == 4)
+    await consumer.revoke({P1})
+    assert handler.pruned == [{P1}]
+    await stopped(stream, task)
+
+    import types
+
+    stub = types.SimpleNamespace(name="stub-expert")
+    guard = GuardHandler(GuardSettings(), expert=stub, metrics=GuardMetrics())  # type: ignore[arg-type]
+    guard._pending.extend(Envelope.of(record(tp, o), None, 0.0) for tp in (P0, P1) for o in range(3))  # type: ignore[arg-type]
+    guard.revoked({P1})
+    assert {e.tp for e in guard._pending} == {P0} and len(guard._pending) == 3
+
+
+async def test_a_dead_letter_the_topic_refuses_is_sent_again_small() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    class Poison(EchoHandler):
+        async def accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+            assert self.outputs is not None
+            for r in records:
+                self.outputs.dead_letter(Envelope.of(r, b"", 0.0), "oversize", "too big", "decode")
+
+    consumer, producer = FakeConsumer({P0: 1}), FakeProducer()
+    consumer.log[P0] = [record(P0, 0, b"z" * 50_000)]
+    stream = make_stream(Poison(), consumer, producer)
+    task = await running(stream)
+    await until(lambda: len(producer.sent) == 1)
+    producer.sent[0][2].set_exception(MessageSizeTooLargeError())
+    await until(lambda: len(producer.sent) == 2)
+    topic, body, future = producer.sent[1]
+    letter = orjson.loads(body)
+    assert topic == "dlq" and len(body) <= 8192 and letter["truncated"] and letter["value_bytes"] == 50_000
+    future.set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 1)
+    await stopped(stream, task)

@@ -1,0 +1,29 @@
+"""Loaded by the hostile suite's worker child only (its PYTHONPATH): makes the probe score NaN for any event whose
+text holds NAN_TRIGGER, the simulated NaN-producing input of issue 14. Nothing in the shipped code knows of it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _install() -> None:
+    import numpy as np
+
+    from probes.monitor import Monitor, Scores
+
+    real = Monitor.score_grouped
+
+    def score_grouped(self: Monitor, batch: Any, groups: Any, n: int) -> Scores:
+        scores = real(self, batch, groups, n)
+        p = scores.p_unsafe.copy()
+        for row, group in enumerate(groups):
+            text = self.loaded.tokenizer.decode(batch.input_ids[row].tolist())
+            if "NAN_TRIGGER" in text.replace(" ", "").upper():
+                p[group] = math.nan
+        return Scores(np.asarray(p), scores.dv, scores.signal)
+
+    Monitor.score_grouped = score_grouped  # type: ignore[method-assign]
+
+
+_install()

@@ -1,0 +1,120 @@
+"""Anything that can fail for one event after decode fails for that event alone (issue 14 point 1).
+
+The real monitor handler (MiniLM bundle) inside the stream core, with the in-memory consumer and producer of
+test_stream: a tokenizer error, a non-finite score and an output that cannot be written are each simulated for
+one event of a batch; that event is dead-lettered with its stage and reason, the others get their verdicts, and
+every offset is committed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import ConsumerRecord
+
+from probes.monitor import Monitor, Scores
+from tests.worker.helpers import worker_settings
+from tests.worker.test_stream import P0, FakeConsumer, FakeProducer, running, stopped, until
+from worker.config import TopicsConfig
+from worker.events import utcnow
+from worker.metrics import WorkerMetrics
+from worker.monitor import monitor_stream
+from worker.stream import ServiceLimits
+
+
+def _event(event_id: str, text: str, **extra: Any) -> bytes:
+    return orjson.dumps({"event_id": event_id, "conversation_id": f"c-{event_id}", "tenant": "t",
+                         "created_at": utcnow().isoformat(), "messages": [{"role": "user", "content": text}],
+                         **extra})
+
+
+def _consumer(values: list[bytes]) -> FakeConsumer:
+    consumer = FakeConsumer({P0: len(values)})
+    consumer.log[P0] = [ConsumerRecord(topic=P0.topic, partition=0, offset=i, timestamp=0, timestamp_type=0, key=None,
+                                       value=v, checksum=None, serialized_key_size=0, serialized_value_size=len(v),
+                                       headers=()) for i, v in enumerate(values)]
+    return consumer
+
+
+async def test_one_bad_event_never_takes_its_batch_down(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = TopicsConfig()
+    settings = worker_settings("unused:9092", small_bundle, cache_dir, topics=topics, group="g",
+                               max_event_bytes=1 << 20)
+    values = [
+        _event("ok-1", "How do I bake bread?"),
+        _event("tokenizer", "TOKENIZER_BOOM please"),
+        _event("nan", "a question that scores NaN"),
+        _event("output", "a verdict that cannot be written"),
+        _event("naive", "what time is it?", created_at="2026-11-30T12:00:00"),
+        b'{"event_id": "deep", "metadata": ' + b'{"a":' * 300 + b"1" + b"}" * 300 + b"}",
+        _event("ok-2", "Tell me a joke about cats."),
+    ]
+    consumer, producer = _consumer(values), FakeProducer(auto_ack=True)
+    stream = monitor_stream(settings, monitor, WorkerMetrics())
+    stream.consumer, stream.producer = consumer, producer
+    stream.limits = ServiceLimits(max_in_flight=100, max_event_bytes=1 << 20, shutdown_deadline_s=5,
+                                  commit_interval_s=0.01, liveness_max_stall_s=60, http_port=None)
+    handler = stream.handler
+
+    real_tokenize = monitor.tokenize_windows
+
+    def tokenize(conversation: Any) -> list[list[int]]:
+        if "TOKENIZER_BOOM" in conversation[0].content:
+            raise ValueError("chat template failed")
+        return real_tokenize(conversation)
+
+    monkeypatch.setattr(monitor, "tokenize_windows", tokenize)
+    real_batch = monitor.tokenize_batch
+
+    def tokenize_batch(conversations: Any) -> list[list[int]]:
+        # The worker tokenizes a fetched batch in one call; a template failing on one event fails that call,
+        # and the per-event path must then isolate it.
+        if any("TOKENIZER_BOOM" in c[0].content for c in conversations):
+            raise ValueError("chat template failed")
+        return real_batch(conversations)
+
+    monkeypatch.setattr(monitor, "tokenize_batch", tokenize_batch)
+    seen: list[list[str]] = []
+    real_collate = handler._collate
+
+    def collate(items: Any) -> Any:
+        seen.append([i.body.event.event_id for i in items])
+        return real_collate(items)
+
+    monkeypatch.setattr(handler, "_collate", collate)
+    real_score = monitor.score_grouped
+
+    def score(batch: Any, groups: Any, n: int) -> Scores:
+        s = real_score(batch, groups, n)
+        ids = seen[-1]
+        p = np.array([math.nan if e == "nan" else v for e, v in zip(ids, s.p_unsafe, strict=True)])
+        return Scores(p, s.dv, s.signal)
+
+    monkeypatch.setattr(monitor, "score_grouped", score)
+
+    class Signer:
+        def headers(self, kind: str, key: bytes | None, body: bytes) -> list[tuple[str, bytes]]:
+            if key == b"c-output":
+                raise TypeError("cannot serialise this verdict")
+            return []
+
+    handler.signer = Signer()  # type: ignore[assignment]
+    task = await running(stream)
+    await until(lambda: consumer.last_commit(P0) == len(values))
+    await stopped(stream, task)
+    assert not task.exception() and not stream.failed
+    verdicts = {orjson.loads(v)["event_id"]: orjson.loads(v) for t, v, _ in producer.sent if t == topics.verdicts}
+    letters = {orjson.loads(v)["offset"]: orjson.loads(v) for t, v, _ in producer.sent if t == topics.dead_letter}
+    assert set(verdicts) == {"ok-1", "naive", "ok-2"}
+    assert {o: (d["stage"], d["reason"]) for o, d in letters.items()} == {
+        1: ("inference", "tokenize_error"), 2: ("inference", "non_finite_score"), 3: ("inference", "output_error"),
+        5: ("decode", "metadata_too_deep"),
+    }
+    assert verdicts["naive"]["decision"] in ("safe", "unsafe")
