@@ -50,7 +50,13 @@ class Tokenized:
 
     @property
     def tokens(self) -> int:
-        return sum(len(r) for r in self.rows)
+        """The item's padded cost for the batcher: rows × its longest row.
+
+        Not the sum of row lengths: a windowed item's first row is a full ``max_tokens`` view, so in a batch every
+        one of its short window rows is padded to that length. With the sum, batches of windowed items ran at
+        about 2.7× ``max_batch_tokens`` (measured with bench pipeline on harmbench + xstest).
+        """
+        return len(self.rows) * max(len(r) for r in self.rows)
 
 
 Item = Envelope[Tokenized]

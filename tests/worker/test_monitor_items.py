@@ -118,3 +118,24 @@ async def test_one_bad_event_never_takes_its_batch_down(
         5: ("decode", "metadata_too_deep"),
     }
     assert verdicts["naive"]["decision"] in ("safe", "unsafe")
+
+
+def test_windowed_items_keep_batches_within_the_token_budget() -> None:
+    """A windowed event's rows are all padded to its full-length first row inside a batch: the batcher must be
+    told that padded cost, or batches of long conversations overrun ``max_batch_tokens``."""
+    from worker.batcher import BatchLimits, MicroBatcher
+    from worker.decode import decode_event
+    from worker.monitor import Tokenized
+
+    event = decode_event(_event("long", "x"))
+    windowed = Tokenized(event, [[1] * 256] + [[1] * 70] * 16)
+    single = Tokenized(event, [[1] * 120])
+    assert windowed.tokens == 17 * 256 and single.tokens == 120
+    batcher: MicroBatcher[Tokenized] = MicroBatcher(BatchLimits(max_batch_tokens=8192, max_items=64))
+    for i in range(40):
+        body = windowed if i % 3 == 0 else single
+        batcher.add(body, body.tokens, 0.0)
+    while len(batcher):
+        batch = [p.item for p in batcher.next_batch(1.0, force=True)]
+        rows = [row for body in batch for row in body.rows]
+        assert len(rows) * max(len(r) for r in rows) <= 8192
