@@ -10,6 +10,7 @@ its verdict, in the middle of a batch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
@@ -84,8 +85,7 @@ def decode_event(
             isinstance(obj.get("messages"), list) and not obj["messages"]
         ):
             raise DecodeError("empty_conversation", "the conversation has no non-empty message") from exc
-        summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
-        raise DecodeError("schema_violation", summary) from exc
+        raise DecodeError("schema_violation", _summary(errors)) from exc
 
 
 def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,
@@ -99,9 +99,12 @@ def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_met
     try:
         return ResponseChunk.model_validate(obj)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        raise DecodeError("schema_violation", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                        for e in errors[:5])) from exc
+        raise DecodeError("schema_violation", _summary(exc.errors(include_url=False, include_input=False))) from exc
+
+
+def _summary(errors: Sequence[Any]) -> str:
+    """The first validation errors as ``field.path: message``, one line for the dead letter."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
 
 
 def _json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
