@@ -15,6 +15,7 @@ import numpy.typing as npt
 import torch
 from safetensors.numpy import load_file, save_file
 
+from probes import packed_attention
 from probes.batching import plan_batches
 from probes.cache import atomic_write_bytes, sha256_text
 from probes.config import Pooling
@@ -96,11 +97,23 @@ def _cache_length(cache: Any) -> int:
     return int(_cache_layers(cache)[0][0].shape[2])
 
 
+def _past_length(layers: Sequence[KV] | None) -> int:
+    return 0 if layers is None else int(layers[0][0].shape[2])
+
+
 def _new_cache(layers: Sequence[KV]) -> Any:
     """A DynamicCache holding copies of ``layers`` (its layers concatenate onto empty tensors)."""
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=list(layers))
+
+
+def _adopt_cache(layers: Sequence[KV]) -> Any:
+    """A DynamicCache holding ``layers`` themselves: for tensors the caller made fresh and hands over."""
+    cache = _new_cache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])  # copies nothing: empty slices
+    for layer, (k, v) in zip(cache.layers, layers, strict=True):
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def _stack_caches(caches: Sequence[Any | None], lengths: Sequence[int], width: int, device: torch.device) -> Any:
@@ -164,6 +177,7 @@ class FeatureExtractor:
         self._renderer = BatchRenderer(loaded.tokenizer, max_tokens)
         # The hook writes shared state: one forward at a time per extractor, whichever thread calls it.
         self._lock = threading.Lock()
+        self._packed: bool | None = None  # whether cached batches run packed: known at the first one
         layer_stack(loaded.model)[layer - 1].register_forward_hook(self._capture)
 
     def _capture(self, module: Any, inputs: Any, output: Any) -> None:
@@ -221,10 +235,12 @@ class FeatureExtractor:
         """Several sequences, each continued from its own cache (or None), in one forward pass.
 
         What ``hidden_cached`` gives for each item alone (same states within float tolerance, caches of the same
-        tokens), at the cost of one pass: the caches are left-padded to the longest and stacked, the new ids
-        right-padded; the attention mask hides both paddings and the position ids continue each item's own
-        sequence, so no real token sees a padded one and each is rotated as in its unbatched run. The given
-        caches are read, never changed (a failed pass leaves them usable); each returned cache is fresh.
+        tokens). Where the model's attention is SDPA, the items are packed (``probes.packed_attention``): their
+        new ids back to back in one row, each attending only to its own cache and earlier new tokens, so no
+        token is padded. Elsewhere the caches are left-padded to the longest and stacked, the new ids
+        right-padded, and the attention mask hides both paddings. Either way the position ids continue each
+        item's own sequence, so each is rotated as in its unbatched run. The given caches are read, never
+        changed (a failed pass leaves them usable); each returned cache is fresh.
         """
         if not items:
             return []
@@ -233,6 +249,8 @@ class FeatureExtractor:
         if len(items) == 1:  # nothing to pad; a copy of the cache is continued, not the caller's
             (ids, past), = items
             return [self.hidden_cached(ids, None if past is None else _new_cache(_cache_layers(past)))]
+        if self.packs_cached_batches():
+            return self._hidden_packed(items)
         device = self.loaded.device
         past_len = [0 if past is None else _cache_length(past) for _, past in items]
         new_len = [len(ids) for ids, _ in items]
@@ -265,6 +283,34 @@ class FeatureExtractor:
                    for k, v in layers]
             results.append((hidden[row, :n], _new_cache(own)))
         return results
+
+    def packs_cached_batches(self) -> bool:
+        """Whether ``hidden_cached_batch`` packs its items in one row (SDPA models) rather than padding them."""
+        if self._packed is None:
+            with self._lock:
+                self._packed = packed_attention.install(self.loaded.model)
+        return self._packed
+
+    def _hidden_packed(self, items: Sequence[tuple[Sequence[int], Any | None]]) -> list[tuple[torch.Tensor, Any]]:
+        device = self.loaded.device
+        lengths = [len(ids) for ids, _ in items]
+        starts = np.cumsum([0, *lengths[:-1]]).tolist()
+        past = [None if cache is None else [(k.to(device), v.to(device)) for k, v in _cache_layers(cache)]
+                for _, cache in items]
+        input_ids = torch.tensor([list(itertools.chain.from_iterable(ids for ids, _ in items))], dtype=torch.long)
+        positions = torch.cat([torch.arange(_past_length(p), _past_length(p) + n)
+                               for p, n in zip(past, lengths, strict=True)])[None]
+        packed = packed_attention.Packed(starts=starts, lengths=lengths, past=past)
+        with self._lock:
+            self._captured = None
+            self.loaded.model(input_ids=input_ids.to(device), position_ids=positions.to(device), use_cache=False,
+                              packed=packed)
+            captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError("the forward hook captured nothing")
+        hidden = captured[0].float()
+        return [(hidden[start : start + n], _adopt_cache([layers[i] for i in range(len(layers))]))
+                for start, n, layers in zip(starts, lengths, packed.caches, strict=True)]
 
     def pooled_batch(self, batch: TokenBatch, pooling: Pooling) -> FloatArray:
         hidden, mask = self.hidden(batch)

@@ -208,8 +208,8 @@ class StreamScorer:
     def score_chunks(self, chunks: Sequence[Chunk], *, store: KVStore) -> list[StreamStep]:
         """One chunk each of several open responses, their new tokens run together; a step per chunk, in order.
 
-        Each response gets exactly what ``feed`` alone gives it: the batch only shares forward passes (one for
-        the responses continuing a held cache, one for those read from their prefix). Nothing changes, neither
+        Each response gets exactly what ``feed`` alone gives it: the batch only shares forward passes (packed:
+        one for all; padded: one for the responses continuing a held cache, one for those read from their prefix). Nothing changes, neither
         a state nor the store, until every pass has succeeded: a batch that raises can be retried, or split.
         """
         keys = [c.key for c in chunks]
@@ -218,7 +218,10 @@ class StreamScorer:
         plans = [self._plan(c, store) for c in chunks]
         runs = [p for p in plans if p.run]
         hidden: dict[str, tuple[F32, Any]] = {}
-        for group in ([p for p in runs if p.past is not None], [p for p in runs if p.past is None]):
+        # Packed passes take cached and uncached items alike; padded ones would pad every cache to the prefixes.
+        groups = ([runs] if self.extractor.packs_cached_batches() else
+                  [[p for p in runs if p.past is not None], [p for p in runs if p.past is None]])
+        for group in groups:
             lengths = [len(p.run) for p in group]
             for indices in plan_batches(lengths, batch_tokens=self.extractor.batch_tokens,
                                         max_items=self.extractor.max_items) if group else []:

@@ -4,9 +4,10 @@ Same responses, same chunks, one run: each response's text is cut into ``chunks`
 incremental side feeds them to ``StreamScorer`` (only new tokens run), the recompute side runs context +
 response-so-far from scratch after every chunk, as a scorer without a cache must. Both read the bundle's
 truncated model. ``batch`` responses stream side by side, and both sides batch them alike: chunk i of each
-goes through ``score_chunks`` together (one pass over their stacked caches), and the recompute side runs
-the group's prefixes after chunk i in padded batches, as the offline extractor does. Memory per open response: its KV cache bytes plus the small scorer state, taken just before
-the last chunk (the largest an open response gets).
+goes through ``score_chunks`` together (one pass over their caches), and the recompute side runs the group's
+prefixes after chunk i through the same ``hidden_cached_batch``, with no cache (packed in one row where the
+model's attention allows, else padded). Memory per open response: its KV cache bytes plus the small scorer
+state, taken just before the last chunk (the largest an open response gets).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.batching import plan_batches
 from probes.config import Settings
 from probes.monitor import Monitor
 from probes.stream_scorer import Chunk, KVStore, StreamScorer, cache_nbytes, prefix_ids, response_ids
@@ -67,7 +69,7 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
         return [(step.peak, step.scored_tokens, k, h) for step, k, h in zip(steps, kv, held, strict=True)]
 
     def recompute(group: list[tuple[Any, str]]) -> list[tuple[float, int]]:
-        """Context + response-so-far of every response of the group after each chunk, in padded batches."""
+        """Context + response-so-far of every response of the group after each chunk, batched as the stream is."""
         prefixes = [prefix_ids(tok, context, monitor.max_tokens) for context, _ in group]
         pieces = [split_text(text, chunks) for _, text in group]
         seen = [""] * len(group)
@@ -81,13 +83,17 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
                     ids = ids[: max(0, len(ids) - probe.settings.holdback_tokens)]
                 if ids:
                     todo.append((j, ids))
-            for padded in extractor.batches([prefixes[j] + ids for j, ids in todo]):
-                hidden, _ = extractor.hidden(padded)
-                for row, index in enumerate(padded.indices):
+            sequences = [prefixes[j] + ids for j, ids in todo]
+            for indices in plan_batches([len(x) for x in sequences], batch_tokens=extractor.batch_tokens,
+                                        max_items=extractor.max_items):
+                # The batching the incremental side gets (packed where the model allows, else padded), so the
+                # ratio is what reusing the cache saves, not a difference in how passes are filled.
+                outputs = extractor.hidden_cached_batch([(sequences[i], None) for i in indices])
+                for index, (hidden, _) in zip(indices, outputs, strict=True):
                     j, ids = todo[index]
                     start = len(prefixes[j])
                     aggregate = probe.new_aggregate()
-                    aggregate.push(probe.logits(hidden[row, start : start + len(ids)].cpu().numpy()))
+                    aggregate.push(probe.logits(hidden[start : start + len(ids)].cpu().numpy()))
                     out[j] = aggregate.peak[probe.settings.aggregator], len(ids)
         return out
 
@@ -125,6 +131,7 @@ def bench_stream(settings: Settings, bundle_dir: Path, files: list[Path] | None,
             "state_mean": float(np.mean(state)), "state_max": int(max(state)),
             "total_mean": float(np.mean(kv) + np.mean(state)),
         },
+        "batching": "packed" if extractor.packs_cached_batches() else "padded",
         "model": monitor.model_version, "layers_run": monitor.loaded.max_layer, "device": str(monitor.loaded.device),
         "dtype": str(monitor.loaded.dtype).removeprefix("torch."),
     }

@@ -143,8 +143,14 @@ OTHER_CONTEXT = (Message("system", "You are terse."), Message("user", "Any tips 
 BREAD = "Use a hot oven, weigh the flour, and let the dough rise slowly overnight in the fridge for flavour."
 
 
-def test_batched_cached_passes_equal_single_passes_and_a_full_recompute(extractor) -> None:
-    """Per-token states of one padded pass over several caches == each alone == the whole sequence at once."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_batched_cached_passes_equal_single_passes_and_a_full_recompute(extractor, monkeypatch, packed) -> None:
+    """Per-token states of one batched pass over several caches == each alone == the whole sequence at once.
+
+    Both ways of batching: packed in one row (the SDPA models) and padded (the fallback for other attentions).
+    """
+    assert extractor.packs_cached_batches()  # SmolLM2 runs SDPA: the packed path is the one the stream takes
+    monkeypatch.setattr(extractor, "_packed", packed)
     tok = extractor.loaded.tokenizer
     seqs = [prefix_ids(tok, CONTEXT, 256) + response_ids(tok, RESPONSE),
             prefix_ids(tok, OTHER_CONTEXT, 256) + response_ids(tok, BREAD),
@@ -158,8 +164,8 @@ def test_batched_cached_passes_equal_single_passes_and_a_full_recompute(extracto
     for i, (seq, (a, b)) in enumerate(zip(seqs, cuts, strict=True)):
         np.testing.assert_allclose(first[i][0].numpy(), full[i][:a], rtol=1e-5, atol=2e-3)
         np.testing.assert_allclose(second[i][0].numpy(), full[i][a:b], rtol=1e-5, atol=2e-3)
-        assert cache_nbytes(second[i][1]) == cache_nbytes(extractor.hidden_cached(seq[:b])[1])  # padding dropped
-        ((alone, _),) = extractor.hidden_cached_batch([(seq[a:b], first[i][1])])  # a batch of one: no padding
+        assert cache_nbytes(second[i][1]) == cache_nbytes(extractor.hidden_cached(seq[:b])[1])  # only its own
+        ((alone, _),) = extractor.hidden_cached_batch([(seq[a:b], first[i][1])])  # a batch of one: nothing packed
         np.testing.assert_allclose(second[i][0].numpy(), alone.numpy(), rtol=1e-5, atol=2e-3)
     np.testing.assert_allclose(third[0][0].numpy(), full[0][cuts[0][1]:], rtol=1e-5, atol=2e-3)
     np.testing.assert_allclose(third[1][0].numpy(), full[1], rtol=1e-5, atol=2e-3)
@@ -217,11 +223,12 @@ def test_a_failing_batch_changes_nothing_and_can_be_retried(extractor, monkeypat
 
     def flaky(items):  # type: ignore[no-untyped-def]
         calls.append(len(items))
-        if len(calls) == 2:  # the first pass (the cached response) succeeds, the second (a new one) fails
+        if len(calls) == 2:  # the first pass succeeds, the second fails
             raise RuntimeError("out of memory")
         return real(items)
 
     monkeypatch.setattr(extractor, "hidden_cached_batch", flaky)
+    monkeypatch.setattr(extractor, "max_items", 1)  # two passes, whether the extractor packs or pads
     other = scorer.open(OTHER_CONTEXT)
     with pytest.raises(RuntimeError):
         scorer.score_chunks([Chunk("r", state, pieces[1], False), Chunk("o", other, BREAD, True)], store=store)

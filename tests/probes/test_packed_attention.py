@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from probes import packed_attention
+from probes.features import FeatureExtractor, collate
+
+
+@pytest.fixture(scope="module")
+def extractor(smollm2) -> FeatureExtractor:
+    return FeatureExtractor(smollm2, layer=6, max_tokens=256, batch_tokens=4096, max_items=8)
+
+
+def test_the_installed_attention_leaves_unpacked_passes_as_sdpa_runs_them(extractor) -> None:
+    """Installing only adds a path: a padded batch gives the same states, bit for bit, as under plain SDPA."""
+    model = extractor.loaded.model
+    assert extractor.packs_cached_batches()
+    assert model.config._attn_implementation == packed_attention.NAME
+    tok = extractor.loaded.tokenizer
+    ids = [tok("How do I bake bread at home?")["input_ids"], tok("Hi")["input_ids"]]
+    batch = collate(ids, [0, 1], extractor.pad_id)
+    installed, _ = extractor.hidden(batch)
+    model.set_attn_implementation("sdpa")
+    try:
+        plain, _ = extractor.hidden(batch)
+    finally:
+        assert packed_attention.install(model)
+    torch.testing.assert_close(installed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "flash_attention_2", None])
+def test_models_whose_attention_is_not_sdpa_are_left_alone(implementation) -> None:
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation))
+    assert not packed_attention.install(model)
+    assert model.config._attn_implementation == implementation
