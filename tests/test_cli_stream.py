@@ -88,6 +88,7 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     batched = orjson.loads(result.stdout)
     assert batched["responses_per_pass"] == 2 and batched["response_tokens"] == bench["response_tokens"]
     assert batched["max_abs_peak_logit_gap"] < 1e-3  # batched passes read the same tokens, to the same states
+    assert batched["batching"] == "packed"  # SmolLM2 runs SDPA: chunks share one row, not padded rows
 
 
 def test_train_token_probe_on_an_encoder_is_a_clear_error(tmp_path: Path, stream_config: Path) -> None:
