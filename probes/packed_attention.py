@@ -35,9 +35,18 @@ class Packed:
     lengths: Sequence[int]
     past: Sequence[Sequence[KV] | None]
     caches: list[dict[int, KV]] = field(default_factory=list)
+    #: Each sequence's mask, the same in every layer: built at the first one.
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.caches = [{} for _ in self.lengths]
+
+    def mask(self, i: int, past: int, device: torch.device) -> torch.Tensor | None:
+        """Causal within the new tokens, everything of the past: row t sees keys 0 .. past + t (None: no past)."""
+        if i not in self.masks:
+            n = self.lengths[i]
+            self.masks[i] = None if past == 0 else torch.ones((n, past + n), dtype=torch.bool, device=device).tril(past)
+        return self.masks[i]
 
 
 def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -65,11 +74,9 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         else:  # a fresh copy, so the sequence's cache does not keep the packed row alive
             k, v = k.clone(), v.clone()
         packed.caches[i][layer] = (k, v)
-        p = k.shape[2] - n
-        # Causal within the new tokens, everything of the past: row t sees keys 0 .. p + t.
-        mask = None if p == 0 else torch.ones((n, p + n), dtype=torch.bool, device=query.device).tril(p)
+        mask = packed.mask(i, k.shape[2] - n, query.device)
         attended = F.scaled_dot_product_attention(
-            query[:, :, start : start + n], k, v, attn_mask=mask, is_causal=p == 0 and n > 1, scale=scaling,
+            query[:, :, start : start + n], k, v, attn_mask=mask, is_causal=mask is None and n > 1, scale=scaling,
             enable_gqa=gqa,
         )
         out[0, start : start + n] = attended[0].transpose(0, 1)
