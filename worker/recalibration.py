@@ -229,6 +229,7 @@ class RecalibrationFeed:
         version = max(int(audit.decided_at * 1000), recal.state.version + 1)
         state = recal.refit(datetime.fromtimestamp(audit.decided_at, UTC), version=version)
         self.metrics.recalibration_refits.labels(source=state.source).inc()
+        self._update_gauges()
         if state.source != self._last_source:
             (log.info if state.source == "window" else log.warning)(
                 "recalibration.source", source=state.source, version=state.version, probe_cut=state.probe_cut,
