@@ -55,6 +55,8 @@ log = get_logger(__name__)
 #: Audits held during the replay beyond the window before the oldest are fed (refits happen about every
 #: ``refit_every`` audits, so this margin holds the last refit point of the replay with overwhelming probability).
 _REPLAY_MARGIN_REFITS = 20
+#: How often a feed whose verdicts topic did not exist looks for it again.
+_RETRY_ASSIGN_S = 5.0
 
 
 class AuditConsumer(Protocol):
@@ -111,21 +113,32 @@ class RecalibrationFeed:
         self._ends: dict[TopicPartition, int] = {}
         self._positions: dict[TopicPartition, int] = {}
         self._last_source: str | None = None
+        self._assigned_at = -math.inf
         self._update_gauges()
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Assign every partition of the verdicts topic and seek it to the lookback."""
-        topic = self.settings.topics.verdicts
+        """Start the consumer, assign every partition of the verdicts topic and seek it to the lookback."""
         if self.consumer is None:
             self.consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None,
                                              enable_auto_commit=False, auto_offset_reset="earliest")
-        consumer = self.consumer
-        await consumer.start()
+        await self.consumer.start()
+        await self._assign()
+
+    async def _assign(self) -> None:
+        assert self.consumer is not None
+        consumer, topic = self.consumer, self.settings.topics.verdicts
+        self._assigned_at = time.monotonic()
         numbers = consumer.partitions_for_topic(topic)
         if not numbers:
             await consumer.topics()  # refresh the metadata once
             numbers = consumer.partitions_for_topic(topic) or set()
+        if not numbers:
+            # Nothing to replay, so caught up; poll() looks for the topic again every _RETRY_ASSIGN_S.
+            log.error("recalibration.topic_missing", topic=topic,
+                      hint="create it: ctd-monitor topics create; until then the bundle's cut decides")
+            self._check_caught_up()
+            return
         partitions = [TopicPartition(topic, n) for n in sorted(numbers)]
         consumer.assign(partitions)
         since_ms = int((self.clock() - self.config.lookback_s) * 1000)
@@ -161,6 +174,12 @@ class RecalibrationFeed:
     # ---------------------------------------------------------------- feed
     async def poll(self, timeout_ms: int = 200) -> None:
         assert self.consumer is not None, "start() first"
+        if not self._ends:
+            if time.monotonic() - self._assigned_at >= _RETRY_ASSIGN_S:
+                await self._assign()
+            if not self._ends:
+                await asyncio.sleep(timeout_ms / 1000)
+                return
         batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
         for tp, records in batch.items():
             for record in records:

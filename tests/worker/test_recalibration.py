@@ -303,3 +303,19 @@ def test_an_audit_label_is_not_a_final_verdict_and_never_alerts() -> None:
     assert policy.is_final(delegated_and_audited) and policy.consider(delegated_and_audited, 0.0)[0] is not None
     probe = label.model_copy(update={"source": "probe", "event_id": "e3", "conversation_id": "c3"})
     assert policy.is_final(probe)
+
+
+async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read() -> None:
+    s = settings(settle_s=0.0, min_window=10, refit_every=1)
+    signer = Signer.from_config(KEY)
+    topic = FakeVerdictTopic(spread(shifted_audits(12, start=T0 - 50), 1, signer))
+    present = topic.log
+    topic.log = {}  # not created yet
+    feed = make_feed(topic, s)
+    await feed.start()
+    assert feed.caught_up.is_set() and feed.recalibrator.window_size == 0  # the bundle's cut decides meanwhile
+    topic.log = present
+    feed._assigned_at -= 10  # the retry interval has passed
+    for _ in range(10):
+        await feed.poll(timeout_ms=0)
+    assert feed.recalibrator.window_size == 12 and feed.recalibrator.state.version > 0
