@@ -5,6 +5,7 @@ The broker test (test_audit_kafka) runs the whole loop: monitor → guard → fe
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import math
@@ -105,6 +106,7 @@ class FakeVerdictTopic:
             if taken:
                 self.position[tp] = at + len(taken)
                 return {tp: taken}
+        await asyncio.sleep(min(timeout_ms, 10) / 1000)  # as a real poll waits: the event loop runs meanwhile
         return {}
 
 
