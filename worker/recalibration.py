@@ -7,8 +7,9 @@ topic. ``RecalibrationFeed`` reads those verdicts back into the worker process a
 
 Why every replica ends in the same state, and what that costs (docs/architecture.md, "Online recalibration"):
 
-* **No consumer group.** The feed assigns itself every partition of the verdicts topic, so each replica sees every
-  audit verdict, not the share a group would give it, and commits nothing (no offsets to lose or to fight over).
+* **No consumer group.** The feed subscribes to the verdicts topic with no group id: every partition is its own
+  (new ones too), so each replica sees every audit verdict, not the share a group would give it, and it commits
+  nothing (no offsets to lose or to fight over).
 * **A bounded lookback instead of a stored state.** A starting worker seeks each partition to ``audit.lookback_s``
   ago and replays it before it joins the worker group (at most ``audit.catch_up_timeout_s``): a restart rebuilds
   the window from the topic. The lookback must cover ``audit.window`` audits (window ÷ rate ÷ events per second).
@@ -62,11 +63,10 @@ _RETRY_ASSIGN_S = 5.0
 class AuditConsumer(Protocol):
     """The part of ``AIOKafkaConsumer`` the feed uses (unit tests put an in-memory fake behind it)."""
 
+    def subscribe(self, topics: list[str]) -> None: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def topics(self) -> set[str]: ...
-    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
-    def assign(self, partitions: list[TopicPartition]) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, Any]: ...
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
@@ -118,29 +118,29 @@ class RecalibrationFeed:
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Start the consumer, assign every partition of the verdicts topic and seek it to the lookback."""
+        """Subscribe to the verdicts topic with no group (every partition, nothing committed), seek to the lookback."""
         if self.consumer is None:
             self.consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None,
                                              enable_auto_commit=False, auto_offset_reset="earliest")
+        self.consumer.subscribe([self.settings.topics.verdicts])
         await self.consumer.start()
-        await self._assign()
+        await self._seek_lookback(wait_s=_RETRY_ASSIGN_S)
 
-    async def _assign(self) -> None:
+    async def _seek_lookback(self, wait_s: float = 0.0) -> None:
         assert self.consumer is not None
         consumer, topic = self.consumer, self.settings.topics.verdicts
+        deadline = time.monotonic() + wait_s
+        partitions = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        while not partitions and time.monotonic() < deadline:  # group-less: assigned once the metadata is in
+            await asyncio.sleep(0.05)
+            partitions = sorted(consumer.assignment(), key=lambda tp: tp.partition)
         self._assigned_at = time.monotonic()
-        numbers = consumer.partitions_for_topic(topic)
-        if not numbers:
-            await consumer.topics()  # refresh the metadata once
-            numbers = consumer.partitions_for_topic(topic) or set()
-        if not numbers:
-            # Nothing to replay, so caught up; poll() looks for the topic again every _RETRY_ASSIGN_S.
+        if not partitions:
+            # Nothing to replay, so caught up; poll() looks again every _RETRY_ASSIGN_S.
             log.error("recalibration.topic_missing", topic=topic,
                       hint="create it: ctd-monitor topics create; until then the bundle's cut decides")
             self._check_caught_up()
             return
-        partitions = [TopicPartition(topic, n) for n in sorted(numbers)]
-        consumer.assign(partitions)
         since_ms = int((self.clock() - self.config.lookback_s) * 1000)
         starts = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
         self._ends = await consumer.end_offsets(partitions)
@@ -176,7 +176,7 @@ class RecalibrationFeed:
         assert self.consumer is not None, "start() first"
         if not self._ends:
             if time.monotonic() - self._assigned_at >= _RETRY_ASSIGN_S:
-                await self._assign()
+                await self._seek_lookback()
             if not self._ends:
                 await asyncio.sleep(timeout_ms / 1000)
                 return

@@ -66,7 +66,7 @@ class FakeVerdictTopic:
         self.per_poll = per_poll
         self.order = list(order) if order is not None else sorted(partitions)
         self.position: dict[TopicPartition, int] = {}
-        self.assigned: list[TopicPartition] = []
+        self.subscribed: list[str] = []
         self.started = self.stopped = False
 
     async def start(self) -> None:
@@ -75,14 +75,12 @@ class FakeVerdictTopic:
     async def stop(self) -> None:
         self.stopped = True
 
-    async def topics(self) -> set[str]:
-        return {TOPIC}
+    def subscribe(self, topics: list[str]) -> None:
+        self.subscribed = list(topics)
 
-    def partitions_for_topic(self, topic: str) -> set[int] | None:
-        return set(self.log) if topic == TOPIC else None
-
-    def assign(self, partitions: list[TopicPartition]) -> None:
-        self.assigned = partitions
+    def assignment(self) -> set[TopicPartition]:
+        # group-less: every partition of the topic (none while it does not exist)
+        return {TopicPartition(TOPIC, n) for n in self.log} if self.subscribed == [TOPIC] else set()
 
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, Any]:
         out: dict[TopicPartition, Any] = {}
@@ -259,7 +257,7 @@ async def test_the_lookback_bounds_the_replay_and_nothing_is_committed() -> None
     topic = FakeVerdictTopic(spread(shifted_audits(100, start=T0 - 100), 1, signer))
     feed = await replayed(make_feed(topic, s))
     assert feed.recalibrator.window_size == 50  # only the last 50 s of audits
-    assert not hasattr(topic, "commit") and topic.assigned == [TopicPartition(TOPIC, 0)]
+    assert not hasattr(topic, "commit") and topic.subscribed == [TOPIC]
 
 
 def test_refit_points_are_chosen_by_the_event_id_about_every_refit_every() -> None:
@@ -307,7 +305,8 @@ def test_an_audit_label_is_not_a_final_verdict_and_never_alerts() -> None:
     assert policy.is_final(probe)
 
 
-async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read() -> None:
+async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.recalibration._RETRY_ASSIGN_S", 0.1)
     s = settings(settle_s=0.0, min_window=10, refit_every=1)
     signer = Signer.from_config(KEY)
     topic = FakeVerdictTopic(spread(shifted_audits(12, start=T0 - 50), 1, signer))
@@ -317,7 +316,6 @@ async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read() -> N
     await feed.start()
     assert feed.caught_up.is_set() and feed.recalibrator.window_size == 0  # the bundle's cut decides meanwhile
     topic.log = present
-    feed._assigned_at -= 10  # the retry interval has passed
-    for _ in range(10):
-        await feed.poll(timeout_ms=0)
+    for _ in range(30):
+        await feed.poll(timeout_ms=10)
     assert feed.recalibrator.window_size == 12 and feed.recalibrator.state.version > 0
