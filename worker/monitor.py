@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from probes.recalibration import OnlineRecalibrator, audit_selected
@@ -26,7 +29,7 @@ from worker.batcher import BatchLimits, MicroBatcher
 from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
-from worker.events import ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import ConversationEvent, Recalibration, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
 from worker.recalibration import RecalibrationFeed, recalibration_info
 from worker.signing import Signer
@@ -251,6 +254,7 @@ class MonitorHandler(OutputsSlot):
             with self.metrics.stage_cpu("serialise_publish"):
                 publications: list[Publication] = []
                 try:
+                    verdict_scores, flagged, recalibration = self._probe_verdicts(scores.p_unsafe)
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
                         p_unsafe = float(scores.p_unsafe[i])
                         dv = None if scores.dv is None else float(scores.dv[i])
@@ -260,9 +264,10 @@ class MonitorHandler(OutputsSlot):
                                                  "inference")
                             continue
                         try:
-                            publications.append(self._publish(item, p_unsafe, dv, delegation,
-                                                              queue_s=started - item.consumed_at,
-                                                              inference_s=elapsed))
+                            publications.append(self._publish(
+                                item, p_unsafe, dv, delegation, score=verdict_scores[i], unsafe=flagged[i],
+                                recalibration=recalibration, queue_s=started - item.consumed_at,
+                                inference_s=elapsed))
                         except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
                             self.out.dead_letter(item, "output_error", repr(exc), "inference")
                 finally:
@@ -274,18 +279,24 @@ class MonitorHandler(OutputsSlot):
         await split_on_failure(items, attempt, give_up, what="inference")
 
     # ---------------------------------------------------------------- publish
-    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, queue_s: float,
+    def _probe_verdicts(self, p: npt.NDArray[np.float64]) -> tuple[list[float], list[bool], Recalibration | None]:
+        """The verdicts' scores and decisions for a scored batch, once per batch (not per event): the raw score at
+        the bundle's cut, or with audits on the calibrated score, flagged at the cut in force (the same decision as
+        the raw score at ``probe_cut``), and the state that decided."""
+        recal = self.recalibrator
+        if recal is None:
+            return p.tolist(), (p >= self.monitor.unsafe_cut).tolist(), None
+        return np.clip(recal.calibrated(p), 0.0, 1.0).tolist(), recal.flags(p).tolist(), recalibration_info(recal)
+
+    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, score: float,
+                 unsafe: bool, recalibration: Recalibration | None, queue_s: float,
                  inference_s: float) -> Publication:
+        """``p_unsafe``: the probe's raw score; ``score`` and ``unsafe``: the verdict's (``_probe_verdicts``)."""
         topics = self.settings.topics
         event = item.body.event
         audit = self.settings.audit
-        recal = self.recalibrator
-        audited = recal is not None and audit_selected(event.event_id, audit.rate, audit.salt)
-        if recal is None:
-            score, unsafe, raw, recalibration = p_unsafe, p_unsafe >= self.monitor.unsafe_cut, None, None
-        else:  # the calibrated score, flagged at the cut in force (the same decision as the raw score at probe_cut)
-            score = min(1.0, max(0.0, float(recal.calibrated([p_unsafe])[0])))
-            unsafe, raw, recalibration = bool(recal.flags([p_unsafe])[0]), p_unsafe, recalibration_info(recal)
+        audited = recalibration is not None and audit_selected(event.event_id, audit.rate, audit.salt)
+        raw = None if recalibration is None else p_unsafe
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
             p_unsafe=score, dv=dv, delegated=delegation.delegated,
