@@ -180,19 +180,38 @@ class OnlineRecalibrator:
         """The unsafe verdicts of raw probe scores under the cut in force."""
         return np.asarray(p, dtype=np.float64) >= self._state.probe_cut
 
-    def observe(self, p: float, expert_unsafe: bool) -> RecalibrationState | None:
-        """Add one audited item; returns the new state when this audit triggered a refit."""
+    @property
+    def window_size(self) -> int:
+        return len(self._scores)
+
+    def window_benign_flag_rate(self) -> float | None:
+        """Share of the window's expert-benign items the cut in force flags (what the cut certifies ≤ ε)."""
+        benign = [p for p, unsafe in zip(self._scores, self._verdicts, strict=True) if not unsafe]
+        if not benign:
+            return None
+        return float(np.mean(np.asarray(benign) >= self._state.probe_cut))
+
+    def add(self, p: float, expert_unsafe: bool) -> None:
+        """Add one audited item to the window without refitting (the caller decides when to refit)."""
         self._scores.append(float(p))
         self._verdicts.append(bool(expert_unsafe))
         self._since_refit += 1
+
+    def observe(self, p: float, expert_unsafe: bool) -> RecalibrationState | None:
+        """Add one audited item; returns the new state when this audit triggered a refit."""
+        self.add(p, expert_unsafe)
         if len(self._scores) < self.config.min_window:
             return None
         if self._state.fitted_at is not None and self._since_refit < self.config.refit_every:
             return None
         return self.refit()
 
-    def refit(self, now: datetime | None = None) -> RecalibrationState:
-        """Refit the map and re-certify the cut on the window as it is."""
+    def refit(self, now: datetime | None = None, *, version: int | None = None) -> RecalibrationState:
+        """Refit the map and re-certify the cut on the window as it is.
+
+        ``version``: the new state's version (default: one more than the current); the worker passes one derived
+        from the audit stream itself, so every replica fed the same audits carries the same version.
+        """
         self._since_refit = 0
         p = np.fromiter(self._scores, dtype=np.float64, count=len(self._scores))
         b = np.fromiter(self._verdicts, dtype=np.int64, count=len(self._verdicts))
@@ -201,7 +220,7 @@ class OnlineRecalibrator:
         # The map is increasing, so certifying on raw p flags exactly the items certifying on q would;
         # certifying on p avoids ties the map's rounding could merge.
         result = calibrate_unsafe_cut(p, b, epsilon=self.config.epsilon, delta=self.config.delta, scorer="probe")
-        version = self._state.version + 1
+        version = self._state.version + 1 if version is None else version
         if not result.valid:
             self._state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when,
                                               platt=self._map)

@@ -62,6 +62,8 @@ class AlertPolicy:
 
     @staticmethod
     def is_final(verdict: Verdict) -> bool:
+        if verdict.source != "probe" and not verdict.delegated:
+            return False  # the guard's label of an audited event: the probe's verdict on it stands (and alerted)
         # "expert_unavailable": the guard gave up on it and answered fail-closed; it is final and must alert.
         return verdict.source in ("expert", "expert_unavailable") or not verdict.delegated
 

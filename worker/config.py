@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 
-from probes.config import Frozen, Settings
+from probes.config import AuditConfig, Frozen, Settings
 
 # Room above worker.max_event_bytes in the topics' max.message.bytes: key, headers and batch framing (topics.py).
 RECORD_OVERHEAD_BYTES = 65_536
@@ -158,6 +158,28 @@ class ResponsesConfig(ServiceConfig):
     closed_memory: int = Field(10000, ge=1, description="closed response ids remembered to drop late chunks")
 
 
+class WorkerAuditConfig(AuditConfig):
+    """The audit sample in the monitor worker: off by default (``rate`` 0), see README "Online recalibration".
+
+    Audited events go to the expert besides the delegated ones; every worker replica reads the guard's audit
+    verdicts from the verdicts topic (no consumer group, worker/recalibration.py) and decides with the map and
+    cut refitted on them.
+    """
+
+    rate: float = Field(0.0, ge=0, le=1, description="share of events audited (hash of the event id); 0: off")
+    lookback_s: float = Field(
+        86_400.0, gt=0, description="a starting worker rebuilds its window from the audit verdicts of this long ago")
+    settle_s: float = Field(
+        5.0, ge=0, description="an audit verdict is fed this long after it was decided, in (decided_at, event_id) "
+        "order, so replicas that received them interleaved differently feed the same sequence")
+    catch_up_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for the lookback before joining the group (then the offline cut)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+
 class WorkerSettings(Settings):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
@@ -166,6 +188,7 @@ class WorkerSettings(Settings):
     budget: BudgetConfig = BudgetConfig()
     responses: ResponsesConfig = ResponsesConfig()
     signing: SigningConfig = SigningConfig()
+    audit: WorkerAuditConfig = WorkerAuditConfig()
 
 
 class GuardConfig(ServiceConfig):

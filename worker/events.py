@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,6 +27,8 @@ MAX_METADATA_DEPTH = 16
 MAX_METADATA_BYTES = 16_384
 # A truncated dead letter keeps at most this much of the original key (the value gets the rest of the room).
 _DEAD_LETTER_KEY_PREFIX = 256
+#: The Kafka header on the guard's audit verdicts: readers that want only those skip the rest unparsed.
+AUDIT_HEADER = "audit"
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
@@ -42,9 +44,17 @@ UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    #: Fields added to a schema after its first release (``schema_version`` stays 1: the change is additive).
+    #: They are left out of the JSON while at their default, so a reader from before them (``extra="forbid"``)
+    #: still reads everything a deployment that does not use them writes.
+    added_fields: ClassVar[frozenset[str]] = frozenset()
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        for name in self.added_fields:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                del data[name]
+        return orjson.dumps(data)
 
 
 class ChatMessage(_Model):
@@ -88,6 +98,23 @@ class BudgetState(_Model):
     valid: bool = True
 
 
+class Recalibration(_Model):
+    """The online recalibration in force when a probe verdict was decided (``audit.rate`` > 0; worker/recalibration.py).
+
+    ``source="offline"``: the bundle's cut decided (too few audits yet, or the window certified no cut);
+    ``"window"``: the cut re-certified on the window of audited expert verdicts. ``cut`` is on the verdict's
+    (calibrated) ``p_unsafe``, ``probe_cut`` the same decision on the raw probe score.
+    """
+
+    version: int = Field(description="the same on every replica fed the same audits; 0 before the first refit")
+    source: Literal["offline", "window"]
+    cut: float
+    probe_cut: float
+    valid: bool = Field(description="the cut in force is certified")
+    window: int = Field(ge=0, description="audited verdicts in the window")
+    window_benign: int = Field(ge=0, description="of which the expert called benign (what the cut certifies on)")
+
+
 class Timings(_Model):
     queue_ms: float = 0.0
     inference_ms: float = 0.0
@@ -95,9 +122,12 @@ class Timings(_Model):
 
 
 class Verdict(_Model):
-    """The monitor's decision on one event; the newest verdict for an ``event_id`` supersedes older ones."""
+    """The monitor's decision on one event; the newest verdict for an ``event_id`` supersedes older ones, except
+    an audit verdict (``audit`` and not ``delegated``, ``source`` not "probe"): the expert's label of an audited
+    event, which the online recalibration learns from; the probe's verdict on that event stays final."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="Verdict")
+    added_fields: ClassVar[frozenset[str]] = frozenset({"audit", "probe_p_unsafe", "recalibration"})
 
     schema_version: Literal[1] = 1
     event_id: str
@@ -116,16 +146,24 @@ class Verdict(_Model):
     timings: Timings
     decided_at: UtcDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    audit: bool = Field(False, description="the event is in the audit sample (audit.rate): the guard labels it")
+    probe_p_unsafe: float | None = Field(
+        None, ge=0.0, le=1.0, description="the probe's raw score where p_unsafe is another: the expert's (audit verdicts) or the "
+        "recalibrated score (probe verdicts under online recalibration)")
+    recalibration: Recalibration | None = Field(
+        None, description="probe verdicts while audits are on: the recalibration state that decided")
 
 
 class ReviewRequest(_Model):
-    """A delegated event for the guard service, with the probe's view of it."""
+    """An event for the guard service, with the probe's view of it: delegated (the expert's verdict is final),
+    audited (a label for the online recalibration; the probe's verdict stays final), or both."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="ReviewRequest")
+    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit"})
 
     schema_version: Literal[1] = 1
     event: ConversationEvent
-    p_unsafe: float
+    p_unsafe: float = Field(description="the probe's raw score (before any online recalibration)")
     dv: float | None
     reason: str
     threshold: float | None
@@ -133,6 +171,14 @@ class ReviewRequest(_Model):
     bundle_version: str
     model_version: str | None = None
     requested_at: UtcDatetime
+    delegated: bool = Field(True, description="the delegation rule sent it: the expert's verdict is final")
+    audit: bool = Field(False, description="in the audit sample: the expert's verdict labels it for recalibration")
+
+    @model_validator(mode="after")
+    def _has_a_reason(self) -> ReviewRequest:
+        if not (self.delegated or self.audit):
+            raise ValueError("a review request is delegated, audited or both")
+        return self
 
 
 class Alert(_Model):

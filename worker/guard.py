@@ -10,6 +10,11 @@ error on it alone, e.g. a context-length 4xx, or ``guard.max_expert_attempts`` t
 a final verdict, ``source: "expert_unavailable"``, decided by ``guard.unavailable_decision`` (default: unsafe,
 so the alerter raises it). Padding a conversation until the expert chokes on it must not take it out of alerting.
 Review requests must carry the worker's signature (worker/signing.py); the guard signs its verdicts.
+
+Audits: a request may be an audit (``audit``: in the worker's audit sample) rather than, or besides, a delegation.
+Its verdict carries ``audit`` and the probe's raw score (``probe_p_unsafe``) and the header ``audit``, so the
+workers' recalibration feeds (worker/recalibration.py) find it; when the request was not delegated the verdict is
+a label, not a final decision (``delegated`` false: the probe's verdict on that event stands, the alerter skips it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from probes.experts.base import Expert
 from probes.logs import get_logger
 from probes.manifest import DEFAULT_UNSAFE_CUT
 from worker.config import GuardSettings
-from worker.events import MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import AUDIT_HEADER, MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import GuardMetrics
 from worker.signing import SignatureError, Signer
 from worker.stream import (
@@ -248,23 +253,26 @@ class GuardHandler(OutputsSlot):
         waited_s = max(0.0, (utcnow() - request.requested_at).total_seconds() - scoring_s)
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
-            p_unsafe=min(1.0, max(0.0, score)), dv=request.dv, delegated=True, decision=decision,
+            p_unsafe=min(1.0, max(0.0, score)), dv=request.dv, delegated=request.delegated, decision=decision,
             source=source, budget=request.budget or BudgetState(threshold=request.threshold),
             bundle_version=request.bundle_version, model_version=request.model_version or "unknown",
             expert_version=self.expert.name,
             timings=Timings(queue_ms=waited_s * 1000, inference_ms=scoring_s * 1000,
                             total_ms=(time.monotonic() - review.consumed_at) * 1000),
             decided_at=utcnow(), metadata={**event.metadata, "probe_p_unsafe": request.p_unsafe},
+            audit=request.audit, probe_p_unsafe=min(1.0, max(0.0, request.p_unsafe)) if request.audit else None,
         )
         key = event.conversation_id.encode()
         body = verdict.to_json()
         headers = [("event_id", event.event_id.encode()), ("source", source.encode()),
-                   *self.signer.headers("verdict", key, body)]
+                   *([(AUDIT_HEADER, b"1")] if request.audit else []), *self.signer.headers("verdict", key, body)]
         message = Message(self.settings.topics.verdicts, body, key, headers)
         requested_at = request.requested_at
 
         def acked() -> None:
             self.metrics.verdicts_out.labels(decision=decision).inc()
+            if request.audit:
+                self.metrics.audit_verdicts_out.inc()
             self.metrics.review_latency.observe(max(0.0, (utcnow() - requested_at).total_seconds()))
 
         self.out.publish(review, [message], acked)

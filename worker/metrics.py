@@ -134,6 +134,38 @@ class WorkerMetrics(ConsumerMetrics):
         self.recertifications = Counter(
             "ctd_window_recertifications", "Window threshold re-certifications", ["outcome"], registry=r
         )
+        # Online recalibration from audits (worker/recalibration.py).
+        self.audits_sent = Counter(
+            "ctd_audits_sent", "Audit-sample events sent to the expert-review topic (acknowledged)", registry=r
+        )
+        self.audit_verdicts_in = Counter(
+            "ctd_audit_verdicts_in", "Expert audit verdicts fed to the recalibration window", registry=r
+        )
+        self.audit_verdicts_skipped = Counter(
+            "ctd_audit_verdicts_skipped", "Audit verdicts not fed (malformed, bad signature, duplicate, no expert)",
+            ["reason"], registry=r,
+        )
+        self.recalibration_version = Gauge(
+            "ctd_recalibration_version", "Version of the recalibration state in force (0: none refitted yet)",
+            registry=r,
+        )
+        self.recalibration_window_cut = Gauge(
+            "ctd_recalibration_window_cut", "1 while the cut re-certified on the audit window decides, 0 offline",
+            registry=r,
+        )
+        self.recalibration_cut = Gauge(
+            "ctd_recalibration_cut", "Unsafe cut in force, on the score scale", ["scale"], registry=r
+        )
+        self.recalibration_window = Gauge(
+            "ctd_recalibration_window", "Audited verdicts in the recalibration window", registry=r
+        )
+        self.recalibration_benign_flag_rate = Gauge(
+            "ctd_recalibration_window_benign_flag_rate",
+            "Realised flag rate of the cut in force on the window's expert-benign audits (NaN: none)", registry=r,
+        )
+        self.recalibration_refits = Counter(
+            "ctd_recalibration_refits", "Refits of the map and cut", ["source"], registry=r
+        )
 
 
 @dataclass
@@ -152,6 +184,9 @@ class GuardMetrics(ConsumerMetrics):
         )
         self.expert_errors = Counter(
             "ctd_expert_errors", "Expert scoring failures (batch retried later)", ["kind"], registry=r
+        )
+        self.audit_verdicts_out = Counter(
+            "ctd_expert_audit_verdicts_out", "Expert verdicts on audited events acknowledged by the broker", registry=r
         )
         self.degraded = Gauge("ctd_expert_degraded", "1 while the expert is unavailable or timing out", registry=r)
         self.degraded_total = Counter(

@@ -3,7 +3,9 @@
 The monitor handler of the stream core (worker/stream.py): decoded events are tokenized on a prep thread,
 micro-batched by tokens (worker/batcher.py), collated while the previous batch runs, scored on the inference
 thread (never the event loop), routed by the budget controller (worker/budget.py) and published as a verdict
-(plus a review request when delegated). docs/architecture.md follows one event through it.
+(plus a review request when delegated or audited). With audits on (``audit.rate`` > 0) the verdict is decided by
+the map and cut the guard's audit verdicts refitted (worker/recalibration.py). docs/architecture.md follows one
+event through it.
 """
 
 from __future__ import annotations
@@ -17,18 +19,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from probes.logs import get_logger
 from probes.monitor import Monitor
+from probes.recalibration import OnlineRecalibrator, audit_selected
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
-from worker.events import ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import ConversationEvent, Recalibration, ReviewRequest, Timings, Verdict, utcnow
 from worker.metrics import WorkerMetrics
+from worker.recalibration import RecalibrationFeed, recalibration_info
 from worker.signing import Signer
 from worker.stream import (
     Envelope,
     Message,
+    Outputs,
     OutputsSlot,
     Publication,
     Record,
@@ -92,8 +100,23 @@ class MonitorHandler(OutputsSlot):
         self.metrics.no_valid_threshold.set(0 if rule.valid else 1)
         if not rule.valid:
             log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
+        # Audits (a hash sample of event ids, apart from delegation and its budget) and the recalibration they feed.
+        self.recalibrator: OnlineRecalibrator | None = None
+        self.feed: RecalibrationFeed | None = None
+        if settings.audit.enabled:
+            offline = monitor.bundle.manifest.unsafe_cut
+            self.recalibrator = OnlineRecalibrator(settings.audit, offline_cut=monitor.unsafe_cut,
+                                                   offline_valid=offline is not None and offline.valid)
+            self.feed = RecalibrationFeed(settings, self.recalibrator, metrics)
 
     # ---------------------------------------------------------------- handler protocol
+    async def start(self, outputs: Outputs) -> None:
+        await super().start(outputs)
+        if self.feed is not None:
+            # Before the group: the first verdicts after a restart are decided with the rebuilt window.
+            await self.feed.start()
+            await self.feed.catch_up(self.settings.audit.catch_up_timeout_s)
+
     def busy(self) -> bool:
         return bool(len(self.batcher)) or self._inference is not None
 
@@ -106,6 +129,8 @@ class MonitorHandler(OutputsSlot):
     async def close(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
         self._infer.shutdown(wait=False, cancel_futures=True)
+        if self.feed is not None:
+            await self.feed.stop()
 
     # ---------------------------------------------------------------- decode + tokenize
     async def accept(self, records: Sequence[Record]) -> None:
@@ -166,6 +191,15 @@ class MonitorHandler(OutputsSlot):
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:
+        """The batching loop, and the audit feed beside it: if either dies, both stop (the stream fails)."""
+        if self.feed is None:
+            await self._batch_loop()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._batch_loop(), name="batch")
+            group.create_task(self.feed.run(), name="recalibration")
+
+    async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         out = self.out
         while True:
@@ -220,6 +254,7 @@ class MonitorHandler(OutputsSlot):
             with self.metrics.stage_cpu("serialise_publish"):
                 publications: list[Publication] = []
                 try:
+                    verdict_scores, flagged, recalibration = self._probe_verdicts(scores.p_unsafe)
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
                         p_unsafe = float(scores.p_unsafe[i])
                         dv = None if scores.dv is None else float(scores.dv[i])
@@ -229,9 +264,10 @@ class MonitorHandler(OutputsSlot):
                                                  "inference")
                             continue
                         try:
-                            publications.append(self._publish(item, p_unsafe, dv, delegation,
-                                                              queue_s=started - item.consumed_at,
-                                                              inference_s=elapsed))
+                            publications.append(self._publish(
+                                item, p_unsafe, dv, delegation, score=verdict_scores[i], unsafe=flagged[i],
+                                recalibration=recalibration, queue_s=started - item.consumed_at,
+                                inference_s=elapsed))
                         except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
                             self.out.dead_letter(item, "output_error", repr(exc), "inference")
                 finally:
@@ -243,30 +279,47 @@ class MonitorHandler(OutputsSlot):
         await split_on_failure(items, attempt, give_up, what="inference")
 
     # ---------------------------------------------------------------- publish
-    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, queue_s: float,
+    def _probe_verdicts(self, p: npt.NDArray[np.float64]) -> tuple[list[float], list[bool], Recalibration | None]:
+        """The verdicts' scores and decisions for a scored batch, once per batch (not per event): the raw score at
+        the bundle's cut, or with audits on the calibrated score, flagged at the cut in force (the same decision as
+        the raw score at ``probe_cut``), and the state that decided."""
+        recal = self.recalibrator
+        if recal is None:
+            return p.tolist(), (p >= self.monitor.unsafe_cut).tolist(), None
+        return np.clip(recal.calibrated(p), 0.0, 1.0).tolist(), recal.flags(p).tolist(), recalibration_info(recal)
+
+    def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, score: float,
+                 unsafe: bool, recalibration: Recalibration | None, queue_s: float,
                  inference_s: float) -> Publication:
+        """``p_unsafe``: the probe's raw score; ``score`` and ``unsafe``: the verdict's (``_probe_verdicts``)."""
         topics = self.settings.topics
         event = item.body.event
+        audit = self.settings.audit
+        audited = recalibration is not None and audit_selected(event.event_id, audit.rate, audit.salt)
+        raw = None if recalibration is None else p_unsafe
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
-            p_unsafe=p_unsafe, dv=dv, delegated=delegation.delegated,
-            decision="unsafe" if p_unsafe >= self.monitor.unsafe_cut else "safe", source="probe",
+            p_unsafe=score, dv=dv, delegated=delegation.delegated,
+            decision="unsafe" if unsafe else "safe", source="probe",
             budget=delegation.budget,
             bundle_version=self.monitor.bundle.version, model_version=self.monitor.model_version,
             timings=Timings(queue_ms=queue_s * 1000, inference_ms=inference_s * 1000,
                             total_ms=(time.monotonic() - item.consumed_at) * 1000),
-            decided_at=utcnow(), metadata=event.metadata,
+            decided_at=utcnow(), metadata=event.metadata, audit=audited, probe_p_unsafe=raw,
+            recalibration=recalibration,
         )
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
         body = verdict.to_json()
         messages = [Message(topics.verdicts, body, key, headers + self.signer.headers("verdict", key, body))]
-        if delegation.delegated:
+        if delegation.delegated or audited:
+            # An audit is not a delegation: it spends no budget, and the probe's verdict above stays final.
             request = ReviewRequest(
-                event=event, p_unsafe=p_unsafe, dv=dv, reason=delegation.reason,
+                event=event, p_unsafe=p_unsafe, dv=dv, reason=delegation.reason if delegation.delegated else "audit",
                 threshold=delegation.budget.threshold, budget=delegation.budget,
                 bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
+                delegated=delegation.delegated, audit=audited,
             )
             review = request.to_json()
             messages.append(Message(topics.review, review, key,
@@ -275,12 +328,15 @@ class MonitorHandler(OutputsSlot):
             self._recent_delegated -= self._recent[0]
         self._recent.append(delegation.delegated)
         self._recent_delegated += delegation.delegated
-        return item, messages, lambda: self._acked(item.consumed_at, verdict.decision, delegation.delegated)
+        return item, messages, lambda: self._acked(item.consumed_at, verdict.decision, delegation.delegated,
+                                                   audited)
 
-    def _acked(self, consumed_at: float, decision: str, delegated: bool) -> None:
+    def _acked(self, consumed_at: float, decision: str, delegated: bool, audited: bool = False) -> None:
         self._verdicts_out[decision].inc()
         if delegated:
             self.metrics.delegated.inc()
+        if audited:
+            self.metrics.audits_sent.inc()
         self.metrics.end_to_end_latency.observe(time.monotonic() - consumed_at)
         self.metrics.delegation_rate.set(self._recent_delegated / len(self._recent))
 

@@ -166,8 +166,8 @@ async def _collect(bootstrap: str, topics: TopicsConfig, event_ids: set[str], ti
             for record in (r for rs in batch.values() for r in rs):
                 verdict = orjson.loads(record.value)
                 event_id = verdict["event_id"]
-                if event_id not in event_ids:
-                    continue
+                if event_id not in event_ids or (verdict["source"] != "probe" and not verdict["delegated"]):
+                    continue  # not ours, or the guard's label of an audited event (the probe's verdict stands)
                 verdict["_received"] = time.monotonic()
                 (expert if verdict["source"] == "expert" else probe)[event_id] = verdict
                 done = event_id in probe and (not probe[event_id]["delegated"] or event_id in expert)

@@ -93,3 +93,15 @@ def test_audit_config_section_loads_from_env_and_validates(monkeypatch: pytest.M
     assert s.audit.rate == 0.02 and s.audit.window == AuditConfig().window
     with pytest.raises(ValidationError):
         AuditConfig(window=50, min_window=100)
+
+
+def test_add_defers_the_refit_to_the_caller_and_the_window_reports_its_benign_flag_rate() -> None:
+    cfg = AuditConfig(window=20, min_window=10, refit_every=1)
+    recal = OnlineRecalibrator(cfg, offline_cut=0.5)
+    assert recal.window_benign_flag_rate() is None  # nothing benign yet
+    for p, unsafe in [(0.6, False), (0.4, False), (0.7, False), (0.2, False), (0.9, True)] * 3:
+        recal.add(p, unsafe)
+    assert recal.window_size == 15 and recal.state.version == 0, "add never refits"
+    assert recal.window_benign_flag_rate() == pytest.approx(0.5)  # 0.6 and 0.7 of 0.6, 0.4, 0.7, 0.2 at 0.5
+    state = recal.refit(version=1234)
+    assert state.version == 1234 and recal.refit().version == 1235

@@ -1,0 +1,109 @@
+"""The guard teaches the probe, on the real broker: monitor worker → audit requests → guard (real small expert) →
+audit verdicts → the worker's recalibration feed → recalibrated verdicts; and a replica started afterwards
+rebuilds the same state from the topic's lookback."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+from probes.experts.encoder_head import EncoderHeadExpert
+from probes.monitor import Monitor
+from probes.recalibration import OnlineRecalibrator
+from tests.worker.helpers import (
+    TopicWatcher,
+    dataset_events,
+    event_values,
+    guard_settings,
+    new_topics,
+    produce_raw,
+    wait_for,
+    worker_settings,
+)
+from worker.config import AlertsConfig, WorkerAuditConfig
+from worker.main import GuardProcess
+from worker.metrics import WorkerMetrics
+from worker.monitor import monitor_stream
+from worker.recalibration import RecalibrationFeed
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_which_state_decided(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path,
+    small_expert: EncoderHeadExpert,
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    ws = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
+                         group=f"w-{uuid.uuid4().hex[:6]}")
+    # Every event audited; a small window refitted after every audit once 10 are held.
+    audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
+                              settle_s=0.2, lookback_s=600)
+    ws = ws.model_copy(update={"audit": audit})
+    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=AlertsConfig(enabled=False))
+    metrics = WorkerMetrics()
+    worker = monitor_stream(ws, monitor, metrics)
+    worker_task = asyncio.create_task(worker.run())
+    guard = GuardProcess(gs, small_expert)
+    guard_task = asyncio.create_task(guard.run())
+    await wait_for(lambda: (worker.ready() and guard.ready()) or worker_task.done() or guard_task.done(), 60)
+    assert not worker_task.done() and not guard_task.done()
+    verdicts = await TopicWatcher(kafka_broker.bootstrap, topics.verdicts).start()
+    files = [datasets_dir / "harmbench.jsonl", datasets_dir / "alpaca_benign.jsonl"]
+    try:
+        first = [e for pair in zip(dataset_events(files[:1], 20), dataset_events(files[1:], 20), strict=True)
+                 for e in pair]
+        await produce_raw(kafka_broker.bootstrap, topics.input, event_values(first))
+        # the guard answers every audit, the worker's feed reads the answers back and refits
+        await wait_for(lambda: metrics.audit_verdicts_in._value.get() == len(first), 120)
+        state = worker.handler.recalibrator.state if worker.handler.recalibrator else None
+        assert state is not None and state.version > 0 and state.n == audit.window
+        assert metrics.recalibration_version._value.get() == state.version
+        assert metrics.audits_sent._value.get() == len(first)
+        second = dataset_events(files[1:], 10, run_id="second")
+        await produce_raw(kafka_broker.bootstrap, topics.input, event_values(second))
+        ids = {e.event_id for e in second}
+        await verdicts.wait(lambda w: ids <= {r["event_id"] for r in w.records if r["source"] == "probe"}, 60)
+        await verdicts.wait(lambda w: len([r for r in w.records if r["source"] == "expert"])
+                            >= len(first) + len(second), 60)
+    finally:
+        await verdicts.stop()
+    probe = {r["event_id"]: r for r in verdicts.records if r["source"] == "probe"}
+    expert = {r["event_id"]: r for r in verdicts.records if r["source"] == "expert"}
+    # the first wave was decided before any audit came back: the bundle's cut, version 0
+    assert all(probe[e.event_id]["recalibration"]["version"] == 0 for e in first[:5])
+    # the second wave by a refitted state (the first wave's, or a later one once its own audits came back), and
+    # each verdict says which and was decided by it
+    assert probe[second[0].event_id]["recalibration"]["version"] == state.version
+    for e in second:
+        v = probe[e.event_id]
+        r = v["recalibration"]
+        assert v["audit"] and r["version"] >= state.version and r["window"] == audit.window
+        assert v["decision"] == ("unsafe" if v["probe_p_unsafe"] >= r["probe_cut"] else "safe")
+    # every audit came back as a label carrying the probe's raw score; undelegated ones do not supersede
+    for event_id, v in expert.items():
+        assert v["audit"] and v["probe_p_unsafe"] == probe[event_id]["probe_p_unsafe"]
+        assert v["delegated"] == probe[event_id]["delegated"]
+    assert any(not v["delegated"] for v in expert.values())
+
+    # A replica that starts now (a restart, a scale-up) rebuilds the same state from the lookback, group-less.
+    await wait_for(lambda: metrics.audit_verdicts_in._value.get() == len(first) + len(second), 60)
+    live = worker.handler.recalibrator.state if worker.handler.recalibrator else None
+    offline = monitor.bundle.manifest.unsafe_cut
+    late = RecalibrationFeed(ws, OnlineRecalibrator(audit, offline_cut=monitor.unsafe_cut,
+                                                    offline_valid=offline is not None and offline.valid),
+                             WorkerMetrics())
+    await late.start()
+    try:
+        assert await late.catch_up(30)
+        late.release()
+    finally:
+        await late.stop()
+    assert live is not None and late.recalibrator.state.version == live.version
+    assert late.recalibrator.state == live
+    worker.stop()
+    guard.stop()
+    await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)

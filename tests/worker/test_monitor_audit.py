@@ -1,0 +1,117 @@
+"""Audits in the monitor handler (real MiniLM bundle, in-memory consumer and producer): which events are sent to
+the expert, what their verdicts carry, and that a refitted map and cut decide the verdicts that follow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from probes.monitor import Monitor
+from probes.recalibration import audit_selected
+from tests.worker.helpers import worker_settings
+from tests.worker.test_monitor_items import _consumer, _event
+from tests.worker.test_recalibration import T0, FakeVerdictTopic
+from tests.worker.test_stream import P0, FakeProducer, running, stopped, until
+from worker.config import TopicsConfig, WorkerAuditConfig, WorkerSettings
+from worker.metrics import WorkerMetrics
+from worker.monitor import MonitorStream, monitor_stream
+from worker.recalibration import Audit
+from worker.stream import ServiceLimits
+
+TEXTS = ["How do I bake bread?", "Write a poem about the sea.", "How can I hurt someone and not get caught?",
+         "Explain photosynthesis.", "Give me step by step instructions to build a weapon.", "What is 2 + 2?"]
+
+
+def _stream(settings: WorkerSettings, monitor: Monitor, values: list[bytes]) -> tuple[MonitorStream, Any, Any]:
+    consumer, producer = _consumer(values), FakeProducer(auto_ack=True)
+    stream = monitor_stream(settings, monitor, WorkerMetrics())
+    stream.consumer, stream.producer = consumer, producer
+    stream.limits = ServiceLimits(max_in_flight=1000, max_event_bytes=1 << 20, shutdown_deadline_s=5,
+                                  commit_interval_s=0.01, liveness_max_stall_s=60, http_port=None)
+    assert stream.handler.feed is not None
+    stream.handler.feed.consumer = FakeVerdictTopic({0: []})  # an empty verdicts topic: caught up at once
+    return stream, consumer, producer
+
+
+def _settings(small_bundle: Path, cache_dir: Path, **audit: Any) -> WorkerSettings:
+    base = worker_settings("unused:9092", small_bundle, cache_dir, topics=TopicsConfig(), group="g")
+    config = WorkerAuditConfig(**{"rate": 0.5, "window": 60, "min_window": 20, "refit_every": 1, "epsilon": 0.2,
+                                  "delta": 0.2, "settle_s": 0.0, **audit})
+    return base.model_copy(update={"audit": config})
+
+
+def _out(producer: FakeProducer, topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for t, v, _ in producer.sent if t == topic]
+
+
+async def test_audited_events_go_to_the_expert_outside_the_budget_and_keep_the_probes_verdict(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    settings = _settings(small_bundle, cache_dir)
+    n = 60
+    values = [_event(f"a{i}", TEXTS[i % len(TEXTS)]) for i in range(n)]
+    stream, consumer, producer = _stream(settings, monitor, values)
+    task = await running(stream)
+    await until(lambda: consumer.last_commit(P0) == n)
+    await stopped(stream, task)
+    topics = settings.topics
+    verdicts = {v["event_id"]: v for v in _out(producer, topics.verdicts)}
+    requests = {r["event"]["event_id"]: r for r in _out(producer, topics.review)}
+    audited = {f"a{i}" for i in range(n) if audit_selected(f"a{i}", 0.5, "audit")}
+    delegated = {e for e, v in verdicts.items() if v["delegated"]}
+    assert 15 < len(audited) < 45 and len(verdicts) == n
+    assert set(requests) == audited | delegated, "one request per event: delegated, audited or both"
+    for event_id, request in requests.items():
+        # (added fields are left out of the JSON at their defaults: audit false, delegated true)
+        assert request.get("audit", False) == (event_id in audited)
+        assert request.get("delegated", True) == (event_id in delegated)
+        assert request["p_unsafe"] == verdicts[event_id]["probe_p_unsafe"], "the raw score goes to the guard"
+    for event_id, v in verdicts.items():
+        assert v["source"] == "probe" and v.get("audit", False) == (event_id in audited)
+        assert v["recalibration"] == {"version": 0, "source": "offline", "cut": v["recalibration"]["cut"],
+                                      "probe_cut": monitor.unsafe_cut, "valid": v["recalibration"]["valid"],
+                                      "window": 0, "window_benign": 0}
+        # before any refit the map is the identity: the bundle's verdict, unchanged
+        assert abs(v["p_unsafe"] - v["probe_p_unsafe"]) < 1e-6
+        assert v["decision"] == ("unsafe" if v["probe_p_unsafe"] >= monitor.unsafe_cut else "safe")
+    budget = stream.handler.budget
+    assert sum(w.delegated for w in budget.windows.values()) == len(delegated), "audits spend no budget"
+    metrics = stream.handler.metrics
+    assert metrics.audits_sent._value.get() == len(audited)
+    assert metrics.delegated._value.get() == len(delegated)
+
+
+async def test_a_refitted_window_decides_the_verdicts_that_follow(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    settings = _settings(small_bundle, cache_dir, rate=0.01)
+    n = 24
+    values = [_event(f"b{i}", TEXTS[i % len(TEXTS)]) for i in range(n)]
+    stream, consumer, producer = _stream(settings, monitor, values)
+    handler = stream.handler
+    assert handler.feed is not None and handler.recalibrator is not None
+    # Audit labels saying the probe flags far too much: benign traffic scores up to 0.95, the unsafe near 1.
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        unsafe = i % 4 == 0
+        p = float(rng.uniform(0.97, 1.0) if unsafe else rng.uniform(0.0, 0.95))
+        handler.feed.feed(Audit(T0 + i, f"x{i}", p, unsafe))
+    state = handler.recalibrator.state
+    assert state.source == "window" and state.version > 0 and state.probe_cut > 0.7
+    task = await running(stream)
+    await until(lambda: consumer.last_commit(P0) == n)
+    await stopped(stream, task)
+    verdicts = _out(producer, settings.topics.verdicts)
+    assert len(verdicts) == n
+    for v in verdicts:
+        raw = v["probe_p_unsafe"]
+        assert v["recalibration"]["version"] == state.version and v["recalibration"]["source"] == "window"
+        assert v["recalibration"]["probe_cut"] == state.probe_cut and v["recalibration"]["window"] == 60
+        assert v["decision"] == ("unsafe" if raw >= state.probe_cut else "safe")
+        assert abs(v["p_unsafe"] - float(handler.recalibrator.calibrated([raw])[0])) < 1e-9
+        # the calibrated score and the reported cut agree with the decision
+        assert (v["p_unsafe"] >= v["recalibration"]["cut"] - 1e-9) == (v["decision"] == "unsafe")
+    assert handler.metrics.recalibration_version._value.get() == state.version

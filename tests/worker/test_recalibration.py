@@ -1,0 +1,321 @@
+"""The worker's recalibration feed alone, against an in-memory verdicts topic (no broker).
+
+The broker test (test_audit_kafka) runs the whole loop: monitor → guard → feed → recalibrated verdicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+from pydantic import SecretStr, ValidationError
+
+from probes.recalibration import OnlineRecalibrator, audit_selected
+from worker.alerts import AlertPolicy
+from worker.config import AlertsConfig, SigningConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings
+from worker.events import AUDIT_HEADER, BudgetState, ConversationEvent, ReviewRequest, Timings, Verdict
+from worker.metrics import WorkerMetrics
+from worker.recalibration import Audit, RecalibrationFeed
+from worker.signing import Signer
+
+TOPIC = TopicsConfig().verdicts
+T0 = 1_800_000_000.0  # the test's "now" (Unix seconds)
+KEY = SigningConfig(key=SecretStr("secret"))
+
+
+def audit_verdict(i: int, p: float, unsafe: bool, *, decided_at: float, source: str = "expert",
+                  delegated: bool = False) -> Verdict:
+    return Verdict(
+        event_id=f"e{i}", conversation_id=f"c{i}", tenant="t", p_unsafe=0.9 if unsafe else 0.1, dv=None,
+        delegated=delegated, decision="unsafe" if unsafe else "safe", source=source, budget=BudgetState(),
+        bundle_version="b", model_version="m", expert_version="x", timings=Timings(),
+        decided_at=dt.datetime.fromtimestamp(decided_at, dt.UTC), audit=True, probe_p_unsafe=p,
+    )
+
+
+def verdict_record(partition: int, offset: int, body: bytes, *, timestamp: float, audit_header: bool = True,
+                   signer: Signer | None = None, key: bytes = b"k") -> ConsumerRecord[bytes, bytes]:
+    headers: list[tuple[str, bytes]] = [(AUDIT_HEADER, b"1")] if audit_header else []
+    if signer is not None:
+        headers += signer.headers("verdict", key, body)
+    return ConsumerRecord(topic=TOPIC, partition=partition, offset=offset, timestamp=int(timestamp * 1000),
+                          timestamp_type=0, key=key, value=body, checksum=None, serialized_key_size=len(key),
+                          serialized_value_size=len(body), headers=tuple(headers))
+
+
+@dataclasses.dataclass
+class Found:
+    offset: int
+
+
+class FakeVerdictTopic:
+    """The part of ``AIOKafkaConsumer`` the feed uses: a few partitions of records, handed out ``per_poll`` at a
+    time in ``order`` of partitions (another order, another interleaving)."""
+
+    def __init__(self, partitions: dict[int, list[ConsumerRecord[bytes, bytes]]], *, per_poll: int = 3,
+                 order: Sequence[int] | None = None) -> None:
+        self.log = partitions
+        self.per_poll = per_poll
+        self.order = list(order) if order is not None else sorted(partitions)
+        self.position: dict[TopicPartition, int] = {}
+        self.subscribed: list[str] = []
+        self.started = self.stopped = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def subscribe(self, topics: list[str]) -> None:
+        self.subscribed = list(topics)
+
+    def assignment(self) -> set[TopicPartition]:
+        # group-less: every partition of the topic (none while it does not exist)
+        return {TopicPartition(TOPIC, n) for n in self.log} if self.subscribed == [TOPIC] else set()
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, Any]:
+        out: dict[TopicPartition, Any] = {}
+        for tp, ms in timestamps.items():
+            hit = next((r.offset for r in self.log[tp.partition] if r.timestamp >= ms), None)
+            out[tp] = None if hit is None else Found(hit)
+        return out
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.log[tp.partition]) for tp in partitions}
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.position[partition] = offset
+
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        for n in self.order:
+            tp = TopicPartition(TOPIC, n)
+            at = self.position.get(tp, len(self.log[n]))
+            taken = self.log[n][at:at + self.per_poll]
+            if taken:
+                self.position[tp] = at + len(taken)
+                return {tp: taken}
+        await asyncio.sleep(min(timeout_ms, 10) / 1000)  # as a real poll waits: the event loop runs meanwhile
+        return {}
+
+
+def settings(**audit: Any) -> WorkerSettings:
+    config = {"rate": 0.5, "window": 60, "min_window": 20, "refit_every": 5, "epsilon": 0.2, "delta": 0.2,
+              "lookback_s": 3600.0, "settle_s": 5.0, **audit}
+    return WorkerSettings(audit=WorkerAuditConfig(**config), signing=KEY)
+
+
+@dataclasses.dataclass
+class Clock:
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_feed(topic: FakeVerdictTopic, s: WorkerSettings, *, now: float = T0) -> RecalibrationFeed:
+    return RecalibrationFeed(s, OnlineRecalibrator(s.audit, offline_cut=0.5), WorkerMetrics(), consumer=topic,
+                             clock=Clock(now))
+
+
+def clock(feed: RecalibrationFeed) -> Clock:
+    assert isinstance(feed.clock, Clock)
+    return feed.clock
+
+
+def shifted_audits(n: int, *, start: float, seed: int = 0) -> list[tuple[int, float, bool, float]]:
+    """Benign traffic whose probe scores drifted up: the offline cut 0.5 flags most of it."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        unsafe = bool(rng.random() < 0.3)
+        z = rng.normal(3.0 if unsafe else 1.0, 0.7)
+        out.append((i, float(1 / (1 + math.exp(-z))), unsafe, start + i * 1.0))
+    return out
+
+
+def spread(audits: list[tuple[int, float, bool, float]], partitions: int, signer: Signer,
+           noise: int = 0) -> dict[int, list[ConsumerRecord[bytes, bytes]]]:
+    """Audits over partitions by event (as conversation keys would spread them), with probe verdicts between."""
+    log: dict[int, list[ConsumerRecord[bytes, bytes]]] = {n: [] for n in range(partitions)}
+    for i, p, unsafe, when in audits:
+        n = i % partitions
+        for _ in range(noise):  # probe verdicts: no audit header, never parsed
+            log[n].append(verdict_record(n, len(log[n]), b"not even json", timestamp=when, audit_header=False))
+        body = audit_verdict(i, p, unsafe, decided_at=when).to_json()
+        log[n].append(verdict_record(n, len(log[n]), body, timestamp=when, signer=signer, key=f"c{i}".encode()))
+    return log
+
+
+async def replayed(feed: RecalibrationFeed) -> RecalibrationFeed:
+    await feed.start()
+    assert await feed.catch_up(5.0)
+    feed.release()
+    return feed
+
+
+async def test_replicas_that_read_the_audits_interleaved_differently_reach_the_same_state() -> None:
+    s = settings()
+    signer = Signer.from_config(KEY)
+    audits = shifted_audits(200, start=T0 - 1000)
+    a = await replayed(make_feed(FakeVerdictTopic(spread(audits, 3, signer, noise=2), per_poll=2), s))
+    b = await replayed(make_feed(FakeVerdictTopic(spread(audits, 3, signer, noise=2), per_poll=7,
+                                                  order=[2, 0, 1]), s))
+    sa, sb = a.recalibrator.state, b.recalibrator.state
+    assert sa.source == "window" and sa.version > 0
+    assert sa == sb, "same audits, another interleaving: the same map, cut and version"
+    assert a.recalibrator.window_size == s.audit.window == b.recalibrator.window_size
+    # the version is the triggering audit's decided_at in ms: it says when, the same everywhere
+    assert T0 - 1000 <= sa.version / 1000 <= T0
+    # the shifted benign traffic is brought under the cut: the window's realised benign flag rate ≤ ε
+    rate = a.recalibrator.window_benign_flag_rate()
+    assert rate is not None and rate <= s.audit.epsilon
+    assert a.metrics.recalibration_version._value.get() == sa.version
+    assert a.metrics.recalibration_window_cut._value.get() == 1
+    assert a.metrics.recalibration_window._value.get() == s.audit.window
+    assert a.metrics.recalibration_cut.labels(scale="probe")._value.get() == sa.probe_cut
+    assert a.metrics.audit_verdicts_in._value.get() == 200
+
+
+async def test_a_replica_started_later_from_the_lookback_matches_one_that_saw_everything_live() -> None:
+    s = settings()
+    signer = Signer.from_config(KEY)
+    audits = shifted_audits(300, start=T0 - 300)
+    # live: every audit arrives after settle_s, fed one poll at a time as the clock moves
+    topic = FakeVerdictTopic({0: [], 1: []})
+    live = make_feed(topic, s, now=T0 - 301)
+    await live.start()
+    full = spread(audits, 2, signer)
+    for record in sorted((r for rs in full.values() for r in rs), key=lambda r: r.timestamp):
+        topic.log[record.partition].append(record)
+        clock(live).now = record.timestamp / 1000 + 0.5
+        await live.poll(timeout_ms=0)
+    clock(live).now = T0 + s.audit.settle_s
+    live.release()
+    # late: starts at T0 with a lookback that covers the last window and more, not the whole stream
+    late = await replayed(make_feed(FakeVerdictTopic(spread(audits, 2, signer)), settings(lookback_s=150.0),
+                                    now=T0 + s.audit.settle_s))
+    assert late.recalibrator.window_size == s.audit.window  # rebuilt from the lookback alone (150 of 300 audits)
+    assert live.recalibrator.state == late.recalibrator.state
+
+
+async def test_audits_settle_before_they_are_fed() -> None:
+    s = settings(min_window=10, refit_every=1)
+    signer = Signer.from_config(KEY)
+    topic = FakeVerdictTopic({0: []})
+    feed = make_feed(topic, s)
+    await feed.start()
+    assert feed.caught_up.is_set(), "an empty lookback is caught up at once"
+    for i, p, unsafe, _ in shifted_audits(12, start=T0):
+        body = audit_verdict(i, p, unsafe, decided_at=T0).to_json()
+        topic.log[0].append(verdict_record(0, len(topic.log[0]), body, timestamp=T0, signer=signer))
+    for _ in range(5):
+        await feed.poll(timeout_ms=0)
+    assert feed.recalibrator.window_size == 0, "decided just now: a slower partition may still hold older ones"
+    clock(feed).now = T0 + s.audit.settle_s
+    await feed.poll(timeout_ms=0)
+    assert feed.recalibrator.window_size == 12 and feed.recalibrator.state.version > 0
+
+
+async def test_bad_duplicate_and_unlabelled_verdicts_are_skipped_and_counted_never_fatal() -> None:
+    s = settings()
+    signer = Signer.from_config(KEY)
+    now = T0 - 100
+    good = audit_verdict(1, 0.7, False, decided_at=now).to_json()
+    unavailable = audit_verdict(2, 0.7, True, decided_at=now, source="expert_unavailable").to_json()
+    no_score = audit_verdict(3, 0.7, True, decided_at=now).model_copy(update={"probe_p_unsafe": None}).to_json()
+    records = [
+        verdict_record(0, 0, good, timestamp=now, signer=signer),
+        verdict_record(0, 1, good, timestamp=now, signer=signer),  # the guard published it twice
+        verdict_record(0, 2, b"{not json", timestamp=now, signer=signer),
+        verdict_record(0, 3, orjson.dumps({"event_id": "x"}), timestamp=now, signer=signer),
+        verdict_record(0, 4, good, timestamp=now, signer=Signer.from_config(SigningConfig(key=SecretStr("other")))),
+        verdict_record(0, 5, unavailable, timestamp=now, signer=signer),
+        verdict_record(0, 6, no_score, timestamp=now, signer=signer),
+        verdict_record(0, 7, good, timestamp=now, audit_header=False, signer=signer),  # not an audit: not read
+    ]
+    feed = await replayed(make_feed(FakeVerdictTopic({0: records}, per_poll=1), s))
+    skipped = feed.metrics.audit_verdicts_skipped
+    assert {r: skipped.labels(reason=r)._value.get() for r in ("duplicate", "malformed", "bad_signature",
+                                                               "no_expert")} == {
+        "duplicate": 1, "malformed": 3, "bad_signature": 1, "no_expert": 1}
+    assert feed.recalibrator.window_size == 1 and feed.metrics.audit_verdicts_in._value.get() == 1
+
+
+async def test_the_lookback_bounds_the_replay_and_nothing_is_committed() -> None:
+    s = settings(lookback_s=50.0, settle_s=0.0)
+    signer = Signer.from_config(KEY)
+    topic = FakeVerdictTopic(spread(shifted_audits(100, start=T0 - 100), 1, signer))
+    feed = await replayed(make_feed(topic, s))
+    assert feed.recalibrator.window_size == 50  # only the last 50 s of audits
+    assert not hasattr(topic, "commit") and topic.subscribed == [TOPIC]
+
+
+def test_refit_points_are_chosen_by_the_event_id_about_every_refit_every() -> None:
+    s = settings(min_window=20, refit_every=5)
+    recal = OnlineRecalibrator(s.audit, offline_cut=0.5)
+    feed = RecalibrationFeed(s, recal, WorkerMetrics(), consumer=FakeVerdictTopic({0: []}), clock=lambda: T0)
+    refits = sum(feed.feed(Audit(T0 + i, f"e{i}", 0.6, i % 3 == 0)) is not None for i in range(1000))
+    assert 150 < refits < 250  # ≈ (1000 − 20) / 5
+    due = [audit_selected(f"e{i}", 1 / 5, "audit/refit") for i in range(20, 1000)]
+    assert refits == sum(due)
+
+
+def test_review_requests_say_delegated_audit_or_both_and_old_ones_still_read() -> None:
+    event = ConversationEvent(event_id="e", conversation_id="c", created_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+                              messages=[{"role": "user", "content": "hi"}])
+    base = {"event": event, "p_unsafe": 0.4, "dv": None, "reason": "r", "threshold": None, "bundle_version": "b",
+            "requested_at": event.created_at}
+    old = ReviewRequest(**base)
+    assert old.delegated and not old.audit
+    assert b'"audit"' not in old.to_json() and b'"delegated"' not in old.to_json(), "readers from before still read"
+    audit = ReviewRequest(**base, delegated=False, audit=True)
+    assert orjson.loads(audit.to_json())["audit"] is True
+    assert ReviewRequest.model_validate(orjson.loads(audit.to_json())) == audit
+    with pytest.raises(ValidationError, match="delegated, audited or both"):
+        ReviewRequest(**base, delegated=False)
+
+
+def test_verdicts_leave_the_added_fields_out_while_audits_are_off() -> None:
+    plain = audit_verdict(1, 0.3, False, decided_at=T0).model_copy(
+        update={"audit": False, "probe_p_unsafe": None, "delegated": True})
+    body = orjson.loads(plain.to_json())
+    assert not {"audit", "probe_p_unsafe", "recalibration"} & set(body)
+    assert Verdict.model_validate(body) == plain
+    with pytest.raises(ValidationError):
+        audit_verdict(1, 1.5, False, decided_at=T0)
+
+
+def test_an_audit_label_is_not_a_final_verdict_and_never_alerts() -> None:
+    policy = AlertPolicy(AlertsConfig())
+    label = audit_verdict(1, 0.2, True, decided_at=T0)  # the expert says unsafe, the probe's verdict stands
+    assert not policy.is_final(label) and policy.consider(label, 0.0) == (None, None)
+    delegated_and_audited = audit_verdict(2, 0.2, True, decided_at=T0, delegated=True)
+    assert policy.is_final(delegated_and_audited) and policy.consider(delegated_and_audited, 0.0)[0] is not None
+    probe = label.model_copy(update={"source": "probe", "event_id": "e3", "conversation_id": "c3"})
+    assert policy.is_final(probe)
+
+
+async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.recalibration._RETRY_ASSIGN_S", 0.1)
+    s = settings(settle_s=0.0, min_window=10, refit_every=1)
+    signer = Signer.from_config(KEY)
+    topic = FakeVerdictTopic(spread(shifted_audits(12, start=T0 - 50), 1, signer))
+    present = topic.log
+    topic.log = {}  # not created yet
+    feed = make_feed(topic, s)
+    await feed.start()
+    assert feed.caught_up.is_set() and feed.recalibrator.window_size == 0  # the bundle's cut decides meanwhile
+    topic.log = present
+    for _ in range(30):
+        await feed.poll(timeout_ms=10)
+    assert feed.recalibrator.window_size == 12 and feed.recalibrator.state.version > 0

@@ -1,0 +1,274 @@
+"""The guard teaches the probe, online: audit verdicts in from the verdicts topic, the probe's map and cut out.
+
+The monitor worker sends a hash-selected audit sample of its events to the expert (worker/monitor.py); the guard
+answers each with an audit verdict (``audit`` true, the probe's raw score in ``probe_p_unsafe``) on the verdicts
+topic. ``RecalibrationFeed`` reads those verdicts back into the worker process and feeds the
+``probes.recalibration.OnlineRecalibrator`` whose map and cut the monitor decides with.
+
+Why every replica ends in the same state, and what that costs (docs/architecture.md, "Online recalibration"):
+
+* **No consumer group.** The feed subscribes to the verdicts topic with no group id: every partition is its own
+  (new ones too), so each replica sees every audit verdict, not the share a group would give it, and it commits
+  nothing (no offsets to lose or to fight over).
+* **A bounded lookback instead of a stored state.** A starting worker seeks each partition to ``audit.lookback_s``
+  ago and replays it before it joins the worker group (at most ``audit.catch_up_timeout_s``): a restart rebuilds
+  the window from the topic. The lookback must cover ``audit.window`` audits (window ÷ rate ÷ events per second).
+* **One order for all.** Partitions interleave differently in every consumer, so audits are not fed as they
+  arrive: they wait ``audit.settle_s`` after their ``decided_at`` and are fed in (decided_at, event_id) order.
+  During the replay they are held until the feed has caught up (memory: a window plus a margin; the oldest
+  beyond that are fed first, and only the final window matters).
+* **Refits where the data says, not where a counter says.** A refit follows an audit whose event-id hash falls
+  below 1 / ``audit.refit_every`` (one in ``refit_every`` on average), once ``audit.min_window`` are held; its
+  version is the audit's ``decided_at`` in Unix milliseconds. Fed the same sequence, two replicas refit on the
+  same windows and carry the same version, whenever each of them started.
+
+A verdict the guard signed wrongly, or that does not parse, is skipped with a log line and a metric; duplicates
+(an at-least-once guard may publish one twice) are fed once. Only ``source: "expert"`` verdicts are labels: a
+fail-closed ``expert_unavailable`` answer says nothing about the event. Everything here is numpy-cheap and runs on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from probes.logs import get_logger
+from probes.recalibration import OnlineRecalibrator, RecalibrationState, audit_selected
+from worker.config import WorkerSettings
+from worker.events import AUDIT_HEADER, Recalibration, Verdict
+from worker.metrics import WorkerMetrics
+from worker.signing import SignatureError, Signer
+from worker.stream import Record
+
+log = get_logger(__name__)
+#: Audits held during the replay beyond the window before the oldest are fed (refits happen about every
+#: ``refit_every`` audits, so this margin holds the last refit point of the replay with overwhelming probability).
+_REPLAY_MARGIN_REFITS = 20
+#: How often a feed whose verdicts topic did not exist looks for it again.
+_RETRY_ASSIGN_S = 5.0
+
+
+class AuditConsumer(Protocol):
+    """The part of ``AIOKafkaConsumer`` the feed uses (unit tests put an in-memory fake behind it)."""
+
+    def subscribe(self, topics: list[str]) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, Any]: ...
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[Record]]: ...
+
+
+@dataclass(order=True, frozen=True, slots=True)
+class Audit:
+    """One expert label of an audited event, ordered as every replica feeds it."""
+
+    decided_at: float  # Unix seconds of the guard's verdict
+    event_id: str
+    probe_p_unsafe: float = field(compare=False)
+    expert_unsafe: bool = field(compare=False)
+
+
+def recalibration_info(recalibrator: OnlineRecalibrator) -> Recalibration:
+    """What a probe verdict carries about the state that decided it."""
+    s: RecalibrationState = recalibrator.state
+    return Recalibration(version=s.version, source=s.source, cut=s.cut, probe_cut=s.probe_cut, valid=s.valid,
+                         window=s.n if s.fitted_at is not None else recalibrator.window_size, window_benign=s.n_benign)
+
+
+def _has_header(record: Record, name: str) -> bool:
+    return any(k == name for k, _ in record.headers or ())
+
+
+class RecalibrationFeed:
+    """Reads the guard's audit verdicts (every partition, no group) into the worker's ``OnlineRecalibrator``."""
+
+    def __init__(self, settings: WorkerSettings, recalibrator: OnlineRecalibrator, metrics: WorkerMetrics, *,
+                 consumer: AuditConsumer | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.config = settings.audit
+        self.recalibrator = recalibrator
+        self.metrics = metrics
+        self.signer = Signer.from_config(settings.signing)
+        self.consumer = consumer
+        self.clock = clock
+        self.caught_up = asyncio.Event()
+        self._pending: list[Audit] = []
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._ends: dict[TopicPartition, int] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._last_source: str | None = None
+        self._assigned_at = -math.inf
+        self._update_gauges()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Subscribe to the verdicts topic with no group (every partition, nothing committed), seek to the lookback."""
+        if self.consumer is None:
+            self.consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None,
+                                             enable_auto_commit=False, auto_offset_reset="earliest")
+        self.consumer.subscribe([self.settings.topics.verdicts])
+        await self.consumer.start()
+        await self._seek_lookback(wait_s=_RETRY_ASSIGN_S)
+
+    async def _seek_lookback(self, wait_s: float = 0.0) -> None:
+        assert self.consumer is not None
+        consumer, topic = self.consumer, self.settings.topics.verdicts
+        deadline = time.monotonic() + wait_s
+        partitions = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        while not partitions and time.monotonic() < deadline:  # group-less: assigned once the metadata is in
+            await asyncio.sleep(0.05)
+            partitions = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        self._assigned_at = time.monotonic()
+        if not partitions:
+            # Nothing to replay, so caught up; poll() looks again every _RETRY_ASSIGN_S.
+            log.error("recalibration.topic_missing", topic=topic,
+                      hint="create it: ctd-monitor topics create; until then the bundle's cut decides")
+            self._check_caught_up()
+            return
+        since_ms = int((self.clock() - self.config.lookback_s) * 1000)
+        starts = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
+        self._ends = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            found = starts.get(tp)
+            offset = self._ends[tp] if found is None else int(found.offset)  # None: nothing that recent
+            consumer.seek(tp, offset)
+            self._positions[tp] = offset
+        log.info("recalibration.replaying", topic=topic, partitions=len(partitions), lookback_s=self.config.lookback_s,
+                 records=sum(self._ends[tp] - self._positions[tp] for tp in partitions))
+        self._check_caught_up()
+
+    async def catch_up(self, timeout_s: float) -> bool:
+        """Poll until the lookback is replayed (True) or ``timeout_s`` passed (False: it goes on in ``run``)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.caught_up.is_set() and time.monotonic() < deadline:
+            await self.poll()
+        if not self.caught_up.is_set():
+            log.warning("recalibration.replay_incomplete", timeout_s=timeout_s, held=len(self._pending),
+                        window=self.recalibrator.window_size)
+        return self.caught_up.is_set()
+
+    async def run(self) -> None:
+        while True:
+            await self.poll()
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+    # ---------------------------------------------------------------- feed
+    async def poll(self, timeout_ms: int = 200) -> None:
+        assert self.consumer is not None, "start() first"
+        if not self._ends:
+            if time.monotonic() - self._assigned_at >= _RETRY_ASSIGN_S:
+                await self._seek_lookback()
+            if not self._ends:
+                await asyncio.sleep(timeout_ms / 1000)
+                return
+        batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
+        for tp, records in batch.items():
+            for record in records:
+                audit = self.take(record)
+                if audit is not None:
+                    heapq.heappush(self._pending, audit)
+            if records:
+                self._positions[tp] = records[-1].offset + 1
+        self._check_caught_up()
+        self.release()
+
+    def take(self, record: Record) -> Audit | None:
+        """The audit label in a verdict record; None for any other verdict, and for a bad one (logged, counted)."""
+        if not _has_header(record, AUDIT_HEADER):
+            return None  # a probe verdict or a delegation's: most of the topic, never parsed
+        try:
+            self.signer.verify("verdict", record.key, record.value or b"", record.headers)
+        except SignatureError as exc:
+            self._skip(record, "bad_signature", str(exc))
+            return None
+        try:
+            verdict = Verdict.model_validate(orjson.loads(record.value or b""))
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            self._skip(record, "malformed", str(exc)[:300])
+            return None
+        p = verdict.probe_p_unsafe
+        if not verdict.audit or p is None or not math.isfinite(p):
+            self._skip(record, "malformed", "not an audit verdict with the probe's score")
+            return None
+        if verdict.source != "expert":
+            self._skip(record, "no_expert", verdict.source, quiet=True)
+            return None
+        if verdict.event_id in self._seen:
+            self._skip(record, "duplicate", verdict.event_id, quiet=True)
+            return None
+        self._seen[verdict.event_id] = None
+        while len(self._seen) > 4 * self.config.window:
+            self._seen.popitem(last=False)
+        return Audit(verdict.decided_at.timestamp(), verdict.event_id, p, verdict.decision == "unsafe")
+
+    def _skip(self, record: Record, reason: str, detail: str, *, quiet: bool = False) -> None:
+        self.metrics.audit_verdicts_skipped.labels(reason=reason).inc()
+        (log.debug if quiet else log.warning)("recalibration.verdict_skipped", reason=reason, detail=detail,
+                                              partition=record.partition, offset=record.offset)
+
+    def release(self) -> None:
+        """Feed the audits that are settled (all of them in order once caught up; the oldest beyond the replay
+        margin while replaying)."""
+        horizon = self.clock() - self.config.settle_s if self.caught_up.is_set() else -math.inf
+        cap = self.config.window + _REPLAY_MARGIN_REFITS * self.config.refit_every
+        fed = 0
+        while self._pending and (self._pending[0].decided_at <= horizon or len(self._pending) > cap):
+            self.feed(heapq.heappop(self._pending))
+            fed += 1
+        if fed:
+            self._update_gauges()
+
+    def feed(self, audit: Audit) -> RecalibrationState | None:
+        """One audit into the window, in order; a refit when its event id says so."""
+        recal = self.recalibrator
+        recal.add(audit.probe_p_unsafe, audit.expert_unsafe)
+        self.metrics.audit_verdicts_in.inc()
+        due = audit_selected(audit.event_id, 1 / self.config.refit_every, f"{self.config.salt}/refit")
+        if recal.window_size < self.config.min_window or not due:
+            return None
+        version = max(int(audit.decided_at * 1000), recal.state.version + 1)
+        state = recal.refit(datetime.fromtimestamp(audit.decided_at, UTC), version=version)
+        self.metrics.recalibration_refits.labels(source=state.source).inc()
+        self._update_gauges()
+        if state.source != self._last_source:
+            (log.info if state.source == "window" else log.warning)(
+                "recalibration.source", source=state.source, version=state.version, probe_cut=state.probe_cut,
+                cut=state.cut, window=state.n, window_benign=state.n_benign, valid=state.valid)
+            self._last_source = state.source
+        return state
+
+    def _check_caught_up(self) -> None:
+        if not self.caught_up.is_set() and all(self._positions.get(tp, 0) >= end for tp, end in self._ends.items()):
+            self.caught_up.set()
+            log.info("recalibration.caught_up", held=len(self._pending), window=self.recalibrator.window_size,
+                     version=self.recalibrator.state.version)
+
+    def _update_gauges(self) -> None:
+        recal, m = self.recalibrator, self.metrics
+        state = recal.state
+        m.recalibration_version.set(state.version)
+        m.recalibration_window_cut.set(1 if state.source == "window" else 0)
+        m.recalibration_cut.labels(scale="calibrated").set(state.cut)
+        m.recalibration_cut.labels(scale="probe").set(state.probe_cut)
+        m.recalibration_window.set(recal.window_size)
+        rate = recal.window_benign_flag_rate()
+        m.recalibration_benign_flag_rate.set(math.nan if rate is None else rate)
