@@ -84,7 +84,7 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
 
 def install(model: Any) -> bool:
-    """Route ``model``'s attention through ``packed_attention``; False when its attention is not SDPA's.
+    """Route ``model``'s attention through ``packed_attention``; False when its attention is not plain SDPA.
 
     The switch only adds a path: calls without ``packed`` run SDPA with SDPA's masks, as before.
     """
@@ -95,7 +95,8 @@ def install(model: Any) -> bool:
     current = getattr(config, "_attn_implementation", None)
     if current == NAME:
         return True
-    if current != "sdpa":
+    # Each sequence attends to all of its keys here: a sliding window (Mistral, Qwen2, Gemma) would be ignored.
+    if current != "sdpa" or getattr(config, "sliding_window", None) is not None:
         return False
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -36,3 +36,10 @@ def test_models_whose_attention_is_not_sdpa_are_left_alone(implementation) -> No
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation))
     assert not packed_attention.install(model)
     assert model.config._attn_implementation == implementation
+
+
+def test_sliding_window_models_are_left_alone() -> None:
+    """Packed sequences attend to all of their keys: a model with a sliding window keeps the padded batches."""
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", sliding_window=4096))
+    assert not packed_attention.install(model)
+    assert model.config._attn_implementation == "sdpa"
