@@ -22,7 +22,7 @@ from probes.heads import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
 from probes.manifest import BundleManifest, Signal
 from probes.models import LoadedModel, load_model
-from probes.windows import argmax_by_group, window_ids
+from probes.windows import argmax_by_group, window_ids, window_ids_batch
 
 __all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "uncertainty"]
 
@@ -134,13 +134,14 @@ class Monitor:
     def tokenize(self, conversation: Conversation) -> list[int]:
         return self.extractor.tokenize([conversation])[0]
 
-    def tokenize_batch(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        """``tokenize`` for many at once: one call of the fast tokenizer for all (it releases the GIL)."""
-        return self.extractor.tokenize(conversations)
-
     def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
         """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too."""
         return window_ids(self.loaded.tokenizer, conversation, self.max_tokens, self.windows)
+
+    def tokenize_windows_batch(self, conversations: Sequence[Conversation]) -> list[list[list[int]]]:
+        """``tokenize_windows`` for many at once: the same rows from a few calls of the fast tokenizer for all
+        (it releases the GIL), no chat template run per window. Raises if any conversation fails."""
+        return window_ids_batch(self.extractor.renderer, conversations, self.windows)
 
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
         batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)

@@ -22,7 +22,7 @@ from typing import Any
 
 from probes.config import WindowConfig
 from probes.conversation import Conversation, Message
-from probes.render import full_ids, render_ids
+from probes.render import BatchRenderer, full_ids, render_ids
 from probes.special_tokens import neutralise, special_strings
 
 
@@ -88,6 +88,60 @@ def window_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int, con
         ids = render_ids(tokenizer, window, max_tokens)
         if ids not in rows:
             rows.append(ids)
+    return rows
+
+
+def window_ids_batch(renderer: BatchRenderer, conversations: Sequence[Sequence[Message]],
+                     config: WindowConfig) -> list[list[list[int]]]:
+    """``window_ids`` for many conversations: the same rows, from a handful of tokenizer calls for all of them.
+
+    Renders through the renderer's derived template (no Jinja per window), tokenizes all renderings, then all
+    contents of the long conversations, decodes all window pieces and tokenizes all windows, each in one call.
+    Raises if any conversation fails; ``window_ids`` one at a time then tells which.
+    """
+    tokenizer, max_tokens = renderer.tokenizer, renderer.max_tokens
+    if not renderer.fast:
+        return [window_ids(tokenizer, c, max_tokens, config) for c in conversations]
+    full = renderer.full(conversations)
+    if not config.enabled:
+        return [[renderer.truncate(c, ids)] for c, ids in zip(conversations, full, strict=True)]
+    rows: list[list[list[int]]] = [[ids] if len(ids) <= max_tokens else [renderer.truncate(c, ids)]
+                                   for c, ids in zip(conversations, full, strict=True)]
+    long = [i for i, ids in enumerate(full) if len(ids) > max_tokens]
+    if not long:
+        return rows
+    # Content tokens of every message of every long conversation, as _content_ids reads them.
+    texts = [neutralise(m.content, renderer.specials) for i in long for m in conversations[i]]
+    content = iter(renderer.content_ids(texts))
+    # Each window as its pieces (role, tokens), then every piece of every window decoded in one call.
+    pieces: list[tuple[int, str, list[int]]] = []  # (window number, role, tokens)
+    owner: list[int] = []  # window number -> conversation index
+    for i in long:
+        messages = conversations[i]
+        flat = [(index, token) for index in range(len(messages)) for token in next(content)]
+        for start, end in spans(len(flat), config.window_tokens, config.stride_tokens, config.max_windows):
+            window = len(owner)
+            owner.append(i)
+            run: list[int] = []
+            current = flat[start][0] if start < end else 0
+            for index, token in flat[start:end]:
+                if index != current and run:
+                    pieces.append((window, messages[current].role, run))
+                    run = []
+                current = index
+                run.append(token)
+            if run:
+                pieces.append((window, messages[current].role, run))
+    decoded = renderer.decode([run for _, _, run in pieces])
+    windows: list[list[Message]] = [[] for _ in owner]
+    for (window, role, _), text in zip(pieces, decoded, strict=True):
+        windows[window].append(Message(role, text))
+    kept = [(owner[w], tuple(ms)) for w, ms in enumerate(windows) if any(m.content.strip() for m in ms)]
+    rendered = renderer.full([ms for _, ms in kept])
+    for (i, ms), ids in zip(kept, rendered, strict=True):
+        ids = renderer.truncate(ms, ids)
+        if ids not in rows[i]:
+            rows[i].append(ids)
     return rows
 
 

@@ -137,15 +137,14 @@ class MonitorHandler(OutputsSlot):
         self._wake.set()
 
     def _tokenize_all(self, events: Sequence[ConversationEvent]) -> list[list[list[int]] | Exception]:
-        """Each event's rows: one call of the fast tokenizer for the batch; a conversation that had to be cut to
-        ``max_tokens`` is read again in windows (probes/windows.py). Whatever fails, fails for its event alone."""
+        """Each event's rows (a conversation cut to ``max_tokens`` is read again in windows, probes/windows.py):
+        all events and all their windows in a few calls of the fast tokenizer. Whatever fails, fails for its
+        event alone."""
         with self.metrics.stage_cpu("render_tokenize"):
             try:
-                ids = self.monitor.tokenize_batch([event.conversation() for event in events])
+                return [*self.monitor.tokenize_windows_batch([event.conversation() for event in events])]
             except Exception:  # noqa: BLE001 - one at a time, so only the failing event fails
                 return [self._tokenize(event) for event in events]
-            return [[row] if len(row) < self.monitor.max_tokens else self._tokenize(event)
-                    for event, row in zip(events, ids, strict=True)]
 
     def _tokenize(self, event: ConversationEvent) -> list[list[int]] | Exception:
         try:

@@ -71,16 +71,16 @@ async def test_one_bad_event_never_takes_its_batch_down(
         return real_tokenize(conversation)
 
     monkeypatch.setattr(monitor, "tokenize_windows", tokenize)
-    real_batch = monitor.tokenize_batch
+    real_batch = monitor.tokenize_windows_batch
 
-    def tokenize_batch(conversations: Any) -> list[list[int]]:
+    def tokenize_batch(conversations: Any) -> list[list[list[int]]]:
         # The worker tokenizes a fetched batch in one call; a template failing on one event fails that call,
         # and the per-event path must then isolate it.
         if any("TOKENIZER_BOOM" in c[0].content for c in conversations):
             raise ValueError("chat template failed")
         return real_batch(conversations)
 
-    monkeypatch.setattr(monitor, "tokenize_batch", tokenize_batch)
+    monkeypatch.setattr(monitor, "tokenize_windows_batch", tokenize_batch)
     seen: list[list[str]] = []
     real_collate = handler._collate
 
