@@ -16,6 +16,8 @@ end) is a pooling problem, not a length one; windows do not address it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -118,20 +120,20 @@ def window_ids_batch(renderer: BatchRenderer, conversations: Sequence[Sequence[M
     owner: list[int] = []  # window number -> conversation index
     for i in long:
         messages = conversations[i]
-        flat = [(index, token) for index in range(len(messages)) for token in next(content)]
+        per_message = [next(content) for _ in messages]
+        flat = list(itertools.chain.from_iterable(per_message))
+        bounds = list(itertools.accumulate(len(ids) for ids in per_message))  # end of each message's tokens
         for start, end in spans(len(flat), config.window_tokens, config.stride_tokens, config.max_windows):
             window = len(owner)
             owner.append(i)
-            run: list[int] = []
-            current = flat[start][0] if start < end else 0
-            for index, token in flat[start:end]:
-                if index != current and run:
-                    pieces.append((window, messages[current].role, run))
-                    run = []
-                current = index
-                run.append(token)
-            if run:
-                pieces.append((window, messages[current].role, run))
+            # A piece per message the window overlaps (content_windows' runs), its tokens in the window.
+            first = bisect.bisect_right(bounds, start)
+            for index in range(first, len(messages)):
+                lo, hi = max(start, bounds[index] - len(per_message[index])), min(end, bounds[index])
+                if lo >= end:
+                    break
+                if lo < hi:
+                    pieces.append((window, messages[index].role, flat[lo:hi]))
     decoded = renderer.decode([run for _, _, run in pieces])
     windows: list[list[Message]] = [[] for _ in owner]
     for (window, role, _), text in zip(pieces, decoded, strict=True):
