@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from probes.batching import split_padding
 from probes.bundle import Bundle, load_bundle
 from probes.config import ModelConfig
 from probes.conversation import Conversation
@@ -28,6 +29,9 @@ __all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "unce
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
+# A batch's rows are split into separately padded forwards only when that saves at least this many padded
+# tokens: each extra forward costs fixed work (kernel launches, 15 blocks' dispatch), about this many tokens' worth.
+MIN_SPLIT_SAVING_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,15 @@ class Monitor:
         return window_ids_batch(self.extractor.renderer, conversations, self.windows)
 
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
-        batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)
+        return self._pinned(collate(ids, list(range(len(ids))), self.extractor.pad_id))
+
+    def collate_by_length(self, ids: Sequence[Sequence[int]]) -> list[TokenBatch]:
+        """``ids`` as batches of similar lengths (``indices``: the rows' positions in ``ids``), so short window
+        rows are not padded to a long row of the same batch (probes/batching.py ``split_padding``)."""
+        groups = split_padding([len(x) for x in ids], min_saving=MIN_SPLIT_SAVING_TOKENS)
+        return [self._pinned(collate([ids[i] for i in group], group, self.extractor.pad_id)) for group in groups]
+
+    def _pinned(self, batch: TokenBatch) -> TokenBatch:
         if self.loaded.device.type == "cuda":
             # Page-locked host memory (in the prep thread) is what makes the non-blocking copy to the GPU
             # asynchronous; from pageable memory it silently synchronises.
@@ -157,9 +169,15 @@ class Monitor:
     def score(self, batch: TokenBatch) -> Scores:
         return head_scores(self.bundle, self.features(batch), self.rule.signal)
 
-    def score_grouped(self, batch: TokenBatch, groups: Sequence[int], n: int) -> Scores:
-        """Scores of ``n`` conversations whose rows are in ``batch`` (``groups[row]`` = its conversation): each
-        takes the row with the highest P(unsafe) (probes/windows.py)."""
-        scores = self.score(batch)
+    def score_grouped(self, batches: Sequence[TokenBatch], groups: Sequence[int], n: int) -> Scores:
+        """Scores of ``n`` conversations whose rows are in ``batches`` (``groups[row]`` = its conversation, rows
+        numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/windows.py)."""
+        if len(batches) == 1 and batches[0].indices == list(range(len(groups))):
+            features = self.features(batches[0])
+        else:
+            features = np.empty((len(groups), self.loaded.hidden_size), dtype=np.float32)
+            for batch in batches:
+                features[batch.indices] = self.features(batch)
+        scores = head_scores(self.bundle, features, self.rule.signal)
         rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
         return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows])

@@ -153,11 +153,11 @@ class MonitorHandler(OutputsSlot):
             return exc
 
     def _collate(self, items: Sequence[Item]) -> tuple[Any, list[int]]:
-        """All rows of ``items`` in one batch, and the item each row belongs to."""
+        """All rows of ``items`` in batches of similar lengths, and the item each row belongs to."""
         with self.metrics.stage_cpu("batch_collate"):
             rows = [row for item in items for row in item.body.rows]
             groups = [i for i, item in enumerate(items) for _ in item.body.rows]
-            return self.monitor.collate(rows), groups
+            return self.monitor.collate_by_length(rows), groups
 
     def _score(self, batch: Any, groups: Sequence[int], n: int) -> Any:
         with self.metrics.stage_cpu("score"):
@@ -199,7 +199,7 @@ class MonitorHandler(OutputsSlot):
         for item in items:
             self.metrics.queue_latency.observe(started - item.consumed_at)
         self.metrics.batch_size.observe(len(items))
-        self.metrics.batch_tokens.observe(collated[0].padded_tokens)
+        self.metrics.batch_tokens.observe(sum(b.padded_tokens for b in collated[0]))
 
         async def attempt(part: list[Item]) -> None:
             loop = asyncio.get_running_loop()

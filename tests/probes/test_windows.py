@@ -129,7 +129,7 @@ def smollm2_monitor(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path
 
 def _score(monitor: Monitor, rows: list[list[int]]) -> float:
     batch = monitor.collate(rows)
-    grouped = monitor.score_grouped(batch, [0] * len(rows), 1)
+    grouped = monitor.score_grouped([batch], [0] * len(rows), 1)
     assert float(grouped.p_unsafe[0]) == float(monitor.score(batch).p_unsafe.max())
     return float(grouped.p_unsafe[0])
 
