@@ -173,11 +173,15 @@ class Monitor:
         """Scores of ``n`` conversations whose rows are in ``batches`` (``groups[row]`` = its conversation, rows
         numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/windows.py)."""
         if len(batches) == 1 and batches[0].indices == list(range(len(groups))):
-            features = self.features(batches[0])
-        else:
-            features = np.empty((len(groups), self.loaded.hidden_size), dtype=np.float32)
-            for batch in batches:
-                features[batch.indices] = self.features(batch)
-        scores = head_scores(self.bundle, features, self.rule.signal)
+            scores = self.score(batches[0])
+        else:  # heads score each row alone: per batch, then back in row order
+            parts = [(batch.indices, self.score(batch)) for batch in batches]
+            p_unsafe, signal = np.empty(len(groups)), np.empty(len(groups))
+            dv = None if parts[0][1].dv is None else np.empty(len(groups))
+            for indices, part in parts:
+                p_unsafe[indices], signal[indices] = part.p_unsafe, part.signal
+                if dv is not None and part.dv is not None:
+                    dv[indices] = part.dv
+            scores = Scores(p_unsafe, dv, signal)
         rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
         return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows])
