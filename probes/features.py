@@ -174,7 +174,7 @@ class FeatureExtractor:
         self.batch_tokens = batch_tokens
         self.max_items = max_items
         self._captured: torch.Tensor | None = None
-        self._renderer = BatchRenderer(loaded.tokenizer, max_tokens)
+        self.renderer = BatchRenderer(loaded.tokenizer, max_tokens)
         # The hook writes shared state: one forward at a time per extractor, whichever thread calls it.
         self._lock = threading.Lock()
         self._packed: bool | None = None  # whether cached batches run packed: known at the first one
@@ -188,7 +188,7 @@ class FeatureExtractor:
         return int(self.loaded.tokenizer.pad_token_id)
 
     def tokenize(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        return self._renderer.ids(conversations)
+        return self.renderer.ids(conversations)
 
     def batches(self, ids: Sequence[Sequence[int]]) -> Iterator[TokenBatch]:
         plan = plan_batches([len(x) for x in ids], batch_tokens=self.batch_tokens, max_items=self.max_items)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from probes.batching import split_padding
 from probes.bundle import Bundle, load_bundle
 from probes.config import ModelConfig
 from probes.conversation import Conversation
@@ -22,12 +23,15 @@ from probes.heads import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
 from probes.manifest import BundleManifest, Signal
 from probes.models import LoadedModel, load_model
-from probes.windows import argmax_by_group, window_ids
+from probes.windows import argmax_by_group, window_ids, window_ids_batch
 
 __all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "uncertainty"]
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
+# A batch's rows are split into separately padded forwards only when that saves at least this many padded
+# tokens: each extra forward costs fixed work (kernel launches, 15 blocks' dispatch), about this many tokens' worth.
+MIN_SPLIT_SAVING_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -134,16 +138,25 @@ class Monitor:
     def tokenize(self, conversation: Conversation) -> list[int]:
         return self.extractor.tokenize([conversation])[0]
 
-    def tokenize_batch(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        """``tokenize`` for many at once: one call of the fast tokenizer for all (it releases the GIL)."""
-        return self.extractor.tokenize(conversations)
-
     def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
         """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too."""
         return window_ids(self.loaded.tokenizer, conversation, self.max_tokens, self.windows)
 
+    def tokenize_windows_batch(self, conversations: Sequence[Conversation]) -> list[list[list[int]]]:
+        """``tokenize_windows`` for many at once: the same rows from a few calls of the fast tokenizer for all
+        (it releases the GIL), no chat template run per window. Raises if any conversation fails."""
+        return window_ids_batch(self.extractor.renderer, conversations, self.windows)
+
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
-        batch = collate(ids, list(range(len(ids))), self.extractor.pad_id)
+        return self._pinned(collate(ids, list(range(len(ids))), self.extractor.pad_id))
+
+    def collate_by_length(self, ids: Sequence[Sequence[int]]) -> list[TokenBatch]:
+        """``ids`` as batches of similar lengths (``indices``: the rows' positions in ``ids``), so short window
+        rows are not padded to a long row of the same batch (probes/batching.py ``split_padding``)."""
+        groups = split_padding([len(x) for x in ids], min_saving=MIN_SPLIT_SAVING_TOKENS)
+        return [self._pinned(collate([ids[i] for i in group], group, self.extractor.pad_id)) for group in groups]
+
+    def _pinned(self, batch: TokenBatch) -> TokenBatch:
         if self.loaded.device.type == "cuda":
             # Page-locked host memory (in the prep thread) is what makes the non-blocking copy to the GPU
             # asynchronous; from pageable memory it silently synchronises.
@@ -156,9 +169,19 @@ class Monitor:
     def score(self, batch: TokenBatch) -> Scores:
         return head_scores(self.bundle, self.features(batch), self.rule.signal)
 
-    def score_grouped(self, batch: TokenBatch, groups: Sequence[int], n: int) -> Scores:
-        """Scores of ``n`` conversations whose rows are in ``batch`` (``groups[row]`` = its conversation): each
-        takes the row with the highest P(unsafe) (probes/windows.py)."""
-        scores = self.score(batch)
+    def score_grouped(self, batches: Sequence[TokenBatch], groups: Sequence[int], n: int) -> Scores:
+        """Scores of ``n`` conversations whose rows are in ``batches`` (``groups[row]`` = its conversation, rows
+        numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/windows.py)."""
+        if len(batches) == 1 and batches[0].indices == list(range(len(groups))):
+            scores = self.score(batches[0])
+        else:  # heads score each row alone: per batch, then back in row order
+            parts = [(batch.indices, self.score(batch)) for batch in batches]
+            p_unsafe, signal = np.empty(len(groups)), np.empty(len(groups))
+            dv = None if parts[0][1].dv is None else np.empty(len(groups))
+            for indices, part in parts:
+                p_unsafe[indices], signal[indices] = part.p_unsafe, part.signal
+                if dv is not None and part.dv is not None:
+                    dv[indices] = part.dv
+            scores = Scores(p_unsafe, dv, signal)
         rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
         return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows])

@@ -10,7 +10,7 @@ the chat template adds its own, so content can never open or close a turn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,18 +47,23 @@ def render_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> 
     """Token ids of the rendered conversation, at most ``max_tokens`` long, keeping the latest content."""
     if not messages:
         raise ValueError("cannot render an empty conversation")
-    ids = _encode(tokenizer, messages)
+    return _truncate(tokenizer, lambda m: _encode(tokenizer, m), messages, _encode(tokenizer, messages), max_tokens)
+
+
+def _truncate(tokenizer: Any, encode: Callable[[Sequence[Message]], list[int]], messages: Sequence[Message],
+              ids: list[int], max_tokens: int) -> list[int]:
+    """``ids`` (of all ``messages``, rendered by ``encode``) cut to ``max_tokens`` the way ``render_ids`` cuts."""
     if len(ids) > max_tokens and len(messages) > 1:
         # Fewest oldest turns to drop: binary search (renders shrink as turns are dropped), so a long
         # conversation costs O(log turns) tokenizations on the worker's hot path, not O(turns).
         lo, hi = 1, len(messages) - 1
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(_encode(tokenizer, messages[mid:])) <= max_tokens:
+            if len(encode(messages[mid:])) <= max_tokens:
                 hi = mid
             else:
                 lo = mid + 1
-        ids = _encode(tokenizer, messages[lo:])
+        ids = encode(messages[lo:])
     return _cut(tokenizer, ids, max_tokens)
 
 
@@ -190,18 +195,39 @@ class BatchRenderer:
     def ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         if not self.fast:
             return [render_ids(self.tokenizer, c, self.max_tokens) for c in conversations]
+        return [self.truncate(c, ids) for c, ids in zip(conversations, self.full(conversations), strict=True)]
+
+    def full(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        """``full_ids`` of each conversation (the whole rendering, not truncated), in one tokenizer call."""
+        if not self.fast:
+            return [full_ids(self.tokenizer, c) for c in conversations]
         for c in conversations:
             if not c:
                 raise ValueError("cannot render an empty conversation")
         # A chat template already wrote its own special tokens; plain text gets the tokenizer's (as _encode).
         encoded = self.backend.encode_batch_fast([self.text(c) for c in conversations],
                                                  add_special_tokens=not self.has_template)
-        out: list[list[int]] = []
-        for c, e in zip(conversations, encoded, strict=True):
-            ids = e.ids
-            if len(ids) > self.max_tokens:
-                # One message: render_ids would cut these very ids; several: it drops whole turns first.
-                ids = _cut(self.tokenizer, ids, self.max_tokens) if len(c) == 1 else render_ids(
-                    self.tokenizer, c, self.max_tokens)
-            out.append(ids)
-        return out
+        return [e.ids for e in encoded]
+
+    def truncate(self, messages: Sequence[Message], ids: list[int]) -> list[int]:
+        """``render_ids`` of ``messages`` from their ``full`` ids: the same turns dropped, the same tokens cut."""
+        if len(ids) <= self.max_tokens:
+            return ids
+        if not self.fast:
+            return render_ids(self.tokenizer, messages, self.max_tokens)
+        return _truncate(self.tokenizer, self._encode, messages, ids, self.max_tokens)
+
+    def _encode(self, messages: Sequence[Message]) -> list[int]:
+        return list(self.backend.encode(self.text(messages), add_special_tokens=not self.has_template).ids)
+
+    def content_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's tokens as plain content (no special tokens added), in one tokenizer call."""
+        if self.backend is None:
+            return [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, rows: Sequence[list[int]]) -> list[str]:
+        """``tokenizer.decode`` of each row, in one call when the tokenizer does no Python-side clean-up."""
+        if self.backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", True):
+            return [self.tokenizer.decode(r) for r in rows]
+        return list(self.backend.decode_batch(list(rows), skip_special_tokens=False))

@@ -16,13 +16,15 @@ end) is a pooling problem, not a length one; windows do not address it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from probes.config import WindowConfig
 from probes.conversation import Conversation, Message
-from probes.render import full_ids, render_ids
+from probes.render import BatchRenderer, full_ids, render_ids
 from probes.special_tokens import neutralise, special_strings
 
 
@@ -88,6 +90,60 @@ def window_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int, con
         ids = render_ids(tokenizer, window, max_tokens)
         if ids not in rows:
             rows.append(ids)
+    return rows
+
+
+def window_ids_batch(renderer: BatchRenderer, conversations: Sequence[Sequence[Message]],
+                     config: WindowConfig) -> list[list[list[int]]]:
+    """``window_ids`` for many conversations: the same rows, from a handful of tokenizer calls for all of them.
+
+    Renders through the renderer's derived template (no Jinja per window), tokenizes all renderings, then all
+    contents of the long conversations, decodes all window pieces and tokenizes all windows, each in one call.
+    Raises if any conversation fails; ``window_ids`` one at a time then tells which.
+    """
+    tokenizer, max_tokens = renderer.tokenizer, renderer.max_tokens
+    if not renderer.fast:
+        return [window_ids(tokenizer, c, max_tokens, config) for c in conversations]
+    full = renderer.full(conversations)
+    if not config.enabled:
+        return [[renderer.truncate(c, ids)] for c, ids in zip(conversations, full, strict=True)]
+    rows: list[list[list[int]]] = [[ids] if len(ids) <= max_tokens else [renderer.truncate(c, ids)]
+                                   for c, ids in zip(conversations, full, strict=True)]
+    long = [i for i, ids in enumerate(full) if len(ids) > max_tokens]
+    if not long:
+        return rows
+    # Content tokens of every message of every long conversation, as _content_ids reads them.
+    texts = [neutralise(m.content, renderer.specials) for i in long for m in conversations[i]]
+    content = iter(renderer.content_ids(texts))
+    # Each window as its pieces (role, tokens), then every piece of every window decoded in one call.
+    pieces: list[tuple[int, str, list[int]]] = []  # (window number, role, tokens)
+    owner: list[int] = []  # window number -> conversation index
+    for i in long:
+        messages = conversations[i]
+        per_message = [next(content) for _ in messages]
+        flat = list(itertools.chain.from_iterable(per_message))
+        bounds = list(itertools.accumulate(len(ids) for ids in per_message))  # end of each message's tokens
+        for start, end in spans(len(flat), config.window_tokens, config.stride_tokens, config.max_windows):
+            window = len(owner)
+            owner.append(i)
+            # A piece per message the window overlaps (content_windows' runs), its tokens in the window.
+            first = bisect.bisect_right(bounds, start)
+            for index in range(first, len(messages)):
+                lo, hi = max(start, bounds[index] - len(per_message[index])), min(end, bounds[index])
+                if lo >= end:
+                    break
+                if lo < hi:
+                    pieces.append((window, messages[index].role, flat[lo:hi]))
+    decoded = renderer.decode([run for _, _, run in pieces])
+    windows: list[list[Message]] = [[] for _ in owner]
+    for (window, role, _), text in zip(pieces, decoded, strict=True):
+        windows[window].append(Message(role, text))
+    kept = [(owner[w], tuple(ms)) for w, ms in enumerate(windows) if any(m.content.strip() for m in ms)]
+    rendered = renderer.full([ms for _, ms in kept])
+    for (i, ms), ids in zip(kept, rendered, strict=True):
+        ids = renderer.truncate(ms, ids)
+        if ids not in rows[i]:
+            rows[i].append(ids)
     return rows
 
 

@@ -11,8 +11,10 @@ The class is pure logic with an injected clock: the worker drives it from its ev
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -37,51 +39,70 @@ class Pending(Generic[T]):
 
 
 class MicroBatcher(Generic[T]):
+    """Each key's items in their own arrival-ordered queue, so cutting a batch costs O(look-ahead × keys), not
+    O(everything queued): with a backlog of ``max_in_flight`` (thousands) waiting, rebuilding and re-grouping
+    the whole queue per batch was the worker's largest per-batch cost."""
+
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
-        self._queue: deque[Pending[T]] = deque()
+        self._queues: dict[str, deque[Pending[T]]] = {}
+        self._len = 0
         self._seq = 0
         self._batches = 0
         self._last_served: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._len
 
     def add(self, item: T, tokens: int, now: float, key: str = "") -> None:
         self._seq += 1
-        self._queue.append(Pending(item, max(1, tokens), now, self._seq, key))
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(Pending(item, max(1, tokens), now, self._seq, key))
+        self._len += 1
+
+    def _arrival_order(self) -> Iterator[Pending[T]]:
+        """Everything queued, oldest first across keys."""
+        if len(self._queues) == 1:
+            return iter(next(iter(self._queues.values())))
+        return heapq.merge(*self._queues.values(), key=lambda p: p.seq)
+
+    def _oldest(self) -> Pending[T]:
+        return min((q[0] for q in self._queues.values()), key=lambda p: p.seq)
 
     def _fair_window(self) -> tuple[list[Pending[T]], Pending[T]]:
         """The look-ahead window (keys interleaved round-robin, least recently served first) and the anchor."""
-        by_key: dict[str, list[Pending[T]]] = {}
-        for p in self._queue:
-            by_key.setdefault(p.key, []).append(p)
-        if len(by_key) == 1:
-            return list(itertools.islice(self._queue, self.limits.lookahead)), self._queue[0]
-        order = sorted(by_key, key=lambda k: (self._last_served.get(k, -1), by_key[k][0].seq))
+        lookahead = self.limits.lookahead
+        if len(self._queues) == 1:
+            queue = next(iter(self._queues.values()))
+            return list(itertools.islice(queue, lookahead)), queue[0]
+        # A key contributes at most ``lookahead`` items to the window: its queue beyond them is never read.
+        heads = {k: list(itertools.islice(q, lookahead)) for k, q in self._queues.items()}
+        order = sorted(heads, key=lambda k: (self._last_served.get(k, -1), heads[k][0].seq))
         window: list[Pending[T]] = []
         depth = 0
-        while len(window) < self.limits.lookahead:
-            row = [by_key[k][depth] for k in order if depth < len(by_key[k])]
+        while len(window) < lookahead:
+            row = [heads[k][depth] for k in order if depth < len(heads[k])]
             if not row:
                 break
             window.extend(row)
             depth += 1
-        return window[: self.limits.lookahead], by_key[order[0]][0]
+        return window[:lookahead], heads[order[0]][0]
 
     def _full(self) -> bool:
-        if min(len(self._queue), self.limits.lookahead) >= self.limits.max_items:
+        if min(self._len, self.limits.lookahead) >= self.limits.max_items:
             return True  # without copying the window: the queue can hold thousands while a batch is in torch
-        window = list(itertools.islice(self._queue, self.limits.lookahead))
+        window = list(itertools.islice(self._arrival_order(), self.limits.lookahead))
         return max(p.tokens for p in window) * len(window) >= self.limits.max_batch_tokens
 
     def due_in(self, now: float) -> float | None:
         """Seconds until a batch must be cut (0 = now), None when nothing waits."""
-        if not self._queue:
+        if not self._len:
             return None
         if self._full():
             return 0.0
-        return max(0.0, self._queue[0].arrived + self.limits.max_wait_s - now)
+        return max(0.0, self._oldest().arrived + self.limits.max_wait_s - now)
 
     def next_batch(self, now: float, *, force: bool = False) -> list[Pending[T]]:
         """Cut a batch if one is due (or ``force``, e.g. when draining); empty list otherwise."""
@@ -103,14 +124,30 @@ class MicroBatcher(Generic[T]):
                 if new_widest * (len(chosen) + 1) <= self.limits.max_batch_tokens:
                     chosen.append(candidate)
                     widest = new_widest
-        chosen_ids = {p.seq for p in chosen}
-        self._queue = deque(p for p in self._queue if p.seq not in chosen_ids)
+        self._remove(chosen)
         self._last_served[anchor.key] = self._batches
         self._batches += 1
-        waiting = {p.key for p in self._queue}
         # Only keys with waiting items are remembered: tenant names come from producers.
-        self._last_served = {k: v for k, v in self._last_served.items() if k in waiting}
+        self._last_served = {k: v for k, v in self._last_served.items() if k in self._queues}
         return sorted(chosen, key=lambda p: p.seq)
+
+    def _remove(self, chosen: list[Pending[T]]) -> None:
+        """Take ``chosen`` out of their queues; all of them lie within the first ``lookahead`` of their key's."""
+        by_key: dict[str, set[int]] = {}
+        for p in chosen:
+            by_key.setdefault(p.key, set()).add(p.seq)
+        for key, seqs in by_key.items():
+            queue = self._queues[key]
+            last = max(seqs)
+            head: list[Pending[T]] = []
+            while queue and queue[0].seq <= last:
+                p = queue.popleft()
+                if p.seq not in seqs:
+                    head.append(p)
+            queue.extendleft(reversed(head))
+            if not queue:
+                del self._queues[key]
+        self._len -= len(chosen)
 
     def _grow(self, ordered: list[Pending[T]], anchor: Pending[T]) -> tuple[list[Pending[T]], int]:
         """The run of ``ordered`` (sorted by length) around ``anchor`` that fits the limits, and its width."""
@@ -135,6 +172,7 @@ class MicroBatcher(Generic[T]):
         return ordered[lo : hi + 1], widest
 
     def drain(self) -> list[Pending[T]]:
-        items = list(self._queue)
-        self._queue.clear()
+        items = list(self._arrival_order()) if self._queues else []
+        self._queues.clear()
+        self._len = 0
         return items

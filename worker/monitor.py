@@ -162,15 +162,14 @@ class MonitorHandler(OutputsSlot):
         self._wake.set()
 
     def _tokenize_all(self, events: Sequence[ConversationEvent]) -> list[list[list[int]] | Exception]:
-        """Each event's rows: one call of the fast tokenizer for the batch; a conversation that had to be cut to
-        ``max_tokens`` is read again in windows (probes/windows.py). Whatever fails, fails for its event alone."""
+        """Each event's rows (a conversation cut to ``max_tokens`` is read again in windows, probes/windows.py):
+        all events and all their windows in a few calls of the fast tokenizer. Whatever fails, fails for its
+        event alone."""
         with self.metrics.stage_cpu("render_tokenize"):
             try:
-                ids = self.monitor.tokenize_batch([event.conversation() for event in events])
+                return [*self.monitor.tokenize_windows_batch([event.conversation() for event in events])]
             except Exception:  # noqa: BLE001 - one at a time, so only the failing event fails
                 return [self._tokenize(event) for event in events]
-            return [[row] if len(row) < self.monitor.max_tokens else self._tokenize(event)
-                    for event, row in zip(events, ids, strict=True)]
 
     def _tokenize(self, event: ConversationEvent) -> list[list[int]] | Exception:
         try:
@@ -179,11 +178,11 @@ class MonitorHandler(OutputsSlot):
             return exc
 
     def _collate(self, items: Sequence[Item]) -> tuple[Any, list[int]]:
-        """All rows of ``items`` in one batch, and the item each row belongs to."""
+        """All rows of ``items`` in batches of similar lengths, and the item each row belongs to."""
         with self.metrics.stage_cpu("batch_collate"):
             rows = [row for item in items for row in item.body.rows]
             groups = [i for i, item in enumerate(items) for _ in item.body.rows]
-            return self.monitor.collate(rows), groups
+            return self.monitor.collate_by_length(rows), groups
 
     def _score(self, batch: Any, groups: Sequence[int], n: int) -> Any:
         with self.metrics.stage_cpu("score"):
@@ -234,7 +233,7 @@ class MonitorHandler(OutputsSlot):
         for item in items:
             self.metrics.queue_latency.observe(started - item.consumed_at)
         self.metrics.batch_size.observe(len(items))
-        self.metrics.batch_tokens.observe(collated[0].padded_tokens)
+        self.metrics.batch_tokens.observe(sum(b.padded_tokens for b in collated[0]))
 
         async def attempt(part: list[Item]) -> None:
             loop = asyncio.get_running_loop()

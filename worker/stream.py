@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
 
@@ -232,7 +232,8 @@ class Outputs:
 
         One task per batch, not per record: per-record tasks were the event loop's largest cost at a few thousand
         events/s (allocation-driven garbage collections included). Everything is enqueued before any ack is
-        awaited, so the producer batches it; a record whose first send fails is then retried on its own.
+        awaited, so the producer batches it; an entry with a failed send is retried in a task of its own, so its
+        backoff never holds up the other entries' offsets.
         """
 
         async def wait() -> None:
@@ -247,34 +248,40 @@ class Outputs:
                         futures.append(exc)
                 enqueued.append(futures)
             for (item, records, on_acked, dead), futures in zip(entries, enqueued, strict=True):
-                if await self._acknowledged(item, records, futures, dead):
-                    tp, offset, _, _ = _origin(item)
-                    self._tracker.done(tp, offset)
-                    if on_acked is not None:
-                        on_acked()
+                failed = await _failures(records, futures)
+                if not failed:
+                    self._acked(item, on_acked)
+                else:
+                    self._track(self._retry_then_ack(item, failed, on_acked, dead))
 
-        task = asyncio.create_task(wait())
+        self._track(wait())
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task the drain waits for (``pending_acks``)."""
+        task = asyncio.create_task(work)
         self.pending_acks.add(task)
         task.add_done_callback(self.pending_acks.discard)
 
-    async def _acknowledged(self, item: Envelope[Any] | Record, records: Sequence[OutRecord],
-                            futures: Sequence[Awaitable[Any] | BaseException], dead: _DeadLetterRetry) -> bool:
-        """True once every record is acknowledged (failed first sends retried with backoff).
+    def _acked(self, item: Envelope[Any] | Record, on_acked: Callable[[], None] | None) -> None:
+        tp, offset, _, _ = _origin(item)
+        self._tracker.done(tp, offset)
+        if on_acked is not None:
+            on_acked()
+
+    async def _retry_then_ack(self, item: Envelope[Any] | Record, failed: list[tuple[OutRecord, BaseException]],
+                              on_acked: Callable[[], None] | None, dead: _DeadLetterRetry) -> None:
+        if await self._retried(item, failed, dead):
+            self._acked(item, on_acked)
+
+    async def _retried(self, item: Envelope[Any] | Record, failed: list[tuple[OutRecord, BaseException]],
+                       dead: _DeadLetterRetry) -> bool:
+        """True once the records whose first send failed are acknowledged (transient failures retried with
+        backoff); False when given up (the offset stays in flight) or dead-lettered instead.
 
         ``dead``: False for outputs; for a dead letter, its (reason, error, stage) while a smaller one may still be
         tried, None once it is the small one.
         """
         tp, offset, _, _ = _origin(item)
-        failed: list[tuple[OutRecord, BaseException]] = []
-        for record, future in zip(records, futures, strict=True):
-            try:
-                if isinstance(future, BaseException):
-                    raise future
-                await future
-            except Exception as error:  # noqa: BLE001 - told apart below: transient, permanent or unknown
-                failed.append((record, error))
-        if not failed:
-            return True
         try:
             for record, first in failed:
                 if isinstance(first, PERMANENT) or not isinstance(first, TRANSIENT) or self._stream.stopping.is_set():
@@ -302,6 +309,20 @@ class Outputs:
                       offset=offset)
             return False
         return True
+
+
+async def _failures(records: Sequence[OutRecord], futures: Sequence[Awaitable[Any] | BaseException]
+                    ) -> list[tuple[OutRecord, BaseException]]:
+    """The records whose first send failed, with the error (every ack awaited, none retried here)."""
+    failed: list[tuple[OutRecord, BaseException]] = []
+    for record, future in zip(records, futures, strict=True):
+        try:
+            if isinstance(future, BaseException):
+                raise future
+            await future
+        except Exception as error:  # noqa: BLE001 - told apart by _retried: transient, permanent or unknown
+            failed.append((record, error))
+    return failed
 
 
 def _origin(item: Envelope[Any] | Record) -> tuple[TopicPartition, int, bytes | None, bytes | None]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probes.batching import plan_batches
+from probes.batching import plan_batches, split_padding
 
 
 def test_token_budget_and_sorting() -> None:
@@ -26,3 +26,13 @@ def test_every_item_once_and_budget_kept(lengths: list[int], max_items: int) -> 
     for batch in batches:
         assert len(batch) <= max_items
         assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 512
+
+
+def test_split_padding_separates_window_rows_from_a_long_row() -> None:
+    lengths = [256] + [80, 90, 75] * 5 + [30]  # a windowed conversation and a short one
+    groups = split_padding(lengths, min_saving=1024)
+    assert [sorted(g) for g in groups] == [[0], list(range(1, 17))]  # the 30-token row saves too little alone
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert split_padding([256, 80], min_saving=1024) == [[0, 1]]  # one window: not worth a forward
+    assert split_padding([100, 60, 51], min_saving=0) == [[0, 1, 2]]  # none padded to twice its length
+    assert split_padding([], min_saving=1) == []

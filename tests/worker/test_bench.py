@@ -8,12 +8,14 @@ import pytest
 
 from ctd_monitor.bench.cost import bench_cascade_cost
 from ctd_monitor.bench.heads import bench_heads
-from ctd_monitor.bench.pipeline import bench_pipeline
+from ctd_monitor.bench.pipeline import bench_pipeline, raw_forward_rate
 from ctd_monitor.bench.soak import bench_soak
 from ctd_monitor.local.broker import LocalBroker
 from probes.config import EncoderHeadConfig
+from probes.conversation import single_turn
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
+from probes.monitor import Monitor
 from tests.conftest import share_models
 from tests.worker.helpers import worker_settings
 from worker.config import TopicsConfig, WorkerSettings
@@ -73,6 +75,19 @@ def test_pipeline_in_a_child_process(
     assert out["pipeline_eps"] == pytest.approx(60 / out["worker_seconds"])
     assert out["efficiency"] == pytest.approx(out["pipeline_eps"] / out["raw_forward_eps"])
     assert out["mean_batch_size"] > 1
+
+
+def test_the_raw_baseline_forwards_the_rows_the_worker_scores(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    """A long conversation is scored in windows by the worker: the baseline must forward those rows too."""
+    conversations = [single_turn("How do I bake bread?"), single_turn("filler words here " * 200 + "the request")]
+    rows = monitor.tokenize_windows_batch(conversations)
+    assert len(rows[1]) > 2
+    out = raw_forward_rate(monitor, conversations, _settings(small_bundle, cache_dir))
+    assert out["rows"] == sum(len(r) for r in rows)
+    assert out["tokens"] == sum(len(x) for r in rows for x in r)
+    assert out["raw_forward_eps"] == pytest.approx(len(conversations) / out["raw_seconds"])
 
 
 def test_soak_samples_rss_and_latency_per_interval(

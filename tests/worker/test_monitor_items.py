@@ -71,16 +71,16 @@ async def test_one_bad_event_never_takes_its_batch_down(
         return real_tokenize(conversation)
 
     monkeypatch.setattr(monitor, "tokenize_windows", tokenize)
-    real_batch = monitor.tokenize_batch
+    real_batch = monitor.tokenize_windows_batch
 
-    def tokenize_batch(conversations: Any) -> list[list[int]]:
+    def tokenize_batch(conversations: Any) -> list[list[list[int]]]:
         # The worker tokenizes a fetched batch in one call; a template failing on one event fails that call,
         # and the per-event path must then isolate it.
         if any("TOKENIZER_BOOM" in c[0].content for c in conversations):
             raise ValueError("chat template failed")
         return real_batch(conversations)
 
-    monkeypatch.setattr(monitor, "tokenize_batch", tokenize_batch)
+    monkeypatch.setattr(monitor, "tokenize_windows_batch", tokenize_batch)
     seen: list[list[str]] = []
     real_collate = handler._collate
 
@@ -139,3 +139,21 @@ def test_windowed_items_keep_batches_within_the_token_budget() -> None:
         batch = [p.item for p in batcher.next_batch(1.0, force=True)]
         rows = [row for body in batch for row in body.rows]
         assert len(rows) * max(len(r) for r in rows) <= 8192
+
+
+def test_rows_forwarded_in_length_groups_score_as_in_one_batch(monitor: Monitor) -> None:
+    """Short rows are forwarded apart from a long one (less padding); every conversation's scores stay those of
+    its rows, whichever forward they were in."""
+    from probes.conversation import single_turn
+
+    long = monitor.tokenize(single_turn("filler words here " * 100))
+    short = [monitor.tokenize(single_turn(f"question number {i}?")) for i in range(30)]
+    rows = [long, *short]
+    groups = [0] + [1 + i // 3 for i in range(30)]  # a long conversation, then ten of three rows each
+    split = monitor.collate_by_length(rows)
+    whole = monitor.collate(rows)
+    assert len(split) == 2 and sum(b.padded_tokens for b in split) < whole.padded_tokens / 3
+    assert sorted(i for b in split for i in b.indices) == list(range(len(rows)))
+    a, b = monitor.score_grouped(split, groups, 11), monitor.score_grouped([whole], groups, 11)
+    np.testing.assert_allclose(a.p_unsafe, b.p_unsafe, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.signal, b.signal, rtol=1e-4, atol=1e-6)

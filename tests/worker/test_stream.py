@@ -339,6 +339,45 @@ async def test_a_transient_publish_failure_is_retried_until_acknowledged() -> No
     await stopped(stream, task)
 
 
+class BatchEchoHandler(EchoHandler):
+    """Publishes a fetched batch's outputs with one ``publish_many`` call, as the monitor does."""
+
+    acked: list[int]
+
+    async def accept(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        assert self.outputs is not None
+        items = [Envelope.of(r, r.value or b"", 0.0) for r in records]
+        self.accepted.extend(items)
+        self.acked = []
+        self.outputs.publish_many([(item, [Message("out", item.value, None)],
+                                    lambda offset=item.offset: self.acked.append(offset)) for item in items])
+
+
+async def test_one_entrys_publish_retry_never_holds_up_the_rest_of_its_batch() -> None:
+    """Entries of one ``publish_many`` were finished in order: while the first one's output was being retried,
+    the later ones' acknowledged offsets were not marked done (and their verdict metrics not counted)."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    consumer, producer = FakeConsumer({P0: 3}), FakeProducer()
+    stream = make_stream(BatchEchoHandler(), consumer, producer)
+    task = await running(stream)
+    assert stream.outputs is not None
+    stream.outputs.retry = RetryPolicy(backoff_s=0.01, backoff_max_s=0.02)
+    await until(lambda: len(producer.sent) == 3)
+    assert len(stream.handler.accepted) == 3, "one fetch, one publish_many"
+    producer.sent[0][2].set_exception(KafkaTimeoutError())
+    producer.sent[1][2].set_result(None)
+    producer.sent[2][2].set_result(None)
+    await until(lambda: len(producer.sent) == 4)  # offset 0's output, sent again and not yet acknowledged
+    await until(lambda: stream.handler.acked == [1, 2])  # offsets 1 and 2 are done meanwhile
+    await asyncio.sleep(0.05)
+    assert (consumer.last_commit(P0) or 0) == 0, "at-least-once: nothing past the unacknowledged offset 0"
+    producer.sent[3][2].set_result(None)
+    await until(lambda: consumer.last_commit(P0) == 3)
+    assert stream.handler.acked == [1, 2, 0]
+    await stopped(stream, task)
+
+
 async def test_an_output_the_broker_refuses_for_good_dead_letters_its_input() -> None:
     from aiokafka.errors import MessageSizeTooLargeError
 

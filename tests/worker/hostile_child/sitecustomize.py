@@ -14,13 +14,14 @@ def _install() -> None:
 
     real = Monitor.score_grouped
 
-    def score_grouped(self: Monitor, batch: Any, groups: Any, n: int) -> Scores:
-        scores = real(self, batch, groups, n)
+    def score_grouped(self: Monitor, batches: Any, groups: Any, n: int) -> Scores:
+        scores = real(self, batches, groups, n)
         p = scores.p_unsafe.copy()
-        for row, group in enumerate(groups):
-            text = self.loaded.tokenizer.decode(batch.input_ids[row].tolist())
-            if "NAN_TRIGGER" in text.replace(" ", "").upper():
-                p[group] = math.nan
+        for batch in batches:
+            for position, row in enumerate(batch.indices):
+                text = self.loaded.tokenizer.decode(batch.input_ids[position].tolist())
+                if "NAN_TRIGGER" in text.replace(" ", "").upper():
+                    p[groups[row]] = math.nan
         return Scores(np.asarray(p), scores.dv, scores.signal)
 
     Monitor.score_grouped = score_grouped  # type: ignore[method-assign]
