@@ -116,6 +116,11 @@ def _adopt_cache(layers: Sequence[KV]) -> Any:
     return cache
 
 
+def crop_cache(cache: Any, length: int) -> Any:
+    """The cache of the first ``length`` tokens, as views of ``cache`` (which stays as it is)."""
+    return _adopt_cache([(k[:, :, :length], v[:, :, :length]) for k, v in _cache_layers(cache)])
+
+
 def _stack_caches(caches: Sequence[Any | None], lengths: Sequence[int], width: int, device: torch.device) -> Any:
     """One batch cache: item i's keys/values right-aligned at ``width`` (zeros before them, hidden by the mask)."""
     per_item = [None if c is None else _cache_layers(c) for c in caches]

@@ -5,7 +5,9 @@ with the chat template up to the assistant header, then the response text tokeni
 offline evaluation and the stream all read that same sequence, so the streamed scores equal an offline
 recomputation. Chunks split text, not tokens: a chunk boundary can fall inside what the tokenizer later
 merges into one token, so the last ``holdback_tokens`` of a non-final chunk are left for the next one, and if
-the re-tokenized text still disagrees with what was scored, the response is re-scored from its prefix.
+the re-tokenized text still disagrees with what was scored, the response rolls back to where the two agree: its
+cache is cut there, its aggregate replayed from the kept token logits, and only the tokens after it run again
+(a causal model's states before the first changed token cannot change).
 
 KV caches are the only large per-response state (``KVStore``: LRU, bounded by bytes and count). Losing one
 costs a recomputation of the prefix, never a different score.
@@ -25,7 +27,7 @@ import torch
 from probes.batching import plan_batches
 from probes.conversation import Message, plain_text
 from probes.errors import ModelSpecError
-from probes.features import FeatureExtractor, pool
+from probes.features import FeatureExtractor, crop_cache, pool
 from probes.models import LoadedModel
 from probes.token_probe import StreamAggregate, TokenProbe, first_crossing
 
@@ -135,12 +137,14 @@ class ResponseState:
     aggregate: StreamAggregate
     text: str = ""
     scored: list[int] = field(default_factory=list)
+    #: The probe's logit of each scored token: a roll-back replays the aggregate from them, not the model.
+    logits: list[float] = field(default_factory=list)
     stop_index: int | None = None
     recomputations: int = 0
 
     def nbytes(self) -> int:
-        """Bytes held besides the cache: token ids (8 each), text (1 a char, roughly), the aggregate."""
-        return 8 * (len(self.prefix) + len(self.scored)) + len(self.text) + self.aggregate.nbytes()
+        """Bytes held besides the cache: token ids and logits (8 each), text (1 a char, roughly), the aggregate."""
+        return 8 * (len(self.prefix) + 2 * len(self.scored)) + len(self.text) + self.aggregate.nbytes()
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class _Plan:
     text: str
     capped: bool
     retokenized: bool
+    kept: int  # scored tokens the re-tokenized text still agrees with (all of them unless ``retokenized``)
     new: list[int]
     run: list[int]  # what the forward pass reads: ``new`` on a held cache, else prefix + scored + new
     past: Any | None
@@ -239,14 +244,18 @@ class StreamScorer:
         ids = response_ids(self.tokenizer, text)
         capped = len(ids) > settings.max_response_tokens
         ids = ids[: settings.max_response_tokens]
-        # The text re-tokenized differently across a chunk boundary: score it again from the prefix.
-        retokenized = ids[: len(state.scored)] != state.scored
-        scored = [] if retokenized else state.scored
+        # The text re-tokenized differently across a chunk boundary: roll back to the tokens that still agree.
+        kept = _agreeing(ids, state.scored)
+        retokenized = kept < len(state.scored)
+        scored = state.scored[:kept]
         upto = len(ids) if chunk.final or capped else max(len(scored), len(ids) - settings.holdback_tokens)
         new = ids[len(scored) : upto]
-        past = None if retokenized or not new else store.get(chunk.key)
+        past = store.get(chunk.key) if new else None
+        if past is not None and retokenized:
+            past = crop_cache(past, len(state.prefix) + kept)  # views: the held cache itself is not changed
         run = new if past is not None else (state.prefix + scored + new if new else [])
-        return _Plan(chunk=chunk, text=text, capped=capped, retokenized=retokenized, new=new, run=run, past=past)
+        return _Plan(chunk=chunk, text=text, capped=capped, retokenized=retokenized, kept=kept, new=new, run=run,
+                     past=past)
 
     def _commit(self, plan: _Plan, computed: tuple[F32, Any] | None, store: KVStore) -> StreamStep:
         settings = self.probe.settings
@@ -254,7 +263,11 @@ class StreamScorer:
         state.text = plan.text
         recomputed = plan.retokenized
         if plan.retokenized:
-            state.aggregate, state.scored, state.stop_index = self.probe.new_aggregate(), [], None
+            del state.scored[plan.kept :], state.logits[plan.kept :]
+            state.aggregate, state.stop_index = self.probe.new_aggregate(), None
+            if state.logits:
+                state.stop_index = first_crossing(state.aggregate.push(state.logits)[settings.aggregator],
+                                                  settings.threshold)
             store.pop(chunk.key)
             state.recomputations += 1
         stopped_now = False
@@ -262,9 +275,11 @@ class StreamScorer:
             assert computed is not None, "a chunk with new tokens was not run"
             hidden, past = computed
             recomputed = recomputed or (plan.past is None and bool(state.scored))
-            series = state.aggregate.push(self.probe.logits(hidden))[settings.aggregator]
+            logits = self.probe.logits(hidden)
+            series = state.aggregate.push(logits)[settings.aggregator]
             start = len(state.scored)
             state.scored.extend(plan.new)
+            state.logits.extend(np.asarray(logits, dtype=np.float64).tolist())
             if state.stop_index is None:
                 hit = first_crossing(series, settings.threshold)
                 if hit is not None:
@@ -281,6 +296,13 @@ class StreamScorer:
             stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
             smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
         )
+
+
+def _agreeing(ids: Sequence[int], scored: Sequence[int]) -> int:
+    """How many of ``scored`` the re-tokenized ``ids`` still start with."""
+    if list(ids[: len(scored)]) == list(scored):
+        return len(scored)
+    return next((i for i, (a, b) in enumerate(zip(ids, scored, strict=False)) if a != b), min(len(ids), len(scored)))
 
 
 @dataclass(frozen=True)

@@ -107,17 +107,39 @@ def test_evicted_cache_recomputes_from_the_prefix_with_the_same_scores(extractor
             assert st.aggregate.last[a] == pytest.approx(state_a.aggregate.last[a], abs=1e-4)
 
 
-def test_retokenisation_across_a_chunk_boundary_rescores_from_the_prefix(extractor) -> None:
-    """No hold-back and cuts inside words: the tokens change under the scorer, the result must not."""
+@pytest.mark.parametrize("capacity", [4, 1], ids=["cache-held", "cache-evicted"])
+def test_retokenisation_across_a_chunk_boundary_rolls_back_to_where_the_tokens_agree(extractor, capacity) -> None:
+    """No hold-back and cuts inside words: the tokens change under the scorer, the result must not.
+
+    Only the tokens from the first changed one run again (on the cache cut there, or from the prefix when the
+    cache is gone); the aggregate is replayed from the kept tokens' logits.
+    """
     probe = make_probe(extractor.loaded.hidden_size, holdback=0)
+    z = offline_logits(StreamScorer(extractor, probe, prefix_max_tokens=256),
+                       "Unbelievably, the extraordinarily comprehensive documentation")
+    tau = float(np.quantile(probe.series(z), 0.5))
+    probe = dataclasses.replace(probe, settings=dataclasses.replace(probe.settings, thresholds={"ema": tau}))
     scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
     text = "Unbelievably, the extraordinarily comprehensive documentation"
     pieces = [text[:4], text[4:9], text[9:20], text[20:35], text[35:]]
-    state, _ = stream(scorer, pieces, KVStore(max_bytes=1 << 34, max_entries=4))
+    store = KVStore(max_bytes=1 << 34, max_entries=capacity)
+    if capacity == 1:  # another response's cache takes the one slot between the chunks
+        other = scorer.open(OTHER_CONTEXT)
+    state = scorer.open(CONTEXT)
+    steps = []
+    for i, piece in enumerate(pieces):
+        steps.append(scorer.feed("r", state, piece, final=i == len(pieces) - 1, store=store))
+        if capacity == 1 and i < len(pieces) - 1:
+            scorer.feed(f"o{i}", other if i == 0 else scorer.open(OTHER_CONTEXT), BREAD[:20], final=False,
+                        store=store)
     assert state.recomputations > 0
     assert state.scored == response_ids(scorer.tokenizer, text)
-    z = offline_logits(scorer, text)
-    assert state.aggregate.peak["ema"] == pytest.approx(probe.series(z).max(), abs=1e-4)
+    assert len(state.logits) == len(state.scored)
+    assert all(s.new_tokens < s.scored_tokens for s in steps[1:] if s.recomputed), "rolled back, not re-scored"
+    for a in AGGREGATORS:
+        assert state.aggregate.peak[a] == pytest.approx(probe.series(z, a).max(), abs=1e-4)
+        assert state.aggregate.last[a] == pytest.approx(probe.series(z, a)[-1], abs=1e-4)
+    assert steps[-1].stop_index == int(np.flatnonzero(probe.series(z) > tau)[0])
 
 
 def test_max_response_tokens_caps_what_is_read(extractor) -> None:
