@@ -154,7 +154,9 @@ class ResponsesConfig(ServiceConfig):
     response_timeout_s: float = Field(60.0, gt=0, description="a response with no chunk for this long is closed")
     kv_cache_max_bytes: int = Field(512 * 2**20, ge=0, description="KV caches held for open responses (LRU)")
     kv_cache_max_entries: int = Field(256, ge=0)
-    max_batch: int = Field(16, ge=1, description="open responses whose ready chunks share one forward pass")
+    # 64: a pass of few rows mostly pays for reading the weights (bench stream, README "Streamed responses");
+    # a round only waits for the chunks that are ready, so a quiet stream still runs small passes at once.
+    max_batch: int = Field(64, ge=1, description="open responses whose ready chunks share one forward pass")
     closed_memory: int = Field(10000, ge=1, description="closed response ids remembered to drop late chunks")
 
 
