@@ -100,5 +100,8 @@ def install(model: Any) -> bool:
         return False
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (AttributeError, ValueError, NotImplementedError):  # a model that refuses: it keeps padded batches
+        return False
     return getattr(config, "_attn_implementation", None) == NAME

@@ -43,3 +43,12 @@ def test_sliding_window_models_are_left_alone() -> None:
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", sliding_window=4096))
     assert not packed_attention.install(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_that_refuses_the_switch_keeps_padded_batches() -> None:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not supported")
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"), set_attn_implementation=refuse)
+    assert not packed_attention.install(model)
+    assert model.config._attn_implementation == "sdpa"
