@@ -20,8 +20,11 @@ from probes.batching import plan_batches
 from probes.cache import atomic_write_bytes, sha256_text
 from probes.config import Pooling
 from probes.conversation import Conversation
+from probes.logs import get_logger
 from probes.models import LoadedModel, layer_stack
 from probes.render import BatchRenderer
+
+log = get_logger(__name__)
 
 Progress = Callable[[int], None]
 FloatArray = npt.NDArray[np.float32]
@@ -255,7 +258,12 @@ class FeatureExtractor:
             (ids, past), = items
             return [self.hidden_cached(ids, None if past is None else _new_cache(_cache_layers(past)))]
         if self.packs_cached_batches():
-            return self._hidden_packed(items)
+            packed = self._hidden_packed(items)
+            if packed is not None:
+                return packed
+            # The model ran without the packed attention (its forward did not hand it down): never again.
+            log.warning("features.packing_disabled", model=self.loaded.model_id)
+            self._packed = False
         device = self.loaded.device
         past_len = [0 if past is None else _cache_length(past) for _, past in items]
         new_len = [len(ids) for ids, _ in items]
@@ -296,7 +304,10 @@ class FeatureExtractor:
                 self._packed = packed_attention.install(self.loaded.model)
         return self._packed
 
-    def _hidden_packed(self, items: Sequence[tuple[Sequence[int], Any | None]]) -> list[tuple[torch.Tensor, Any]]:
+    def _hidden_packed(
+        self, items: Sequence[tuple[Sequence[int], Any | None]]
+    ) -> list[tuple[torch.Tensor, Any]] | None:
+        """The packed pass; None when the model's layers did not all run the packed attention (nothing to use)."""
         device = self.loaded.device
         lengths = [len(ids) for ids, _ in items]
         starts = np.cumsum([0, *lengths[:-1]]).tolist()
@@ -313,8 +324,11 @@ class FeatureExtractor:
             captured, self._captured = self._captured, None
         if captured is None:
             raise RuntimeError("the forward hook captured nothing")
+        blocks = len(layer_stack(self.loaded.model))
+        if any(len(layers) != blocks for layers in packed.caches):
+            return None
         hidden = captured[0].float()
-        return [(hidden[start : start + n], _adopt_cache([layers[i] for i in range(len(layers))]))
+        return [(hidden[start : start + n], _adopt_cache([layers[i] for i in range(blocks)]))
                 for start, n, layers in zip(starts, lengths, packed.caches, strict=True)]
 
     def pooled_batch(self, batch: TokenBatch, pooling: Pooling) -> FloatArray:

@@ -214,8 +214,9 @@ class StreamScorer:
         """One chunk each of several open responses, their new tokens run together; a step per chunk, in order.
 
         Each response gets exactly what ``feed`` alone gives it: the batch only shares forward passes (packed:
-        one for all; padded: one for the responses continuing a held cache, one for those read from their prefix). Nothing changes, neither
-        a state nor the store, until every pass has succeeded: a batch that raises can be retried, or split.
+        one for all; padded: one for the responses continuing a held cache, one for those read from their
+        prefix). Nothing changes, neither a state nor the store, until every pass has succeeded: a batch that
+        raises can be retried, or split.
         """
         keys = [c.key for c in chunks]
         if len(set(keys)) != len(keys):

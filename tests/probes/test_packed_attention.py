@@ -52,3 +52,22 @@ def test_a_model_that_refuses_the_switch_keeps_padded_batches() -> None:
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"), set_attn_implementation=refuse)
     assert not packed_attention.install(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_forward_that_does_not_run_the_packed_attention_falls_back_to_padding(extractor, monkeypatch) -> None:
+    """A model whose forward drops the ``packed`` argument would mix the sequences: detected, padded instead."""
+    tok = extractor.loaded.tokenizer
+    seqs = [tok("How do I bake bread at home?")["input_ids"], tok("Hi there, friend")["input_ids"]]
+    expected = [extractor.hidden_cached(s)[0] for s in seqs]
+    model = extractor.loaded.model
+    real_forward = model.forward
+
+    def forgetful(*args, packed=None, cache=None, **kwargs):  # type: ignore[no-untyped-def]
+        return real_forward(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forgetful)
+    monkeypatch.setattr(extractor, "_packed", True)
+    got = extractor.hidden_cached_batch([(s, None) for s in seqs])
+    assert extractor._packed is False
+    for (states, _), want in zip(got, expected, strict=True):
+        torch.testing.assert_close(states, want, rtol=1e-5, atol=2e-3)
