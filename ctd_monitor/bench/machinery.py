@@ -29,7 +29,7 @@ from typing import Any, Self
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from ctd_monitor.bench.pipeline import _collect_verdicts, _latency_summary, bench_topics, worker_window
+from ctd_monitor.bench.pipeline import _latency_summary, bench_topics, drain_backlog, worker_window
 from ctd_monitor.local.broker import LocalBroker, die_with_parent_prefix
 from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
 from ctd_monitor.local.replay import replay_records
@@ -116,16 +116,6 @@ class NullWorkerProcess(WorkerProcess):
         return self
 
 
-async def _metrics_text(proc: WorkerProcess) -> str:
-    import httpx
-
-    port = proc.http_port()
-    if port is None:
-        return ""
-    async with httpx.AsyncClient() as client:
-        return (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
-
-
 def stage_seconds(metrics_text: str) -> dict[str, float]:
     """{stage: CPU seconds} from a worker's /metrics."""
     out = dict.fromkeys(STAGES, 0.0)
@@ -155,19 +145,10 @@ async def _one_run(settings: WorkerSettings, records: Sequence[Record], workdir:
     await replay_records(settings, records, rate=None)  # the backlog, before the worker starts
     config = write_worker_config(workdir / "worker.yaml", settings)
     with NullWorkerProcess(config, workdir / "worker.log", profile) as proc:
-        collecting = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts,
-                                                           n, timeout=max(120.0, n / 50)))
-        while not proc.logged('"worker.started"') and not collecting.done():
-            await asyncio.sleep(0.01)
-        cpu_start = proc.cpu_seconds()
-        verdicts, _ = await collecting
-        cpu = proc.cpu_seconds() - cpu_start
-        text = await _metrics_text(proc)
-        code = proc.terminate(settings.worker.shutdown_deadline_s + 10)
-    if len(verdicts) < n:
-        raise RuntimeError(f"only {len(verdicts)} of {n} verdicts (worker exit {code}): {proc.log_tail()}")
+        drained = await drain_backlog(proc, settings, n, timeout=max(120.0, n / 50))
+    verdicts, cpu, code = drained.verdicts, drained.cpu_seconds, drained.exit_code
     window = worker_window(verdicts)
-    stages = stage_seconds(text)
+    stages = stage_seconds(drained.metrics_text)
     return {
         "events_per_s": round(n / window, 1), "worker_seconds": round(window, 3),
         "cpu_seconds": round(cpu, 3), "cpu_us_per_event": round(1e6 * cpu / n, 1),

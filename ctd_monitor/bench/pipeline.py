@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +144,9 @@ async def pipeline_rate_process(settings: WorkerSettings, files: Sequence[Path],
     config = write_worker_config(workdir / "worker.yaml", settings)
     with WorkerProcess(config, workdir / "worker.log") as proc:
         started = time.monotonic()
-        collecting = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts,
-                                                           n, timeout=max(180.0, 2.0 * n)))
-        # CPU time from the end of start-up (model loaded, group joined) to the last verdict. Not immune to
-        # neighbours either: torch's OpenMP threads spin at barriers when a sibling is descheduled.
-        while not proc.logged('"worker.started"') and not collecting.done():
-            await asyncio.sleep(0.01)
-        cpu_start = proc.cpu_seconds()
-        verdicts, finished = await collecting
-        cpu = proc.cpu_seconds() - cpu_start
-        metrics = await scrape(proc)
-        code = proc.terminate(settings.worker.shutdown_deadline_s + 10)
-    if len(verdicts) < n:
-        raise RuntimeError(f"only {len(verdicts)} of {n} verdicts (worker exit {code}): {proc.log_tail()}")
+        drained = await drain_backlog(proc, settings, n, timeout=max(180.0, 2.0 * n))
+    verdicts, finished, cpu = drained.verdicts, drained.finished, drained.cpu_seconds
+    metrics = unlabelled_samples(drained.metrics_text)
     return {
         "pipeline_eps": len(verdicts) / worker_window(verdicts), "worker_seconds": worker_window(verdicts),
         "wall_seconds_with_startup": finished - started, "worker_cpu_seconds": cpu, **_latency_summary(verdicts),
@@ -164,16 +155,52 @@ async def pipeline_rate_process(settings: WorkerSettings, files: Sequence[Path],
     }
 
 
-async def scrape(proc: WorkerProcess) -> dict[str, float]:
-    """The child's /metrics as {sample: value} (unlabelled samples only)."""
+@dataclass(frozen=True)
+class Drained:
+    """What a worker child did with a backlog: its verdicts, when the last came, its CPU time, its /metrics."""
+
+    verdicts: list[dict[str, Any]]
+    finished: float
+    cpu_seconds: float
+    metrics_text: str
+    exit_code: int | None
+
+
+async def drain_backlog(proc: WorkerProcess, settings: WorkerSettings, n: int, *, timeout: float) -> Drained:
+    """Collect ``n`` verdicts from the started child, read its /metrics, stop it; fewer verdicts is an error.
+
+    CPU time runs from the end of start-up (model loaded, group joined) to the last verdict. Not immune to
+    neighbours either: torch's OpenMP threads spin at barriers when a sibling is descheduled.
+    """
+    collecting = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts,
+                                                       n, timeout=timeout))
+    while not proc.logged('"worker.started"') and not collecting.done():
+        await asyncio.sleep(0.01)
+    cpu_start = proc.cpu_seconds()
+    verdicts, finished = await collecting
+    cpu = proc.cpu_seconds() - cpu_start
+    text = await metrics_text(proc)
+    code = proc.terminate(settings.worker.shutdown_deadline_s + 10)
+    if len(verdicts) < n:
+        raise RuntimeError(f"only {len(verdicts)} of {n} verdicts (worker exit {code}): {proc.log_tail()}")
+    return Drained(verdicts=verdicts, finished=finished, cpu_seconds=cpu, metrics_text=text, exit_code=code)
+
+
+async def metrics_text(proc: WorkerProcess) -> str:
+    """The child's /metrics exposition ("" when it serves none)."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
     port = proc.http_port()
     if port is None:
-        return {}
+        return ""
     async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+        return (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+
+
+def unlabelled_samples(text: str) -> dict[str, float]:
+    """{sample: value} of a /metrics exposition, unlabelled samples only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     return {s.name: float(s.value) for family in text_string_to_metric_families(text) for s in family.samples
             if not s.labels}
 
