@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import httpx
-import orjson
-from pydantic import ValidationError
 
 from probes.logs import get_logger
 from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
+from worker.decode import InvalidVerdict, decode_verdict
 from worker.events import MAX_EVENT_BYTES, Alert, Verdict, utcnow
 from worker.metrics import AlerterMetrics
 from worker.signing import SignatureError, Signer
@@ -201,13 +200,11 @@ class AlertHandler(OutputsSlot):
             try:
                 # A verdict nobody with the key wrote (a forged "the expert said safe", or a fake one that would
                 # use up a conversation's dedupe window) is never acted on.
-                self.signer.verify("verdict", record.key, record.value or b"", record.headers)
+                verdict = decode_verdict(record.key, record.value, record.headers, self.signer)
             except SignatureError as exc:
                 self.out.dead_letter(record, "bad_signature", str(exc), "decode")
                 continue
-            try:
-                verdict = Verdict.model_validate(orjson.loads(record.value or b""))
-            except (orjson.JSONDecodeError, ValidationError) as exc:
+            except InvalidVerdict as exc:
                 self.out.dead_letter(record, "invalid_verdict", str(exc)[:500], "decode")
                 continue
             item = Envelope.of(record, verdict, now)

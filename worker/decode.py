@@ -22,7 +22,9 @@ from worker.events import (
     MAX_METADATA_DEPTH,
     ConversationEvent,
     ResponseChunk,
+    Verdict,
 )
+from worker.signing import Headers, Signer
 
 DecodeReason = Literal[
     "undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation",
@@ -100,6 +102,23 @@ def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_met
         return ResponseChunk.model_validate(obj)
     except ValidationError as exc:
         raise DecodeError("schema_violation", _summary(exc.errors(include_url=False, include_input=False))) from exc
+
+
+class InvalidVerdict(Exception):
+    """A correctly signed verdict record whose body is not a ``Verdict``."""
+
+
+def decode_verdict(key: bytes | None, value: bytes | None, headers: Headers | None, signer: Signer) -> Verdict:
+    """A record of the verdicts topic → its ``Verdict``, only if the key's holder signed it.
+
+    Raises ``worker.signing.SignatureError`` (a verdict nobody with the key wrote: a forged "the expert said
+    safe") before reading the body, and ``InvalidVerdict`` for a signed body that does not parse.
+    """
+    signer.verify("verdict", key, value or b"", headers)
+    try:
+        return Verdict.model_validate(orjson.loads(value or b""))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        raise InvalidVerdict(str(exc)) from exc
 
 
 def _summary(errors: Sequence[Any]) -> str:

@@ -40,14 +40,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
 
 from probes.logs import get_logger
 from probes.recalibration import OnlineRecalibrator, RecalibrationState, audit_selected
 from worker.config import WorkerSettings
-from worker.events import AUDIT_HEADER, Recalibration, Verdict
+from worker.decode import InvalidVerdict, decode_verdict
+from worker.events import AUDIT_HEADER, Recalibration
 from worker.metrics import WorkerMetrics
 from worker.signing import SignatureError, Signer
 from worker.stream import Record
@@ -196,13 +195,11 @@ class RecalibrationFeed:
         if not _has_header(record, AUDIT_HEADER):
             return None  # a probe verdict or a delegation's: most of the topic, never parsed
         try:
-            self.signer.verify("verdict", record.key, record.value or b"", record.headers)
+            verdict = decode_verdict(record.key, record.value, record.headers, self.signer)
         except SignatureError as exc:
             self._skip(record, "bad_signature", str(exc))
             return None
-        try:
-            verdict = Verdict.model_validate(orjson.loads(record.value or b""))
-        except (orjson.JSONDecodeError, ValidationError) as exc:
+        except InvalidVerdict as exc:
             self._skip(record, "malformed", str(exc)[:300])
             return None
         p = verdict.probe_p_unsafe
