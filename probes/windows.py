@@ -105,11 +105,8 @@ def window_ids_batch(renderer: BatchRenderer, conversations: Sequence[Sequence[M
     if not renderer.fast:
         return [window_ids(tokenizer, c, max_tokens, config) for c in conversations]
     full = renderer.full(conversations)
-    if not config.enabled:
-        return [[renderer.truncate(c, ids)] for c, ids in zip(conversations, full, strict=True)]
-    rows: list[list[list[int]]] = [[ids] if len(ids) <= max_tokens else [renderer.truncate(c, ids)]
-                                   for c, ids in zip(conversations, full, strict=True)]
-    long = [i for i, ids in enumerate(full) if len(ids) > max_tokens]
+    rows = [[renderer.truncate(c, ids)] for c, ids in zip(conversations, full, strict=True)]
+    long = [i for i, ids in enumerate(full) if len(ids) > max_tokens] if config.enabled else []
     if not long:
         return rows
     # Content tokens of every message of every long conversation, as _content_ids reads them.
