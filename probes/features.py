@@ -100,10 +100,6 @@ def _cache_length(cache: Any) -> int:
     return int(_cache_layers(cache)[0][0].shape[2])
 
 
-def _past_length(layers: Sequence[KV] | None) -> int:
-    return 0 if layers is None else int(layers[0][0].shape[2])
-
-
 def _new_cache(layers: Sequence[KV]) -> Any:
     """A DynamicCache holding copies of ``layers`` (its layers concatenate onto empty tensors)."""
     from transformers import DynamicCache
@@ -311,11 +307,11 @@ class FeatureExtractor:
         device = self.loaded.device
         lengths = [len(ids) for ids, _ in items]
         starts = np.cumsum([0, *lengths[:-1]]).tolist()
+        past_len = [0 if cache is None else _cache_length(cache) for _, cache in items]
         past = [None if cache is None else [(k.to(device), v.to(device)) for k, v in _cache_layers(cache)]
                 for _, cache in items]
         input_ids = torch.tensor([list(itertools.chain.from_iterable(ids for ids, _ in items))], dtype=torch.long)
-        positions = torch.cat([torch.arange(_past_length(p), _past_length(p) + n)
-                               for p, n in zip(past, lengths, strict=True)])[None]
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(past_len, lengths, strict=True)])[None]
         packed = packed_attention.Packed(starts=starts, lengths=lengths, past=past)
         with self._lock:
             self._captured = None

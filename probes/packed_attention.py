@@ -34,9 +34,9 @@ class Packed:
     starts: Sequence[int]
     lengths: Sequence[int]
     past: Sequence[Sequence[KV] | None]
-    caches: list[dict[int, KV]] = field(default_factory=list)
+    caches: list[dict[int, KV]] = field(init=False)
     #: Each sequence's mask, the same in every layer: built at the first one.
-    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    masks: dict[int, torch.Tensor | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.caches = [{} for _ in self.lengths]
