@@ -243,6 +243,11 @@ class AuditConfig(Frozen):
     epsilon: float = Field(0.05, gt=0, lt=1, description="certified benign (expert-benign) flag rate of the cut")
     delta: float = Field(0.1, gt=0, lt=1, description="allowed failure probability of that guarantee")
     platt_l2: float = Field(1.0, gt=0, description="L2 pull of the Platt map towards the identity (a=1, b=0)")
+    refit: Literal["platt", "head"] = Field(
+        "platt", description="platt: refit a Platt map of the probe's score and the cut (moves the operating point); "
+        "head: refit the probe's linear head on the audited items' pooled activations and the cut (lets a guard "
+        "that is right on new traffic teach the probe to rank it)")
+    head_l2: float = Field(1.0, gt=0, description="L2 pull of a refit head towards the bundle's (standardised units)")
 
     @model_validator(mode="after")
     def _window_holds_min(self) -> AuditConfig:

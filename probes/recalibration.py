@@ -6,11 +6,17 @@ of the delegation decision, is sent to the expert; its verdicts are unbiased lab
 ``OnlineRecalibrator`` keeps a window of (probe score, expert verdict) pairs and, every ``refit_every`` audits
 once ``min_window`` are held,
 
-* refits a Platt map q = σ(a·logit(p) + b) (Newton on a 2-parameter logistic loss, L2-pulled towards the
-  identity a=1, b=0 so a one-class or tiny window stays finite and close to the bundle's scores), and
-* re-certifies the unsafe cut on the window's expert-benign items with the bundle's own LTT test
+* ``refit="platt"``: refits a Platt map q = σ(a·logit(p) + b) (Newton on a 2-parameter logistic loss, L2-pulled
+  towards the identity a=1, b=0 so a one-class or tiny window stays finite and close to the bundle's scores);
+  it moves the operating point along the probe's ROC curve, it cannot reorder the traffic;
+* ``refit="head"``: refits the probe's linear head itself on the window's pooled activations (the same
+  logistic loss, L2-pulled towards the bundle's head, so a small window adjusts the bundle's direction rather
+  than replacing it). This is what lets a guard that is right on new traffic teach the probe to rank it
+  (docs/generalization.md: held-out AUROC 0.44–0.66 → 0.79–0.96 from ~100 correct audits);
+* and re-certifies the unsafe cut on the window's expert-benign items with the bundle's own LTT test
   (``calibrate_unsafe_cut``, same ε and δ): with probability ≥ 1 − δ the expert-benign flag rate ≤ ε for
-  traffic exchangeable with the window.
+  traffic exchangeable with the window. A refit head is certified on its out-of-fold scores (each window item
+  scored by the head refit without its fold), since its in-window scores are fitted to those very items.
 
 What the guarantee is about: the *expert's* benign verdicts, not ground truth; it is as good as the expert.
 Runtime module: numpy and pydantic only (no sklearn/scipy), so the worker can import it.
@@ -28,13 +34,17 @@ import numpy.typing as npt
 
 from probes.calibration import calibrate_unsafe_cut
 from probes.config import AuditConfig, Frozen
+from probes.heads import LinearHead
 
-__all__ = ["OnlineRecalibrator", "PlattMap", "RecalibrationState", "audit_selected", "fit_platt"]
+__all__ = ["OnlineRecalibrator", "PlattMap", "RecalibrationState", "audit_selected", "fit_anchored_logistic",
+           "fit_platt", "out_of_fold_scores", "refit_head"]
 
 F64 = npt.NDArray[np.float64]
 _EPS = 1e-7
 #: The slope of the map is kept positive so the map stays monotone: a cut on q is a cut on p.
 _MIN_SLOPE = 1e-3
+#: Folds of the out-of-fold scores a refit head's cut is certified on.
+HEAD_FOLDS = 5
 
 
 def audit_selected(event_id: str, rate: float, salt: str = "audit") -> bool:
@@ -75,34 +85,32 @@ class PlattMap(Frozen):
 IDENTITY = PlattMap()
 
 
-def fit_platt(p: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float = 1.0, prior: PlattMap | None = None,
-              max_iter: int = 100, tol: float = 1e-10) -> PlattMap:
-    """Minimise Σ logloss(y, σ(a·logit(p) + b)) + l2/2·((a − a₀)² + (b − b₀)²) by damped Newton steps.
+def fit_anchored_logistic(x: npt.ArrayLike, labels: npt.ArrayLike, prior: npt.ArrayLike, *, l2: float,
+                          max_iter: int = 100, tol: float = 1e-10) -> F64:
+    """argmin_θ Σ logloss(y, σ(x·θ)) + l2/2·‖θ − prior‖² by damped Newton steps (x holds an intercept column).
 
-    The penalty keeps the Hessian positive definite, so a window with one class (or separable scores) has a
-    finite optimum near the prior instead of a slope running off to infinity.
+    The pull keeps the Hessian positive definite, so a window with one class (or separable items) has a finite
+    optimum near the prior instead of weights running off to infinity.
     """
-    z = _logit(p)
+    xs = np.asarray(x, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    if z.shape != y.shape:
-        raise ValueError(f"{z.size} scores but {y.size} labels")
+    theta0 = np.asarray(prior, dtype=np.float64)
+    if xs.ndim != 2 or xs.shape[0] != y.size or xs.shape[1] != theta0.size:
+        raise ValueError(f"x {xs.shape}, {y.size} labels and a prior of {theta0.size} do not fit together")
     if l2 <= 0:
         raise ValueError("l2 must be positive")
-    x = np.stack([z, np.ones_like(z)], axis=1)
-    start = prior or IDENTITY
-    theta0 = np.asarray([start.a, start.b])
     theta = theta0.copy()
 
     def loss(t: F64) -> float:
-        m = x @ t
+        m = xs @ t
         # log(1 + e^m) − y·m, stably
         return float(np.sum(np.logaddexp(0.0, m) - y * m) + 0.5 * l2 * np.sum((t - theta0) ** 2))
 
     current = loss(theta)
     for _ in range(max_iter):
-        q = _sigmoid(x @ theta)
-        grad = x.T @ (q - y) + l2 * (theta - theta0)
-        hess = (x * (q * (1 - q))[:, None]).T @ x + l2 * np.eye(2)
+        q = _sigmoid(xs @ theta)
+        grad = xs.T @ (q - y) + l2 * (theta - theta0)
+        hess = (xs * (q * (1 - q))[:, None]).T @ xs + l2 * np.eye(theta.size)
         step = np.linalg.solve(hess, grad)
         scale = 1.0
         while scale > 1e-8:  # halve until the loss does not rise: Newton can overshoot on flat tails
@@ -115,21 +123,61 @@ def fit_platt(p: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float = 1.0, prior
         current = value
         if improvement < tol * max(1.0, abs(current)) and float(np.max(np.abs(scale * step))) < 1e-8 + tol:
             break
+    return np.asarray(theta, dtype=np.float64)
+
+
+def fit_platt(p: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float = 1.0, prior: PlattMap | None = None,
+              max_iter: int = 100, tol: float = 1e-10) -> PlattMap:
+    """The Platt map of a window: ``fit_anchored_logistic`` on (logit p, 1), pulled towards ``prior``."""
+    z = _logit(p)
+    if z.shape != np.shape(labels):
+        raise ValueError(f"{z.size} scores but {np.size(labels)} labels")
+    start = prior or IDENTITY
+    theta = fit_anchored_logistic(np.stack([z, np.ones_like(z)], axis=1), labels, [start.a, start.b], l2=l2,
+                                  max_iter=max_iter, tol=tol)
     return PlattMap(a=max(float(theta[0]), _MIN_SLOPE), b=float(theta[1]))
+
+
+def _design(head: LinearHead, features: npt.ArrayLike) -> F64:
+    z = (np.asarray(features, dtype=np.float64) - head.mean) / head.scale
+    return np.hstack([z, np.ones((z.shape[0], 1))])
+
+
+def refit_head(head: LinearHead, features: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float) -> LinearHead:
+    """The probe head refit on labelled pooled activations, pulled towards ``head`` (same standardisation)."""
+    theta = fit_anchored_logistic(_design(head, features), labels, np.append(head.weight, head.bias), l2=l2)
+    return LinearHead(mean=head.mean, scale=head.scale, weight=theta[:-1].astype(np.float32), bias=float(theta[-1]))
+
+
+def out_of_fold_scores(head: LinearHead, features: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float,
+                       folds: int = HEAD_FOLDS) -> F64:
+    """Each item scored by the head refit on the other folds (item i is in fold i mod ``folds``)."""
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    fold = np.arange(len(y)) % folds
+    out = np.empty(len(y), dtype=np.float64)
+    for k in range(min(folds, len(y))):
+        held = fold == k
+        out[held] = refit_head(head, x[~held], y[~held], l2=l2).proba(x[held]) if np.any(~held) else head.proba(
+            x[held])
+    return out
 
 
 class RecalibrationState(Frozen):
     """What a verdict carries about the cut that decided it.
 
-    ``source="offline"``: the bundle's cut applies (too few audits yet, or the window certified no cut).
-    ``cut`` is on the calibrated score q = platt(p); ``probe_cut`` is the same decision on the raw probe score
-    (flag ⇔ p ≥ probe_cut), which is what a consumer without the map needs.
+    ``source="offline"``: the bundle's head and cut apply (too few audits yet, or the window certified no cut).
+    ``refit="platt"``: ``cut`` is on the calibrated score q = platt(p) and ``probe_cut`` is the same decision on
+    the raw probe score (flag ⇔ p ≥ probe_cut), which is what a consumer without the map needs.
+    ``refit="head"`` with ``source="window"``: the decision is the refit head's score ≥ ``cut``; no cut on the
+    bundle's raw score makes the same decisions, so ``probe_cut`` is None.
     """
 
     version: int  # bumps on every refit
     source: Literal["offline", "window"]
+    refit: Literal["platt", "head"] = "platt"
     cut: float
-    probe_cut: float
+    probe_cut: float | None
     valid: bool  # the cut in force is certified (the bundle's own validity while offline)
     n: int  # audited items in the window
     n_benign: int  # of which the expert called benign: what the cut was certified on
@@ -141,17 +189,24 @@ class RecalibrationState(Frozen):
 
 
 class OnlineRecalibrator:
-    """A window of audited (probe score, expert verdict) pairs and the map + cut refitted on it.
+    """A window of audited (probe score, expert verdict[, pooled activations]) and the map or head + cut refit on it.
 
-    Not thread-safe: one owner (the monitor's consumer task) feeds it and reads it.
+    ``head``: the bundle's probe head, required with ``config.refit == "head"`` (the window then keeps each
+    audited item's pooled activations, and scoring needs them). Not thread-safe: one owner feeds it and reads it.
     """
 
-    def __init__(self, config: AuditConfig, *, offline_cut: float, offline_valid: bool = True) -> None:
+    def __init__(self, config: AuditConfig, *, offline_cut: float, offline_valid: bool = True,
+                 head: LinearHead | None = None) -> None:
+        if config.refit == "head" and head is None:
+            raise ValueError("audit.refit=head needs the bundle's probe head")
         self.config = config
         self._offline_cut = float(offline_cut)
         self._offline_valid = offline_valid
+        self._offline_head = head
+        self._head = head
         self._scores: deque[float] = deque(maxlen=config.window)
         self._verdicts: deque[bool] = deque(maxlen=config.window)
+        self._features: deque[npt.NDArray[np.float32]] = deque(maxlen=config.window)
         self._since_refit = 0
         self._map = PlattMap()
         self._state = self._offline_state(version=0, n=0, n_benign=0, fitted_at=None)
@@ -160,9 +215,9 @@ class OnlineRecalibrator:
                        platt: PlattMap | None = None) -> RecalibrationState:
         m = platt or PlattMap()
         return RecalibrationState(
-            version=version, source="offline", cut=float(m([self._offline_cut])[0]), probe_cut=self._offline_cut,
-            valid=self._offline_valid, n=n, n_benign=n_benign, fitted_at=fitted_at, platt_a=m.a, platt_b=m.b,
-            epsilon=self.config.epsilon, delta=self.config.delta)
+            version=version, source="offline", refit=self.config.refit, cut=float(m([self._offline_cut])[0]),
+            probe_cut=self._offline_cut, valid=self._offline_valid, n=n, n_benign=n_benign, fitted_at=fitted_at,
+            platt_a=m.a, platt_b=m.b, epsilon=self.config.epsilon, delta=self.config.delta)
 
     @property
     def state(self) -> RecalibrationState:
@@ -172,12 +227,28 @@ class OnlineRecalibrator:
     def platt(self) -> PlattMap:
         return self._map
 
-    def calibrated(self, p: npt.ArrayLike) -> F64:
-        """The probe's scores through the current map (the identity until the first refit)."""
+    @property
+    def head(self) -> LinearHead | None:
+        """The head in force: the refit one under a window head cut, else the bundle's (None in Platt mode)."""
+        return self._head
+
+    def _head_decides(self) -> bool:
+        return self._state.refit == "head" and self._state.source == "window"
+
+    def calibrated(self, p: npt.ArrayLike, features: npt.ArrayLike | None = None) -> F64:
+        """The scores the cut in force applies to: the refit head's on ``features`` under a window head cut, else
+        the probe's scores through the current map (the identity until the first Platt refit)."""
+        if self._head_decides():
+            if features is None or self._head is None:
+                raise ValueError("a refit head scores pooled activations: pass features")
+            return self._head.proba(features)
         return self._map(p)
 
-    def flags(self, p: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        """The unsafe verdicts of raw probe scores under the cut in force."""
+    def flags(self, p: npt.ArrayLike, features: npt.ArrayLike | None = None) -> npt.NDArray[np.bool_]:
+        """The unsafe verdicts under the cut in force (``features``: the pooled activations behind ``p``)."""
+        if self._head_decides():
+            return np.asarray(self.calibrated(p, features) >= self._state.cut, dtype=np.bool_)
+        assert self._state.probe_cut is not None
         return np.asarray(p, dtype=np.float64) >= self._state.probe_cut
 
     @property
@@ -186,20 +257,30 @@ class OnlineRecalibrator:
 
     def window_benign_flag_rate(self) -> float | None:
         """Share of the window's expert-benign items the cut in force flags (what the cut certifies ≤ ε)."""
-        benign = [p for p, unsafe in zip(self._scores, self._verdicts, strict=True) if not unsafe]
+        benign = [i for i, unsafe in enumerate(self._verdicts) if not unsafe]
         if not benign:
             return None
-        return float(np.mean(np.asarray(benign) >= self._state.probe_cut))
+        p = np.asarray(self._scores, dtype=np.float64)[benign]
+        feats = np.stack([self._features[i] for i in benign]) if self._head_decides() else None
+        return float(np.mean(self.flags(p, feats)))
 
-    def add(self, p: float, expert_unsafe: bool) -> None:
+    def add(self, p: float, expert_unsafe: bool, features: npt.ArrayLike | None = None) -> None:
         """Add one audited item to the window without refitting (the caller decides when to refit)."""
+        if self.config.refit == "head":
+            if features is None:
+                raise ValueError("audit.refit=head: an audited item needs its pooled activations")
+            row = np.asarray(features, dtype=np.float32).reshape(-1)
+            assert self._offline_head is not None
+            if row.shape != self._offline_head.weight.shape:
+                raise ValueError(f"features of width {row.size}, the head reads {self._offline_head.weight.size}")
+            self._features.append(row)
         self._scores.append(float(p))
         self._verdicts.append(bool(expert_unsafe))
         self._since_refit += 1
 
-    def observe(self, p: float, expert_unsafe: bool) -> RecalibrationState | None:
+    def observe(self, p: float, expert_unsafe: bool, features: npt.ArrayLike | None = None) -> RecalibrationState | None:
         """Add one audited item; returns the new state when this audit triggered a refit."""
-        self.add(p, expert_unsafe)
+        self.add(p, expert_unsafe, features)
         if len(self._scores) < self.config.min_window:
             return None
         if self._state.fitted_at is not None and self._since_refit < self.config.refit_every:
@@ -207,7 +288,7 @@ class OnlineRecalibrator:
         return self.refit()
 
     def refit(self, now: datetime | None = None, *, version: int | None = None) -> RecalibrationState:
-        """Refit the map and re-certify the cut on the window as it is.
+        """Refit the map (or the head) and re-certify the cut on the window as it is.
 
         ``version``: the new state's version (default: one more than the current); the worker passes one derived
         from the audit stream itself, so every replica fed the same audits carries the same version.
@@ -216,11 +297,13 @@ class OnlineRecalibrator:
         p = np.fromiter(self._scores, dtype=np.float64, count=len(self._scores))
         b = np.fromiter(self._verdicts, dtype=np.int64, count=len(self._verdicts))
         when = now or datetime.now(UTC)
+        version = self._state.version + 1 if version is None else version
+        if self.config.refit == "head":
+            return self._refit_head(p, b, when, version)
         self._map = fit_platt(p, b, l2=self.config.platt_l2)
         # The map is increasing, so certifying on raw p flags exactly the items certifying on q would;
         # certifying on p avoids ties the map's rounding could merge.
         result = calibrate_unsafe_cut(p, b, epsilon=self.config.epsilon, delta=self.config.delta, scorer="probe")
-        version = self._state.version + 1 if version is None else version
         if not result.valid:
             self._state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when,
                                               platt=self._map)
@@ -229,4 +312,22 @@ class OnlineRecalibrator:
                 version=version, source="window", cut=float(self._map([result.cut])[0]), probe_cut=result.cut,
                 valid=True, n=int(p.size), n_benign=result.n, fitted_at=when, platt_a=self._map.a,
                 platt_b=self._map.b, epsilon=self.config.epsilon, delta=self.config.delta)
+        return self._state
+
+    def _refit_head(self, p: F64, b: npt.NDArray[np.int64], when: datetime, version: int) -> RecalibrationState:
+        assert self._offline_head is not None
+        x = np.stack(list(self._features))
+        l2 = self.config.head_l2
+        oof = out_of_fold_scores(self._offline_head, x, b, l2=l2)
+        result = calibrate_unsafe_cut(oof, b, epsilon=self.config.epsilon, delta=self.config.delta, scorer="probe")
+        if not result.valid:
+            # No certificate: the bundle's head and cut stay in force, as a Platt window without one does.
+            self._head = self._offline_head
+            self._state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when)
+        else:
+            self._head = refit_head(self._offline_head, x, b, l2=l2)
+            self._state = RecalibrationState(
+                version=version, source="window", refit="head", cut=result.cut, probe_cut=None, valid=True,
+                n=int(p.size), n_benign=result.n, fitted_at=when, platt_a=1.0, platt_b=0.0,
+                epsilon=self.config.epsilon, delta=self.config.delta)
         return self._state

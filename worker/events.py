@@ -103,13 +103,15 @@ class Recalibration(_Model):
 
     ``source="offline"``: the bundle's cut decided (too few audits yet, or the window certified no cut);
     ``"window"``: the cut re-certified on the window of audited expert verdicts. ``cut`` is on the verdict's
-    (calibrated) ``p_unsafe``, ``probe_cut`` the same decision on the raw probe score.
+    (calibrated) ``p_unsafe``, ``probe_cut`` the same decision on the raw probe score (None under a refit head:
+    no cut on the bundle's score makes the refit head's decisions).
     """
 
     version: int = Field(description="the same on every replica fed the same audits; 0 before the first refit")
     source: Literal["offline", "window"]
+    refit: Literal["platt", "head"] = Field("platt", description="what the window refits: a Platt map or the head")
     cut: float
-    probe_cut: float
+    probe_cut: float | None
     valid: bool = Field(description="the cut in force is certified")
     window: int = Field(ge=0, description="audited verdicts in the window")
     window_benign: int = Field(ge=0, description="of which the expert called benign (what the cut certifies on)")

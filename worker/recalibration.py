@@ -86,7 +86,7 @@ class Audit:
 def recalibration_info(recalibrator: OnlineRecalibrator) -> Recalibration:
     """What a probe verdict carries about the state that decided it."""
     s: RecalibrationState = recalibrator.state
-    return Recalibration(version=s.version, source=s.source, cut=s.cut, probe_cut=s.probe_cut, valid=s.valid,
+    return Recalibration(version=s.version, source=s.source, refit=s.refit, cut=s.cut, probe_cut=s.probe_cut, valid=s.valid,
                          window=s.n if s.fitted_at is not None else recalibrator.window_size, window_benign=s.n_benign)
 
 
@@ -265,7 +265,7 @@ class RecalibrationFeed:
         m.recalibration_version.set(state.version)
         m.recalibration_window_cut.set(1 if state.source == "window" else 0)
         m.recalibration_cut.labels(scale="calibrated").set(state.cut)
-        m.recalibration_cut.labels(scale="probe").set(state.probe_cut)
+        m.recalibration_cut.labels(scale="probe").set(math.nan if state.probe_cut is None else state.probe_cut)
         m.recalibration_window.set(recal.window_size)
         rate = recal.window_benign_flag_rate()
         m.recalibration_benign_flag_rate.set(math.nan if rate is None else rate)

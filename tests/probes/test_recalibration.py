@@ -7,7 +7,15 @@ import pytest
 from pydantic import ValidationError
 
 from probes.config import AuditConfig, Settings, load_settings
-from probes.recalibration import OnlineRecalibrator, PlattMap, _logit, audit_selected, fit_platt
+from probes.heads import LinearHead
+from probes.recalibration import (
+    OnlineRecalibrator,
+    PlattMap,
+    _logit,
+    audit_selected,
+    fit_anchored_logistic,
+    fit_platt,
+)
 
 
 def test_platt_fit_matches_sklearn_logistic_regression_on_logit_p() -> None:
@@ -52,6 +60,7 @@ def test_certified_cut_holds_the_benign_flag_rate_on_a_shifted_stream() -> None:
             recal.observe(float(1 / (1 + math.exp(-z))), harmful)
         state = recal.state
         assert state.source == "window" and state.valid and state.version == 1 and state.n == cfg.window
+        assert state.probe_cut is not None
         z_cut = float(_logit([state.probe_cut])[0])
         fpr = 1 - _phi(z_cut - 1.0)
         violations += fpr > cfg.epsilon
@@ -105,3 +114,74 @@ def test_add_defers_the_refit_to_the_caller_and_the_window_reports_its_benign_fl
     assert recal.window_benign_flag_rate() == pytest.approx(0.5)  # 0.6 and 0.7 of 0.6, 0.4, 0.7, 0.2 at 0.5
     state = recal.refit(version=1234)
     assert state.version == 1234 and recal.refit().version == 1235
+
+
+def _shifted_traffic(rng: np.random.Generator, n: int, d: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled activations whose harm direction on the new traffic (axis 1) is not the bundle head's (axis 0)."""
+    y = (rng.random(n) < 0.4).astype(np.int64)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[:, 1] += 3.0 * y
+    return x, y
+
+
+def _bundle_head(d: int = 12) -> LinearHead:
+    w = np.zeros(d, dtype=np.float32)
+    w[0] = 2.0
+    return LinearHead(mean=np.zeros(d, dtype=np.float32), scale=np.ones(d, dtype=np.float32), weight=w, bias=0.0)
+
+
+def test_anchored_logistic_matches_sklearn_when_the_pull_is_tiny_and_stays_at_the_prior_when_it_is_huge() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(5)
+    x, y = _shifted_traffic(rng, 600, d=5)
+    design = np.hstack([x, np.ones((len(y), 1))])
+    prior = np.asarray([1.0, 0.0, 0.0, 0.0, 0.0, 0.3])
+    ours = fit_anchored_logistic(design, y, np.zeros(6), l2=1e-8)
+    ref = LogisticRegression(C=1e8, max_iter=10_000, tol=1e-12).fit(x, y)
+    assert ours[:-1] == pytest.approx(ref.coef_[0], rel=5e-3, abs=1e-3)
+    assert ours[-1] == pytest.approx(float(ref.intercept_[0]), rel=5e-3, abs=1e-3)
+    assert fit_anchored_logistic(design, y, prior, l2=1e8) == pytest.approx(prior, abs=1e-3)
+    with pytest.raises(ValueError):
+        fit_anchored_logistic(design, y[:-1], prior, l2=1.0)
+
+
+def test_a_refit_head_learns_the_new_traffic_and_its_cut_holds_the_benign_flag_rate() -> None:
+    """The bundle's head reads axis 0, the new traffic's harm is on axis 1: a Platt map cannot fix that ranking,
+    a head refit on the audited window does, and its certified cut (out-of-fold) keeps the flag rate ≤ ε."""
+    head = _bundle_head()
+    cfg = AuditConfig(window=400, min_window=400, refit_every=400, epsilon=0.1, delta=0.1, refit="head")
+    rng = np.random.default_rng(11)
+    recal = OnlineRecalibrator(cfg, offline_cut=0.5, head=head)
+    x, y = _shifted_traffic(rng, cfg.window)
+    p = head.proba(x)
+    for row, score, harmful in zip(x, p, y, strict=True):
+        recal.observe(float(score), bool(harmful), row)
+    state = recal.state
+    assert state.source == "window" and state.refit == "head" and state.valid and state.probe_cut is None
+    test_x, test_y = _shifted_traffic(rng, 4000)
+    flags = recal.flags(head.proba(test_x), test_x)
+    assert np.mean(flags[test_y == 0]) <= cfg.epsilon + 0.02  # the certificate, on fresh traffic
+    assert np.mean(flags[test_y == 1]) > 0.6  # and it ranks: the bundle's head is at chance here
+    assert np.mean(head.proba(test_x)[test_y == 1] >= 0.5) < 0.6
+    assert recal.window_benign_flag_rate() is not None
+    with pytest.raises(ValueError):
+        recal.flags(head.proba(test_x))  # a refit head scores activations, not the bundle's score
+
+
+def test_head_mode_needs_the_head_and_the_activations_and_falls_back_without_a_certificate() -> None:
+    cfg = AuditConfig(window=40, min_window=20, refit_every=5, epsilon=0.05, delta=0.1, refit="head")
+    with pytest.raises(ValueError):
+        OnlineRecalibrator(cfg, offline_cut=0.5)
+    head = _bundle_head()
+    recal = OnlineRecalibrator(cfg, offline_cut=0.5, head=head)
+    with pytest.raises(ValueError):
+        recal.add(0.3, False)
+    with pytest.raises(ValueError):
+        recal.add(0.3, False, np.zeros(3))
+    x, y = _shifted_traffic(np.random.default_rng(2), 30)
+    for row, harmful in zip(x, y, strict=True):
+        recal.observe(float(head.proba(row[None])[0]), bool(harmful), row)
+    # ~18 benign items cannot certify 5 % at δ = 0.1: the bundle's head and cut stay in force
+    assert recal.state.source == "offline" and recal.state.probe_cut == 0.5 and recal.head is head
+    assert list(recal.flags([0.49, 0.5])) == [False, True]

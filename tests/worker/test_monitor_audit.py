@@ -71,7 +71,7 @@ async def test_audited_events_go_to_the_expert_outside_the_budget_and_keep_the_p
         assert request["p_unsafe"] == verdicts[event_id]["probe_p_unsafe"], "the raw score goes to the guard"
     for event_id, v in verdicts.items():
         assert v["source"] == "probe" and v.get("audit", False) == (event_id in audited)
-        assert v["recalibration"] == {"version": 0, "source": "offline", "cut": v["recalibration"]["cut"],
+        assert v["recalibration"] == {"version": 0, "source": "offline", "refit": "platt", "cut": v["recalibration"]["cut"],
                                       "probe_cut": monitor.unsafe_cut, "valid": v["recalibration"]["valid"],
                                       "window": 0, "window_benign": 0}
         # before any refit the map is the identity: the bundle's verdict, unchanged
