@@ -19,6 +19,7 @@ truth (the dataset label) is used for the figures only. Features and embeddings 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,9 @@ def replay(stream: Stream, p: F64, b: F64, *, offline_cut: float, offline_valid:
     for t, row in enumerate(stream.rows):
         score = float(p[row])
         state = recal.state
-        online[t] = score >= state.probe_cut
+        online[t] = bool(recal.flags([score])[0])
         window_cut[t] = state.source == "window"
-        cuts[t] = state.probe_cut
+        cuts[t] = math.nan if state.probe_cut is None else state.probe_cut
         if audit_selected(f"{salt_prefix}{t}", audit.rate, audit.salt):
             audited[t] = True
             recal.observe(score, bool(b[row] >= expert_cut))
