@@ -521,6 +521,9 @@ def bench_generalization(
     sweep: Annotated[str, typer.Option(help="probe feature combinations to compare, ';'-separated, each "
                                        "'LAYER:POOLING[+LAYER:POOLING...]', e.g. '15:mean;15:max;12:mean+15:mean'")] = "",
     loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool, recipes)")] = None,
+    adapt_audits: Annotated[int | None, typer.Option(
+        min=0, help="also let N audits of each held-out group teach the probe (Platt or head refit, oracle or "
+        "expert guard), figures on the group's other half; 0: off")] = None,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -546,7 +549,8 @@ def bench_generalization(
     config = base.model_copy(update={
         "pool": pool, "recipes": chosen, "alphas": alphas, "delta": delta, "probe_spec": s.model.spec,
         "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
-        "expert": base.expert.model_copy(update={"kind": expert, "spec": expert_spec})})
+        "expert": base.expert.model_copy(update={"kind": expert, "spec": expert_spec}),
+        **({} if adapt_audits is None else {"adapt_audits": adapt_audits})})
     out.mkdir(parents=True, exist_ok=True)
     with progress_bars(options(ctx).progress) as bars:
         report = g.run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,

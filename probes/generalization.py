@@ -29,6 +29,7 @@ from pydantic import Field
 from probes.cache import sha256_text
 from probes.config import DEFAULT_FILES, Frozen
 from probes.data import Record, read_file
+from probes.heads import LinearHead
 from probes.logs import get_logger
 
 log = get_logger(__name__)
@@ -191,6 +192,10 @@ class LosoConfig(Frozen):
     dv_feature_sets: tuple[str, ...] = Field(
         ("margin", "extras"), description="DV feature sets tried by cross-validation; 'full' (all activations) "
         "costs ~300 extra fits per fold, too slow for a shared CPU")
+    adapt_audits: int = Field(
+        0, ge=0, description="audited items of the held-out group the online recalibration learns from (0: off); "
+        "see adapt_fold")
+    adapt_head_l2: float = Field(1.0, gt=0, description="audit.head_l2 of the adapted head")
     seed: int = 0
 
 
@@ -342,6 +347,7 @@ class FoldScores:
     p_oof: F64  # out-of-fold probe on the fit rows
     b_oof: F64
     cuts: dict[str, float | None]
+    probe_head: LinearHead  # the probe fitted on the fit rows (its raw scores are p before recentring)
 
 
 #: lbfgs iterations per head fit. A fold fits ~12 heads on a starved shared CPU; past a few hundred
@@ -390,7 +396,57 @@ def score_fold(fold: Fold, x: F32, e: F32, y: npt.NDArray[np.int64], recipe: Rec
         cuts = {"probe": certified_cut(p[benign], epsilon=recipe.epsilon, delta=delta, seed=seed),
                 "expert": certified_cut(b[benign], epsilon=recipe.epsilon, delta=delta, seed=seed)}
     pc, bc = cuts["probe"] or 0.5, cuts["expert"] or 0.5
-    return FoldScores(recentre(p, pc), recentre(b, bc), recentre(p_oof, pc), recentre(b_oof, bc), cuts)
+    return FoldScores(recentre(p, pc), recentre(b, bc), recentre(p_oof, pc), recentre(b_oof, bc), cuts, probe)
+
+
+#: What teaches the probe in ``adapt_fold``: the dataset label (a guard that is right on the new traffic) or the
+#: fold's own expert at its certified cut (the cascade's offline expert playing the guard).
+ADAPT_GUARDS = ("oracle", "expert")
+
+
+def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores,
+               recipe: Recipe, config: LosoConfig) -> dict[str, Any]:
+    """The guard teaches the probe on the held-out group: ``probes.recalibration`` as the worker runs it.
+
+    The group's records are split by a hash of their content into an *audit* half and an *evaluation* half
+    (an audited record never counts in the figures: a refit head could memorise it). ``adapt_audits`` records
+    of the audit half, drawn at random, are the window of an ``OnlineRecalibrator`` (window = min_window = the
+    number drawn), labelled by each guard of ``ADAPT_GUARDS``, refit once per mode (``platt``: map + cut;
+    ``head``: head + cut, certified out-of-fold); the evaluation half is then decided by the state in force
+    (the bundle's head and cut when the window certified nothing). Also reported on the evaluation half: the
+    offline probe and the expert, for comparison.
+    """
+    from probes.config import AuditConfig
+    from probes.recalibration import OnlineRecalibrator
+
+    test = fold.test
+    audit_half = np.asarray([i for i in test if _unit(config.seed, f"adapt:{pool[i].key}") < 0.5], dtype=np.int64)
+    evaluate = np.asarray([i for i in test if _unit(config.seed, f"adapt:{pool[i].key}") >= 0.5], dtype=np.int64)
+    rng = np.random.default_rng(config.seed)
+    audited = rng.permutation(audit_half)[:config.adapt_audits]
+    out: dict[str, Any] = {"audits": len(audited), "evaluated": len(evaluate),
+                           "offline": decision_figures(y[evaluate], s.p[evaluate]),
+                           "expert": decision_figures(y[evaluate], s.b[evaluate])}
+    if len(audited) < 10 or not len(evaluate):
+        out["skipped"] = "fewer than 10 audit records or nothing to evaluate"
+        return out
+    head = s.probe_head
+    raw = head.proba(x)
+    cut = s.cuts["probe"]
+    labels = {"oracle": y[audited].astype(bool), "expert": s.b[audited] >= 0.5}
+    for guard in ADAPT_GUARDS:
+        for mode in ("platt", "head"):
+            audit = AuditConfig(window=len(audited), min_window=len(audited), refit_every=len(audited),
+                                epsilon=recipe.epsilon, delta=config.delta, refit=mode, head_l2=config.adapt_head_l2)
+            recal = OnlineRecalibrator(audit, offline_cut=cut or 0.5, offline_valid=cut is not None, head=head)
+            for i, unsafe in zip(audited, labels[guard], strict=True):
+                recal.add(float(raw[i]), bool(unsafe), x[i])
+            state = recal.refit()
+            scores = recal.calibrated(raw[evaluate], x[evaluate])
+            out[f"{mode}_{guard}_guard"] = {
+                **decision_figures(y[evaluate], recentre(scores, state.cut)), "source": state.source,
+                "window_benign": state.n_benign, "epsilon": recipe.epsilon}
+    return out
 
 
 def cascade_rows(fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores, *, alphas: Sequence[float],
@@ -493,6 +549,8 @@ def evaluate_recipe(pool: Sequence[PoolRecord], features: dict[Variant, F32], em
             **cascade_rows(fold, x, y, s, alphas=config.alphas, delta=config.delta,
                            dv_feature_sets=config.dv_feature_sets, seed=config.seed),
         }
+        if config.adapt_audits:
+            groups[group.name]["adapted"] = adapt_fold(pool, fold, x, y, s, recipe, config)
         log.info("loso.fold", recipe=recipe.name, group=group.name, probe_auroc=groups[group.name]["probe"]["auroc"],
                  expert_auroc=groups[group.name]["expert"]["auroc"])
     return {"recipe": recipe.model_dump(mode="json"), "groups": groups, "mean": summarise(groups, config.alphas)}
@@ -533,6 +591,25 @@ def summarise(groups: dict[str, Any], alphas: Sequence[float]) -> dict[str, Any]
                                             if policy in v["policies"]])
             rows.append(row)
         out["cascade"][policy] = rows
+    adapted = [v["adapted"] for v in done.values() if "adapted" in v and "skipped" not in v["adapted"]]
+    if adapted:
+        out["adapted"] = summarise_adapted(adapted)
+    return out
+
+
+ADAPTED_ROWS = ("offline", "expert", "platt_oracle_guard", "head_oracle_guard", "platt_expert_guard",
+                "head_expert_guard")
+
+
+def summarise_adapted(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means of ``adapt_fold`` rows over the groups whose evaluation half holds both classes."""
+    both = [r for r in rows if 0 < r["offline"]["positives"] < r["offline"]["n"]]
+    out: dict[str, Any] = {"groups_both_classes": len(both)}
+    for name in ADAPTED_ROWS:
+        picked = [r[name] for r in both if name in r]
+        out[name] = {m: _mean([v[m] for v in picked]) for m in ("auroc", "accuracy", "majority_rate", "f1", "fpr")}
+        out[name]["above_majority"] = sum(v["accuracy"] > v["majority_rate"] for v in picked)
+        out[name]["fpr_within_epsilon"] = sum(v["fpr"] <= v["epsilon"] for v in picked if "epsilon" in v)
     return out
 
 
@@ -610,6 +687,31 @@ def _f(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
+def _adapted_lines(groups: dict[str, Any], mean: dict[str, Any]) -> list[str]:
+    lines = ["### The guard teaches the probe (adapt_fold: audits of the held-out group, figures on its other half)",
+             "", "| held-out group | audits | evaluated | " + " | ".join(f"{n} AUROC / acc / F1 / FPR" for n in
+                                                               ADAPTED_ROWS) + " | majority |",
+             "|---|---|---|" + "---|" * (len(ADAPTED_ROWS) + 1)]
+    for group, row in groups.items():
+        a = row.get("adapted")
+        if not a or "skipped" in a:
+            continue
+        cells = [f"{_f(a[n]['auroc'])} / {_f(a[n]['accuracy'])} / {_f(a[n]['f1'])} / {_f(a[n]['fpr'])}"
+                 + ("" if a[n].get("source", "window") == "window" else " (offline)") for n in ADAPTED_ROWS]
+        lines.append(f"| {group} | {a['audits']} | {a['evaluated']} | " + " | ".join(cells)
+                     + f" | {_f(a['offline']['majority_rate'])} |")
+    k = mean["groups_both_classes"]
+    lines += ["", f"Means over the {k} two-class groups:", "",
+              "| scorer | AUROC | accuracy | majority | F1 | FPR | acc > majority | FPR ≤ ε |", "|---|---|---|---|---|---|---|---|"]
+    for name in ADAPTED_ROWS:
+        r = mean[name]
+        lines.append(f"| {name} | {_f(r['auroc'])} | {_f(r['accuracy'])} | {_f(r['majority_rate'])} | {_f(r['f1'])} | "
+                     f"{_f(r['fpr'])} | {r['above_majority']}/{k} | "
+                     f"{r['fpr_within_epsilon'] if name not in ('offline', 'expert') else '–'}"
+                     f"{'/' + str(k) if name not in ('offline', 'expert') else ''} |")
+    return lines + [""]
+
+
 def write_report(report: dict[str, Any], out: Path) -> Path:
     """report.md: per recipe, one row per held-out group and the means; then the feature sweep."""
     alpha_pick = 0.2 if 0.2 in report["config"]["alphas"] else report["config"]["alphas"][0]
@@ -652,6 +754,8 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
                              f"{m['groups_both_classes']} | {_f(r['recall_harmful_only'])} | "
                              f"{_f(r['fpr_benign_only'])} |")
         lines.append("")
+        if "adapted" in m:
+            lines += _adapted_lines(result["groups"], m["adapted"])
     if "sweep" in report:
         lines += [f"## Probe features under leave-source-out (recipe `{report['sweep']['recipe']}`, probe only)", "",
                   "| (layer, pooling) | mean AUROC | mean F1 | mean accuracy | FPR | TPR@1%FPR | acc > majority |",

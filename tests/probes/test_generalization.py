@@ -105,3 +105,38 @@ def test_loso_end_to_end_on_a_tiny_config(tmp_path: Path, datasets_dir: Path) ->
     again = g.run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir)
     assert again["computed"] == {"probe_records": 0, "expert_records": 0}
     assert g.write_report(report, tmp_path).read_text().count("| xstest |") == 2
+
+
+def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited_half() -> None:
+    """Training groups carry harm on feature 0, the held-out group on feature 1: the offline probe is at chance
+    there, a Platt refit cannot reorder it, a head refit from the oracle guard's audits can."""
+    rng = np.random.default_rng(4)
+    recs, groups, xs = [], [], []
+    for i in range(900):
+        group = "held" if i >= 600 else "train"
+        label = int(rng.random() < 0.4)
+        x = rng.normal(size=6).astype(np.float32)
+        x[0 if group == "train" else 1] += 3.0 * label
+        recs.append(Record(id=str(i), messages=single_turn(f"text {i}"), label=label, source=group,
+                           file=f"{group}.jsonl"))
+        groups.append(group)
+        xs.append(x)
+    pool = [g.PoolRecord(r, grp, r.content_key(), g.normalised_text_hash(r)) for r, grp in zip(recs, groups, strict=True)]
+    x = np.stack(xs)
+    y = np.asarray([r.label for r in recs], dtype=np.int64)
+    recipe = g.AFTER.model_copy(update={"epsilon": 0.1})
+    config = g.LosoConfig(pool=g.PoolConfig(groups=(g.SourceGroup(name="train", files=("train.jsonl",)),
+                                                    g.SourceGroup(name="held", files=("held.jsonl",)))),
+                          adapt_audits=120)
+    fold = g.make_fold(pool, "held", recipe, calibration_fraction=0.3)
+    s = g.score_fold(fold, x, x, y, recipe, 1.0, delta=0.1)
+    a = g.adapt_fold(pool, fold, x, y, s, recipe, config)
+    assert a["audits"] == 120 and a["evaluated"] + a["audits"] <= len(fold.test)
+    assert a["evaluated"] > 100
+    assert a["offline"]["auroc"] < 0.65
+    assert a["platt_oracle_guard"]["auroc"] == pytest.approx(a["offline"]["auroc"], abs=1e-9)
+    taught = a["head_oracle_guard"]
+    assert taught["source"] == "window" and taught["auroc"] > 0.9
+    assert taught["accuracy"] > taught["majority_rate"] and taught["fpr"] <= 0.1 + 0.05
+    summary = g.summarise_adapted([a])
+    assert summary["groups_both_classes"] == 1 and summary["head_oracle_guard"]["above_majority"] == 1
