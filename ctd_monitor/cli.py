@@ -524,6 +524,8 @@ def bench_generalization(
     adapt_audits: Annotated[int | None, typer.Option(
         min=0, help="also let N audits of each held-out group teach the probe (Platt or head refit, oracle or "
         "expert guard), figures on the group's other half; 0: off")] = None,
+    adapt_epsilon: Annotated[float | None, typer.Option(
+        help="ε of the adapted cut's certificate (default: the recipe's)")] = None,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -550,7 +552,8 @@ def bench_generalization(
         "pool": pool, "recipes": chosen, "alphas": alphas, "delta": delta, "probe_spec": s.model.spec,
         "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
         "expert": base.expert.model_copy(update={"kind": expert, "spec": expert_spec}),
-        **({} if adapt_audits is None else {"adapt_audits": adapt_audits})})
+        **({} if adapt_audits is None else {"adapt_audits": adapt_audits}),
+        **({} if adapt_epsilon is None else {"adapt_epsilon": adapt_epsilon})})
     out.mkdir(parents=True, exist_ok=True)
     with progress_bars(options(ctx).progress) as bars:
         report = g.run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,

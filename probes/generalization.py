@@ -196,6 +196,8 @@ class LosoConfig(Frozen):
         0, ge=0, description="audited items of the held-out group the online recalibration learns from (0: off); "
         "see adapt_fold")
     adapt_head_l2: float = Field(1.0, gt=0, description="audit.head_l2 of the adapted head")
+    adapt_epsilon: float | None = Field(
+        None, gt=0, lt=1, description="audit.epsilon of the adaptation's certified cut (None: the recipe's epsilon)")
     seed: int = 0
 
 
@@ -433,11 +435,12 @@ def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np
     head = s.probe_head
     raw = head.proba(x)
     cut = s.cuts["probe"]
+    epsilon = recipe.epsilon if config.adapt_epsilon is None else config.adapt_epsilon
     labels = {"oracle": y[audited].astype(bool), "expert": s.b[audited] >= 0.5}
     for guard in ADAPT_GUARDS:
         for mode in ("platt", "head"):
             audit = AuditConfig(window=len(audited), min_window=len(audited), refit_every=len(audited),
-                                epsilon=recipe.epsilon, delta=config.delta, refit=mode, head_l2=config.adapt_head_l2)
+                                epsilon=epsilon, delta=config.delta, refit=mode, head_l2=config.adapt_head_l2)
             recal = OnlineRecalibrator(audit, offline_cut=cut or 0.5, offline_valid=cut is not None, head=head)
             for i, unsafe in zip(audited, labels[guard], strict=True):
                 recal.add(float(raw[i]), bool(unsafe), x[i])
@@ -445,7 +448,7 @@ def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np
             scores = recal.calibrated(raw[evaluate], x[evaluate])
             out[f"{mode}_{guard}_guard"] = {
                 **decision_figures(y[evaluate], recentre(scores, state.cut)), "source": state.source,
-                "window_benign": state.n_benign, "epsilon": recipe.epsilon}
+                "window_benign": state.n_benign, "epsilon": epsilon}
     return out
 
 

@@ -167,7 +167,7 @@ def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_co
     """The thin CLI over probes.generalization: a tiny pool (MiniLM for probe and frozen expert)."""
     loso = tmp_path / "loso.yaml"
     loso.write_text(
-        "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20}\n  groups:\n"
+        "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n  groups:\n"
         "    - {name: xstest, files: [xstest.jsonl]}\n"
         "    - {name: tweets, files: [davidson_hate_offensive.jsonl]}\n"
         "    - {name: harmful, files: [harmbench.jsonl]}\n"
@@ -177,7 +177,8 @@ def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_co
     out = tmp_path / "gen"
     result = CliRunner().invoke(app, [
         "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
-        "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--out", str(out)])
+        "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--adapt-audits", "15",
+        "--out", str(out)])
     assert result.exit_code == 0, result.output
     payload = orjson.loads(result.stdout)
     assert "frozen minilm-l6" in payload["expert"]
@@ -185,6 +186,10 @@ def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_co
     metrics = orjson.loads((out / "metrics.json").read_bytes())
     assert set(metrics["recipes"]["before"]["groups"]) == {"xstest", "tweets", "harmful", "alpaca"}
     assert "| xstest |" in (out / "report.md").read_text()
+    adapted = metrics["recipes"]["before"]["groups"]["xstest"]["adapted"]
+    assert adapted["audits"] == 15 and adapted["evaluated"] > 0
+    assert {"head_oracle_guard", "platt_expert_guard"} <= set(adapted)
+    assert "The guard teaches the probe" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", "--recipes", "nope"])
     assert bad.exit_code == 2
 
