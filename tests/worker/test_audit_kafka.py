@@ -99,7 +99,7 @@ async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_whi
     await late.start()
     try:
         assert await late.catch_up(30)
-        late.release()
+        await late.release()
     finally:
         await late.stop()
     assert live is not None and late.recalibrator.state.version == live.version

@@ -159,7 +159,7 @@ def spread(audits: list[tuple[int, float, bool, float]], partitions: int, signer
 async def replayed(feed: RecalibrationFeed) -> RecalibrationFeed:
     await feed.start()
     assert await feed.catch_up(5.0)
-    feed.release()
+    await feed.release()
     return feed
 
 
@@ -200,7 +200,7 @@ async def test_a_replica_started_later_from_the_lookback_matches_one_that_saw_ev
         clock(live).now = record.timestamp / 1000 + 0.5
         await live.poll(timeout_ms=0)
     clock(live).now = T0 + s.audit.settle_s
-    live.release()
+    await live.release()
     # late: starts at T0 with a lookback that covers the last window and more, not the whole stream
     late = await replayed(make_feed(FakeVerdictTopic(spread(audits, 2, signer)), settings(lookback_s=150.0),
                                     now=T0 + s.audit.settle_s))
