@@ -214,7 +214,9 @@ class OnlineRecalibrator:
     """A window of audited (probe score, expert verdict[, pooled activations]) and the map or head + cut refit on it.
 
     ``head``: the bundle's probe head, required with ``config.refit == "head"`` (the window then keeps each
-    audited item's pooled activations, and scoring needs them). Not thread-safe: one owner feeds it and reads it.
+    audited item's pooled activations, and scoring needs them). Not thread-safe: one owner feeds it and reads it;
+    only ``compute_refit`` (pure: a snapshot in, a ``Refit`` out) may run in another thread, the owner then puts
+    the result in force with ``apply``.
     """
 
     def __init__(self, config: AuditConfig, *, offline_cut: float, offline_valid: bool = True,
