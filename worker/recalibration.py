@@ -283,8 +283,15 @@ class RecalibrationFeed:
         if self._planned is not None and self.caught_up.is_set():
             planned = self._planned
             loop = asyncio.get_running_loop()
-            refit = await loop.run_in_executor(self._refits, recal.compute_refit, planned.window, planned.when,
-                                               planned.version)
+            try:
+                refit = await loop.run_in_executor(self._refits, recal.compute_refit, planned.window, planned.when,
+                                                   planned.version)
+            except Exception as exc:  # noqa: BLE001 - the state in force stays; a replay would fail the same way
+                self._planned = None
+                log.error("recalibration.refit_failed", version=planned.version, window=planned.window.scores.size,
+                          error=repr(exc)[:300])
+                self._update_gauges()
+                return
             self._planned = None
             self._refitted(recal.apply(refit))  # on the loop, in one step: no verdict sees half of it
         elif fed:

@@ -489,3 +489,16 @@ def test_the_head_refit_is_configured_from_the_environment(monkeypatch: pytest.M
     monkeypatch.setenv("CTD_AUDIT__REFIT", "mlp")
     with pytest.raises(ConfigError, match="refit"):
         load_settings(cls=WorkerSettings)
+
+
+async def test_a_head_refit_that_fails_leaves_the_state_in_force_and_the_feed_running() -> None:
+    s = settings(refit="head", min_window=20, refit_every=1, settle_s=0.0)
+    topic = FakeVerdictTopic(head_spread(head_audits(30, start=T0 - 100), 1, Signer.from_config(KEY)), per_poll=30)
+    feed = head_feed(topic, s)
+
+    def broken(*args: Any) -> Any:
+        raise np.linalg.LinAlgError("singular")
+
+    feed.recalibrator.compute_refit = broken  # type: ignore[method-assign,assignment]
+    await replayed(feed)
+    assert feed.recalibrator.state.version == 0 and feed.recalibrator.window_size == 30
