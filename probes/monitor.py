@@ -71,18 +71,22 @@ class Scores:
     p_unsafe: F64
     dv: F64 | None
     signal: F64
+    #: The pooled activations each score was read from (one row per score), only when the caller asked for them
+    #: (``keep_features``: the online head refit needs them; otherwise they are not kept past the heads).
+    features: npt.NDArray[np.float32] | None = None
 
 
-def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal) -> Scores:
+def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal, *, keep_features: bool = False) -> Scores:
     p = bundle.heads["safety"].proba(features)
     dv = dv_scores(bundle, features, p) if "dv" in bundle.heads else None
+    kept = np.asarray(features, dtype=np.float32) if keep_features else None
     if signal == Signal.DV:
         if dv is None:
             raise BundleError("the bundle's calibration uses the DV signal but the bundle has no DV head")
-        return Scores(p, dv, dv)
+        return Scores(p, dv, dv, kept)
     if signal == Signal.ROUTER:
-        return Scores(p, dv, MLPHead.from_tensors(bundle.extra_tensors, "router").proba(features))
-    return Scores(p, dv, uncertainty(p))
+        return Scores(p, dv, MLPHead.from_tensors(bundle.extra_tensors, "router").proba(features), kept)
+    return Scores(p, dv, uncertainty(p), kept)
 
 
 def dv_scores(bundle: Bundle, features: npt.ArrayLike, p: F64) -> F64:
@@ -166,22 +170,29 @@ class Monitor:
     def features(self, batch: TokenBatch) -> npt.NDArray[np.float32]:
         return self.extractor.pooled_batch(batch, self.pooling)
 
-    def score(self, batch: TokenBatch) -> Scores:
-        return head_scores(self.bundle, self.features(batch), self.rule.signal)
+    def score(self, batch: TokenBatch, *, keep_features: bool = False) -> Scores:
+        return head_scores(self.bundle, self.features(batch), self.rule.signal, keep_features=keep_features)
 
-    def score_grouped(self, batches: Sequence[TokenBatch], groups: Sequence[int], n: int) -> Scores:
+    def score_grouped(self, batches: Sequence[TokenBatch], groups: Sequence[int], n: int, *,
+                      keep_features: bool = False) -> Scores:
         """Scores of ``n`` conversations whose rows are in ``batches`` (``groups[row]`` = its conversation, rows
-        numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/windows.py)."""
+        numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/windows.py),
+        and with ``keep_features`` that row's pooled activations, the ones its P(unsafe) was read from."""
         if len(batches) == 1 and batches[0].indices == list(range(len(groups))):
-            scores = self.score(batches[0])
+            scores = self.score(batches[0], keep_features=keep_features)
         else:  # heads score each row alone: per batch, then back in row order
-            parts = [(batch.indices, self.score(batch)) for batch in batches]
+            parts = [(batch.indices, self.score(batch, keep_features=keep_features)) for batch in batches]
             p_unsafe, signal = np.empty(len(groups)), np.empty(len(groups))
             dv = None if parts[0][1].dv is None else np.empty(len(groups))
+            first = parts[0][1].features
+            features = None if first is None else np.empty((len(groups), first.shape[1]), dtype=np.float32)
             for indices, part in parts:
                 p_unsafe[indices], signal[indices] = part.p_unsafe, part.signal
                 if dv is not None and part.dv is not None:
                     dv[indices] = part.dv
-            scores = Scores(p_unsafe, dv, signal)
+                if features is not None and part.features is not None:
+                    features[indices] = part.features
+            scores = Scores(p_unsafe, dv, signal, features)
         rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
-        return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows])
+        return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows],
+                      None if scores.features is None else scores.features[rows])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -36,8 +37,8 @@ from probes.calibration import calibrate_unsafe_cut
 from probes.config import AuditConfig, Frozen
 from probes.heads import LinearHead
 
-__all__ = ["OnlineRecalibrator", "PlattMap", "RecalibrationState", "audit_selected", "fit_anchored_logistic",
-           "fit_platt", "out_of_fold_scores", "refit_head"]
+__all__ = ["OnlineRecalibrator", "PlattMap", "RecalibrationState", "Refit", "WindowSnapshot", "audit_selected",
+           "fit_anchored_logistic", "fit_platt", "out_of_fold_scores", "refit_head"]
 
 F64 = npt.NDArray[np.float64]
 _EPS = 1e-7
@@ -188,11 +189,34 @@ class RecalibrationState(Frozen):
     delta: float
 
 
+@dataclass(frozen=True, slots=True)
+class WindowSnapshot:
+    """A copy of the window at a refit point: what ``OnlineRecalibrator.compute_refit`` reads, so a refit can run
+    in another thread while the owner goes on adding audits."""
+
+    scores: F64
+    verdicts: npt.NDArray[np.int64]
+    features: npt.NDArray[np.float32] | None  # (n, width) under refit="head", else None
+    added: int  # audits ever added when it was taken
+
+
+@dataclass(frozen=True, slots=True)
+class Refit:
+    """One refit's outcome, not yet in force: ``OnlineRecalibrator.apply`` puts it in force in one step."""
+
+    state: RecalibrationState
+    platt: PlattMap
+    head: LinearHead | None
+    added: int
+
+
 class OnlineRecalibrator:
     """A window of audited (probe score, expert verdict[, pooled activations]) and the map or head + cut refit on it.
 
     ``head``: the bundle's probe head, required with ``config.refit == "head"`` (the window then keeps each
-    audited item's pooled activations, and scoring needs them). Not thread-safe: one owner feeds it and reads it.
+    audited item's pooled activations, and scoring needs them). Not thread-safe: one owner feeds it and reads it;
+    only ``compute_refit`` (pure: a snapshot in, a ``Refit`` out) may run in another thread, the owner then puts
+    the result in force with ``apply``.
     """
 
     def __init__(self, config: AuditConfig, *, offline_cut: float, offline_valid: bool = True,
@@ -208,6 +232,7 @@ class OnlineRecalibrator:
         self._verdicts: deque[bool] = deque(maxlen=config.window)
         self._features: deque[npt.NDArray[np.float32]] = deque(maxlen=config.window)
         self._since_refit = 0
+        self._added = 0
         self._map = PlattMap()
         self._state = self._offline_state(version=0, n=0, n_benign=0, fitted_at=None)
 
@@ -252,6 +277,13 @@ class OnlineRecalibrator:
         return np.asarray(p, dtype=np.float64) >= self._state.probe_cut
 
     @property
+    def features_width(self) -> int | None:
+        """The width of the pooled activations an audited item needs (refit="head"), else None."""
+        if self.config.refit != "head" or self._offline_head is None:
+            return None
+        return int(self._offline_head.weight.size)
+
+    @property
     def window_size(self) -> int:
         return len(self._scores)
 
@@ -277,6 +309,7 @@ class OnlineRecalibrator:
         self._scores.append(float(p))
         self._verdicts.append(bool(expert_unsafe))
         self._since_refit += 1
+        self._added += 1
 
     def observe(self, p: float, expert_unsafe: bool, features: npt.ArrayLike | None = None) -> RecalibrationState | None:
         """Add one audited item; returns the new state when this audit triggered a refit."""
@@ -288,46 +321,69 @@ class OnlineRecalibrator:
         return self.refit()
 
     def refit(self, now: datetime | None = None, *, version: int | None = None) -> RecalibrationState:
-        """Refit the map (or the head) and re-certify the cut on the window as it is.
+        """Refit the map (or the head) and re-certify the cut on the window as it is, in force at once.
 
         ``version``: the new state's version (default: one more than the current); the worker passes one derived
         from the audit stream itself, so every replica fed the same audits carries the same version.
+        ``snapshot`` → ``compute_refit`` (anywhere) → ``apply`` is the same in three steps.
         """
-        self._since_refit = 0
-        p = np.fromiter(self._scores, dtype=np.float64, count=len(self._scores))
-        b = np.fromiter(self._verdicts, dtype=np.int64, count=len(self._verdicts))
-        when = now or datetime.now(UTC)
-        version = self._state.version + 1 if version is None else version
+        return self.apply(self.compute_refit(self.snapshot(), now or datetime.now(UTC),
+                                             self._state.version + 1 if version is None else version))
+
+    def snapshot(self) -> WindowSnapshot:
+        """A copy of the window for ``compute_refit`` (cheap: a window of 1000 × 576 float32 is 2.3 MB)."""
+        n = len(self._scores)
+        return WindowSnapshot(
+            scores=np.fromiter(self._scores, dtype=np.float64, count=n),
+            verdicts=np.fromiter(self._verdicts, dtype=np.int64, count=n),
+            features=np.stack(list(self._features)) if self.config.refit == "head" and n else None,
+            added=self._added)
+
+    def compute_refit(self, window: WindowSnapshot, when: datetime, version: int) -> Refit:
+        """The refit of a window snapshot, not yet in force. It reads only the configuration and the bundle's head
+        and cut, never the state in force, so it may run in another thread while the owner reads and feeds this
+        recalibrator, and the same snapshot and version give the same result wherever it runs."""
+        p, b = window.scores, window.verdicts
         if self.config.refit == "head":
-            return self._refit_head(p, b, when, version)
-        self._map = fit_platt(p, b, l2=self.config.platt_l2)
+            return self._compute_head(window, when, version)
+        platt = fit_platt(p, b, l2=self.config.platt_l2)
         # The map is increasing, so certifying on raw p flags exactly the items certifying on q would;
         # certifying on p avoids ties the map's rounding could merge.
         result = calibrate_unsafe_cut(p, b, epsilon=self.config.epsilon, delta=self.config.delta, scorer="probe")
         if not result.valid:
-            self._state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when,
-                                              platt=self._map)
+            state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when,
+                                        platt=platt)
         else:
-            self._state = RecalibrationState(
-                version=version, source="window", cut=float(self._map([result.cut])[0]), probe_cut=result.cut,
-                valid=True, n=int(p.size), n_benign=result.n, fitted_at=when, platt_a=self._map.a,
-                platt_b=self._map.b, epsilon=self.config.epsilon, delta=self.config.delta)
-        return self._state
+            state = RecalibrationState(
+                version=version, source="window", cut=float(platt([result.cut])[0]), probe_cut=result.cut,
+                valid=True, n=int(p.size), n_benign=result.n, fitted_at=when, platt_a=platt.a,
+                platt_b=platt.b, epsilon=self.config.epsilon, delta=self.config.delta)
+        return Refit(state=state, platt=platt, head=self._offline_head, added=window.added)
 
-    def _refit_head(self, p: F64, b: npt.NDArray[np.int64], when: datetime, version: int) -> RecalibrationState:
+    def _compute_head(self, window: WindowSnapshot, when: datetime, version: int) -> Refit:
         assert self._offline_head is not None
-        x = np.stack(list(self._features))
+        p, b, x = window.scores, window.verdicts, window.features
+        if x is None:
+            raise ValueError("audit.refit=head: the window holds no pooled activations")
         l2 = self.config.head_l2
         oof = out_of_fold_scores(self._offline_head, x, b, l2=l2)
         result = calibrate_unsafe_cut(oof, b, epsilon=self.config.epsilon, delta=self.config.delta, scorer="probe")
         if not result.valid:
             # No certificate: the bundle's head and cut stay in force, as a Platt window without one does.
-            self._head = self._offline_head
-            self._state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when)
-        else:
-            self._head = refit_head(self._offline_head, x, b, l2=l2)
-            self._state = RecalibrationState(
-                version=version, source="window", refit="head", cut=result.cut, probe_cut=None, valid=True,
-                n=int(p.size), n_benign=result.n, fitted_at=when, platt_a=1.0, platt_b=0.0,
-                epsilon=self.config.epsilon, delta=self.config.delta)
+            state = self._offline_state(version=version, n=int(p.size), n_benign=result.n, fitted_at=when)
+            return Refit(state=state, platt=PlattMap(), head=self._offline_head, added=window.added)
+        state = RecalibrationState(
+            version=version, source="window", refit="head", cut=result.cut, probe_cut=None, valid=True,
+            n=int(p.size), n_benign=result.n, fitted_at=when, platt_a=1.0, platt_b=0.0,
+            epsilon=self.config.epsilon, delta=self.config.delta)
+        return Refit(state=state, platt=PlattMap(), head=refit_head(self._offline_head, x, b, l2=l2),
+                     added=window.added)
+
+    def apply(self, refit: Refit) -> RecalibrationState:
+        """Put a computed refit in force in one step (on the owner's thread: a reader never sees half of it)."""
+        if refit.state.version <= self._state.version:
+            raise ValueError(f"refit version {refit.state.version} is not after the one in force "
+                             f"({self._state.version})")
+        self._map, self._head, self._state = refit.platt, refit.head, refit.state
+        self._since_refit = self._added - refit.added  # audits added while it was computed still count
         return self._state

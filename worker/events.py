@@ -14,6 +14,8 @@ import datetime as dt
 import hashlib
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,6 +42,16 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 
 
 UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
+
+_PROBE_FEATURES_DOC = (
+    "audits under audit.refit=head: the pooled activations the probe's safety head scored for this event (the row "
+    "p_unsafe came from), float32 values, so the workers can refit the head on the audited window")
+
+
+def float32_list(values: npt.ArrayLike) -> list[float]:
+    """A float32 vector as the shortest decimals that read back as the same float32 (``probe_features``): about
+    half the JSON of float64 reprs (576 values ≈ 6 KB), and nothing the head reads is lost."""
+    return [float(v) for v in np.asarray(values, dtype=np.float32).reshape(-1).astype(str)]
 
 
 class _Model(BaseModel):
@@ -129,7 +141,8 @@ class Verdict(_Model):
     event, which the online recalibration learns from; the probe's verdict on that event stays final."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="Verdict")
-    added_fields: ClassVar[frozenset[str]] = frozenset({"audit", "probe_p_unsafe", "recalibration"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"audit", "probe_p_unsafe", "recalibration",
+                                                        "probe_features"})
 
     schema_version: Literal[1] = 1
     event_id: str
@@ -154,6 +167,7 @@ class Verdict(_Model):
         "recalibrated score (probe verdicts under online recalibration)")
     recalibration: Recalibration | None = Field(
         None, description="probe verdicts while audits are on: the recalibration state that decided")
+    probe_features: list[float] | None = Field(None, description=f"audit verdicts: the request's; {_PROBE_FEATURES_DOC}")
 
 
 class ReviewRequest(_Model):
@@ -161,7 +175,7 @@ class ReviewRequest(_Model):
     audited (a label for the online recalibration; the probe's verdict stays final), or both."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="ReviewRequest")
-    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit", "probe_features"})
 
     schema_version: Literal[1] = 1
     event: ConversationEvent
@@ -175,6 +189,7 @@ class ReviewRequest(_Model):
     requested_at: UtcDatetime
     delegated: bool = Field(True, description="the delegation rule sent it: the expert's verdict is final")
     audit: bool = Field(False, description="in the audit sample: the expert's verdict labels it for recalibration")
+    probe_features: list[float] | None = Field(None, description=_PROBE_FEATURES_DOC)
 
     @model_validator(mode="after")
     def _has_a_reason(self) -> ReviewRequest:

@@ -261,6 +261,8 @@ class GuardHandler(OutputsSlot):
                             total_ms=(time.monotonic() - review.consumed_at) * 1000),
             decided_at=utcnow(), metadata={**event.metadata, "probe_p_unsafe": request.p_unsafe},
             audit=request.audit, probe_p_unsafe=min(1.0, max(0.0, request.p_unsafe)) if request.audit else None,
+            # the workers' refit head learns from it (audit.refit=head); a delegation's verdict does not need it
+            probe_features=request.probe_features if request.audit else None,
         )
         key = event.conversation_id.encode()
         body = verdict.to_json()

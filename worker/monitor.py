@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from probes.errors import ConfigError
+from probes.heads import LinearHead
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from probes.recalibration import OnlineRecalibrator, audit_selected
@@ -29,7 +31,15 @@ from worker.batcher import BatchLimits, MicroBatcher
 from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_event
-from worker.events import ConversationEvent, Recalibration, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import (
+    ConversationEvent,
+    Recalibration,
+    ReviewRequest,
+    Timings,
+    Verdict,
+    float32_list,
+    utcnow,
+)
 from worker.metrics import WorkerMetrics
 from worker.recalibration import RecalibrationFeed, recalibration_info
 from worker.signing import Signer
@@ -103,10 +113,14 @@ class MonitorHandler(OutputsSlot):
         # Audits (a hash sample of event ids, apart from delegation and its budget) and the recalibration they feed.
         self.recalibrator: OnlineRecalibrator | None = None
         self.feed: RecalibrationFeed | None = None
+        # audit.refit=head: every event's pooled activations are kept past the heads (a refit head decides on
+        # them, and audited events send them to the guard); otherwise they are dropped as before.
+        self._keep_features = settings.audit.enabled and settings.audit.refit == "head"
         if settings.audit.enabled:
             offline = monitor.bundle.manifest.unsafe_cut
             self.recalibrator = OnlineRecalibrator(settings.audit, offline_cut=monitor.unsafe_cut,
-                                                   offline_valid=offline is not None and offline.valid)
+                                                   offline_valid=offline is not None and offline.valid,
+                                                   head=safety_head(monitor) if self._keep_features else None)
             self.feed = RecalibrationFeed(settings, self.recalibrator, metrics)
 
     # ---------------------------------------------------------------- handler protocol
@@ -186,6 +200,8 @@ class MonitorHandler(OutputsSlot):
 
     def _score(self, batch: Any, groups: Sequence[int], n: int) -> Any:
         with self.metrics.stage_cpu("score"):
+            if self._keep_features:
+                return self.monitor.score_grouped(batch, groups, n, keep_features=True)
             return self.monitor.score_grouped(batch, groups, n)
 
     # ---------------------------------------------------------------- batch + infer
@@ -253,7 +269,7 @@ class MonitorHandler(OutputsSlot):
             with self.metrics.stage_cpu("serialise_publish"):
                 publications: list[Publication] = []
                 try:
-                    verdict_scores, flagged, recalibration = self._probe_verdicts(scores.p_unsafe)
+                    verdict_scores, flagged, recalibration = self._probe_verdicts(scores.p_unsafe, scores.features)
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
                         p_unsafe = float(scores.p_unsafe[i])
                         dv = None if scores.dv is None else float(scores.dv[i])
@@ -266,7 +282,7 @@ class MonitorHandler(OutputsSlot):
                             publications.append(self._publish(
                                 item, p_unsafe, dv, delegation, score=verdict_scores[i], unsafe=flagged[i],
                                 recalibration=recalibration, queue_s=started - item.consumed_at,
-                                inference_s=elapsed))
+                                inference_s=elapsed, features=None if scores.features is None else scores.features[i]))
                         except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
                             self.out.dead_letter(item, "output_error", repr(exc), "inference")
                 finally:
@@ -278,19 +294,24 @@ class MonitorHandler(OutputsSlot):
         await split_on_failure(items, attempt, give_up, what="inference")
 
     # ---------------------------------------------------------------- publish
-    def _probe_verdicts(self, p: npt.NDArray[np.float64]) -> tuple[list[float], list[bool], Recalibration | None]:
+    def _probe_verdicts(self, p: npt.NDArray[np.float64], features: npt.NDArray[np.float32] | None = None
+                        ) -> tuple[list[float], list[bool], Recalibration | None]:
         """The verdicts' scores and decisions for a scored batch, once per batch (not per event): the raw score at
         the bundle's cut, or with audits on the calibrated score, flagged at the cut in force (the same decision as
-        the raw score at ``probe_cut``), and the state that decided."""
+        the raw score at ``probe_cut``; under a refit head its score on ``features``, the events' pooled
+        activations), and the state that decided. Read on the event loop, where refits are put in force: one
+        state decides the whole batch."""
         recal = self.recalibrator
         if recal is None:
             return p.tolist(), (p >= self.monitor.unsafe_cut).tolist(), None
-        return np.clip(recal.calibrated(p), 0.0, 1.0).tolist(), recal.flags(p).tolist(), recalibration_info(recal)
+        return (np.clip(recal.calibrated(p, features), 0.0, 1.0).tolist(), recal.flags(p, features).tolist(),
+                recalibration_info(recal))
 
     def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, score: float,
                  unsafe: bool, recalibration: Recalibration | None, queue_s: float,
-                 inference_s: float) -> Publication:
-        """``p_unsafe``: the probe's raw score; ``score`` and ``unsafe``: the verdict's (``_probe_verdicts``)."""
+                 inference_s: float, features: npt.NDArray[np.float32] | None = None) -> Publication:
+        """``p_unsafe``: the probe's raw score; ``score`` and ``unsafe``: the verdict's (``_probe_verdicts``);
+        ``features``: the pooled activations behind ``p_unsafe`` (audit.refit=head only), sent with an audit."""
         topics = self.settings.topics
         event = item.body.event
         audit = self.settings.audit
@@ -319,6 +340,7 @@ class MonitorHandler(OutputsSlot):
                 bundle_version=self.monitor.bundle.version,
                 model_version=self.monitor.model_version, requested_at=utcnow(),
                 delegated=delegation.delegated, audit=audited,
+                probe_features=float32_list(features) if audited and features is not None else None,
             )
             review = request.to_json()
             messages.append(Message(topics.review, review, key,
@@ -341,6 +363,15 @@ class MonitorHandler(OutputsSlot):
 
 
 MonitorStream = Stream[MonitorHandler]
+
+
+def safety_head(monitor: Monitor) -> LinearHead:
+    """The bundle's safety head, which audit.refit=head refits: only a linear head can be (a config error else)."""
+    head = monitor.bundle.heads.get("safety")
+    if not isinstance(head, LinearHead):
+        raise ConfigError(f"audit.refit=head refits a linear safety head; bundle {monitor.bundle.version} has "
+                          f"{type(head).__name__}: use audit.refit=platt")
+    return head
 
 
 def monitor_stream(settings: WorkerSettings, monitor: Monitor, metrics: WorkerMetrics | None = None) -> MonitorStream:

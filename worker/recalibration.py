@@ -22,16 +22,26 @@ Why every replica ends in the same state, and what that costs (docs/architecture
   version is the audit's ``decided_at`` in Unix milliseconds. Fed the same sequence, two replicas refit on the
   same windows and carry the same version, whenever each of them started.
 
+* **Head refits off the event loop.** Under ``audit.refit=head`` each audit verdict carries the event's pooled
+  activations (``probe_features``), and a refit costs seconds of numpy (out-of-fold fits on the window). It is
+  computed in a thread from a snapshot of the window (``OnlineRecalibrator.snapshot`` → ``compute_refit``) and put
+  in force on the event loop in one step (``apply``), so a verdict is decided by one whole state, old or new. The
+  feed waits for it before feeding on; several refit points passed meanwhile (a replay, a burst) are computed once,
+  at the last of them: the state a replica ends in is still the one of the last refit point it was fed, with that
+  point's version.
+
 A verdict the guard signed wrongly, or that does not parse, is skipped with a log line and a metric; duplicates
 (an at-least-once guard may publish one twice) are fed once. Only ``source: "expert"`` verdicts are labels: a
-fail-closed ``expert_unavailable`` answer says nothing about the event. Everything here is numpy-cheap and runs on
-the event loop.
+fail-closed ``expert_unavailable`` answer says nothing about the event; under ``audit.refit=head`` one without
+usable ``probe_features`` is skipped too (reason ``no_features``). Platt refits (microseconds) and everything
+else here run on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import heapq
 import math
 import time
@@ -40,10 +50,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from probes.logs import get_logger
-from probes.recalibration import OnlineRecalibrator, RecalibrationState, audit_selected
+from probes.recalibration import OnlineRecalibrator, RecalibrationState, WindowSnapshot, audit_selected
 from worker.config import WorkerSettings
 from worker.decode import InvalidVerdict, decode_verdict
 from worker.events import AUDIT_HEADER, Recalibration
@@ -81,6 +93,17 @@ class Audit:
     event_id: str
     probe_p_unsafe: float = field(compare=False)
     expert_unsafe: bool = field(compare=False)
+    #: The event's pooled activations (audit.refit=head), else None.
+    features: npt.NDArray[np.float32] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _PlannedRefit:
+    """A head refit point passed but not yet computed: the window as it was there, and that point's version."""
+
+    window: WindowSnapshot
+    when: datetime
+    version: int
 
 
 def recalibration_info(recalibrator: OnlineRecalibrator) -> Recalibration:
@@ -113,6 +136,10 @@ class RecalibrationFeed:
         self._positions: dict[TopicPartition, int] = {}
         self._last_source: str | None = None
         self._assigned_at = -math.inf
+        # The version the last refit point was given (≥ the state's: a planned head refit is not yet in force).
+        self._version = recalibrator.state.version
+        self._planned: _PlannedRefit | None = None
+        self._refits = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-refit")
         self._update_gauges()
 
     # ---------------------------------------------------------------- lifecycle
@@ -167,6 +194,7 @@ class RecalibrationFeed:
             await self.poll()
 
     async def stop(self) -> None:
+        self._refits.shutdown(wait=False, cancel_futures=True)
         if self.consumer is not None:
             await self.consumer.stop()
 
@@ -188,7 +216,7 @@ class RecalibrationFeed:
             if records:
                 self._positions[tp] = records[-1].offset + 1
         self._check_caught_up()
-        self.release()
+        await self.release()
 
     def take(self, record: Record) -> Audit | None:
         """The audit label in a verdict record; None for any other verdict, and for a bad one (logged, counted)."""
@@ -209,47 +237,95 @@ class RecalibrationFeed:
         if verdict.source != "expert":
             self._skip(record, "no_expert", verdict.source, quiet=True)
             return None
+        features = None
+        width = self.recalibrator.features_width
+        if width is not None:
+            # audit.refit=head learns from the activations: a verdict without them (a guard or worker from before
+            # them, a window of audits from before the switch to head) teaches it nothing
+            features = (None if verdict.probe_features is None
+                        else np.asarray(verdict.probe_features, dtype=np.float32))
+            if features is None or features.shape != (width,) or not np.all(np.isfinite(features)):
+                got = "none" if features is None else f"{features.size} values"
+                self._skip(record, "no_features", f"audit.refit=head needs {width} finite probe_features, got {got}")
+                return None
         if verdict.event_id in self._seen:
             self._skip(record, "duplicate", verdict.event_id, quiet=True)
             return None
         self._seen[verdict.event_id] = None
         while len(self._seen) > 4 * self.config.window:
             self._seen.popitem(last=False)
-        return Audit(verdict.decided_at.timestamp(), verdict.event_id, p, verdict.decision == "unsafe")
+        return Audit(verdict.decided_at.timestamp(), verdict.event_id, p, verdict.decision == "unsafe", features)
 
     def _skip(self, record: Record, reason: str, detail: str, *, quiet: bool = False) -> None:
         self.metrics.audit_verdicts_skipped.labels(reason=reason).inc()
         (log.debug if quiet else log.warning)("recalibration.verdict_skipped", reason=reason, detail=detail,
                                               partition=record.partition, offset=record.offset)
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Feed the audits that are settled (all of them in order once caught up; the oldest beyond the replay
-        margin while replaying)."""
+        margin while replaying). A head refit point met on the way is computed in a thread once caught up, at the
+        last such point (``compute_refit`` reads only its snapshot), and put in force here in one step."""
         horizon = self.clock() - self.config.settle_s if self.caught_up.is_set() else -math.inf
         cap = self.config.window + _REPLAY_MARGIN_REFITS * self.config.refit_every
         fed = 0
+        recal = self.recalibrator
         while self._pending and (self._pending[0].decided_at <= horizon or len(self._pending) > cap):
-            self.feed(heapq.heappop(self._pending))
+            audit = heapq.heappop(self._pending)
+            due = self._add(audit)
             fed += 1
-        if fed:
+            if due is None:
+                continue
+            when, version = due
+            if self.config.refit == "head":
+                self._planned = _PlannedRefit(recal.snapshot(), when, version)  # supersedes an earlier one
+            else:
+                self._refitted(recal.refit(when, version=version))
+        if self._planned is not None and self.caught_up.is_set():
+            planned = self._planned
+            loop = asyncio.get_running_loop()
+            try:
+                refit = await loop.run_in_executor(self._refits, recal.compute_refit, planned.window, planned.when,
+                                                   planned.version)
+            except Exception as exc:  # noqa: BLE001 - the state in force stays; a replay would fail the same way
+                self._planned = None
+                log.error("recalibration.refit_failed", version=planned.version, window=planned.window.scores.size,
+                          error=repr(exc)[:300])
+                self._update_gauges()
+                return
+            self._planned = None
+            self._refitted(recal.apply(refit))  # on the loop, in one step: no verdict sees half of it
+        elif fed:
             self._update_gauges()
 
     def feed(self, audit: Audit) -> RecalibrationState | None:
-        """One audit into the window, in order; a refit when its event id says so."""
+        """One audit into the window, in order, and the refit it triggers computed at once, on this thread (tests;
+        ``release`` is the feed's own path, which computes head refits in a thread)."""
+        due = self._add(audit)
+        if due is None:
+            return None
+        when, version = due
+        self._planned = None
+        return self._refitted(self.recalibrator.refit(when, version=version))
+
+    def _add(self, audit: Audit) -> tuple[datetime, int] | None:
+        """Add one audit; when its event id makes it a refit point, that refit's time and version."""
         recal = self.recalibrator
-        recal.add(audit.probe_p_unsafe, audit.expert_unsafe)
+        recal.add(audit.probe_p_unsafe, audit.expert_unsafe, audit.features)
         self.metrics.audit_verdicts_in.inc()
         due = audit_selected(audit.event_id, 1 / self.config.refit_every, f"{self.config.salt}/refit")
         if recal.window_size < self.config.min_window or not due:
             return None
-        version = max(int(audit.decided_at * 1000), recal.state.version + 1)
-        state = recal.refit(datetime.fromtimestamp(audit.decided_at, UTC), version=version)
+        self._version = max(int(audit.decided_at * 1000), self._version + 1, recal.state.version + 1)
+        return datetime.fromtimestamp(audit.decided_at, UTC), self._version
+
+    def _refitted(self, state: RecalibrationState) -> RecalibrationState:
         self.metrics.recalibration_refits.labels(source=state.source).inc()
         self._update_gauges()
         if state.source != self._last_source:
             (log.info if state.source == "window" else log.warning)(
-                "recalibration.source", source=state.source, version=state.version, probe_cut=state.probe_cut,
-                cut=state.cut, window=state.n, window_benign=state.n_benign, valid=state.valid)
+                "recalibration.source", source=state.source, refit=state.refit, version=state.version,
+                probe_cut=state.probe_cut, cut=state.cut, window=state.n, window_benign=state.n_benign,
+                valid=state.valid)
             self._last_source = state.source
         return state
 

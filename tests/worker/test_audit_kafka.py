@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from probes.experts.encoder_head import EncoderHeadExpert
@@ -99,11 +100,86 @@ async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_whi
     await late.start()
     try:
         assert await late.catch_up(30)
-        late.release()
+        await late.release()
     finally:
         await late.stop()
     assert live is not None and late.recalibrator.state.version == live.version
     assert late.recalibrator.state == live
+    worker.stop()
+    guard.stop()
+    await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)
+
+
+async def test_with_a_head_refit_the_audits_carry_the_activations_and_the_refit_head_decides(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path,
+    small_expert: EncoderHeadExpert,
+) -> None:
+    topics = new_topics(kafka_broker.create_topics)
+    ws = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
+                         group=f"w-{uuid.uuid4().hex[:6]}")
+    audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
+                              settle_s=0.2, lookback_s=600, refit="head")
+    ws = ws.model_copy(update={"audit": audit})
+    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=AlertsConfig(enabled=False))
+    metrics = WorkerMetrics()
+    worker = monitor_stream(ws, monitor, metrics)
+    recal = worker.handler.recalibrator
+    assert recal is not None and recal.features_width == monitor.bundle.heads["safety"].weight.size
+    worker_task = asyncio.create_task(worker.run())
+    guard = GuardProcess(gs, small_expert)
+    guard_task = asyncio.create_task(guard.run())
+    await wait_for(lambda: (worker.ready() and guard.ready()) or worker_task.done() or guard_task.done(), 60)
+    assert not worker_task.done() and not guard_task.done()
+    verdicts = await TopicWatcher(kafka_broker.bootstrap, topics.verdicts).start()
+    files = [datasets_dir / "harmbench.jsonl", datasets_dir / "alpaca_benign.jsonl"]
+    try:
+        first = [e for pair in zip(dataset_events(files[:1], 15), dataset_events(files[1:], 15), strict=True)
+                 for e in pair]
+        await produce_raw(kafka_broker.bootstrap, topics.input, event_values(first))
+        # the guard labels every audit and sends its activations back; the feed refits the head in its thread
+        # (the state in force may lag the window until the refit at its last audit is computed)
+        await wait_for(lambda: metrics.audit_verdicts_in._value.get() == len(first)
+                       and recal.state.n == audit.window, 120)
+        state = recal.state
+        assert state.refit == "head" and state.source == "window" and state.probe_cut is None
+        assert metrics.audit_verdicts_skipped.labels(reason="no_features")._value.get() == 0
+        second = dataset_events(files, 10, run_id="second-head")
+        await produce_raw(kafka_broker.bootstrap, topics.input, event_values(second))
+        ids = {e.event_id for e in second}
+        await verdicts.wait(lambda w: ids <= {r["event_id"] for r in w.records if r["source"] == "probe"}, 60)
+        await verdicts.wait(lambda w: len([r for r in w.records if r["source"] == "expert"])
+                            >= len(first) + len(second), 60)
+        await wait_for(lambda: metrics.audit_verdicts_in._value.get() == len(first) + len(second), 60)
+    finally:
+        await verdicts.stop()
+    probe = {r["event_id"]: r for r in verdicts.records if r["source"] == "probe"}
+    expert = {r["event_id"]: r for r in verdicts.records if r["source"] == "expert"}
+    assert all(probe[e.event_id]["recalibration"]["refit"] == "head" for e in first)  # the mode, from the start
+    for e in second:  # decided by a refit head, no cut on the bundle's score
+        r = probe[e.event_id]["recalibration"]
+        assert r["refit"] == "head" and r["source"] == "window" and r["probe_cut"] is None
+        assert r["version"] >= state.version
+    head = monitor.bundle.heads["safety"]
+    for event_id, v in expert.items():  # each audit came back with the row the probe's raw score was read from
+        features = np.asarray(v["probe_features"], dtype=np.float32)
+        assert features.shape == head.weight.shape
+        assert abs(float(head.proba(features[None, :])[0]) - probe[event_id]["probe_p_unsafe"]) < 1e-5
+    # A replica started now rebuilds the same head and cut from the lookback.
+    offline = monitor.bundle.manifest.unsafe_cut
+    late = RecalibrationFeed(ws, OnlineRecalibrator(audit, offline_cut=monitor.unsafe_cut, head=head,
+                                                    offline_valid=offline is not None and offline.valid),
+                             WorkerMetrics())
+    await late.start()
+    try:
+        assert await late.catch_up(30)
+        await late.release()
+    finally:
+        await late.stop()
+    live = recal.state
+    assert late.recalibrator.state.version == live.version and late.recalibrator.state == live
+    late_head, live_head = late.recalibrator.head, recal.head
+    assert late_head is not None and live_head is not None
+    np.testing.assert_array_equal(late_head.weight, live_head.weight)
     worker.stop()
     guard.stop()
     await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)

@@ -42,17 +42,19 @@ class HeaderProducer(FakeProducer):
         return await super().send(topic, value, key, headers)
 
 
-def _request(event_id: str, text: str, *, delegated: bool, audit: bool, p: float) -> bytes:
+def _request(event_id: str, text: str, *, delegated: bool, audit: bool, p: float,
+             features: list[float] | None = None) -> bytes:
     event = ConversationEvent(event_id=event_id, conversation_id=f"c-{event_id}", created_at=utcnow(),
                               messages=[{"role": "user", "content": text}])  # type: ignore[list-item]
     return ReviewRequest(event=event, p_unsafe=p, dv=None, reason="test", threshold=None, bundle_version="b",
-                         requested_at=utcnow(), delegated=delegated, audit=audit).to_json()
+                         requested_at=utcnow(), delegated=delegated, audit=audit, probe_features=features).to_json()
 
 
 async def test_audit_requests_are_answered_as_labels_with_the_probes_score() -> None:
     values = [
-        _request("delegated", "unsafe text", delegated=True, audit=False, p=0.55),
-        _request("audit", "unsafe text", delegated=False, audit=True, p=0.2),
+        # (a delegation's activations are not the workers' business: only an audit's are copied)
+        _request("delegated", "unsafe text", delegated=True, audit=False, p=0.55, features=[9.0, 9.0]),
+        _request("audit", "unsafe text", delegated=False, audit=True, p=0.2, features=[0.25, -1.5, 3.0]),
         _request("both", "benign text", delegated=True, audit=True, p=0.6),
     ]
     consumer = FakeConsumer({P0: len(values)})
@@ -83,4 +85,7 @@ async def test_audit_requests_are_answered_as_labels_with_the_probes_score() -> 
         "both": ("expert", "safe", True, True, 0.6),  # final (delegated) and a label
     }
     assert metrics.audit_verdicts_out._value.get() == 2
+    # audit.refit=head: the audited event's pooled activations travel back to the workers' feeds
+    assert {e: v.get("probe_features") for e, v in out.items()} == {
+        "delegated": None, "audit": [0.25, -1.5, 3.0], "both": None}
 

@@ -4,11 +4,14 @@ the expert, what their verdicts carry, and that a refitted map and cut decide th
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 
+from probes.errors import ConfigError
 from probes.monitor import Monitor
 from probes.recalibration import audit_selected
 from tests.worker.helpers import worker_settings
@@ -17,7 +20,7 @@ from tests.worker.test_recalibration import T0, FakeVerdictTopic
 from tests.worker.test_stream import P0, FakeProducer, running, stopped, until
 from worker.config import TopicsConfig, WorkerAuditConfig, WorkerSettings
 from worker.metrics import WorkerMetrics
-from worker.monitor import MonitorStream, monitor_stream
+from worker.monitor import MonitorStream, monitor_stream, safety_head
 from worker.recalibration import Audit
 from worker.stream import ServiceLimits
 
@@ -115,3 +118,60 @@ async def test_a_refitted_window_decides_the_verdicts_that_follow(
         # the calibrated score and the reported cut agree with the decision
         assert (v["p_unsafe"] >= v["recalibration"]["cut"] - 1e-9) == (v["decision"] == "unsafe")
     assert handler.metrics.recalibration_version._value.get() == state.version
+
+
+async def test_a_refit_head_decides_on_each_events_activations_and_audits_send_them(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    settings = _settings(small_bundle, cache_dir, refit="head")
+    n = 24
+    values = [_event(f"h{i}", TEXTS[i % len(TEXTS)]) for i in range(n)]
+    stream, consumer, producer = _stream(settings, monitor, values)
+    handler = stream.handler
+    assert handler.feed is not None and handler.recalibrator is not None
+    bundle_head = monitor.bundle.heads["safety"]
+    assert handler.recalibrator.features_width == bundle_head.weight.size
+    # Audits of traffic whose harm lies along a direction the bundle's head does not read.
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=bundle_head.weight.size)
+    direction -= direction @ bundle_head.weight / (bundle_head.weight @ bundle_head.weight) * bundle_head.weight
+    direction /= np.linalg.norm(direction)
+    for i in range(60):
+        unsafe = i % 4 == 0
+        z = rng.normal(size=bundle_head.weight.size) + (4.0 * direction if unsafe else 0.0)
+        x = (bundle_head.mean + bundle_head.scale * z).astype(np.float32)
+        handler.feed.feed(Audit(T0 + i, f"x{i}", float(bundle_head.proba(x[None, :])[0]), unsafe, x))
+    state = handler.recalibrator.state
+    assert state.refit == "head" and state.source == "window" and state.probe_cut is None
+    refit = handler.recalibrator.head
+    assert refit is not None and refit is not bundle_head
+    task = await running(stream)
+    await until(lambda: consumer.last_commit(P0) == n)
+    await stopped(stream, task)
+    verdicts = {v["event_id"]: v for v in _out(producer, settings.topics.verdicts)}
+    requests = {r["event"]["event_id"]: r for r in _out(producer, settings.topics.review)}
+    audited = {e for e in verdicts if audit_selected(e, 0.5, "audit")}
+    assert len(verdicts) == n and audited and audited <= set(requests)
+    for event_id, v in verdicts.items():
+        assert v["recalibration"] == {"version": state.version, "source": "window", "refit": "head",
+                                      "cut": state.cut, "probe_cut": None, "valid": True, "window": 60,
+                                      "window_benign": state.n_benign}
+        assert "probe_features" not in v, "a probe verdict does not carry the activations"
+        request = requests.get(event_id)
+        if event_id not in audited:
+            assert request is None or "probe_features" not in request, "only audits send the activations"
+            continue
+        assert request is not None
+        features = np.asarray(request["probe_features"], dtype=np.float32)
+        assert features.shape == bundle_head.weight.shape
+        # the row the raw score came from, and the one the refit head decided on
+        assert abs(float(bundle_head.proba(features[None, :])[0]) - v["probe_p_unsafe"]) < 1e-5
+        calibrated = float(refit.proba(features[None, :])[0])
+        assert abs(v["p_unsafe"] - calibrated) < 1e-5
+        assert v["decision"] == ("unsafe" if calibrated >= state.cut else "safe")
+
+
+def test_a_head_refit_needs_a_linear_safety_head() -> None:
+    bundle = SimpleNamespace(heads={}, version="v-test")
+    with pytest.raises(ConfigError, match="linear safety head"):
+        safety_head(SimpleNamespace(bundle=bundle))  # type: ignore[arg-type]

@@ -157,3 +157,11 @@ def test_rows_forwarded_in_length_groups_score_as_in_one_batch(monitor: Monitor)
     a, b = monitor.score_grouped(split, groups, 11), monitor.score_grouped([whole], groups, 11)
     np.testing.assert_allclose(a.p_unsafe, b.p_unsafe, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a.signal, b.signal, rtol=1e-4, atol=1e-6)
+    assert a.features is None and b.features is None, "activations are not kept unless asked for"
+    # audit.refit=head asks for them: each conversation's row is the one its P(unsafe) was read from
+    head = monitor.bundle.heads["safety"]
+    for kept in (monitor.score_grouped(split, groups, 11, keep_features=True),
+                 monitor.score_grouped([whole], groups, 11, keep_features=True)):
+        assert kept.features is not None and kept.features.shape == (11, head.weight.size)
+        np.testing.assert_allclose(head.proba(kept.features), kept.p_unsafe, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(kept.p_unsafe, a.p_unsafe, rtol=1e-4, atol=1e-6)

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +19,21 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from pydantic import SecretStr, ValidationError
 
+from probes.config import load_settings
+from probes.errors import ConfigError
+from probes.heads import LinearHead
 from probes.recalibration import OnlineRecalibrator, audit_selected
 from worker.alerts import AlertPolicy
 from worker.config import AlertsConfig, SigningConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings
-from worker.events import AUDIT_HEADER, BudgetState, ConversationEvent, ReviewRequest, Timings, Verdict
+from worker.events import (
+    AUDIT_HEADER,
+    BudgetState,
+    ConversationEvent,
+    ReviewRequest,
+    Timings,
+    Verdict,
+    float32_list,
+)
 from worker.metrics import WorkerMetrics
 from worker.recalibration import Audit, RecalibrationFeed
 from worker.signing import Signer
@@ -159,7 +171,7 @@ def spread(audits: list[tuple[int, float, bool, float]], partitions: int, signer
 async def replayed(feed: RecalibrationFeed) -> RecalibrationFeed:
     await feed.start()
     assert await feed.catch_up(5.0)
-    feed.release()
+    await feed.release()
     return feed
 
 
@@ -200,7 +212,7 @@ async def test_a_replica_started_later_from_the_lookback_matches_one_that_saw_ev
         clock(live).now = record.timestamp / 1000 + 0.5
         await live.poll(timeout_ms=0)
     clock(live).now = T0 + s.audit.settle_s
-    live.release()
+    await live.release()
     # late: starts at T0 with a lookback that covers the last window and more, not the whole stream
     late = await replayed(make_feed(FakeVerdictTopic(spread(audits, 2, signer)), settings(lookback_s=150.0),
                                     now=T0 + s.audit.settle_s))
@@ -319,3 +331,174 @@ async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read(monkey
     for _ in range(30):
         await feed.poll(timeout_ms=10)
     assert feed.recalibrator.window_size == 12 and feed.recalibrator.state.version > 0
+
+
+# ---------------------------------------------------------------- audit.refit=head
+WIDTH = 12
+
+
+def bundle_head() -> LinearHead:
+    """A head that reads axis 0, while the new traffic's harm is on axis 1 (what the audits must teach)."""
+    w = np.zeros(WIDTH, dtype=np.float32)
+    w[0] = 2.0
+    return LinearHead(mean=np.zeros(WIDTH, dtype=np.float32), scale=np.ones(WIDTH, dtype=np.float32), weight=w,
+                      bias=0.0)
+
+
+def head_audits(n: int, *, start: float, seed: int = 0) -> list[tuple[int, float, bool, float, np.ndarray]]:
+    """(i, the bundle head's score, expert unsafe, decided_at, pooled activations) of shifted traffic."""
+    rng = np.random.default_rng(seed)
+    head = bundle_head()
+    out = []
+    for i in range(n):
+        unsafe = bool(rng.random() < 0.3)
+        x = rng.normal(size=WIDTH).astype(np.float32)
+        x[1] += 3.0 if unsafe else 0.0
+        out.append((i, float(head.proba(x[None, :])[0]), unsafe, start + i * 1.0, x))
+    return out
+
+
+def head_spread(audits: list[tuple[int, float, bool, float, np.ndarray]], partitions: int,
+                signer: Signer) -> dict[int, list[ConsumerRecord[bytes, bytes]]]:
+    log: dict[int, list[ConsumerRecord[bytes, bytes]]] = {n: [] for n in range(partitions)}
+    for i, p, unsafe, when, x in audits:
+        n = i % partitions
+        body = audit_verdict(i, p, unsafe, decided_at=when).model_copy(
+            update={"probe_features": float32_list(x)}).to_json()
+        log[n].append(verdict_record(n, len(log[n]), body, timestamp=when, signer=signer, key=f"c{i}".encode()))
+    return log
+
+
+def head_feed(topic: FakeVerdictTopic, s: WorkerSettings, *, now: float = T0) -> RecalibrationFeed:
+    return RecalibrationFeed(s, OnlineRecalibrator(s.audit, offline_cut=0.5, head=bundle_head()), WorkerMetrics(),
+                             consumer=topic, clock=Clock(now))
+
+
+async def test_head_refits_learn_from_the_carried_features_and_replicas_agree_with_the_inline_path() -> None:
+    s = settings(refit="head")
+    signer = Signer.from_config(KEY)
+    audits = head_audits(150, start=T0 - 1000)
+    a = await replayed(head_feed(FakeVerdictTopic(head_spread(audits, 3, signer), per_poll=2), s))
+    b = await replayed(head_feed(FakeVerdictTopic(head_spread(audits, 3, signer), per_poll=7, order=[2, 0, 1]), s))
+    # the reference: every audit fed in (decided_at, event_id) order, each refit computed inline at its point
+    inline = head_feed(FakeVerdictTopic({0: []}), s)
+    states = [inline.feed(Audit(when, f"e{i}", p, unsafe, x)) for i, p, unsafe, when, x in sorted(
+        audits, key=lambda t: (t[3], f"e{t[0]}"))]
+    sa = a.recalibrator.state
+    assert sa.refit == "head" and sa.source == "window" and sa.probe_cut is None
+    assert sa == b.recalibrator.state == inline.recalibrator.state, "one state, whichever path and interleaving"
+    assert sa.version == [st for st in states if st is not None][-1].version
+    assert T0 - 1000 <= sa.version / 1000 <= T0
+    head = a.recalibrator.head
+    assert head is not None and not np.array_equal(head.weight, bundle_head().weight)
+    np.testing.assert_array_equal(head.weight, inline.recalibrator.head.weight)  # type: ignore[union-attr]
+    # what the features taught: the refit head ranks the shifted traffic, which the bundle's head cannot
+    x = np.stack([t[4] for t in audits])
+    y = np.asarray([t[2] for t in audits])
+    refit_scores, bundle_scores = head.proba(x), bundle_head().proba(x)
+    assert refit_scores[y].min() > np.median(refit_scores[~y])
+    assert abs(np.median(bundle_scores[y]) - np.median(bundle_scores[~y])) < 0.2
+    # the decision needs the features now; the window's benign flag rate is the refit head's
+    with pytest.raises(ValueError, match="features"):
+        a.recalibrator.flags([0.5])
+    rate = a.recalibrator.window_benign_flag_rate()
+    assert rate is not None and rate <= s.audit.epsilon
+    assert math.isnan(a.metrics.recalibration_cut.labels(scale="probe")._value.get())
+    assert a.metrics.recalibration_window_cut._value.get() == 1
+
+
+async def test_a_head_refit_runs_in_a_thread_and_is_put_in_force_in_one_step() -> None:
+    s = settings(refit="head", min_window=20, refit_every=1, settle_s=0.0)
+    signer = Signer.from_config(KEY)
+    topic = FakeVerdictTopic({0: []})
+    feed = head_feed(topic, s)
+    await feed.start()
+    recal = feed.recalibrator
+    real = recal.compute_refit
+    entered, gate = threading.Event(), threading.Event()
+    threads: list[str] = []
+
+    def compute(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        entered.set()
+        assert gate.wait(10)
+        return real(*args)
+
+    recal.compute_refit = compute  # type: ignore[method-assign,assignment]
+    audits = head_audits(40, start=T0 - 100)
+    for records in head_spread(audits, 1, signer).values():
+        topic.log[0].extend(records)
+    topic.per_poll = 40
+    before = recal.state
+    polled = asyncio.create_task(feed.poll(timeout_ms=0))
+    while not entered.is_set():
+        await asyncio.sleep(0.005)  # the event loop runs while the refit is computed
+    # meanwhile the monitor decides with the state in force, whole: the bundle's head and cut
+    assert recal.state == before and recal.head is not None and recal.window_size == 40
+    np.testing.assert_array_equal(recal.head.weight, bundle_head().weight)
+    assert recal.flags([0.2, 0.9]).tolist() == [False, True]
+    gate.set()
+    await polled
+    assert threads and all(t.startswith("ctd-refit") for t in threads)
+    assert len(threads) == 1, "the refit points of one poll are computed once, at the last of them"
+    due = [f"e{i}" for i, *_ in audits[19:] if audit_selected(f"e{i}", 1.0, "audit/refit")]
+    assert due and recal.state.version == int(audits[int(due[-1][1:])][3] * 1000)
+    assert recal.state.refit == "head" and recal.state.n == 40
+    assert feed.metrics.recalibration_refits.labels(source=recal.state.source)._value.get() == 1
+    await feed.stop()
+
+
+async def test_audit_verdicts_without_usable_features_are_skipped_under_a_head_refit() -> None:
+    s = settings(refit="head")
+    signer = Signer.from_config(KEY)
+    now = T0 - 100
+    good = audit_verdict(1, 0.7, False, decided_at=now).model_copy(
+        update={"probe_features": float32_list(np.ones(WIDTH))}).to_json()
+    none = audit_verdict(2, 0.7, False, decided_at=now).to_json()  # a guard from before probe_features
+    narrow = audit_verdict(3, 0.7, True, decided_at=now).model_copy(
+        update={"probe_features": [0.5] * (WIDTH - 1)}).to_json()
+    records = [verdict_record(0, i, body, timestamp=now, signer=signer) for i, body in enumerate([good, none, narrow])]
+    feed = await replayed(head_feed(FakeVerdictTopic({0: records}, per_poll=1), s))
+    skipped = feed.metrics.audit_verdicts_skipped
+    assert skipped.labels(reason="no_features")._value.get() == 2
+    assert feed.recalibrator.window_size == 1 and feed.metrics.audit_verdicts_in._value.get() == 1
+    # in Platt mode the same verdicts are all labels: the features are not needed, nor kept
+    platt = await replayed(make_feed(FakeVerdictTopic({0: records}, per_poll=1), settings()))
+    assert platt.recalibrator.window_size == 3
+
+
+def test_probe_features_travel_as_float32_decimals_and_are_left_out_when_absent() -> None:
+    row = np.random.default_rng(0).normal(size=576).astype(np.float32)
+    values = float32_list(row)
+    np.testing.assert_array_equal(np.asarray(values, dtype=np.float32), row)
+    assert len(orjson.dumps(values)) < 576 * 13  # not float64 reprs of float32 values (~20 characters each)
+    event = ConversationEvent(event_id="e", conversation_id="c", created_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+                              messages=[{"role": "user", "content": "hi"}])
+    request = ReviewRequest(event=event, p_unsafe=0.4, dv=None, reason="audit", threshold=None, bundle_version="b",
+                            requested_at=event.created_at, delegated=False, audit=True, probe_features=values)
+    assert ReviewRequest.model_validate(orjson.loads(request.to_json())) == request
+    assert b"probe_features" not in request.model_copy(update={"probe_features": None}).to_json()
+    assert b"probe_features" not in audit_verdict(1, 0.3, False, decided_at=T0).to_json()
+
+
+def test_the_head_refit_is_configured_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTD_AUDIT__REFIT", "head")
+    monkeypatch.setenv("CTD_AUDIT__HEAD_L2", "3.5")
+    loaded = load_settings(cls=WorkerSettings)
+    assert loaded.audit.refit == "head" and loaded.audit.head_l2 == 3.5
+    monkeypatch.setenv("CTD_AUDIT__REFIT", "mlp")
+    with pytest.raises(ConfigError, match="refit"):
+        load_settings(cls=WorkerSettings)
+
+
+async def test_a_head_refit_that_fails_leaves_the_state_in_force_and_the_feed_running() -> None:
+    s = settings(refit="head", min_window=20, refit_every=1, settle_s=0.0)
+    topic = FakeVerdictTopic(head_spread(head_audits(30, start=T0 - 100), 1, Signer.from_config(KEY)), per_poll=30)
+    feed = head_feed(topic, s)
+
+    def broken(*args: Any) -> Any:
+        raise np.linalg.LinAlgError("singular")
+
+    feed.recalibrator.compute_refit = broken  # type: ignore[method-assign,assignment]
+    await replayed(feed)
+    assert feed.recalibrator.state.version == 0 and feed.recalibrator.window_size == 30
