@@ -669,6 +669,9 @@ def bench_adaptation(
     window: Annotated[int | None, typer.Option(help="audit window (default: audit.window)")] = None,
     min_window: Annotated[int | None, typer.Option(help="audits before the window's cut applies")] = None,
     refit_every: Annotated[int | None, typer.Option(help="refit after every k-th audit")] = None,
+    refit: Annotated[str | None, typer.Option(help="what the window refits: platt (map + cut) | head (the probe's "
+                                              "head + cut) (default: audit.refit)")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="certified benign flag rate (default: audit.epsilon)")] = None,
     loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool)")] = None,
     guard_cut: Annotated[float, typer.Option(help="expert verdict cut on its recentred score (0.5: its certified "
                                              "cut; lower: a higher-recall guard)")] = 0.5,
@@ -688,7 +691,8 @@ def bench_adaptation(
     try:
         base = g.LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else g.LosoConfig()
         overrides = {k: v for k, v in (("rate", audit_rate), ("window", window), ("min_window", min_window),
-                                       ("refit_every", refit_every)) if v is not None}
+                                       ("refit_every", refit_every), ("refit", refit), ("epsilon", epsilon))
+                     if v is not None}
         audit = AuditConfig(**{**s.audit.model_dump(), **overrides})
     except (ValueError, OSError) as exc:
         fail(f"bad option: {exc}")

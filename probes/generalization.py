@@ -401,6 +401,12 @@ def score_fold(fold: Fold, x: F32, e: F32, y: npt.NDArray[np.int64], recipe: Rec
     return FoldScores(recentre(p, pc), recentre(b, bc), recentre(p_oof, pc), recentre(b_oof, bc), cuts, probe)
 
 
+def audit_half(pool: Sequence[PoolRecord], rows: npt.NDArray[np.int64], seed: int) -> npt.NDArray[np.bool_]:
+    """Which of ``rows`` may be audited when adaptation is measured: a content-hash half. The other half is what
+    the figures are computed on, so a refit head is never scored on a record it was taught."""
+    return np.asarray([_unit(seed, f"adapt:{pool[i].key}") < 0.5 for i in rows], dtype=np.bool_)
+
+
 #: What teaches the probe in ``adapt_fold``: the dataset label (a guard that is right on the new traffic) or the
 #: fold's own expert at its certified cut (the cascade's offline expert playing the guard).
 ADAPT_GUARDS = ("oracle", "expert")
@@ -422,10 +428,10 @@ def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np
     from probes.recalibration import OnlineRecalibrator
 
     test = fold.test
-    audit_half = np.asarray([i for i in test if _unit(config.seed, f"adapt:{pool[i].key}") < 0.5], dtype=np.int64)
-    evaluate = np.asarray([i for i in test if _unit(config.seed, f"adapt:{pool[i].key}") >= 0.5], dtype=np.int64)
+    in_audit_half = audit_half(pool, test, config.seed)
+    audit_rows, evaluate = test[in_audit_half], test[~in_audit_half]
     rng = np.random.default_rng(config.seed)
-    audited = rng.permutation(audit_half)[:config.adapt_audits]
+    audited = rng.permutation(audit_rows)[:config.adapt_audits]
     out: dict[str, Any] = {"audits": len(audited), "evaluated": len(evaluate),
                            "offline": decision_figures(y[evaluate], s.p[evaluate]),
                            "expert": decision_figures(y[evaluate], s.b[evaluate])}

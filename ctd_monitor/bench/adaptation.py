@@ -12,6 +12,12 @@ under two policies:
 * ``online_oracle_guard``: the same, fed the dataset label of the audited events (a perfect guard): the bound
   on what recalibration can do, separating its effect from the guard's quality.
 
+``audit.refit`` says what the window refits: the Platt map and cut, or the probe's head and cut (then the
+audited events' pooled activations go into the window, as they do in the worker). Events are drawn with
+replacement, so a record can recur: only records of one content-hash half of each phase are audited and the
+figures count only events of the other half (``generalization.audit_half``), so a refit head is never scored on
+a record it was taught.
+
 The expert plays the guard: its verdict on an audited event is the only label the online policy sees. Ground
 truth (the dataset label) is used for the figures only. Features and embeddings come from the per-record cache.
 """
@@ -30,8 +36,11 @@ import orjson
 
 from probes import generalization as g
 from probes.config import AuditConfig
+from probes.generalization import audit_half
+from probes.heads import LinearHead
 from probes.recalibration import OnlineRecalibrator, audit_selected
 
+F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 HELD_OUT = "held_out"
 TRAINING_MIX = "training_mix"
@@ -70,9 +79,13 @@ def make_stream(phases: Sequence[tuple[str, npt.NDArray[np.int64]]], events: int
 
 
 def replay(stream: Stream, p: F64, b: F64, *, offline_cut: float, offline_valid: bool, audit: AuditConfig,
+           auditable: npt.NDArray[np.bool_], features: F32 | None = None, head: LinearHead | None = None,
            expert_cut: float = 0.5, salt_prefix: str = "") -> dict[str, Any]:
-    """Per-event verdicts of both policies; the online cut in force is the one before the event is audited."""
-    recal = OnlineRecalibrator(audit, offline_cut=offline_cut, offline_valid=offline_valid)
+    """Per-event verdicts of both policies; the online cut in force is the one before the event is audited.
+
+    ``auditable``: per pool row, whether its events may be audited; ``features`` and ``head``: the pooled
+    activations per pool row and the probe's head (``audit.refit == "head"``)."""
+    recal = OnlineRecalibrator(audit, offline_cut=offline_cut, offline_valid=offline_valid, head=head)
     n = len(stream.rows)
     online = np.zeros(n, dtype=bool)
     audited = np.zeros(n, dtype=bool)
@@ -80,13 +93,14 @@ def replay(stream: Stream, p: F64, b: F64, *, offline_cut: float, offline_valid:
     cuts = np.zeros(n, dtype=np.float64)
     for t, row in enumerate(stream.rows):
         score = float(p[row])
+        x = None if features is None else features[row]
         state = recal.state
-        online[t] = bool(recal.flags([score])[0])
+        online[t] = bool(recal.flags([score], None if x is None else x[None])[0])
         window_cut[t] = state.source == "window"
         cuts[t] = math.nan if state.probe_cut is None else state.probe_cut
-        if audit_selected(f"{salt_prefix}{t}", audit.rate, audit.salt):
+        if auditable[row] and audit_selected(f"{salt_prefix}{t}", audit.rate, audit.salt):
             audited[t] = True
-            recal.observe(score, bool(b[row] >= expert_cut))
+            recal.observe(score, bool(b[row] >= expert_cut), x)
     return {"offline": p[stream.rows] >= offline_cut, "online": online, "audited": audited,
             "window_cut": window_cut, "probe_cut": cuts, "final_state": recal.state}
 
@@ -118,25 +132,35 @@ def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: Audi
         raise ValueError("the training side lacks a class")
     x = g._stack(features, recipe.variants)
     s = g.score_fold(fold, x, embeddings, y, recipe, config.expert.c, delta=config.delta, seed=config.seed)
-    # s.p and s.b are recentred: 0.5 is each scorer's certified cut (or 0.5 when none certified).
+    # s.b is recentred: 0.5 is the expert's certified cut (or 0.5 when none certified); the probe is replayed on
+    # its raw score against its raw cut, as the worker decides.
+    p, cut = s.probe_head.proba(x), s.cuts["probe"]
+    head_mode = audit.refit == "head"
     phases = [(TRAINING_MIX, fold.calibration)]
     phases += [(h, np.asarray([i for i, r in enumerate(pool) if r.group == h], dtype=np.int64)) for h in held_out]
     stream = make_stream(phases, events, config.seed)
-    valid = s.cuts["probe"] is not None
-    out = replay(stream, s.p, s.b, offline_cut=0.5, offline_valid=valid, audit=audit, expert_cut=guard_cut)
+    auditable = np.zeros(len(pool), dtype=np.bool_)
+    for _, rows in phases:
+        auditable[rows] = audit_half(pool, rows, config.seed)
+    common: dict[str, Any] = {"offline_cut": cut or 0.5, "offline_valid": cut is not None, "audit": audit,
+                              "auditable": auditable, "features": x if head_mode else None,
+                              "head": s.probe_head if head_mode else None}
+    out = replay(stream, p, s.b, expert_cut=guard_cut, **common)
     # The same replay with a perfect guard (the dataset label as the audited verdict): how much of the gap is
     # the recalibration and how much the guard. The event ids, hence the audited events, are the same.
-    oracle = replay(stream, s.p, y.astype(np.float64), offline_cut=0.5, offline_valid=valid, audit=audit)
+    oracle = replay(stream, p, y.astype(np.float64), **common)
     names = np.asarray(stream.phase)
     truth = y[stream.rows]
     expert_flags = s.b[stream.rows] >= guard_cut
     per_phase: dict[str, Any] = {}
+    scored = ~auditable[stream.rows]  # figures on the half never audited
     for name in [n for n, _ in phases if np.any(names == n)]:
-        m = names == name
+        m = (names == name) & scored
         late = m & (np.cumsum(m) > m.sum() // 2)  # second half of the phase: after the window had time to turn
         per_phase[name] = {
-            "events": int(m.sum()), "records": len(np.unique(stream.rows[m])),
-            "audited": int(out["audited"][m].sum()), "under_window_cut": float(out["window_cut"][m].mean()),
+            "events": int(np.sum(names == name)), "scored_events": int(m.sum()),
+            "records": len(np.unique(stream.rows[m])), "audited": int(out["audited"][names == name].sum()),
+            "under_window_cut": float(out["window_cut"][m].mean()),
             "offline": figures(truth[m], out["offline"][m]), "online": figures(truth[m], out["online"][m]),
             "online_second_half": figures(truth[late], out["online"][late]),
             "offline_second_half": figures(truth[late], out["offline"][late]),
@@ -150,9 +174,10 @@ def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: Audi
             if np.any(m & ~expert_flags) else float("nan"),
             "probe_cut_at_end": float(out["probe_cut"][m][-1]),
         }
-    held = names != TRAINING_MIX
+    held = (names != TRAINING_MIX) & scored
     return {
         "held_out": list(held_out), "events_per_phase": events, "guard_cut": guard_cut, "recipe": recipe.name,
+        "refit": audit.refit,
         "audit": audit.model_dump(mode="json"), "expert": f"frozen {backbone} + logistic head",
         "probe": config.probe_spec, "cuts": s.cuts,
         "train": {"n_fit": len(fold.fit), "n_calibration": len(fold.calibration),
