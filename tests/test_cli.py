@@ -208,10 +208,11 @@ def test_bench_adaptation_replays_held_out_groups(tmp_path: Path, small_config: 
         "expert: {max_tokens: 48}\n"
     )
     out = tmp_path / "adapt"
-    result = CliRunner().invoke(app, [
-        "--config", str(small_config), "--no-progress", "bench", "adaptation", "--loso-config", str(loso),
-        "--expert-spec", "minilm-l6", "--held-out", "tweets,xstest", "--events", "300", "--audit-rate", "0.5",
-        "--window", "60", "--min-window", "20", "--refit-every", "10", "--guard-cut", "0.3", "--out", str(out)])
+    replay = ["--config", str(small_config), "--no-progress", "bench", "adaptation", "--loso-config", str(loso),
+              "--expert-spec", "minilm-l6", "--events", "300", "--audit-rate", "0.5", "--window", "60",
+              "--refit-every", "10", "--out", str(out)]
+    result = CliRunner().invoke(app, [*replay, "--held-out", "tweets,xstest", "--min-window", "20",
+                                      "--guard-cut", "0.3"])
     assert result.exit_code == 0, result.output
     payload = orjson.loads(result.stdout)
     assert list(payload["phases"]) == ["training_mix", "tweets", "xstest"]
@@ -225,10 +226,7 @@ def test_bench_adaptation_replays_held_out_groups(tmp_path: Path, small_config: 
     assert max(p["under_window_cut"] for p in payload["phases"].values()) > 0
     trace = orjson.loads((out / "adaptation.json").read_bytes())["trace"]
     assert len(trace["probe_cut"]) == 900
-    head = CliRunner().invoke(app, [
-        "--config", str(small_config), "--no-progress", "bench", "adaptation", "--loso-config", str(loso),
-        "--expert-spec", "minilm-l6", "--held-out", "xstest", "--events", "300", "--audit-rate", "0.5",
-        "--window", "60", "--min-window", "40", "--refit-every", "10", "--refit", "head", "--out", str(out)])
+    head = CliRunner().invoke(app, [*replay, "--held-out", "xstest", "--min-window", "40", "--refit", "head"])
     assert head.exit_code == 0, head.output
     taught = orjson.loads(head.stdout)
     assert taught["refit"] == "head" and taught["final_state_oracle_guard"]["refit"] == "head"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,26 +26,38 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
-from worker.config import AlertsConfig, WorkerAuditConfig
+from worker.config import AlertsConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings
 from worker.main import GuardProcess
 from worker.metrics import WorkerMetrics
-from worker.monitor import monitor_stream
+from worker.monitor import MonitorStream, monitor_stream
 from worker.recalibration import RecalibrationFeed
 
 pytestmark = pytest.mark.kafka
 
 
-async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_which_state_decided(
-    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path,
-    small_expert: EncoderHeadExpert,
-) -> None:
+@dataclass
+class Running:
+    """A monitor worker and a guard (real small expert) on fresh topics, with a watcher on the verdicts topic."""
+
+    settings: WorkerSettings
+    metrics: WorkerMetrics
+    worker: MonitorStream
+    guard: GuardProcess
+    tasks: tuple[asyncio.Task[None], asyncio.Task[None]]
+    verdicts: TopicWatcher
+    topics: TopicsConfig
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        self.guard.stop()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 30)
+
+
+async def start_pair(kafka_broker: Any, small_bundle: Path, cache_dir: Path, monitor: Monitor,
+                     small_expert: EncoderHeadExpert, audit: WorkerAuditConfig) -> Running:
     topics = new_topics(kafka_broker.create_topics)
     ws = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
-                         group=f"w-{uuid.uuid4().hex[:6]}")
-    # Every event audited; a small window refitted after every audit once 10 are held.
-    audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
-                              settle_s=0.2, lookback_s=600)
-    ws = ws.model_copy(update={"audit": audit})
+                         group=f"w-{uuid.uuid4().hex[:6]}").model_copy(update={"audit": audit})
     gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=AlertsConfig(enabled=False))
     metrics = WorkerMetrics()
     worker = monitor_stream(ws, monitor, metrics)
@@ -53,6 +67,35 @@ async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_whi
     await wait_for(lambda: (worker.ready() and guard.ready()) or worker_task.done() or guard_task.done(), 60)
     assert not worker_task.done() and not guard_task.done()
     verdicts = await TopicWatcher(kafka_broker.bootstrap, topics.verdicts).start()
+    return Running(ws, metrics, worker, guard, (worker_task, guard_task), verdicts, topics)
+
+
+async def late_replica(running: Running, monitor: Monitor) -> OnlineRecalibrator:
+    """What a replica that starts now (a restart, a scale-up) rebuilds from the lookback, group-less."""
+    offline = monitor.bundle.manifest.unsafe_cut
+    audit = running.settings.audit
+    head = monitor.bundle.heads["safety"] if audit.refit == "head" else None
+    late = RecalibrationFeed(running.settings, OnlineRecalibrator(
+        audit, offline_cut=monitor.unsafe_cut, offline_valid=offline is not None and offline.valid, head=head),
+        WorkerMetrics())
+    await late.start()
+    try:
+        assert await late.catch_up(30)
+        await late.release()
+    finally:
+        await late.stop()
+    return late.recalibrator
+
+
+async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_which_state_decided(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path,
+    small_expert: EncoderHeadExpert,
+) -> None:
+    # Every event audited; a small window refitted after every audit once 10 are held.
+    audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
+                              settle_s=0.2, lookback_s=600)
+    running = await start_pair(kafka_broker, small_bundle, cache_dir, monitor, small_expert, audit)
+    worker, metrics, verdicts, topics = running.worker, running.metrics, running.verdicts, running.topics
     files = [datasets_dir / "harmbench.jsonl", datasets_dir / "alpaca_benign.jsonl"]
     try:
         first = [e for pair in zip(dataset_events(files[:1], 20), dataset_events(files[1:], 20), strict=True)
@@ -93,44 +136,21 @@ async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_whi
     # A replica that starts now (a restart, a scale-up) rebuilds the same state from the lookback, group-less.
     await wait_for(lambda: metrics.audit_verdicts_in._value.get() == len(first) + len(second), 60)
     live = worker.handler.recalibrator.state if worker.handler.recalibrator else None
-    offline = monitor.bundle.manifest.unsafe_cut
-    late = RecalibrationFeed(ws, OnlineRecalibrator(audit, offline_cut=monitor.unsafe_cut,
-                                                    offline_valid=offline is not None and offline.valid),
-                             WorkerMetrics())
-    await late.start()
-    try:
-        assert await late.catch_up(30)
-        await late.release()
-    finally:
-        await late.stop()
-    assert live is not None and late.recalibrator.state.version == live.version
-    assert late.recalibrator.state == live
-    worker.stop()
-    guard.stop()
-    await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)
+    late = await late_replica(running, monitor)
+    assert live is not None and late.state.version == live.version and late.state == live
+    await running.stop()
 
 
 async def test_with_a_head_refit_the_audits_carry_the_activations_and_the_refit_head_decides(
     kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path,
     small_expert: EncoderHeadExpert,
 ) -> None:
-    topics = new_topics(kafka_broker.create_topics)
-    ws = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
-                         group=f"w-{uuid.uuid4().hex[:6]}")
     audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
                               settle_s=0.2, lookback_s=600, refit="head")
-    ws = ws.model_copy(update={"audit": audit})
-    gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, alerts=AlertsConfig(enabled=False))
-    metrics = WorkerMetrics()
-    worker = monitor_stream(ws, monitor, metrics)
-    recal = worker.handler.recalibrator
+    running = await start_pair(kafka_broker, small_bundle, cache_dir, monitor, small_expert, audit)
+    metrics, verdicts, topics = running.metrics, running.verdicts, running.topics
+    recal = running.worker.handler.recalibrator
     assert recal is not None and recal.features_width == monitor.bundle.heads["safety"].weight.size
-    worker_task = asyncio.create_task(worker.run())
-    guard = GuardProcess(gs, small_expert)
-    guard_task = asyncio.create_task(guard.run())
-    await wait_for(lambda: (worker.ready() and guard.ready()) or worker_task.done() or guard_task.done(), 60)
-    assert not worker_task.done() and not guard_task.done()
-    verdicts = await TopicWatcher(kafka_broker.bootstrap, topics.verdicts).start()
     files = [datasets_dir / "harmbench.jsonl", datasets_dir / "alpaca_benign.jsonl"]
     try:
         first = [e for pair in zip(dataset_events(files[:1], 15), dataset_events(files[1:], 15), strict=True)
@@ -165,21 +185,9 @@ async def test_with_a_head_refit_the_audits_carry_the_activations_and_the_refit_
         assert features.shape == head.weight.shape
         assert abs(float(head.proba(features[None, :])[0]) - probe[event_id]["probe_p_unsafe"]) < 1e-5
     # A replica started now rebuilds the same head and cut from the lookback.
-    offline = monitor.bundle.manifest.unsafe_cut
-    late = RecalibrationFeed(ws, OnlineRecalibrator(audit, offline_cut=monitor.unsafe_cut, head=head,
-                                                    offline_valid=offline is not None and offline.valid),
-                             WorkerMetrics())
-    await late.start()
-    try:
-        assert await late.catch_up(30)
-        await late.release()
-    finally:
-        await late.stop()
-    live = recal.state
-    assert late.recalibrator.state.version == live.version and late.recalibrator.state == live
-    late_head, live_head = late.recalibrator.head, recal.head
+    late = await late_replica(running, monitor)
+    assert late.state.version == recal.state.version and late.state == recal.state
+    late_head, live_head = late.head, recal.head
     assert late_head is not None and live_head is not None
     np.testing.assert_array_equal(late_head.weight, live_head.weight)
-    worker.stop()
-    guard.stop()
-    await asyncio.wait_for(asyncio.gather(worker_task, guard_task), 30)
+    await running.stop()
