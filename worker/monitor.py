@@ -200,9 +200,7 @@ class MonitorHandler(OutputsSlot):
 
     def _score(self, batch: Any, groups: Sequence[int], n: int) -> Any:
         with self.metrics.stage_cpu("score"):
-            if self._keep_features:
-                return self.monitor.score_grouped(batch, groups, n, keep_features=True)
-            return self.monitor.score_grouped(batch, groups, n)
+            return self.monitor.score_grouped(batch, groups, n, keep_features=self._keep_features)
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:

@@ -91,11 +91,11 @@ async def test_one_bad_event_never_takes_its_batch_down(
     monkeypatch.setattr(handler, "_collate", collate)
     real_score = monitor.score_grouped
 
-    def score(batch: Any, groups: Any, n: int) -> Scores:
-        s = real_score(batch, groups, n)
+    def score(batch: Any, groups: Any, n: int, **kwargs: Any) -> Scores:
+        s = real_score(batch, groups, n, **kwargs)
         ids = seen[-1]
         p = np.array([math.nan if e == "nan" else v for e, v in zip(ids, s.p_unsafe, strict=True)])
-        return Scores(p, s.dv, s.signal)
+        return Scores(p, s.dv, s.signal, s.features)
 
     monkeypatch.setattr(monitor, "score_grouped", score)
 

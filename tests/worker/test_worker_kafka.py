@@ -140,10 +140,10 @@ async def test_model_error_splits_the_batch_and_dead_letters_the_culprit(
     s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1)
     original = monitor.score
 
-    def flaky(batch):  # the batch holding the poisoned token length fails, like an OOM on an extreme batch
+    def flaky(batch, **kwargs):  # the batch holding the poisoned token length fails, like an OOM on an extreme batch
         if batch.input_ids.shape[1] >= 60:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return original(batch)
+        return original(batch, **kwargs)
 
     monkeypatch.setattr(monitor, "score", flaky)
     worker, task = await _start(s, monitor)
@@ -232,9 +232,9 @@ async def test_backpressure_pauses_fetching_and_liveness_turns_red_when_stuck(
     release = __import__("threading").Event()
     original = monitor.score
 
-    def stuck(batch):  # the model hangs (a wedged GPU, say) until released
+    def stuck(batch, **kwargs):  # the model hangs (a wedged GPU, say) until released
         release.wait(30)
-        return original(batch)
+        return original(batch, **kwargs)
 
     monkeypatch.setattr(monitor, "score", stuck)
     worker, task = await _start(s, monitor)

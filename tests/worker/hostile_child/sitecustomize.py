@@ -14,15 +14,15 @@ def _install() -> None:
 
     real = Monitor.score_grouped
 
-    def score_grouped(self: Monitor, batches: Any, groups: Any, n: int) -> Scores:
-        scores = real(self, batches, groups, n)
+    def score_grouped(self: Monitor, batches: Any, groups: Any, n: int, **kwargs: Any) -> Scores:
+        scores = real(self, batches, groups, n, **kwargs)
         p = scores.p_unsafe.copy()
         for batch in batches:
             for position, row in enumerate(batch.indices):
                 text = self.loaded.tokenizer.decode(batch.input_ids[position].tolist())
                 if "NAN_TRIGGER" in text.replace(" ", "").upper():
                     p[groups[row]] = math.nan
-        return Scores(np.asarray(p), scores.dv, scores.signal)
+        return Scores(np.asarray(p), scores.dv, scores.signal, scores.features)
 
     Monitor.score_grouped = score_grouped  # type: ignore[method-assign]
 
