@@ -526,6 +526,10 @@ def bench_generalization(
         "expert guard), figures on the group's other half; 0: off")] = None,
     adapt_epsilon: Annotated[float | None, typer.Option(
         help="ε of the adapted cut's certificate (default: the recipe's)")] = None,
+    adapt_guard: Annotated[bool, typer.Option(
+        "--adapt-guard", help="also label the audits with the configured expert backend (expert.*: e.g. a Llama "
+        "Guard through hf-guard or a vLLM server through openai-compatible), beside the oracle and the fold's "
+        "expert")] = False,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -554,10 +558,18 @@ def bench_generalization(
         "expert": base.expert.model_copy(update={"kind": expert, "spec": expert_spec}),
         **({} if adapt_audits is None else {"adapt_audits": adapt_audits}),
         **({} if adapt_epsilon is None else {"adapt_epsilon": adapt_epsilon})})
+    guard = None
+    if adapt_guard:
+        if not config.adapt_audits:
+            fail("--adapt-guard needs --adapt-audits N")
+        from probes.experts.factory import build_expert
+
+        guard = build_expert(s)
     out.mkdir(parents=True, exist_ok=True)
     with progress_bars(options(ctx).progress) as bars:
         report = g.run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,
-                            sweep=combos)
+                            sweep=combos, guard=None if guard is None else guard.score,
+                            guard_name=None if guard is None else guard.name)
     (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     g.write_report(report, out)
     emit({"out": str(out), "expert": report["expert"], "computed": report["computed"],

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from probes.cache import sha256_text
 from probes.config import DEFAULT_FILES, Frozen
+from probes.conversation import Conversation
 from probes.data import Record, read_file
 from probes.heads import LinearHead
 from probes.logs import get_logger
@@ -407,19 +408,24 @@ def audit_half(pool: Sequence[PoolRecord], rows: npt.NDArray[np.int64], seed: in
     return np.asarray([_unit(seed, f"adapt:{pool[i].key}") < 0.5 for i in rows], dtype=np.bool_)
 
 
-#: What teaches the probe in ``adapt_fold``: the dataset label (a guard that is right on the new traffic) or the
-#: fold's own expert at its certified cut (the cascade's offline expert playing the guard).
-ADAPT_GUARDS = ("oracle", "expert")
+#: What teaches the probe in ``adapt_fold``: the dataset label (a guard that is right on the new traffic), the
+#: fold's own expert at its certified cut (the cascade's offline expert playing the guard) and, when one is given,
+#: a real guard model (``Guard``: any expert backend's ``score``, e.g. Llama Guard through ``hf-guard``).
+ADAPT_GUARDS = ("oracle", "expert", "model")
+
+#: A guard model for ``adapt_fold``: P(unsafe) of each conversation, in order.
+Guard = Callable[[Sequence[Conversation]], npt.ArrayLike]
 
 
 def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores,
-               recipe: Recipe, config: LosoConfig) -> dict[str, Any]:
+               recipe: Recipe, config: LosoConfig, guard: Guard | None = None) -> dict[str, Any]:
     """The guard teaches the probe on the held-out group: ``probes.recalibration`` as the worker runs it.
 
     The group's records are split by a hash of their content into an *audit* half and an *evaluation* half
     (an audited record never counts in the figures: a refit head could memorise it). ``adapt_audits`` records
     of the audit half, drawn at random, are the window of an ``OnlineRecalibrator`` (window = min_window = the
-    number drawn), labelled by each guard of ``ADAPT_GUARDS``, refit once per mode (``platt``: map + cut;
+    number drawn), labelled by each guard of ``ADAPT_GUARDS`` (``model``: only when a guard model is given; it
+    scores the audited records only, unsafe at P ≥ 0.5), refit once per mode (``platt``: map + cut;
     ``head``: head + cut, certified out-of-fold); the evaluation half is then decided by the state in force
     (the bundle's head and cut when the window certified nothing). Also reported on the evaluation half: the
     offline probe and the expert, for comparison.
@@ -443,16 +449,19 @@ def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np
     cut = s.cuts["probe"]
     epsilon = recipe.epsilon if config.adapt_epsilon is None else config.adapt_epsilon
     labels = {"oracle": y[audited].astype(bool), "expert": s.b[audited] >= 0.5}
-    for guard in ADAPT_GUARDS:
+    if guard is not None:
+        verdicts = np.asarray(guard([pool[i].record.messages for i in audited]), dtype=np.float64)
+        labels["model"] = verdicts >= 0.5
+    for teacher, unsafe_labels in labels.items():
         for mode in ("platt", "head"):
             audit = AuditConfig(window=len(audited), min_window=len(audited), refit_every=len(audited),
                                 epsilon=epsilon, delta=config.delta, refit=mode, head_l2=config.adapt_head_l2)
             recal = OnlineRecalibrator(audit, offline_cut=cut or 0.5, offline_valid=cut is not None, head=head)
-            for i, unsafe in zip(audited, labels[guard], strict=True):
+            for i, unsafe in zip(audited, unsafe_labels, strict=True):
                 recal.add(float(raw[i]), bool(unsafe), x[i])
             state = recal.refit()
             scores = recal.calibrated(raw[evaluate], x[evaluate])
-            out[f"{mode}_{guard}_guard"] = {
+            out[f"{mode}_{teacher}_guard"] = {
                 **decision_figures(y[evaluate], recentre(scores, state.cut)), "source": state.source,
                 "window_benign": state.n_benign, "epsilon": epsilon}
     return out
@@ -528,7 +537,7 @@ def finetuned_expert_scores(cache_dir: Path, pool: Sequence[PoolRecord], fold: F
 
 def evaluate_recipe(pool: Sequence[PoolRecord], features: dict[Variant, F32], embeddings: F32 | None,
                     recipe: Recipe, config: LosoConfig, *, cache_dir: Path | None = None,
-                    progress: Progress = _no_progress) -> dict[str, Any]:
+                    progress: Progress = _no_progress, guard: Guard | None = None) -> dict[str, Any]:
     """Every held-out group under one recipe: per-group rows and their means."""
     y = np.asarray([p.record.label for p in pool], dtype=np.int64)
     x = _stack(features, recipe.variants)
@@ -559,7 +568,7 @@ def evaluate_recipe(pool: Sequence[PoolRecord], features: dict[Variant, F32], em
                            dv_feature_sets=config.dv_feature_sets, seed=config.seed),
         }
         if config.adapt_audits:
-            groups[group.name]["adapted"] = adapt_fold(pool, fold, x, y, s, recipe, config)
+            groups[group.name]["adapted"] = adapt_fold(pool, fold, x, y, s, recipe, config, guard)
         log.info("loso.fold", recipe=recipe.name, group=group.name, probe_auroc=groups[group.name]["probe"]["auroc"],
                  expert_auroc=groups[group.name]["expert"]["auroc"])
     return {"recipe": recipe.model_dump(mode="json"), "groups": groups, "mean": summarise(groups, config.alphas)}
@@ -606,15 +615,15 @@ def summarise(groups: dict[str, Any], alphas: Sequence[float]) -> dict[str, Any]
     return out
 
 
-ADAPTED_ROWS = ("offline", "expert", "platt_oracle_guard", "head_oracle_guard", "platt_expert_guard",
-                "head_expert_guard")
+ADAPTED_ROWS = ("offline", "expert", *(f"{mode}_{teacher}_guard" for teacher in ADAPT_GUARDS
+                                       for mode in ("platt", "head")))
 
 
 def summarise_adapted(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Means of ``adapt_fold`` rows over the groups whose evaluation half holds both classes."""
     both = [r for r in rows if 0 < r["offline"]["positives"] < r["offline"]["n"]]
     out: dict[str, Any] = {"groups_both_classes": len(both)}
-    for name in ADAPTED_ROWS:
+    for name in [n for n in ADAPTED_ROWS if any(n in r for r in both)]:
         picked = [r[name] for r in both if name in r]
         out[name] = {m: _mean([v[m] for v in picked]) for m in ("auroc", "accuracy", "majority_rate", "f1", "fpr")}
         out[name]["above_majority"] = sum(v["accuracy"] > v["majority_rate"] for v in picked)
@@ -652,8 +661,11 @@ def sweep_variants(pool: Sequence[PoolRecord], features: dict[Variant, F32], com
 
 
 def run_loso(config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, progress: Progress = _no_progress,
-             sweep: Sequence[tuple[Variant, ...]] = ()) -> dict[str, Any]:
-    """The whole yardstick: pool, cached features and expert embeddings, every recipe on every group."""
+             sweep: Sequence[tuple[Variant, ...]] = (), guard: Guard | None = None,
+             guard_name: str | None = None) -> dict[str, Any]:
+    """The whole yardstick: pool, cached features and expert embeddings, every recipe on every group.
+
+    ``guard``: a guard model that also labels the adaptation's audits (``adapt_fold``), named ``guard_name``."""
     pool = build_pool(datasets_dir, config.pool)
     variants = sorted({v for r in config.recipes for v in r.variants} | {v for c in sweep for v in c})
     keys = [p.key for p in pool]
@@ -670,7 +682,7 @@ def run_loso(config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, progres
             progress=progress("expert embeddings (cached per record)", todo))
         expert_name = f"frozen {backbone} + logistic head per fold"
     report: dict[str, Any] = {
-        "config": config.model_dump(mode="json"), "expert": expert_name,
+        "config": config.model_dump(mode="json"), "expert": expert_name, "adapt_guard": guard_name,
         "pool": {"n": len(pool), "positives": int(sum(p.record.label for p in pool)),
                  "groups": {g.name: {"n": sum(p.group == g.name for p in pool),
                                      "positives": sum(p.record.label for p in pool if p.group == g.name),
@@ -680,7 +692,7 @@ def run_loso(config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, progres
     }
     for recipe in config.recipes:
         report["recipes"][recipe.name] = evaluate_recipe(pool, features, embeddings, recipe, config,
-                                                         cache_dir=cache_dir, progress=progress)
+                                                         cache_dir=cache_dir, progress=progress, guard=guard)
     if sweep:
         base = config.recipes[-1]
         report["sweep"] = {"recipe": base.name, "rows": sweep_variants(pool, features, sweep, base, config)}
@@ -697,22 +709,23 @@ def _f(value: Any) -> str:
 
 
 def _adapted_lines(groups: dict[str, Any], mean: dict[str, Any]) -> list[str]:
+    rows = [n for n in ADAPTED_ROWS if n in mean]
     lines = ["### The guard teaches the probe (adapt_fold: audits of the held-out group, figures on its other half)",
              "", "| held-out group | audits | evaluated | " + " | ".join(f"{n} AUROC / acc / F1 / FPR" for n in
-                                                               ADAPTED_ROWS) + " | majority |",
-             "|---|---|---|" + "---|" * (len(ADAPTED_ROWS) + 1)]
+                                                               rows) + " | majority |",
+             "|---|---|---|" + "---|" * (len(rows) + 1)]
     for group, row in groups.items():
         a = row.get("adapted")
         if not a or "skipped" in a:
             continue
         cells = [f"{_f(a[n]['auroc'])} / {_f(a[n]['accuracy'])} / {_f(a[n]['f1'])} / {_f(a[n]['fpr'])}"
-                 + ("" if a[n].get("source", "window") == "window" else " (offline)") for n in ADAPTED_ROWS]
+                 + ("" if a[n].get("source", "window") == "window" else " (offline)") for n in rows]
         lines.append(f"| {group} | {a['audits']} | {a['evaluated']} | " + " | ".join(cells)
                      + f" | {_f(a['offline']['majority_rate'])} |")
     k = mean["groups_both_classes"]
     lines += ["", f"Means over the {k} two-class groups:", "",
               "| scorer | AUROC | accuracy | majority | F1 | FPR | acc > majority | FPR ≤ ε |", "|---|---|---|---|---|---|---|---|"]
-    for name in ADAPTED_ROWS:
+    for name in rows:
         r = mean[name]
         lines.append(f"| {name} | {_f(r['auroc'])} | {_f(r['accuracy'])} | {_f(r['majority_rate'])} | {_f(r['f1'])} | "
                      f"{_f(r['fpr'])} | {r['above_majority']}/{k} | "

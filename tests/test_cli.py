@@ -10,6 +10,10 @@ from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
 from probes.bundle import load_bundle
+from probes.config import EncoderHeadConfig
+from probes.data import read_file
+from probes.experts.encoder_head import train_encoder_head
+from tests.conftest import share_models
 
 
 @pytest.fixture
@@ -192,6 +196,40 @@ def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_co
     assert "The guard teaches the probe" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", "--recipes", "nope"])
     assert bad.exit_code == 2
+    no_audits = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", "--adapt-guard"])
+    assert no_audits.exit_code == 2 and "--adapt-audits" in no_audits.output
+
+
+def test_bench_generalization_adapt_guard_labels_audits_with_the_configured_expert_backend(
+        tmp_path: Path, small_config: Path, datasets_dir: Path, cache_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--adapt-guard: a real expert backend (a MiniLM encoder-head trained here) labels the audits."""
+    private = tmp_path / "expert-cache"
+    private.mkdir()
+    share_models(private, cache_dir, "minilm-l6")
+    records = read_file(datasets_dir / "harmbench.jsonl")[:20] + read_file(datasets_dir / "alpaca_benign.jsonl")[:20]
+    trained = train_encoder_head(EncoderHeadConfig(backbone="minilm-l6", max_length=32, epochs=1, batch_size=8,
+                                                   max_train=40, dtype="fp32"), records, cache_dir=private)
+    monkeypatch.setenv("CTD_EXPERT__PATH", str(trained))
+    loso = tmp_path / "loso.yaml"
+    loso.write_text(
+        "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n  groups:\n"
+        "    - {name: xstest, files: [xstest.jsonl]}\n"
+        "    - {name: harmful, files: [harmbench.jsonl]}\n"
+        "    - {name: alpaca, files: [alpaca_benign.jsonl]}\n"
+        "expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n"
+    )
+    out = tmp_path / "gen"
+    result = CliRunner().invoke(app, [
+        "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
+        "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--adapt-audits", "15",
+        "--adapt-guard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    assert metrics["adapt_guard"].startswith("encoder-head")
+    adapted = metrics["recipes"]["before"]["groups"]["xstest"]["adapted"]
+    assert {"platt_model_guard", "head_model_guard"} <= set(adapted)
+    assert "head_model_guard" in (out / "report.md").read_text()
 
 
 def test_bench_adaptation_replays_held_out_groups(tmp_path: Path, small_config: Path,

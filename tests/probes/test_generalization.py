@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from probes import generalization as g
-from probes.conversation import single_turn
+from probes.conversation import Conversation, single_turn
 from probes.data import Record
 
 TINY_GROUPS = (
@@ -130,7 +131,16 @@ def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited
                           adapt_audits=120)
     fold = g.make_fold(pool, "held", recipe, calibration_fraction=0.3)
     s = g.score_fold(fold, x, x, y, recipe, 1.0, delta=0.1)
-    a = g.adapt_fold(pool, fold, x, y, s, recipe, config)
+    truth = {r.messages: r.label for r in recs}
+    calls: list[int] = []
+
+    def guard_model(conversations: Sequence[Conversation]) -> list[float]:  # a guard model that is always right
+        calls.append(len(conversations))
+        return [float(truth[c]) for c in conversations]
+
+    a = g.adapt_fold(pool, fold, x, y, s, recipe, config, guard_model)
+    assert calls == [120], "the guard model scores the audited records only, in one call"
+    assert a["head_model_guard"] == a["head_oracle_guard"]
     assert a["audits"] == 120 and a["evaluated"] + a["audits"] <= len(fold.test)
     assert a["evaluated"] > 100
     assert a["offline"]["auroc"] < 0.65
@@ -140,3 +150,4 @@ def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited
     assert taught["accuracy"] > taught["majority_rate"] and taught["fpr"] <= 0.1 + 0.05
     summary = g.summarise_adapted([a])
     assert summary["groups_both_classes"] == 1 and summary["head_oracle_guard"]["above_majority"] == 1
+    assert "head_model_guard" in summary
