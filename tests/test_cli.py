@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -167,23 +168,31 @@ def test_guard_config_with_unknown_alert_keys_is_a_clear_error(tmp_path: Path) -
     assert result.exit_code == 2 and "include_conversation" in result.output
 
 
-def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_config: Path, datasets_dir: Path) -> None:
-    """The thin CLI over probes.generalization: a tiny pool (MiniLM for probe and frozen expert)."""
+TINY_GROUP_FILES = {"xstest": "xstest.jsonl", "tweets": "davidson_hate_offensive.jsonl", "harmful": "harmbench.jsonl",
+                    "alpaca": "alpaca_benign.jsonl"}
+
+
+def _tiny_generalization(tmp_path: Path, config: Path, out: Path, *, groups: tuple[str, ...],
+                         extra: tuple[str, ...] = ()) -> Any:
+    """`bench generalization` on a tiny pool (MiniLM for probe and frozen expert), 15 adaptation audits."""
     loso = tmp_path / "loso.yaml"
     loso.write_text(
         "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n  groups:\n"
-        "    - {name: xstest, files: [xstest.jsonl]}\n"
-        "    - {name: tweets, files: [davidson_hate_offensive.jsonl]}\n"
-        "    - {name: harmful, files: [harmbench.jsonl]}\n"
-        "    - {name: alpaca, files: [alpaca_benign.jsonl]}\n"
-        "expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n"
+        + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n" for g in groups)
+        + "expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n"
     )
-    out = tmp_path / "gen"
     result = CliRunner().invoke(app, [
-        "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
+        "--config", str(config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
         "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--adapt-audits", "15",
-        "--out", str(out)])
+        *extra, "--out", str(out)])
     assert result.exit_code == 0, result.output
+    return result
+
+
+def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_config: Path, datasets_dir: Path) -> None:
+    """The thin CLI over probes.generalization: a tiny pool (MiniLM for probe and frozen expert)."""
+    out = tmp_path / "gen"
+    result = _tiny_generalization(tmp_path, small_config, out, groups=("xstest", "tweets", "harmful", "alpaca"))
     payload = orjson.loads(result.stdout)
     assert "frozen minilm-l6" in payload["expert"]
     assert payload["means"]["before"]["groups_both_classes"] == 2
@@ -211,20 +220,8 @@ def test_bench_generalization_adapt_guard_labels_audits_with_the_configured_expe
     trained = train_encoder_head(EncoderHeadConfig(backbone="minilm-l6", max_length=32, epochs=1, batch_size=8,
                                                    max_train=40, dtype="fp32"), records, cache_dir=private)
     monkeypatch.setenv("CTD_EXPERT__PATH", str(trained))
-    loso = tmp_path / "loso.yaml"
-    loso.write_text(
-        "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n  groups:\n"
-        "    - {name: xstest, files: [xstest.jsonl]}\n"
-        "    - {name: harmful, files: [harmbench.jsonl]}\n"
-        "    - {name: alpaca, files: [alpaca_benign.jsonl]}\n"
-        "expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n"
-    )
     out = tmp_path / "gen"
-    result = CliRunner().invoke(app, [
-        "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
-        "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--adapt-audits", "15",
-        "--adapt-guard", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    _tiny_generalization(tmp_path, small_config, out, groups=("xstest", "harmful", "alpaca"), extra=("--adapt-guard",))
     metrics = orjson.loads((out / "metrics.json").read_bytes())
     assert metrics["adapt_guard"].startswith("encoder-head")
     adapted = metrics["recipes"]["before"]["groups"]["xstest"]["adapted"]
