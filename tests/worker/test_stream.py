@@ -173,6 +173,17 @@ async def running(stream: Stream[EchoHandler]) -> asyncio.Task[None]:
     return task
 
 
+async def running_with_fast_retries(handler: EchoHandler, *, events: int) -> tuple[
+        Stream[EchoHandler], asyncio.Task[None], FakeConsumer, FakeProducer]:
+    """A running stream over ``events`` records of P0 whose publish retries back off for milliseconds."""
+    consumer, producer = FakeConsumer({P0: events}), FakeProducer()
+    stream = make_stream(handler, consumer, producer)
+    task = await running(stream)
+    assert stream.outputs is not None
+    stream.outputs.retry = RetryPolicy(backoff_s=0.01, backoff_max_s=0.02)
+    return stream, task, consumer, producer
+
+
 async def stopped(stream: Stream[Any], task: asyncio.Task[None]) -> None:
     stream.stop()
     await asyncio.wait_for(task, 30)
@@ -323,11 +334,7 @@ async def test_a_transient_publish_failure_is_retried_until_acknowledged() -> No
     """A broker outage used to leave the offset in flight for good; now the output is sent again."""
     from aiokafka.errors import KafkaTimeoutError
 
-    consumer, producer = FakeConsumer({P0: 2}), FakeProducer()
-    stream = make_stream(EchoHandler(), consumer, producer)
-    task = await running(stream)
-    assert stream.outputs is not None
-    stream.outputs.retry = RetryPolicy(backoff_s=0.01, backoff_max_s=0.02)
+    stream, task, consumer, producer = await running_with_fast_retries(EchoHandler(), events=2)
     await until(lambda: len(producer.sent) == 2)
     producer.sent[0][2].set_result(None)
     producer.sent[1][2].set_exception(KafkaTimeoutError())
@@ -358,11 +365,7 @@ async def test_one_entrys_publish_retry_never_holds_up_the_rest_of_its_batch() -
     the later ones' acknowledged offsets were not marked done (and their verdict metrics not counted)."""
     from aiokafka.errors import KafkaTimeoutError
 
-    consumer, producer = FakeConsumer({P0: 3}), FakeProducer()
-    stream = make_stream(BatchEchoHandler(), consumer, producer)
-    task = await running(stream)
-    assert stream.outputs is not None
-    stream.outputs.retry = RetryPolicy(backoff_s=0.01, backoff_max_s=0.02)
+    stream, task, consumer, producer = await running_with_fast_retries(BatchEchoHandler(), events=3)
     await until(lambda: len(producer.sent) == 3)
     assert len(stream.handler.accepted) == 3, "one fetch, one publish_many"
     producer.sent[0][2].set_exception(KafkaTimeoutError())
