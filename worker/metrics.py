@@ -142,7 +142,7 @@ class WorkerMetrics(ConsumerMetrics):
             "ctd_audit_verdicts_in", "Expert audit verdicts fed to the recalibration window", registry=r
         )
         self.audit_verdicts_skipped = Counter(
-            "ctd_audit_verdicts_skipped", "Audit verdicts not fed (malformed, bad signature, duplicate, no expert)",
+            "ctd_audit_verdicts_skipped", "Audit verdicts not fed (malformed, bad signature, duplicate, no expert, no features)",
             ["reason"], registry=r,
         )
         self.recalibration_version = Gauge(
