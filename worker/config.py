@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from probes.config import AuditConfig, Frozen, Settings
 
@@ -105,10 +105,34 @@ class WorkerConfig(ServiceConfig):
     bundle: Path = Path("runs/bundle")
     max_event_bytes: int = Field(
         1_000_000, ge=1024,
-        description="larger inputs are dead-lettered; topics are created with room for this (worker/topics.py)")
+        description="the hard transport limit: larger records are dead-lettered (oversize); topics are created "
+        "with room for this (worker/topics.py), so the broker refuses larger ones to their producer")
     max_metadata_depth: int = Field(16, ge=1, le=64, description="deeper event metadata is dead-lettered")
     max_metadata_bytes: int = Field(16_384, ge=2, description="larger event metadata (as JSON) is dead-lettered")
-    inference_retries: int = Field(1, ge=0)
+    inference_retries: int = Field(
+        1, ge=0, description="retries (with backoff) of an event the model fails on alone, before its dead letter")
+    inference_retry_backoff_s: float = Field(0.5, gt=0, description="first wait before such a retry (doubles)")
+    breaker_failures: int = Field(
+        5, ge=1, description="events given up in a row (no batch scored between) that open the circuit breaker: "
+        "/healthz/live turns red and inference pauses (breaker_cooldown_s, doubling) instead of dead-lettering all")
+    breaker_cooldown_s: float = Field(30.0, gt=0, description="first pause of an open breaker (doubles, ≤ 10 min)")
+    # Every conversation gets a verdict (worker/decode.py, ViewLimits): past these an event is scored on a view.
+    view_max_messages: int = Field(512, ge=2, le=512, description="more messages: scored on the bounded view")
+    view_max_bytes: int = Field(
+        1_000_000, ge=1024, description="more message content (UTF-8 bytes): scored on the bounded view, "
+        "which keeps at most this much")
+    view_head_messages: int = Field(16, ge=1, description="first messages a bounded view keeps")
+    view_tail_messages: int = Field(240, ge=1, description="last messages a bounded view keeps")
+    view_message_bytes: int = Field(
+        65_536, ge=256, description="a message of a bounded view keeps its first and last halves of this many bytes")
+
+    @model_validator(mode="after")
+    def _view_fits(self) -> WorkerConfig:
+        if self.view_head_messages + self.view_tail_messages > 512:
+            raise ValueError("view_head_messages + view_tail_messages > 512 (the most messages an event holds)")
+        if self.view_message_bytes > self.view_max_bytes:
+            raise ValueError("view_message_bytes cannot exceed view_max_bytes")
+        return self
 
 
 class BudgetConfig(Frozen):

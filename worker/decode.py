@@ -11,6 +11,7 @@ its verdict, in the middle of a batch).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -18,9 +19,11 @@ from pydantic import ValidationError
 
 from worker.events import (
     MAX_EVENT_BYTES,
+    MAX_MESSAGES,
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,
     ConversationEvent,
+    EventView,
     ResponseChunk,
     Verdict,
 )
@@ -79,6 +82,10 @@ def decode_event(
     """
     obj = _json_object(raw, max_bytes)
     _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+    return _validate_event(obj)
+
+
+def _validate_event(obj: dict[str, Any]) -> ConversationEvent:
     try:
         return ConversationEvent.model_validate(obj)
     except ValidationError as exc:
@@ -88,6 +95,103 @@ def decode_event(
         ):
             raise DecodeError("empty_conversation", "the conversation has no non-empty message") from exc
         raise DecodeError("schema_violation", _summary(errors)) from exc
+
+
+@dataclass(frozen=True)
+class ViewLimits:
+    """Past ``max_messages`` messages or ``max_bytes`` of content an event is scored on a bounded view: its first
+    ``head`` and last ``tail`` messages, each cut to ``message_bytes``, ``max_bytes`` of content in all."""
+
+    max_messages: int = MAX_MESSAGES
+    max_bytes: int = MAX_EVENT_BYTES
+    head: int = 16
+    tail: int = 240
+    message_bytes: int = 65_536
+
+    def __post_init__(self) -> None:
+        if self.head + self.tail > MAX_MESSAGES or self.max_messages > MAX_MESSAGES:
+            raise ValueError(f"a bounded view keeps at most {MAX_MESSAGES} messages")
+        if self.message_bytes > self.max_bytes:
+            raise ValueError("view message_bytes cannot exceed the view's max_bytes")
+
+
+@dataclass(frozen=True)
+class Viewed:
+    """A decoded event and, when it was past the limits, what of it was kept (``event`` is then the view)."""
+
+    event: ConversationEvent
+    view: EventView | None
+
+
+# Between the first and last halves of a message cut for a bounded view.
+_CUT = "\n[...]\n"
+
+
+def _cap(content: str, limit: int) -> tuple[str, bool]:
+    """``content`` as at most about ``limit`` UTF-8 bytes: its first and last halves (whole characters)."""
+    raw = content.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return content, False
+    half = limit // 2
+    head = raw[:half].decode("utf-8", "ignore")
+    tail = raw[len(raw) - half:].decode("utf-8", "ignore")
+    return head + _CUT + tail, True
+
+
+def _content_bytes(message: Any) -> int:
+    content = message.get("content") if isinstance(message, dict) else None
+    return len(content.encode("utf-8", "surrogatepass")) if isinstance(content, str) else 0
+
+
+def _bounded_view(obj: dict[str, Any], limits: ViewLimits) -> EventView | None:
+    """Replace ``obj["messages"]`` by its bounded view when the event is past the limits; what was kept, or None.
+
+    Priority under the byte budget: the last message (what the conversation is about now), then the head (the
+    system prompt and the opening request), then the tail newest first. Messages that are not kept are not read:
+    only what is scored must be well formed.
+    """
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None  # the schema check names it
+    sizes = [_content_bytes(m) for m in messages]
+    total = sum(sizes)
+    n = len(messages)
+    if n <= limits.max_messages and total <= limits.max_bytes and max(sizes) <= MAX_EVENT_BYTES:
+        return None  # within every limit: scored whole, exactly as before
+    head = list(range(min(limits.head, n)))
+    tail = list(range(max(len(head), n - limits.tail), n))
+    order = [n - 1, *(i for i in head if i != n - 1), *(i for i in reversed(tail) if i != n - 1)]
+    kept: dict[int, Any] = {}
+    budget = limits.max_bytes
+    capped = 0
+    for i in order:
+        message = messages[i]
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            content, cut = _cap(message["content"], limits.message_bytes)
+            size = len(content.encode("utf-8", "surrogatepass"))
+            if kept and size > budget:
+                break
+            message = {**message, "content": content}
+            capped += cut
+            budget -= size
+        kept[i] = message
+    indices = sorted(kept)
+    obj["messages"] = [kept[i] for i in indices]
+    return EventView(messages=n, content_bytes=total, head=sum(1 for i in indices if i in head),
+                     tail=sum(1 for i in indices if i not in head), capped=capped,
+                     kept_bytes=limits.max_bytes - budget)
+
+
+def decode_viewed(
+    raw: bytes | None, *, view: ViewLimits, max_bytes: int = MAX_EVENT_BYTES,
+    max_metadata_depth: int = MAX_METADATA_DEPTH, max_metadata_bytes: int = MAX_METADATA_BYTES,
+) -> Viewed:
+    """``decode_event`` for the monitor: an event past the message or content limits is scored on its bounded view
+    (``view``) and says so, instead of being dead-lettered. ``max_bytes`` stays the hard transport limit."""
+    obj = _json_object(raw, max_bytes)
+    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+    kept = _bounded_view(obj, view)
+    return Viewed(_validate_event(obj), kept)
 
 
 def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,

@@ -129,6 +129,20 @@ class Recalibration(_Model):
     window_benign: int = Field(ge=0, description="of which the expert called benign (what the cut certifies on)")
 
 
+class EventView(_Model):
+    """How much of an event past the size limits was scored (``worker.view_*``): its first and last messages,
+    each cut to at most ``worker.view_message_bytes`` (its first and last halves kept). Such an event still gets a
+    verdict; only input that cannot be decoded is dead-lettered."""
+
+    kind: Literal["bounded"] = "bounded"
+    messages: int = Field(ge=0, description="messages in the event")
+    content_bytes: int = Field(ge=0, description="UTF-8 bytes of the event's message content")
+    head: int = Field(ge=0, description="first messages kept")
+    tail: int = Field(ge=0, description="last messages kept")
+    capped: int = Field(ge=0, description="kept messages cut to their first and last bytes")
+    kept_bytes: int = Field(ge=0, description="UTF-8 bytes of the content scored")
+
+
 class Timings(_Model):
     queue_ms: float = 0.0
     inference_ms: float = 0.0
@@ -142,7 +156,7 @@ class Verdict(_Model):
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="Verdict")
     added_fields: ClassVar[frozenset[str]] = frozenset({"audit", "probe_p_unsafe", "recalibration",
-                                                        "probe_features"})
+                                                        "probe_features", "view"})
 
     schema_version: Literal[1] = 1
     event_id: str
@@ -168,6 +182,7 @@ class Verdict(_Model):
     recalibration: Recalibration | None = Field(
         None, description="probe verdicts while audits are on: the recalibration state that decided")
     probe_features: list[float] | None = Field(None, description=f"audit verdicts: the request's; {_PROBE_FEATURES_DOC}")
+    view: EventView | None = Field(None, description="set when the event was past the size limits: what was scored")
 
 
 class ReviewRequest(_Model):
@@ -175,7 +190,7 @@ class ReviewRequest(_Model):
     audited (a label for the online recalibration; the probe's verdict stays final), or both."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="ReviewRequest")
-    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit", "probe_features"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit", "probe_features", "view"})
 
     schema_version: Literal[1] = 1
     event: ConversationEvent
@@ -190,6 +205,7 @@ class ReviewRequest(_Model):
     delegated: bool = Field(True, description="the delegation rule sent it: the expert's verdict is final")
     audit: bool = Field(False, description="in the audit sample: the expert's verdict labels it for recalibration")
     probe_features: list[float] | None = Field(None, description=_PROBE_FEATURES_DOC)
+    view: EventView | None = Field(None, description="``event`` is the bounded view of a longer event (see Verdict)")
 
     @model_validator(mode="after")
     def _has_a_reason(self) -> ReviewRequest:

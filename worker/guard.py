@@ -263,6 +263,7 @@ class GuardHandler(OutputsSlot):
             audit=request.audit, probe_p_unsafe=min(1.0, max(0.0, request.p_unsafe)) if request.audit else None,
             # the workers' refit head learns from it (audit.refit=head); a delegation's verdict does not need it
             probe_features=request.probe_features if request.audit else None,
+            view=request.view,
         )
         key = event.conversation_id.encode()
         body = verdict.to_json()

@@ -117,6 +117,9 @@ class WorkerMetrics(ConsumerMetrics):
         self.inference_errors = Counter(
             "ctd_inference_errors", "Inference failures (batches split and retried)", registry=r
         )
+        self.bounded_views = Counter(
+            "ctd_bounded_views", "Events past the message or content limits, scored on their bounded view", registry=r
+        )
         # Live budget control (worker/budget.py).
         self.window_threshold = Gauge(
             "ctd_window_threshold", "Label-free threshold certified on the recent window (NaN until it applies)",

@@ -30,9 +30,10 @@ from probes.recalibration import OnlineRecalibrator, audit_selected
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
-from worker.decode import DecodeError, decode_event
+from worker.decode import DecodeError, ViewLimits, decode_viewed
 from worker.events import (
     ConversationEvent,
+    EventView,
     Recalibration,
     ReviewRequest,
     Timings,
@@ -65,6 +66,7 @@ class Tokenized:
 
     event: ConversationEvent
     rows: list[list[int]]
+    view: EventView | None = None  # the event was past the size limits: ``event`` is its bounded view
 
     @property
     def tokens(self) -> int:
@@ -104,6 +106,10 @@ class MonitorHandler(OutputsSlot):
         self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         self.signer = Signer.from_config(settings.signing)
+        w = settings.worker
+        self._view = ViewLimits(max_messages=w.view_max_messages, max_bytes=w.view_max_bytes,
+                                head=w.view_head_messages, tail=w.view_tail_messages,
+                                message_bytes=w.view_message_bytes)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
         self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
@@ -151,27 +157,29 @@ class MonitorHandler(OutputsSlot):
         now = time.monotonic()
         stage = self.metrics.stage_cpu
         w = self.settings.worker
-        decoded: list[tuple[Record, ConversationEvent]] = []
+        decoded: list[tuple[Record, ConversationEvent, EventView | None]] = []
         with stage("decode"):
             for record in records:
                 try:
-                    event = decode_event(record.value, max_bytes=w.max_event_bytes,
-                                         max_metadata_depth=w.max_metadata_depth,
-                                         max_metadata_bytes=w.max_metadata_bytes)
+                    viewed = decode_viewed(record.value, view=self._view, max_bytes=w.max_event_bytes,
+                                           max_metadata_depth=w.max_metadata_depth,
+                                           max_metadata_bytes=w.max_metadata_bytes)
                 except DecodeError as exc:
                     self.out.dead_letter(record, exc.reason, exc.detail, "decode")
                     continue
-                decoded.append((record, event))
+                if viewed.view is not None:
+                    self.metrics.bounded_views.inc()
+                decoded.append((record, viewed.event, viewed.view))
         if not decoded:
             return
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._prep, self._tokenize_all, [event for _, event in decoded])
+        rows = await loop.run_in_executor(self._prep, self._tokenize_all, [event for _, event, _ in decoded])
         with stage("batch_collate"):
-            for (record, event), event_rows in zip(decoded, rows, strict=True):
+            for (record, event, view), event_rows in zip(decoded, rows, strict=True):
                 if isinstance(event_rows, Exception):  # a chat template or tokenizer that fails on this event alone
                     self.out.dead_letter(record, "tokenize_error", repr(event_rows), "inference")
                     continue
-                body = Tokenized(event, event_rows)
+                body = Tokenized(event, event_rows, view)
                 self.batcher.add(Envelope.of(record, body, now), body.tokens, now, key=event.tenant)
         self._wake.set()
 
@@ -324,7 +332,7 @@ class MonitorHandler(OutputsSlot):
             timings=Timings(queue_ms=queue_s * 1000, inference_ms=inference_s * 1000,
                             total_ms=(time.monotonic() - item.consumed_at) * 1000),
             decided_at=utcnow(), metadata=event.metadata, audit=audited, probe_p_unsafe=raw,
-            recalibration=recalibration,
+            recalibration=recalibration, view=item.body.view,
         )
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
@@ -339,6 +347,7 @@ class MonitorHandler(OutputsSlot):
                 model_version=self.monitor.model_version, requested_at=utcnow(),
                 delegated=delegation.delegated, audit=audited,
                 probe_features=float32_list(features) if audited and features is not None else None,
+                view=item.body.view,
             )
             review = request.to_json()
             messages.append(Message(topics.review, review, key,
