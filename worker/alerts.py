@@ -31,6 +31,7 @@ SINK_QUEUE = 1000
 # critical path of a verdict burst without holding much memory (a verdict is well under a kilobyte).
 ALERTER_MAX_IN_FLIGHT = 4096
 SINK_FLUSH_S = 2.0
+_RANK = {"warning": 0, "critical": 1}
 
 
 class TokenBucket:
@@ -57,7 +58,7 @@ class AlertPolicy:
     def __init__(self, config: AlertsConfig, *, max_conversations: int = 100_000) -> None:
         self.config = config
         self.max_conversations = max_conversations
-        self._last_alert: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._last_alert: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
 
     @staticmethod
     def is_final(verdict: Verdict) -> bool:
@@ -81,17 +82,20 @@ class AlertPolicy:
         if verdict.source == "probe" and not self.config.on_probe_verdicts:
             return None, "probe_verdicts_off"
         key = f"{verdict.tenant}\x00{verdict.conversation_id}"
+        severity = self.severity(verdict)
         last = self._last_alert.get(key)
-        if last is not None and now - last < self.config.dedupe_window_s:
+        # Within the window a conversation alerts once per severity step: a later critical verdict (the expert's,
+        # or an unreviewed escalation) gets through a probe's earlier warning, never the other way round.
+        if last is not None and now - last[0] < self.config.dedupe_window_s and _RANK[severity] <= _RANK[last[1]]:
             return None, "duplicate_conversation"
-        self._last_alert[key] = now
+        self._last_alert[key] = (now, severity)
         self._last_alert.move_to_end(key)
         while len(self._last_alert) > self.max_conversations:
             self._last_alert.popitem(last=False)
         alert = Alert(
             alert_id=str(uuid.uuid5(ALERT_NAMESPACE, f"{verdict.event_id}/{verdict.source}")),
             event_id=verdict.event_id, conversation_id=verdict.conversation_id, tenant=verdict.tenant,
-            severity="critical" if self.severity(verdict) == "critical" else "warning", source=verdict.source,
+            severity="critical" if severity == "critical" else "warning", source=verdict.source,
             p_unsafe=verdict.p_unsafe, bundle_version=verdict.bundle_version, expert_version=verdict.expert_version,
             verdict_decided_at=verdict.decided_at, raised_at=utcnow(),
             metadata=verdict.metadata if self.config.include_metadata else {},

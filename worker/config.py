@@ -236,6 +236,17 @@ class GuardConfig(ServiceConfig):
     unavailable_decision: Literal["unsafe", "probe"] = Field(
         "unsafe", description="final decision when the expert fails for good: escalate as harmful, or the probe's")
     http_port: int = Field(8081, ge=0, le=65535)
+    inference_retries: int = Field(
+        1, ge=0, description="retries (backoff from retry_backoff_s) of a request the expert errors on alone, "
+        "before it is given up as expert_unavailable")
+    breaker_failures: int = Field(
+        5, ge=1, description="requests given up in a row (no batch scored between) that open the circuit breaker: "
+        "/healthz/live turns red and scoring pauses (breaker_cooldown_s, doubling) instead of giving up everything")
+    breaker_cooldown_s: float = Field(30.0, gt=0, description="first pause of an open breaker (doubles, ≤ 10 min)")
+    max_abandoned_calls: int = Field(
+        16, ge=1, description="local expert calls left running past expert_timeout_s (each on its own thread) "
+        "before new calls are refused and liveness turns red (worker/lanes.py); one wedged request in a full batch "
+        "leaves up to log2(max_batch) + max_expert_attempts of them")
 
 
 class WebhookSinkConfig(Frozen):

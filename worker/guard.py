@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import math
 import time
 from collections.abc import Sequence
@@ -38,8 +37,10 @@ from probes.errors import ExpertError, ExpertUnavailable
 from probes.experts.base import Expert
 from probes.logs import get_logger
 from probes.manifest import DEFAULT_UNSAFE_CUT
+from worker.breaker import CircuitBreaker
 from worker.config import GuardSettings
 from worker.events import AUDIT_HEADER, MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
+from worker.lanes import Lanes
 from worker.metrics import GuardMetrics
 from worker.signing import SignatureError, Signer
 from worker.stream import (
@@ -93,8 +94,12 @@ class GuardHandler(OutputsSlot):
         self.expert = expert
         self.unsafe_cut = expert_unsafe_cut(settings, expert.name)
         self._pending: collections.deque[Review] = collections.deque()
-        # Local experts run torch: one scoring thread, never the event loop.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-expert")
+        g = settings.guard
+        # Local experts run torch: one scoring thread at a time, never the event loop, and a call that times out
+        # is left behind on its own thread so the next call (a split half) does not queue behind it.
+        self.lanes = Lanes("ctd-expert", max_abandoned=g.max_abandoned_calls)
+        self.breaker = CircuitBreaker(g.breaker_failures, g.breaker_cooldown_s,
+                                      on_change=lambda opened: metrics.circuit_open.set(1 if opened else 0))
         self._degraded = False
         self._wake = asyncio.Event()
         self.signer = Signer.from_config(settings.signing)
@@ -111,11 +116,15 @@ class GuardHandler(OutputsSlot):
     def waiting_on_purpose(self) -> bool:
         return self._degraded  # the expert is down: requests wait in the topic, restarting us fixes nothing
 
+    def unhealthy(self) -> str | None:
+        """Liveness red: the model fails every input (breaker open) or calls are wedged past their timeout."""
+        return self.breaker.why() or self.lanes.stuck()
+
     def wake(self) -> None:
         self._wake.set()
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.lanes.close()
 
     async def accept(self, records: Sequence[Record]) -> None:
         now = time.monotonic()
@@ -168,17 +177,21 @@ class GuardHandler(OutputsSlot):
         try:
             if ascore is not None:  # HTTP backends are async: no thread needed
                 return np.asarray(await asyncio.wait_for(ascore(conversations), timeout=timeout), dtype=np.float64)
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, self.expert.score, conversations)
-            return np.asarray(await asyncio.wait_for(future, timeout=timeout), dtype=np.float64)
+            scores = await self.lanes.call(timeout, self.expert.score, conversations)
+            self.metrics.abandoned_calls.set(self.lanes.abandoned_running())
+            return np.asarray(scores, dtype=np.float64)
         except TimeoutError as exc:
+            self.metrics.abandoned_calls.set(self.lanes.abandoned_running())
             raise ExpertTimeout(f"no answer within {timeout}s for {len(batch)} requests") from exc
 
     async def _review(self, batch: list[Review]) -> None:
         """Score with retries while the expert is down; raise when it cannot score these requests."""
         g = self.settings.guard
+        if not await self._breaker_pause():
+            return  # stopping while the breaker is open: left in flight, uncommitted, for the next owner
         backoff = g.retry_backoff_s
         timeouts = 0
+        errors = 0
         while True:
             started = time.monotonic()
             try:
@@ -200,7 +213,13 @@ class GuardHandler(OutputsSlot):
                 continue
             except Exception:
                 self.metrics.expert_errors.labels(kind="error").inc()
-                raise
+                # One request alone that fails is retried (guard.inference_retries, with backoff) before it is
+                # given up as expert_unavailable: a transient model error must not become a critical verdict.
+                if len(batch) > 1 or errors >= g.inference_retries or self.out.stopping:
+                    raise
+                errors += 1
+                await self.out.sleep(min(g.retry_backoff_s * 2 ** (errors - 1), g.retry_backoff_max_s))
+                continue
             break
         self._set_degraded(False)
         elapsed = time.monotonic() - started
@@ -212,6 +231,7 @@ class GuardHandler(OutputsSlot):
             raise ExpertError(f"{len(bad)} non-finite scores in a batch of {len(batch)}")  # split: find them
         if bad:
             raise ExpertError(f"non-finite expert score {float(scores[0])}")
+        self.breaker.success()
         for review, score in zip(batch, scores, strict=True):
             self._publish(review, float(score), started=started, scoring_s=elapsed)
 
@@ -219,6 +239,9 @@ class GuardHandler(OutputsSlot):
         """The expert cannot score this request, ever: answer it anyway (fail closed) rather than drop it."""
         request = review.body
         g = self.settings.guard
+        if self.breaker.failure():
+            log.error("expert.circuit_open", expert=self.expert.name, failures=g.breaker_failures,
+                      pause_s=round(self.breaker.pause_s(), 1))
         decision: Literal["unsafe", "safe"] = (
             "unsafe" if g.unavailable_decision == "unsafe" or request.p_unsafe >= 0.5 else "safe")
         self.metrics.expert_errors.labels(kind="given_up").inc()
@@ -229,6 +252,15 @@ class GuardHandler(OutputsSlot):
                           source="expert_unavailable", decision=decision)
         except Exception as publish_exc:  # noqa: BLE001 - not even that: keep the request for people
             self.out.dead_letter(review, "expert_error", f"{exc!r}; then {publish_exc!r}", "expert")
+
+    async def _breaker_pause(self) -> bool:
+        """Wait out an open breaker's cooldown (requests wait in the topic meanwhile); False when stopping."""
+        while (pause := self.breaker.pause_s()) > 0:
+            if self.out.stopping:
+                return False
+            self._set_degraded(True, reason="circuit_open")
+            await self.out.sleep(pause)
+        return not (self.breaker.opened and self.out.stopping)
 
     def _set_degraded(self, degraded: bool, *, reason: str = "") -> None:
         if degraded and not self._degraded:

@@ -117,6 +117,9 @@ class WorkerMetrics(ConsumerMetrics):
         self.inference_errors = Counter(
             "ctd_inference_errors", "Inference failures (batches split and retried)", registry=r
         )
+        self.circuit_open = Gauge(
+            "ctd_inference_circuit_open", "1 while the breaker is open (the model failing every event)", registry=r
+        )
         self.bounded_views = Counter(
             "ctd_bounded_views", "Events past the message or content limits, scored on their bounded view", registry=r
         )
@@ -194,6 +197,12 @@ class GuardMetrics(ConsumerMetrics):
         self.degraded = Gauge("ctd_expert_degraded", "1 while the expert is unavailable or timing out", registry=r)
         self.degraded_total = Counter(
             "ctd_expert_degraded_episodes", "Times the expert became unavailable", registry=r
+        )
+        self.circuit_open = Gauge(
+            "ctd_expert_circuit_open", "1 while the breaker is open (expert failing every request)", registry=r
+        )
+        self.abandoned_calls = Gauge(
+            "ctd_expert_abandoned_calls", "Expert calls still running after their timeout (left behind)", registry=r
         )
         self.expert_latency = Histogram(
             "ctd_expert_latency_seconds", "Expert scoring time per batch", buckets=LATENCY_BUCKETS, registry=r

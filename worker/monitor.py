@@ -28,6 +28,7 @@ from probes.logs import get_logger
 from probes.monitor import Monitor
 from probes.recalibration import OnlineRecalibrator, audit_selected
 from worker.batcher import BatchLimits, MicroBatcher
+from worker.breaker import CircuitBreaker
 from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, ViewLimits, decode_viewed
@@ -105,6 +106,8 @@ class MonitorHandler(OutputsSlot):
         self._recent_delegated = 0  # delegations among _recent, kept as they come and go
         self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
+        self.breaker = CircuitBreaker(settings.worker.breaker_failures, settings.worker.breaker_cooldown_s,
+                                      on_change=lambda opened: metrics.circuit_open.set(1 if opened else 0))
         self.signer = Signer.from_config(settings.signing)
         w = settings.worker
         self._view = ViewLimits(max_messages=w.view_max_messages, max_bytes=w.view_max_bytes,
@@ -142,6 +145,18 @@ class MonitorHandler(OutputsSlot):
 
     def waiting_on_purpose(self) -> bool:
         return False
+
+    def unhealthy(self) -> str | None:
+        """Liveness red while the model fails every event (the breaker is open)."""
+        return self.breaker.why()
+
+    async def _breaker_pause(self) -> bool:
+        """Wait out an open breaker's cooldown (events wait in the topic meanwhile); False when stopping."""
+        while (pause := self.breaker.pause_s()) > 0:
+            if self.out.stopping:
+                return False
+            await self.out.sleep(pause)
+        return not (self.breaker.opened and self.out.stopping)
 
     def wake(self) -> None:
         self._wake.set()
@@ -257,15 +272,29 @@ class MonitorHandler(OutputsSlot):
         self.metrics.batch_size.observe(len(items))
         self.metrics.batch_tokens.observe(sum(b.padded_tokens for b in collated[0]))
 
+        w = self.settings.worker
+
         async def attempt(part: list[Item]) -> None:
             loop = asyncio.get_running_loop()
+            if not await self._breaker_pause():
+                return  # stopping while the breaker is open: left uncommitted, the next owner scores them
             # The whole batch was collated while the previous one ran; halves after a failure are collated anew.
             batch, groups = collated if part is items else await loop.run_in_executor(self._prep, self._collate, part)
-            try:
-                scores = await loop.run_in_executor(self._infer, self._score, batch, groups, len(part))
-            except Exception:
-                self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
-                raise
+            retries = 0
+            while True:
+                try:
+                    scores = await loop.run_in_executor(self._infer, self._score, batch, groups, len(part))
+                except Exception:
+                    self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
+                    # An event the model fails on alone is retried with backoff (worker.inference_retries) before
+                    # its dead letter: a transient failure must not lose its verdict.
+                    if len(part) > 1 or retries >= w.inference_retries or self.out.stopping:
+                        raise
+                    retries += 1
+                    await self.out.sleep(w.inference_retry_backoff_s * 2 ** (retries - 1))
+                    continue
+                break
+            self.breaker.success()
             elapsed = time.monotonic() - started
             self.metrics.inference_latency.observe(elapsed)
             with self.metrics.stage_cpu("budget"):
@@ -295,6 +324,9 @@ class MonitorHandler(OutputsSlot):
                     self.out.publish_many(publications)  # what was built is sent and tracked, even after a failure
 
         def give_up(item: Item, exc: Exception) -> None:
+            if self.breaker.failure():
+                log.error("inference.circuit_open", failures=w.breaker_failures,
+                          pause_s=round(self.breaker.pause_s(), 1))
             self.out.dead_letter(item, "inference_error", repr(exc), "inference")
 
         await split_on_failure(items, attempt, give_up, what="inference")

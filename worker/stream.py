@@ -405,6 +405,10 @@ class Stream(Generic[H]):
         commit_age = now - self._last_commit
         if poll_age > limit:
             return False, f"{self.name}: no poll for {poll_age:.1f}s"
+        unhealthy = getattr(self.handler, "unhealthy", None)  # optional: a model failing every input
+        why = unhealthy() if unhealthy is not None else None
+        if why:
+            return False, f"{self.name}: {why}"
         if self.tracker.in_flight() and commit_age > limit and not self.handler.waiting_on_purpose():
             return False, f"{self.name}: {self.tracker.in_flight()} in flight, no commit for {commit_age:.1f}s"
         return True, f"{self.name}: last poll {poll_age:.1f}s ago, last commit {commit_age:.1f}s ago"
