@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import httpx
+from aiokafka import TopicPartition
 
 from probes.logs import get_logger
 from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
@@ -23,6 +24,7 @@ from worker.events import MAX_EVENT_BYTES, Alert, Verdict, utcnow
 from worker.metrics import AlerterMetrics
 from worker.signing import SignatureError, Signer
 from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream
+from worker.sweeper import DelegationSweeper
 
 log = get_logger(__name__)
 ALERT_NAMESPACE = uuid.UUID("6f1c2d4e-9a7b-4c1e-8f3a-2b5d7e9c0a11")
@@ -77,7 +79,8 @@ class AlertPolicy:
 
     def consider(self, verdict: Verdict, now: float) -> tuple[Alert | None, str | None]:
         """The alert to raise, or None and why not (None reason: the verdict is not harmful or not final)."""
-        if verdict.decision != "unsafe" or not self.is_final(verdict):
+        # An unreviewed escalation (expert_unavailable) alerts whatever its decision: a person has to look.
+        if (verdict.decision != "unsafe" and verdict.source != "expert_unavailable") or not self.is_final(verdict):
             return None, None
         if verdict.source == "probe" and not self.config.on_probe_verdicts:
             return None, "probe_verdicts_off"
@@ -181,6 +184,16 @@ class AlertHandler(OutputsSlot):
         self.signer = Signer.from_config(settings.signing)
         self.sinks = list(sinks)
         self._queues = {sink.name: asyncio.Queue[Alert](SINK_QUEUE) for sink in self.sinks}
+        # Every delegated event ends final: the sweeper sees every verdict the alerter reads (worker/sweeper.py).
+        self.sweeper = DelegationSweeper(settings, metrics, self.signer) if settings.sweeper.enabled else None
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        if self.sweeper is not None:
+            self.sweeper.assigned(partitions)
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        if self.sweeper is not None:
+            self.sweeper.revoked(partitions)
 
     # ---------------------------------------------------------------- handler protocol
     def busy(self) -> bool:
@@ -193,6 +206,8 @@ class AlertHandler(OutputsSlot):
         pass  # nothing is held back between accept and publish
 
     async def close(self) -> None:
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         for sink in self.sinks:
             close = getattr(sink, "aclose", None)
             if close is not None:
@@ -212,6 +227,8 @@ class AlertHandler(OutputsSlot):
                 self.out.dead_letter(record, "invalid_verdict", str(exc)[:500], "decode")
                 continue
             item = Envelope.of(record, verdict, now)
+            if self.sweeper is not None:
+                self.sweeper.observe(item.tp, verdict)
             alert, why_not = self.policy.consider(verdict, now)
             if why_not is not None:
                 self.metrics.alerts_suppressed.labels(reason=why_not).inc()
@@ -250,6 +267,8 @@ class AlertHandler(OutputsSlot):
         """The work loop is the sinks' delivery: one sender per sink, flushed briefly when the stream stops."""
         senders = [asyncio.create_task(self._send_loop(sink, self._queues[sink.name]), name=f"sink-{sink.name}")
                    for sink in self.sinks]
+        if self.sweeper is not None:
+            senders.append(asyncio.create_task(self.sweeper.run(), name="sweeper"))
         if not senders:
             return
         try:

@@ -278,9 +278,29 @@ class AlertsConfig(Frozen):
     group_id: str = "ctd-alerter"
 
 
+class SweeperConfig(Frozen):
+    """The delegation sweeper in the alerter (worker/sweeper.py): a delegated event whose review has not completed
+    within ``deadline_s`` gets a final ``expert_unavailable`` verdict (``guard.unavailable_decision``) and an alert."""
+
+    enabled: bool = Field(True, description="on whenever the alerter runs (alerts.enabled)")
+    deadline_s: float = Field(
+        900.0, gt=0, description="probe verdict to final verdict; past it the sweeper finalises the event")
+    lookback_s: float = Field(
+        3600.0, gt=0, description="verdicts replayed when a partition is assigned, to rebuild the state")
+    max_pending: int = Field(50_000, ge=1, description="delegated events tracked; past it the oldest is swept early")
+    check_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lookback_covers_the_deadline(self) -> SweeperConfig:
+        if self.lookback_s < self.deadline_s:
+            raise ValueError("sweeper.lookback_s must be at least sweeper.deadline_s")
+        return self
+
+
 class GuardSettings(Settings):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     guard: GuardConfig = GuardConfig()
     alerts: AlertsConfig = AlertsConfig()
     signing: SigningConfig = SigningConfig()
+    sweeper: SweeperConfig = SweeperConfig()

@@ -231,3 +231,9 @@ class AlerterMetrics(ConsumerMetrics):
         self.alert_sink_errors = Counter(
             "ctd_alert_sink_errors", "Alert deliveries a sink gave up on after retries", ["sink"], registry=r
         )
+        self.sweeper_pending = Gauge(
+            "ctd_sweeper_pending", "Delegated events waiting for their final verdict (worker/sweeper.py)", registry=r
+        )
+        self.sweeper_swept = Counter(
+            "ctd_sweeper_swept", "Delegated events the sweeper finalised as expert_unavailable", ["reason"], registry=r
+        )

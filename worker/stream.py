@@ -522,6 +522,9 @@ class Stream(Generic[H]):
     # ---------------------------------------------------------------- rebalance
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned |= assigned
+        hook = getattr(self.handler, "assigned", None)  # optional: a handler with per-partition state rebuilds it
+        if hook is not None:
+            hook(assigned)
         self.metrics.rebalances.labels(kind="assigned").inc()
         self.metrics.ready.set(1 if self.ready() else 0)
         log.info("partitions.assigned", service=self.name,
