@@ -240,19 +240,22 @@ async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_neve
     burst += [_verdict(f"fine{c}", 0, p=0.1, source="probe", delegated=False) for c in range(20)]
     burst.append((b"x", b"\xff not a verdict"))
     await produce_raw(kafka_broker.bootstrap, topics.verdicts, burst)
-    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= 6)
+    alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= 12)
     # every verdict is handled and committed while the webhook is still failing or stalling
     await wait_for(lambda: alerter.tracker.in_flight() == 0 and not alerter.tracker.committable(), 10)
-    assert len(hook.bodies) < 6  # deliveries take >= 6 s (1 s stall each), the verdicts did not wait for them
+    assert len(hook.bodies) < 6  # deliveries take >= 12 s (1 s stall each), the verdicts did not wait for them
     await asyncio.sleep(1.0)
     alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: False, timeout=2)
-    assert sorted(a["conversation_id"] for a in alerts) == [f"bad{c}" for c in range(6)]
-    assert alerter.metrics.alerts_suppressed.labels(reason="duplicate_conversation")._value.get() == 6 * 24
+    # per conversation: the probe's warning, then the expert's critical alert (a higher severity gets through the
+    # dedupe window, issue 22 item 7); every later flag is a duplicate
+    assert sorted((a["conversation_id"], a["severity"]) for a in alerts) == sorted(
+        (f"bad{c}", s) for c in range(6) for s in ("warning", "critical"))
+    assert alerter.metrics.alerts_suppressed.labels(reason="duplicate_conversation")._value.get() == 6 * 23
     assert alerter.metrics.dead_letters.labels(reason="invalid_verdict")._value.get() == 1
     # the webhook got each alert once, after 3 refused attempts were retried
-    await wait_for(lambda: len(hook.bodies) == 6, 30)
+    await wait_for(lambda: len(hook.bodies) == 12, 40)
     assert sorted(b["alert_id"] for b in hook.bodies) == sorted(a["alert_id"] for a in alerts)
-    assert hook.attempts == 9 and alerter.metrics.alert_sink_errors.labels(sink="webhook:127.0.0.1")._value.get() == 0
+    assert hook.attempts == 15 and alerter.metrics.alert_sink_errors.labels(sink="webhook:127.0.0.1")._value.get() == 0
     alerter.stop()
     await asyncio.wait_for(task, 30)
     await hook.stop()
