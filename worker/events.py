@@ -142,7 +142,7 @@ class Verdict(_Model):
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="Verdict")
     added_fields: ClassVar[frozenset[str]] = frozenset({"audit", "probe_p_unsafe", "recalibration",
-                                                        "probe_features"})
+                                                        "probe_features", "claimed_tenant"})
 
     schema_version: Literal[1] = 1
     event_id: str
@@ -168,6 +168,9 @@ class Verdict(_Model):
     recalibration: Recalibration | None = Field(
         None, description="probe verdicts while audits are on: the recalibration state that decided")
     probe_features: list[float] | None = Field(None, description=f"audit verdicts: the request's; {_PROBE_FEATURES_DOC}")
+    claimed_tenant: str | None = Field(
+        None, description="the tenant the event's payload claimed, where it is not ``tenant`` (tenant.source): "
+        "recorded, never used for isolation")
 
 
 class ReviewRequest(_Model):

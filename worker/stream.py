@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -366,9 +366,13 @@ class Stream(Generic[H]):
     def __init__(
         self, handler: H, *, kafka: KafkaConfig, group_id: str, topic: str, dead_letter_topic: str,
         limits: ServiceLimits, metrics: ConsumerMetrics, consumer: Consumer | None = None,
-        producer: Producer | None = None,
+        producer: Producer | None = None, pattern: str | None = None, metadata_max_age_ms: int = 300_000,
     ) -> None:
         self.handler = handler
+        # A pattern (tenant.source topic: the input topic and one per tenant) replaces ``topic`` in the
+        # subscription; aiokafka matches it again on every metadata refresh (``metadata_max_age_ms``).
+        self.pattern = pattern
+        self.metadata_max_age_ms = metadata_max_age_ms
         self.name = handler.name
         self.kafka = kafka
         self.group_id = group_id
@@ -416,7 +420,7 @@ class Stream(Generic[H]):
             **common, group_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=self.kafka.session_timeout_ms, heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
             max_poll_interval_ms=self.kafka.max_poll_interval_ms, fetch_max_bytes=8 * self.limits.max_event_bytes,
-            max_partition_fetch_bytes=2 * self.limits.max_event_bytes,
+            max_partition_fetch_bytes=2 * self.limits.max_event_bytes, metadata_max_age_ms=self.metadata_max_age_ms,
         )
         return consumer, producer
 
@@ -455,9 +459,14 @@ class Stream(Generic[H]):
         await producer.start()
         self.outputs = Outputs(self, producer)
         await self.handler.start(self.outputs)
-        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        if self.pattern is None:
+            consumer.subscribe([self.topic], listener=_Rebalance(self))
+        else:
+            # Only the real client subscribes by pattern; the Consumer protocol (and the unit tests' fakes) keep
+            # the plain form.
+            cast(AIOKafkaConsumer, consumer).subscribe(pattern=self.pattern, listener=_Rebalance(self))
         await consumer.start()
-        log.info(f"{self.name}.started", topic=self.topic, group=self.group_id)
+        log.info(f"{self.name}.started", topic=self.topic, pattern=self.pattern, group=self.group_id)
         fetch = asyncio.create_task(self._fetch_loop(consumer), name="fetch")
         work = asyncio.create_task(self.handler.run(), name="work")
         commit = asyncio.create_task(self._commit_loop(), name="commit")
