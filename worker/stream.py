@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, cast
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -459,12 +459,11 @@ class Stream(Generic[H]):
         await producer.start()
         self.outputs = Outputs(self, producer)
         await self.handler.start(self.outputs)
-        if self.pattern is None:
-            consumer.subscribe([self.topic], listener=_Rebalance(self))
+        if self.pattern is not None and isinstance(consumer, AIOKafkaConsumer):
+            consumer.subscribe(pattern=self.pattern, listener=_Rebalance(self))
         else:
-            # Only the real client subscribes by pattern; the Consumer protocol (and the unit tests' fakes) keep
-            # the plain form.
-            cast(AIOKafkaConsumer, consumer).subscribe(pattern=self.pattern, listener=_Rebalance(self))
+            # In-memory consumers (unit tests) hand out their own partitions whatever they are subscribed to.
+            consumer.subscribe([self.topic], listener=_Rebalance(self))
         await consumer.start()
         log.info(f"{self.name}.started", topic=self.topic, pattern=self.pattern, group=self.group_id)
         fetch = asyncio.create_task(self._fetch_loop(consumer), name="fetch")
