@@ -152,6 +152,9 @@ class TenantConfig(Frozen):
     max_in_flight_bytes: int = Field(
         16_000_000, ge=1, description="event bytes one tenant may have between tokenization and its verdict; "
         "the rest waits its turn (one event always may, however large)")
+    max_waiting_share: float = Field(
+        0.5, gt=0, le=1, description="share of worker.max_in_flight one tenant's waiting events may take before "
+        "the partitions feeding them pause (others keep flowing; nothing is dropped)")
     fair_quantum_bytes: int = Field(
         65_536, ge=1, description="bytes each waiting tenant may send to tokenization per round (deficit round robin)")
 

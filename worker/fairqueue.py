@@ -58,6 +58,13 @@ class FairQueue(Generic[T]):
     def waiting(self, key: str) -> int:
         return len(self._queues.get(key, ()))
 
+    def crowded(self, max_waiting: int) -> list[str]:
+        """The tenants with more than ``max_waiting`` events waiting."""
+        return [key for key, queue in self._queues.items() if len(queue) > max_waiting]
+
+    def items(self, key: str) -> list[T]:
+        return [item for item, _ in self._queues.get(key, ())]
+
     def in_flight_bytes(self, key: str) -> int:
         return self._in_flight.get(key, 0)
 

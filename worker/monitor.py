@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from aiokafka import TopicPartition
 
 from probes.errors import ConfigError
 from probes.heads import LinearHead
@@ -155,6 +156,14 @@ class MonitorHandler(OutputsSlot):
 
     def waiting_on_purpose(self) -> bool:
         return False
+
+    def held_partitions(self) -> set[TopicPartition]:
+        """Partitions feeding a tenant with more than its share of the waiting events: the stream pauses them
+        (their records stay in Kafka, nothing is dropped) while other tenants' partitions keep flowing."""
+        w, t = self.settings.worker, self.settings.tenant
+        return {TopicPartition(x.record.topic, x.record.partition)
+                for key in self.waiting.crowded(max(1, int(w.max_in_flight * t.max_waiting_share)))
+                for x in self.waiting.items(key)}
 
     def wake(self) -> None:
         self._wake.set()

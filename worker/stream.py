@@ -561,6 +561,10 @@ class Stream(Generic[H]):
         limit = self.limits.max_in_flight
         metrics = self.metrics
         paused = False
+        # A handler may hold back partitions of its own (the monitor: those feeding a tenant past its share of the
+        # waiting events), so one tenant's backlog pauses its partitions before it reaches the pause of them all.
+        held_of: Callable[[], set[TopicPartition]] | None = getattr(self.handler, "held_partitions", None)
+        held: set[TopicPartition] = set()
         while True:
             if self.tracker.in_flight() >= limit:
                 # Pause every assigned partition (again: a rebalance may have added some), but keep calling
@@ -573,6 +577,14 @@ class Stream(Generic[H]):
                 consumer.resume(*consumer.assignment())
                 paused = False
                 metrics.paused.set(0)
+                held = set()
+            if held_of is not None and not paused:
+                assigned = consumer.assignment()
+                now_held = held_of() & assigned
+                if now_held != held:
+                    consumer.resume(*((held - now_held) & assigned))  # a revoked partition cannot be resumed
+                    consumer.pause(*(now_held - held))
+                    held = now_held
             batch = await consumer.getmany(timeout_ms=100 if not paused else 20, max_records=min(500, limit))
             self._last_progress = time.monotonic()
             metrics.last_progress.set(time.time())

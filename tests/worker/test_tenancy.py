@@ -18,7 +18,16 @@ from pydantic import SecretStr
 from probes.errors import ConfigError
 from probes.monitor import Monitor
 from tests.worker.helpers import worker_settings
-from tests.worker.test_stream import FakeConsumer, FakeProducer, running, stopped, until
+from tests.worker.test_stream import (
+    EchoHandler,
+    FakeConsumer,
+    FakeProducer,
+    make_stream,
+    record,
+    running,
+    stopped,
+    until,
+)
 from worker.config import BudgetConfig, TenantConfig, TopicsConfig
 from worker.events import utcnow
 from worker.metrics import WorkerMetrics
@@ -148,3 +157,47 @@ async def test_worker_keys_isolation_on_the_topic_in_fair_order_within_byte_shar
     assert "claimed_tenant" not in verdicts["big-0"], "a matching claim is not repeated"
     assert set(handler.budget.windows) == {"t:big", "t:small", "t:default"}
     assert handler.waiting.keys() == 0 and len(handler.waiting) == 0
+
+
+class _Holding(EchoHandler):
+    """Accepts records and keeps them in flight; holds back the partitions it is told to."""
+
+    def __init__(self) -> None:
+        super().__init__(publish=False)
+        self.held: set[TopicPartition] = set()
+
+    def held_partitions(self) -> set[TopicPartition]:
+        return set(self.held)
+
+
+async def test_a_tenant_past_its_waiting_share_pauses_only_the_partitions_feeding_it() -> None:
+    flood, quiet = TopicPartition("conversations", 0), TopicPartition("conversations.quiet", 0)
+    consumer = FakeConsumer({flood: 50, quiet: 0})
+    handler = _Holding()
+    handler.held = {flood}
+    stream = make_stream(handler, consumer, FakeProducer(), max_in_flight=1_000)
+    task = await running(stream)
+    await until(lambda: flood in consumer.paused)
+    consumer.log[quiet] = [record(quiet, o) for o in range(5)]
+    await until(lambda: sum(e.tp == quiet for e in handler.accepted) == 5)
+    assert not any(e.tp == flood for e in handler.accepted), "the held partition was fetched"
+    handler.held = set()
+    await until(lambda: sum(e.tp == flood for e in handler.accepted) == 50)
+    assert not consumer.paused
+    await stopped(stream, task)
+
+
+def test_the_monitor_holds_the_partitions_of_a_tenant_past_its_waiting_share(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    from worker.decode import decode_event
+    from worker.monitor import MonitorHandler, Waiting
+
+    settings = worker_settings("unused:9092", small_bundle, cache_dir, topics=TopicsConfig(), group="g",
+                               max_in_flight=100)
+    handler = MonitorHandler(settings, monitor, WorkerMetrics())
+    flood, quiet = TopicPartition("conversations", 1), TopicPartition("conversations.quiet", 0)
+    for tp, tenant, n in ((flood, "default", 51), (quiet, "quiet", 50)):
+        for r in _records(tp, [_event(f"{tenant}-{i}", tenant, "hi") for i in range(n)]):
+            handler.waiting.put(tenant, Waiting(r, decode_event(r.value), None, 0.0), len(r.value or b""))
+    assert handler.held_partitions() == {flood}
