@@ -23,7 +23,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from probes.data import read_file
-from tests.worker.helpers import guard_settings, read_topic, scrape_metrics, spawn_worker, wait_for, worker_settings
+from tests.worker.helpers import (
+    guard_settings,
+    read_topic,
+    scrape_metrics,
+    spawn_worker,
+    wait_for,
+    worker_settings,
+)
 from worker.alerts import alert_stream
 from worker.config import AlertsConfig, BudgetConfig, KafkaConfig, TenantConfig, TopicsConfig
 from worker.events import Alert, utcnow
