@@ -4,6 +4,7 @@ inside the stream core with the in-memory consumer and producer of test_stream."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -201,3 +202,37 @@ def test_the_monitor_holds_the_partitions_of_a_tenant_past_its_waiting_share(
         for r in _records(tp, [_event(f"{tenant}-{i}", tenant, "hi") for i in range(n)]):
             handler.waiting.put(tenant, Waiting(r, decode_event(r.value), None, 0.0), len(r.value or b""))
     assert handler.held_partitions() == {flood}
+
+
+async def test_worker_under_the_header_source_trusts_only_the_gateways_hmac(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    """A gateway-signed event is scored under its tenant; a forged header, a header copied from another event and
+    no header at all are scored (never dropped) under ``unverified`` and counted by reason."""
+    topics = TopicsConfig()
+    settings = worker_settings("unused:9092", small_bundle, cache_dir, topics=topics, group="g")
+    settings = settings.model_copy(update={"tenant": TenantConfig(source="header",
+                                                                  gateway_secret=SecretStr(SECRET.decode()))})
+    tp = TopicPartition(topics.input, 0)
+    stamp = int(time.time())
+    signed = gateway_headers(SECRET, "ok", "acme", stamp)
+    cases = [("ok", signed), ("forged", [(TENANT_HEADER, b"acme"), (AUTH_HEADER, b"v1:1:00")]),
+             ("copied", signed), ("none", [])]
+    consumer = FakeConsumer({tp: 0})
+    consumer.log[tp] = [dataclasses.replace(r, headers=tuple(h)) for r, (_, h) in
+                        zip(_records(tp, [_event(e, "victim", "hello") for e, _ in cases]), cases, strict=True)]
+    producer = FakeProducer(auto_ack=True)
+    metrics = WorkerMetrics()
+    stream = monitor_stream(settings, monitor, metrics)
+    stream.consumer, stream.producer = consumer, producer
+    stream.limits = ServiceLimits(max_in_flight=100, max_event_bytes=1 << 20, shutdown_deadline_s=5,
+                                  commit_interval_s=0.01, liveness_max_stall_s=60, http_port=None)
+    task = await running(stream)
+    await until(lambda: consumer.last_commit(tp) == len(cases))
+    await stopped(stream, task)
+    verdicts = {v["event_id"]: (v["tenant"], v.get("claimed_tenant")) for t, raw, _ in producer.sent
+                if t == topics.verdicts for v in [orjson.loads(raw)]}
+    assert verdicts == {"ok": ("acme", "victim"), "forged": ("unverified", "victim"),
+                        "copied": ("unverified", "victim"), "none": ("unverified", "victim")}
+    assert {r: metrics.tenant_unverified.labels(reason=r)._value.get() for r in ("mismatch", "missing")} == {
+        "mismatch": 2, "missing": 1}
