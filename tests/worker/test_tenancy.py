@@ -236,3 +236,13 @@ async def test_worker_under_the_header_source_trusts_only_the_gateways_hmac(
                         "copied": ("unverified", "victim"), "none": ("unverified", "victim")}
     assert {r: metrics.tenant_unverified.labels(reason=r)._value.get() for r in ("mismatch", "missing")} == {
         "mismatch": 2, "missing": 1}
+
+
+def test_topics_create_makes_each_tenant_topic_like_the_input() -> None:
+    from worker.config import WorkerConfig
+    from worker.topics import topic_specs
+
+    specs = {s.name: s for s in topic_specs(TopicsConfig(), WorkerConfig(), input_partitions=4, tenants=["acme"])}
+    tenant, plain = specs["conversations.acme"], specs["conversations"]
+    assert (tenant.partitions, tenant.config) == (plain.partitions, plain.config)
+    assert re.match(subscription_pattern("conversations"), tenant.name)
