@@ -406,6 +406,8 @@ def topics_create(
     output_partitions: Annotated[int, typer.Option(min=1, help="verdict and review partitions")] = 3,
     replication_factor: Annotated[int, typer.Option(min=1, help="replicas per partition")] = 1,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+    tenant: Annotated[list[str] | None, typer.Option(
+        "--tenant", help="also create <topics.input>.<tenant> (tenant.source: topic); repeatable")] = None,
 ) -> None:
     """Create the topics with their configs (max.message.bytes from worker.max_event_bytes); idempotent."""
     import asyncio
@@ -417,7 +419,7 @@ def topics_create(
     s = override(settings(ctx, cls=WorkerSettings), section="worker", bootstrap=bootstrap)
     kafka = s.kafka
     specs = topic_specs(s.topics, s.worker, input_partitions=partitions, output_partitions=output_partitions,
-                        replication_factor=replication_factor)
+                        replication_factor=replication_factor, tenants=tenant or ())
     outcomes = asyncio.run(create_topics(kafka, specs))
     emit({"bootstrap": kafka.bootstrap_servers, "topics": [o.model_dump() for o in outcomes]})
 

@@ -34,6 +34,7 @@ SINK_QUEUE = 1000
 ALERTER_MAX_IN_FLIGHT = 4096
 SINK_FLUSH_S = 2.0
 _RANK = {"warning": 0, "critical": 1}
+OVERFLOW_BUCKET = "\x00overflow"  # no tenant name holds a NUL: the shared bucket of tenants past the table
 
 
 class TokenBucket:
@@ -184,6 +185,9 @@ class AlertHandler(OutputsSlot):
         self.signer = Signer.from_config(settings.signing)
         self.sinks = list(sinks)
         self._queues = {sink.name: asyncio.Queue[Alert](SINK_QUEUE) for sink in self.sinks}
+        # Alerts each tenant holds in each sink's queue: one tenant fills at most its share of a shared queue.
+        self._queued: dict[str, collections.Counter[str]] = {sink.name: collections.Counter() for sink in self.sinks}
+        self._tenant_share = max(1, int(SINK_QUEUE * a.sink_tenant_share))
         # Every delegated event ends final: the sweeper sees every verdict the alerter reads (worker/sweeper.py).
         self.sweeper = DelegationSweeper(settings, metrics, self.signer) if settings.sweeper.enabled else None
 
@@ -246,21 +250,44 @@ class AlertHandler(OutputsSlot):
             self.metrics.alerts_suppressed.labels(reason="rate_limited").inc()
             return
         for sink in self.sinks:
+            queued = self._queued[sink.name]
+            if queued[alert.tenant] >= self._tenant_share:
+                self.metrics.alerts_suppressed.labels(reason="tenant_sink_share").inc()
+                continue
             try:
                 self._queues[sink.name].put_nowait(alert)
             except asyncio.QueueFull:
                 self.metrics.alerts_suppressed.labels(reason="sink_queue_full").inc()
+                continue
+            queued[alert.tenant] += 1
 
-    def _bucket(self, tenant: str) -> TokenBucket:
+    def _bucket(self, tenant: str, now: float | None = None) -> TokenBucket:
+        """The tenant's bucket. At most ``alerts.max_tenant_buckets`` are kept; only a bucket that has refilled to
+        its burst is evicted (a new one would be the same), so rotating names never buys a fresh burst: while
+        every kept bucket is still refilling, new tenants share one overflow bucket."""
         a = self.settings.alerts
+        now = time.monotonic() if now is None else now
         key = tenant if a.rate_limit_scope == "tenant" else ""
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = TokenBucket(a.rate_limit_per_s, a.rate_burst)
-            while len(self.buckets) > 10_000:  # tenant names come from producers: bounded memory
-                self.buckets.popitem(last=False)
+            if len(self.buckets) >= a.max_tenant_buckets and not self._evict_refilled(now):
+                key = OVERFLOW_BUCKET
+                bucket = self.buckets.get(key)
+            if bucket is None:
+                bucket = self.buckets[key] = TokenBucket(a.rate_limit_per_s, a.rate_burst, now)
+            self.metrics.alert_buckets.set(len(self.buckets))
         self.buckets.move_to_end(key)
         return bucket
+
+    def _evict_refilled(self, now: float) -> bool:
+        oldest_key = next((k for k in self.buckets if k != OVERFLOW_BUCKET), None)
+        if oldest_key is None:
+            return False
+        oldest = self.buckets[oldest_key]
+        if oldest.tokens + (now - oldest.updated) * oldest.rate < oldest.burst:
+            return False
+        del self.buckets[oldest_key]
+        return True
 
     # ---------------------------------------------------------------- notifications
     async def run(self) -> None:
@@ -287,6 +314,10 @@ class AlertHandler(OutputsSlot):
     async def _send_loop(self, sink: AlertSink, queue: asyncio.Queue[Alert]) -> None:
         while True:
             alert = await queue.get()
+            queued = self._queued[sink.name]
+            queued[alert.tenant] -= 1
+            if queued[alert.tenant] <= 0:
+                del queued[alert.tenant]
             try:
                 await sink.deliver(alert)
             except Exception as exc:  # noqa: BLE001 - a sink failure is counted, never fatal

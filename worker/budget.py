@@ -3,8 +3,11 @@
 Pure and deterministic (no Kafka, no torch, no clock); docs/architecture.md ("Live delegation budget") gives the
 method and its guarantees. Scope ``"tenant"`` keeps one window (and one token bucket) per tenant: a tenant that
 floods the stream with borderline traffic spends its own budget and tightens its own threshold, never another
-tenant's. Tenant names come from producers, so at most ``max_scopes`` tenants get a window of their own; the rest
-share one.
+tenant's. At most ``max_scopes`` tenants have a window of their own: a new tenant takes the place of the least
+recently used one once no event used it for ``scope_idle_events`` decisions (its state is then dropped: a tenant
+back after that long starts again from the offline threshold, as a new one does); while every window is in use,
+new tenants share one overflow window. So the first tenants seen never pin the table, and rotating names cannot
+grow it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class ScopeWindow:
     tokens: Fraction = Fraction(0)
     cap_hits: int = 0
     recertifications: int = 0
+    last_used: int = 0  # the controller's decision count when an event last used this window
 
     def __post_init__(self) -> None:
         self.signals = collections.deque(maxlen=self.size)
@@ -101,7 +105,10 @@ class BudgetController:
         self.config = config
         self.metrics = metrics
         self.grid_size = grid_size
-        self.windows: dict[ScopeKey, ScopeWindow] = {}
+        # Least recently used first (tenant scope evicts from the front).
+        self.windows: collections.OrderedDict[ScopeKey, ScopeWindow] = collections.OrderedDict()
+        self.decisions = 0  # the clock of idle eviction: deterministic, so replicas fed alike evict alike
+        self.evictions = 0
         self.refill: Fraction | None = None
         if config.hard_cap and rule.valid and rule.alpha is not None:
             # repr() is the shortest decimal that round-trips: α = 0.1 becomes exactly 1/10, not a binary float.
@@ -123,11 +130,25 @@ class BudgetController:
             if tenant is None:
                 raise ValueError('budget.scope "tenant" needs each event\'s tenant')
             key = "t:" + tenant  # a prefix keeps a tenant named "*" apart from the overflow window
-            if key not in self.windows and len(self.windows) >= self.config.max_scopes:
+            if key not in self.windows and len(self.windows) >= self.config.max_scopes and not self._evict_idle():
                 key = OVERFLOW_SCOPE
-        if key not in self.windows:
-            self.windows[key] = ScopeWindow(key, self.config.window)
-        return self.windows[key]
+        w = self.windows.get(key)
+        if w is None:
+            w = self.windows[key] = ScopeWindow(key, self.config.window)
+        self.decisions += 1
+        w.last_used = self.decisions
+        self.windows.move_to_end(key)
+        return w
+
+    def _evict_idle(self) -> bool:
+        """Drop the least recently used tenant window if it is idle; False when every window is in use."""
+        oldest = next((w for k, w in self.windows.items() if k != OVERFLOW_SCOPE), None)
+        if oldest is None or self.decisions - oldest.last_used < self.config.scope_idle_events:
+            return False
+        del self.windows[oldest.key]
+        self.evictions += 1
+        log.info("budget.scope_evicted", scope=oldest.key, idle_decisions=self.decisions - oldest.last_used)
+        return True
 
     def decide(
         self, signals: npt.ArrayLike, partitions: Sequence[int], tenants: Sequence[str] | None = None

@@ -146,7 +146,41 @@ class BudgetConfig(Frozen):
     cap_burst: int = Field(20, ge=1, description="token-bucket depth (delegations allowed in a burst)")
     scope: Literal["worker", "partition", "tenant"] = Field(
         "worker", description="one budget window per worker, per partition, or per tenant (isolation)")
-    max_scopes: int = Field(1000, ge=1, description="tenant windows kept; further tenants share one")
+    max_scopes: int = Field(
+        1000, ge=1, description="tenant windows kept; a new tenant takes the least recently used window's place "
+        "once that one is idle (scope_idle_events), else shares one overflow window")
+    scope_idle_events: int = Field(
+        10_000, ge=1, description="a tenant window no event used for this many decisions may be evicted")
+
+
+class TenantConfig(Frozen):
+    """Where an event's tenant comes from (worker/tenancy.py): the identity every isolation mechanism keys on.
+
+    ``topic`` (default): one input topic per tenant, ``<topics.input>.<tenant>``, writable only by that tenant's
+    principal (Kafka ACLs); the plain input topic's events belong to ``default``. ``header``: a gateway in front of
+    Kafka sets ``ctd-tenant`` and ``ctd-tenant-auth`` (HMAC-SHA256 under ``gateway_secret``, worker/tenant_auth.py);
+    an event without a valid pair is scored under ``unverified``. ``payload``: the producer-written ``tenant``
+    field (insecure: any producer can claim any tenant; logged as such at start). Whatever the payload says is
+    recorded in the verdict (``claimed_tenant``) and never keys isolation unless ``source`` is ``payload``.
+    """
+
+    source: Literal["topic", "header", "payload"] = "topic"
+    default: str = Field("default", min_length=1, max_length=256, description="tenant of the plain input topic")
+    unverified: str = Field("unverified", min_length=1, max_length=256,
+                            description="header source: tenant of events whose gateway header is missing or wrong")
+    gateway_secret: SecretStr | None = Field(None, description="header source: the gateway's HMAC key (a Secret)")
+    gateway_max_age_s: float | None = Field(
+        None, gt=0, description="header source: an older gateway timestamp counts as unverified (None: no bound)")
+    topic_refresh_ms: int = Field(
+        30_000, ge=1000, description="topic source: how soon a newly created tenant topic is subscribed")
+    max_in_flight_bytes: int = Field(
+        16_000_000, ge=1, description="event bytes one tenant may have between tokenization and its verdict; "
+        "the rest waits its turn (one event always may, however large)")
+    max_waiting_share: float = Field(
+        0.5, gt=0, le=1, description="share of worker.max_in_flight one tenant's waiting events may take before "
+        "the partitions feeding them pause (others keep flowing; nothing is dropped)")
+    fair_quantum_bytes: int = Field(
+        65_536, ge=1, description="bytes each waiting tenant may send to tokenization per round (deficit round robin)")
 
 
 class SigningConfig(Frozen):
@@ -215,6 +249,7 @@ class WorkerSettings(Settings):
     responses: ResponsesConfig = ResponsesConfig()
     signing: SigningConfig = SigningConfig()
     audit: WorkerAuditConfig = WorkerAuditConfig()
+    tenant: TenantConfig = TenantConfig()
 
 
 class GuardConfig(ServiceConfig):
@@ -270,6 +305,10 @@ class AlertsConfig(Frozen):
     rate_limit_scope: Literal["tenant", "global"] = Field(
         "tenant", description="one bucket per tenant, so one tenant's alert flood cannot silence another's")
     rate_burst: int = Field(50, ge=1)
+    max_tenant_buckets: int = Field(
+        10_000, ge=1, description="tenant buckets kept; only a refilled bucket is evicted, else new tenants share one")
+    sink_tenant_share: float = Field(
+        0.1, gt=0, le=1, description="share of a sink's queue one tenant's alerts may hold")
     critical_score: float = Field(0.9, gt=0, le=1, description="score at or above which severity is critical")
     probe_critical: bool = Field(False, description="probe-only verdicts may be critical (else warning at most)")
     include_metadata: bool = Field(False, description="copy the event's metadata into alert payloads")

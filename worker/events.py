@@ -156,7 +156,7 @@ class Verdict(_Model):
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="Verdict")
     added_fields: ClassVar[frozenset[str]] = frozenset({"audit", "probe_p_unsafe", "recalibration",
-                                                        "probe_features", "view"})
+                                                        "probe_features", "view", "claimed_tenant"})
 
     schema_version: Literal[1] = 1
     event_id: str
@@ -183,6 +183,9 @@ class Verdict(_Model):
         None, description="probe verdicts while audits are on: the recalibration state that decided")
     probe_features: list[float] | None = Field(None, description=f"audit verdicts: the request's; {_PROBE_FEATURES_DOC}")
     view: EventView | None = Field(None, description="set when the event was past the size limits: what was scored")
+    claimed_tenant: str | None = Field(
+        None, description="the tenant the event's payload claimed, where it is not ``tenant`` (tenant.source): "
+        "recorded, never used for isolation")
 
 
 class ReviewRequest(_Model):

@@ -88,6 +88,14 @@ class WorkerMetrics(ConsumerMetrics):
             "ctd_verdicts_out", "Verdicts acknowledged by the broker", ["decision", "source"], registry=r
         )
         self.delegated = Counter("ctd_delegated", "Events sent to the expert-review topic", registry=r)
+        self.tenant_unverified = Counter(
+            "ctd_tenant_unverified", "Events scored under tenant.unverified (gateway header missing or wrong)",
+            ["reason"], registry=r)
+        self.tenant_claims_overridden = Counter(
+            "ctd_tenant_claims_overridden", "Events whose payload tenant differs from the resolved tenant", registry=r)
+        self.tenant_scopes = Gauge(
+            "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue)", ["table"],
+            registry=r)
         self.batch_size = Histogram(
             "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
@@ -237,3 +245,4 @@ class AlerterMetrics(ConsumerMetrics):
         self.sweeper_swept = Counter(
             "ctd_sweeper_swept", "Delegated events the sweeper finalised as expert_unavailable", ["reason"], registry=r
         )
+        self.alert_buckets = Gauge("ctd_alert_tenant_buckets", "Per-tenant alert rate buckets held", registry=r)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from aiokafka import TopicPartition
 
 from probes.errors import ConfigError
 from probes.heads import LinearHead
@@ -42,6 +43,7 @@ from worker.events import (
     float32_list,
     utcnow,
 )
+from worker.fairqueue import FairQueue
 from worker.metrics import WorkerMetrics
 from worker.recalibration import RecalibrationFeed, recalibration_info
 from worker.signing import Signer
@@ -56,6 +58,7 @@ from worker.stream import (
     Stream,
     split_on_failure,
 )
+from worker.tenancy import TenantResolver
 
 log = get_logger(__name__)
 
@@ -65,8 +68,10 @@ class Tokenized:
     """A decoded event and its token rows (the body of the monitor's envelope): one row when the conversation
     fits ``max_tokens``, else the usual view plus windows (probes/windows.py); the event scores as its best row."""
 
-    event: ConversationEvent
+    event: ConversationEvent  # its ``tenant`` is the resolved one (worker/tenancy.py)
     rows: list[list[int]]
+    claimed: str | None = None  # the payload's tenant where it differs from the resolved one
+    size: int = 0  # the record's bytes, held in its tenant's in-flight share until the verdict is handed over
     view: EventView | None = None  # the event was past the size limits: ``event`` is its bounded view
 
     @property
@@ -83,6 +88,17 @@ class Tokenized:
 Item = Envelope[Tokenized]
 
 
+@dataclass(slots=True)
+class Waiting:
+    """A decoded event waiting its tenant's turn for tokenization (worker/fairqueue.py)."""
+
+    record: Record
+    event: ConversationEvent
+    claimed: str | None
+    consumed_at: float
+    view: EventView | None = None
+
+
 class MonitorHandler(OutputsSlot):
     """Conversation events in, probe verdicts (and review requests) out."""
 
@@ -97,6 +113,10 @@ class MonitorHandler(OutputsSlot):
             BatchLimits(max_batch_tokens=b.max_batch_tokens, max_items=b.max_items, max_wait_s=b.max_wait_ms / 1000,
                         lookahead=b.lookahead)
         )
+        t = settings.tenant
+        self.tenants = TenantResolver(t, settings.topics.input)
+        self.waiting: FairQueue[Waiting] = FairQueue(t.fair_quantum_bytes, t.max_in_flight_bytes)
+        self._prep_wake = asyncio.Event()
         # Two threads: one prepares (tokenize, collate) while the other runs torch.
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-prep")
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-infer")
@@ -135,13 +155,14 @@ class MonitorHandler(OutputsSlot):
     # ---------------------------------------------------------------- handler protocol
     async def start(self, outputs: Outputs) -> None:
         await super().start(outputs)
+        self.tenants.log_source()
         if self.feed is not None:
             # Before the group: the first verdicts after a restart are decided with the rebuilt window.
             await self.feed.start()
             await self.feed.catch_up(self.settings.audit.catch_up_timeout_s)
 
     def busy(self) -> bool:
-        return bool(len(self.batcher)) or self._inference is not None
+        return bool(len(self.batcher)) or bool(len(self.waiting)) or self._inference is not None
 
     def waiting_on_purpose(self) -> bool:
         return False
@@ -158,8 +179,17 @@ class MonitorHandler(OutputsSlot):
             await self.out.sleep(pause)
         return not (self.breaker.opened and self.out.stopping)
 
+    def held_partitions(self) -> set[TopicPartition]:
+        """Partitions feeding a tenant with more than its share of the waiting events: the stream pauses them
+        (their records stay in Kafka, nothing is dropped) while other tenants' partitions keep flowing."""
+        w, t = self.settings.worker, self.settings.tenant
+        return {TopicPartition(x.record.topic, x.record.partition)
+                for key in self.waiting.crowded(max(1, int(w.max_in_flight * t.max_waiting_share)))
+                for x in self.waiting.items(key)}
+
     def wake(self) -> None:
         self._wake.set()
+        self._prep_wake.set()
 
     async def close(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
@@ -169,11 +199,10 @@ class MonitorHandler(OutputsSlot):
 
     # ---------------------------------------------------------------- decode + tokenize
     async def accept(self, records: Sequence[Record]) -> None:
+        """Decode and resolve each record's tenant; the events then wait their tenant's turn (``_prep_loop``)."""
         now = time.monotonic()
-        stage = self.metrics.stage_cpu
         w = self.settings.worker
-        decoded: list[tuple[Record, ConversationEvent, EventView | None]] = []
-        with stage("decode"):
+        with self.metrics.stage_cpu("decode"):
             for record in records:
                 try:
                     viewed = decode_viewed(record.value, view=self._view, max_bytes=w.max_event_bytes,
@@ -182,21 +211,50 @@ class MonitorHandler(OutputsSlot):
                 except DecodeError as exc:
                     self.out.dead_letter(record, exc.reason, exc.detail, "decode")
                     continue
+                event = viewed.event
                 if viewed.view is not None:
                     self.metrics.bounded_views.inc()
-                decoded.append((record, viewed.event, viewed.view))
-        if not decoded:
-            return
+                tenancy = self.tenants.resolve(record.topic, record.headers, event.event_id, event.tenant)
+                if tenancy.unverified is not None:
+                    self.metrics.tenant_unverified.labels(reason=tenancy.unverified).inc()
+                claimed = None
+                if tenancy.tenant != event.tenant:
+                    # Everything downstream (batcher, budget, verdict, review request, alerts) sees the resolved
+                    # tenant; the claim travels only as ``claimed_tenant``.
+                    self.metrics.tenant_claims_overridden.inc()
+                    claimed = event.tenant
+                    event = event.model_copy(update={"tenant": tenancy.tenant})
+                self.waiting.put(tenancy.tenant, Waiting(record, event, claimed, now, viewed.view), len(record.value or b""))
+        self._prep_wake.set()
+
+    async def _prep_loop(self) -> None:
+        """Tokenize waiting events in fair order (deficit round robin on bytes per tenant), only as fast as the
+        batcher needs them: what waits, waits here in its tenant's queue, not in arrival order on the prep thread."""
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._prep, self._tokenize_all, [event for _, event, _ in decoded])
-        with stage("batch_collate"):
-            for (record, event, view), event_rows in zip(decoded, rows, strict=True):
-                if isinstance(event_rows, Exception):  # a chat template or tokenizer that fails on this event alone
-                    self.out.dead_letter(record, "tokenize_error", repr(event_rows), "inference")
-                    continue
-                body = Tokenized(event, event_rows, view)
-                self.batcher.add(Envelope.of(record, body, now), body.tokens, now, key=event.tenant)
-        self._wake.set()
+        b, t = self.settings.batching, self.settings.tenant
+        while True:
+            taken = [] if len(self.batcher) >= b.lookahead else self.waiting.take(
+                max_items=b.max_items, max_bytes=16 * t.fair_quantum_bytes)
+            if not taken:
+                self._prep_wake.clear()
+                try:
+                    await asyncio.wait_for(self._prep_wake.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+                continue
+            rows = await loop.run_in_executor(self._prep, self._tokenize_all, [x.item.event for x in taken])
+            now = time.monotonic()
+            with self.metrics.stage_cpu("batch_collate"):
+                for x, event_rows in zip(taken, rows, strict=True):
+                    waiting = x.item
+                    if isinstance(event_rows, Exception):  # a chat template or tokenizer failing on this event alone
+                        self.out.dead_letter(waiting.record, "tokenize_error", repr(event_rows), "inference")
+                        self.waiting.release(x.key, x.size)
+                        continue
+                    body = Tokenized(waiting.event, event_rows, waiting.claimed, x.size, waiting.view)
+                    self.batcher.add(Envelope.of(waiting.record, body, waiting.consumed_at), body.tokens, now,
+                                     key=x.key)
+            self._wake.set()
 
     def _tokenize_all(self, events: Sequence[ConversationEvent]) -> list[list[list[int]] | Exception]:
         """Each event's rows (a conversation cut to ``max_tokens`` is read again in windows, probes/windows.py):
@@ -227,13 +285,12 @@ class MonitorHandler(OutputsSlot):
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:
-        """The batching loop, and the audit feed beside it: if either dies, both stop (the stream fails)."""
-        if self.feed is None:
-            await self._batch_loop()
-            return
+        """The prep and batching loops, and the audit feed beside them: if one dies, all stop (the stream fails)."""
         async with asyncio.TaskGroup() as group:
+            group.create_task(self._prep_loop(), name="prep")
             group.create_task(self._batch_loop(), name="batch")
-            group.create_task(self.feed.run(), name="recalibration")
+            if self.feed is not None:
+                group.create_task(self.feed.run(), name="recalibration")
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -252,6 +309,7 @@ class MonitorHandler(OutputsSlot):
                 batch = self.batcher.next_batch(time.monotonic(), force=out.stopping)
             if not batch:
                 continue
+            self._prep_wake.set()  # room in the batcher: the next tenant's turn can be tokenized
             items = [p.item for p in batch]
             collated = await loop.run_in_executor(self._prep, self._collate, items)
             if self._inference is not None:
@@ -271,7 +329,6 @@ class MonitorHandler(OutputsSlot):
             self.metrics.queue_latency.observe(started - item.consumed_at)
         self.metrics.batch_size.observe(len(items))
         self.metrics.batch_tokens.observe(sum(b.padded_tokens for b in collated[0]))
-
         w = self.settings.worker
 
         async def attempt(part: list[Item]) -> None:
@@ -329,7 +386,15 @@ class MonitorHandler(OutputsSlot):
                           pause_s=round(self.breaker.pause_s(), 1))
             self.out.dead_letter(item, "inference_error", repr(exc), "inference")
 
-        await split_on_failure(items, attempt, give_up, what="inference")
+        try:
+            await split_on_failure(items, attempt, give_up, what="inference")
+        finally:
+            # Every item is handed over (verdict or dead letter): its bytes leave its tenant's in-flight share.
+            for item in items:
+                self.waiting.release(item.body.event.tenant, item.body.size)
+            self.metrics.tenant_scopes.labels(table="budget").set(len(self.budget.windows))
+            self.metrics.tenant_scopes.labels(table="fair_queue").set(self.waiting.keys())
+            self._prep_wake.set()
 
     # ---------------------------------------------------------------- publish
     def _probe_verdicts(self, p: npt.NDArray[np.float64], features: npt.NDArray[np.float32] | None = None
@@ -364,7 +429,7 @@ class MonitorHandler(OutputsSlot):
             timings=Timings(queue_ms=queue_s * 1000, inference_ms=inference_s * 1000,
                             total_ms=(time.monotonic() - item.consumed_at) * 1000),
             decided_at=utcnow(), metadata=event.metadata, audit=audited, probe_p_unsafe=raw,
-            recalibration=recalibration, view=item.body.view,
+            recalibration=recalibration, view=item.body.view, claimed_tenant=item.body.claimed,
         )
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
@@ -417,6 +482,8 @@ def monitor_stream(settings: WorkerSettings, monitor: Monitor, metrics: WorkerMe
     """The monitor worker: the input topic through ``MonitorHandler`` in the worker's consumer group."""
     metrics = metrics or WorkerMetrics()
     w = settings.worker
-    return Stream(MonitorHandler(settings, monitor, metrics), kafka=settings.kafka, group_id=settings.kafka.group_id,
+    handler = MonitorHandler(settings, monitor, metrics)
+    return Stream(handler, kafka=settings.kafka, group_id=settings.kafka.group_id,
                   topic=settings.topics.input, dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
-                  limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes))
+                  limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes),
+                  pattern=handler.tenants.pattern, metadata_max_age_ms=settings.tenant.topic_refresh_ms)

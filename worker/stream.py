@@ -366,9 +366,13 @@ class Stream(Generic[H]):
     def __init__(
         self, handler: H, *, kafka: KafkaConfig, group_id: str, topic: str, dead_letter_topic: str,
         limits: ServiceLimits, metrics: ConsumerMetrics, consumer: Consumer | None = None,
-        producer: Producer | None = None,
+        producer: Producer | None = None, pattern: str | None = None, metadata_max_age_ms: int = 300_000,
     ) -> None:
         self.handler = handler
+        # A pattern (tenant.source topic: the input topic and one per tenant) replaces ``topic`` in the
+        # subscription; aiokafka matches it again on every metadata refresh (``metadata_max_age_ms``).
+        self.pattern = pattern
+        self.metadata_max_age_ms = metadata_max_age_ms
         self.name = handler.name
         self.kafka = kafka
         self.group_id = group_id
@@ -420,7 +424,7 @@ class Stream(Generic[H]):
             **common, group_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=self.kafka.session_timeout_ms, heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
             max_poll_interval_ms=self.kafka.max_poll_interval_ms, fetch_max_bytes=8 * self.limits.max_event_bytes,
-            max_partition_fetch_bytes=2 * self.limits.max_event_bytes,
+            max_partition_fetch_bytes=2 * self.limits.max_event_bytes, metadata_max_age_ms=self.metadata_max_age_ms,
         )
         return consumer, producer
 
@@ -459,9 +463,13 @@ class Stream(Generic[H]):
         await producer.start()
         self.outputs = Outputs(self, producer)
         await self.handler.start(self.outputs)
-        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        if self.pattern is not None and isinstance(consumer, AIOKafkaConsumer):
+            consumer.subscribe(pattern=self.pattern, listener=_Rebalance(self))
+        else:
+            # In-memory consumers (unit tests) hand out their own partitions whatever they are subscribed to.
+            consumer.subscribe([self.topic], listener=_Rebalance(self))
         await consumer.start()
-        log.info(f"{self.name}.started", topic=self.topic, group=self.group_id)
+        log.info(f"{self.name}.started", topic=self.topic, pattern=self.pattern, group=self.group_id)
         fetch = asyncio.create_task(self._fetch_loop(consumer), name="fetch")
         work = asyncio.create_task(self.handler.run(), name="work")
         commit = asyncio.create_task(self._commit_loop(), name="commit")
@@ -560,6 +568,10 @@ class Stream(Generic[H]):
         limit = self.limits.max_in_flight
         metrics = self.metrics
         paused = False
+        # A handler may hold back partitions of its own (the monitor: those feeding a tenant past its share of the
+        # waiting events), so one tenant's backlog pauses its partitions before it reaches the pause of them all.
+        held_of: Callable[[], set[TopicPartition]] | None = getattr(self.handler, "held_partitions", None)
+        held: set[TopicPartition] = set()
         while True:
             if self.tracker.in_flight() >= limit:
                 # Pause every assigned partition (again: a rebalance may have added some), but keep calling
@@ -572,6 +584,14 @@ class Stream(Generic[H]):
                 consumer.resume(*consumer.assignment())
                 paused = False
                 metrics.paused.set(0)
+                held = set()
+            if held_of is not None and not paused:
+                assigned = consumer.assignment()
+                now_held = held_of() & assigned
+                if now_held != held:
+                    consumer.resume(*((held - now_held) & assigned))  # a revoked partition cannot be resumed
+                    consumer.pause(*(now_held - held))
+                    held = now_held
             batch = await consumer.getmany(timeout_ms=100 if not paused else 20, max_records=min(500, limit))
             self._last_progress = time.monotonic()
             metrics.last_progress.set(time.time())

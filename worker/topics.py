@@ -23,6 +23,7 @@ from probes.config import Frozen
 from probes.errors import CtdError
 from probes.logs import get_logger
 from worker.config import RECORD_OVERHEAD_BYTES, KafkaConfig, TopicsConfig, WorkerConfig
+from worker.tenancy import tenant_topic
 
 log = get_logger(__name__)
 
@@ -70,9 +71,10 @@ def dead_letter_bytes(max_event_bytes: int) -> int:
 
 def topic_specs(
     topics: TopicsConfig, worker: WorkerConfig, *, input_partitions: int = 3, output_partitions: int = 3,
-    replication_factor: int = 1,
+    replication_factor: int = 1, tenants: Sequence[str] = (),
 ) -> tuple[TopicSpec, ...]:
-    """Every topic with its partition count and config (workers scale up to ``input_partitions``)."""
+    """Every topic with its partition count and config (workers scale up to ``input_partitions``); ``tenants``
+    adds one input topic per tenant (``tenant.source: topic``, worker/tenancy.py), configured as the input."""
     common = {"max.message.bytes": str(max_message_bytes(worker.max_event_bytes))}
     if replication_factor > 1:
         # acks=all then means "on at least two brokers": one broker down loses nothing.
@@ -84,6 +86,7 @@ def topic_specs(
         (topics.review, output_partitions, stream), (topics.dead_letter, 1, audit), (topics.alerts, 1, audit),
         # Streamed responses (worker/responses.py): chunks keyed by response_id, one terminal verdict each.
         (topics.responses, input_partitions, stream), (topics.response_verdicts, output_partitions, stream),
+        *((tenant_topic(topics.input, t), input_partitions, stream) for t in tenants),
     ]
     return tuple(TopicSpec(name=name, partitions=n, replication_factor=replication_factor, config=config)
                  for name, n, config in rows)
