@@ -259,7 +259,7 @@ class GuardHandler(OutputsSlot):
             if self.out.stopping:
                 return False
             self._set_degraded(True, reason="circuit_open")
-            await self.out.sleep(pause)
+            await self.out.sleep(min(pause, 1.0))  # short naps: a shortened cooldown is seen promptly
         return not (self.breaker.opened and self.out.stopping)
 
     def _set_degraded(self, degraded: bool, *, reason: str = "") -> None:

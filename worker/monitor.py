@@ -176,7 +176,7 @@ class MonitorHandler(OutputsSlot):
         while (pause := self.breaker.pause_s()) > 0:
             if self.out.stopping:
                 return False
-            await self.out.sleep(pause)
+            await self.out.sleep(min(pause, 1.0))  # short naps: a shortened cooldown is seen promptly
         return not (self.breaker.opened and self.out.stopping)
 
     def held_partitions(self) -> set[TopicPartition]:
