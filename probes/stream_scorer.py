@@ -241,6 +241,32 @@ class StreamScorer:
         return ResponseState(prefix=prefix_ids(self.tokenizer, context, self.prefix_max_tokens),
                              aggregate=self.probe.new_aggregate())
 
+    def resume(self, *, prefix: list[int], scored: list[int], logits: list[float], text: str,
+               anchor_tok: int) -> ResponseState:
+        """A response's state rebuilt from a checkpoint: the aggregate replayed from the kept token logits, no
+        model run (its KV cache is recomputed from prefix + scored at its next chunk, as after an eviction).
+
+        ``text`` is the response from the anchor on (``scored[:anchor_tok]`` covers what came before it).
+        """
+        if len(logits) != len(scored) or not 0 <= anchor_tok <= len(scored):
+            raise ValueError("a checkpoint's logits, scored tokens and anchor disagree")
+        settings = self.probe.settings
+        state = ResponseState(prefix=list(prefix), aggregate=self.probe.new_aggregate(), text=text,
+                              scored=list(scored), logits=list(logits), anchor_char=0, anchor_tok=anchor_tok)
+        if logits:
+            state.stop_index = first_crossing(state.aggregate.push(logits)[settings.aggregator], settings.threshold)
+        return state
+
+    def step_of(self, state: ResponseState, *, new_tokens: int = 0, stopped_now: bool = False,
+                recomputed: bool = False) -> StreamStep:
+        """Where ``state`` stands, as the step a chunk would report."""
+        a = self.probe.settings.aggregator
+        return StreamStep(
+            new_tokens=new_tokens, scored_tokens=len(state.scored), stop_index=state.stop_index,
+            stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
+            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
+        )
+
     def states(self, ids: Sequence[int], past: Any | None = None) -> tuple[F32, Any]:
         hidden, cache = self.extractor.hidden_cached(ids, past)
         return hidden.cpu().numpy().astype(np.float32), cache
@@ -362,18 +388,13 @@ class StreamScorer:
                 store.put(chunk.key, past)
         elif chunk.final:
             store.pop(chunk.key)
-        a = settings.aggregator
-        return StreamStep(
-            new_tokens=len(plan.new), scored_tokens=len(state.scored), stop_index=state.stop_index,
-            stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
-            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
-        )
+        return self.step_of(state, new_tokens=len(plan.new), stopped_now=stopped_now, recomputed=recomputed)
 
 
 def _agreeing(ids: Sequence[int], scored: Sequence[int], start: int = 0) -> int:
     """How many of ``scored`` the re-tokenized ``ids`` still start with (both agree before ``start``)."""
     if list(ids[start: len(scored)]) == list(scored[start:]):
-        return len(scored) if len(ids) >= len(scored) else len(ids)
+        return min(len(scored), len(ids))
     pairs = zip(ids[start:], scored[start:], strict=False)
     return start + next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ids), len(scored)) - start)
 

@@ -84,6 +84,8 @@ def topic_specs(
         (topics.review, output_partitions, stream), (topics.dead_letter, 1, audit), (topics.alerts, 1, audit),
         # Streamed responses (worker/responses.py): chunks keyed by response_id, one terminal verdict each.
         (topics.responses, input_partitions, stream), (topics.response_verdicts, output_partitions, stream),
+        # Checkpoints of open responses (worker/response_state.py): the latest per response_id counts.
+        (topics.response_state, output_partitions, {**stream, "cleanup.policy": "compact,delete"}),
     ]
     return tuple(TopicSpec(name=name, partitions=n, replication_factor=replication_factor, config=config)
                  for name, n, config in rows)
