@@ -14,16 +14,18 @@ reader keeps the one furthest along (a closed one wins), never simply the last.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any, Protocol
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from probes.logs import get_logger
 from worker.config import KafkaConfig
 
 log = get_logger(__name__)
+STATE_TOPIC_WAIT_S = 30.0
 
 
 class ResponseCheckpoint(BaseModel):
@@ -90,21 +92,21 @@ class KafkaStateLog:
         self.topic = topic
         self.max_bytes = max_bytes
         self._consumer: AIOKafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
+        self._early: list[bytes] = []  # read while waiting for the assignment
 
     async def _start(self) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(**self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", fetch_max_bytes=8 * self.max_bytes,
-                                    max_partition_fetch_bytes=2 * self.max_bytes)
+        # Subscribed without a group: every partition of the topic is assigned, read from the earliest offset.
+        consumer = AIOKafkaConsumer(self.topic, **self.kafka.client_kwargs(), group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    fetch_max_bytes=8 * self.max_bytes, max_partition_fetch_bytes=2 * self.max_bytes)
         await consumer.start()
         try:
-            await consumer.topics()  # metadata, so the topic's partitions are known
-            parts = consumer.partitions_for_topic(self.topic) or set()
-            if not parts:
-                raise RuntimeError(f"state topic {self.topic!r} not found: create it (ctd-monitor topics create)")
-            self._partitions = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            consumer.assign(self._partitions)
-            await consumer.seek_to_beginning(*self._partitions)
+            deadline = time.monotonic() + STATE_TOPIC_WAIT_S
+            while not consumer.assignment():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"state topic {self.topic!r} not found: create it (ctd-monitor topics create)")
+                batch = await consumer.getmany(timeout_ms=200)
+                self._early.extend(r.value for rs in batch.values() for r in rs if r.value)
         except BaseException:
             await consumer.stop()
             raise
@@ -114,13 +116,12 @@ class KafkaStateLog:
         if self._consumer is None:
             self._consumer = await self._start()
         consumer = self._consumer
-        ends = await consumer.end_offsets(self._partitions)
-        out: list[ResponseCheckpoint] = []
+        values, self._early = self._early, []
+        ends = await consumer.end_offsets(list(consumer.assignment()))
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batch = await consumer.getmany(timeout_ms=200, max_records=1000)
-            for records in batch.values():
-                out.extend(c for r in records if (c := decode_checkpoint(r.value)) is not None)
-        return out
+            values.extend(r.value for rs in batch.values() for r in rs if r.value)
+        return [c for v in values if (c := decode_checkpoint(v)) is not None]
 
     async def close(self) -> None:
         if self._consumer is not None:

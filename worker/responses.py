@@ -429,8 +429,14 @@ def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: Consume
     """The streamed-response service: the ``responses`` topic through ``ResponseHandler``."""
     probe = TokenProbe.from_bundle(monitor.bundle)
     scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
-    handler = ResponseHandler(settings, scorer, bundle_version=monitor.bundle.version,
-                              model_version=monitor.model_version)
+    return scorer_stream(settings, scorer, bundle_version=monitor.bundle.version,
+                         model_version=monitor.model_version, metrics=metrics, **clients)
+
+
+def scorer_stream(settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str, model_version: str,
+                  metrics: ConsumerMetrics | None = None, **clients: object) -> ResponseStream:
+    """The service around a given stream scorer (``response_stream`` builds it from the bundle)."""
+    handler = ResponseHandler(settings, scorer, bundle_version=bundle_version, model_version=model_version)
     metrics = metrics or ConsumerMetrics(prefix="ctd_responses", consumed_name="chunks_in",
                                          consumed_help="Response chunks consumed")
     r = settings.responses
