@@ -166,7 +166,8 @@ class ResponseState:
 
     prefix: list[int]
     aggregate: StreamAggregate
-    #: The response so far with control-token strings made inert (``neutralise_tail``).
+    #: The response from ``anchor_char`` on (what came before is in ``scored[:anchor_tok]``), with control-token
+    #: strings made inert (``neutralise_tail``).
     text: str = ""
     scored: list[int] = field(default_factory=list)
     #: ``scored[:anchor_tok]`` is the tokenization of ``text[:anchor_char]`` and what follows tokenizes on its
@@ -314,22 +315,22 @@ class StreamScorer:
         text = neutralise_tail(state.text, chunk.delta, self.specials)
         tail = self.tokenizer(text[state.anchor_char:], add_special_tokens=False, return_offsets_mapping=True)
         tail_ids, offsets = list(tail["input_ids"]), list(tail["offset_mapping"])
-        ids = state.scored[: state.anchor_tok] + tail_ids
-        capped = len(ids) > cap
-        ids = ids[:cap]
+        base = state.anchor_tok  # ids = scored[:base] + tail_ids, never built: the tail is all a chunk reads
+        total = min(base + len(tail_ids), cap)
+        capped = base + len(tail_ids) > cap
         # The text re-tokenized differently across a chunk boundary: roll back to the tokens that still agree.
-        kept = _agreeing(ids, state.scored, start=state.anchor_tok)
+        kept = base + _agreeing(tail_ids[: total - base], state.scored[base:])
         retokenized = kept < len(state.scored)
-        scored = state.scored[:kept]
-        upto = len(ids) if chunk.final or capped else max(len(scored), len(ids) - settings.holdback_tokens)
-        new = ids[len(scored) : upto]
+        upto = total if chunk.final or capped else max(kept, total - settings.holdback_tokens)
+        new = tail_ids[kept - base : upto - base]
         past = store.get(chunk.key) if new else None
         if past is not None and retokenized:
             past = crop_cache(past, len(state.prefix) + kept)  # views: the held cache itself is not changed
-        run = new if past is not None else (state.prefix + scored + new if new else [])
-        anchor = self._next_anchor(state, text, tail_ids, offsets, scored_after=upto)
-        return _Plan(chunk=chunk, text=text, capped=capped, retokenized=retokenized, kept=kept, new=new,
-                     anchor=anchor, run=run, past=past)
+        run = new if past is not None else (state.prefix + state.scored[:kept] + new if new else [])
+        cut, anchor_tok = self._next_anchor(state, text, tail_ids, offsets, scored_after=upto)
+        # Text before the anchor is never read again: the state keeps the response from its anchor on.
+        return _Plan(chunk=chunk, text=text[cut:], capped=capped, retokenized=retokenized, kept=kept, new=new,
+                     anchor=(0, anchor_tok), run=run, past=past)
 
     def _next_anchor(self, state: ResponseState, text: str, tail_ids: Sequence[int],
                      offsets: Sequence[tuple[int, int]], *, scored_after: int) -> tuple[int, int]:
@@ -391,12 +392,11 @@ class StreamScorer:
         return self.step_of(state, new_tokens=len(plan.new), stopped_now=stopped_now, recomputed=recomputed)
 
 
-def _agreeing(ids: Sequence[int], scored: Sequence[int], start: int = 0) -> int:
-    """How many of ``scored`` the re-tokenized ``ids`` still start with (both agree before ``start``)."""
-    if list(ids[start: len(scored)]) == list(scored[start:]):
-        return min(len(scored), len(ids))
-    pairs = zip(ids[start:], scored[start:], strict=False)
-    return start + next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ids), len(scored)) - start)
+def _agreeing(ids: Sequence[int], scored: Sequence[int]) -> int:
+    """How many of ``scored`` the re-tokenized ``ids`` still start with."""
+    if list(ids[: len(scored)]) == list(scored):
+        return len(scored)
+    return next((i for i, (a, b) in enumerate(zip(ids, scored, strict=False)) if a != b), min(len(ids), len(scored)))
 
 
 @dataclass(frozen=True)
