@@ -29,9 +29,17 @@ from probes.conversation import Message, plain_text
 from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor, crop_cache, pool
 from probes.models import LoadedModel
+from probes.special_tokens import neutralise, special_strings
 from probes.token_probe import StreamAggregate, TokenProbe, first_crossing
 
 F32 = npt.NDArray[np.float32]
+# Response tokens re-tokenized behind the last scored one on every chunk: the text is tokenized from an anchor
+# this far back (a token boundary both tokenizations share), not from its start, so a chunk costs its own length.
+RETOKENIZE_OVERLAP_TOKENS = 16
+# The longest generic control-token pattern (probes/special_tokens.py: ``<|`` + 64 + ``|>``): a control token
+# split across chunks completes within this many characters of the text already held, so only they are
+# neutralised again.
+_NEUTRALISE_WINDOW = 68
 
 
 def require_causal(loaded: LoadedModel) -> None:
@@ -46,8 +54,11 @@ def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> l
     """The context up to the assistant header, at most ``max_tokens`` (oldest tokens dropped, BOS kept)."""
     if getattr(tokenizer, "chat_template", None):
         if context:
+            # Content is untrusted: control-token strings in it made inert, as on the conversation path (render.py).
+            specials = special_strings(tokenizer)
             text = str(tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in context], tokenize=False, add_generation_prompt=True
+                [{"role": m.role, "content": neutralise(m.content, specials)} for m in context], tokenize=False,
+                add_generation_prompt=True,
             ))
         else:
             # Templates refuse an empty conversation: keep only the assistant header a generation prompt adds.
@@ -57,7 +68,9 @@ def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> l
             text = with_header[len(without):]
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
-        text = plain_text(context) + ("\n\n" if context else "") + "Assistant: "
+        specials = special_strings(tokenizer)
+        safe = [Message(m.role, neutralise(m.content, specials)) for m in context]
+        text = plain_text(safe) + ("\n\n" if safe else "") + "Assistant: "
         bos = getattr(tokenizer, "bos_token_id", None)
         ids = ([bos] if bos is not None else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) <= max_tokens:
@@ -68,7 +81,25 @@ def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> l
 
 
 def response_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    """The response's tokens: its text with control-token strings made inert (a response cannot close its turn)."""
+    if not text:
+        return []
+    return list(tokenizer(neutralise(text, special_strings(tokenizer)), add_special_tokens=False)["input_ids"])
+
+
+def neutralise_tail(held: str, delta: str, specials: frozenset[str]) -> str:
+    """``neutralise(raw)`` for a response whose neutralised text so far is ``held``, ``delta`` appended.
+
+    Only the last ``_NEUTRALISE_WINDOW`` characters of ``held`` are read again (a control token split across
+    chunks completes there), so the cost is the delta's, not the response's.
+    """
+    cut = max(0, len(held) - neutralise_window(specials))
+    return held[:cut] + neutralise(held[cut:] + delta, specials)
+
+
+def neutralise_window(specials: frozenset[str]) -> int:
+    """How far back a control token still being completed by the next chunk can start."""
+    return max(_NEUTRALISE_WINDOW, max(map(len, specials), default=0))
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -135,8 +166,14 @@ class ResponseState:
 
     prefix: list[int]
     aggregate: StreamAggregate
+    #: The response from ``anchor_char`` on (what came before is in ``scored[:anchor_tok]``), with control-token
+    #: strings made inert (``neutralise_tail``).
     text: str = ""
     scored: list[int] = field(default_factory=list)
+    #: ``scored[:anchor_tok]`` is the tokenization of ``text[:anchor_char]`` and what follows tokenizes on its
+    #: own: a chunk re-tokenizes ``text[anchor_char:]`` only (incremental tokenization).
+    anchor_char: int = 0
+    anchor_tok: int = 0
     #: The probe's logit of each scored token: a roll-back replays the aggregate from them, not the model.
     logits: list[float] = field(default_factory=list)
     stop_index: int | None = None
@@ -179,6 +216,7 @@ class _Plan:
     retokenized: bool
     kept: int  # scored tokens the re-tokenized text still agrees with (all of them unless ``retokenized``)
     new: list[int]
+    anchor: tuple[int, int]  # the next (anchor_char, anchor_tok)
     run: list[int]  # what the forward pass reads: ``new`` on a held cache, else prefix + scored + new
     past: Any | None
 
@@ -193,6 +231,8 @@ class StreamScorer:
         self.extractor = extractor
         self.probe = probe
         self.prefix_max_tokens = prefix_max_tokens
+        self.specials = special_strings(self.tokenizer)
+        self._window = neutralise_window(self.specials)
 
     @property
     def tokenizer(self) -> Any:
@@ -201,6 +241,32 @@ class StreamScorer:
     def open(self, context: Sequence[Message]) -> ResponseState:
         return ResponseState(prefix=prefix_ids(self.tokenizer, context, self.prefix_max_tokens),
                              aggregate=self.probe.new_aggregate())
+
+    def resume(self, *, prefix: list[int], scored: list[int], logits: list[float], text: str,
+               anchor_tok: int) -> ResponseState:
+        """A response's state rebuilt from a checkpoint: the aggregate replayed from the kept token logits, no
+        model run (its KV cache is recomputed from prefix + scored at its next chunk, as after an eviction).
+
+        ``text`` is the response from the anchor on (``scored[:anchor_tok]`` covers what came before it).
+        """
+        if len(logits) != len(scored) or not 0 <= anchor_tok <= len(scored):
+            raise ValueError("a checkpoint's logits, scored tokens and anchor disagree")
+        settings = self.probe.settings
+        state = ResponseState(prefix=list(prefix), aggregate=self.probe.new_aggregate(), text=text,
+                              scored=list(scored), logits=list(logits), anchor_char=0, anchor_tok=anchor_tok)
+        if logits:
+            state.stop_index = first_crossing(state.aggregate.push(logits)[settings.aggregator], settings.threshold)
+        return state
+
+    def step_of(self, state: ResponseState, *, new_tokens: int = 0, stopped_now: bool = False,
+                recomputed: bool = False) -> StreamStep:
+        """Where ``state`` stands, as the step a chunk would report."""
+        a = self.probe.settings.aggregator
+        return StreamStep(
+            new_tokens=new_tokens, scored_tokens=len(state.scored), stop_index=state.stop_index,
+            stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
+            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
+        )
 
     def states(self, ids: Sequence[int], past: Any | None = None) -> tuple[F32, Any]:
         hidden, cache = self.extractor.hidden_cached(ids, past)
@@ -241,27 +307,59 @@ class StreamScorer:
         """What ``chunk`` needs run, read from its state and the store without changing either."""
         settings = self.probe.settings
         state = chunk.state
-        text = state.text + chunk.delta
-        ids = response_ids(self.tokenizer, text)
-        capped = len(ids) > settings.max_response_tokens
-        ids = ids[: settings.max_response_tokens]
+        cap = settings.max_response_tokens
+        if len(state.scored) >= cap:
+            # Everything the probe reads is scored: the rest of the response is neither kept nor tokenized.
+            return _Plan(chunk=chunk, text=state.text, capped=True, retokenized=False, kept=len(state.scored),
+                         new=[], anchor=(state.anchor_char, state.anchor_tok), run=[], past=None)
+        text = neutralise_tail(state.text, chunk.delta, self.specials)
+        tail = self.tokenizer(text[state.anchor_char:], add_special_tokens=False, return_offsets_mapping=True)
+        tail_ids, offsets = list(tail["input_ids"]), list(tail["offset_mapping"])
+        base = state.anchor_tok  # ids = scored[:base] + tail_ids, never built: the tail is all a chunk reads
+        total = min(base + len(tail_ids), cap)
+        capped = base + len(tail_ids) > cap
         # The text re-tokenized differently across a chunk boundary: roll back to the tokens that still agree.
-        kept = _agreeing(ids, state.scored)
+        kept = base + _agreeing(tail_ids[: total - base], state.scored[base:])
         retokenized = kept < len(state.scored)
-        scored = state.scored[:kept]
-        upto = len(ids) if chunk.final or capped else max(len(scored), len(ids) - settings.holdback_tokens)
-        new = ids[len(scored) : upto]
+        upto = total if chunk.final or capped else max(kept, total - settings.holdback_tokens)
+        new = tail_ids[kept - base : upto - base]
         past = store.get(chunk.key) if new else None
         if past is not None and retokenized:
             past = crop_cache(past, len(state.prefix) + kept)  # views: the held cache itself is not changed
-        run = new if past is not None else (state.prefix + scored + new if new else [])
-        return _Plan(chunk=chunk, text=text, capped=capped, retokenized=retokenized, kept=kept, new=new, run=run,
-                     past=past)
+        run = new if past is not None else (state.prefix + state.scored[:kept] + new if new else [])
+        cut, anchor_tok = self._next_anchor(state, text, tail_ids, offsets, scored_after=upto)
+        # Text before the anchor is never read again: the state keeps the response from its anchor on.
+        return _Plan(chunk=chunk, text=text[cut:], capped=capped, retokenized=retokenized, kept=kept, new=new,
+                     anchor=(0, anchor_tok), run=run, past=past)
+
+    def _next_anchor(self, state: ResponseState, text: str, tail_ids: Sequence[int],
+                     offsets: Sequence[tuple[int, int]], *, scored_after: int) -> tuple[int, int]:
+        """The latest token boundary at least ``RETOKENIZE_OVERLAP_TOKENS`` behind the last scored token and
+        before the characters a next chunk could still neutralise, where the text tokenizes the same cut there
+        as whole (checked); the current anchor if there is none."""
+        base_char, base_tok = state.anchor_char, state.anchor_tok
+        last = min(scored_after - RETOKENIZE_OVERLAP_TOKENS, base_tok + len(offsets) - 1) - base_tok
+        limit = len(text) - self._window
+        tries = 0
+        for j in range(last, 0, -1):
+            # Token j - 1 ends where the cut goes (a tokenizer that trims offsets leaves a leading space out of
+            # token j's own span); byte-level pieces of one character share offsets and are no boundary.
+            cut = base_char + offsets[j - 1][1]
+            if cut > limit or offsets[j - 1][1] <= offsets[j - 1][0] or offsets[j - 1][1] > offsets[j][0]:
+                continue
+            again = self.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+            if list(again) == list(tail_ids[j:]):
+                return cut, base_tok + j
+            tries += 1
+            if tries == 3:
+                break
+        return base_char, base_tok
 
     def _commit(self, plan: _Plan, computed: tuple[F32, Any] | None, store: KVStore) -> StreamStep:
         settings = self.probe.settings
         chunk, state = plan.chunk, plan.chunk.state
         state.text = plan.text
+        state.anchor_char, state.anchor_tok = plan.anchor
         recomputed = plan.retokenized
         if plan.retokenized:
             del state.scored[plan.kept :], state.logits[plan.kept :]
@@ -291,12 +389,7 @@ class StreamScorer:
                 store.put(chunk.key, past)
         elif chunk.final:
             store.pop(chunk.key)
-        a = settings.aggregator
-        return StreamStep(
-            new_tokens=len(plan.new), scored_tokens=len(state.scored), stop_index=state.stop_index,
-            stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
-            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
-        )
+        return self.step_of(state, new_tokens=len(plan.new), stopped_now=stopped_now, recomputed=recomputed)
 
 
 def _agreeing(ids: Sequence[int], scored: Sequence[int]) -> int:

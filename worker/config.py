@@ -71,6 +71,8 @@ class TopicsConfig(Frozen):
     alerts: str = "ctd-alerts"
     responses: str = Field("responses", description="streamed response chunks in (key: response_id)")
     response_verdicts: str = Field("response-verdicts", description="one terminal verdict per streamed response")
+    response_state: str = Field(
+        "response-state", description="checkpoints of open streamed responses (compacted, key: response_id)")
 
     def suffixed(self, suffix: str) -> TopicsConfig:
         """The same topic set under unique names (benchmarks and tests share one broker)."""
@@ -80,7 +82,7 @@ class TopicsConfig(Frozen):
         """Topic → partition count for creating the whole set; workers scale up to ``input_partitions``."""
         return {self.input: input_partitions, self.verdicts: output_partitions, self.review: output_partitions,
                 self.dead_letter: 1, self.alerts: 1, self.responses: input_partitions,
-                self.response_verdicts: output_partitions}
+                self.response_verdicts: output_partitions, self.response_state: output_partitions}
 
 
 class BatchingConfig(Frozen):
@@ -216,6 +218,15 @@ class ResponsesConfig(ServiceConfig):
     # a round only waits for the chunks that are ready, so a quiet stream still runs small passes at once.
     max_batch: int = Field(64, ge=1, description="open responses whose ready chunks share one forward pass")
     closed_memory: int = Field(10000, ge=1, description="closed response ids remembered to drop late chunks")
+    max_chunks_per_response: int = Field(
+        4096, ge=1, description="a response with more chunks is stopped (reason limit) and the rest dead-lettered")
+    max_response_bytes: int = Field(
+        1_000_000, ge=1024, description="a response with more text (UTF-8) is stopped (limit), the rest dead-lettered")
+    checkpoint: bool = Field(
+        True, description="scored chunks are committed once the response's state is checkpointed on the "
+        "response-state topic; off: every chunk of an open response stays uncommitted until its verdict")
+    partition_max_in_flight: int = Field(
+        512, ge=1, description="a partition whose uncommitted chunks reach this pauses alone (max_in_flight: all)")
 
 
 class WorkerAuditConfig(AuditConfig):

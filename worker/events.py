@@ -228,7 +228,8 @@ class Alert(_Model):
     conversation_id: str
     tenant: str
     severity: Literal["warning", "critical"]
-    source: Literal["probe", "expert", "expert_unavailable"]
+    # "stream": a streamed response stopped unscored (timeout, gap, limit, error: worker/responses.py).
+    source: Literal["probe", "expert", "expert_unavailable", "stream"]
     p_unsafe: float
     bundle_version: str
     expert_version: str | None = None
@@ -332,8 +333,10 @@ class StreamVerdict(_Model):
     response_id: str
     conversation_id: str | None
     tenant: str
+    # Only a response read to its final chunk can be allowed: a timeout, a gap, a limit or an inference error
+    # stops it (fail closed) and raises an alert.
     decision: Literal["stop", "allow"]
-    reason: Literal["threshold", "final", "timeout", "gap"]
+    reason: Literal["threshold", "final", "timeout", "gap", "limit", "error"]
     token_index: int | None = Field(None, description="response token at which the smoothed score crossed")
     tokens_scored: int
     last_seq: int

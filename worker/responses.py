@@ -1,28 +1,38 @@
 """Streamed responses: chunks in (topic ``responses``), one terminal verdict per response out.
 
 The handler of the stream core (worker/stream.py) for responses read while they are generated. Per open
-response it keeps the chunk order (``seq``: out-of-order chunks wait, duplicates are dropped), the token
-probe's small running state, and its KV cache in a bounded store (probes/stream_scorer.py: only new tokens
-run; an evicted cache is recomputed from the prefix). A response ends with one ``StreamVerdict``: ``stop`` at
-the token where the smoothed score first crosses the calibrated threshold, else ``allow`` when its final chunk
-arrives, or when no chunk came for ``response_timeout_s`` (or it fell too far out of order: ``gap``).
+response it keeps the chunk order (``seq``: out-of-order chunks wait, duplicates are dropped, a seq more than
+``max_pending_chunks`` ahead is dead-lettered and changes nothing), the token probe's small running state, and
+its KV cache in a bounded store (probes/stream_scorer.py: only new tokens run; an evicted cache is recomputed
+from the prefix). A response ends with one ``StreamVerdict``: ``stop`` at the token where the smoothed score
+first crosses the calibrated threshold, ``allow`` only when its final chunk was read; everything else fails
+closed: no chunk for ``response_timeout_s`` (``timeout``, or ``gap`` while a chunk is missing), more chunks or
+text than the per-response limits (``limit``, the rest dead-lettered), an inference failure (``error``) each
+end in ``stop`` with a critical alert (source ``stream``) on the alerts topic.
 
-At-least-once: no chunk of an open response is done before its verdict is acknowledged, so the committed
-offset never passes the first chunk of a response still open. After a crash or a rebalance the response's
-chunks are read again from chunk 0 and re-scored from its prefix, which gives the same tokens, hence the same
-decision (the verdict is keyed by ``response_id``; a repeat supersedes nothing new).
+At-least-once with checkpoints (``responses.checkpoint``, default): once a round of chunks is scored, the
+response's state goes to the compacted ``response-state`` topic (worker/response_state.py) and those chunks are
+done when it is acknowledged, so commits advance while responses stay open. Only chunks waiting out of order
+(at most ``max_pending_chunks`` a response, at most ``response_timeout_s``) and chunks being scored hold their
+partition's commit, and a partition with ``partition_max_in_flight`` uncommitted chunks pauses alone. After a
+restart or a rebalance, the first records of a newly assigned partition wait until the state topic is read to
+its end; the partition's open responses then resume from their checkpoints (their timeout counts anew), and
+re-delivered chunks already checkpointed are duplicates. Without checkpoints, no chunk of an open response is
+done before its verdict is acknowledged and a response is re-read from chunk 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
@@ -32,37 +42,55 @@ from probes.stream_scorer import Chunk, KVStore, ResponseState, StreamScorer, St
 from probes.token_probe import TokenProbe
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_chunk
-from worker.events import ResponseChunk, StreamVerdict, utcnow
+from worker.events import Alert, ResponseChunk, StreamVerdict, utcnow
 from worker.metrics import ConsumerMetrics
 from worker.response_order import ChunkOrder, ClosedSet
+from worker.response_state import KafkaStateLog, ResponseCheckpoint, StateLog
 from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
 Item = Envelope[ResponseChunk]
-Reason = Literal["threshold", "final", "timeout", "gap"]
+Reason = Literal["threshold", "final", "timeout", "gap", "limit", "error"]
+# Reasons a response ends without having been read to its end: decided "stop", with an alert.
+UNSCORED: frozenset[str] = frozenset({"timeout", "gap", "limit", "error"})
+STREAM_ALERT_NAMESPACE = uuid.UUID("0b7d5a8e-3c61-4f2a-9d0e-5e1f7a2c4b93")
 
 
 @dataclass
 class Work:
-    """One response of a scoring batch and its ready chunks not yet scored, in seq order."""
+    """One response of a scoring batch: its ready chunks not yet scored (seq order), and those scored now."""
 
     response: OpenResponse
     chunks: deque[Item]
+    scored: list[Item] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a verdict repeats from a response's chunk 0."""
+
+    tenant: str
+    conversation_id: str | None
+    metadata: dict[str, Any]
 
 
 @dataclass
 class OpenResponse:
-    """One response being read: its chunk order, the chunks not yet scored, the envelopes it holds."""
+    """One response being read: its chunk order, the chunks not yet scored, the envelopes not yet done."""
 
     response_id: str
+    tp: TopicPartition
     order: ChunkOrder[Item]
     last_seen: float
+    #: Accepted and not yet done: waiting out of order, ready, or scored with their checkpoint not yet sent.
     held: list[Item] = field(default_factory=list)
     ready: list[Item] = field(default_factory=list)
     state: ResponseState | None = None
     step: StreamStep | None = None
     last_seq: int = -1
-    first: ResponseChunk | None = None
+    meta: Meta | None = None
+    chunks: int = 0
+    bytes: int = 0
 
 
 class ResponseHandler(OutputsSlot):
@@ -71,16 +99,23 @@ class ResponseHandler(OutputsSlot):
     name = "responses"
 
     def __init__(self, settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str,
-                 model_version: str) -> None:
+                 model_version: str, state_log: StateLog | None = None) -> None:
         self.settings = settings
         self.config = settings.responses
         self.scorer = scorer
         self.bundle_version = bundle_version
         self.model_version = model_version
+        if self.config.checkpoint and state_log is None:
+            state_log = KafkaStateLog(settings.kafka, settings.topics.response_state,
+                                      max_bytes=self.config.max_event_bytes)
+        self.state_log = state_log if self.config.checkpoint else None
         self.store = KVStore(max_bytes=self.config.kv_cache_max_bytes, max_entries=self.config.kv_cache_max_entries)
         self.open: dict[str, OpenResponse] = {}
         self.closed = ClosedSet(self.config.closed_memory)
         self.queue: deque[str] = deque()
+        #: Checkpoints read from the state topic for responses not open here (yet): resumed on assignment.
+        self.saved: dict[str, ResponseCheckpoint] = {}
+        self.known: set[TopicPartition] = set()
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-stream-infer")
         self._wake = asyncio.Event()
         self._working = False
@@ -90,7 +125,7 @@ class ResponseHandler(OutputsSlot):
         return bool(self.queue) or self._working
 
     def waiting_on_purpose(self) -> bool:
-        # Open responses hold their chunks uncommitted until their verdict: commits pause on purpose.
+        # Open responses hold chunks (out of order, or all of them without checkpoints) until their verdict.
         return bool(self.open)
 
     def wake(self) -> None:
@@ -98,18 +133,25 @@ class ResponseHandler(OutputsSlot):
 
     async def close(self) -> None:
         self._infer.shutdown(wait=False, cancel_futures=True)
+        if self.state_log is not None:
+            await self.state_log.close()
 
     def release(self, partitions: set[TopicPartition]) -> None:
-        """Revoked partitions: drop their open responses unjudged; the new owner re-reads them from chunk 0."""
-        for response in [r for r in self.open.values() if any(i.tp in partitions for i in r.held)]:
+        """Revoked partitions: drop their open responses unjudged; the new owner resumes them from their
+        checkpoints (or re-reads them from chunk 0 without)."""
+        for response in [r for r in self.open.values() if r.tp in partitions]:
             self.open.pop(response.response_id, None)
             self.store.pop(response.response_id)
             if response.response_id in self.queue:
                 self.queue.remove(response.response_id)
+        self.known -= partitions
         log.info("responses.released", partitions=len(partitions), still_open=len(self.open))
 
     # ---------------------------------------------------------------- order
     async def accept(self, records: Sequence[Record]) -> None:
+        fresh = {TopicPartition(r.topic, r.partition) for r in records} - self.known
+        if fresh:
+            await self._resume(fresh)
         now = time.monotonic()
         for record in records:
             try:
@@ -120,22 +162,74 @@ class ResponseHandler(OutputsSlot):
             self.offer(Envelope.of(record, chunk, now), now)
         self._wake.set()
 
+    async def _resume(self, partitions: set[TopicPartition]) -> None:
+        """Newly assigned partitions: read the state topic to its end, resume their open responses."""
+        if self.state_log is not None:
+            for checkpoint in await self.state_log.read_new():
+                rid = checkpoint.response_id
+                if rid in self.open:
+                    continue  # ours, and further along in memory than any record of it
+                if checkpoint.closed is not None:
+                    self.saved.pop(rid, None)
+                    self.closed.add(rid, checkpoint.closed)
+                    continue
+                if rid in self.closed:
+                    continue
+                known = self.saved.get(rid)
+                if known is None or checkpoint.further_than(known):
+                    self.saved[rid] = checkpoint
+            now = time.monotonic()
+            for rid, checkpoint in list(self.saved.items()):
+                tp = TopicPartition(checkpoint.topic, checkpoint.partition)
+                if tp in partitions:
+                    del self.saved[rid]
+                    self.open[rid] = self._resumed(checkpoint, tp, now)
+            log.info("responses.resumed", partitions=len(partitions),
+                     open=sum(r.tp in partitions for r in self.open.values()))
+        self.known |= partitions
+
+    def _resumed(self, checkpoint: ResponseCheckpoint, tp: TopicPartition, now: float) -> OpenResponse:
+        state = self.scorer.resume(prefix=checkpoint.prefix, scored=checkpoint.scored, logits=checkpoint.logits,
+                                   text=checkpoint.text, anchor_tok=checkpoint.anchor_tok)
+        return OpenResponse(
+            checkpoint.response_id, tp, ChunkOrder(self.config.max_pending_chunks, next_seq=checkpoint.next_seq),
+            now, state=state, step=self.scorer.step_of(state), last_seq=checkpoint.last_seq,
+            meta=Meta(checkpoint.tenant, checkpoint.conversation_id, checkpoint.metadata),
+            chunks=checkpoint.chunks, bytes=checkpoint.text_bytes,
+        )
+
     def offer(self, item: Item, now: float) -> None:
         chunk = item.body
         rid = chunk.response_id
         if rid in self.closed:
-            self.out.done(item)  # a late or repeated chunk of a response already judged
+            if self.closed.reason(rid) == "limit":
+                self.out.dead_letter(item, "response_limit", "the response was stopped at its chunk or byte limit",
+                                     "decode")
+            else:
+                self.out.done(item)  # a late or repeated chunk of a response already judged
             return
         response = self.open.get(rid)
+        next_seq = response.order.next_seq if response is not None else 0
+        if chunk.seq > next_seq + self.config.max_pending_chunks:
+            # Refused before it touches anything: a forged far-ahead seq can neither open nor close a response.
+            self.out.dead_letter(item, "seq_out_of_range",
+                                 f"seq {chunk.seq} is more than {self.config.max_pending_chunks} ahead of {next_seq}",
+                                 "decode")
+            return
         if response is None:
-            response = self.open[rid] = OpenResponse(rid, ChunkOrder(self.config.max_pending_chunks), now)
+            response = self.open[rid] = OpenResponse(rid, item.tp, ChunkOrder(self.config.max_pending_chunks), now)
         status, ready = response.order.offer(chunk.seq, item)
         if status == "duplicate":
             self.out.done(item)
             return
         response.held.append(item)
         response.last_seen = now
-        if status == "overflow":
+        response.chunks += 1
+        response.bytes += len(chunk.text.encode())
+        if response.chunks > self.config.max_chunks_per_response or response.bytes > self.config.max_response_bytes:
+            self._close(response, "limit")
+            return
+        if status in ("overflow", "too_far"):  # unreachable past the seq check above; fail closed all the same
             self._close(response, "gap")
             return
         if ready:
@@ -166,9 +260,14 @@ class ResponseHandler(OutputsSlot):
             finally:
                 self._working = False
             for work in batch:
-                reason = reasons.get(work.response.response_id)
-                if reason is not None and self.open.get(work.response.response_id) is work.response:
-                    self._close(work.response, reason)
+                response = work.response
+                if self.open.get(response.response_id) is not response:
+                    continue  # failed, released or closed meanwhile
+                reason = reasons.get(response.response_id)
+                if reason is not None:
+                    self._close(response, reason)
+                elif work.scored:
+                    self._checkpoint(response, work.scored)
 
     def _take_batch(self) -> list[Work]:
         """Up to ``max_batch`` queued responses, each with the chunks ready for it now (taken off it)."""
@@ -202,9 +301,12 @@ class ResponseHandler(OutputsSlot):
                 batch.append(Chunk(work.response.response_id, state, chunk.text, chunk.final))
             steps = self.scorer.score_chunks(batch, store=self.store)
             for work, scored, step in zip(live, batch, steps, strict=True):
-                response, chunk = work.response, work.chunks.popleft().body
+                response, item = work.response, work.chunks.popleft()
+                chunk = item.body
+                work.scored.append(item)
                 if response.state is None:
-                    response.first, response.state = chunk, scored.state
+                    response.state = scored.state
+                    response.meta = Meta(chunk.tenant, chunk.conversation_id, chunk.metadata)
                 response.step, response.last_seq = step, chunk.seq
                 if step.stop_index is not None:
                     reasons[response.response_id] = "threshold"
@@ -215,47 +317,108 @@ class ResponseHandler(OutputsSlot):
         timeout = self.config.response_timeout_s
         for response in [r for r in self.open.values() if now - r.last_seen > timeout]:
             if response.response_id not in self.queue:
-                self._close(response, "timeout")
+                self._close(response, "gap" if response.order.pending else "timeout")
 
     def _fail(self, response: OpenResponse, exc: Exception) -> None:
         log.error("response.inference_failed", response_id=response.response_id, error=repr(exc))
-        self._forget(response)
-        for item in response.held:
+        response.meta = response.meta or self._meta(response)
+        held, response.held = response.held, []
+        self._close(response, "error")
+        for item in held:
             self.out.dead_letter(item, "inference_error", repr(exc), "inference")
 
-    # ---------------------------------------------------------------- verdict
-    def _forget(self, response: OpenResponse) -> None:
-        self.open.pop(response.response_id, None)
-        self.closed.add(response.response_id)
-        self.store.pop(response.response_id)
-
-    def _close(self, response: OpenResponse, reason: Reason) -> None:
-        self._forget(response)
-        step = response.step
-        probe = self.scorer.probe
-        first = response.first or response.held[0].body
-        stopped = step is not None and step.stop_index is not None
-        verdict = StreamVerdict(
-            response_id=response.response_id, conversation_id=first.conversation_id, tenant=first.tenant,
-            decision="stop" if stopped else "allow", reason=reason,
-            token_index=step.stop_index if step is not None else None,
-            tokens_scored=step.scored_tokens if step is not None else 0, last_seq=response.last_seq,
-            p_unsafe=step.p_unsafe if step is not None else 0.0, threshold=probe.settings.threshold,
-            aggregator=probe.settings.aggregator, alpha=probe.settings.alpha, bundle_version=self.bundle_version,
-            model_version=self.model_version, decided_at=utcnow(), metadata=first.metadata,
+    # ---------------------------------------------------------------- checkpoint
+    def _checkpoint_message(self, response: OpenResponse, closed: Reason | None = None) -> Message:
+        state, meta = response.state, response.meta or self._meta(response)
+        checkpoint = ResponseCheckpoint(
+            response_id=response.response_id, topic=response.tp.topic, partition=response.tp.partition,
+            next_seq=response.order.next_seq, closed=closed, tenant=meta.tenant,
+            conversation_id=meta.conversation_id, metadata=meta.metadata, last_seq=response.last_seq,
+            chunks=response.chunks, text_bytes=response.bytes, written_at=utcnow(),
+            **({} if state is None or closed is not None else {
+                "prefix": state.prefix, "scored": state.scored, "logits": state.logits,
+                # Once every token the probe reads is scored, the text is never read again.
+                "text": "" if self._capped(state) else state.text[state.anchor_char:],
+                "anchor_tok": state.anchor_tok}),
         )
-        last, others = response.held[-1], response.held[:-1]
-        message = Message(self.settings.topics.response_verdicts, verdict.to_json(), response.response_id.encode(),
-                          [("response_id", response.response_id.encode())])
+        return Message(self.settings.topics.response_state, checkpoint.to_json(), response.response_id.encode())
+
+    def _capped(self, state: ResponseState) -> bool:
+        return len(state.scored) >= self.scorer.probe.settings.max_response_tokens
+
+    def _checkpoint(self, response: OpenResponse, scored: list[Item]) -> None:
+        """The scored chunks are done once the response's state after them is acknowledged (checkpoints on);
+        without checkpoints they stay held until the verdict."""
+        if self.state_log is None:
+            return
+        done = {id(i) for i in scored}
+        response.held = [i for i in response.held if id(i) not in done]
+        last, others = scored[-1], scored[:-1]
 
         def acked() -> None:
-            # Only now may the response's other chunks count as done: before, a crash must re-read them all.
             for item in others:
                 self.out.done(item)
 
-        log.info("response.verdict", response_id=response.response_id, decision=verdict.decision, reason=reason,
-                 tokens=verdict.tokens_scored)
-        self.out.publish(last, [message], acked)
+        self.out.publish(last, [self._checkpoint_message(response)], acked)
+
+    # ---------------------------------------------------------------- verdict
+    def _forget(self, response: OpenResponse, reason: Reason) -> None:
+        self.open.pop(response.response_id, None)
+        self.closed.add(response.response_id, reason)
+        self.store.pop(response.response_id)
+        if response.response_id in self.queue:
+            self.queue.remove(response.response_id)
+
+    @staticmethod
+    def _meta(response: OpenResponse) -> Meta:
+        first = next((i.body for i in response.held if i.body.seq == 0), None) or response.held[0].body
+        return Meta(first.tenant, first.conversation_id, first.metadata)
+
+    def _close(self, response: OpenResponse, reason: Reason) -> None:
+        self._forget(response, reason)
+        step = response.step
+        probe = self.scorer.probe
+        meta = response.meta or self._meta(response)
+        stopped = (step is not None and step.stop_index is not None) or reason in UNSCORED
+        p_unsafe = step.p_unsafe if step is not None else 0.0
+        verdict = StreamVerdict(
+            response_id=response.response_id, conversation_id=meta.conversation_id, tenant=meta.tenant,
+            decision="stop" if stopped else "allow", reason=reason,
+            token_index=step.stop_index if step is not None else None,
+            tokens_scored=step.scored_tokens if step is not None else 0, last_seq=response.last_seq,
+            p_unsafe=p_unsafe, threshold=probe.settings.threshold,
+            aggregator=probe.settings.aggregator, alpha=probe.settings.alpha, bundle_version=self.bundle_version,
+            model_version=self.model_version, decided_at=utcnow(), metadata=meta.metadata,
+        )
+        key = response.response_id.encode()
+        messages = [Message(self.settings.topics.response_verdicts, verdict.to_json(), key,
+                            [("response_id", key)])]
+        if reason in UNSCORED:
+            alert = Alert(
+                alert_id=str(uuid.uuid5(STREAM_ALERT_NAMESPACE, response.response_id)),
+                event_id=response.response_id, conversation_id=meta.conversation_id or response.response_id,
+                tenant=meta.tenant, severity="critical", source="stream", p_unsafe=p_unsafe,
+                bundle_version=self.bundle_version, verdict_decided_at=verdict.decided_at, raised_at=utcnow(),
+                metadata={"stream_reason": reason, "last_seq": response.last_seq},
+            )
+            messages.append(Message(self.settings.topics.alerts, alert.to_json(), key))
+        if self.state_log is not None:
+            messages.append(self._checkpoint_message(response, closed=reason))
+        log.log(40 if reason in UNSCORED else 20, "response.verdict", response_id=response.response_id,
+                decision=verdict.decision, reason=reason, tokens=verdict.tokens_scored)
+        if not response.held:
+            # Every chunk was checkpointed and committed: the verdict is owed to no record in flight (a crash
+            # before it is acknowledged leaves the checkpoint open, and the response times out again).
+            self.out.publish_detached(messages)
+            return
+        last, others = response.held[-1], response.held[:-1]
+
+        def acked() -> None:
+            # Only now may the response's other chunks count as done: before, a crash must re-read them.
+            for item in others:
+                self.out.done(item)
+
+        self.out.publish(last, messages, acked)
 
 
 ResponseStream = Stream[ResponseHandler]
@@ -266,12 +429,19 @@ def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: Consume
     """The streamed-response service: the ``responses`` topic through ``ResponseHandler``."""
     probe = TokenProbe.from_bundle(monitor.bundle)
     scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
-    handler = ResponseHandler(settings, scorer, bundle_version=monitor.bundle.version,
-                              model_version=monitor.model_version)
+    return scorer_stream(settings, scorer, bundle_version=monitor.bundle.version,
+                         model_version=monitor.model_version, metrics=metrics, **clients)
+
+
+def scorer_stream(settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str, model_version: str,
+                  metrics: ConsumerMetrics | None = None, **clients: object) -> ResponseStream:
+    """The service around a given stream scorer (``response_stream`` builds it from the bundle)."""
+    handler = ResponseHandler(settings, scorer, bundle_version=bundle_version, model_version=model_version)
     metrics = metrics or ConsumerMetrics(prefix="ctd_responses", consumed_name="chunks_in",
                                          consumed_help="Response chunks consumed")
     r = settings.responses
+    limits = ServiceLimits.from_config(r, max_event_bytes=r.max_event_bytes)
+    limits = dataclasses.replace(limits, max_in_flight_per_partition=r.partition_max_in_flight)
     return Stream(handler, kafka=settings.kafka, group_id=r.group_id, topic=settings.topics.responses,
-                  dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
-                  limits=ServiceLimits.from_config(r, max_event_bytes=r.max_event_bytes), **clients)  # type: ignore[arg-type]
-
+                  dead_letter_topic=settings.topics.dead_letter, metrics=metrics, limits=limits,
+                  **clients)  # type: ignore[arg-type]

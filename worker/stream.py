@@ -46,6 +46,9 @@ class ServiceLimits:
     liveness_max_stall_s: float
     http_host: str = "0.0.0.0"
     http_port: int | None = 8080  # None: no HTTP server of its own (it shares its process's)
+    # A partition whose in-flight records reach this pauses alone (``max_in_flight`` still pauses them all):
+    # one partition held back on purpose (an open streamed response) does not stop the others.
+    max_in_flight_per_partition: int | None = None
 
     @classmethod
     def from_config(cls, config: ServiceConfig, *, max_event_bytes: int, serve_http: bool = True,
@@ -89,7 +92,7 @@ Publication: TypeAlias = "tuple[Envelope[Any], Sequence[Message], Callable[[], N
 # False for ordinary outputs.
 _DeadLetterRetry: TypeAlias = "tuple[str, str, Stage] | None | bool"
 _AckEntry: TypeAlias = (
-    "tuple[Envelope[Any] | Record, Sequence[OutRecord], Callable[[], None] | None, _DeadLetterRetry]"
+    "tuple[Envelope[Any] | Record | None, Sequence[OutRecord], Callable[[], None] | None, _DeadLetterRetry]"
 )
 
 
@@ -202,6 +205,15 @@ class Outputs:
         """
         self.publish_many([(item, messages, on_acked)])
 
+    def publish_detached(self, messages: Sequence[Message], on_acked: Callable[[], None] | None = None) -> None:
+        """Outputs owed to no record in flight (a handler's own timer closing what it checkpointed earlier).
+
+        Retried like any output; nothing is committed on its account, so the handler's checkpoint is what
+        makes it happen again after a crash.
+        """
+        records = [OutRecord(m.topic, m.value, m.key, tuple(m.headers or ())) for m in messages]
+        self._track_acks_many([(None, records, on_acked, False)])
+
     def publish_many(self, batch: Sequence[Publication]) -> None:
         """``publish`` for many records with one acknowledgement task; each offset still succeeds or fails alone."""
         self._track_acks_many([
@@ -262,18 +274,20 @@ class Outputs:
         self.pending_acks.add(task)
         task.add_done_callback(self.pending_acks.discard)
 
-    def _acked(self, item: Envelope[Any] | Record, on_acked: Callable[[], None] | None) -> None:
-        tp, offset, _, _ = _origin(item)
-        self._tracker.done(tp, offset)
+    def _acked(self, item: Envelope[Any] | Record | None, on_acked: Callable[[], None] | None) -> None:
+        if item is not None:
+            tp, offset, _, _ = _origin(item)
+            self._tracker.done(tp, offset)
         if on_acked is not None:
             on_acked()
 
-    async def _retry_then_ack(self, item: Envelope[Any] | Record, failed: list[tuple[OutRecord, BaseException]],
+    async def _retry_then_ack(self, item: Envelope[Any] | Record | None,
+                              failed: list[tuple[OutRecord, BaseException]],
                               on_acked: Callable[[], None] | None, dead: _DeadLetterRetry) -> None:
         if await self._retried(item, failed, dead):
             self._acked(item, on_acked)
 
-    async def _retried(self, item: Envelope[Any] | Record, failed: list[tuple[OutRecord, BaseException]],
+    async def _retried(self, item: Envelope[Any] | Record | None, failed: list[tuple[OutRecord, BaseException]],
                        dead: _DeadLetterRetry) -> bool:
         """True once the records whose first send failed are acknowledged (transient failures retried with
         backoff); False when given up (the offset stays in flight) or dead-lettered instead.
@@ -281,7 +295,7 @@ class Outputs:
         ``dead``: False for outputs; for a dead letter, its (reason, error, stage) while a smaller one may still be
         tried, None once it is the small one.
         """
-        tp, offset, _, _ = _origin(item)
+        tp, offset = (_origin(item)[:2]) if item is not None else (TopicPartition("", -1), -1)
         try:
             for record, first in failed:
                 if isinstance(first, PERMANENT) or not isinstance(first, TRANSIENT) or self._stream.stopping.is_set():
@@ -295,7 +309,9 @@ class Outputs:
             self._metrics.publish_errors.inc()
             log.error("publish.refused", service=self._stream.name, error=repr(exc), partition=tp.partition,
                       offset=offset)
-            if dead is False:
+            if item is None:
+                pass  # detached: no input to dead-letter; the error log above is its trace
+            elif dead is False:
                 self.dead_letter(item, "publish_refused", repr(exc), "publish")
             elif isinstance(dead, tuple):
                 # The topic takes less than we were told: a small dead letter still frees the partition.
@@ -566,10 +582,12 @@ class Stream(Generic[H]):
     # ---------------------------------------------------------------- fetch
     async def _fetch_loop(self, consumer: Consumer) -> None:
         limit = self.limits.max_in_flight
+        per_partition = self.limits.max_in_flight_per_partition
         metrics = self.metrics
         paused = False
-        # A handler may hold back partitions of its own (the monitor: those feeding a tenant past its share of the
-        # waiting events), so one tenant's backlog pauses its partitions before it reaches the pause of them all.
+        # Partitions paused alone: those a handler holds back (the monitor: those feeding a tenant past its share
+        # of the waiting events) and those at the per-partition limit, so one tenant's backlog or one long response
+        # pauses its own partitions before it reaches the pause of them all.
         held_of: Callable[[], set[TopicPartition]] | None = getattr(self.handler, "held_partitions", None)
         held: set[TopicPartition] = set()
         while True:
@@ -581,18 +599,22 @@ class Stream(Generic[H]):
                     paused = True
                     metrics.paused.set(1)
             elif paused:
-                consumer.resume(*consumer.assignment())
+                consumer.resume(*(consumer.assignment() - held))
                 paused = False
-                metrics.paused.set(0)
-                held = set()
-            if held_of is not None and not paused:
+                metrics.paused.set(1 if held else 0)
+            if not paused and (held_of is not None or per_partition is not None):
                 assigned = consumer.assignment()
-                now_held = held_of() & assigned
-                if now_held != held:
-                    consumer.resume(*((held - now_held) & assigned))  # a revoked partition cannot be resumed
-                    consumer.pause(*(now_held - held))
-                    held = now_held
-            batch = await consumer.getmany(timeout_ms=100 if not paused else 20, max_records=min(500, limit))
+                want: set[TopicPartition] = held_of() & assigned if held_of is not None else set()
+                if per_partition is not None:
+                    want |= {tp for tp in assigned if self.tracker.in_flight(tp) >= per_partition}
+                if want != held:
+                    consumer.resume(*((held - want) & assigned))  # a revoked partition cannot be resumed
+                    consumer.pause(*(want - held))
+                    held = want
+                metrics.paused.set(1 if held else 0)
+            # With a per-partition limit, one fetch cannot overshoot it by more than itself.
+            batch = await consumer.getmany(timeout_ms=100 if not paused else 20,
+                                           max_records=min(500, limit, per_partition or limit))
             self._last_progress = time.monotonic()
             metrics.last_progress.set(time.time())
             records = []

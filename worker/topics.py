@@ -87,6 +87,8 @@ def topic_specs(
         # Streamed responses (worker/responses.py): chunks keyed by response_id, one terminal verdict each.
         (topics.responses, input_partitions, stream), (topics.response_verdicts, output_partitions, stream),
         *((tenant_topic(topics.input, t), input_partitions, stream) for t in tenants),
+        # Checkpoints of open responses (worker/response_state.py): the latest per response_id counts.
+        (topics.response_state, output_partitions, {**stream, "cleanup.policy": "compact,delete"}),
     ]
     return tuple(TopicSpec(name=name, partitions=n, replication_factor=replication_factor, config=config)
                  for name, n, config in rows)

@@ -18,7 +18,7 @@ BASE_KINDS = {
     "Deployment": 2, "Service": 2, "ConfigMap": 2, "PodDisruptionBudget": 2, "ScaledObject": 2,
     "ServiceMonitor": 2, "PrometheusRule": 1, "NetworkPolicy": 2,
 }
-COMPONENT_KINDS = {"KafkaTopic": 7, "TriggerAuthentication": 1}
+COMPONENT_KINDS = {"KafkaTopic": 8, "TriggerAuthentication": 1}
 
 
 def is_core(doc: Doc) -> bool:

@@ -20,8 +20,9 @@ from probes.stream_scorer import Chunk, KVStore, StreamScorer, StreamStep
 from probes.token_probe import StreamSettings, TokenProbe
 from tests.worker.test_stream import FakeConsumer, FakeProducer, record, until
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
-from worker.events import ResponseChunk, StreamVerdict
+from worker.events import Alert, ResponseChunk, StreamVerdict
 from worker.metrics import ConsumerMetrics
+from worker.response_state import ResponseCheckpoint, decode_checkpoint
 from worker.responses import ResponseHandler
 from worker.stream import ServiceLimits, Stream
 
@@ -71,13 +72,36 @@ def scorer(smollm2: Any) -> StreamScorer:
     return StreamScorer(extractor, TokenProbe.from_head(head, LAYER, settings), prefix_max_tokens=128)
 
 
+class ListStateLog:
+    """The state topic as what earlier runs and this run's in-memory producer sent to it."""
+
+    def __init__(self, earlier: list[bytes], producer: FakeProducer) -> None:
+        self.earlier, self.producer = earlier, producer
+        self.read = 0
+
+    def values(self) -> list[bytes]:
+        topic = WorkerSettings().topics.response_state
+        return self.earlier + [v for t, v, _ in self.producer.sent if t == topic]
+
+    async def read_new(self) -> list[ResponseCheckpoint]:
+        values = self.values()
+        new, self.read = values[self.read:], len(values)
+        return [c for v in new if (c := decode_checkpoint(v)) is not None]
+
+    async def close(self) -> None:
+        pass
+
+
 def make(scorer: StreamScorer, log: list[bytes], *, timeout_s: float = 30.0, start: int = 0,
+         checkpoint: bool = True, state: list[bytes] | None = None, **config: Any,
          ) -> tuple[Stream[ResponseHandler], FakeConsumer, FakeProducer]:
-    settings = WorkerSettings(responses=ResponsesConfig(response_timeout_s=timeout_s, max_pending_chunks=4))
+    settings = WorkerSettings(responses=ResponsesConfig(response_timeout_s=timeout_s, max_pending_chunks=4,
+                                                        checkpoint=checkpoint, **config))
     consumer, producer = FakeConsumer({P0: 0}), FakeProducer(auto_ack=True)
     consumer.log[P0] = [record(P0, offset, value) for offset, value in enumerate(log)]
     consumer.position[P0] = start
-    handler = ResponseHandler(settings, scorer, bundle_version="b", model_version="m")
+    handler = ResponseHandler(settings, scorer, bundle_version="b", model_version="m",
+                              state_log=ListStateLog(state or [], producer))
     limits = ServiceLimits(max_in_flight=1000, max_event_bytes=1 << 20, shutdown_deadline_s=1.0,
                            commit_interval_s=0.01, liveness_max_stall_s=60, http_port=None)
     stream = Stream(handler, kafka=KafkaConfig(), group_id="g", topic=TOPIC, dead_letter_topic="dlq", limits=limits,
@@ -88,6 +112,15 @@ def make(scorer: StreamScorer, log: list[bytes], *, timeout_s: float = 30.0, sta
 def verdicts(producer: FakeProducer) -> list[StreamVerdict]:
     topic = WorkerSettings().topics.response_verdicts
     return [StreamVerdict.model_validate(orjson.loads(v)) for t, v, _ in producer.sent if t == topic]
+
+
+def alerts(producer: FakeProducer) -> list[Alert]:
+    topic = WorkerSettings().topics.alerts
+    return [Alert.model_validate(orjson.loads(v)) for t, v, _ in producer.sent if t == topic]
+
+
+def dead_reasons(producer: FakeProducer) -> list[str]:
+    return [orjson.loads(v)["reason"] for t, v, _ in producer.sent if t == "dlq"]
 
 
 def key(v: StreamVerdict) -> tuple[Any, ...]:
@@ -140,24 +173,34 @@ async def test_a_response_whose_chunks_stop_arriving_is_closed_after_the_timeout
     stream, consumer, producer = make(scorer, chunks(rid, TEXTS[rid], 4)[:2], timeout_s=0.3)  # never final
     await run_until(stream, producer, 1)
     (v,) = verdicts(producer)
-    assert v.reason == "timeout" and v.decision == "allow" and v.last_seq == 1
-    assert consumer.last_commit(P0) == 2
+    assert v.reason == "timeout" and v.decision == "stop" and v.last_seq == 1  # unscored text is never allowed
+    (alert,) = alerts(producer)
+    assert alert.event_id == rid and alert.source == "stream" and alert.severity == "critical"
+    assert alert.metadata["stream_reason"] == "timeout"
+    await until(lambda: consumer.last_commit(P0) == 2)
 
 
-async def test_redelivery_after_a_crash_rescores_from_the_prefix_to_the_same_decision(scorer: StreamScorer) -> None:
-    """Run 1 dies with a response open: its chunks stay uncommitted; run 2 re-reads them from chunk 0."""
+@pytest.mark.parametrize("checkpoint", [True, False])
+async def test_redelivery_after_a_crash_resumes_to_the_same_decision(scorer: StreamScorer, checkpoint: bool) -> None:
+    """Run 1 dies with a response open. With checkpoints its scored chunks were committed and run 2 resumes it
+    from its checkpoint; without, they stay uncommitted and run 2 re-reads them from chunk 0."""
     reference = await clean_run(scorer)
     rid = next(r for r, v in reference.items() if v.reason == "final")  # not stopped early: needs every chunk
     full = {r: chunks(r, t, 4) for r, t in TEXTS.items()}
     log = full[rid][:2] + [c for r, cs in full.items() if r != rid for c in cs] + full[rid][2:]
-    stream, consumer, producer = make(scorer, log[:-2])  # the open response's last chunks not yet produced
+    stream, consumer, producer = make(scorer, log[:-2], checkpoint=checkpoint)  # the rest not yet produced
     await run_until(stream, producer, len(TEXTS) - 1)
-    committed = consumer.last_commit(P0) or 0
-    assert committed == 0, "the open response's first chunk holds the commit back"
     assert stream.handler.open  # still open when the process went away
-    # A new process (no state) reads from the committed offset, now with the rest of the response in the log.
-    stream2, consumer2, producer2 = make(scorer, log, start=committed)
-    await run_until(stream2, producer2, len(TEXTS))
+    committed = consumer.last_commit(P0) or 0
+    if checkpoint:
+        await until(lambda: consumer.last_commit(P0) == len(log) - 2)
+        committed = len(log) - 2  # the open response holds nothing back
+    else:
+        assert committed == 0, "the open response's first chunk holds the commit back"
+    earlier = stream.handler.state_log.values() if checkpoint else []  # type: ignore[union-attr]
+    # A new process (no memory) reads from the committed offset, now with the rest of the response in the log.
+    stream2, consumer2, producer2 = make(scorer, log, start=committed, checkpoint=checkpoint, state=earlier)
+    await run_until(stream2, producer2, 1 if checkpoint else len(TEXTS))
     again = {v.response_id: v for v in verdicts(producer2)}
     assert key(again[rid]) == key(reference[rid])
     for r, v in again.items():  # re-delivered closed responses are judged the same way again
@@ -180,15 +223,18 @@ def test_schemas_are_published(tmp_path: Path) -> None:
     assert {"response_chunk.schema.json", "stream_verdict.schema.json"} <= set(json_schemas())
 
 
-async def test_a_revoke_releases_open_responses_unjudged_and_uncommitted(scorer: StreamScorer) -> None:
+@pytest.mark.parametrize("checkpoint", [True, False])
+async def test_a_revoke_releases_open_responses_unjudged(scorer: StreamScorer, checkpoint: bool) -> None:
     reference = await clean_run(scorer)
     rid = next(r for r, v in reference.items() if v.reason == "final")  # stays open on its first chunks
-    stream, consumer, producer = make(scorer, chunks(rid, TEXTS[rid], 4)[:2])
+    stream, consumer, producer = make(scorer, chunks(rid, TEXTS[rid], 4)[:2], checkpoint=checkpoint)
     task = asyncio.create_task(stream.run())
     await until(lambda: bool(stream.handler.open) and not stream.handler.busy(), timeout=300)
+    if checkpoint:
+        await until(lambda: consumer.last_commit(P0) == 2)  # checkpointed: the new owner resumes from there
     await consumer.revoke({P0})
     assert not stream.handler.open and not verdicts(producer)
-    assert (consumer.last_commit(P0) or 0) == 0  # the new owner starts at chunk 0
+    assert (consumer.last_commit(P0) or 0) == (2 if checkpoint else 0)  # without: the new owner reads chunk 0
     stream.stop()
     await asyncio.wait_for(task, 60)
 
@@ -212,12 +258,87 @@ async def test_ready_chunks_of_many_responses_share_passes_and_a_failing_one_fai
 
     monkeypatch.setattr(batched, "score_chunks", poisoned)
     stream, consumer, producer = make(batched, log)
-    await run_until(stream, producer, len(TEXTS) - 1)
+    await run_until(stream, producer, len(TEXTS))
     got = {v.response_id: v for v in verdicts(producer)}
-    assert set(got) == set(TEXTS) - {"r-bread"}
+    assert set(got) == set(TEXTS)
+    failed = got.pop("r-bread")
+    assert (failed.decision, failed.reason) == ("stop", "error")  # fails closed, with an alert
+    assert [a.event_id for a in alerts(producer)] == ["r-bread"]
     for rid, v in got.items():
         assert key(v) == key(reference[rid]), rid
     assert max(sizes) == len(TEXTS)  # the three responses' chunks went into one call
     dead = [value for topic, value, _ in producer.sent if topic == "dlq"]
     assert len(dead) == 4 and all(b'"reason":"inference_error"' in d for d in dead)  # every chunk of r-bread
     await until(lambda: consumer.last_commit(P0) == len(log))
+
+
+def forged(rid: str, seq: int, text: str = "x") -> bytes:
+    return ResponseChunk(response_id=rid, seq=seq, text=text, final=False,
+                         created_at=dt.datetime.now(dt.UTC)).to_json()
+
+
+async def test_far_ahead_seqs_are_dead_lettered_and_cannot_close_the_victims_response(scorer: StreamScorer) -> None:
+    """Nine chunks with far-ahead seqs among a victim's chunks: each refused alone, the victim judged as if
+    they had never been sent (today's main closed it as allow, reason gap, on the ninth)."""
+    reference = await clean_run(scorer)
+    rid = next(r for r, v in reference.items() if v.reason == "final")
+    own = chunks(rid, TEXTS[rid], 4)
+    log = own[:1] + [forged(rid, 1000 + i) for i in range(9)] + own[1:]
+    stream, consumer, producer = make(scorer, log)
+    await run_until(stream, producer, 1)
+    (v,) = verdicts(producer)
+    assert key(v) == key(reference[rid])
+    assert dead_reasons(producer) == ["seq_out_of_range"] * 9
+    await until(lambda: consumer.last_commit(P0) == len(log))
+
+
+async def test_a_missing_chunk_ends_in_stop_with_reason_gap_and_an_alert(scorer: StreamScorer) -> None:
+    reference = await clean_run(scorer)
+    rid = next(r for r, v in reference.items() if v.reason == "final")
+    own = chunks(rid, TEXTS[rid], 4)
+    stream, consumer, producer = make(scorer, [own[0], own[2], own[3]], timeout_s=0.3)  # chunk 1 never comes
+    await run_until(stream, producer, 1)
+    (v,) = verdicts(producer)
+    assert (v.decision, v.reason, v.last_seq) == ("stop", "gap", 0)
+    assert [a.metadata["stream_reason"] for a in alerts(producer)] == ["gap"]
+    await until(lambda: consumer.last_commit(P0) == 3)
+
+
+@pytest.mark.parametrize("limit", ["chunks", "bytes"])
+async def test_a_response_past_its_limits_is_stopped_and_the_rest_dead_lettered(scorer: StreamScorer,
+                                                                                limit: str) -> None:
+    reference = await clean_run(scorer)
+    rid = next(r for r, v in reference.items() if v.reason == "final")
+    own = chunks(rid, "word " * 400, 8)  # 2000 bytes, 250 a chunk
+    config = {"max_chunks_per_response": 3} if limit == "chunks" else {"max_response_bytes": 1024}
+    stream, consumer, producer = make(scorer, own, **config)
+    await run_until(stream, producer, 1)
+    (v,) = verdicts(producer)
+    assert (v.decision, v.reason) == ("stop", "limit")
+    assert [a.metadata["stream_reason"] for a in alerts(producer)] == ["limit"]
+    over = 4 if limit == "chunks" else 5  # the chunk past the limit closes it; the ones after are refused
+    await until(lambda: dead_reasons(producer) == ["response_limit"] * (8 - over))
+    await until(lambda: consumer.last_commit(P0) == len(own))
+
+
+async def test_a_response_resumed_after_its_chunks_were_committed_still_times_out_to_stop(
+        scorer: StreamScorer) -> None:
+    """Its chunks all committed, a restarted service has only the checkpoint: the response resumes with its
+    partition and is closed (stop, alert) when no chunk comes, its verdict owed to no record in flight."""
+    reference = await clean_run(scorer)
+    rid = next(r for r, v in reference.items() if v.reason == "final")
+    own = chunks(rid, TEXTS[rid], 4)[:2]
+    stream, consumer, producer = make(scorer, own)
+    task = asyncio.create_task(stream.run())
+    await until(lambda: consumer.last_commit(P0) == 2, timeout=300)
+    stream.stop()
+    await asyncio.wait_for(task, 60)
+    assert not verdicts(producer)
+    other = next(r for r in TEXTS if r != rid)
+    later = chunks(other, TEXTS[other], 1)  # some other traffic on the partition after the restart
+    stream2, _, producer2 = make(scorer, own + later, start=2, timeout_s=0.3,
+                                         state=stream.handler.state_log.values())  # type: ignore[union-attr]
+    await run_until(stream2, producer2, 2)
+    got = {v.response_id: v for v in verdicts(producer2)}
+    assert (got[rid].decision, got[rid].reason, got[rid].last_seq) == ("stop", "timeout", 1)
+    assert [a.event_id for a in alerts(producer2)] == [rid]
