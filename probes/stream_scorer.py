@@ -9,6 +9,10 @@ the re-tokenized text still disagrees with what was scored, the response rolls b
 cache is cut there, its aggregate replayed from the kept token logits, and only the tokens after it run again
 (a causal model's states before the first changed token cannot change).
 
+Context and response text are normalised first (probes/normalise.py), as the prompt probe and the experts read
+them; a chunk boundary inside a sequence that normalisation rewrites is one more re-tokenization, rolled back as
+above.
+
 KV caches are the only large per-response state (``KVStore``: LRU, bounded by bytes and count). Losing one
 costs a recomputation of the prefix, never a different score.
 """
@@ -29,6 +33,9 @@ from probes.conversation import Message, plain_text
 from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor, crop_cache, pool
 from probes.models import LoadedModel
+from probes.normalise import normalise
+from probes.render import untrusted_content
+from probes.special_tokens import special_strings
 from probes.token_probe import StreamAggregate, TokenProbe, first_crossing
 
 F32 = npt.NDArray[np.float32]
@@ -44,6 +51,8 @@ def require_causal(loaded: LoadedModel) -> None:
 
 def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> list[int]:
     """The context up to the assistant header, at most ``max_tokens`` (oldest tokens dropped, BOS kept)."""
+    specials = special_strings(tokenizer)
+    context = [Message(m.role, untrusted_content(m.content, specials)) for m in context]
     if getattr(tokenizer, "chat_template", None):
         if context:
             text = str(tokenizer.apply_chat_template(
@@ -68,6 +77,7 @@ def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> l
 
 
 def response_ids(tokenizer: Any, text: str) -> list[int]:
+    text = normalise(text)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
