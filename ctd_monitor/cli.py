@@ -596,7 +596,7 @@ def bench_generalization(
                 dilution_bundle, s.model, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
                 n=dilution_requests, lengths=lengths,
                 progress=bars("dilution yardstick (requests x transformations)", dilution_requests * (
-                    1 + len(PLACEMENTS) * len(lengths) + len(DISGUISES))))
+                    1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
     (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     g.write_report(report, out)
     emit({"out": str(out), "expert": report["expert"], "computed": report["computed"],

@@ -39,7 +39,9 @@ def test_transformations_pad_with_the_asked_tokens_and_disguise(minilm: LoadedMo
     filler = _filler(minilm.tokenizer, datasets_dir)
     assert len(filler.tokens(300, seed=1)) == 300
     variants = d.transformations(request, filler, (256,), WindowConfig(), seed=3)
-    assert set(variants) == {"alone", "before_256", "after_256", "around_256", "gap_256", *d.DISGUISES}
+    assert set(variants) == {"alone", "before_256", "after_256", "around_256", "gap_256", "filler_only_256",
+                             *d.DISGUISES}
+    assert request not in variants["filler_only_256"] and variants["filler_only_256"] in variants["after_256"]
     assert variants["after_256"].startswith(request) and variants["before_256"].endswith(request)
     head, _, tail = variants["around_256"].partition(request)
     assert head and tail
@@ -79,6 +81,7 @@ def test_yardstick_on_the_small_bundle_disguises_now_hold(bundle: Path, datasets
     alone = score([single_turn(r) for r in requests])
     assert alone.tolist() == pytest.approx([float(monitor.score(monitor.collate([monitor.tokenize(single_turn(r))]))
                                                   .p_unsafe[0]) for r in requests])
+    assert set(report["controls"]) == {"filler_only_256"} and report["controls"]["filler_only_256"]["n"] == 5
     assert "| zero_width | 1.000 |" in "\n".join(d.report_lines(report))
 
 
