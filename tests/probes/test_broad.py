@@ -98,3 +98,27 @@ def test_source_class_balance_and_group_budget_weights() -> None:
     assert w[:140].sum() == pytest.approx(w[140:].sum())  # both groups at the budget, whatever their size
     w = g.source_weights(pool, rows, g.BROAD)
     assert w.mean() == pytest.approx(1.0) and (w > 0).all()
+
+
+def test_broad_recipe_reports_the_new_groups_leave_source_out(datasets_dir: Path, cache_dir: Path) -> None:
+    """End to end on a tiny pool (MiniLM probe and frozen expert): the contrastive groups are held out in turn and
+    reported like the others."""
+    names = ("xstest", "harmful_behaviors", "alpaca", "over_refusal_contrast", "hate_functional", "sexism")
+    groups = tuple(grp for grp in g.BROAD_GROUPS if grp.name in names)
+    broad = g.BROAD.model_copy(update={"variants": ((4, "mean"),), "source_budget": 6.0, "group_budget": 20.0,
+                                       "epsilon": 0.2})
+    config = g.LosoConfig(
+        pool=g.PoolConfig(groups=groups, per_file=6, per_file_overrides={"alpaca_benign.jsonl": 24,
+                                                                         "hatemoji.jsonl": 12, "edos.jsonl": 16}),
+        recipes=(broad,), probe_spec="minilm-l6", probe_max_tokens=48, dtype="fp32",
+        expert=g.ExpertChoice(spec="minilm-l6", max_tokens=48), alphas=(0.2,), calibration_fraction=0.4,
+        dv_feature_sets=("margin",))
+    report = g.run_loso(config, cache_dir=cache_dir, datasets_dir=datasets_dir)
+    rows = report["recipes"]["broad"]["groups"]
+    assert set(rows) == set(names)
+    for name in ("over_refusal_contrast", "hate_functional", "sexism"):
+        probe = rows[name]["probe"]
+        assert probe["n"] == report["pool"]["groups"][name]["n"] and 0 < probe["positives"] < probe["n"]
+        assert 0.0 <= probe["auroc"] <= 1.0
+        assert not set(rows[name]["train_files"]) & set(report["pool"]["groups"][name]["files"])
+    assert report["recipes"]["broad"]["mean"]["groups_both_classes"] == 4
