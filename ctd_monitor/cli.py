@@ -512,8 +512,10 @@ def bench_heads(
 def bench_generalization(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="directory for metrics.json and report.md")] = Path("runs/generalization"),
-    recipes: Annotated[str, typer.Option(help="comma-separated recipes: before (today's), after (the new one)")] = (
-        "before,after"),
+    recipes: Annotated[str, typer.Option(help="comma-separated recipes: before (today's), after (issue 12's), "
+                                         "broad (issue 21's, for --groups broad)")] = "before,after",
+    groups: Annotated[str | None, typer.Option(help="default | broad (the default groups and one per contrastive "
+                                               "source family); default: the pool config's")] = None,
     expert: Annotated[str, typer.Option(help="frozen (sentence-encoder embeddings + head per fold) | finetune "
                                         "(the encoder-head expert fine-tuned per fold; slow)")] = "frozen",
     expert_spec: Annotated[str, typer.Option(help="expert backbone model spec")] = "all-mpnet-base-v2",
@@ -532,6 +534,13 @@ def bench_generalization(
         "--adapt-guard", help="also label the audits with the configured expert backend (expert.*: e.g. a Llama "
         "Guard through hf-guard or a vLLM server through openai-compatible), beside the oracle and the fold's "
         "expert")] = False,
+    dilution_bundle: Annotated[Path | None, typer.Option(
+        help="also run the dilution yardstick on this bundle: held-out harmful requests padded with benign filler "
+        "(before, after, around, in a window gap) or disguised (zero-width, homoglyphs, fullwidth, bidi), scored "
+        "as the worker scores; --recipes '' runs it alone")] = None,
+    dilution_requests: Annotated[int, typer.Option(min=1, help="held-out harmful requests of the yardstick")] = 40,
+    dilution_lengths: Annotated[str, typer.Option(help="comma-separated filler lengths, in the bundle model's "
+                                                  "tokens")] = "256,1024,3072",
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -544,16 +553,23 @@ def bench_generalization(
         alphas = tuple(float(x) for x in budgets.split(",") if x.strip())
         # The built-in recipes read the configured probe features (layer 15 mean by default).
         configured = ((s.features.layer, s.features.pooling),)
-        known = {r.name: r.model_copy(update={"variants": configured}) for r in (g.BEFORE, g.AFTER)}
+        known = {r.name: r.model_copy(update={"variants": configured}) for r in (g.BEFORE, g.AFTER, g.BROAD)}
         known.update({r.name: r for r in base.recipes})
         chosen = tuple(known[name.strip()] for name in recipes.split(",") if name.strip())
         combos = [tuple((int(v.split(":")[0]), v.split(":")[1]) for v in combo.split("+"))
                   for combo in sweep.split(";") if combo.strip()]
+        lengths = tuple(int(x) for x in dilution_lengths.split(",") if x.strip())
     except (ValueError, KeyError, IndexError, OSError) as exc:
         fail(f"bad option: {exc}")
+    if not chosen and dilution_bundle is None:
+        fail("no recipe and no --dilution-bundle: nothing to measure")
     if expert not in ("frozen", "finetune"):
         fail("--expert must be frozen or finetune")
+    if groups not in (None, "default", "broad"):
+        fail("--groups must be default or broad")
     pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
+    if groups is not None:
+        pool = pool.model_copy(update={"groups": g.BROAD_GROUPS if groups == "broad" else g.DEFAULT_GROUPS})
     config = base.model_copy(update={
         "pool": pool, "recipes": chosen, "alphas": alphas, "delta": delta, "probe_spec": s.model.spec,
         "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
@@ -569,13 +585,26 @@ def bench_generalization(
         guard = build_expert(s)
     out.mkdir(parents=True, exist_ok=True)
     with progress_bars(options(ctx).progress) as bars:
-        report = g.run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,
-                            sweep=combos, guard=None if guard is None else guard.score,
-                            guard_name=None if guard is None else guard.name)
+        report: dict[str, Any] = {"config": config.model_dump(mode="json"), "expert": None, "computed": {},
+                                  "recipes": {}}
+        if chosen:
+            report = g.run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,
+                                sweep=combos, guard=None if guard is None else guard.score,
+                                guard_name=None if guard is None else guard.name)
+        if dilution_bundle is not None:
+            from probes.dilution import DISGUISES, PLACEMENTS, run_dilution
+
+            report["dilution"] = run_dilution(
+                dilution_bundle, s.model, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
+                n=dilution_requests, lengths=lengths,
+                progress=bars("dilution yardstick (requests x transformations)", dilution_requests * (
+                    1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
     (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     g.write_report(report, out)
     emit({"out": str(out), "expert": report["expert"], "computed": report["computed"],
-          "means": {name: r["mean"] for name, r in report["recipes"].items()}})
+          "means": {name: r["mean"] for name, r in report["recipes"].items()},
+          **({"dilution": {name: r["held"] for name, r in report["dilution"]["transformations"].items()}}
+             if "dilution" in report else {})})
 
 
 @bench_app.command("cascade-cost")

@@ -84,6 +84,22 @@ DEFAULT_FILES: tuple[str, ...] = (
     "alpaca_benign.jsonl",
 )
 
+#: Contrastive sources where both classes share one style (datasets README): harmful requests next to benign
+#: look-alikes, hateful texts next to minimal non-hateful edits, abusive next to ordinary user turns to one bot,
+#: unsafe next to safe replies. Read with ``class_balance_per_source`` so each weighs both classes alike.
+CONTRASTIVE_FILES: tuple[str, ...] = (
+    "coconot.jsonl",
+    "convabuse.conversations.jsonl",
+    "hatecheck.jsonl",
+    "hatemoji.jsonl",
+    "diasafety.conversations.jsonl",
+    "tweeteval_hate.jsonl",
+    "tweeteval_offensive.jsonl",
+    "edos.jsonl",
+)
+#: The broad training set of issue 21: today's files and the contrastive sources.
+BROAD_FILES: tuple[str, ...] = DEFAULT_FILES + CONTRASTIVE_FILES
+
 
 def default_datasets_dir() -> Path:
     """``../shared/datasets`` beside the checkout (or the working directory), the layout this project ships in."""
@@ -118,6 +134,9 @@ class DataConfig(Frozen):
     sources: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     max_per_source: int | None = Field(150, ge=1, description="seeded cap per source; None keeps all")
+    class_balance_per_source: bool = Field(
+        False, description="a source holding both classes contributes as many of each (its smaller class, or half "
+        "the cap): its style then says nothing about the label")
     balance_with: str | None = Field(
         "alpaca", description="source tag of label-0 rows subsampled to match the positives of the rest"
     )

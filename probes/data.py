@@ -1,7 +1,9 @@
 """Readers for the shared datasets (flat ``.jsonl`` and ``.conversations.jsonl``) and seeded splits.
 
 Splits are assigned by a seeded hash of the conversation's *content*, so identical texts that appear in
-two sources (TDC 2023 repeats HarmBench) always land in the same split: no leakage between splits.
+two sources (TDC 2023 repeats HarmBench) always land in the same split: no leakage between splits. Twins — records
+written as minimal edits of each other (Hatemoji ``pair_id``, HateCheck ``template_family``, hh-rlhf pairs, DiaSafety
+replies to one context) — are assigned by their twin key instead, so a pair is never split across two splits.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from probes.cache import sha256_file, sha256_text
 from probes.config import DataConfig, SplitConfig
 from probes.conversation import ROLES, Conversation, Message, single_turn
 from probes.errors import DataError
+from probes.normalise import normalise
 
 SplitName = Literal["probe_train", "dev", "calibration", "evaluation"]
 SPLITS: tuple[SplitName, ...] = ("probe_train", "dev", "calibration", "evaluation")
@@ -39,7 +42,26 @@ class Record:
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def content_key(self) -> str:
-        return sha256_text(*(f"{m.role}\x1f{m.content.strip()}" for m in self.messages))
+        # On the text as every reader sees it (probes/normalise.py): what normalisation rewrites gets a new key,
+        # so no vector cached from the raw text is reused, and two spellings that read the same share one.
+        return sha256_text(*(f"{m.role}\x1f{normalise(m.content).strip()}" for m in self.messages))
+
+    def twin_key(self) -> str:
+        """The key of the records that must share a split: the pair or template family this one was written in,
+        DiaSafety's context (its replies differ in the last turn only), else the record's own content."""
+        for name in TWIN_FIELDS:
+            value = self.extras.get(name)
+            if isinstance(value, str) and value:
+                return f"{name}:{value}"
+        if self.source in CONTEXT_TWINS and len(self.messages) > 1:
+            return "context:" + sha256_text(*(f"{m.role}\x1f{normalise(m.content).strip()}" for m in self.messages[:-1]))
+        return self.content_key()
+
+
+#: Extras naming a group of minimally different records (datasets README): kept on one side of every split.
+TWIN_FIELDS = ("pair_id", "template_family")
+#: Sources whose records are several replies to one context: the context is the twin key.
+CONTEXT_TWINS = frozenset({"diasafety"})
 
 
 def _label(value: Any, path: Path, line: int) -> int:
@@ -102,7 +124,7 @@ def read_file(path: Path | str) -> list[Record]:
                     category=category if isinstance(category, str) else None,
                     file=path.name,
                     score=float(score) if isinstance(score, int | float) else None,
-                    extras={k: obj[k] for k in ("prompt_label", "response_label", "pair_id") if k in obj},
+                    extras={k: obj[k] for k in ("prompt_label", "response_label", *TWIN_FIELDS) if k in obj},
                 )
             )
     if not records:
@@ -153,6 +175,9 @@ def load_dataset(config: DataConfig, *, files: Sequence[str | Path] | None = Non
         if source == balance:
             continue
         group = by_source[source]
+        if config.class_balance_per_source and 0 < sum(r.label for r in group) < len(group):
+            kept.extend(_class_balanced(group, config.max_per_source, rng))
+            continue
         if config.max_per_source is not None and len(group) > config.max_per_source:
             group = rng.sample(group, config.max_per_source)
         kept.extend(group)
@@ -166,6 +191,15 @@ def load_dataset(config: DataConfig, *, files: Sequence[str | Path] | None = Non
         raise DataError("no records left after filtering (check sources/categories)")
     kept.sort(key=lambda r: (r.source, r.id))
     return Dataset(records=tuple(kept), file_hashes=hashes)
+
+
+def _class_balanced(group: list[Record], cap: int | None, rng: random.Random) -> list[Record]:
+    """As many records of each class: the smaller class's count, or half the cap."""
+    classes = [[r for r in group if r.label == cls] for cls in (0, 1)]
+    k = min(len(c) for c in classes)
+    if cap is not None:
+        k = min(k, max(1, cap // 2))
+    return [r for c in classes for r in (c if len(c) == k else rng.sample(c, k))]
 
 
 def _unit_interval(seed: int, key: str) -> float:
@@ -199,7 +233,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig) -> Splits:
         bounds.append((name, acc))
     parts: dict[SplitName, list[Record]] = {name: [] for name in SPLITS}
     for record in dataset.records:
-        u = _unit_interval(config.seed, record.content_key())
+        u = _unit_interval(config.seed, record.twin_key())
         for name, upper in bounds:
             if u < upper or name == SPLITS[-1]:
                 parts[name].append(record)

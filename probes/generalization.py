@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import re
-import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from probes.conversation import Conversation
 from probes.data import Record, read_file
 from probes.heads import LinearHead
 from probes.logs import get_logger
+from probes.normalise import normalise
 
 log = get_logger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -65,6 +65,19 @@ DEFAULT_GROUPS: tuple[SourceGroup, ...] = (
     SourceGroup(name="alpaca", files=("alpaca_benign.jsonl",)),
 )
 
+#: Issue 21's groups: the default ones (tweets now with TweetEval's hate and offensive tweets, the same style)
+#: and one per contrastive source family, each holding both classes in one style.
+BROAD_GROUPS: tuple[SourceGroup, ...] = (
+    *(g if g.name != "tweets" else SourceGroup(name="tweets", files=(
+        "davidson_hate_offensive.jsonl", "tweeteval_hate.jsonl", "tweeteval_offensive.jsonl"))
+      for g in DEFAULT_GROUPS),
+    SourceGroup(name="over_refusal_contrast", files=("coconot.jsonl",)),
+    SourceGroup(name="hate_functional", files=("hatecheck.jsonl", "hatemoji.jsonl")),
+    SourceGroup(name="chat_abuse", files=("convabuse.conversations.jsonl",)),
+    SourceGroup(name="sexism", files=("edos.jsonl",)),
+    SourceGroup(name="response_safety", files=("diasafety.conversations.jsonl",)),
+)
+
 
 class PoolConfig(Frozen):
     """Which records enter the pool: a seeded sample of each file of every group."""
@@ -81,18 +94,24 @@ class PoolRecord:
     group: str
     key: str  # content hash: the record-cache key
     dedup_key: str  # normalised text hash: near-duplicates across sources share it
+    twin: str = ""  # Record.twin_key: twins (pairs, template families, replies to one context) share a side
+
+    @property
+    def side_key(self) -> str:
+        """What decides fit vs calibration: twins always land on the same side."""
+        return self.twin or self.key
 
 
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 
 
 def normalised_text_hash(record: Record) -> str:
-    """Hash of the text, case-folded, NFKC-normalised, with punctuation and whitespace runs collapsed.
+    """Hash of the text, normalised as the probe reads it (probes/normalise.py), case-folded, with punctuation and whitespace runs collapsed.
 
     Catches the same prompt copied between sources with different spacing, quotes or casing (TDC repeats
     HarmBench; XSTest completions embed XSTest prompts only as a prefix, so they stay distinct records).
     """
-    text = unicodedata.normalize("NFKC", "\n".join(m.content for m in record.messages)).casefold()
+    text = normalise("\n".join(m.content for m in record.messages)).casefold()
     return sha256_text(" ".join(_PUNCT.sub(" ", text).split()))[:32]
 
 
@@ -106,7 +125,8 @@ def build_pool(datasets_dir: Path, config: PoolConfig) -> list[PoolRecord]:
             # A seeded shuffle, then a prefix: a larger cap keeps every record of a smaller one (cache reuse).
             random.Random(f"{config.seed}:{name}").shuffle(records)
             records = records[:cap]
-            out.extend(PoolRecord(r, group.name, r.content_key(), normalised_text_hash(r)) for r in records)
+            out.extend(PoolRecord(r, group.name, r.content_key(), normalised_text_hash(r), r.twin_key())
+                       for r in records)
     return out
 
 
@@ -159,6 +179,12 @@ class Recipe(Frozen):
     source_budget: float | None = Field(
         None, gt=0, description="per-file weight budget: a file of n rows weighs min(1, budget/n) per row")
     class_balance: bool = Field(False, description="reweight so both classes carry the same total weight")
+    source_class_balance: bool = Field(
+        False, description="within each file holding both classes, both classes carry the same weight (the "
+        "file's style says nothing about the label)")
+    group_budget: float | None = Field(
+        None, gt=0, description="per-group weight budget: a group's rows together weigh at most this (a group of "
+        "many files does not outweigh a group of one)")
     dedup: bool = Field(False, description="drop near-duplicates (normalised text hash) across training files")
     variants: tuple[Variant, ...] = ((15, "mean"),)
     cut: Literal["fixed", "fpr"] = Field("fixed", description="fixed: 0.5; fpr: certified benign flag rate <= epsilon")
@@ -252,14 +278,15 @@ def make_fold(pool: Sequence[PoolRecord], group: str, recipe: Recipe, *, calibra
                 unique.append(i)
         kept = unique
     kept.sort()
-    cal = [i for i in kept if _unit(seed, pool[i].key) < calibration_fraction]
-    fit = [i for i in kept if _unit(seed, pool[i].key) >= calibration_fraction]
+    cal = [i for i in kept if _unit(seed, pool[i].side_key) < calibration_fraction]
+    fit = [i for i in kept if _unit(seed, pool[i].side_key) >= calibration_fraction]
     return Fold(group, np.asarray(fit, dtype=np.int64), np.asarray(cal, dtype=np.int64),
                 np.asarray(test, dtype=np.int64), source_weights(pool, fit, recipe))
 
 
 def source_weights(pool: Sequence[PoolRecord], rows: Sequence[int], recipe: Recipe) -> F64:
-    """Per-row weights: each file's total capped by the budget, then both classes brought to equal totals."""
+    """Per-row weights: each file's total capped by the budget, both classes alike within a two-class file (when
+    asked), each group's total capped, then both classes brought to equal totals."""
     files = [pool[i].record.file for i in rows]
     labels = np.asarray([pool[i].record.label for i in rows])
     counts: dict[str, int] = defaultdict(int)
@@ -268,6 +295,19 @@ def source_weights(pool: Sequence[PoolRecord], rows: Sequence[int], recipe: Reci
     w = np.ones(len(rows), dtype=np.float64)
     if recipe.source_budget is not None:
         w = np.asarray([min(1.0, recipe.source_budget / counts[name]) for name in files], dtype=np.float64)
+    if recipe.source_class_balance:
+        for name in counts:
+            in_file = np.asarray([f == name for f in files])
+            if 0 < labels[in_file].sum() < in_file.sum():
+                total = w[in_file].sum()
+                for cls in (0, 1):
+                    mask = in_file & (labels == cls)
+                    w[mask] *= 0.5 * total / w[mask].sum()
+    if recipe.group_budget is not None:
+        groups = np.asarray([pool[i].group for i in rows])
+        for group in set(groups.tolist()):
+            mask = groups == group
+            w[mask] *= min(1.0, recipe.group_budget / w[mask].sum())
     if recipe.class_balance and len(rows) and 0 < labels.sum() < len(labels):
         for cls in (0, 1):
             mask = labels == cls
@@ -702,6 +742,10 @@ def run_loso(config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, progres
 #: The recipe this module recommends (see docs/generalization.md for how it was picked): every pool file,
 #: per-file weight budget, both classes at equal weight, near-duplicates dropped, the certified FPR cut.
 AFTER = Recipe(name="after", source_budget=50.0, class_balance=True, dedup=True, cut="fpr", epsilon=0.05)
+#: Issue 21's recipe for the broad set (BROAD_GROUPS): AFTER, with each two-class file balanced within itself and
+#: each group's weight capped, so no group of many files (or one huge tweet set) outweighs the others.
+BROAD = Recipe(name="broad", source_budget=50.0, class_balance=True, source_class_balance=True, group_budget=150.0,
+               dedup=True, cut="fpr", epsilon=0.05)
 
 
 def _f(value: Any) -> str:
@@ -737,10 +781,11 @@ def _adapted_lines(groups: dict[str, Any], mean: dict[str, Any]) -> list[str]:
 def write_report(report: dict[str, Any], out: Path) -> Path:
     """report.md: per recipe, one row per held-out group and the means; then the feature sweep."""
     alpha_pick = 0.2 if 0.2 in report["config"]["alphas"] else report["config"]["alphas"][0]
-    lines = ["# Leave-source-out generalisation", "",
-             (f"Pool: {report['pool']['n']} records ({report['pool']['positives']} unsafe), sampled per file; "
-             f"expert: {report['expert']}. Every row: probe, expert, DV and cuts fitted on the other groups only."),
-             ""]
+    lines = ["# Leave-source-out generalisation", ""]
+    if "pool" in report:
+        lines += [(f"Pool: {report['pool']['n']} records ({report['pool']['positives']} unsafe), sampled per file; "
+                   f"expert: {report['expert']}. Every row: probe, expert, DV and cuts fitted on the other groups "
+                   "only."), ""]
     for name, result in report["recipes"].items():
         idx = report["config"]["alphas"].index(alpha_pick)
         lines += [f"## Recipe `{name}`", "", "```", str(result["recipe"]), "```", "",
@@ -786,6 +831,10 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
             lines.append(f"| {' + '.join(f'L{v[0]} {v[1]}' for v in r['variants'])} | {_f(r['auroc'])} | "
                          f"{_f(r['f1'])} | {_f(r['accuracy'])} | {_f(r['fpr'])} | {_f(r['tpr_at_1pct_fpr'])} | "
                          f"{r['above_majority']} |")
+    if "dilution" in report:
+        from probes.dilution import report_lines
+
+        lines += report_lines(report["dilution"])
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -4,8 +4,10 @@ Left truncation keeps the latest turns: whole oldest messages are dropped first,
 remaining message that is still too long is cut token-wise from the left (keeping a leading BOS/CLS).
 Conversations longer than that are scored in windows (probes/windows.py) so nothing is cut unseen.
 
-Message content is untrusted: control-token strings in it are neutralised (probes/special_tokens.py) before
-the chat template adds its own, so content can never open or close a turn.
+Message content is untrusted: it is normalised (probes/normalise.py: invisible characters dropped, NFKC,
+homoglyphs as ASCII), then control-token strings in it are neutralised (probes/special_tokens.py) before the chat
+template adds its own, so content can never open or close a turn. Normalising first also catches a control token
+spelled in fullwidth or look-alike characters, which NFKC would otherwise turn into the real one.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from probes.conversation import Message, plain_text
+from probes.normalise import normalise
 from probes.special_tokens import neutralise, special_strings
 
 
+def untrusted_content(content: str, specials: frozenset[str]) -> str:
+    """Message content as every template receives it: normalised, then its control-token strings made inert."""
+    return neutralise(normalise(content), specials)
+
+
 def render_text(tokenizer: Any, messages: Sequence[Message]) -> str:
-    """The string the monitored model reads for these messages (content's control tokens made inert)."""
+    """The string the monitored model reads for these messages (content normalised, control tokens inert)."""
     strings = special_strings(tokenizer)
-    safe = [Message(m.role, neutralise(m.content, strings)) for m in messages]
+    safe = [Message(m.role, untrusted_content(m.content, strings)) for m in messages]
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in safe], tokenize=False, add_generation_prompt=False
@@ -105,8 +113,8 @@ class MessageTemplate:
 
 
 def _neutralised(messages: Sequence[Message], specials: frozenset[str]) -> list[Message]:
-    """Content as ``render_text`` hands it to the template: control-token strings made inert."""
-    return [Message(m.role, neutralise(m.content, specials)) for m in messages]
+    """Content as ``render_text`` hands it to the template: normalised, control-token strings made inert."""
+    return [Message(m.role, untrusted_content(m.content, specials)) for m in messages]
 
 
 def _jinja(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> str:

@@ -9,6 +9,10 @@ the re-tokenized text still disagrees with what was scored, the response rolls b
 cache is cut there, its aggregate replayed from the kept token logits, and only the tokens after it run again
 (a causal model's states before the first changed token cannot change).
 
+Context and response text are normalised first (probes/normalise.py), as the prompt probe and the experts read
+them; a chunk boundary inside a sequence that normalisation rewrites is one more re-tokenization, rolled back as
+above.
+
 KV caches are the only large per-response state (``KVStore``: LRU, bounded by bytes and count). Losing one
 costs a recomputation of the prefix, never a different score.
 """
@@ -29,6 +33,8 @@ from probes.conversation import Message, plain_text
 from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor, crop_cache, pool
 from probes.models import LoadedModel
+from probes.normalise import normalise
+from probes.render import untrusted_content
 from probes.special_tokens import neutralise, special_strings
 from probes.token_probe import StreamAggregate, TokenProbe, first_crossing
 
@@ -52,13 +58,12 @@ def require_causal(loaded: LoadedModel) -> None:
 
 def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> list[int]:
     """The context up to the assistant header, at most ``max_tokens`` (oldest tokens dropped, BOS kept)."""
+    specials = special_strings(tokenizer)
+    context = [Message(m.role, untrusted_content(m.content, specials)) for m in context]
     if getattr(tokenizer, "chat_template", None):
         if context:
-            # Content is untrusted: control-token strings in it made inert, as on the conversation path (render.py).
-            specials = special_strings(tokenizer)
             text = str(tokenizer.apply_chat_template(
-                [{"role": m.role, "content": neutralise(m.content, specials)} for m in context], tokenize=False,
-                add_generation_prompt=True,
+                [{"role": m.role, "content": m.content} for m in context], tokenize=False, add_generation_prompt=True
             ))
         else:
             # Templates refuse an empty conversation: keep only the assistant header a generation prompt adds.
@@ -68,9 +73,7 @@ def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> l
             text = with_header[len(without):]
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
-        specials = special_strings(tokenizer)
-        safe = [Message(m.role, neutralise(m.content, specials)) for m in context]
-        text = plain_text(safe) + ("\n\n" if safe else "") + "Assistant: "
+        text = plain_text(context) + ("\n\n" if context else "") + "Assistant: "
         bos = getattr(tokenizer, "bos_token_id", None)
         ids = ([bos] if bos is not None else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) <= max_tokens:
@@ -81,20 +84,23 @@ def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> l
 
 
 def response_ids(tokenizer: Any, text: str) -> list[int]:
-    """The response's tokens: its text with control-token strings made inert (a response cannot close its turn)."""
+    """The response's tokens: its text normalised and control-token strings made inert (a response cannot close
+    its turn), as on the conversation path (render.py)."""
     if not text:
         return []
-    return list(tokenizer(neutralise(text, special_strings(tokenizer)), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(untrusted_content(text, special_strings(tokenizer)), add_special_tokens=False)["input_ids"])
 
 
 def neutralise_tail(held: str, delta: str, specials: frozenset[str]) -> str:
-    """``neutralise(raw)`` for a response whose neutralised text so far is ``held``, ``delta`` appended.
+    """``untrusted_content(raw)`` for a response whose text so far is ``held``, ``delta`` appended.
 
-    Only the last ``_NEUTRALISE_WINDOW`` characters of ``held`` are read again (a control token split across
-    chunks completes there), so the cost is the delta's, not the response's.
+    Only the delta is normalised (``held`` already is: normalising it again would strip the word joiners that keep
+    its control-token strings inert) and only the last ``_NEUTRALISE_WINDOW`` characters of ``held`` are
+    neutralised again (a control token split across chunks completes there), so the cost is the delta's, not the
+    response's.
     """
     cut = max(0, len(held) - neutralise_window(specials))
-    return held[:cut] + neutralise(held[cut:] + delta, specials)
+    return held[:cut] + neutralise(held[cut:] + normalise(delta), specials)
 
 
 def neutralise_window(specials: frozenset[str]) -> int:

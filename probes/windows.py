@@ -24,8 +24,8 @@ from typing import Any
 
 from probes.config import WindowConfig
 from probes.conversation import Conversation, Message
-from probes.render import BatchRenderer, full_ids, render_ids
-from probes.special_tokens import neutralise, special_strings
+from probes.render import BatchRenderer, full_ids, render_ids, untrusted_content
+from probes.special_tokens import special_strings
 
 
 def spans(n: int, window: int, stride: int, max_windows: int) -> list[tuple[int, int]]:
@@ -47,8 +47,9 @@ def _content_ids(tokenizer: Any, messages: Sequence[Message]) -> list[tuple[int,
     """(message index, token id) for every content token, in order."""
     flat: list[tuple[int, int]] = []
     for index, message in enumerate(messages):
-        # Neutralised first, so a control-token string in content decodes back as inert text.
-        ids = tokenizer(neutralise(message.content, special_strings(tokenizer)), add_special_tokens=False)["input_ids"]
+        # As the template reads it (normalised, control-token strings inert), so windows decode back to that text.
+        ids = tokenizer(untrusted_content(message.content, special_strings(tokenizer)),
+                        add_special_tokens=False)["input_ids"]
         flat.extend((index, int(token)) for token in ids)
     return flat
 
@@ -110,7 +111,7 @@ def window_ids_batch(renderer: BatchRenderer, conversations: Sequence[Sequence[M
     if not long:
         return rows
     # Content tokens of every message of every long conversation, as _content_ids reads them.
-    texts = [neutralise(m.content, renderer.specials) for i in long for m in conversations[i]]
+    texts = [untrusted_content(m.content, renderer.specials) for i in long for m in conversations[i]]
     content = iter(renderer.content_ids(texts))
     # Each window as its pieces (role, tokens), then every piece of every window decoded in one call.
     pieces: list[tuple[int, str, list[int]]] = []  # (window number, role, tokens)

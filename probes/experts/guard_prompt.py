@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from probes.conversation import Conversation, Message, plain_text
 from probes.errors import ConfigError, ExpertError
+from probes.normalise import normalise
 from probes.special_tokens import JOINER, neutralise
 
 PLACEHOLDER = "{conversation}"
@@ -42,7 +43,8 @@ def _frame_lines(template: str) -> frozenset[str]:
 def conversation_text(template: str, conversation: Conversation, special: Iterable[str] = ()) -> str:
     """The conversation as the guard reads it, with nothing in it that could pass for the prompt's structure.
 
-    Content is untrusted. In each message, control-token strings (``special``: the guard tokenizer's own, plus
+    Content is untrusted. Each message is normalised as the probe reads it (probes/normalise.py), then
+    control-token strings (``special``: the guard tokenizer's own, plus
     the generic chat formats) are neutralised, so are the template's delimiter and instruction lines
     ("<END CONVERSATION>", "Provide your safety assessment ...") and line-initial speaker prefixes ("Agent:"),
     so a user cannot end the conversation early, add instructions, or write the assistant's turn for it.
@@ -50,7 +52,7 @@ def conversation_text(template: str, conversation: Conversation, special: Iterab
     strings = frozenset(special) | _frame_lines(template)
     safe = []
     for m in conversation:
-        content = neutralise(m.content, strings)
+        content = neutralise(normalise(m.content), strings)
         content = _ROLE_LINE.sub(lambda g: g.group(1) + g.group(2)[0] + JOINER + g.group(2)[1:] + g.group(3),
                                  content)
         safe.append(Message(m.role, content))

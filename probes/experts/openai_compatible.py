@@ -30,6 +30,7 @@ from probes.conversation import Conversation
 from probes.errors import ConfigError, ExpertError, ExpertUnavailable
 from probes.experts.guard_prompt import guard_prompt, p_unsafe_from_top_logprobs
 from probes.logs import get_logger
+from probes.normalise import normalise
 
 log = get_logger(__name__)
 
@@ -226,7 +227,8 @@ class OpenAICompatibleExpert:
         if self.chat_messages == "template":
             messages = [{"role": "user", "content": guard_prompt(cfg.prompt_template, conversation)}]
         else:
-            messages = [{"role": m.role, "content": m.content} for m in conversation]
+            # The server applies its own template; the content is normalised as the probe read it.
+            messages = [{"role": m.role, "content": normalise(m.content)} for m in conversation]
         return {
             "model": cfg.model,
             "messages": messages,
