@@ -26,7 +26,8 @@ from probes.errors import ConfigError
 from probes.heads import LinearHead
 from probes.logs import get_logger
 from probes.monitor import Monitor
-from probes.recalibration import OnlineRecalibrator, audit_selected
+from probes.recalibration import OnlineRecalibrator
+from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.budget import BudgetController, Delegation
 from worker.config import WorkerSettings
@@ -41,7 +42,7 @@ from worker.events import (
     utcnow,
 )
 from worker.metrics import WorkerMetrics
-from worker.recalibration import RecalibrationFeed, recalibration_info
+from worker.recalibration import RecalibrationFeed, recalibration_info, tenant_cap
 from worker.signing import Signer
 from worker.stream import (
     Envelope,
@@ -103,7 +104,9 @@ class MonitorHandler(OutputsSlot):
         self._recent_delegated = 0  # delegations among _recent, kept as they come and go
         self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
-        self.signer = Signer.from_config(settings.signing)
+        # Signs verdicts and review requests with the worker role's key (the guard's key stays with the guard).
+        self.signer = Signer.from_config(settings.signing, "worker", service="worker",
+                                         refusals=metrics.signature_refusals, insecure_gauge=metrics.signing_insecure)
         rule = monitor.rule
         self.metrics.threshold.set(rule.threshold if rule.threshold is not None else float("nan"))
         self.metrics.budget_alpha.set(rule.alpha if rule.alpha is not None else float("nan"))
@@ -113,15 +116,18 @@ class MonitorHandler(OutputsSlot):
         # Audits (a hash sample of event ids, apart from delegation and its budget) and the recalibration they feed.
         self.recalibrator: OnlineRecalibrator | None = None
         self.feed: RecalibrationFeed | None = None
+        self.audits: AuditSampler | None = None
         # audit.refit=head: every event's pooled activations are kept past the heads (a refit head decides on
         # them, and audited events send them to the guard); otherwise they are dropped as before.
         self._keep_features = settings.audit.enabled and settings.audit.refit == "head"
         if settings.audit.enabled:
             offline = monitor.bundle.manifest.unsafe_cut
+            self.audits = AuditSampler(settings, metrics, secret=load_audit_secret(settings))
             self.recalibrator = OnlineRecalibrator(settings.audit, offline_cut=monitor.unsafe_cut,
                                                    offline_valid=offline is not None and offline.valid,
-                                                   head=safety_head(monitor) if self._keep_features else None)
-            self.feed = RecalibrationFeed(settings, self.recalibrator, metrics)
+                                                   head=safety_head(monitor) if self._keep_features else None,
+                                                   group_cap=tenant_cap(settings.audit))
+            self.feed = RecalibrationFeed(settings, self.recalibrator, metrics, secret=self.audits.secret)
 
     # ---------------------------------------------------------------- handler protocol
     async def start(self, outputs: Outputs) -> None:
@@ -312,8 +318,7 @@ class MonitorHandler(OutputsSlot):
         ``features``: the pooled activations behind ``p_unsafe`` (audit.refit=head only), sent with an audit."""
         topics = self.settings.topics
         event = item.body.event
-        audit = self.settings.audit
-        audited = recalibration is not None and audit_selected(event.event_id, audit.rate, audit.salt)
+        audited = self.audits is not None and self.audits.select(event.event_id, event.tenant)
         raw = None if recalibration is None else p_unsafe
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,

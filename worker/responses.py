@@ -3,9 +3,10 @@
 The handler of the stream core (worker/stream.py) for responses read while they are generated. Per open
 response it keeps the chunk order (``seq``: out-of-order chunks wait, duplicates are dropped), the token
 probe's small running state, and its KV cache in a bounded store (probes/stream_scorer.py: only new tokens
-run; an evicted cache is recomputed from the prefix). A response ends with one ``StreamVerdict``: ``stop`` at
-the token where the smoothed score first crosses the calibrated threshold, else ``allow`` when its final chunk
-arrives, or when no chunk came for ``response_timeout_s`` (or it fell too far out of order: ``gap``).
+run; an evicted cache is recomputed from the prefix). A response ends with one ``StreamVerdict``, signed with
+the worker role's key (worker/signing.py): ``stop`` at the token where the smoothed score first crosses the
+calibrated threshold, else ``allow`` when its final chunk arrives, or when no chunk came for
+``response_timeout_s`` (or it fell too far out of order: ``gap``).
 
 At-least-once: no chunk of an open response is done before its verdict is acknowledged, so the committed
 offset never passes the first chunk of a response still open. After a crash or a rebalance the response's
@@ -35,6 +36,7 @@ from worker.decode import DecodeError, decode_chunk
 from worker.events import ResponseChunk, StreamVerdict, utcnow
 from worker.metrics import ConsumerMetrics
 from worker.response_order import ChunkOrder, ClosedSet
+from worker.signing import Signer
 from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
@@ -71,7 +73,7 @@ class ResponseHandler(OutputsSlot):
     name = "responses"
 
     def __init__(self, settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str,
-                 model_version: str) -> None:
+                 model_version: str, metrics: ConsumerMetrics | None = None) -> None:
         self.settings = settings
         self.config = settings.responses
         self.scorer = scorer
@@ -84,6 +86,9 @@ class ResponseHandler(OutputsSlot):
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-stream-infer")
         self._wake = asyncio.Event()
         self._working = False
+        # Stream verdicts are the worker role's records: signed with its key like the conversation verdicts.
+        self.signer = Signer.from_config(settings.signing, "worker", service="responses",
+                                         insecure_gauge=metrics.signing_insecure if metrics is not None else None)
 
     # ---------------------------------------------------------------- handler protocol
     def busy(self) -> bool:
@@ -245,8 +250,9 @@ class ResponseHandler(OutputsSlot):
             model_version=self.model_version, decided_at=utcnow(), metadata=first.metadata,
         )
         last, others = response.held[-1], response.held[:-1]
-        message = Message(self.settings.topics.response_verdicts, verdict.to_json(), response.response_id.encode(),
-                          [("response_id", response.response_id.encode())])
+        body, key = verdict.to_json(), response.response_id.encode()
+        message = Message(self.settings.topics.response_verdicts, body, key,
+                          [("response_id", key), *self.signer.headers("stream_verdict", key, body)])
 
         def acked() -> None:
             # Only now may the response's other chunks count as done: before, a crash must re-read them all.
@@ -266,10 +272,10 @@ def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: Consume
     """The streamed-response service: the ``responses`` topic through ``ResponseHandler``."""
     probe = TokenProbe.from_bundle(monitor.bundle)
     scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
-    handler = ResponseHandler(settings, scorer, bundle_version=monitor.bundle.version,
-                              model_version=monitor.model_version)
     metrics = metrics or ConsumerMetrics(prefix="ctd_responses", consumed_name="chunks_in",
                                          consumed_help="Response chunks consumed")
+    handler = ResponseHandler(settings, scorer, bundle_version=monitor.bundle.version,
+                              model_version=monitor.model_version, metrics=metrics)
     r = settings.responses
     return Stream(handler, kafka=settings.kafka, group_id=r.group_id, topic=settings.topics.responses,
                   dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
