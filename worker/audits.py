@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -61,11 +62,13 @@ def load_audit_secret(settings: WorkerSettings) -> bytes | None:
 class AuditSampler:
     """Decides, per event, whether it is audited: keyed hash, then the tenant's quota, then the audit budget."""
 
-    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics, *, secret: bytes | None) -> None:
+    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics, *, secret: bytes | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = settings.audit
         self.metrics = metrics
         self.secret = secret
-        self.budget = TokenBucket(self.config.max_per_s, self.config.burst)
+        self.clock = clock
+        self.budget = TokenBucket(self.config.max_per_s, self.config.burst, clock())
         self.tenants: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
 
     def sampled(self, event_id: str) -> bool:
@@ -76,7 +79,7 @@ class AuditSampler:
         """Whether this event is audited; a sampled event a quota refuses is counted by reason."""
         if not self.sampled(event_id):
             return False
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         refusal = self._refusal(tenant, now)
         if refusal is not None:
             self.metrics.audits_refused.labels(reason=refusal).inc()

@@ -113,7 +113,8 @@ class MonitorHandler(OutputsSlot):
         self.metrics.no_valid_threshold.set(0 if rule.valid else 1)
         if not rule.valid:
             log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
-        # Audits (a hash sample of event ids, apart from delegation and its budget) and the recalibration they feed.
+        # Audits (a keyed sample of event ids with per-tenant quotas and a budget of their own, apart from delegation
+        # and α: worker/audits.py) and the recalibration they feed.
         self.recalibrator: OnlineRecalibrator | None = None
         self.feed: RecalibrationFeed | None = None
         self.audits: AuditSampler | None = None

@@ -119,3 +119,25 @@ def test_rotation_trusts_every_public_key_of_the_role(tmp_path: Path) -> None:
     assert new.verify("verdict", b"c", BODY, headers, roles=("worker",)) is not None
     assert key_id(new.public["worker"][ids["worker"]]) == ids["worker"] and len(new.public["worker"]) == 2
     assert (tmp_path / "worker.key").stat().st_mode & 0o077 == 0, "private keys are readable by their owner only"
+
+
+def test_the_keys_commands_write_a_pair_per_role_and_the_audit_secret(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctd_monitor.cli import app
+    from worker.__main__ import main
+
+    result = CliRunner().invoke(app, ["--no-progress", "keys", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    assert set(written["key_ids"]) == {"worker", "guard"}
+    assert main(["keys", "--out", str(tmp_path / "image"), "--role", "worker"]) == 0  # the images' entry
+    assert sorted(p.name for p in (tmp_path / "image").iterdir()) == ["audit.secret", "worker.key", "worker.pub"]
+    # what the commands wrote is what the services load
+    keys = SigningConfig(keys_dir=tmp_path / "cli")
+    headers = Signer.from_config(keys, "worker").headers("verdict", b"c", BODY)
+    assert Signer.from_config(keys, "guard", verifies=BOTH).verify("verdict", b"c", BODY, headers, roles=BOTH)
+    again = CliRunner().invoke(app, ["--no-progress", "keys", "--out", str(tmp_path / "cli")])
+    assert json.loads(again.stdout)["key_ids"] == written["key_ids"], "existing keys are kept"
