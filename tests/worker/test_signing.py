@@ -141,3 +141,31 @@ def test_the_keys_commands_write_a_pair_per_role_and_the_audit_secret(tmp_path: 
     assert Signer.from_config(keys, "guard", verifies=BOTH).verify("verdict", b"c", BODY, headers, roles=BOTH)
     again = CliRunner().invoke(app, ["--no-progress", "keys", "--out", str(tmp_path / "cli")])
     assert json.loads(again.stdout)["key_ids"] == written["key_ids"], "existing keys are kept"
+
+
+def test_stream_verdicts_are_signed_with_the_worker_key() -> None:
+    import datetime as dt
+    from types import SimpleNamespace
+    from typing import Any
+
+    from aiokafka import TopicPartition
+
+    from tests.worker.test_stream import record
+    from worker.events import ResponseChunk
+    from worker.response_order import ChunkOrder
+    from worker.responses import OpenResponse, ResponseHandler
+    from worker.stream import Envelope
+
+    probe = SimpleNamespace(settings=SimpleNamespace(threshold=0.5, aggregator="ema", alpha=0.1))
+    handler = ResponseHandler(WorkerSettings(), SimpleNamespace(probe=probe), bundle_version="b",  # type: ignore[arg-type]
+                              model_version="m")
+    published: list[Any] = []
+    handler._out = SimpleNamespace(publish=lambda item, messages, acked: published.extend(messages))  # type: ignore[assignment]
+    chunk = ResponseChunk(response_id="r1", seq=0, text="hi", final=True, context=[],
+                          created_at=dt.datetime.now(dt.UTC))
+    item = Envelope.of(record(TopicPartition("responses", 0), 0), chunk, 0.0)
+    handler._close(OpenResponse("r1", ChunkOrder(4), 0.0, held=[item]), "final")
+    (message,) = published
+    signed = verifier().verify(
+        "stream_verdict", message.key, message.value, message.headers, roles=("worker",))
+    assert signed is not None and signed.role == "worker"
