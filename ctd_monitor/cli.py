@@ -798,6 +798,25 @@ def schemas(
 
 
 @app.command()
+def keys(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="directory to write into (mount it as signing.keys_dir)")],
+    role: Annotated[list[str] | None, typer.Option(help="worker | guard (repeat; default: both)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing keys (rotation: keep the "
+                                            "old <role>.pub as <role>.<name>.pub first)")] = False,
+) -> None:
+    """Write an Ed25519 key pair per role (<role>.key, mode 0600; <role>.pub) and the audit secret (audit.secret)."""
+    from worker.signing import ROLES, generate_audit_secret, generate_keys
+
+    roles = role or list(ROLES)
+    if unknown := [r for r in roles if r not in ROLES]:
+        fail(f"--role must be one of {', '.join(ROLES)}, not {', '.join(unknown)}")
+    ids = generate_keys(out, [r for r in ROLES if r in roles], overwrite=overwrite)
+    secret = generate_audit_secret(out, overwrite=overwrite)
+    emit({"keys_dir": str(out), "key_ids": ids, "audit_secret": str(secret)})
+
+
+@app.command()
 def broker(
     ctx: typer.Context,
     port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default: a free one)")] = None,

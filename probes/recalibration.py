@@ -25,7 +25,8 @@ Runtime module: numpy and pydantic only (no sklearn/scipy), so the worker can im
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import hmac
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -48,15 +49,18 @@ _MIN_SLOPE = 1e-3
 HEAD_FOLDS = 5
 
 
-def audit_selected(event_id: str, rate: float, salt: str = "audit") -> bool:
+def audit_selected(event_id: str, rate: float, salt: str = "audit", *, key: bytes | None = None) -> bool:
     """Whether an event is audited: a hash of its id below ``rate``.
 
     Deterministic, so a re-delivered event is audited exactly when its first delivery was; independent of the
-    probe score and of delegation, so the audited events are an unbiased sample of the traffic.
+    probe score and of delegation, so the audited events are an unbiased sample of the traffic. ``key``: a secret
+    (the worker's ``audit.secret``) makes it an HMAC, so whoever chooses event ids can neither tell nor choose
+    which are audited; without one (offline benchmarks) anyone can compute it.
     """
     if not 0 <= rate <= 1:
         raise ValueError("rate must be in [0, 1]")
-    digest = hashlib.sha256(f"{salt}\x00{event_id}".encode()).digest()
+    message = f"{salt}\x00{event_id}".encode()
+    digest = hmac.new(key, message, hashlib.sha256).digest() if key is not None else hashlib.sha256(message).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
 
 
@@ -220,7 +224,7 @@ class OnlineRecalibrator:
     """
 
     def __init__(self, config: AuditConfig, *, offline_cut: float, offline_valid: bool = True,
-                 head: LinearHead | None = None) -> None:
+                 head: LinearHead | None = None, group_cap: int | None = None) -> None:
         if config.refit == "head" and head is None:
             raise ValueError("audit.refit=head needs the bundle's probe head")
         self.config = config
@@ -231,6 +235,10 @@ class OnlineRecalibrator:
         self._scores: deque[float] = deque(maxlen=config.window)
         self._verdicts: deque[bool] = deque(maxlen=config.window)
         self._features: deque[npt.NDArray[np.float32]] = deque(maxlen=config.window)
+        # The group (tenant) of each item, and how many each holds: at most ``group_cap`` per group.
+        self._groups: deque[str] = deque()
+        self._group_counts: Counter[str] = Counter()
+        self.group_cap = config.window if group_cap is None else max(1, min(group_cap, config.window))
         self._since_refit = 0
         self._added = 0
         self._map = PlattMap()
@@ -296,8 +304,18 @@ class OnlineRecalibrator:
         feats = np.stack([self._features[i] for i in benign]) if self._head_decides() else None
         return float(np.mean(self.flags(p, feats)))
 
-    def add(self, p: float, expert_unsafe: bool, features: npt.ArrayLike | None = None) -> None:
-        """Add one audited item to the window without refitting (the caller decides when to refit)."""
+    def group_count(self, group: str) -> int:
+        """Items of ``group`` in the window."""
+        return self._group_counts[group]
+
+    def add(self, p: float, expert_unsafe: bool, features: npt.ArrayLike | None = None, *,
+            group: str = "") -> bool:
+        """Add one audited item to the window without refitting (the caller decides when to refit).
+
+        A ``group`` already holding ``group_cap`` items gives up its oldest for this one (returns True): one group
+        (a tenant) never holds more than its share of the window, whatever it sends.
+        """
+        row = None
         if self.config.refit == "head":
             if features is None:
                 raise ValueError("audit.refit=head: an audited item needs its pooled activations")
@@ -305,11 +323,24 @@ class OnlineRecalibrator:
             assert self._offline_head is not None
             if row.shape != self._offline_head.weight.shape:
                 raise ValueError(f"features of width {row.size}, the head reads {self._offline_head.weight.size}")
+        displaced = self._group_counts[group] >= self.group_cap
+        if displaced:
+            oldest = self._groups.index(group)
+            del self._scores[oldest], self._verdicts[oldest], self._groups[oldest]
+            if row is not None:
+                del self._features[oldest]
+            self._group_counts[group] -= 1
+        elif len(self._groups) == self.config.window:
+            self._group_counts[self._groups.popleft()] -= 1  # the deques with maxlen drop their oldest themselves
+        if row is not None:
             self._features.append(row)
+        self._groups.append(group)
+        self._group_counts[group] += 1
         self._scores.append(float(p))
         self._verdicts.append(bool(expert_unsafe))
         self._since_refit += 1
         self._added += 1
+        return displaced
 
     def observe(self, p: float, expert_unsafe: bool, features: npt.ArrayLike | None = None) -> RecalibrationState | None:
         """Add one audited item; returns the new state when this audit triggered a refit."""

@@ -1,4 +1,4 @@
-"""``python -m worker run|expert|topics create``: the shipped service's own entry, no development tooling.
+"""``python -m worker run|expert|responses|topics create|keys``: the shipped service's own entry, no development tooling.
 
 Same settings as ``ctd-monitor run`` / ``ctd-monitor expert`` (a YAML/TOML file and CTD_* environment
 variables, the environment wins); the images run this.
@@ -31,6 +31,10 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--partitions", type=int, default=3, help="input partitions")
     create.add_argument("--output-partitions", type=int, default=3, help="verdict and review partitions")
     create.add_argument("--replication-factor", type=int, default=1)
+    keys = commands.add_parser("keys", help="write an Ed25519 key pair per role and the audit secret")
+    keys.add_argument("--out", type=Path, required=True, help="directory to write into (signing.keys_dir)")
+    keys.add_argument("--role", action="append", choices=["worker", "guard"], help="repeat; default: both")
+    keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
     for command in (run, expert, responses, create):
         command.add_argument("--bootstrap", help="Kafka bootstrap servers")
     return p
@@ -41,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     from worker.main import override, run_guard, run_responses, run_worker
 
     try:
-        if args.command == "responses":
+        if args.command == "keys":
+            import json
+
+            from worker.signing import ROLES, generate_audit_secret, generate_keys
+
+            ids = generate_keys(args.out, args.role or ROLES, overwrite=args.overwrite)
+            secret = generate_audit_secret(args.out, overwrite=args.overwrite)
+            print(json.dumps({"keys_dir": str(args.out), "key_ids": ids, "audit_secret": str(secret)}))
+        elif args.command == "responses":
             rs = load_settings(args.config, cls=WorkerSettings)
             configure_logging(rs.log_level)
             run_responses(override(rs, section="responses", bundle=args.bundle, bootstrap=args.bootstrap))

@@ -45,11 +45,15 @@ class TokenBucket:
         self.tokens = float(burst)
         self.updated = time.monotonic() if now is None else now
 
-    def take(self, now: float | None = None) -> bool:
+    def available(self, now: float | None = None) -> bool:
+        """Whether ``take`` would succeed now (takes nothing)."""
         now = time.monotonic() if now is None else now
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
+        return self.tokens >= 1.0
+
+    def take(self, now: float | None = None) -> bool:
+        if self.available(now):
             self.tokens -= 1.0
             return True
         return False
@@ -182,7 +186,11 @@ class AlertHandler(OutputsSlot):
         self.policy = AlertPolicy(a)
         # One bucket per tenant (alerts.rate_limit_scope): one tenant's alert flood cannot silence another's.
         self.buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
-        self.signer = Signer.from_config(settings.signing)
+        # Alerts are signed with the guard's key (the alerter runs in the guard process); verdicts are read from
+        # both roles, each only for the sources it writes (worker/decode.py).
+        self.signer = Signer.from_config(settings.signing, "guard", verifies=("worker", "guard"), service="alerter",
+                                         refusals=metrics.signature_refusals,
+                                         insecure_gauge=metrics.signing_insecure)
         self.sinks = list(sinks)
         self._queues = {sink.name: asyncio.Queue[Alert](SINK_QUEUE) for sink in self.sinks}
         # Alerts each tenant holds in each sink's queue: one tenant fills at most its share of a shared queue.
@@ -221,9 +229,10 @@ class AlertHandler(OutputsSlot):
         now = time.monotonic()
         for record in records:
             try:
-                # A verdict nobody with the key wrote (a forged "the expert said safe", or a fake one that would
-                # use up a conversation's dedupe window) is never acted on.
-                verdict = decode_verdict(record.key, record.value, record.headers, self.signer)
+                # A verdict its writer's key did not sign (a forged "the expert said safe", an expert verdict
+                # signed with a worker key, an old one replayed, or a fake one that would use up a conversation's
+                # dedupe window) is never acted on.
+                verdict = decode_verdict(record, self.signer)
             except SignatureError as exc:
                 self.out.dead_letter(record, "bad_signature", str(exc), "decode")
                 continue

@@ -186,22 +186,24 @@ class TenantConfig(Frozen):
 
 
 class SigningConfig(Frozen):
-    """HMAC-SHA256 over every verdict, review request and alert (worker/signing.py).
+    """Ed25519 signatures per role on verdicts, review requests, stream verdicts and alerts (worker/signing.py).
 
-    The key comes from a Secret (``CTD_SIGNING__KEY``); ``key_id`` travels in the signature header so keys can be
-    rotated: list the previous key under ``verify_keys`` until every record it signed is past retention.
-    Without a key nothing is signed and nothing is checked (a local demo); with one, readers refuse records
-    whose signature is missing or wrong.
+    Secure by default: every service needs its keys in ``keys_dir`` (``ctd-monitor keys --out DIR`` writes them;
+    in Kubernetes, Secrets mounted there) and refuses to start without them. The worker holds ``worker.key`` and
+    ``guard.pub`` (audits), the guard ``guard.key`` and ``worker.pub``; the alerter (in the guard process) reads
+    ``worker.pub`` and ``guard.pub``. ``insecure_dev`` lets a service run without the keys it lacks, loudly (a
+    warning at start and ``ctd_signing_insecure`` 1): records are then written unsigned or read unchecked.
     """
 
-    key: SecretStr | None = None
-    key_id: str = Field("k1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    verify_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> older keys still accepted")
-    required: bool = Field(False, description="refuse to start without a key (production: the key is a Secret)")
-
-    @property
-    def enabled(self) -> bool:
-        return self.key is not None and bool(self.key.get_secret_value())
+    keys_dir: Path | None = Field(
+        None, description="directory of <role>.key (this service's private key), <role>.pub and <role>.*.pub "
+        "(trusted public keys, several while rotating) and audit.secret; CTD_SIGNING__KEYS_DIR")
+    max_age_s: float = Field(
+        900.0, gt=0, description="a signed record appended (LogAppendTime topics) or, else, read more than this "
+        "long after it was signed is refused as a replay")
+    max_skew_s: float = Field(60.0, ge=0, description="clock skew allowed for a signing time in the future")
+    insecure_dev: bool = Field(
+        False, description="development only: run without missing keys (unsigned / unchecked), logged loudly")
 
 
 class ResponsesConfig(ServiceConfig):
@@ -245,6 +247,20 @@ class WorkerAuditConfig(AuditConfig):
         "order, so replicas that received them interleaved differently feed the same sequence")
     catch_up_timeout_s: float = Field(
         60.0, gt=0, description="longest wait for the lookback before joining the group (then the offline cut)")
+    secret_file: Path | None = Field(
+        None, description="the secret keying the audit sample (HMAC of the event id): producers cannot tell or "
+        "choose which events are audited; default audit.secret in signing.keys_dir (ctd-monitor keys writes it). "
+        "Audits refuse to run without it unless signing.insecure_dev")
+    tenant_share: float = Field(
+        0.25, gt=0, le=1, description="most of the audit window one tenant's audits may hold (its newest replace "
+        "its oldest): no tenant fills the window or moves the cut alone; 1 for a single-tenant deployment")
+    tenant_rate_per_s: float = Field(
+        1.0, gt=0, description="audits per second one tenant may send to the expert, per worker (token bucket)")
+    tenant_burst: int = Field(20, ge=1, description="audits one tenant may send in a burst")
+    max_per_s: float = Field(
+        10.0, gt=0, description="the audit budget: audits per second sent to the expert, per worker, apart from "
+        "the delegation budget alpha (audits never count as delegations)")
+    burst: int = Field(100, ge=1, description="audits sent in a burst within the audit budget")
 
     @property
     def enabled(self) -> bool:

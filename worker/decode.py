@@ -10,9 +10,9 @@ its verdict, in the middle of a batch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import orjson
 from pydantic import ValidationError
@@ -27,7 +27,12 @@ from worker.events import (
     ResponseChunk,
     Verdict,
 )
-from worker.signing import Headers, Signer
+from worker.signing import ROLES, VERDICT_WRITER, Role, Signer
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
 DecodeReason = Literal[
     "undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation",
@@ -212,17 +217,24 @@ class InvalidVerdict(Exception):
     """A correctly signed verdict record whose body is not a ``Verdict``."""
 
 
-def decode_verdict(key: bytes | None, value: bytes | None, headers: Headers | None, signer: Signer) -> Verdict:
-    """A record of the verdicts topic → its ``Verdict``, only if the key's holder signed it.
+def decode_verdict(record: Record, signer: Signer, *, roles: Collection[Role] = ROLES, now: float | None = None,
+                   max_age_s: float | None = None) -> Verdict:
+    """A record of the verdicts topic → its ``Verdict``, only if a role in ``roles`` that may write it signed it.
 
-    Raises ``worker.signing.SignatureError`` (a verdict nobody with the key wrote: a forged "the expert said
-    safe") before reading the body, and ``InvalidVerdict`` for a signed body that does not parse.
+    Raises ``worker.signing.SignatureError`` (a verdict its writer's key did not sign: a forged "the expert said
+    safe", an expert verdict signed with a worker key, a replay of an old one) and ``InvalidVerdict`` for a signed
+    body that does not parse. The signature is checked before the body is read; the body's ``source`` must then be
+    one the signing role writes (``VERDICT_WRITER``).
     """
-    signer.verify("verdict", key, value or b"", headers)
+    signed = signer.verify_record("verdict", record, roles=roles, now=now, max_age_s=max_age_s)
     try:
-        return Verdict.model_validate(orjson.loads(value or b""))
+        verdict = Verdict.model_validate(orjson.loads(record.value or b""))
     except (orjson.JSONDecodeError, ValidationError) as exc:
         raise InvalidVerdict(str(exc)) from exc
+    if signed is not None and VERDICT_WRITER[verdict.source] != signed.role:
+        raise signer.refuse("verdict", "wrong_role", signed.role,
+                            f"a {signed.role} key signed a verdict of source {verdict.source!r}")
+    return verdict
 
 
 def _summary(errors: Sequence[Any]) -> str:

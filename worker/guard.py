@@ -9,7 +9,8 @@ Fail closed: a timeout splits a batch like an error does, and a request the expe
 error on it alone, e.g. a context-length 4xx, or ``guard.max_expert_attempts`` timeouts on it alone) still gets
 a final verdict, ``source: "expert_unavailable"``, decided by ``guard.unavailable_decision`` (default: unsafe,
 so the alerter raises it). Padding a conversation until the expert chokes on it must not take it out of alerting.
-Review requests must carry the worker's signature (worker/signing.py); the guard signs its verdicts.
+Review requests must carry the worker role's signature, fresh (worker/signing.py); the guard signs its verdicts
+with the guard role's key, which no worker holds.
 
 Audits: a request may be an audit (``audit``: in the worker's audit sample) rather than, or besides, a delegation.
 Its verdict carries ``audit`` and the probe's raw score (``probe_p_unsafe``) and the header ``audit``, so the
@@ -42,7 +43,7 @@ from worker.config import GuardSettings
 from worker.events import AUDIT_HEADER, MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
 from worker.lanes import Lanes
 from worker.metrics import GuardMetrics
-from worker.signing import SignatureError, Signer
+from worker.signing import WORKER, SignatureError, Signer
 from worker.stream import (
     Envelope,
     Message,
@@ -102,7 +103,10 @@ class GuardHandler(OutputsSlot):
                                       on_change=lambda opened: metrics.circuit_open.set(1 if opened else 0))
         self._degraded = False
         self._wake = asyncio.Event()
-        self.signer = Signer.from_config(settings.signing)
+        # Signs expert verdicts with the guard's key; accepts review requests from the worker role only.
+        self.signer = Signer.from_config(settings.signing, "guard", verifies=WORKER, service="guard",
+                                         refusals=metrics.signature_refusals,
+                                         insecure_gauge=metrics.signing_insecure)
 
     @property
     def degraded(self) -> bool:
@@ -130,7 +134,7 @@ class GuardHandler(OutputsSlot):
         now = time.monotonic()
         for record in records:
             try:
-                self.signer.verify("review_request", record.key, record.value or b"", record.headers)
+                self.signer.verify_record("review_request", record, roles=WORKER)
             except SignatureError as exc:
                 self.out.dead_letter(record, "bad_signature", str(exc), "decode")
                 continue

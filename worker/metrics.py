@@ -70,6 +70,11 @@ class ConsumerMetrics:
             f"{p}_publish_errors", "Outputs the broker did not acknowledge (offset left uncommitted)", registry=r
         )
         self.ready = Gauge(f"{p}_ready", "1 when models are loaded and partitions are assigned", registry=r)
+        self.signature_refusals = Counter(
+            f"{p}_signature_refusals", "Records refused for their signature (worker/signing.py)",
+            ["kind", "role", "reason"], registry=r)
+        self.signing_insecure = Gauge(
+            f"{p}_signing_insecure", "1 while signing.insecure_dev lets this service run without its keys", registry=r)
         self.stage_cpu = StageClock(Counter(
             f"{p}_stage_cpu_seconds", "CPU seconds of the host-side stages (the thread running each)", ["stage"],
             registry=r,
@@ -151,6 +156,14 @@ class WorkerMetrics(ConsumerMetrics):
         # Online recalibration from audits (worker/recalibration.py).
         self.audits_sent = Counter(
             "ctd_audits_sent", "Audit-sample events sent to the expert-review topic (acknowledged)", registry=r
+        )
+        self.audits_refused = Counter(
+            "ctd_audits_refused", "Events the keyed audit sample chose but a quota did not send (tenant_rate: the "
+            "tenant's audit rate; budget: the audit budget)", ["reason"], registry=r,
+        )
+        self.audit_tenant_displaced = Counter(
+            "ctd_audit_tenant_displaced", "Audits that replaced their tenant's oldest in the window (tenant_share)",
+            registry=r,
         )
         self.audit_verdicts_in = Counter(
             "ctd_audit_verdicts_in", "Expert audit verdicts fed to the recalibration window", registry=r

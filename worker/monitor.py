@@ -27,7 +27,8 @@ from probes.errors import ConfigError
 from probes.heads import LinearHead
 from probes.logs import get_logger
 from probes.monitor import Monitor
-from probes.recalibration import OnlineRecalibrator, audit_selected
+from probes.recalibration import OnlineRecalibrator
+from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.breaker import CircuitBreaker
 from worker.budget import BudgetController, Delegation
@@ -45,7 +46,7 @@ from worker.events import (
 )
 from worker.fairqueue import FairQueue
 from worker.metrics import WorkerMetrics
-from worker.recalibration import RecalibrationFeed, recalibration_info
+from worker.recalibration import RecalibrationFeed, recalibration_info, tenant_cap
 from worker.signing import Signer
 from worker.stream import (
     Envelope,
@@ -128,7 +129,9 @@ class MonitorHandler(OutputsSlot):
         self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
         self.breaker = CircuitBreaker(settings.worker.breaker_failures, settings.worker.breaker_cooldown_s,
                                       on_change=lambda opened: metrics.circuit_open.set(1 if opened else 0))
-        self.signer = Signer.from_config(settings.signing)
+        # Signs verdicts and review requests with the worker role's key (the guard's key stays with the guard).
+        self.signer = Signer.from_config(settings.signing, "worker", service="worker",
+                                         refusals=metrics.signature_refusals, insecure_gauge=metrics.signing_insecure)
         w = settings.worker
         self._view = ViewLimits(max_messages=w.view_max_messages, max_bytes=w.view_max_bytes,
                                 head=w.view_head_messages, tail=w.view_tail_messages,
@@ -139,18 +142,22 @@ class MonitorHandler(OutputsSlot):
         self.metrics.no_valid_threshold.set(0 if rule.valid else 1)
         if not rule.valid:
             log.warning("delegation.no_valid_threshold", bundle=monitor.bundle.version, variant=rule.variant)
-        # Audits (a hash sample of event ids, apart from delegation and its budget) and the recalibration they feed.
+        # Audits (a keyed sample of event ids with per-tenant quotas and a budget of their own, apart from delegation
+        # and α: worker/audits.py) and the recalibration they feed.
         self.recalibrator: OnlineRecalibrator | None = None
         self.feed: RecalibrationFeed | None = None
+        self.audits: AuditSampler | None = None
         # audit.refit=head: every event's pooled activations are kept past the heads (a refit head decides on
         # them, and audited events send them to the guard); otherwise they are dropped as before.
         self._keep_features = settings.audit.enabled and settings.audit.refit == "head"
         if settings.audit.enabled:
             offline = monitor.bundle.manifest.unsafe_cut
+            self.audits = AuditSampler(settings, metrics, secret=load_audit_secret(settings))
             self.recalibrator = OnlineRecalibrator(settings.audit, offline_cut=monitor.unsafe_cut,
                                                    offline_valid=offline is not None and offline.valid,
-                                                   head=safety_head(monitor) if self._keep_features else None)
-            self.feed = RecalibrationFeed(settings, self.recalibrator, metrics)
+                                                   head=safety_head(monitor) if self._keep_features else None,
+                                                   group_cap=tenant_cap(settings.audit))
+            self.feed = RecalibrationFeed(settings, self.recalibrator, metrics, secret=self.audits.secret)
 
     # ---------------------------------------------------------------- handler protocol
     async def start(self, outputs: Outputs) -> None:
@@ -417,8 +424,7 @@ class MonitorHandler(OutputsSlot):
         ``features``: the pooled activations behind ``p_unsafe`` (audit.refit=head only), sent with an audit."""
         topics = self.settings.topics
         event = item.body.event
-        audit = self.settings.audit
-        audited = recalibration is not None and audit_selected(event.event_id, audit.rate, audit.salt)
+        audited = self.audits is not None and self.audits.select(event.event_id, event.tenant)
         raw = None if recalibration is None else p_unsafe
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,

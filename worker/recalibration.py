@@ -56,11 +56,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from probes.logs import get_logger
 from probes.recalibration import OnlineRecalibrator, RecalibrationState, WindowSnapshot, audit_selected
-from worker.config import WorkerSettings
+from worker.config import WorkerAuditConfig, WorkerSettings
 from worker.decode import InvalidVerdict, decode_verdict
 from worker.events import AUDIT_HEADER, Recalibration
 from worker.metrics import WorkerMetrics
-from worker.signing import SignatureError, Signer
+from worker.signing import GUARD, SignatureError, Signer
 from worker.stream import Record
 
 log = get_logger(__name__)
@@ -95,6 +95,7 @@ class Audit:
     expert_unsafe: bool = field(compare=False)
     #: The event's pooled activations (audit.refit=head), else None.
     features: npt.NDArray[np.float32] | None = field(default=None, compare=False)
+    tenant: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,11 @@ def recalibration_info(recalibrator: OnlineRecalibrator) -> Recalibration:
                          window=s.n if s.fitted_at is not None else recalibrator.window_size, window_benign=s.n_benign)
 
 
+def tenant_cap(config: WorkerAuditConfig) -> int:
+    """Most audits of one tenant the window holds (``audit.tenant_share`` of it, at least one)."""
+    return max(1, int(config.tenant_share * config.window))
+
+
 def _has_header(record: Record, name: str) -> bool:
     return any(k == name for k, _ in record.headers or ())
 
@@ -121,12 +127,18 @@ class RecalibrationFeed:
     """Reads the guard's audit verdicts (every partition, no group) into the worker's ``OnlineRecalibrator``."""
 
     def __init__(self, settings: WorkerSettings, recalibrator: OnlineRecalibrator, metrics: WorkerMetrics, *,
-                 consumer: AuditConsumer | None = None, clock: Callable[[], float] = time.time) -> None:
+                 consumer: AuditConsumer | None = None, clock: Callable[[], float] = time.time,
+                 secret: bytes | None = None) -> None:
         self.settings = settings
         self.config = settings.audit
         self.recalibrator = recalibrator
         self.metrics = metrics
-        self.signer = Signer.from_config(settings.signing)
+        # Audit labels are the guard's to write: a verdict signed with a worker key is no label (worker/decode.py).
+        self.signer = Signer.from_config(settings.signing, "worker", verifies=GUARD, signs=False,
+                                         service="recalibration", refusals=metrics.signature_refusals,
+                                         insecure_gauge=metrics.signing_insecure)
+        # The refit points are keyed like the sample: a producer cannot place them either.
+        self.secret = secret
         self.consumer = consumer
         self.clock = clock
         self.caught_up = asyncio.Event()
@@ -223,7 +235,10 @@ class RecalibrationFeed:
         if not _has_header(record, AUDIT_HEADER):
             return None  # a probe verdict or a delegation's: most of the topic, never parsed
         try:
-            verdict = decode_verdict(record.key, record.value, record.headers, self.signer)
+            # The lookback is read on purpose: on a topic without broker append times the bound is the lookback.
+            verdict = decode_verdict(record, self.signer, roles=GUARD, now=self.clock(),
+                                     max_age_s=max(self.settings.signing.max_age_s,
+                                                   self.config.lookback_s + self.config.settle_s))
         except SignatureError as exc:
             self._skip(record, "bad_signature", str(exc))
             return None
@@ -254,7 +269,8 @@ class RecalibrationFeed:
         self._seen[verdict.event_id] = None
         while len(self._seen) > 4 * self.config.window:
             self._seen.popitem(last=False)
-        return Audit(verdict.decided_at.timestamp(), verdict.event_id, p, verdict.decision == "unsafe", features)
+        return Audit(verdict.decided_at.timestamp(), verdict.event_id, p, verdict.decision == "unsafe", features,
+                     tenant=verdict.tenant)
 
     def _skip(self, record: Record, reason: str, detail: str, *, quiet: bool = False) -> None:
         self.metrics.audit_verdicts_skipped.labels(reason=reason).inc()
@@ -310,9 +326,10 @@ class RecalibrationFeed:
     def _add(self, audit: Audit) -> tuple[datetime, int] | None:
         """Add one audit; when its event id makes it a refit point, that refit's time and version."""
         recal = self.recalibrator
-        recal.add(audit.probe_p_unsafe, audit.expert_unsafe, audit.features)
+        if recal.add(audit.probe_p_unsafe, audit.expert_unsafe, audit.features, group=audit.tenant):
+            self.metrics.audit_tenant_displaced.inc()
         self.metrics.audit_verdicts_in.inc()
-        due = audit_selected(audit.event_id, 1 / self.config.refit_every, f"{self.config.salt}/refit")
+        due = audit_selected(audit.event_id, 1 / self.config.refit_every, f"{self.config.salt}/refit", key=self.secret)
         if recal.window_size < self.config.min_window or not due:
             return None
         self._version = max(int(audit.decided_at * 1000), self._version + 1, recal.state.version + 1)

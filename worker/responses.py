@@ -4,7 +4,8 @@ The handler of the stream core (worker/stream.py) for responses read while they 
 response it keeps the chunk order (``seq``: out-of-order chunks wait, duplicates are dropped, a seq more than
 ``max_pending_chunks`` ahead is dead-lettered and changes nothing), the token probe's small running state, and
 its KV cache in a bounded store (probes/stream_scorer.py: only new tokens run; an evicted cache is recomputed
-from the prefix). A response ends with one ``StreamVerdict``: ``stop`` at the token where the smoothed score
+from the prefix). A response ends with one ``StreamVerdict`` (signed with the worker role's key,
+worker/signing.py): ``stop`` at the token where the smoothed score
 first crosses the calibrated threshold, ``allow`` only when its final chunk was read; everything else fails
 closed: no chunk for ``response_timeout_s`` (``timeout``, or ``gap`` while a chunk is missing), more chunks or
 text than the per-response limits (``limit``, the rest dead-lettered), an inference failure (``error``) each
@@ -46,6 +47,7 @@ from worker.events import Alert, ResponseChunk, StreamVerdict, utcnow
 from worker.metrics import ConsumerMetrics
 from worker.response_order import ChunkOrder, ClosedSet
 from worker.response_state import KafkaStateLog, ResponseCheckpoint, StateLog
+from worker.signing import Signer
 from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
@@ -99,7 +101,8 @@ class ResponseHandler(OutputsSlot):
     name = "responses"
 
     def __init__(self, settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str,
-                 model_version: str, state_log: StateLog | None = None) -> None:
+                 model_version: str, state_log: StateLog | None = None,
+                 metrics: ConsumerMetrics | None = None) -> None:
         self.settings = settings
         self.config = settings.responses
         self.scorer = scorer
@@ -119,6 +122,10 @@ class ResponseHandler(OutputsSlot):
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-stream-infer")
         self._wake = asyncio.Event()
         self._working = False
+        # Stream verdicts and stream alerts are the worker role's records: signed with its key like the
+        # conversation verdicts.
+        self.signer = Signer.from_config(settings.signing, "worker", service="responses",
+                                         insecure_gauge=metrics.signing_insecure if metrics is not None else None)
 
     # ---------------------------------------------------------------- handler protocol
     def busy(self) -> bool:
@@ -391,8 +398,9 @@ class ResponseHandler(OutputsSlot):
             model_version=self.model_version, decided_at=utcnow(), metadata=meta.metadata,
         )
         key = response.response_id.encode()
-        messages = [Message(self.settings.topics.response_verdicts, verdict.to_json(), key,
-                            [("response_id", key)])]
+        body = verdict.to_json()
+        messages = [Message(self.settings.topics.response_verdicts, body, key,
+                            [("response_id", key), *self.signer.headers("stream_verdict", key, body)])]
         if reason in UNSCORED:
             alert = Alert(
                 alert_id=str(uuid.uuid5(STREAM_ALERT_NAMESPACE, response.response_id)),
@@ -401,7 +409,10 @@ class ResponseHandler(OutputsSlot):
                 bundle_version=self.bundle_version, verdict_decided_at=verdict.decided_at, raised_at=utcnow(),
                 metadata={"stream_reason": reason, "last_seq": response.last_seq},
             )
-            messages.append(Message(self.settings.topics.alerts, alert.to_json(), key))
+            alert_body = alert.to_json()
+            messages.append(Message(self.settings.topics.alerts, alert_body, key,
+                                    [("alert_id", alert.alert_id.encode()),
+                                     *self.signer.headers("alert", key, alert_body)]))
         if self.state_log is not None:
             messages.append(self._checkpoint_message(response, closed=reason))
         log.log(40 if reason in UNSCORED else 20, "response.verdict", response_id=response.response_id,
@@ -436,9 +447,10 @@ def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: Consume
 def scorer_stream(settings: WorkerSettings, scorer: StreamScorer, *, bundle_version: str, model_version: str,
                   metrics: ConsumerMetrics | None = None, **clients: object) -> ResponseStream:
     """The service around a given stream scorer (``response_stream`` builds it from the bundle)."""
-    handler = ResponseHandler(settings, scorer, bundle_version=bundle_version, model_version=model_version)
     metrics = metrics or ConsumerMetrics(prefix="ctd_responses", consumed_name="chunks_in",
                                          consumed_help="Response chunks consumed")
+    handler = ResponseHandler(settings, scorer, bundle_version=bundle_version, model_version=model_version,
+                              metrics=metrics)
     r = settings.responses
     limits = ServiceLimits.from_config(r, max_event_bytes=r.max_event_bytes)
     limits = dataclasses.replace(limits, max_in_flight_per_partition=r.partition_max_in_flight)

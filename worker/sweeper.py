@@ -159,7 +159,8 @@ class DelegationSweeper:
                         break
                     seen += 1
                     try:
-                        verdict = decode_verdict(record.key, record.value, record.headers, self.signer)
+                        # Judged as when it was written: the lookback reads records up to lookback_s old.
+                        verdict = decode_verdict(record, self.signer, now=record.timestamp / 1000)
                     except (SignatureError, InvalidVerdict):
                         continue  # the live alerter dead-lettered it already
                     self.observe(tp, verdict)

@@ -81,11 +81,15 @@ def topic_specs(
         common["min.insync.replicas"] = str(min(2, replication_factor))
     stream = {**common, "retention.ms": str(RETENTION_MS)}
     audit = {**common, "retention.ms": str(AUDIT_RETENTION_MS)}
+    # Signed records carry their signing time; the broker's append time is what their freshness bound is measured
+    # against (worker/signing.py): a replayed old record is appended late, a backlog read late still passes.
+    signed = {**stream, "message.timestamp.type": "LogAppendTime"}
     rows = [
-        (topics.input, input_partitions, stream), (topics.verdicts, output_partitions, stream),
-        (topics.review, output_partitions, stream), (topics.dead_letter, 1, audit), (topics.alerts, 1, audit),
+        (topics.input, input_partitions, stream), (topics.verdicts, output_partitions, signed),
+        (topics.review, output_partitions, signed), (topics.dead_letter, 1, audit),
+        (topics.alerts, 1, {**audit, "message.timestamp.type": "LogAppendTime"}),
         # Streamed responses (worker/responses.py): chunks keyed by response_id, one terminal verdict each.
-        (topics.responses, input_partitions, stream), (topics.response_verdicts, output_partitions, stream),
+        (topics.responses, input_partitions, stream), (topics.response_verdicts, output_partitions, signed),
         *((tenant_topic(topics.input, t), input_partitions, stream) for t in tenants),
         # Checkpoints of open responses (worker/response_state.py): the latest per response_id counts.
         (topics.response_state, output_partitions, {**stream, "cleanup.policy": "compact,delete"}),

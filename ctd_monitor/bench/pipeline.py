@@ -34,6 +34,7 @@ from probes.data import Record, read_file
 from probes.monitor import Monitor
 from worker.config import TopicsConfig, WorkerSettings
 from worker.monitor import monitor_stream
+from worker.signing import generate_audit_secret, generate_keys
 
 
 def raw_forward_rate(monitor: Monitor, conversations: Sequence[Any], settings: WorkerSettings) -> dict[str, float]:
@@ -219,7 +220,9 @@ def _mean(registry: Any, histogram: str) -> float:
 @contextlib.contextmanager
 def bench_topics(settings: WorkerSettings, workdir: Path, broker: LocalBroker | None = None,
                  partitions: int = 3) -> Iterator[WorkerSettings]:
-    """Fresh topics and group on ``broker`` (or on a local broker started for the run): the settings to use."""
+    """Fresh topics and group on ``broker`` (or on a local broker started for the run): the settings to use.
+
+    Without ``signing.keys_dir`` the run gets fresh keys of its own: the worker measured signs as deployed."""
     own = broker is None
     if broker is None:
         broker = LocalBroker(cache_dir=settings.cache_dir, data_dir=workdir / "kafka")
@@ -228,7 +231,13 @@ def bench_topics(settings: WorkerSettings, workdir: Path, broker: LocalBroker | 
         suffix = uuid.uuid4().hex[:6]
         topics = TopicsConfig().suffixed(f"bench-{suffix}")
         broker.create_topics(topics.partitions(partitions))
+        signing = settings.signing
+        if signing.keys_dir is None:
+            generate_keys(workdir / "keys")
+            generate_audit_secret(workdir / "keys")
+            signing = signing.model_copy(update={"keys_dir": workdir / "keys"})
         yield settings.model_copy(update={
+            "signing": signing,
             "topics": topics,
             "kafka": settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap,
                                                        "group_id": f"bench-{suffix}"}),

@@ -49,12 +49,14 @@ from worker.config import (
     GuardConfig,
     GuardSettings,
     KafkaConfig,
+    SigningConfig,
     TopicsConfig,
     WorkerConfig,
     WorkerSettings,
 )
 from worker.main import GuardProcess
 from worker.monitor import monitor_stream
+from worker.signing import generate_audit_secret, generate_keys
 from worker.topics import create_topics, topic_specs
 
 log = get_logger(__name__)
@@ -135,13 +137,17 @@ def held_out_records(settings: Settings, n: int, seed: int) -> list[Record]:
 
 
 def _service_settings(settings: Settings, bootstrap: str, topics: TopicsConfig, bundle_dir: Path,
-                      run_id: str) -> tuple[WorkerSettings, GuardSettings]:
+                      run_id: str, keys_dir: Path) -> tuple[WorkerSettings, GuardSettings]:
     base = {name: getattr(settings, name) for name in Settings.model_fields}
     kafka = KafkaConfig(bootstrap_servers=bootstrap, group_id=f"ctd-monitor-demo-{run_id}",
                         session_timeout_ms=10_000, heartbeat_interval_ms=1_000)
-    ws = WorkerSettings(**base, kafka=kafka, topics=topics,
+    # Real per-role keys, as production runs: the demo is secure by default too (ctd-monitor keys).
+    generate_keys(keys_dir)
+    generate_audit_secret(keys_dir)
+    signing = SigningConfig(keys_dir=keys_dir)
+    ws = WorkerSettings(**base, kafka=kafka, topics=topics, signing=signing,
                         worker=WorkerConfig(bundle=bundle_dir, http_host="127.0.0.1", http_port=0))
-    gs = GuardSettings(**base, kafka=kafka, topics=topics,
+    gs = GuardSettings(**base, kafka=kafka, topics=topics, signing=signing,
                        guard=GuardConfig(group_id=f"ctd-guard-demo-{run_id}", bundle=bundle_dir,
                                          http_host="127.0.0.1", http_port=0),
                        alerts=AlertsConfig(group_id=f"ctd-alerter-demo-{run_id}"))
@@ -255,7 +261,7 @@ def run_demo(settings: Settings, options: DemoOptions, progress: ProgressFactory
     broker = LocalBroker(cache_dir=resolve_cache_dir(), data_dir=options.out / "kafka" / run_id)
     broker.start(timeout_s=120)
     try:
-        ws, gs = _service_settings(settings, broker.bootstrap, topics, bundle_dir, run_id)
+        ws, gs = _service_settings(settings, broker.bootstrap, topics, bundle_dir, run_id, options.out / "keys")
         # The same topics, configs included, as `ctd-monitor topics create` makes (worker/topics.py).
         asyncio.run(create_topics(ws.kafka, topic_specs(ws.topics, ws.worker, input_partitions=3)))
         stream = asyncio.run(_stream(ws, gs, monitor, expert, records, options, progress))

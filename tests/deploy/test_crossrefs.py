@@ -236,13 +236,25 @@ def test_network_policies_let_each_pod_do_its_job_and_nothing_else(
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_signing_key_comes_from_a_secret_and_is_required(
+def test_signing_keys_come_from_secrets_per_role_and_nothing_runs_insecure(
     renders: dict[str, list[Doc]], variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each Deployment mounts, at signing.keys_dir, its own role's private key (Secret ctd-signing-<role>, never
+    another role's) and the public keys it verifies (Secret ctd-signing-public); insecure_dev stays off."""
     docs = renders[variant]
+    roles = {"run": ("worker", {"guard.pub"}), "expert": ("guard", {"worker.pub", "guard.pub"})}
     for dep in of_kind(docs, "Deployment"):
-        env = {e["name"]: e for e in container(dep)["env"]}
-        ref = env["CTD_SIGNING__KEY"]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == "ctd-signing" and not ref.get("optional", False)
+        assert not any(e["name"].startswith("CTD_SIGNING__INSECURE") for e in container(dep).get("env", []))
         settings = effective_settings(docs, dep, tmp_path, monkeypatch)
-        assert settings.signing.required and settings.signing.enabled  # type: ignore[attr-defined]
+        signing = settings.signing  # type: ignore[attr-defined]
+        assert not signing.insecure_dev and signing.keys_dir is not None
+        mount = next(m for m in container(dep)["volumeMounts"] if Path(m["mountPath"]) == signing.keys_dir)
+        volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        files = {item["path"]: source["secret"]["name"] for source in volume["projected"]["sources"]
+                 for item in source["secret"]["items"]}
+        role, public = roles[command_of(dep)]
+        assert files.pop(f"{role}.key") == f"ctd-signing-{role}"
+        assert not any(path.endswith(".key") for path in files), "no other role's private key"
+        assert {p for p, secret in files.items() if secret == "ctd-signing-public"} == public
+        if role == "worker":
+            assert files["audit.secret"] == "ctd-signing-worker"

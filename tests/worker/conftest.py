@@ -14,7 +14,7 @@ from probes.data import read_file
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.monitor import Monitor
 from tests.conftest import share_models
-from tests.worker.helpers import build_small_bundle
+from tests.worker.helpers import build_small_bundle, session_keys_dir
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -80,3 +80,14 @@ def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, c
                                dtype="fp32")
     share_models(private, cache_dir, config.backbone)
     return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _signing_keys(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every service a test builds, in this process or a child, finds real per-role keys: the secure default.
+
+    A test that needs another signing set-up passes ``signing=`` explicitly (init values win over the env).
+    """
+    keys = session_keys_dir()
+    monkeypatch.setenv("CTD_SIGNING__KEYS_DIR", str(keys))
+    return keys

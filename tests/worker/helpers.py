@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -28,13 +32,39 @@ from worker.config import (
     GuardConfig,
     GuardSettings,
     KafkaConfig,
+    SigningConfig,
     TopicsConfig,
     WorkerConfig,
     WorkerSettings,
 )
 from worker.events import ConversationEvent, ReviewRequest, utcnow
+from worker.signing import Signer, generate_audit_secret, generate_keys
 
 ALPHA = 0.35
+
+
+@functools.cache
+def session_keys_dir() -> Path:
+    """Real per-role Ed25519 keys and an audit secret, once per test process (``ctd-monitor keys`` does the same).
+
+    tests/worker/conftest.py points ``CTD_SIGNING__KEYS_DIR`` here for every test, so every service a test builds
+    (child processes too) runs the secure default: signed records, checked by role, fresh.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="ctd-test-keys-"))
+    atexit.register(shutil.rmtree, directory, True)
+    generate_keys(directory)
+    generate_audit_secret(directory)
+    return directory
+
+
+def signing_config(**overrides: Any) -> SigningConfig:
+    """The tests' signing settings: the session's real keys."""
+    return SigningConfig(**{"keys_dir": session_keys_dir(), **overrides})
+
+
+def role_signer(role: str) -> Signer:
+    """A signer holding ``role``'s private key (what a test plays that role, or a compromised one, with)."""
+    return Signer.from_config(signing_config(), role)  # type: ignore[arg-type]
 
 
 def build_small_bundle(out: Path, datasets_dir: Path, cache_dir: Path) -> Path:
@@ -80,6 +110,7 @@ def worker_settings(bootstrap: str, bundle: Path, cache_dir: Path, *, topics: To
         batching=BatchingConfig(max_batch_tokens=2048, max_items=32, max_wait_ms=20),
         worker=WorkerConfig(**{"bundle": bundle, "http_port": 0, "http_host": "127.0.0.1", "commit_interval_s": 0.2,
                                "shutdown_deadline_s": 10, **worker}),
+        signing=signing_config(),
     )
 
 
@@ -107,12 +138,17 @@ async def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[dict[s
     return out
 
 
-async def produce_raw(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes | None]]) -> None:
+async def produce_raw(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes | None]], *,
+                      sign: str | None = None, role: str = "worker") -> None:
+    """A plain producer; ``sign``: the record kind to sign each record as, with ``role``'s key (as that role's
+    service publishes it)."""
+    signer = role_signer(role) if sign is not None else None
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for key, value in values:
-            await producer.send_and_wait(topic, value, key=key)
+            headers = signer.headers(sign, key, value or b"") if signer is not None else None  # type: ignore[arg-type]
+            await producer.send_and_wait(topic, value, key=key, headers=headers)
     finally:
         await producer.stop()
 
@@ -143,8 +179,10 @@ def dataset_events(files: list[Path], n: int, run_id: str | None = None) -> list
 
 
 async def produce_at_rate(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes | None]],
-                          rate: float | None = None) -> None:
-    """Produce ``(key, value)`` pairs at ``rate`` per second (None: as fast as acks allow); every one acked."""
+                          rate: float | None = None, *, sign: str | None = None, role: str = "worker") -> None:
+    """Produce ``(key, value)`` pairs at ``rate`` per second (None: as fast as acks allow); every one acked.
+    ``sign``: as in ``produce_raw``."""
+    signer = role_signer(role) if sign is not None else None
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
     await producer.start()
     started = time.monotonic()
@@ -155,7 +193,8 @@ async def produce_at_rate(bootstrap: str, topic: str, values: list[tuple[bytes |
                 delay = started + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            futures.append(await producer.send(topic, value, key=key))
+            headers = signer.headers(sign, key, value or b"") if signer is not None else None  # type: ignore[arg-type]
+            futures.append(await producer.send(topic, value, key=key, headers=headers))
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -265,10 +304,12 @@ def guard_settings(bootstrap: str, topics: TopicsConfig, cache_dir: Path, *, ale
                           shutdown_deadline_s=10, max_wait_ms=20, retry_backoff_s=0.2, retry_backoff_max_s=0.5,
                           **guard),
         alerts=alerts or AlertsConfig(group_id=f"alerter-{suffix}"),
+        signing=signing_config(),
     )
 
 
 def review_requests(datasets_dir: Path, n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` review requests as (key, value); ``signed_review_requests`` adds the worker's signatures."""
     records = read_file(datasets_dir / "xstest.jsonl")[:n]
     out = []
     for i, record in enumerate(records):
@@ -277,3 +318,25 @@ def review_requests(datasets_dir: Path, n: int) -> list[tuple[bytes, bytes]]:
                                 bundle_version="b", model_version="m", requested_at=utcnow())
         out.append((event.conversation_id.encode(), request.to_json()))
     return out
+
+
+Signed = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
+def signed(values: list[tuple[bytes | None, bytes | None]], kind: str = "review_request", role: str = "worker",
+           now: float | None = None) -> list[Signed]:
+    """(key, value) pairs with the header ``role``'s key signs them with (as the worker publishes review
+    requests)."""
+    signer = role_signer(role)
+    return [(k, v, signer.headers(kind, k, v or b"", now=now)) for k, v in values]  # type: ignore[arg-type]
+
+
+async def produce_signed(bootstrap: str, topic: str, values: list[Signed]) -> None:
+    """A plain producer writing records with the given headers."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value, headers in values:
+            await producer.send_and_wait(topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()

@@ -150,15 +150,15 @@ def test_one_tenants_alert_flood_does_not_silence_another() -> None:
     assert not shared._bucket("quiet").take()
 
 
-async def test_forged_verdicts_are_dead_lettered_not_alerted(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydantic import SecretStr
+async def test_forged_verdicts_are_dead_lettered_not_alerted() -> None:
+    import dataclasses
 
+    from aiokafka import TopicPartition
+
+    from tests.worker.helpers import role_signer
     from tests.worker.test_stream import record
-    from worker.config import SigningConfig
-    from worker.signing import Signer
 
-    handler = _handler()
-    handler.signer = Signer.from_config(SigningConfig(key=SecretStr("k")))
+    handler = _handler()  # the secure default: the session's real keys (tests/worker/conftest.py)
     done: list[Any] = []
 
     class Out:
@@ -169,15 +169,18 @@ async def test_forged_verdicts_are_dead_lettered_not_alerted(monkeypatch: pytest
             done.append(("done",))
 
         def publish(self, item: Any, messages: Any, on_acked: Any = None) -> None:
-            done.append(("alert", [dict(m.headers)["ctd-signature"][:3] for m in messages]))
+            done.append(("alert", [dict(m.headers)["ctd-signature"][:9] for m in messages]))
 
     handler._out = Out()
-    body = verdict(conversation="c9").to_json()
-    forged = record(__import__("aiokafka").TopicPartition("verdicts", 0), 0, body)
+    body = verdict(conversation="c9").to_json()  # an expert verdict
+    forged = dataclasses.replace(record(TopicPartition("verdicts", 0), 0, body), key=b"c9")
     await handler.accept([forged])
-    assert done == [("dead", "bad_signature", "decode")]
-    import dataclasses
-
-    signed = dataclasses.replace(forged, key=b"c9", headers=tuple(handler.signer.headers("verdict", b"c9", body)))
-    await handler.accept([signed])
-    assert done[-1] == ("alert", [b"v1:"]), "a signed harmful verdict alerts, and the alert is signed"
+    by_worker = dataclasses.replace(forged, headers=tuple(role_signer("worker").headers("verdict", b"c9", body)))
+    await handler.accept([by_worker])  # a compromised worker cannot speak for the expert
+    assert done == [("dead", "bad_signature", "decode")] * 2
+    refusals = handler.metrics.signature_refusals
+    assert refusals.labels(kind="verdict", role="none", reason="missing")._value.get() == 1
+    assert refusals.labels(kind="verdict", role="worker", reason="wrong_role")._value.get() == 1
+    by_guard = dataclasses.replace(forged, headers=tuple(role_signer("guard").headers("verdict", b"c9", body)))
+    await handler.accept([by_guard])
+    assert done[-1] == ("alert", [b"v2:guard:"]), "a guard-signed harmful verdict alerts, and the alert is signed"

@@ -26,11 +26,12 @@ from tests.worker.helpers import (
     wait_for,
     worker_settings,
 )
+from worker.audits import load_audit_secret
 from worker.config import AlertsConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings
 from worker.main import GuardProcess
 from worker.metrics import WorkerMetrics
 from worker.monitor import MonitorStream, monitor_stream
-from worker.recalibration import RecalibrationFeed
+from worker.recalibration import RecalibrationFeed, tenant_cap
 
 pytestmark = pytest.mark.kafka
 
@@ -76,8 +77,8 @@ async def late_replica(running: Running, monitor: Monitor) -> OnlineRecalibrator
     audit = running.settings.audit
     head = monitor.bundle.heads["safety"] if audit.refit == "head" else None
     late = RecalibrationFeed(running.settings, OnlineRecalibrator(
-        audit, offline_cut=monitor.unsafe_cut, offline_valid=offline is not None and offline.valid, head=head),
-        WorkerMetrics())
+        audit, offline_cut=monitor.unsafe_cut, offline_valid=offline is not None and offline.valid, head=head,
+        group_cap=tenant_cap(audit)), WorkerMetrics(), secret=load_audit_secret(running.settings))
     await late.start()
     try:
         assert await late.catch_up(30)
@@ -92,8 +93,9 @@ async def test_audit_verdicts_recalibrate_every_replica_and_the_verdicts_say_whi
     small_expert: EncoderHeadExpert,
 ) -> None:
     # Every event audited; a small window refitted after every audit once 10 are held.
+    # One tenant, quotas out of the way (test_hostile_audits: the quotas against a grinding producer).
     audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
-                              settle_s=0.2, lookback_s=600)
+                              settle_s=0.2, lookback_s=600, tenant_share=1.0, tenant_burst=10_000)
     running = await start_pair(kafka_broker, small_bundle, cache_dir, monitor, small_expert, audit)
     worker, metrics, verdicts, topics = running.worker, running.metrics, running.verdicts, running.topics
     files = [datasets_dir / "harmbench.jsonl", datasets_dir / "alpaca_benign.jsonl"]
@@ -146,7 +148,7 @@ async def test_with_a_head_refit_the_audits_carry_the_activations_and_the_refit_
     small_expert: EncoderHeadExpert,
 ) -> None:
     audit = WorkerAuditConfig(rate=1.0, window=30, min_window=10, refit_every=1, epsilon=0.2, delta=0.2,
-                              settle_s=0.2, lookback_s=600, refit="head")
+                              settle_s=0.2, lookback_s=600, refit="head", tenant_share=1.0, tenant_burst=10_000)
     running = await start_pair(kafka_broker, small_bundle, cache_dir, monitor, small_expert, audit)
     metrics, verdicts, topics = running.metrics, running.verdicts, running.topics
     recal = running.worker.handler.recalibrator

@@ -29,8 +29,10 @@ from tests.worker.helpers import (
     guard_settings,
     new_topics,
     produce_raw,
+    produce_signed,
     read_topic,
     review_requests,
+    signed,
     wait_for,
     worker_settings,
 )
@@ -141,7 +143,8 @@ async def test_expert_outage_loses_nothing_and_recovers(
     flaky.down = True
     guard, task = await _start_guard(gs, flaky)
     requests = review_requests(datasets_dir, 20)
-    await produce_raw(kafka_broker.bootstrap, topics.review, [*requests, (b"bad", b"{not json")])
+    await produce_raw(kafka_broker.bootstrap, topics.review, [*requests, (b"bad", b"{not json")],
+                      sign="review_request")
     metrics = guard.guard_metrics
     await wait_for(lambda: metrics.degraded._value.get() == 1 and flaky.calls >= 3, 30)
     # while the expert is down nothing is answered and nothing is committed: the requests wait in the topic
@@ -239,7 +242,9 @@ async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_neve
         burst.append(_verdict(f"pending{c}", 0, p=0.9, source="probe", delegated=True))
     burst += [_verdict(f"fine{c}", 0, p=0.1, source="probe", delegated=False) for c in range(20)]
     burst.append((b"x", b"\xff not a verdict"))
-    await produce_raw(kafka_broker.bootstrap, topics.verdicts, burst)
+    # each signed by the role that writes it: the guard its expert verdicts, the worker the rest
+    await produce_signed(kafka_broker.bootstrap, topics.verdicts, [
+        signed([(k, v)], "verdict", "guard" if b'"source":"expert"' in v else "worker")[0] for k, v in burst])
     alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= 12)
     # every verdict is handled and committed while the webhook is still failing or stalling
     await wait_for(lambda: alerter.tracker.in_flight() == 0 and not alerter.tracker.committable(), 10)
@@ -295,7 +300,7 @@ async def test_an_expert_that_fails_for_good_still_yields_a_final_unsafe_verdict
         body["p_unsafe"] = 0.3  # the probe thought it harmless: only the expert could have said otherwise
         crafted.append((f"conv-{marker}".encode(), orjson.dumps(body)))
     guard, task = await _start_guard(gs, ChokingExpert(small_expert))
-    await produce_raw(kafka_broker.bootstrap, topics.review, [*crafted, *requests])
+    await produce_raw(kafka_broker.bootstrap, topics.review, [*crafted, *requests], sign="review_request")
     verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 8,
                                 timeout=90)
     by_id = {v["event_id"]: v for v in verdicts}

@@ -41,8 +41,10 @@ def _stream(settings: WorkerSettings, monitor: Monitor, values: list[bytes]) -> 
 
 def _settings(small_bundle: Path, cache_dir: Path, **audit: Any) -> WorkerSettings:
     base = worker_settings("unused:9092", small_bundle, cache_dir, topics=TopicsConfig(), group="g")
+    # One tenant, no quota in the way: these tests are about what an audit carries (test_audit_quotas: the quotas).
     config = WorkerAuditConfig(**{"rate": 0.5, "window": 60, "min_window": 20, "refit_every": 1, "epsilon": 0.2,
-                                  "delta": 0.2, "settle_s": 0.0, **audit})
+                                  "delta": 0.2, "settle_s": 0.0, "tenant_share": 1.0, "tenant_burst": 10_000,
+                                  **audit})
     return base.model_copy(update={"audit": config})
 
 
@@ -63,7 +65,9 @@ async def test_audited_events_go_to_the_expert_outside_the_budget_and_keep_the_p
     topics = settings.topics
     verdicts = {v["event_id"]: v for v in _out(producer, topics.verdicts)}
     requests = {r["event"]["event_id"]: r for r in _out(producer, topics.review)}
-    audited = {f"a{i}" for i in range(n) if audit_selected(f"a{i}", 0.5, "audit")}
+    sampler = stream.handler.audits
+    assert sampler is not None and sampler.secret, "the sample is keyed by the session's audit secret"
+    audited = {f"a{i}" for i in range(n) if audit_selected(f"a{i}", 0.5, "audit", key=sampler.secret)}
     delegated = {e for e, v in verdicts.items() if v["delegated"]}
     assert 15 < len(audited) < 45 and len(verdicts) == n
     assert set(requests) == audited | delegated, "one request per event: delegated, audited or both"
@@ -150,7 +154,8 @@ async def test_a_refit_head_decides_on_each_events_activations_and_audits_send_t
     await stopped(stream, task)
     verdicts = {v["event_id"]: v for v in _out(producer, settings.topics.verdicts)}
     requests = {r["event"]["event_id"]: r for r in _out(producer, settings.topics.review)}
-    audited = {e for e in verdicts if audit_selected(e, 0.5, "audit")}
+    assert handler.audits is not None
+    audited = {e for e in verdicts if handler.audits.sampled(e)}
     assert len(verdicts) == n and audited and audited <= set(requests)
     for event_id, v in verdicts.items():
         assert v["recalibration"] == {"version": state.version, "source": "window", "refit": "head",

@@ -17,14 +17,15 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from probes.config import load_settings
 from probes.errors import ConfigError
 from probes.heads import LinearHead
 from probes.recalibration import OnlineRecalibrator, audit_selected
+from tests.worker.helpers import role_signer, signing_config
 from worker.alerts import AlertPolicy
-from worker.config import AlertsConfig, SigningConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings
+from worker.config import AlertsConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings
 from worker.events import (
     AUDIT_HEADER,
     BudgetState,
@@ -40,7 +41,7 @@ from worker.signing import Signer
 
 TOPIC = TopicsConfig().verdicts
 T0 = 1_800_000_000.0  # the test's "now" (Unix seconds)
-KEY = SigningConfig(key=SecretStr("secret"))
+KEY = signing_config()
 
 
 def audit_verdict(i: int, p: float, unsafe: bool, *, decided_at: float, source: str = "expert",
@@ -57,7 +58,7 @@ def verdict_record(partition: int, offset: int, body: bytes, *, timestamp: float
                    signer: Signer | None = None, key: bytes = b"k") -> ConsumerRecord[bytes, bytes]:
     headers: list[tuple[str, bytes]] = [(AUDIT_HEADER, b"1")] if audit_header else []
     if signer is not None:
-        headers += signer.headers("verdict", key, body)
+        headers += signer.headers("verdict", key, body, now=timestamp)  # signed when it was written
     return ConsumerRecord(topic=TOPIC, partition=partition, offset=offset, timestamp=int(timestamp * 1000),
                           timestamp_type=0, key=key, value=body, checksum=None, serialized_key_size=len(key),
                           serialized_value_size=len(body), headers=tuple(headers))
@@ -177,7 +178,7 @@ async def replayed(feed: RecalibrationFeed) -> RecalibrationFeed:
 
 async def test_replicas_that_read_the_audits_interleaved_differently_reach_the_same_state() -> None:
     s = settings()
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     audits = shifted_audits(200, start=T0 - 1000)
     a = await replayed(make_feed(FakeVerdictTopic(spread(audits, 3, signer, noise=2), per_poll=2), s))
     b = await replayed(make_feed(FakeVerdictTopic(spread(audits, 3, signer, noise=2), per_poll=7,
@@ -200,7 +201,7 @@ async def test_replicas_that_read_the_audits_interleaved_differently_reach_the_s
 
 async def test_a_replica_started_later_from_the_lookback_matches_one_that_saw_everything_live() -> None:
     s = settings()
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     audits = shifted_audits(300, start=T0 - 300)
     # live: every audit arrives after settle_s, fed one poll at a time as the clock moves
     topic = FakeVerdictTopic({0: [], 1: []})
@@ -222,7 +223,7 @@ async def test_a_replica_started_later_from_the_lookback_matches_one_that_saw_ev
 
 async def test_audits_settle_before_they_are_fed() -> None:
     s = settings(min_window=10, refit_every=1)
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     topic = FakeVerdictTopic({0: []})
     feed = make_feed(topic, s)
     await feed.start()
@@ -240,7 +241,7 @@ async def test_audits_settle_before_they_are_fed() -> None:
 
 async def test_bad_duplicate_and_unlabelled_verdicts_are_skipped_and_counted_never_fatal() -> None:
     s = settings()
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     now = T0 - 100
     good = audit_verdict(1, 0.7, False, decided_at=now).to_json()
     unavailable = audit_verdict(2, 0.7, True, decided_at=now, source="expert_unavailable").to_json()
@@ -250,7 +251,7 @@ async def test_bad_duplicate_and_unlabelled_verdicts_are_skipped_and_counted_nev
         verdict_record(0, 1, good, timestamp=now, signer=signer),  # the guard published it twice
         verdict_record(0, 2, b"{not json", timestamp=now, signer=signer),
         verdict_record(0, 3, orjson.dumps({"event_id": "x"}), timestamp=now, signer=signer),
-        verdict_record(0, 4, good, timestamp=now, signer=Signer.from_config(SigningConfig(key=SecretStr("other")))),
+        verdict_record(0, 4, good, timestamp=now, signer=role_signer("worker")),  # a worker key is no guard's
         verdict_record(0, 5, unavailable, timestamp=now, signer=signer),
         verdict_record(0, 6, no_score, timestamp=now, signer=signer),
         verdict_record(0, 7, good, timestamp=now, audit_header=False, signer=signer),  # not an audit: not read
@@ -265,7 +266,7 @@ async def test_bad_duplicate_and_unlabelled_verdicts_are_skipped_and_counted_nev
 
 async def test_the_lookback_bounds_the_replay_and_nothing_is_committed() -> None:
     s = settings(lookback_s=50.0, settle_s=0.0)
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     topic = FakeVerdictTopic(spread(shifted_audits(100, start=T0 - 100), 1, signer))
     feed = await replayed(make_feed(topic, s))
     assert feed.recalibrator.window_size == 50  # only the last 50 s of audits
@@ -320,7 +321,7 @@ def test_an_audit_label_is_not_a_final_verdict_and_never_alerts() -> None:
 async def test_a_missing_verdicts_topic_is_looked_for_again_and_then_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("worker.recalibration._RETRY_ASSIGN_S", 0.1)
     s = settings(settle_s=0.0, min_window=10, refit_every=1)
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     topic = FakeVerdictTopic(spread(shifted_audits(12, start=T0 - 50), 1, signer))
     present = topic.log
     topic.log = {}  # not created yet
@@ -376,7 +377,7 @@ def head_feed(topic: FakeVerdictTopic, s: WorkerSettings, *, now: float = T0) ->
 
 async def test_head_refits_learn_from_the_carried_features_and_replicas_agree_with_the_inline_path() -> None:
     s = settings(refit="head")
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     audits = head_audits(150, start=T0 - 1000)
     a = await replayed(head_feed(FakeVerdictTopic(head_spread(audits, 3, signer), per_poll=2), s))
     b = await replayed(head_feed(FakeVerdictTopic(head_spread(audits, 3, signer), per_poll=7, order=[2, 0, 1]), s))
@@ -409,7 +410,7 @@ async def test_head_refits_learn_from_the_carried_features_and_replicas_agree_wi
 
 async def test_a_head_refit_runs_in_a_thread_and_is_put_in_force_in_one_step() -> None:
     s = settings(refit="head", min_window=20, refit_every=1, settle_s=0.0)
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     topic = FakeVerdictTopic({0: []})
     feed = head_feed(topic, s)
     await feed.start()
@@ -450,7 +451,7 @@ async def test_a_head_refit_runs_in_a_thread_and_is_put_in_force_in_one_step() -
 
 async def test_audit_verdicts_without_usable_features_are_skipped_under_a_head_refit() -> None:
     s = settings(refit="head")
-    signer = Signer.from_config(KEY)
+    signer = role_signer("guard")
     now = T0 - 100
     good = audit_verdict(1, 0.7, False, decided_at=now).model_copy(
         update={"probe_features": float32_list(np.ones(WIDTH))}).to_json()
@@ -493,7 +494,7 @@ def test_the_head_refit_is_configured_from_the_environment(monkeypatch: pytest.M
 
 async def test_a_head_refit_that_fails_leaves_the_state_in_force_and_the_feed_running() -> None:
     s = settings(refit="head", min_window=20, refit_every=1, settle_s=0.0)
-    topic = FakeVerdictTopic(head_spread(head_audits(30, start=T0 - 100), 1, Signer.from_config(KEY)), per_poll=30)
+    topic = FakeVerdictTopic(head_spread(head_audits(30, start=T0 - 100), 1, role_signer("guard")), per_poll=30)
     feed = head_feed(topic, s)
 
     def broken(*args: Any) -> Any:

@@ -338,7 +338,8 @@ async def test_guard_service_killed_and_restarted_answers_every_review(
     requests = review_requests(datasets_dir, 200)
     ids = {orjson.loads(v)["event"]["event_id"] for _, v in requests}
     verdicts = await TopicWatcher(kafka_broker.bootstrap, topics.verdicts).start()
-    producer = asyncio.create_task(produce_at_rate(kafka_broker.bootstrap, topics.review, list(requests), rate=10))
+    producer = asyncio.create_task(produce_at_rate(kafka_broker.bootstrap, topics.review, list(requests), rate=10,
+                                                    sign="review_request"))
     try:
         with WorkerProcess(config, tmp_path / "guard1.log", command="expert") as guard:
             await verdicts.wait(lambda w: len(w.records) >= 20, timeout=120)

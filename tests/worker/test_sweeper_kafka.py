@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr
 
 from probes.experts.encoder_head import EncoderHeadExpert
 from tests.worker.helpers import (
@@ -19,16 +18,16 @@ from tests.worker.helpers import (
     new_topics,
     read_topic,
     review_requests,
+    role_signer,
+    signing_config,
     wait_for,
 )
-from worker.config import GuardSettings, SigningConfig, SweeperConfig
+from worker.config import GuardSettings, SweeperConfig
 from worker.events import BudgetState, Timings, Verdict, utcnow
 from worker.main import GuardProcess
 from worker.metrics import AlerterMetrics
 from worker.signing import Signer
 from worker.sweeper import DelegationSweeper, Pending
-
-KEY = SigningConfig(key=SecretStr("a-test-key"))
 
 
 def _probe_verdict(event_id: str, conversation_id: str, *, decided_at: dt.datetime | None = None) -> Verdict:
@@ -60,7 +59,7 @@ def test_the_sweeper_tracks_delegations_until_final_and_stays_bounded() -> None:
 
     now = [utcnow()]
     settings = GuardSettings(sweeper=SweeperConfig(deadline_s=10, lookback_s=60, max_pending=2))
-    sweeper = DelegationSweeper(settings, AlerterMetrics(), Signer.from_config(SigningConfig()),
+    sweeper = DelegationSweeper(settings, AlerterMetrics(), Signer.from_config(signing_config(), "guard", verifies=("worker", "guard")),
                                 clock=lambda: now[0])
     tp = TopicPartition("verdicts", 0)
     sweeper._rebuilt.add(tp)
@@ -98,9 +97,8 @@ async def test_a_review_request_the_guard_dead_letters_still_ends_final_with_an_
 ) -> None:
     topics = new_topics(kafka_broker.create_topics)
     gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir).model_copy(update={
-        "signing": KEY, "sweeper": SweeperConfig(deadline_s=6, lookback_s=120, check_interval_s=0.2)})
-    signer = Signer.from_config(KEY)
-    forger = Signer.from_config(SigningConfig(key=SecretStr("not-the-key")))
+        "signing": signing_config(), "sweeper": SweeperConfig(deadline_s=6, lookback_s=120, check_interval_s=0.2)})
+    signer = role_signer("worker")  # the worker writes probe verdicts and review requests
     template = orjson.loads(review_requests(datasets_dir, 1)[0][1])
 
     def request(event_id: str, **extra: Any) -> bytes:
@@ -112,7 +110,8 @@ async def test_a_review_request_the_guard_dead_letters_still_ends_final_with_an_
     ids = ["forged", "skewed", "reviewed"]
     verdicts = [_signed(signer, "verdict", f"c-{i}".encode(), _probe_verdict(i, f"c-{i}").to_json()) for i in ids]
     reviews = [
-        _signed(forger, "review_request", b"c-forged", request("forged")),  # bad signature
+        # bad signature: the worker's signature of another body
+        (b"c-forged", request("forged"), signer.headers("review_request", b"c-forged", request("other"))),
         _signed(signer, "review_request", b"c-skewed", request("skewed", priority="high")),  # a newer schema
         _signed(signer, "review_request", b"c-reviewed", request("reviewed")),
     ]
