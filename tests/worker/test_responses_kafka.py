@@ -128,7 +128,8 @@ async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmf
 async def test_sigkill_mid_response_then_redelivery_gives_the_same_decisions(
     kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path, tmp_path: Path
 ) -> None:
-    """The service process is SIGKILLed with responses open; a new one re-reads them from chunk 0."""
+    """The service process is SIGKILLed with responses open; a new one resumes them from their checkpoints on
+    the response-state topic (and re-reads the chunks no acknowledged checkpoint covered)."""
     settings = service_settings(kafka_broker, stream_bundle, cache_dir)
     topics = settings.topics
     records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
@@ -143,7 +144,7 @@ async def test_sigkill_mid_response_then_redelivery_gives_the_same_decisions(
         await produce_raw(kafka_broker.bootstrap, topics.responses, first_half)  # type: ignore[arg-type]
         with contextlib.suppress(TimeoutError):  # a harmful one stopping on its first chunks: work is under way
             await wait_for(lambda: '"response.verdict"' in child.log_tail(1 << 22), timeout=60)
-        await asyncio.sleep(1.0)  # chunks of open responses scored, none of them committed
+        await asyncio.sleep(1.0)  # chunks of open responses scored, some of them checkpointed and committed
         assert child.kill() != 0
     finally:
         if child.running():
