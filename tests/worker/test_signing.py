@@ -164,8 +164,8 @@ def test_stream_verdicts_are_signed_with_the_worker_key() -> None:
     chunk = ResponseChunk(response_id="r1", seq=0, text="hi", final=True, context=[],
                           created_at=dt.datetime.now(dt.UTC))
     item = Envelope.of(record(TopicPartition("responses", 0), 0), chunk, 0.0)
-    handler._close(OpenResponse("r1", ChunkOrder(4), 0.0, held=[item]), "final")
-    (message,) = published
+    handler._close(OpenResponse("r1", TopicPartition("responses", 0), ChunkOrder(4), 0.0, held=[item]), "final")
+    (message,) = [m for m in published if m.topic == handler.settings.topics.response_verdicts]
     signed = verifier().verify(
         "stream_verdict", message.key, message.value, message.headers, roles=("worker",))
     assert signed is not None and signed.role == "worker"
