@@ -160,6 +160,29 @@ class ResponsesConfig(ServiceConfig):
     closed_memory: int = Field(10000, ge=1, description="closed response ids remembered to drop late chunks")
 
 
+class ProcessingConfig(Frozen):
+    """Delivery guarantee of a stream service's outputs (README "Delivery guarantees", worker/transactions.py).
+
+    ``at_least_once``: outputs are sent as soon as they are built; a crash can answer an event twice (with the same
+    decision). ``exactly_once``: each commit is one Kafka transaction per input partition holding the outputs and
+    the offsets, so ``read_committed`` readers see every event answered once; outputs become visible at the commit
+    (``commit_interval_s`` later) and each assigned partition holds a transactional producer. The streamed-response
+    service refuses it (worker/responses.py says why).
+    """
+
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transactional_id_prefix: str = Field(
+        "ctd", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+        description="transactional ids are <prefix>-<group>-<topic>-<partition>: one per input partition")
+    transaction_timeout_ms: int = Field(
+        60_000, ge=1000, description="the broker aborts a transaction left open this long (a producer killed "
+        "mid-commit whose partition nobody takes over)")
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.guarantee == "exactly_once"
+
+
 class WorkerAuditConfig(AuditConfig):
     """The audit sample in the monitor worker: off by default (``rate`` 0), see README "Online recalibration".
 
@@ -191,6 +214,7 @@ class WorkerSettings(Settings):
     responses: ResponsesConfig = ResponsesConfig()
     signing: SigningConfig = SigningConfig()
     audit: WorkerAuditConfig = WorkerAuditConfig()
+    processing: ProcessingConfig = ProcessingConfig()
 
 
 class GuardConfig(ServiceConfig):
@@ -249,3 +273,4 @@ class GuardSettings(Settings):
     guard: GuardConfig = GuardConfig()
     alerts: AlertsConfig = AlertsConfig()
     signing: SigningConfig = SigningConfig()
+    processing: ProcessingConfig = ProcessingConfig()

@@ -378,4 +378,5 @@ def monitor_stream(settings: WorkerSettings, monitor: Monitor, metrics: WorkerMe
     w = settings.worker
     return Stream(MonitorHandler(settings, monitor, metrics), kafka=settings.kafka, group_id=settings.kafka.group_id,
                   topic=settings.topics.input, dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
-                  limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes))
+                  limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes),
+                  processing=settings.processing)
