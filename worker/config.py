@@ -109,6 +109,9 @@ class WorkerConfig(ServiceConfig):
     max_metadata_depth: int = Field(16, ge=1, le=64, description="deeper event metadata is dead-lettered")
     max_metadata_bytes: int = Field(16_384, ge=2, description="larger event metadata (as JSON) is dead-lettered")
     inference_retries: int = Field(1, ge=0)
+    decision_margin: float = Field(
+        0.02, ge=0, lt=0.5, description="an event scored within this distance of the unsafe cut is scored again "
+        "alone, so its decision does not depend on its batch (a redelivered duplicate decides the same); 0: off")
 
 
 class BudgetConfig(Frozen):

@@ -88,6 +88,8 @@ class WorkerMetrics(ConsumerMetrics):
             "ctd_verdicts_out", "Verdicts acknowledged by the broker", ["decision", "source"], registry=r
         )
         self.delegated = Counter("ctd_delegated", "Events sent to the expert-review topic", registry=r)
+        self.canonical_rescores = Counter(
+            "ctd_canonical_rescores", "Events within worker.decision_margin of the cut, scored again alone", registry=r)
         self.batch_size = Histogram(
             "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )

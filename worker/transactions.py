@@ -161,8 +161,8 @@ class Transactions(Generic[P]):
         if base is not None:
             for offset in [o for o in staged if o < base]:
                 del staged[offset]  # a copy from before a re-read: committed by an earlier transaction
-        entries = sorted((o, e) for o, e in staged.items() if o < position)
         while True:
+            entries = sorted((o, e) for o, e in staged.items() if o < position)  # dead letters replace refusals
             try:
                 outcome = await asyncio.wait_for(self._transaction(producer, partition, position, entries),
                                                  self._timeout_s)
