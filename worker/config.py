@@ -114,6 +114,9 @@ class WorkerConfig(ServiceConfig):
     inference_retries: int = Field(
         1, ge=0, description="retries (with backoff) of an event the model fails on alone, before its dead letter")
     inference_retry_backoff_s: float = Field(0.5, gt=0, description="first wait before such a retry (doubles)")
+    decision_margin: float = Field(
+        0.02, ge=0, lt=0.5, description="an event scored within this distance of the unsafe cut is scored again "
+        "alone, so its decision does not depend on its batch (a redelivered duplicate decides the same); 0: off")
     breaker_failures: int = Field(
         5, ge=1, description="events given up in a row (no batch scored between) that open the circuit breaker: "
         "/healthz/live turns red and inference pauses (breaker_cooldown_s, doubling) instead of dead-lettering all")
@@ -231,6 +234,29 @@ class ResponsesConfig(ServiceConfig):
         512, ge=1, description="a partition whose uncommitted chunks reach this pauses alone (max_in_flight: all)")
 
 
+class ProcessingConfig(Frozen):
+    """Delivery guarantee of a stream service's outputs (README "Delivery guarantees", worker/transactions.py).
+
+    ``at_least_once``: outputs are sent as soon as they are built; a crash can answer an event twice (with the same
+    decision). ``exactly_once``: each commit is one Kafka transaction per input partition holding the outputs and
+    the offsets, so ``read_committed`` readers see every event answered once; outputs become visible at the commit
+    (``commit_interval_s`` later) and each assigned partition holds a transactional producer. The streamed-response
+    service refuses it (worker/responses.py says why).
+    """
+
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transactional_id_prefix: str = Field(
+        "ctd", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+        description="transactional ids are <prefix>-<group>-<topic>-<partition>: one per input partition")
+    transaction_timeout_ms: int = Field(
+        60_000, ge=1000, description="the broker aborts a transaction left open this long (a producer killed "
+        "mid-commit whose partition nobody takes over)")
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.guarantee == "exactly_once"
+
+
 class WorkerAuditConfig(AuditConfig):
     """The audit sample in the monitor worker: off by default (``rate`` 0), see README "Online recalibration".
 
@@ -277,6 +303,7 @@ class WorkerSettings(Settings):
     signing: SigningConfig = SigningConfig()
     audit: WorkerAuditConfig = WorkerAuditConfig()
     tenant: TenantConfig = TenantConfig()
+    processing: ProcessingConfig = ProcessingConfig()
 
 
 class GuardConfig(ServiceConfig):
@@ -370,3 +397,4 @@ class GuardSettings(Settings):
     alerts: AlertsConfig = AlertsConfig()
     signing: SigningConfig = SigningConfig()
     sweeper: SweeperConfig = SweeperConfig()
+    processing: ProcessingConfig = ProcessingConfig()

@@ -327,5 +327,6 @@ def guard_stream(settings: GuardSettings, expert: Expert, metrics: GuardMetrics 
     g = settings.guard
     return Stream(GuardHandler(settings, expert, metrics), kafka=settings.kafka, group_id=g.group_id,
                   topic=settings.topics.review, dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
-                  limits=ServiceLimits.from_config(g, max_event_bytes=MAX_REQUEST_BYTES, serve_http=serve_http))
+                  limits=ServiceLimits.from_config(g, max_event_bytes=MAX_REQUEST_BYTES, serve_http=serve_http),
+                  processing=settings.processing)
 

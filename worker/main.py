@@ -147,8 +147,9 @@ def run_guard(settings: GuardSettings) -> None:
 
 def run_responses(settings: WorkerSettings) -> None:
     """Serve the streamed-response topic (token probe, early stop) until signalled."""
-    from worker.responses import response_stream
+    from worker.responses import refuse_exactly_once, response_stream
 
+    refuse_exactly_once(settings)  # before loading the model: a configuration error says so at once
     monitor = Monitor(settings.responses.bundle, settings.model, cache_dir=settings.cache_dir)
     service = response_stream(settings, monitor)
 

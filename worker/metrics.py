@@ -101,6 +101,8 @@ class WorkerMetrics(ConsumerMetrics):
         self.tenant_scopes = Gauge(
             "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue)", ["table"],
             registry=r)
+        self.canonical_rescores = Counter(
+            "ctd_canonical_rescores", "Events within worker.decision_margin of the cut, scored again alone", registry=r)
         self.batch_size = Histogram(
             "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )

@@ -26,7 +26,7 @@ from aiokafka import TopicPartition
 from probes.errors import ConfigError
 from probes.heads import LinearHead
 from probes.logs import get_logger
-from probes.monitor import Monitor
+from probes.monitor import Monitor, Scores
 from probes.recalibration import OnlineRecalibrator
 from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
@@ -286,9 +286,43 @@ class MonitorHandler(OutputsSlot):
             groups = [i for i, item in enumerate(items) for _ in item.body.rows]
             return self.monitor.collate_by_length(rows), groups
 
-    def _score(self, batch: Any, groups: Sequence[int], n: int) -> Any:
+    def _score(self, batch: Any, groups: Sequence[int], n: int,
+               rows: Sequence[list[list[int]]] | None = None) -> Any:
         with self.metrics.stage_cpu("score"):
-            return self.monitor.score_grouped(batch, groups, n, keep_features=self._keep_features)
+            scores = self.monitor.score_grouped(batch, groups, n, keep_features=self._keep_features)
+            return scores if rows is None or n == 1 else self._canonical_near_cut(scores, rows)
+
+    def _canonical_near_cut(self, scores: Scores, rows: Sequence[list[list[int]]]) -> Scores:
+        """Events within ``worker.decision_margin`` of the unsafe cut, scored again alone (inference thread).
+
+        Low-precision kernels (bf16) give an event a slightly different score in each batch it lands in (padding
+        and batch size change the reductions): an event near the cut could then be answered ``unsafe`` once and
+        ``safe`` when redelivered. Alone, its score depends on its own tokens only, so a redelivered duplicate
+        gets the same score and decision; far from the cut the batch's score cannot cross it (README "Delivery
+        guarantees" gives the measured spread). Costs one extra pass per near-cut event.
+        """
+        margin = self.settings.worker.decision_margin
+        if margin <= 0:
+            return scores
+        cuts = [self.monitor.unsafe_cut]
+        if self.recalibrator is not None and self.recalibrator.state.probe_cut is not None:
+            cuts.append(self.recalibrator.state.probe_cut)
+        near = [i for i, p in enumerate(scores.p_unsafe.tolist()) if any(abs(p - c) < margin for c in cuts)]
+        if not near:
+            return scores
+        p_unsafe, signal = scores.p_unsafe.copy(), scores.signal.copy()
+        dv = None if scores.dv is None else scores.dv.copy()
+        features = None if scores.features is None else scores.features.copy()
+        for i in near:
+            alone = self.monitor.score_grouped(self.monitor.collate_by_length(rows[i]), [0] * len(rows[i]), 1,
+                                               keep_features=self._keep_features)
+            p_unsafe[i], signal[i] = alone.p_unsafe[0], alone.signal[0]
+            if dv is not None and alone.dv is not None:
+                dv[i] = alone.dv[0]
+            if features is not None and alone.features is not None:
+                features[i] = alone.features[0]
+        self.metrics.canonical_rescores.inc(len(near))
+        return Scores(p_unsafe, dv, signal, features)
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:
@@ -347,7 +381,8 @@ class MonitorHandler(OutputsSlot):
             retries = 0
             while True:
                 try:
-                    scores = await loop.run_in_executor(self._infer, self._score, batch, groups, len(part))
+                    scores = await loop.run_in_executor(self._infer, self._score, batch, groups, len(part),
+                                                        [item.body.rows for item in part])
                 except Exception:
                     self.metrics.inference_errors.inc()  # a model failure (e.g. OOM) must not stop the stream
                     # An event the model fails on alone is retried with backoff (worker.inference_retries) before
@@ -492,4 +527,5 @@ def monitor_stream(settings: WorkerSettings, monitor: Monitor, metrics: WorkerMe
     return Stream(handler, kafka=settings.kafka, group_id=settings.kafka.group_id,
                   topic=settings.topics.input, dead_letter_topic=settings.topics.dead_letter, metrics=metrics,
                   limits=ServiceLimits.from_config(w, max_event_bytes=w.max_event_bytes),
-                  pattern=handler.tenants.pattern, metadata_max_age_ms=settings.tenant.topic_refresh_ms)
+                  pattern=handler.tenants.pattern, metadata_max_age_ms=settings.tenant.topic_refresh_ms,
+                  processing=settings.processing)

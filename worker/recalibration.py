@@ -159,7 +159,8 @@ class RecalibrationFeed:
         """Subscribe to the verdicts topic with no group (every partition, nothing committed), seek to the lookback."""
         if self.consumer is None:
             self.consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None,
-                                             enable_auto_commit=False, auto_offset_reset="earliest")
+                                             enable_auto_commit=False, auto_offset_reset="earliest",
+                                             isolation_level="read_committed")
         self.consumer.subscribe([self.settings.topics.verdicts])
         await self.consumer.start()
         await self._seek_lookback(wait_s=_RETRY_ASSIGN_S)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from aiokafka import TopicPartition
 
+from probes.errors import ConfigError
 from probes.logs import get_logger
 from probes.monitor import Monitor
 from probes.stream_scorer import Chunk, KVStore, ResponseState, StreamScorer, StreamStep
@@ -435,9 +436,24 @@ class ResponseHandler(OutputsSlot):
 ResponseStream = Stream[ResponseHandler]
 
 
+def refuse_exactly_once(settings: WorkerSettings) -> None:
+    """Start-up check: this service runs at least once only.
+
+    An open response holds its chunks' offsets uncommitted until its terminal verdict, and a revoke or a restart
+    makes the next owner score it again from its first chunk: a transaction per commit would cover the verdict
+    but not the per-response state a restart rebuilds, so exactly once is refused rather than claimed.
+    """
+    if settings.processing.exactly_once:
+        raise ConfigError("processing.guarantee=exactly_once is not supported by the streamed-response service "
+                          "(`ctd-monitor responses`): it keeps each open response's chunks uncommitted until its "
+                          "terminal verdict and scores them again after a restart; run it with "
+                          "processing.guarantee=at_least_once (a terminal verdict may then repeat after a crash)")
+
+
 def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: ConsumerMetrics | None = None,
                     **clients: object) -> ResponseStream:
     """The streamed-response service: the ``responses`` topic through ``ResponseHandler``."""
+    refuse_exactly_once(settings)
     probe = TokenProbe.from_bundle(monitor.bundle)
     scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
     return scorer_stream(settings, scorer, bundle_version=monitor.bundle.version,

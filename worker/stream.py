@@ -18,7 +18,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 
 from probes.logs import get_logger
 from worker.commits import CommitTracker
-from worker.config import KafkaConfig, ServiceConfig
+from worker.config import KafkaConfig, ProcessingConfig, ServiceConfig
 from worker.deadline import Deadline
 from worker.events import dead_letter
 from worker.health import HealthServer
@@ -26,6 +26,7 @@ from worker.metrics import ConsumerMetrics
 from worker.publish import PERMANENT, TRANSIENT, RetryPolicy, send_all_acknowledged
 from worker.publish import Record as OutRecord
 from worker.topics import dead_letter_bytes
+from worker.transactions import Outcome, Staged, TransactionalProducer, Transactions
 
 log = get_logger(__name__)
 Stage = Literal["decode", "inference", "expert", "publish"]
@@ -228,6 +229,11 @@ class Outputs:
         The dead letter is truncated to fit the topic's ``max.message.bytes`` as ``topics create`` sets it
         (worker/topics.py), so it can always be written and never wedges the partition.
         """
+        record = self._dead_letter_record(item, reason, error, stage, max_bytes=max_bytes)
+        self._track_acks_many([(item, [record], None, (reason, error, stage) if max_bytes is None else None)])
+
+    def _dead_letter_record(self, item: Envelope[Any] | Record, reason: str, error: str, stage: Stage, *,
+                            max_bytes: int | None = None) -> OutRecord:
         tp, offset, key, value = _origin(item)
         dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
                          value=value, stage=stage,
@@ -236,8 +242,14 @@ class Outputs:
         log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
                     offset=offset, stage=stage)
         short_key = None if key is None else key[:_DEAD_LETTER_KEY_BYTES]
-        record = OutRecord(self._stream.dead_letter_topic, dl.to_json(), short_key)
-        self._track_acks_many([(item, [record], None, (reason, error, stage) if max_bytes is None else None)])
+        return OutRecord(self._stream.dead_letter_topic, dl.to_json(), short_key)
+
+    def refused_dead_letter(self, origin: object, reason: str, error: str, dead: object) -> tuple[OutRecord, object]:
+        """Exactly once: the dead letter that replaces a staged entry the broker refused (``Transactions``)."""
+        assert isinstance(origin, (Envelope, ConsumerRecord))
+        if isinstance(dead, tuple):  # a dead letter too large for the topic: a small one still frees the partition
+            return self._dead_letter_record(origin, *dead, max_bytes=_SMALL_DEAD_LETTER_BYTES), None
+        return self._dead_letter_record(origin, reason, error, "publish"), (reason, error, "publish")
 
     def _track_acks_many(self, entries: list[_AckEntry]) -> None:
         """Send every entry's records, then mark each offset done once all of its records are acknowledged.
@@ -246,7 +258,16 @@ class Outputs:
         events/s (allocation-driven garbage collections included). Everything is enqueued before any ack is
         awaited, so the producer batches it; an entry with a failed send is retried in a task of its own, so its
         backoff never holds up the other entries' offsets.
+
+        Exactly once, nothing is sent here: the outputs are staged for the transaction that commits their offset.
         """
+        transactions = self._stream.transactions
+        if transactions is not None:
+            for item, records, on_acked, dead in entries:
+                tp, offset, _, _ = _origin(item)
+                if transactions.stage(tp, offset, Staged(item, list(records), on_acked, dead)):
+                    self._tracker.done(tp, offset)
+            return
 
         async def wait() -> None:
             enqueued: list[list[Awaitable[Any] | BaseException]] = []
@@ -374,6 +395,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.stream.on_assigned(set(assigned))
+        await self.stream.assigned_transactional(set(assigned))
 
 
 class Stream(Generic[H]):
@@ -383,6 +405,8 @@ class Stream(Generic[H]):
         self, handler: H, *, kafka: KafkaConfig, group_id: str, topic: str, dead_letter_topic: str,
         limits: ServiceLimits, metrics: ConsumerMetrics, consumer: Consumer | None = None,
         producer: Producer | None = None, pattern: str | None = None, metadata_max_age_ms: int = 300_000,
+        processing: ProcessingConfig | None = None,
+        transactional_producer: Callable[[str], TransactionalProducer] | None = None,
     ) -> None:
         self.handler = handler
         # A pattern (tenant.source topic: the input topic and one per tenant) replaces ``topic`` in the
@@ -407,6 +431,12 @@ class Stream(Generic[H]):
         self.producer = producer
         self.outputs: Outputs | None = None
         self.health: HealthServer | None = None
+        self.processing = processing or ProcessingConfig()
+        self._transactional_producer = transactional_producer
+        # Exactly once: partitions kept paused and out of commits (producer starting, or handed back after fencing).
+        self._held: set[TopicPartition] = set()
+        # Exactly once: per input partition, a transactional producer and the outputs staged for its commit.
+        self.transactions: Transactions[TopicPartition] | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def stop(self) -> None:
@@ -438,11 +468,21 @@ class Stream(Generic[H]):
         producer = self.producer or AIOKafkaProducer(**common, **self.kafka.producer_kwargs(self.limits.max_event_bytes))
         consumer = self.consumer or AIOKafkaConsumer(
             **common, group_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            # An exactly-once upstream's aborted or open transactions are never read (plain records read the same).
+            isolation_level="read_committed",
             session_timeout_ms=self.kafka.session_timeout_ms, heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
             max_poll_interval_ms=self.kafka.max_poll_interval_ms, fetch_max_bytes=8 * self.limits.max_event_bytes,
             max_partition_fetch_bytes=2 * self.limits.max_event_bytes, metadata_max_age_ms=self.metadata_max_age_ms,
         )
         return consumer, producer
+
+    def _new_transactional_producer(self, transactional_id: str) -> TransactionalProducer:
+        if self._transactional_producer is not None:
+            return self._transactional_producer(transactional_id)
+        producer: TransactionalProducer = AIOKafkaProducer(
+            **self.kafka.client_kwargs(), **self.kafka.producer_kwargs(self.limits.max_event_bytes),
+            transactional_id=transactional_id, transaction_timeout_ms=self.processing.transaction_timeout_ms)
+        return producer
 
     async def _wait_for_topics(self) -> None:
         """Without its topics a service would die on UnknownTopicOrPartition; it says which and waits instead."""
@@ -478,6 +518,12 @@ class Stream(Generic[H]):
             await self.health.start()
         await producer.start()
         self.outputs = Outputs(self, producer)
+        if self.processing.exactly_once:
+            self.transactions = Transactions(
+                group_id=self.group_id, prefix=self.processing.transactional_id_prefix,
+                factory=self._new_transactional_producer, dead_letter=self.outputs.refused_dead_letter,
+                timeout_s=max(5.0, self.kafka.request_timeout_ms / 1000))
+            log.info(f"{self.name}.exactly_once", prefix=self.processing.transactional_id_prefix)
         await self.handler.start(self.outputs)
         if self.pattern is not None and isinstance(consumer, AIOKafkaConsumer):
             consumer.subscribe(pattern=self.pattern, listener=_Rebalance(self))
@@ -525,6 +571,8 @@ class Stream(Generic[H]):
         try:
             await self._commit(deadline)
             assert self.consumer is not None and self.producer is not None
+            if self.transactions is not None:
+                await self.transactions.close()
             # Commit before leaving the group: closing the consumer stops heartbeats and triggers the rebalance.
             for step, closing in (("consumer", self.consumer.stop()), ("producer", self.producer.stop())):
                 try:
@@ -574,10 +622,68 @@ class Stream(Generic[H]):
             prune(revoked)
         abandoned = sum(self.tracker.in_flight(tp) for tp in revoked)
         self.tracker.forget(revoked)
+        self._held -= revoked
+        if self.transactions is not None:
+            await self.transactions.release(revoked)
         self._assigned -= revoked
         self.metrics.ready.set(1 if self.ready() else 0)
         log.info("partitions.revoked", service=self.name,
                  partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked), abandoned=abandoned)
+
+    async def assigned_transactional(self, assigned: set[TopicPartition]) -> None:
+        """Exactly once: start each new partition's producer (fencing its previous owner, whose open transaction the
+        broker aborts), then read the committed offset again, since a read before that could predate the abort.
+        The partitions stay paused (and out of commits) until then."""
+        if self.transactions is None or not assigned:
+            return
+        assert self.consumer is not None
+        self._held |= assigned
+        self.consumer.pause(*assigned)
+        try:
+            await self.transactions.assign(assigned)
+            seek = getattr(self.consumer, "seek_to_committed", None)
+            if seek is not None:
+                committed: dict[TopicPartition, int | None] = await seek(*assigned)
+                for tp, offset in committed.items():
+                    self.transactions.set_base(tp, offset)
+                    if offset is None or offset < 0:
+                        await self.consumer.seek_to_beginning(tp)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - without its producer a partition cannot commit: hand it back
+            log.error("transactions.assign_failed", service=self.name, error=repr(exc))
+            await self._hand_back(assigned)
+            return
+        self._held -= assigned
+        live = assigned & self.consumer.assignment()
+        if live:
+            self.consumer.resume(*live)
+
+    async def _hand_back(self, partitions: set[TopicPartition]) -> None:
+        """Exactly once, a partition that cannot commit (fenced, or its producer failed to start): drop its state and
+        stop reading it. Fenced, the group has given it to another member, and our next heartbeat rejoins."""
+        prune = getattr(self.handler, "revoked", None)
+        if prune is not None:
+            prune(partitions)
+        self.tracker.forget(partitions)
+        if self.transactions is not None:
+            await self.transactions.release(partitions)
+        self._assigned -= partitions
+        self._held |= partitions
+        assert self.consumer is not None
+        live = partitions & self.consumer.assignment()
+        if live:
+            self.consumer.pause(*live)
+        self.metrics.ready.set(1 if self.ready() else 0)
+        log.warning("partitions.handed_back", service=self.name,
+                    partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+
+    async def _redo(self, tp: TopicPartition) -> None:
+        """Exactly once, the producer broke mid-transaction: start over from the committed offset."""
+        prune = getattr(self.handler, "revoked", None)
+        if prune is not None:
+            prune({tp})
+        self.tracker.forget([tp])
+        log.warning("partition.redo", service=self.name, partition=f"{tp.topic}:{tp.partition}")
+        await self.assigned_transactional({tp})
 
     # ---------------------------------------------------------------- fetch
     async def _fetch_loop(self, consumer: Consumer) -> None:
@@ -599,7 +705,7 @@ class Stream(Generic[H]):
                     paused = True
                     metrics.paused.set(1)
             elif paused:
-                consumer.resume(*(consumer.assignment() - held))
+                consumer.resume(*(consumer.assignment() - held - self._held))
                 paused = False
                 metrics.paused.set(1 if held else 0)
             if not paused and (held_of is not None or per_partition is not None):
@@ -607,10 +713,14 @@ class Stream(Generic[H]):
                 want: set[TopicPartition] = held_of() & assigned if held_of is not None else set()
                 if per_partition is not None:
                     want |= {tp for tp in assigned if self.tracker.in_flight(tp) >= per_partition}
-                if want != held:
-                    consumer.resume(*((held - want) & assigned))  # a revoked partition cannot be resumed
-                    consumer.pause(*(want - held))
-                    held = want
+                # Paused again each round: an exactly-once assignment resumes its partitions when their producer is
+                # up. Never resumed: a revoked partition, or one exactly-once holds (self._held).
+                if want:
+                    consumer.pause(*want)
+                freed = ((held - want) & assigned) - self._held
+                if freed:
+                    consumer.resume(*freed)
+                held = want
                 metrics.paused.set(1 if held else 0)
             # With a per-partition limit, one fetch cannot overshoot it by more than itself.
             batch = await consumer.getmany(timeout_ms=100 if not paused else 20,
@@ -645,13 +755,16 @@ class Stream(Generic[H]):
                 offsets = self.tracker.committable()
             if only is not None:
                 offsets = {tp: o for tp, o in offsets.items() if tp in only}
-            offsets = {tp: o for tp, o in offsets.items() if tp in self._assigned}
+            offsets = {tp: o for tp, o in offsets.items() if tp in self._assigned and tp not in self._held}
             self.metrics.in_flight.set(self.tracker.in_flight())
             if not offsets:
                 if not self.tracker.in_flight():
                     self._last_commit = time.monotonic()  # nothing owed: idle is not stuck
                 return
             timeout = None if deadline is None else max(0.1, deadline.remaining())
+            if self.transactions is not None:
+                await self._commit_transactions(offsets, timeout)
+                return
             try:
                 await asyncio.wait_for(self.consumer.commit(offsets), timeout=timeout)
             except Exception as exc:  # noqa: BLE001 - a failed commit only means re-delivery later
@@ -660,6 +773,28 @@ class Stream(Generic[H]):
             self.tracker.mark_committed(offsets)
             self._last_commit = time.monotonic()
             self.metrics.last_progress.set(time.time())
+
+    async def _commit_transactions(self, offsets: dict[TopicPartition, int], timeout: float | None) -> None:
+        """Exactly once: one transaction per partition (its staged outputs and its offset); the lock is held."""
+        assert self.transactions is not None
+        for tp, position in offsets.items():
+            try:
+                outcome = await asyncio.wait_for(self.transactions.commit(tp, position), timeout=timeout)
+            except TimeoutError:
+                # Cancelled mid-transaction (a shutdown's deadline): the broker aborts it once the next owner
+                # initialises the partition's producer, or after transaction_timeout_ms.
+                log.warning("commit.failed", service=self.name, error="transaction timed out", partition=tp.partition)
+                return
+            if outcome is Outcome.COMMITTED:
+                self.tracker.mark_committed({tp: position})
+                self._last_commit = time.monotonic()
+                self.metrics.last_progress.set(time.time())
+            elif outcome is Outcome.FENCED:
+                await self._hand_back({tp})
+            elif outcome is Outcome.RESET:
+                await self._redo(tp)
+            else:
+                log.warning("commit.failed", service=self.name, error="transaction aborted", partition=tp.partition)
 
     async def _update_lag(self) -> None:
         assert self.consumer is not None

@@ -141,8 +141,9 @@ class DelegationSweeper:
 
     async def _replay(self, tp: TopicPartition) -> int:
         """Read ``tp`` from ``lookback_s`` ago to its end now, observing every correctly signed verdict."""
+        # read_committed: an exactly-once worker's aborted verdicts were never delivered (and will be again).
         consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+                                    auto_offset_reset="earliest", isolation_level="read_committed")
         await consumer.start()
         try:
             consumer.assign([tp])

@@ -78,7 +78,8 @@ def raw_forward_rate_process(settings: WorkerSettings, data: Path, n: int, workd
 
 
 async def _collect_verdicts(bootstrap: str, topic: str, n: int, timeout: float) -> tuple[list[dict[str, Any]], float]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                                isolation_level="read_committed")
     await consumer.start()
     seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout

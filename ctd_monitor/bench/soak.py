@@ -65,7 +65,8 @@ class _Collector:
 
     async def run(self, n: int) -> None:
         consumer = AIOKafkaConsumer(self.settings.topics.verdicts, bootstrap_servers=self.settings.kafka.bootstrap_servers,
-                                    auto_offset_reset="earliest", group_id=None)
+                                    auto_offset_reset="earliest", group_id=None,
+                                    isolation_level="read_committed")
         await consumer.start()
         try:
             while len(self.seen) < n:

@@ -158,7 +158,7 @@ async def _collect(bootstrap: str, topics: TopicsConfig, event_ids: set[str], ti
                    advance: Callable[[int], None]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Read verdicts until every event has its final one (the expert's when delegated)."""
     consumer = AIOKafkaConsumer(topics.verdicts, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+                                enable_auto_commit=False, group_id=None, isolation_level="read_committed")
     await consumer.start()
     probe: dict[str, dict[str, Any]] = {}
     expert: dict[str, dict[str, Any]] = {}
@@ -187,7 +187,7 @@ async def _collect(bootstrap: str, topics: TopicsConfig, event_ids: set[str], ti
 
 async def _count_alerts(bootstrap: str, topic: str, conversations: set[str]) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+                                enable_auto_commit=False, group_id=None, isolation_level="read_committed")
     await consumer.start()
     alerts: list[dict[str, Any]] = []
     try:

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -124,7 +124,7 @@ async def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[dict[s
                      timeout: float = 60.0) -> list[dict[str, Any]]:
     """Read a topic from the start until ``until(records)`` holds or the timeout passes."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+                                enable_auto_commit=False, group_id=None, isolation_level="read_committed")
     await consumer.start()
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -207,9 +207,12 @@ def event_values(events: list[ConversationEvent]) -> list[tuple[bytes | None, by
 class TopicWatcher:
     """Reads a topic from the start in the background, so a test can wait on what has arrived so far."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *,
+                 isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed") -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        # read_committed, as every downstream reader: an exactly-once worker's aborted outputs are never seen.
+        self.isolation_level = isolation_level
         self.records: list[dict[str, Any]] = []
         self.keys: list[bytes | None] = []
         self._task: asyncio.Task[None] | None = None
@@ -217,7 +220,8 @@ class TopicWatcher:
 
     async def start(self) -> TopicWatcher:
         self._consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
-                                          enable_auto_commit=False, group_id=None)
+                                          enable_auto_commit=False, group_id=None,
+                                          isolation_level=self.isolation_level)
         await self._consumer.start()
         self._task = asyncio.create_task(self._read())
         return self

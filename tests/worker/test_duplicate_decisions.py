@@ -1,0 +1,65 @@
+"""At least once, a redelivered event must get the same decision: an event near the unsafe cut is scored alone,
+so its score does not depend on the batch it lands in (worker/monitor.py ``_canonical_near_cut``).
+
+Real model weights and real data; the real-broker kill -9 check is in tests/worker/test_exactly_once.py.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from probes.monitor import Monitor
+from tests.worker.helpers import dataset_events, new_topics, worker_settings
+from worker.metrics import WorkerMetrics
+from worker.monitor import MonitorHandler
+
+
+def _handler(monitor: Monitor, small_bundle: Path, cache_dir: Path, margin: float) -> MonitorHandler:
+    s = worker_settings("127.0.0.1:9", small_bundle, cache_dir, topics=new_topics(lambda spec: None), group="g",
+                        decision_margin=margin)
+    return MonitorHandler(s, monitor, WorkerMetrics())
+
+
+def _scores(handler: MonitorHandler, rows: list[list[list[int]]], batch: list[int]) -> np.ndarray:
+    part = [rows[i] for i in batch]
+    flat = [r for item in part for r in item]
+    groups = [k for k, item in enumerate(part) for _ in item]
+    scores = handler._score(handler.monitor.collate_by_length(flat), groups, len(part), part)
+    return np.asarray(scores.p_unsafe)
+
+
+def test_near_cut_events_score_the_same_in_any_batch(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path, datasets_dir: Path
+) -> None:
+    events = dataset_events([datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"], 64)
+    rows = monitor.tokenize_windows_batch([e.conversation() for e in events])
+    # A wide margin, so most events of this small sample count as near the cut and take the canonical path.
+    handler = _handler(monitor, small_bundle, cache_dir, margin=0.45)
+    alone = np.array([_scores(handler, rows, [i])[0] for i in range(len(rows))])
+    near = np.abs(alone - monitor.unsafe_cut) < 0.45
+    assert near.sum() >= 8, "too few events near the cut to test anything"
+    rng = random.Random(7)
+    for _ in range(3):  # three different batch compositions and sizes
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        size = rng.choice([5, 16, 32])
+        batched = np.empty(len(rows))
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            batched[idx] = _scores(handler, rows, idx)
+        # Bitwise: the duplicate of a near-cut event carries the very same score, hence the same decision.
+        assert np.array_equal(batched[near], alone[near]), np.abs(batched[near] - alone[near]).max()
+        assert ((batched >= monitor.unsafe_cut) == (alone >= monitor.unsafe_cut)).all()
+    assert handler.metrics.canonical_rescores._value.get() > 0
+
+
+def test_margin_zero_scores_each_batch_once(monitor: Monitor, small_bundle: Path, cache_dir: Path,
+                                            datasets_dir: Path) -> None:
+    events = dataset_events([datasets_dir / "xstest.jsonl"], 16)
+    rows = monitor.tokenize_windows_batch([e.conversation() for e in events])
+    handler = _handler(monitor, small_bundle, cache_dir, margin=0.0)
+    _scores(handler, rows, list(range(len(rows))))
+    assert handler.metrics.canonical_rescores._value.get() == 0
