@@ -1,0 +1,53 @@
+"""Fixtures of the container tests: the real broker and the small MiniLM bundle of tests/worker, an expert
+directory, and the images built once per session with scripts/images.sh (skipped, with the reason, without
+podman)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from probes.config import EncoderHeadConfig
+from probes.data import read_file
+from probes.experts.encoder_head import train_encoder_head
+from tests.conftest import share_models
+from tests.container.stack import build_images, podman, readable
+from tests.worker import conftest as worker_fixtures
+
+# The real broker and the small MiniLM bundle of tests/worker, shared with this directory.
+kafka_broker = worker_fixtures.kafka_broker
+small_bundle = worker_fixtures.small_bundle
+
+
+@pytest.fixture(scope="session")
+def expert_dir(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
+    """tests/worker's quick MiniLM encoder-head expert, as the directory the guard container mounts."""
+    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
+    private = tmp_path_factory.mktemp("expert-cache")
+    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
+                               dtype="fp32")
+    share_models(private, cache_dir, config.backbone)
+    return train_encoder_head(config, records, cache_dir=private)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    if podman() is None:
+        pytest.skip("podman not installed: the container tests need it (./scripts/images.sh installs it as root)")
+    log = tmp_path_factory.mktemp("images") / "build.log"
+    build_images("cpu", "guard", log=log)
+    yield {"cpu": "localhost/ctd-monitor:cpu", "guard": "localhost/ctd-monitor:guard"}
+
+
+@pytest.fixture(scope="session")
+def mounted_bundle(small_bundle: Path) -> Path:
+    readable(small_bundle)
+    return small_bundle
+
+
+@pytest.fixture(scope="session")
+def mounted_expert(expert_dir: Path) -> Path:
+    readable(expert_dir)
+    return expert_dir
