@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the container images with podman on a machine that reaches package registries but no image registry:
-#   ./scripts/images.sh [--bootstrap-only] [cpu] [guard] [gpu]      (default: cpu guard gpu)
+#   ./scripts/images.sh [--bootstrap-only] [cpu] [guard] [gpu] [kafka] [prometheus]   (default: cpu guard gpu)
 # 1. installs podman, buildah, mmdebstrap and runc with apt-get when missing (root), and writes
 #    /etc/containers/containers.conf for this kind of kernel (runc: crun fails on the hybrid cgroups and on raising
 #    rlimits; cgroupfs; file events; ulimits);
@@ -9,6 +9,8 @@
 # 3. builds ctd-monitor:cpu, ctd-monitor:guard and ctd-monitor:gpu FROM that base with --network host, the host's
 #    CA bundle and a pip.conf naming it mounted read-only (build-time mounts: nothing of them stays in an image);
 #    pip downloads are kept in the build's cache mount (/root/.cache/pip), so a rebuild does not fetch torch again;
+#    `kafka` and `prometheus` build stand-ins for the compose stack's public images (docker/compose.local.yaml):
+#    the cached Kafka jars and Debian's prometheus package on the same base;
 # 4. prints the image sizes.
 # CTD_BASE_IMAGE=<image> skips the local base (e.g. python:3.11.14-slim-bookworm where a registry is reachable).
 set -euo pipefail
@@ -22,8 +24,8 @@ TARGETS=()
 for arg in "$@"; do
   case "$arg" in
     --bootstrap-only) BOOTSTRAP_ONLY=1 ;;
-    cpu|guard|gpu) TARGETS+=("$arg") ;;
-    *) echo "usage: $0 [--bootstrap-only] [cpu] [guard] [gpu]" >&2; exit 2 ;;
+    cpu|guard|gpu|kafka|prometheus) TARGETS+=("$arg") ;;
+    *) echo "usage: $0 [--bootstrap-only] [cpu] [guard] [gpu] [kafka] [prometheus]" >&2; exit 2 ;;
   esac
 done
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(cpu guard gpu)
@@ -96,32 +98,71 @@ ca_bundle() {
   echo ""
 }
 
+# A digest of everything a build reads (Dockerfile, copied sources, base image, torch index, Kafka jars): an image
+# labelled with the same digest is up to date and not rebuilt. (Checking buildah's layer cache alone costs
+# minutes: it hashes the multi-GB venv that the runtime stage copies.)
+inputs_digest() {
+  local dockerfile="$1"; shift
+  {
+    echo "$BASE_ID $TORCH_INDEX"
+    cat "$dockerfile"
+    if [ $# -gt 0 ]; then
+      find "$@" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' | LC_ALL=C sort | xargs -r sha256sum
+    fi
+  } | sha256sum | cut -c1-32
+}
+
 build() {
-  local target="$1" dockerfile base_arg
-  local args=(--network host --layers --tag "ctd-monitor:$target")
+  local target="$1" dockerfile base_arg tag="ctd-monitor:$target"
+  local args=(--network host --layers)
+  local inputs=(docker/constraints.txt pyproject.toml README.md probes worker)
   case "$target" in
     cpu) dockerfile=docker/Dockerfile.cpu; base_arg=PYTHON_IMAGE ;;
     guard) dockerfile=docker/Dockerfile.guard; base_arg=PYTHON_IMAGE ;;
     gpu) dockerfile=docker/Dockerfile.gpu; base_arg=CUDA_IMAGE ;;
+    kafka)
+      dockerfile=docker/Dockerfile.kafka; base_arg=BASE_IMAGE; tag="ctd-kafka:4.1.1"
+      local cache_root="${CTD_CACHE_DIR:-$HOME/.cache/ctd-monitor}"
+      local libs="$cache_root/kafka/4.1.1/libs"
+      if [ ! -f "$libs/kafka_2.13-4.1.1.jar" ]; then
+        say "fetching the Kafka jars (ctd-monitor broker --fetch-only)"
+        "${CTD_VENV:-$HOME/.cache/ctd-monitor/venv}/bin/ctd-monitor" broker --fetch-only >/dev/null
+      fi
+      args+=(-v "$libs:/kafka-libs:ro"); inputs=(docker/kafka "$libs") ;;
+    prometheus)
+      dockerfile=docker/Dockerfile.prometheus; base_arg=BASE_IMAGE; tag="ctd-prometheus:bookworm"; inputs=() ;;
   esac
+  local digest
+  digest="$(inputs_digest "$dockerfile" "${inputs[@]}")"
+  if [ "$(podman image inspect --format '{{index .Labels "ctd.inputs"}}' "localhost/$tag" 2>/dev/null)" = "$digest" ]; then
+    say "$tag is up to date (inputs $digest)"
+    return
+  fi
+  args+=(--tag "$tag" --label "ctd.inputs=$digest")
   args+=(--build-arg "$base_arg=$BASE")
   local ca; ca="$(ca_bundle)"
   if [ -n "$ca" ]; then
     args+=(-v "$ca:/etc/ssl/certs/ca-certificates.crt:ro" -v "$PIPCONF:/etc/pip.conf:ro")
   fi
-  if [ "$target" != gpu ] && [ "$TORCH_INDEX" != "$TORCH_CPU_INDEX" ]; then
+  if { [ "$target" = cpu ] || [ "$target" = guard ]; } && [ "$TORCH_INDEX" != "$TORCH_CPU_INDEX" ]; then
     args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX")
   fi
-  say "building ctd-monitor:$target from $dockerfile on $BASE"
-  local t0=$SECONDS
+  say "building $tag from $dockerfile on $BASE"
+  local t0=$SECONDS old
+  old="$(podman image inspect --format '{{.Id}}' "localhost/$tag" 2>/dev/null || true)"
   podman build "${args[@]}" -f "$dockerfile" . >&2
-  say "ctd-monitor:$target built in $((SECONDS - t0)) s"
+  say "$tag built in $((SECONDS - t0)) s"
+  # The image this build replaced (untagged now) would keep its GBs forever: drop it unless something uses it.
+  if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "localhost/$tag")" ]; then
+    podman rmi "$old" >/dev/null 2>&1 || true
+  fi
 }
 
 ensure_tools
 ensure_conf
 ensure_base
 [ "$BOOTSTRAP_ONLY" -eq 1 ] && exit 0
+BASE_ID="$(podman image inspect --format '{{.Id}}' "$BASE" 2>/dev/null || echo "$BASE")"
 
 PIPCONF="$(mktemp)"
 trap 'rm -f "$PIPCONF"' EXIT
@@ -136,4 +177,4 @@ fi
 for target in "${TARGETS[@]}"; do
   build "$target"
 done
-podman images --filter reference=ctd-monitor --format '{{.Repository}}:{{.Tag}} {{.Size}}'
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '/ctd-(monitor|kafka|prometheus):'

@@ -4,11 +4,13 @@ podman)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from probes.bundle import read_manifest, update_manifest
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
@@ -41,10 +43,20 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     yield {"cpu": "localhost/ctd-monitor:cpu", "guard": "localhost/ctd-monitor:guard"}
 
 
+MINILM_MOUNT = "/models/minilm"
+
+
 @pytest.fixture(scope="session")
-def mounted_bundle(small_bundle: Path) -> Path:
-    readable(small_bundle)
-    return small_bundle
+def mounted_bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small MiniLM bundle for a container: the bundle decides which model runs, and the images bake only
+    their default model, so this copy names the MiniLM weights by their mount point (a local Hugging Face
+    directory, as deploy/ mounts any other model); the weights hash it pins is unchanged."""
+    out = tmp_path_factory.mktemp("mounted") / "bundle"
+    shutil.copytree(small_bundle, out)
+    manifest = read_manifest(out)
+    update_manifest(out, model=manifest.model.model_copy(update={"spec": MINILM_MOUNT}))
+    readable(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import pytest
 from ctd_monitor.local.broker import LocalBroker
 from ctd_monitor.local.child import write_worker_config
 from probes.models import resolve_model_dir
+from tests.container.conftest import MINILM_MOUNT
 from tests.container.stack import Container, free_port, run_service
 from tests.worker.helpers import (
     TopicWatcher,
@@ -58,8 +59,8 @@ def start_worker(image: str, topics: TopicsConfig, bootstrap: str, bundle: Path,
     config.chmod(0o644)
     minilm = resolve_model_dir("minilm-l6", cache_dir)
     return run_service(image, f"ctd-test-{group}", ["run", "--bundle", "/models/bundle"], port=port, config=config,
-                       mounts={bundle: "/models/bundle", minilm: "/models/minilm"},
-                       env={"CTD_MODEL__SPEC": "/models/minilm", "CTD_CACHE_DIR": "/opt/ctd-cache"})
+                       mounts={bundle: "/models/bundle", minilm: MINILM_MOUNT},
+                       env={"CTD_CACHE_DIR": "/opt/ctd-cache"})
 
 
 def start_guard(image: str, topics: TopicsConfig, bootstrap: str, expert: Path, cache_dir: Path,
