@@ -14,6 +14,7 @@ from probes.bundle import read_manifest, update_manifest
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
+from probes.models import resolve_model_dir
 from tests.conftest import share_models
 from tests.container.stack import build_images, podman, readable
 from tests.worker import conftest as worker_fixtures
@@ -63,3 +64,14 @@ def mounted_bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
 def mounted_expert(expert_dir: Path) -> Path:
     readable(expert_dir)
     return expert_dir
+
+
+@pytest.fixture(scope="session")
+def mounted_minilm(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MiniLM weights as a directory the container's user can read. A copy: the host's hash sidecars
+    (``*.sha256.json``, written by root with its umask) are left behind, as on a fresh volume; the container
+    hashes the weights itself (probes/cache.py cannot read a sidecar it is not allowed to)."""
+    out = tmp_path_factory.mktemp("minilm") / "model"
+    shutil.copytree(resolve_model_dir("minilm-l6", cache_dir), out, ignore=shutil.ignore_patterns("*.sha256.json"))
+    readable(out)
+    return out

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from probes.models import resolve_model_dir
 from tests.container.conftest import MINILM_MOUNT
 from tests.container.stack import DOCKER, REPO, http_get
 from tests.worker.helpers import TopicWatcher, dataset_events, event_values, produce_at_rate
@@ -38,7 +37,7 @@ def compose_command() -> list[str]:
 
 
 def test_compose_stack_up_and_down(images: dict[str, str], mounted_bundle: Path, mounted_expert: Path,
-                                   cache_dir: Path, datasets_dir: Path, tmp_path: Path) -> None:
+                                   mounted_minilm: Path, datasets_dir: Path, tmp_path: Path) -> None:
     base = compose_command()
     stand_ins = subprocess.run([str(REPO / "scripts" / "images.sh"), "kafka", "prometheus"], capture_output=True,
                                text=True, timeout=1800, check=False)
@@ -46,7 +45,7 @@ def test_compose_stack_up_and_down(images: dict[str, str], mounted_bundle: Path,
     override = tmp_path / "compose.test.yaml"
     override.write_text(yaml.safe_dump({"services": {
         "worker": {"environment": {"CTD_MODEL__DTYPE": "fp32"},
-                   "volumes": [f"{resolve_model_dir('minilm-l6', cache_dir)}:{MINILM_MOUNT}:ro"]},
+                   "volumes": [f"{mounted_minilm}:{MINILM_MOUNT}:ro"]},
         "guard": {"environment": {"CTD_EXPERT__ENCODER_HEAD__DTYPE": "fp32"}},
     }}))
     files = ["-f", str(DOCKER / "compose.yaml"), "-f", str(DOCKER / "compose.local.yaml"), "-f", str(override)]

@@ -19,7 +19,6 @@ import pytest
 
 from ctd_monitor.local.broker import LocalBroker
 from ctd_monitor.local.child import write_worker_config
-from probes.models import resolve_model_dir
 from tests.container.conftest import MINILM_MOUNT
 from tests.container.stack import Container, free_port, run_service
 from tests.worker.helpers import (
@@ -50,14 +49,13 @@ def final_ids(verdicts: list[dict[str, object]]) -> set[str]:
     return out
 
 
-def start_worker(image: str, topics: TopicsConfig, bootstrap: str, bundle: Path, cache_dir: Path, tmp: Path,
-                 group: str) -> Container:
+def start_worker(image: str, topics: TopicsConfig, bootstrap: str, bundle: Path, minilm: Path, cache_dir: Path,
+                 tmp: Path, group: str) -> Container:
     port = free_port()
     settings = worker_settings(bootstrap, bundle, cache_dir, topics=topics, group=group, http_port=port,
                                shutdown_deadline_s=SHUTDOWN_DEADLINE_S)
     config = write_worker_config(tmp / f"{group}.yaml", settings)
     config.chmod(0o644)
-    minilm = resolve_model_dir("minilm-l6", cache_dir)
     return run_service(image, f"ctd-test-{group}", ["run", "--bundle", "/models/bundle"], port=port, config=config,
                        mounts={bundle: "/models/bundle", minilm: MINILM_MOUNT},
                        env={"CTD_CACHE_DIR": "/opt/ctd-cache"})
@@ -81,7 +79,7 @@ def start_guard(image: str, topics: TopicsConfig, bootstrap: str, expert: Path, 
 
 
 def test_images_replay_and_drain(images: dict[str, str], kafka_broker: LocalBroker, mounted_bundle: Path,
-                                 mounted_expert: Path, cache_dir: Path, datasets_dir: Path,
+                                 mounted_expert: Path, mounted_minilm: Path, cache_dir: Path, datasets_dir: Path,
                                  tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     bootstrap = kafka_broker.bootstrap
@@ -90,7 +88,8 @@ def test_images_replay_and_drain(images: dict[str, str], kafka_broker: LocalBrok
     files = [datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"]
     events = dataset_events(files, 50)
     late = dataset_events(files, 80, run_id=uuid.uuid4().hex[:12])[50:]
-    worker = start_worker(images["cpu"], topics, bootstrap, mounted_bundle, cache_dir, tmp_path, group)
+    worker = start_worker(images["cpu"], topics, bootstrap, mounted_bundle, mounted_minilm, cache_dir, tmp_path,
+                          group)
     guard = start_guard(images["guard"], topics, bootstrap, mounted_expert, cache_dir, tmp_path)
     try:
         cold_start = worker.wait_ready(240)
