@@ -115,7 +115,8 @@ inputs_digest() {
 build() {
   local target="$1" dockerfile base_arg tag="ctd-monitor:$target"
   local args=(--network host --layers)
-  local inputs=(docker/constraints.txt pyproject.toml README.md probes worker)
+  # README.md is copied too, but only as the package's long description: editing it does not rebuild.
+  local inputs=(docker/constraints.txt pyproject.toml probes worker)
   case "$target" in
     cpu) dockerfile=docker/Dockerfile.cpu; base_arg=PYTHON_IMAGE ;;
     guard) dockerfile=docker/Dockerfile.guard; base_arg=PYTHON_IMAGE ;;

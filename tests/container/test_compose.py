@@ -59,9 +59,28 @@ def test_compose_stack_up_and_down(images: dict[str, str], mounted_bundle: Path,
     def logs() -> str:
         return "\n".join(compose("logs", "--tail", "30", name, timeout=60).stdout for name in services)
 
-    up = compose("up", "-d", *services)
+    def up(*names: str) -> None:
+        done = compose("up", "-d", *names)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def container(name: str) -> str:
+        return f"{PROJECT}_{name}_1"
+
+    def podman(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120, check=False)
+
     try:
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        # podman-compose 1.6 on podman 4.3 does not await `condition: service_healthy` (podman lacks it) and
+        # recreates dependencies on each `up`, so the test (and README) brings the stack up in the order the
+        # conditions state, each step with --no-deps: broker healthy, topics job completed, then the services.
+        up("kafka")
+        deadline = time.monotonic() + 180
+        while podman("healthcheck", "run", container("kafka")).returncode != 0:
+            assert time.monotonic() < deadline, "broker never healthy:\n" + logs()
+            time.sleep(3)
+        up("--no-deps", "topics")
+        assert podman("wait", container("topics")).stdout.strip() == "0", "topics job failed:\n" + logs()
+        up("--no-deps", "worker", "guard", "prometheus")
         deadline = time.monotonic() + 300
         while not all(http_get(f"http://127.0.0.1:{port}/healthz/ready")[0] == 200 for port in (8080, 8081)):
             assert time.monotonic() < deadline, "worker and guard not ready:\n" + logs()
