@@ -50,7 +50,9 @@ MAY_BE_EMPTY = {
 }
 
 
+@pytest.fixture(scope="session")
 def prometheus_binary() -> str:
+    """Session-scoped and listed first, so a machine without it skips before the broker and models start."""
     found = shutil.which("prometheus")
     if found is None:
         pytest.skip("prometheus not installed: the dashboard test needs it (apt-get install prometheus)")
@@ -64,10 +66,11 @@ def query(base: str, expr: str) -> dict[str, object]:
     return dict(json.loads(body))
 
 
-def test_every_dashboard_query_returns_data(kafka_broker: LocalBroker, small_bundle: Path, expert_dir: Path,
+def test_every_dashboard_query_returns_data(prometheus_binary: str, kafka_broker: LocalBroker, small_bundle: Path,
+                                            expert_dir: Path,
                                             cache_dir: Path, datasets_dir: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    binary = prometheus_binary()
+    binary = prometheus_binary
     for key, value in stack_env().items():  # the stack's keys and flags, as the containers get them
         monkeypatch.setenv(key, value)
     bootstrap = kafka_broker.bootstrap
