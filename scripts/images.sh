@@ -8,7 +8,8 @@
 #    cached outside the repo (CTD_IMAGES_CACHE, default ~/.cache/ctd-monitor/images);
 # 3. builds ctd-monitor:cpu, ctd-monitor:guard and ctd-monitor:gpu FROM that base with --network host, the host's
 #    CA bundle and a pip.conf naming it mounted read-only (build-time mounts: nothing of them stays in an image);
-#    pip downloads are kept in the build's cache mount (/root/.cache/pip), so a rebuild does not fetch torch again;
+#    pip downloads go to the build's cache mount (/root/.cache/pip), never into a layer (buildah 1.28 does not
+#    keep that mount between builds, so a rebuild downloads the wheels again; unchanged images are skipped);
 #    `kafka` and `prometheus` build stand-ins for the compose stack's public images (docker/compose.local.yaml):
 #    the cached Kafka jars and Debian's prometheus package on the same base;
 # 4. prints the image sizes.
