@@ -33,4 +33,19 @@ fi
 "$VENV/bin/hadolint" --version >/dev/null
 echo "setup: fetching Kafka jars (cached)"
 "$VENV/bin/ctd-monitor" broker --fetch-only
+# The `container` tests (tests/container: images, compose stack, dashboard queries on a real Prometheus) need
+# podman and prometheus: installed with apt as root on Debian (about 20 s), plus the local base image
+# (scripts/images.sh --bootstrap-only, cached outside the repo). CTD_SETUP_CONTAINERS=0 skips this, and those
+# tests then skip, saying why. The images themselves are built (and cached) by the tests.
+if [ "${CTD_SETUP_CONTAINERS:-1}" != 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  missing=0
+  for tool in podman buildah mmdebstrap runc prometheus; do command -v "$tool" >/dev/null || missing=1; done
+  if [ "$missing" = 1 ]; then
+    echo "setup: installing podman, buildah, mmdebstrap, runc, prometheus (apt)"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      podman buildah mmdebstrap runc prometheus >/dev/null
+  fi
+  ./scripts/images.sh --bootstrap-only
+fi
 echo "setup: done. Activate with: source $VENV/bin/activate"

@@ -7,4 +7,5 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "no venv at $VENV: run ./scripts/setup.sh first" >&2
   exit 2
 fi
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# -rs: a skipped test (e.g. the container tests without podman) says why.
+exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "$@"

@@ -139,3 +139,17 @@ def promql_selectors(expr: str) -> Iterator[tuple[str, dict[str, str]]]:
                 consumed = lm.end()
             assert inner[consumed:].strip() == "", f"unparsed label matchers in {inner!r}"
         yield name, labels
+
+
+DASHBOARD = DEPLOY / "base" / "dashboards" / "ctd-monitor.json"
+
+
+def dashboard_targets(dashboard: Path = DASHBOARD) -> list[tuple[str, str, str]]:
+    """(panel title, refId, PromQL) of every query of the Grafana dashboard, rows skipped."""
+    import json
+
+    out: list[tuple[str, str, str]] = []
+    for panel in json.loads(dashboard.read_text())["panels"]:
+        for target in panel.get("targets", ()):
+            out.append((str(panel["title"]), str(target["refId"]), str(target["expr"])))
+    return out

@@ -15,7 +15,7 @@ KUBERNETES_VERSION = "1.30.0"  # oldest API level the manifests target (policy/v
 CUSTOM_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "kafka.strimzi.io/")
 
 BASE_KINDS = {
-    "Deployment": 2, "Service": 2, "ConfigMap": 2, "PodDisruptionBudget": 2, "ScaledObject": 2,
+    "Deployment": 2, "Service": 2, "ConfigMap": 3, "PodDisruptionBudget": 2, "ScaledObject": 2,
     "ServiceMonitor": 2, "PrometheusRule": 1, "NetworkPolicy": 2,
 }
 COMPONENT_KINDS = {"KafkaTopic": 8, "TriggerAuthentication": 1}

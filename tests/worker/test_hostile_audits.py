@@ -21,7 +21,7 @@ from probes.monitor import Monitor
 from tests.worker.helpers import dataset_events, event_values, produce_at_rate, wait_for
 from tests.worker.test_audit_kafka import start_pair
 from tests.worker.test_audit_quotas import grind
-from worker.config import WorkerAuditConfig
+from worker.config import TenantConfig, WorkerAuditConfig
 from worker.recalibration import tenant_cap
 
 pytestmark = [pytest.mark.hostile, pytest.mark.kafka]
@@ -61,8 +61,9 @@ async def test_an_audit_grinding_producer_gets_no_more_than_its_quota_and_cannot
     assert sent + refused < 0.4 * N
     # the tenant's audit rate: its burst plus its rate over the run, however many it sampled
     assert 0 < sent <= audit.tenant_burst + audit.tenant_rate_per_s * elapsed + 1 and refused > 0
-    # its share of the window, its newest replacing its oldest
-    assert recal.group_count("grinder") == recal.window_size <= tenant_cap(audit) == 10
+    # its share of the window, its newest replacing its oldest; the producer is the tenant of the topic it writes
+    # to (tenant.source: topic), whatever its events claim
+    assert recal.group_count(TenantConfig().default) == recal.window_size <= tenant_cap(audit) == 10
     assert metrics.audit_tenant_displaced._value.get() == sent - recal.window_size
     # below min_window: no refit, the bundle's cut still decides every verdict
     assert recal.state.version == 0 and recal.state.source == "offline"
