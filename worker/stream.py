@@ -15,6 +15,7 @@ from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeV
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 
 from probes.logs import get_logger
 from worker.commits import CommitTracker
@@ -798,12 +799,18 @@ class Stream(Generic[H]):
 
     async def _update_lag(self) -> None:
         assert self.consumer is not None
-        for tp in list(self._assigned):
-            high = self.consumer.highwater(tp)
-            position = self.tracker.position(tp)
-            if high is None:
+        # A partition can leave the consumer's assignment before the revoke callback updates ``_assigned`` (the
+        # callback awaits commits): aiokafka asserts on such a partition, and a lag gauge must not crash the loop.
+        for tp in list(self._assigned & self.consumer.assignment()):
+            try:
+                high = self.consumer.highwater(tp)
+                position = self.tracker.position(tp)
+                if high is None:
+                    continue
+                committed = position if position is not None else await self.consumer.committed(tp)
+            except (AssertionError, KafkaError) as exc:
+                log.debug("lag.skipped", service=self.name, partition=tp.partition, error=repr(exc))
                 continue
-            committed = position if position is not None else await self.consumer.committed(tp)
             if committed is not None:
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                     high - committed

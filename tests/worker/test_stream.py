@@ -473,3 +473,24 @@ async def test_a_dead_letter_the_topic_refuses_is_sent_again_small() -> None:
     future.set_result(None)
     await until(lambda: consumer.last_commit(P0) == 1)
     await stopped(stream, task)
+
+
+async def test_a_partition_gone_before_its_revoke_callback_does_not_crash_the_commit_loop() -> None:
+    class Strict(FakeConsumer):
+        """aiokafka's ``highwater`` asserts on a partition the consumer no longer holds."""
+
+        def highwater(self, partition: TopicPartition) -> int | None:
+            assert partition in self.assigned, "Partition is not assigned"
+            return super().highwater(partition)
+
+    kept, gone = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+    consumer, producer = Strict({kept: 3, gone: 3}), FakeProducer()
+    stream = make_stream(EchoHandler(), consumer, producer)
+    task = await running(stream)
+    consumer.assigned.discard(gone)  # the group took it; the revoke callback has not run yet
+    await asyncio.sleep(0.3)  # many commit intervals, each updating the lag gauges
+    assert not task.done()
+    # the partition still held keeps its gauge
+    lag = stream.metrics.consumer_lag.labels(topic=TOPIC, partition="0")._value.get()
+    assert lag == 3 - (stream.tracker.position(kept) or consumer.last_commit(kept) or 0)
+    await stopped(stream, task)
