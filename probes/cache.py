@@ -33,7 +33,7 @@ def sha256_file_cached(path: Path) -> str:
             saved = orjson.loads(sidecar.read_bytes())
             if saved.get("key") == key:
                 return str(saved["sha256"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):  # e.g. a sidecar another user wrote
             pass
     value = sha256_file(path)
     try:
