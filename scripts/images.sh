@@ -115,7 +115,8 @@ inputs_digest() {
 
 build() {
   local target="$1" dockerfile base_arg tag="ctd-monitor:$target"
-  local args=(--network host --layers)
+  # --force-rm: a failed build leaves no working container behind (each holds a multi-GB venv layer).
+  local args=(--network host --layers --force-rm)
   # README.md is copied too, but only as the package's long description: editing it does not rebuild.
   local inputs=(docker/constraints.txt pyproject.toml probes worker)
   case "$target" in
@@ -158,6 +159,8 @@ build() {
   if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "localhost/$tag")" ]; then
     podman rmi "$old" >/dev/null 2>&1 || true
   fi
+  # So would the untagged build stage (its venv is copied into the image): a disk that fills fails the next build.
+  podman image prune --force >/dev/null 2>&1 || true
 }
 
 ensure_tools
