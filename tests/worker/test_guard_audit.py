@@ -12,6 +12,7 @@ import orjson
 from aiokafka import ConsumerRecord
 
 from probes.conversation import Conversation
+from tests.worker.helpers import role_signer
 from tests.worker.test_stream import P0, FakeConsumer, FakeProducer, running, stopped, until
 from worker.config import GuardConfig, GuardSettings
 from worker.events import AUDIT_HEADER, ConversationEvent, ReviewRequest, utcnow
@@ -58,9 +59,11 @@ async def test_audit_requests_are_answered_as_labels_with_the_probes_score() -> 
         _request("both", "benign text", delegated=True, audit=True, p=0.6),
     ]
     consumer = FakeConsumer({P0: len(values)})
+    worker = role_signer("worker")  # review requests are the worker role's records
     consumer.log[P0] = [ConsumerRecord(topic=P0.topic, partition=0, offset=i, timestamp=0, timestamp_type=0, key=None,
                                        value=v, checksum=None, serialized_key_size=0, serialized_value_size=len(v),
-                                       headers=()) for i, v in enumerate(values)]
+                                       headers=tuple(worker.headers("review_request", None, v)))
+                        for i, v in enumerate(values)]
     settings = GuardSettings(guard=GuardConfig(unsafe_threshold=0.5, max_wait_ms=0))
     metrics = GuardMetrics()
     stream = guard_stream(settings, ScriptedExpert(), metrics, serve_http=False)  # type: ignore[arg-type]

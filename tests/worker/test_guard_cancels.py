@@ -161,9 +161,10 @@ async def test_a_stuck_expert_call_does_not_block_later_batches(
     guard, task = await _start_guard(gs, expert)
     requests = review_requests(datasets_dir, 24)
     try:
-        await produce_raw(kafka_broker.bootstrap, topics.review, [_stuck_request(requests[0][1]), *requests[:8]])
+        await produce_raw(kafka_broker.bootstrap, topics.review, [_stuck_request(requests[0][1]), *requests[:8]],
+                          sign="review_request")
         await asyncio.sleep(1.5)  # the first batch is stuck past its timeout
-        await produce_raw(kafka_broker.bootstrap, topics.review, requests[8:])
+        await produce_raw(kafka_broker.bootstrap, topics.review, requests[8:], sign="review_request")
         started = time.monotonic()
         verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 25,
                                     timeout=60)
@@ -196,7 +197,7 @@ async def test_an_expert_failing_every_request_opens_the_breaker_instead_of_a_st
     guard, task = await _start_guard(gs, expert)
     requests = review_requests(datasets_dir, 20)
     try:
-        await produce_raw(kafka_broker.bootstrap, topics.review, requests)
+        await produce_raw(kafka_broker.bootstrap, topics.review, requests, sign="review_request")
         metrics = guard.guard_metrics
         await wait_for(lambda: metrics.circuit_open._value.get() == 1, 60)
         await asyncio.sleep(1.0)
