@@ -16,6 +16,7 @@ from probes.experts.encoder_head import EncoderHeadExpert
 from tests.worker.helpers import (
     guard_settings,
     new_topics,
+    produce_signed,
     read_topic,
     review_requests,
     role_signer,
@@ -39,19 +40,6 @@ def _probe_verdict(event_id: str, conversation_id: str, *, decided_at: dt.dateti
 
 def _signed(signer: Signer, kind: Any, key: bytes, body: bytes) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     return key, body, signer.headers(kind, key, body)
-
-
-async def _produce_signed(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
-                          ) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        for key, value, headers in records:
-            await producer.send_and_wait(topic, value, key=key, headers=headers)
-    finally:
-        await producer.stop()
 
 
 def test_the_sweeper_tracks_delegations_until_final_and_stays_bounded() -> None:
@@ -118,8 +106,8 @@ async def test_a_review_request_the_guard_dead_letters_still_ends_final_with_an_
     process = GuardProcess(gs, small_expert)
     task = asyncio.create_task(process.run())
     await wait_for(lambda: process.ready() or task.done(), timeout=60)
-    await _produce_signed(bootstrap, topics.verdicts, verdicts)
-    await _produce_signed(bootstrap, topics.review, reviews)
+    await produce_signed(bootstrap, topics.verdicts, verdicts)
+    await produce_signed(bootstrap, topics.review, reviews)
 
     def finals(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
@@ -147,7 +135,7 @@ async def test_a_review_request_the_guard_dead_letters_still_ends_final_with_an_
     # A restart before the deadline: the alerter had read (and committed) the delegated verdict, so only the
     # rebuilt state knows it is waiting.
     pending = _signed(signer, "verdict", b"c-restart", _probe_verdict("restart", "c-restart").to_json())
-    await _produce_signed(bootstrap, topics.verdicts, [pending])
+    await produce_signed(bootstrap, topics.verdicts, [pending])
     assert process.alerter is not None and process.alerter.handler.sweeper is not None
     sweeper = process.alerter.handler.sweeper
     await wait_for(lambda: "restart" in sweeper._pending and process.alerter is not None
