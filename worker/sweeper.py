@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable
@@ -59,6 +60,8 @@ class DelegationSweeper:
         self.config = settings.sweeper
         self.metrics = metrics
         self.signer = signer
+        # The lookback re-reads records the live alerter has judged (and counted) already: not counted twice.
+        self._reverifier = dataclasses.replace(signer, refusals=None)
         self.clock = clock
         self._pending: collections.OrderedDict[str, Pending] = collections.OrderedDict()
         self._resolved: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -161,7 +164,7 @@ class DelegationSweeper:
                     seen += 1
                     try:
                         # Judged as when it was written: the lookback reads records up to lookback_s old.
-                        verdict = decode_verdict(record, self.signer, now=record.timestamp / 1000)
+                        verdict = decode_verdict(record, self._reverifier, now=record.timestamp / 1000)
                     except (SignatureError, InvalidVerdict):
                         continue  # the live alerter dead-lettered it already
                     self.observe(tp, verdict)

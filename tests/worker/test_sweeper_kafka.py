@@ -155,3 +155,24 @@ async def test_a_review_request_the_guard_dead_letters_still_ends_final_with_an_
     finally:
         again.stop()
         await asyncio.wait_for(task, 30)
+
+
+def test_the_lookback_does_not_count_a_refusal_the_live_alerter_counted_already() -> None:
+    from aiokafka import ConsumerRecord
+
+    from worker.decode import decode_verdict
+    from worker.signing import SignatureError
+
+    metrics = AlerterMetrics()
+    signer = Signer.from_config(signing_config(), "guard", verifies=("worker", "guard"),
+                                refusals=metrics.signature_refusals)
+    sweeper = DelegationSweeper(GuardSettings(), metrics, signer)
+    body = _probe_verdict("forged", "c-forged").to_json()
+    forged = ConsumerRecord(topic="verdicts", partition=0, offset=0, timestamp=0, timestamp_type=0, key=b"c-forged",
+                            value=body, checksum=None, serialized_key_size=8, serialized_value_size=len(body),
+                            headers=())
+    refused = metrics.signature_refusals.labels(kind="verdict", role="none", reason="missing")
+    for verifier in (signer, sweeper._reverifier):  # the live alerter, then the sweeper's lookback
+        with pytest.raises(SignatureError):
+            decode_verdict(forged, verifier)
+    assert refused._value.get() == 1
