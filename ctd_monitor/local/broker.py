@@ -230,6 +230,25 @@ def _run_in_thread(factory: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(asyncio.run, main()).result()
 
 
+def _wait_all_threads_stopped(pid: int, *, timeout_s: float) -> bool:
+    """True once every thread of ``pid`` is in state T (stopped); False where /proc cannot tell (not Linux)
+    or the deadline passes."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states: list[str] = []
+        for stat in tasks.glob("*/stat"):
+            with contextlib.suppress(OSError):
+                # The state follows the command name, which is in parentheses and may contain spaces.
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def die_with_parent_prefix() -> list[str]:
     # A test session killed with SIGKILL would otherwise leave a 300 MB JVM behind on a 2-core machine.
     # util-linux's setpriv sets PR_SET_PDEATHSIG and then execs java (same pid, so signals and wait() still
@@ -547,8 +566,12 @@ class LocalBroker:
         """Freeze the JVM (SIGSTOP): connections stay open but nothing is answered, as with a hung broker."""
         proc = self._require_running()
         os.killpg(proc.pid, signal.SIGSTOP)
+        # kill() returns once the signal is queued; a JVM thread busy on a CPU of a loaded machine stops only
+        # when it next enters the kernel, and could still answer a request sent right after. A test that
+        # freezes the broker must see it frozen, so wait until every thread reports itself stopped.
+        stopped = _wait_all_threads_stopped(proc.pid, timeout_s=10.0)
         self._paused = True
-        log.info("kafka_broker_paused", pid=proc.pid)
+        log.info("kafka_broker_paused", pid=proc.pid, confirmed=stopped)
 
     def resume(self) -> None:
         """Continue a paused JVM (SIGCONT)."""
