@@ -78,11 +78,14 @@ ensure_base() {
   if [ "$BASE" != "localhost/ctd-base:bookworm" ] || podman image exists "$BASE"; then return; fi
   mkdir -p "$CACHE"
   local tar="$CACHE/rootfs-bookworm.tar"
-  if [ ! -s "$tar" ]; then
+  if [ ! -f "$tar" ] || [ ! -s "$tar" ]; then
     mapfile -t sources < <(apt_sources)
     [ ${#sources[@]} -gt 0 ] || { say "no Debian apt sources under /etc/apt to bootstrap from"; exit 2; }
     say "bootstrapping Debian bookworm (mmdebstrap, ${sources[*]})"
-    mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+    # mmdebstrap picks its output format from the file name, and "*.part" would be a directory tree: say tar.
+    # A directory left by such a run is removed first.
+    rm -rf "$tar" "$tar.part"
+    mmdebstrap --quiet --format=tar --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
       bookworm "$tar.part" "${sources[@]}"
     mv "$tar.part" "$tar"
   fi
