@@ -38,6 +38,7 @@ from worker.config import (
     WorkerSettings,
 )
 from worker.events import ConversationEvent, ReviewRequest, utcnow
+from worker.monitor import MonitorStream, monitor_stream
 from worker.signing import Signer, generate_audit_secret, generate_keys
 
 ALPHA = 0.35
@@ -163,6 +164,20 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(0.05)
+
+
+async def start_stream(settings: WorkerSettings, monitor: Any) -> tuple[MonitorStream, asyncio.Task[None]]:
+    """The monitor stream running on this loop, once it has joined its group (its failure to start raised)."""
+    worker = monitor_stream(settings, monitor)
+    task = asyncio.create_task(worker.run())
+    await wait_for(lambda: worker.ready() or task.done(), timeout=60)
+    assert not task.done(), task.exception()
+    return worker, task
+
+
+def mixed_files(datasets_dir: Path) -> list[Path]:
+    """Benign look-alikes and harmful requests: the mixed traffic the Kafka tests replay."""
+    return [datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"]
 
 
 def spawn_worker(settings: WorkerSettings, directory: Path, name: str = "worker") -> WorkerProcess:

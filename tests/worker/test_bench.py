@@ -17,7 +17,7 @@ from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
 from probes.monitor import Monitor
 from tests.conftest import share_models
-from tests.worker.helpers import worker_settings
+from tests.worker.helpers import mixed_files, worker_settings
 from worker.config import TopicsConfig, WorkerSettings
 
 
@@ -25,12 +25,9 @@ def _settings(bundle: Path, cache_dir: Path, bootstrap: str = "127.0.0.1:1") -> 
     return worker_settings(bootstrap, bundle, cache_dir, topics=TopicsConfig(), group="bench")
 
 
-def _files(datasets_dir: Path) -> list[Path]:
-    return [datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"]
-
 
 def test_heads_overhead_is_heads_over_extraction(small_bundle: Path, cache_dir: Path, datasets_dir: Path) -> None:
-    out = bench_heads(_settings(small_bundle, cache_dir), _files(datasets_dir), 40, repeats=2)
+    out = bench_heads(_settings(small_bundle, cache_dir), mixed_files(datasets_dir), 40, repeats=2)
     assert out["n"] == 40 and out["batches"] >= 2 and out["heads"] == ["safety"]
     assert out["extraction_seconds"] > 0 and out["heads_seconds"] > 0
     assert out["overhead_ratio"] == pytest.approx(out["heads_seconds"] / out["extraction_seconds"])
@@ -51,7 +48,7 @@ def test_cascade_cost_with_and_without_an_expert(
     expert_dir = train_encoder_head(EncoderHeadConfig(backbone="minilm-l6", max_length=32, epochs=1, batch_size=8,
                                                       max_train=32, dtype="fp32"), records, cache_dir=tmp_path)
     s = s.model_copy(update={"expert": s.expert.model_copy(update={"path": expert_dir})})
-    out = bench_cascade_cost(s, _files(datasets_dir), 80)
+    out = bench_cascade_cost(s, mixed_files(datasets_dir), 80)
     n, delegated = out["n"], out["delegated"]
     assert n == 80 and 0 < delegated < n and out["realized_delegation_rate"] == delegated / n
     probe, expert, cascade = out["probe_only"], out["expert_only"], out["cascade"]
@@ -70,7 +67,7 @@ def test_pipeline_in_a_child_process(
     kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, datasets_dir: Path
 ) -> None:
     s = _settings(small_bundle, cache_dir, kafka_broker.bootstrap)
-    out = bench_pipeline(s, _files(datasets_dir), 60, mode="process", broker=kafka_broker)
+    out = bench_pipeline(s, mixed_files(datasets_dir), 60, mode="process", broker=kafka_broker)
     assert out["verdicts"] == 60 and out["mode"] == "process"
     assert out["pipeline_eps"] == pytest.approx(60 / out["worker_seconds"])
     assert out["efficiency"] == pytest.approx(out["pipeline_eps"] / out["raw_forward_eps"])
@@ -94,7 +91,7 @@ def test_soak_samples_rss_and_latency_per_interval(
     kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, datasets_dir: Path
 ) -> None:
     s = _settings(small_bundle, cache_dir, kafka_broker.bootstrap)
-    out = bench_soak(s, _files(datasets_dir), 80, rate=40, interval_s=0.5, broker=kafka_broker)
+    out = bench_soak(s, mixed_files(datasets_dir), 80, rate=40, interval_s=0.5, broker=kafka_broker)
     assert out["verdicts"] == 80 and out["worker_exit_code"] == 0
     intervals = out["intervals"]
     assert len(intervals) >= 3 and sum(i["verdicts"] for i in intervals) == 80

@@ -25,6 +25,7 @@ from tests.worker.helpers import (
     committed_lag,
     dataset_events,
     event_values,
+    mixed_files,
     new_topics,
     produce_at_rate,
     scrape_metrics,
@@ -53,9 +54,6 @@ def _settings(broker: LocalBroker, bundle: Path, cache_dir: Path, *, exactly_onc
     })
 
 
-def _files(datasets_dir: Path) -> list[Path]:
-    return [datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"]
-
 
 async def _fully_committed(s: WorkerSettings, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
@@ -68,7 +66,7 @@ async def test_exactly_once_worker_answers_each_event_once_in_process(
     kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=True)
-    events = dataset_events(_files(datasets_dir), 120)
+    events = dataset_events(mixed_files(datasets_dir), 120)
     ids = {e.event_id for e in events}
     worker = monitor_stream(s, monitor)
     task = asyncio.create_task(worker.run())
@@ -97,7 +95,7 @@ async def test_sigkill_mid_stream_in_exactly_once_mode_leaves_no_duplicate_verdi
     rng = random.Random(SEED)
     kills = 3
     s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=True)
-    events = dataset_events(_files(datasets_dir), 300)
+    events = dataset_events(mixed_files(datasets_dir), 300)
     ids = {e.event_id for e in events}
     committed = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     # What an at-least-once reader would have seen: the killed incarnations' aborted outputs included.
@@ -154,7 +152,7 @@ async def test_at_least_once_duplicates_after_sigkill_carry_the_same_decision(
 ) -> None:
     rng = random.Random(SEED + 1)
     s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=False)
-    events = dataset_events(_files(datasets_dir), 240)
+    events = dataset_events(mixed_files(datasets_dir), 240)
     ids = {e.event_id for e in events}
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     producer = asyncio.create_task(produce_at_rate(s.kafka.bootstrap_servers, s.topics.input,

@@ -32,16 +32,17 @@ from tests.worker.helpers import (
     dataset_events,
     event_values,
     guard_settings,
+    mixed_files,
     new_topics,
     produce_at_rate,
     review_requests,
     scrape_metrics,
     spawn_worker,
+    start_stream,
     wait_for,
     worker_settings,
 )
 from worker.config import AlertsConfig, WorkerSettings
-from worker.monitor import MonitorStream, monitor_stream
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 
@@ -58,16 +59,6 @@ def _settings(broker: LocalBroker, bundle: Path, cache_dir: Path, partitions: in
     return s.model_copy(update={"kafka": s.kafka.model_copy(update={"session_timeout_ms": session_timeout_ms})})
 
 
-async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorStream, asyncio.Task[None]]:
-    worker = monitor_stream(settings, monitor)
-    task = asyncio.create_task(worker.run())
-    await wait_for(lambda: worker.ready() or task.done(), timeout=60)
-    assert not task.done(), task.exception()
-    return worker, task
-
-
-def _files(datasets_dir: Path) -> list[Path]:
-    return [datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"]
 
 
 def _assert_accounted(watcher: TopicWatcher, ids: set[str], *, faults: int, context: str,
@@ -104,7 +95,7 @@ async def test_repeated_sigkill_at_random_points_loses_nothing(
     kills = 6
     # A short session lets the group drop a killed member quickly, as a pod restart would.
     s = _settings(kafka_broker, small_bundle, cache_dir, session_timeout_ms=6_000)
-    events = dataset_events(_files(datasets_dir), 420)
+    events = dataset_events(mixed_files(datasets_dir), 420)
     ids = {e.event_id for e in events}
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     # Traffic keeps arriving while workers die and restart, so kills land mid-stream.
@@ -139,9 +130,9 @@ async def test_broker_frozen_mid_stream_recovers_with_nothing_lost(
     kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir)
-    events = dataset_events(_files(datasets_dir), 240)
+    events = dataset_events(mixed_files(datasets_dir), 240)
     ids = {e.event_id for e in events}
-    worker, task = await _start(s, monitor)
+    worker, task = await start_stream(s, monitor)
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     producer = asyncio.create_task(produce_at_rate(s.kafka.bootstrap_servers, s.topics.input,
                                                    event_values(events), rate=30))
@@ -174,7 +165,7 @@ async def test_poison_flood_is_dead_lettered_while_valid_traffic_flows(
     kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir, max_event_bytes=8192)
-    events = dataset_events(_files(datasets_dir), 150)
+    events = dataset_events(mixed_files(datasets_dir), 150)
     ids = {e.event_id for e in events}
     poison_kinds: list[tuple[str, bytes | None]] = [
         ("undecodable_utf8", b"\xff\xfe\xfa{"),
@@ -195,7 +186,7 @@ async def test_poison_flood_is_dead_lettered_while_valid_traffic_flows(
         key = f"poison-{i}".encode()
         expected[key] = (reason, raw)
         values.insert(rng.randrange(len(values) + 1), (key, raw))
-    worker, task = await _start(s, monitor)
+    worker, task = await start_stream(s, monitor)
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     dead = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.dead_letter).start()
     try:
@@ -225,9 +216,9 @@ async def test_a_worker_joining_and_leaving_under_load_loses_nothing(
     kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir, partitions=4)
-    events = dataset_events(_files(datasets_dir), 360)
+    events = dataset_events(mixed_files(datasets_dir), 360)
     ids = {e.event_id for e in events}
-    a, task_a = await _start(s, monitor)
+    a, task_a = await start_stream(s, monitor)
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     producer = asyncio.create_task(produce_at_rate(s.kafka.bootstrap_servers, s.topics.input,
                                                    event_values(events), rate=40))
@@ -235,7 +226,7 @@ async def test_a_worker_joining_and_leaving_under_load_loses_nothing(
     left_at = len(ids)
     try:
         await verdicts.wait(lambda w: len(w.distinct()) >= 50, timeout=60)
-        b, task_b = await _start(s, monitor)  # joins: a gives up partitions mid-stream
+        b, task_b = await start_stream(s, monitor)  # joins: a gives up partitions mid-stream
         await wait_for(lambda: len(a._assigned) + len(b._assigned) == 4 and len(b._assigned) > 0, timeout=30)
         joined_at = len(verdicts.distinct())
         await verdicts.wait(lambda w: len(w.distinct()) >= joined_at + 80, timeout=60)
@@ -270,7 +261,7 @@ async def test_sigterm_in_the_middle_of_a_large_batch_exits_in_time_and_loses_no
     # Batches of up to 256 events of up to 64 tokens: a backlog makes every batch a large one.
     s = s.model_copy(update={"batching": s.batching.model_copy(update={
         "max_batch_tokens": 64 * 256, "max_items": 256, "max_wait_ms": 200})})
-    events = dataset_events(_files(datasets_dir), 700)
+    events = dataset_events(mixed_files(datasets_dir), 700)
     ids = {e.event_id for e in events}
     await produce_at_rate(s.kafka.bootstrap_servers, s.topics.input, event_values(events))
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()

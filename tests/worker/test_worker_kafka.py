@@ -22,11 +22,11 @@ from tests.worker.helpers import (
     produce_raw,
     read_topic,
     spawn_worker,
+    start_stream,
     wait_for,
     worker_settings,
 )
 from worker.config import WorkerSettings
-from worker.monitor import MonitorStream, monitor_stream
 
 pytestmark = pytest.mark.kafka
 
@@ -36,13 +36,6 @@ def _settings(kafka_broker, small_bundle: Path, cache_dir: Path, partitions: int
     return worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=topics,
                            group=f"g-{uuid.uuid4().hex[:6]}", **worker)
 
-
-async def _start(settings: WorkerSettings, monitor: Monitor) -> tuple[MonitorStream, asyncio.Task[None]]:
-    worker = monitor_stream(settings, monitor)
-    task = asyncio.create_task(worker.run())
-    await wait_for(lambda: worker.ready() or task.done(), timeout=60)
-    assert not task.done(), task.exception()
-    return worker, task
 
 
 @pytest.fixture
@@ -59,7 +52,7 @@ async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
     kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path, probe_cut: float
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir)
-    worker, task = await _start(s, monitor)
+    worker, task = await start_stream(s, monitor)
     replay_file = small_bundle / "replay.jsonl"
     n = len(replay_file.read_text().splitlines())
     assert n >= 30
@@ -89,7 +82,7 @@ async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
     worker.stop()
     await asyncio.wait_for(task, 15)
     # everything was committed before leaving the group: a new worker in the group reads nothing again
-    worker2, task2 = await _start(s, monitor)
+    worker2, task2 = await start_stream(s, monitor)
     await asyncio.sleep(2)
     assert worker2.metrics.events_in._value.get() == 0
     worker2.stop()
@@ -100,7 +93,7 @@ async def test_bad_inputs_go_to_the_dead_letter_topic(
     kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1, max_event_bytes=4096)
-    worker, task = await _start(s, monitor)
+    worker, task = await start_stream(s, monitor)
 
     def good(i: int) -> bytes:
         return orjson.dumps({"event_id": f"ok-{i}", "conversation_id": f"c{i}", "created_at": "2026-01-01T00:00:00Z",
@@ -146,7 +139,7 @@ async def test_model_error_splits_the_batch_and_dead_letters_the_culprit(
         return original(batch, **kwargs)
 
     monkeypatch.setattr(monitor, "score", flaky)
-    worker, task = await _start(s, monitor)
+    worker, task = await start_stream(s, monitor)
     values = []
     for i in range(6):
         content = "poison " * 200 if i == 3 else f"short message {i}"
@@ -166,8 +159,8 @@ async def test_two_workers_split_partitions_and_a_rebalance_loses_nothing(
     kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
 ) -> None:
     s = _settings(kafka_broker, small_bundle, cache_dir, partitions=4)
-    a, task_a = await _start(s, monitor)
-    b, task_b = await _start(s, monitor)
+    a, task_a = await start_stream(s, monitor)
+    b, task_b = await start_stream(s, monitor)
     await wait_for(lambda: len(a._assigned) == 2 and len(b._assigned) == 2, timeout=30)
     n = 120
     replay_task = asyncio.create_task(replay(s, [datasets_dir / "xstest.jsonl"], rate=60, limit=n))
@@ -237,7 +230,7 @@ async def test_backpressure_pauses_fetching_and_liveness_turns_red_when_stuck(
         return original(batch, **kwargs)
 
     monkeypatch.setattr(monitor, "score", stuck)
-    worker, task = await _start(s, monitor)
+    worker, task = await start_stream(s, monitor)
     values = [(b"k", orjson.dumps({"event_id": f"bp-{i}", "conversation_id": "c", "created_at": "2026-01-01T00:00:00Z",
                                      "messages": [{"role": "user", "content": f"message {i}"}]})) for i in range(60)]
     await produce_raw(s.kafka.bootstrap_servers, s.topics.input, values)
@@ -264,8 +257,8 @@ async def test_two_workers_each_hold_the_budget_and_a_window_survives_the_rebala
     # xstest's scary-sounding prompts delegate ~40 % at the offline threshold, over the budget α = 0.35.
     budget = BudgetConfig(window=50, min_window=30, recertify_every=10, hard_cap=True, cap_burst=5)
     s = _settings(kafka_broker, small_bundle, cache_dir, partitions=4).model_copy(update={"budget": budget})
-    a, task_a = await _start(s, monitor)
-    b, task_b = await _start(s, monitor)
+    a, task_a = await start_stream(s, monitor)
+    b, task_b = await start_stream(s, monitor)
     await wait_for(lambda: len(a._assigned) == 2 and len(b._assigned) == 2, timeout=30)
     n = 160
     replay_task = asyncio.create_task(replay(s, [datasets_dir / "xstest.jsonl"], rate=60, limit=n))
