@@ -155,6 +155,10 @@ class EncoderHeadConfig(Frozen):
         6, description="fine-tune all encoder layers or only the top N (plus pooler and head)"
     )
     max_train: int | None = Field(None, ge=8, description="cap on training texts (CI uses a small subset)")
+    max_windows: int = Field(
+        16, ge=2, description="a conversation longer than max_length is read in up to this many half-overlapping "
+        "windows from head to tail and scored as the most unsafe (more needed: the stride grows, head and tail "
+        "always read)")
     dtype: Dtype = "auto"
     device: str = "cpu"
     seed: int = 0

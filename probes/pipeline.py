@@ -173,7 +173,7 @@ def train_expert(
     epochs_total = int(np.ceil(n_train * cfg.epochs / cfg.batch_size) * cfg.batch_size)
     advance = progress("fine-tune expert", epochs_total)
     expert_dir = train_encoder_head(cfg, train, cache_dir=settings.cache_dir, progress=advance, force=force)
-    expert = EncoderHeadExpert(expert_dir, device=cfg.device, dtype=cfg.dtype)
+    expert = EncoderHeadExpert(expert_dir, device=cfg.device, dtype=cfg.dtype, max_windows=cfg.max_windows)
     evaluation = prepared.splits.evaluation
     scores = score_in_chunks(expert, evaluation, progress("expert scores (evaluation)", len(evaluation)))
     metrics = classification_metrics([r.label for r in evaluation], scores)

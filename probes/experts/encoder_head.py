@@ -3,6 +3,11 @@
 It is given what a real guard has and the probe lacks: fine-tuning of the encoder itself (not a frozen
 feature extractor), all of the training split, and a longer context window. Fine-tuned weights live in
 the cache dir keyed by backbone, data and hyper-parameters, so the costly step runs once per machine.
+
+A conversation longer than the context is read as overlapping windows from tail to head and scored as the most
+unsafe of them, like the probe's windows (probes/windows.py): a delegated request padded with filler must not be
+cleared by an expert that read only the filler at the tail. The first window is the left-truncated input the
+expert was trained on, so a score never falls below what the tail alone gives; what fits is that window only.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class EncoderHeadExpert:
 
     def __init__(
         self, model_dir: Path, *, device: str = "cpu", dtype: str = "auto", max_length: int | None = None,
-        batch_tokens: int = 8192,
+        batch_tokens: int = 8192, max_windows: int = 16,
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
@@ -76,6 +81,9 @@ class EncoderHeadExpert:
         self.max_length = int(max_length or self.info["config"]["max_length"])
         self.device = resolve_device(device)
         self.batch_tokens = batch_tokens
+        if max_windows < 2:
+            raise ExpertError(f"max_windows={max_windows}: head and tail need two windows")
+        self.max_windows = max_windows
         self.tokenizer = _tokenizer(model_dir, self.max_length)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, dtype=resolve_dtype(dtype, self.device)
@@ -90,19 +98,46 @@ class EncoderHeadExpert:
     def parameters_per_token(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def windows(self, conversations: Sequence[Conversation]) -> tuple[list[list[int]], npt.NDArray[np.intp]]:
+        """The model inputs (special tokens included) and, per input, the conversation it reads a window of.
+
+        The tokenizer's overflow windows, half-overlapping (a request up to half a window long is read whole by
+        one of them), run from the tail (the left-truncated input the expert was trained on) to the head. More
+        than ``max_windows``: evenly spaced ones, tail and head always among them.
+        """
+        texts = [render_text(self.tokenizer, c) for c in conversations]
+        room = self.max_length - int(self.tokenizer.num_special_tokens_to_add(pair=False))
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, stride=max(1, room // 2),
+                                 return_overflowing_tokens=True)
+        by_owner: dict[int, list[list[int]]] = {}
+        for ids, owner in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
+            by_owner.setdefault(int(owner), []).append(list(ids))
+        rows: list[list[int]] = []
+        owners: list[int] = []
+        for owner in range(len(texts)):
+            found = by_owner[owner]
+            keep = np.unique(np.linspace(0, len(found) - 1, min(len(found), self.max_windows)).round().astype(int))
+            rows.extend(found[i] for i in keep)
+            owners.extend([owner] * len(keep))
+        return rows, np.asarray(owners, dtype=np.intp)
+
     @torch.inference_mode()
     def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
-        ids = _encode(self.tokenizer, conversations, self.max_length)
-        out = np.zeros(len(ids), dtype=np.float64)
-        for batch in plan_batches([len(x) for x in ids], batch_tokens=self.batch_tokens, max_items=64):
-            inputs = {k: v.to(self.device) for k, v in _pad(self.tokenizer, [ids[i] for i in batch]).items()}
+        rows, owners = self.windows(conversations)
+        per_row = np.zeros(len(rows), dtype=np.float64)
+        for batch in plan_batches([len(x) for x in rows], batch_tokens=self.batch_tokens, max_items=64):
+            inputs = {k: v.to(self.device) for k, v in _pad(self.tokenizer, [rows[i] for i in batch]).items()}
             logits = self.model(**inputs).logits.float()
-            out[batch] = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy()
+            per_row[batch] = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy()
+        out = np.zeros(len(conversations), dtype=np.float64)
+        np.maximum.at(out, owners, per_row)
         return out
 
 
 def expert_key(config: EncoderHeadConfig, backbone_sha: str, data_hash: str) -> str:
-    return sha256_text(backbone_sha, data_hash, config.model_dump_json(exclude={"device", "dtype"}), "v1")[:20]
+    # Inference-only settings do not change the trained weights.
+    inference_only = {"device", "dtype", "max_windows"}
+    return sha256_text(backbone_sha, data_hash, config.model_dump_json(exclude=inference_only), "v1")[:20]
 
 
 def _freeze_lower(model: Any, train_layers: int | str) -> None:

@@ -25,7 +25,7 @@ def build_expert(settings: Settings, *, bundle_manifest: BundleManifest | None =
         if path is None:
             raise ConfigError("encoder-head expert: set expert.path or use a bundle trained with `ctd-monitor train`")
         head = cfg.encoder_head
-        return EncoderHeadExpert(path, device=head.device, dtype=head.dtype)
+        return EncoderHeadExpert(path, device=head.device, dtype=head.dtype, max_windows=head.max_windows)
     if cfg.backend == "hf-guard":
         from probes.experts.hf_guard import HFGuardExpert
 
