@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from probes.data import read_file
 from tests.worker.helpers import (
+    counter_total,
     guard_settings,
     read_topic,
     scrape_metrics,
@@ -150,7 +151,7 @@ async def test_rotating_tenant_names_and_impersonation_steer_nothing(
     assert max(victim_latency) < flood_median, "the victim waited behind the flood"
 
     # the victim's alert bucket is its own: every victim alert raised reaches the sink (up to its burst)
-    await wait_for(lambda: alerter.metrics.consumed._value.get() >= len(verdicts), 120)
+    await wait_for(lambda: counter_total(alerter.metrics.consumed) >= len(verdicts), 120)
     await wait_for(lambda: alerter.tracker.in_flight() == 0, 60)
     alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: False, timeout=3)
     victim_raised = {a["event_id"] for a in alerts if a["tenant"] == "victim"}
