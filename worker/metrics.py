@@ -57,17 +57,13 @@ class TenantLabels:
     def counter(self, metric: Counter, tenant: str, **labels: str) -> Counter:
         """``metric``'s child (it has a ``tenant`` label) for one more record of ``tenant`` with ``labels``."""
         labels["tenant"] = self.use(tenant)
-        values = tuple(labels[name] for name in metric._labelnames)
+        values = tuple(labels[name] for name in metric._labelnames)  # the order remove() takes them in
         children = self._children.setdefault(labels["tenant"], {})
         key = (id(metric), values)
         held = children.get(key)
         if held is None:
             held = children[key] = _Child(metric, values, metric.labels(*values))
         return held.child
-
-    def values(self) -> set[str]:
-        """The tenant label values with series now."""
-        return set(self._children)
 
     def _evicted(self, tenant: str, idle: int) -> None:
         for held in self._children.pop(tenant, {}).values():
