@@ -159,7 +159,7 @@ class WorkerMetrics(ConsumerMetrics):
         self.tenant_claims_overridden = Counter(
             "ctd_tenant_claims_overridden", "Events whose payload tenant differs from the resolved tenant", registry=r)
         self.tenant_scopes = Gauge(
-            "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue)", ["table"],
+            "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue, tenant metric labels)", ["table"],
             registry=r)
         self.canonical_rescores = Counter(
             "ctd_canonical_rescores", "Events within worker.decision_margin of the cut, scored again alone", registry=r)

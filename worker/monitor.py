@@ -438,6 +438,7 @@ class MonitorHandler(OutputsSlot):
                 self.waiting.release(item.body.event.tenant, item.body.size)
             self.metrics.tenant_scopes.labels(table="budget").set(len(self.budget.windows))
             self.metrics.tenant_scopes.labels(table="fair_queue").set(self.waiting.keys())
+            self.metrics.tenant_scopes.labels(table="metric_labels").set(len(self.tenant_labels.slots))
             self._prep_wake.set()
 
     # ---------------------------------------------------------------- publish

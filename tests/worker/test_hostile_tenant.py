@@ -140,6 +140,10 @@ async def test_rotating_tenant_names_and_impersonation_steer_nothing(
     # bounded tables: the worker's budget windows and fair queue, the alerter's buckets
     assert metrics["ctd_tenant_scopes{table=budget}"] <= 2
     assert metrics["ctd_tenant_scopes{table=fair_queue}"] <= 2
+    # the verdict metrics' tenant label: the resolved tenants (default pinned, victim in a place), never the claims
+    labelled = {dict(pair.split("=", 1) for pair in k[k.index("{") + 1:-1].split(","))["tenant"]
+                for k in metrics if k.startswith("ctd_verdicts_out_total{")}
+    assert labelled == {"default", "victim"} and metrics["ctd_tenant_scopes{table=metric_labels}"] == 1
     print(f"worker RSS {rss_before / 2**20:.0f} MiB before the attack, {rss_after / 2**20:.0f} MiB after")
 
     # the victim is not starved: its verdicts come well before the flood's typical one
