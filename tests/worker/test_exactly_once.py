@@ -125,6 +125,8 @@ async def test_sigkill_mid_stream_in_exactly_once_mode_leaves_no_duplicate_verdi
             await asyncio.wait_for(producer, 120)
             await committed.wait(lambda w: w.distinct() >= ids, timeout=180)
             await _fully_committed(s)
+            # The last killed incarnation may have committed everything while this one still loads its model.
+            await wait_for(lambda: proc.http_port() is not None, 120)
             port = proc.http_port()
             assert port is not None
             consumed += scraped_total(await scrape_metrics(port), "ctd_events_in_total")
