@@ -21,7 +21,7 @@ from probes.logs import get_logger
 from worker.config import AlertsConfig, GuardSettings, WebhookSinkConfig
 from worker.decode import InvalidVerdict, decode_verdict
 from worker.events import MAX_EVENT_BYTES, Alert, Verdict, utcnow
-from worker.metrics import AlerterMetrics
+from worker.metrics import AlerterMetrics, TenantLabels
 from worker.signing import SignatureError, Signer
 from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream
 from worker.sweeper import DelegationSweeper
@@ -186,6 +186,7 @@ class AlertHandler(OutputsSlot):
         self.policy = AlertPolicy(a)
         # One bucket per tenant (alerts.rate_limit_scope): one tenant's alert flood cannot silence another's.
         self.buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+        self.tenant_labels = TenantLabels(settings.metrics)
         # Alerts are signed with the guard's key (the alerter runs in the guard process); verdicts are read from
         # both roles, each only for the sources it writes (worker/decode.py).
         self.signer = Signer.from_config(settings.signing, "guard", verifies=("worker", "guard"), service="alerter",
@@ -254,7 +255,8 @@ class AlertHandler(OutputsSlot):
             self.out.publish(item, [message], functools.partial(self._raised, alert))
 
     def _raised(self, alert: Alert) -> None:
-        self.metrics.alerts_raised.labels(severity=alert.severity, source=alert.source).inc()
+        self.tenant_labels.counter(self.metrics.alerts_raised, alert.tenant, severity=alert.severity,
+                                   source=alert.source).inc()
         if not self._bucket(alert.tenant).take():
             self.metrics.alerts_suppressed.labels(reason="rate_limited").inc()
             return

@@ -6,15 +6,18 @@ floods the stream with borderline traffic spends its own budget and tightens its
 tenant's. At most ``max_scopes`` tenants have a window of their own: a new tenant takes the place of the least
 recently used one once no event used it for ``scope_idle_events`` decisions (its state is then dropped: a tenant
 back after that long starts again from the offline threshold, as a new one does); while every window is in use,
-new tenants share one overflow window. So the first tenants seen never pin the table, and rotating names cannot
-grow it.
+new tenants share one overflow window (worker/tenancy.py, TenantSlots). So the first tenants seen never pin the
+table, and rotating names cannot grow it.
+
+The window gauges carry a ``scope`` label: ``worker``, the partition, or the tenant's metric label (TenantLabels:
+bounded, the rest and the overflow window under ``other``); several windows under one label report the worst.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
@@ -30,7 +33,8 @@ from probes.manifest import Signal
 from probes.monitor import DelegationRule
 from worker.config import BudgetConfig
 from worker.events import BudgetState
-from worker.metrics import WorkerMetrics
+from worker.metrics import OTHER_TENANTS, WorkerMetrics
+from worker.tenancy import TenantSlots
 
 log = get_logger(__name__)
 
@@ -75,7 +79,6 @@ class ScopeWindow:
     tokens: Fraction = Fraction(0)
     cap_hits: int = 0
     recertifications: int = 0
-    last_used: int = 0  # the controller's decision count when an event last used this window
 
     def __post_init__(self) -> None:
         self.signals = collections.deque(maxlen=self.size)
@@ -100,15 +103,17 @@ class BudgetController:
     """Decides delegation for scored events under the live budget; one instance per worker."""
 
     def __init__(self, rule: DelegationRule, config: BudgetConfig, metrics: WorkerMetrics | None = None,
-                 *, grid_size: int = 200) -> None:
+                 *, grid_size: int = 200, tenant_label: Callable[[str], str] | None = None) -> None:
+        """``tenant_label``: a tenant's bounded metric label (TenantLabels.peek); without it, all are ``other``."""
         self.rule = rule
         self.config = config
         self.metrics = metrics
         self.grid_size = grid_size
-        # Least recently used first (tenant scope evicts from the front).
-        self.windows: collections.OrderedDict[ScopeKey, ScopeWindow] = collections.OrderedDict()
-        self.decisions = 0  # the clock of idle eviction: deterministic, so replicas fed alike evict alike
-        self.evictions = 0
+        self.windows: dict[ScopeKey, ScopeWindow] = {}
+        # Which tenants have a window of their own (scope "tenant"); its clock counts decisions.
+        self.tenants = TenantSlots(config.max_scopes, config.scope_idle_events, on_evict=self._evicted)
+        self.tenant_label = tenant_label
+        self._scope_labels: set[str] = set()  # the gauges' scope label values last set
         self.refill: Fraction | None = None
         if config.hard_cap and rule.valid and rule.alpha is not None:
             # repr() is the shortest decimal that round-trips: α = 0.1 becomes exactly 1/10, not a binary float.
@@ -122,6 +127,10 @@ class BudgetController:
         """False without a certified offline threshold and budget: never delegate, nothing to control."""
         return self.rule.valid and self.rule.alpha is not None
 
+    @property
+    def evictions(self) -> int:
+        return self.tenants.evictions
+
     def window(self, partition: int, tenant: str | None = None) -> ScopeWindow:
         key: ScopeKey = WORKER_SCOPE
         if self.config.scope == "partition":
@@ -129,26 +138,26 @@ class BudgetController:
         elif self.config.scope == "tenant":
             if tenant is None:
                 raise ValueError('budget.scope "tenant" needs each event\'s tenant')
-            key = "t:" + tenant  # a prefix keeps a tenant named "*" apart from the overflow window
-            if key not in self.windows and len(self.windows) >= self.config.max_scopes and not self._evict_idle():
-                key = OVERFLOW_SCOPE
+            # A prefix keeps a tenant named "*" apart from the overflow window.
+            key = "t:" + tenant if self.tenants.use(tenant) else OVERFLOW_SCOPE
         w = self.windows.get(key)
         if w is None:
             w = self.windows[key] = ScopeWindow(key, self.config.window)
-        self.decisions += 1
-        w.last_used = self.decisions
-        self.windows.move_to_end(key)
         return w
 
-    def _evict_idle(self) -> bool:
-        """Drop the least recently used tenant window if it is idle; False when every window is in use."""
-        oldest = next((w for k, w in self.windows.items() if k != OVERFLOW_SCOPE), None)
-        if oldest is None or self.decisions - oldest.last_used < self.config.scope_idle_events:
-            return False
-        del self.windows[oldest.key]
-        self.evictions += 1
-        log.info("budget.scope_evicted", scope=oldest.key, idle_decisions=self.decisions - oldest.last_used)
-        return True
+    def _evicted(self, tenant: str, idle: int) -> None:
+        """The tenant's window was idle and its place went to a new tenant: its state goes with it."""
+        key = "t:" + tenant
+        self.windows.pop(key, None)
+        log.info("budget.scope_evicted", scope=key, idle_decisions=idle)
+
+    def scope_label(self, key: ScopeKey) -> str:
+        """The gauges' ``scope`` label of a window: bounded like the tenant label of the verdict counters."""
+        if isinstance(key, int):
+            return "worker" if key == WORKER_SCOPE else str(key)
+        if key == OVERFLOW_SCOPE or self.tenant_label is None:
+            return OTHER_TENANTS
+        return self.tenant_label(key[2:])
 
     def decide(
         self, signals: npt.ArrayLike, partitions: Sequence[int], tenants: Sequence[str] | None = None
@@ -258,14 +267,23 @@ class BudgetController:
                 log.info("budget.back_within", scope=w.key, window_rate=rate, window=n, alpha=self.rule.alpha)
 
     def _update_gauges(self) -> None:
-        """Several windows (scope "partition") report the worst one: the tightest threshold, the highest rate."""
-        if self.metrics is None or not self.windows:
+        """One value per scope label; several windows under one label (``other``) report the worst one: the
+        tightest threshold, the highest rate. ``ctd_delegation_threshold`` is the worst over all windows."""
+        m = self.metrics
+        if m is None or not self.windows:
             return
-        windows = self.windows.values()
-        certified = [w.threshold for w in windows if w.threshold is not None]
-        rates = [w.rate for w in windows if w.rate is not None]
-        applied = [t for t in (self.applied_threshold(w) for w in windows) if t is not None]
-        self.metrics.window_threshold.set(max(certified) if certified else math.nan)
-        self.metrics.window_delegation_rate.set(max(rates) if rates else math.nan)
-        self.metrics.budget_exceeded.set(1 if any(w.exceeded for w in windows) else 0)
-        self.metrics.threshold.set(max(applied) if applied else math.nan)
+        scopes: dict[str, list[ScopeWindow]] = collections.defaultdict(list)
+        for w in self.windows.values():
+            scopes[self.scope_label(w.key)].append(w)
+        for label, windows in scopes.items():
+            certified = [w.threshold for w in windows if w.threshold is not None]
+            rates = [w.rate for w in windows if w.rate is not None]
+            m.window_threshold.labels(scope=label).set(max(certified) if certified else math.nan)
+            m.window_delegation_rate.labels(scope=label).set(max(rates) if rates else math.nan)
+            m.budget_exceeded.labels(scope=label).set(1 if any(w.exceeded for w in windows) else 0)
+        for gone in self._scope_labels - scopes.keys():  # an evicted window, or a tenant whose label went
+            for gauge in (m.window_threshold, m.window_delegation_rate, m.budget_exceeded):
+                gauge.remove(gone)
+        self._scope_labels = set(scopes)
+        applied = [t for t in (self.applied_threshold(w) for w in self.windows.values()) if t is not None]
+        m.threshold.set(max(applied) if applied else math.nan)

@@ -158,6 +158,26 @@ class BudgetConfig(Frozen):
         10_000, ge=1, description="a tenant window no event used for this many decisions may be evicted")
 
 
+class MetricsConfig(Frozen):
+    """Bounds on the ``tenant`` label of ``ctd_verdicts_out`` and ``ctd_alerts_raised`` (worker/metrics.py,
+    TenantLabels), and of the budget gauges' ``scope`` label under budget.scope tenant.
+
+    Tenant names can be many, and under tenant.source payload whoever produces chooses them: one series per name
+    would let them grow Prometheus without bound. The tenants named here always have a label value of their own;
+    up to ``max_tenant_labels`` others hold one while they are active (the least recently used gives its place to a
+    new tenant once idle for ``tenant_label_idle_events`` label lookups, and its series are removed); the rest are
+    counted under ``other``.
+    """
+
+    tenant_labels: tuple[str, ...] = Field(
+        (), description="tenants always labelled by name (never evicted, outside max_tenant_labels)")
+    max_tenant_labels: int = Field(
+        50, ge=0, description="other tenants labelled by name at a time; beyond them a tenant counts as 'other'")
+    tenant_label_idle_events: int = Field(
+        10_000, ge=1, description="a tenant label no verdict (alert, in the alerter) used for this many may be "
+        "given to a new tenant")
+
+
 class TenantConfig(Frozen):
     """Where an event's tenant comes from (worker/tenancy.py): the identity every isolation mechanism keys on.
 
@@ -304,6 +324,7 @@ class WorkerSettings(Settings):
     audit: WorkerAuditConfig = WorkerAuditConfig()
     tenant: TenantConfig = TenantConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 class GuardConfig(ServiceConfig):
@@ -398,3 +419,4 @@ class GuardSettings(Settings):
     signing: SigningConfig = SigningConfig()
     sweeper: SweeperConfig = SweeperConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    metrics: MetricsConfig = MetricsConfig()

@@ -1,15 +1,73 @@
-"""Prometheus metrics of the worker and the guard service (names are referenced by deploy/ alert rules)."""
+"""Prometheus metrics of the worker and the guard service (names are referenced by deploy/ alert rules).
+
+Every label is bounded: ``partition``/``topic`` by the subscribed topics, ``scope`` by the budget's windows, and
+``tenant`` by TenantLabels (metrics.* settings), since tenant names can be many or chosen by a producer.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from worker.config import MetricsConfig
+from worker.tenancy import TenantSlots
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OTHER_TENANTS = "other"  # the tenant label of every tenant without one of its own
+
+
+@dataclass(frozen=True, slots=True)
+class _Child:
+    """A labelled counter's child, kept with its label values so that it can be removed."""
+
+    metric: Counter
+    values: tuple[str, ...]
+    child: Counter
+
+
+class TenantLabels:
+    """The ``tenant`` label value of each tenant, bounded (metrics.* settings): tenants named in
+    ``metrics.tenant_labels`` (and ``pinned``) always have their own; up to ``metrics.max_tenant_labels`` others hold
+    one while active (TenantSlots: the least recently used gives its place to a new tenant once idle for
+    ``metrics.tenant_label_idle_events`` lookups); the rest are ``other``. So rotating tenant names cannot grow the
+    exposition: an evicted tenant's series are removed, and at most ``len(named) + max + 1`` tenant values exist.
+    One per registry, used from the event loop only.
+    """
+
+    def __init__(self, config: MetricsConfig, pinned: Iterable[str] = ()) -> None:
+        self.slots = TenantSlots(config.max_tenant_labels, config.tenant_label_idle_events,
+                                 pinned=(*config.tenant_labels, *pinned), on_evict=self._evicted)
+        # Children made per tenant value, so an evicted tenant's series go with it.
+        self._children: dict[str, dict[tuple[int, tuple[str, ...]], _Child]] = {}
+
+    def use(self, tenant: str) -> str:
+        """The label value for one more record of ``tenant`` (a lookup: it may take an idle tenant's place)."""
+        if tenant == OTHER_TENANTS:  # a tenant named "other" is counted with the others, never apart
+            return OTHER_TENANTS
+        return tenant if self.slots.use(tenant) else OTHER_TENANTS
+
+    def peek(self, tenant: str) -> str:
+        """The label value ``tenant`` has now, without a lookup (for gauges refreshed over every tenant's state)."""
+        return tenant if tenant != OTHER_TENANTS and tenant in self.slots else OTHER_TENANTS
+
+    def counter(self, metric: Counter, tenant: str, **labels: str) -> Counter:
+        """``metric``'s child (it has a ``tenant`` label) for one more record of ``tenant`` with ``labels``."""
+        labels["tenant"] = self.use(tenant)
+        values = tuple(labels[name] for name in metric._labelnames)  # the order remove() takes them in
+        children = self._children.setdefault(labels["tenant"], {})
+        key = (id(metric), values)
+        held = children.get(key)
+        if held is None:
+            held = children[key] = _Child(metric, values, metric.labels(*values))
+        return held.child
+
+    def _evicted(self, tenant: str, idle: int) -> None:
+        for held in self._children.pop(tenant, {}).values():
+            held.metric.remove(*held.values)
 
 
 class StageClock:
@@ -51,8 +109,10 @@ class ConsumerMetrics:
 
     def __post_init__(self) -> None:
         r, p = self.registry, self.prefix
-        self.consumed = Counter(f"{p}_{self.consumed_name}", self.consumed_help, registry=r)
-        self.dead_letters = Counter(f"{p}_dead_letters", "Records sent to the dead-letter topic", ["reason"],
+        # Per topic and partition, as the lag gauge: bounded by the subscribed topics' partitions.
+        self.consumed = Counter(f"{p}_{self.consumed_name}", self.consumed_help, ["topic", "partition"], registry=r)
+        # stage: worker/stream.py Stage (four values); reason: the code's own constants.
+        self.dead_letters = Counter(f"{p}_dead_letters", "Records sent to the dead-letter topic", ["stage", "reason"],
                                     registry=r)
         self.consumer_lag = Gauge(
             f"{p}_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=r
@@ -90,8 +150,8 @@ class WorkerMetrics(ConsumerMetrics):
         r = self.registry
         self.events_in = self.consumed
         self.verdicts_out = Counter(
-            "ctd_verdicts_out", "Verdicts acknowledged by the broker", ["decision", "source"], registry=r
-        )
+            "ctd_verdicts_out", "Verdicts acknowledged by the broker (tenant: bounded, TenantLabels)",
+            ["decision", "source", "tenant"], registry=r)
         self.delegated = Counter("ctd_delegated", "Events sent to the expert-review topic", registry=r)
         self.tenant_unverified = Counter(
             "ctd_tenant_unverified", "Events scored under tenant.unverified (gateway header missing or wrong)",
@@ -99,7 +159,7 @@ class WorkerMetrics(ConsumerMetrics):
         self.tenant_claims_overridden = Counter(
             "ctd_tenant_claims_overridden", "Events whose payload tenant differs from the resolved tenant", registry=r)
         self.tenant_scopes = Gauge(
-            "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue)", ["table"],
+            "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue, tenant metric labels)", ["table"],
             registry=r)
         self.canonical_rescores = Counter(
             "ctd_canonical_rescores", "Events within worker.decision_margin of the cut, scored again alone", registry=r)
@@ -124,7 +184,9 @@ class WorkerMetrics(ConsumerMetrics):
         self.delegation_rate = Gauge(
             "ctd_delegation_rate", "Fraction of recent verdicts delegated (last 1000 events)", registry=r
         )
-        self.threshold = Gauge("ctd_delegation_threshold", "Threshold applied to the delegation signal", registry=r)
+        self.threshold = Gauge(
+            "ctd_delegation_threshold", "Threshold applied to the delegation signal (the highest over the scopes)",
+            registry=r)
         self.budget_alpha = Gauge("ctd_delegation_budget", "Delegation budget alpha of the bundle", registry=r)
         self.no_valid_threshold = Gauge(
             "ctd_no_valid_threshold", "1 when no certified threshold exists (never delegating)", registry=r
@@ -139,15 +201,18 @@ class WorkerMetrics(ConsumerMetrics):
             "ctd_bounded_views", "Events past the message or content limits, scored on their bounded view", registry=r
         )
         # Live budget control (worker/budget.py).
+        # Per budget scope (worker/budget.py, scope_label): "worker", a partition, or a bounded tenant label.
         self.window_threshold = Gauge(
-            "ctd_window_threshold", "Label-free threshold certified on the recent window (NaN until it applies)",
-            registry=r,
+            "ctd_window_threshold", "Label-free threshold certified on the scope's window (NaN until it applies)",
+            ["scope"], registry=r,
         )
         self.window_delegation_rate = Gauge(
-            "ctd_window_delegation_rate", "Realised delegation rate over the current budget window", registry=r
+            "ctd_window_delegation_rate", "Realised delegation rate over the scope's budget window", ["scope"],
+            registry=r,
         )
         self.budget_exceeded = Gauge(
-            "ctd_budget_exceeded", "1 while the delegation rate is significantly above the budget", registry=r
+            "ctd_budget_exceeded", "1 while the scope's delegation rate is significantly above the budget",
+            ["scope"], registry=r,
         )
         self.cap_hits = Counter(
             "ctd_budget_cap_hits", "Delegations the hard cap (token bucket at alpha) refused", registry=r
@@ -247,7 +312,8 @@ class AlerterMetrics(ConsumerMetrics):
     def __post_init__(self) -> None:
         super().__post_init__()
         r = self.registry
-        self.alerts_raised = Counter("ctd_alerts_raised", "Alerts published", ["severity", "source"], registry=r)
+        self.alerts_raised = Counter("ctd_alerts_raised", "Alerts published (tenant: bounded, TenantLabels)",
+                                     ["severity", "source", "tenant"], registry=r)
         self.alerts_suppressed = Counter(
             "ctd_alerts_suppressed", "Harmful verdicts not alerted or not notified", ["reason"], registry=r
         )

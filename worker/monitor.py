@@ -45,7 +45,7 @@ from worker.events import (
     utcnow,
 )
 from worker.fairqueue import FairQueue
-from worker.metrics import WorkerMetrics
+from worker.metrics import TenantLabels, WorkerMetrics
 from worker.recalibration import RecalibrationFeed, recalibration_info, tenant_cap
 from worker.signing import Signer
 from worker.stream import (
@@ -125,8 +125,10 @@ class MonitorHandler(OutputsSlot):
         self._wake = asyncio.Event()
         self._recent: collections.deque[bool] = collections.deque(maxlen=1000)
         self._recent_delegated = 0  # delegations among _recent, kept as they come and go
-        self._verdicts_out = {d: metrics.verdicts_out.labels(decision=d, source="probe") for d in ("safe", "unsafe")}
-        self.budget = BudgetController(monitor.rule, settings.budget, self.metrics)
+        # The tenant every event falls back to and, under tenant.source header, the unverified one: always labelled.
+        self.tenant_labels = TenantLabels(settings.metrics, pinned=(t.default, t.unverified))
+        self.budget = BudgetController(monitor.rule, settings.budget, self.metrics,
+                                       tenant_label=self.tenant_labels.peek)
         self.breaker = CircuitBreaker(settings.worker.breaker_failures, settings.worker.breaker_cooldown_s,
                                       on_change=lambda opened: metrics.circuit_open.set(1 if opened else 0))
         # Signs verdicts and review requests with the worker role's key (the guard's key stays with the guard).
@@ -436,6 +438,7 @@ class MonitorHandler(OutputsSlot):
                 self.waiting.release(item.body.event.tenant, item.body.size)
             self.metrics.tenant_scopes.labels(table="budget").set(len(self.budget.windows))
             self.metrics.tenant_scopes.labels(table="fair_queue").set(self.waiting.keys())
+            self.metrics.tenant_scopes.labels(table="metric_labels").set(len(self.tenant_labels.slots))
             self._prep_wake.set()
 
     # ---------------------------------------------------------------- publish
@@ -494,11 +497,11 @@ class MonitorHandler(OutputsSlot):
             self._recent_delegated -= self._recent[0]
         self._recent.append(delegation.delegated)
         self._recent_delegated += delegation.delegated
-        return item, messages, lambda: self._acked(item.consumed_at, verdict.decision, delegation.delegated,
-                                                   audited)
+        return item, messages, lambda: self._acked(item.consumed_at, event.tenant, verdict.decision,
+                                                   delegation.delegated, audited)
 
-    def _acked(self, consumed_at: float, decision: str, delegated: bool, audited: bool = False) -> None:
-        self._verdicts_out[decision].inc()
+    def _acked(self, consumed_at: float, tenant: str, decision: str, delegated: bool, audited: bool) -> None:
+        self.tenant_labels.counter(self.metrics.verdicts_out, tenant, decision=decision, source="probe").inc()
         if delegated:
             self.metrics.delegated.inc()
         if audited:

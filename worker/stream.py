@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeAlias, TypeV
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from prometheus_client import Counter
 
 from probes.logs import get_logger
 from worker.commits import CommitTracker
@@ -239,7 +240,7 @@ class Outputs:
         dl = dead_letter(reason=reason, error=error, topic=tp.topic, partition=tp.partition, offset=offset, key=key,
                          value=value, stage=stage,
                          max_bytes=max_bytes or dead_letter_bytes(self._stream.limits.max_event_bytes))
-        self._metrics.dead_letters.labels(reason=reason).inc()
+        self._metrics.dead_letters.labels(stage=stage, reason=reason).inc()
         log.warning("dead_letter", service=self._stream.name, reason=reason, topic=tp.topic, partition=tp.partition,
                     offset=offset, stage=stage)
         short_key = None if key is None else key[:_DEAD_LETTER_KEY_BYTES]
@@ -424,6 +425,7 @@ class Stream(Generic[H]):
         self.tracker: CommitTracker[TopicPartition] = CommitTracker()
         self.stopping = asyncio.Event()
         self._assigned: set[TopicPartition] = set()
+        self._consumed: dict[TopicPartition, Counter] = {}  # the consumed counter's child per partition
         self._last_progress = time.monotonic()
         self._last_commit = time.monotonic()
         self._commit_lock = asyncio.Lock()
@@ -593,8 +595,16 @@ class Stream(Generic[H]):
             await asyncio.sleep(0.01)
 
     # ---------------------------------------------------------------- rebalance
+    def _consumed_counter(self, tp: TopicPartition) -> Counter:
+        child = self._consumed.get(tp)
+        if child is None:
+            child = self._consumed[tp] = self.metrics.consumed.labels(topic=tp.topic, partition=str(tp.partition))
+        return child
+
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned |= assigned
+        for tp in assigned:  # a partition with nothing to read shows as 0 events/s, not as no series
+            self._consumed_counter(tp)
         hook = getattr(self.handler, "assigned", None)  # optional: a handler with per-partition state rebuilds it
         if hook is not None:
             hook(assigned)
@@ -737,7 +747,7 @@ class Stream(Generic[H]):
                     if not self.tracker.track(tp, record.offset):
                         log.info("partition.reseek", service=self.name, partition=tp.partition,
                                  offset=record.offset)
-                    metrics.consumed.inc()
+                    self._consumed_counter(tp).inc()
                     records.append(record)
             if records:
                 await self.handler.accept(records)

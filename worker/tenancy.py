@@ -2,14 +2,16 @@
 
 Every isolation mechanism (budget scopes, the fair queue and batcher, alert buckets, sink shares) keys on the
 tenant this module resolves, never on the producer-written ``tenant`` field unless ``tenant.source`` is
-``payload``. The payload's claim is kept (``Tenancy.claimed``) so the verdict can record it.
+``payload``. The payload's claim is kept (``Tenancy.claimed``) so the verdict can record it. ``TenantSlots`` bounds
+the per-tenant tables that must not grow with the names seen (budget windows, metric label values).
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from probes.errors import ConfigError
@@ -89,3 +91,56 @@ class TenantResolver:
         except TenantAuthError as exc:
             return Tenancy(c.unverified, claimed, exc.reason)
         return Tenancy(tenant, claimed)
+
+
+class TenantSlots:
+    """Which tenants hold an entry of their own in a bounded per-tenant table (budget windows, metric labels).
+
+    ``pinned`` tenants always do. Of the others, at most ``capacity`` do: a new tenant takes the place of the least
+    recently used one once no lookup used it for ``idle_after`` lookups (``on_evict`` then drops its state); while
+    every place is in use, new tenants share the table's overflow entry. So the first tenants seen never pin the
+    table, rotating names cannot grow it, and they cannot evict an active tenant. The clock counts lookups, not
+    seconds: replicas fed alike evict alike.
+    """
+
+    def __init__(self, capacity: int, idle_after: int, pinned: Iterable[str] = (),
+                 on_evict: Callable[[str, int], None] | None = None) -> None:
+        self.capacity = capacity
+        self.idle_after = idle_after
+        self.pinned = frozenset(pinned)
+        self.on_evict = on_evict  # (tenant, lookups since it was last used)
+        self.clock = 0
+        self.evictions = 0
+        self._last_used: collections.OrderedDict[str, int] = collections.OrderedDict()  # least recently used first
+
+    def __contains__(self, tenant: object) -> bool:
+        """Whether ``tenant`` holds an entry now (no lookup: the clock and the order stay as they are)."""
+        return tenant in self.pinned or tenant in self._last_used
+
+    def __len__(self) -> int:
+        """Unpinned tenants holding an entry (at most ``capacity``)."""
+        return len(self._last_used)
+
+    def use(self, tenant: str) -> bool:
+        """One lookup for ``tenant``: True when it holds (or now takes) an entry of its own, False when it shares
+        the overflow entry."""
+        pinned = tenant in self.pinned
+        own = (pinned or tenant in self._last_used or len(self._last_used) < self.capacity
+               or self._evict_idle())
+        self.clock += 1
+        if own and not pinned:
+            self._last_used[tenant] = self.clock
+            self._last_used.move_to_end(tenant)
+        return own
+
+    def _evict_idle(self) -> bool:
+        """Drop the least recently used tenant if it is idle; False when every entry is in use."""
+        oldest = next(iter(self._last_used.items()), None)
+        if oldest is None or self.clock - oldest[1] < self.idle_after:
+            return False
+        tenant, last_used = oldest
+        del self._last_used[tenant]
+        self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(tenant, self.clock - last_used)
+        return True

@@ -158,6 +158,17 @@ def test_every_dashboard_query_returns_data(prometheus_binary: str, kafka_broker
                 empty.append(f"{title}/{ref}: {expr}")
         assert not failed, "\n".join(failed)
         assert not empty, "panels without data:\n" + "\n".join(empty)
+
+        def values(expr: str, label: str) -> set[str]:
+            return {r["metric"].get(label, "") for r in query(base, expr)["data"]["result"]}  # type: ignore[index]
+
+        # The breakdowns split what they should: every input partition (idle ones too), the stream's one tenant
+        # (the plain input topic's: tenant.default), the worker's one budget scope.
+        partitions = values('sum by (topic, partition) (ctd_events_in_total{job="ctd-worker"})', "partition")
+        assert partitions == {"0", "1", "2"}
+        assert values('sum by (tenant) (ctd_verdicts_out_total{job="ctd-worker"})', "tenant") == {"default"}
+        assert values('sum by (tenant) (ctd_alerts_raised_total{job="ctd-guard"})', "tenant") == {"default"}
+        assert values('max by (scope) (ctd_window_delegation_rate{job="ctd-worker"})', "scope") == {"worker"}
     finally:
         if prometheus is not None:
             prometheus.terminate()

@@ -51,7 +51,7 @@ def test_exported_names_follow_the_exposition_format() -> None:
     assert "ctd_events_in_total" in worker and "ctd_events_in" not in worker  # counter
     assert {"ctd_batch_size_bucket", "ctd_batch_size_sum", "ctd_batch_size_count"} <= set(worker)  # histogram
     assert "le" in worker["ctd_batch_size_bucket"] and "le" not in worker["ctd_batch_size_sum"]
-    assert worker["ctd_verdicts_out_total"] == {"decision", "source"}
+    assert worker["ctd_verdicts_out_total"] == {"decision", "source", "tenant"}
     assert "ctd_expert_degraded" in EXPORTED["ctd-guard"] and "ctd_expert_degraded" not in worker
 
 

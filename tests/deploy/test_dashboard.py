@@ -6,6 +6,7 @@ tests/container/test_prometheus.py runs every query against a real Prometheus sc
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -26,6 +27,17 @@ COVERAGE = {
     "dead letters": {"ctd_dead_letters_total", "ctd_alerter_dead_letters_total"},
     "signature refusals": {"ctd_audit_verdicts_skipped_total"},
     "recalibration version and cut": {"ctd_recalibration_version", "ctd_recalibration_cut"},
+}
+
+
+# Breakdowns issue 24 asks for → (metric, label) that some panel must aggregate ``by``.
+BREAKDOWNS = {
+    "throughput per partition": ("ctd_events_in_total", "partition"),
+    "lag per partition": ("ctd_consumer_lag", "partition"),
+    "delegation rate per scope": ("ctd_window_delegation_rate", "scope"),
+    "verdict mix per tenant": ("ctd_verdicts_out_total", "tenant"),
+    "alert rate per tenant": ("ctd_alerts_raised_total", "tenant"),
+    "dead letters by stage and reason": ("ctd_dead_letters_total", "stage"),
 }
 
 
@@ -51,6 +63,16 @@ def test_dashboard_covers_what_operators_watch() -> None:
     assert not missing
     signature = [expr for _, _, expr in dashboard_targets() if 'reason="bad_signature"' in expr]
     assert len(signature) >= 3, "refusals at the guard, the alerter and the worker's audit reader"
+
+
+def test_dashboard_breaks_down_by_partition_scope_tenant_and_stage() -> None:
+    grouped = {(metric, label) for _, _, expr in dashboard_targets()
+               for metric, _ in promql_selectors(expr.replace("$__rate_interval", "5m"))
+               for by in re.findall(r"\bby \(([^)]*)\)", expr) for label in re.split(r"\s*,\s*", by.strip())}
+    missing = {what: pair for what, pair in BREAKDOWNS.items() if pair not in grouped}
+    assert not missing
+    for metric, label in BREAKDOWNS.values():  # the label is the code's, not only the dashboard's
+        assert any(label in reg.get(metric, ()) for reg in EXPORTED.values()), (metric, label)
 
 
 def test_panels_are_well_formed() -> None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import Counter
 
 from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from ctd_monitor.local.replay import record_event
@@ -288,6 +289,16 @@ async def scrape_metrics(port: int) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
     return out
+
+
+def counter_total(counter: Counter) -> float:
+    """A labelled counter's count over all its label values (e.g. ``ctd_events_in`` over the partitions)."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def scraped_total(scraped: dict[str, float], name: str) -> float:
+    """``name``'s samples of a ``scrape_metrics`` answer, summed over their label values."""
+    return sum(v for k, v in scraped.items() if k == name or k.startswith(name + "{"))
 
 
 async def committed_lag(bootstrap: str, group: str, topic: str) -> int:

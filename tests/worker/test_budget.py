@@ -113,11 +113,11 @@ def test_the_sequential_monitor_flags_a_significant_excess_and_clears_after() ->
     controller = BudgetController(RULE, config(recertify_every=10**9), metrics)
     with structlog.testing.capture_logs() as logs:
         run(controller, x[:1500])
-        assert metrics.budget_exceeded._value.get() == 0
+        assert metrics.budget_exceeded.labels(scope="worker")._value.get() == 0
         run(controller, x[1500:3000])
-        assert metrics.budget_exceeded._value.get() == 1
+        assert metrics.budget_exceeded.labels(scope="worker")._value.get() == 1
         run(controller, x[3000:])
-    assert metrics.budget_exceeded._value.get() == 0
+    assert metrics.budget_exceeded.labels(scope="worker")._value.get() == 0
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["budget.exceeded"]  # one per episode
     exceeded = next(e for e in logs if e["event"] == "budget.exceeded")
     assert exceeded["window_rate"] - exceeded["margin"] > ALPHA and "text" not in exceeded
@@ -129,9 +129,9 @@ def test_gauges_and_counters_follow_the_window() -> None:
     decisions = run(controller, stream(5, (OFFLINE_RATE, 1200), (0.3, 1500)))
     w = controller.windows[-1]
     assert w.threshold is not None and w.threshold > TAU
-    assert metrics.window_threshold._value.get() == w.threshold == controller.applied_threshold(w)
+    assert metrics.window_threshold.labels(scope="worker")._value.get() == w.threshold == controller.applied_threshold(w)
     assert metrics.threshold._value.get() == w.threshold
-    assert metrics.window_delegation_rate._value.get() == w.rate == decisions[-1].budget.window_rate
+    assert metrics.window_delegation_rate.labels(scope="worker")._value.get() == w.rate == decisions[-1].budget.window_rate
     get = metrics.registry.get_sample_value
     offline = get("ctd_window_recertifications_total", {"outcome": "offline"}) or 0
     tightened = get("ctd_window_recertifications_total", {"outcome": "tightened"}) or 0
@@ -231,3 +231,19 @@ def test_tenant_windows_are_bounded() -> None:
     assert len(controller.windows) == 4 and controller.windows["*"].seen == 7
     with pytest.raises(ValueError, match="tenant"):
         controller.decide(x[:1], [0])
+
+
+def test_partition_scope_gauges_carry_each_partition() -> None:
+    metrics = WorkerMetrics()
+    controller = BudgetController(RULE, config(scope="partition"), metrics)
+    run(controller, stream(14, (0.3, 1500)), [0] * 1500)
+    run(controller, stream(15, (OFFLINE_RATE, 1500)), [1] * 1500)
+    get = metrics.registry.get_sample_value
+    for p in (0, 1):
+        w = controller.windows[p]
+        assert get("ctd_window_delegation_rate", {"scope": str(p)}) == w.rate
+        assert get("ctd_budget_exceeded", {"scope": str(p)}) == (1 if w.exceeded else 0)
+    assert get("ctd_window_threshold", {"scope": "0"}) > TAU  # the shifted partition's, not the worst of both
+    assert get("ctd_window_threshold", {"scope": "1"}) <= TAU
+    assert get("ctd_window_delegation_rate", {"scope": "worker"}) is None
+    assert metrics.threshold._value.get() == controller.applied_threshold(controller.windows[0])  # the worst

@@ -29,6 +29,7 @@ from tests.worker.helpers import (
     new_topics,
     produce_at_rate,
     scrape_metrics,
+    scraped_total,
     spawn_worker,
     wait_for,
     worker_settings,
@@ -115,16 +116,18 @@ async def test_sigkill_mid_stream_in_exactly_once_mode_leaves_no_duplicate_verdi
                 delay = rng.uniform(0.0, 1.2)
                 await asyncio.sleep(delay)
                 port = proc.http_port()
-                consumed += (await scrape_metrics(port)).get("ctd_events_in_total", 0.0) if port else 0.0
+                consumed += scraped_total(await scrape_metrics(port), "ctd_events_in_total") if port else 0.0
                 proc.kill()
                 kill_log.append(f"kill {k}: +{delay:.2f}s, {len(committed.distinct())} committed so far")
         with spawn_worker(s, tmp_path, "final") as proc:
             await asyncio.wait_for(producer, 120)
             await committed.wait(lambda w: w.distinct() >= ids, timeout=180)
             await _fully_committed(s)
+            # The last killed incarnation may have committed everything while this one still loads its model.
+            await wait_for(lambda: proc.http_port() is not None, 120)
             port = proc.http_port()
             assert port is not None
-            consumed += (await scrape_metrics(port))["ctd_events_in_total"]
+            consumed += scraped_total(await scrape_metrics(port), "ctd_events_in_total")
             assert proc.terminate(30) == 0
         await asyncio.sleep(1.5)  # a late duplicate would be counted too
     finally:

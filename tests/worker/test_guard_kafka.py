@@ -25,6 +25,7 @@ from probes.experts.encoder_head import EncoderHeadExpert
 from probes.manifest import DEFAULT_UNSAFE_CUT, UnsafeCut
 from probes.monitor import Monitor
 from tests.worker.helpers import (
+    counter_total,
     distinct,
     guard_settings,
     new_topics,
@@ -163,7 +164,7 @@ async def test_expert_outage_loses_nothing_and_recovers(
     assert all(v["source"] == "expert" for v in verdicts)
     await wait_for(lambda: metrics.degraded._value.get() == 0 and guard.guard.tracker.in_flight() == 0, 20)
     assert metrics.degraded_total._value.get() >= 1
-    assert metrics.dead_letters.labels(reason="invalid_review_request")._value.get() == 1
+    assert metrics.dead_letters.labels(stage="decode", reason="invalid_review_request")._value.get() == 1
     dead = await read_topic(kafka_broker.bootstrap, topics.dead_letter, until=lambda r: len(r) >= 1)
     assert dead[0]["reason"] == "invalid_review_request" and dead[0]["stage"] == "decode"
     guard.stop()
@@ -171,7 +172,7 @@ async def test_expert_outage_loses_nothing_and_recovers(
     # everything was committed: the next guard in the group has nothing to redo
     again, task2 = await _start_guard(gs, small_expert)
     await asyncio.sleep(2)
-    assert again.guard_metrics.requests_in._value.get() == 0
+    assert counter_total(again.guard_metrics.requests_in) == 0
     again.stop()
     await asyncio.wait_for(task2, 30)
 
@@ -256,7 +257,7 @@ async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_neve
     assert sorted((a["conversation_id"], a["severity"]) for a in alerts) == sorted(
         (f"bad{c}", s) for c in range(6) for s in ("warning", "critical"))
     assert alerter.metrics.alerts_suppressed.labels(reason="duplicate_conversation")._value.get() == 6 * 23
-    assert alerter.metrics.dead_letters.labels(reason="invalid_verdict")._value.get() == 1
+    assert alerter.metrics.dead_letters.labels(stage="decode", reason="invalid_verdict")._value.get() == 1
     # the webhook got each alert once, after 3 refused attempts were retried
     await wait_for(lambda: len(hook.bodies) == 12, 40)
     assert sorted(b["alert_id"] for b in hook.bodies) == sorted(a["alert_id"] for a in alerts)

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from probes.data import read_file
 from tests.worker.helpers import (
+    counter_total,
     guard_settings,
     read_topic,
     scrape_metrics,
@@ -139,6 +140,10 @@ async def test_rotating_tenant_names_and_impersonation_steer_nothing(
     # bounded tables: the worker's budget windows and fair queue, the alerter's buckets
     assert metrics["ctd_tenant_scopes{table=budget}"] <= 2
     assert metrics["ctd_tenant_scopes{table=fair_queue}"] <= 2
+    # the verdict metrics' tenant label: the resolved tenants (default pinned, victim in a place), never the claims
+    labelled = {dict(pair.split("=", 1) for pair in k[k.index("{") + 1:-1].split(","))["tenant"]
+                for k in metrics if k.startswith("ctd_verdicts_out_total{")}
+    assert labelled == {"default", "victim"} and metrics["ctd_tenant_scopes{table=metric_labels}"] == 1
     print(f"worker RSS {rss_before / 2**20:.0f} MiB before the attack, {rss_after / 2**20:.0f} MiB after")
 
     # the victim is not starved: its verdicts come well before the flood's typical one
@@ -150,7 +155,7 @@ async def test_rotating_tenant_names_and_impersonation_steer_nothing(
     assert max(victim_latency) < flood_median, "the victim waited behind the flood"
 
     # the victim's alert bucket is its own: every victim alert raised reaches the sink (up to its burst)
-    await wait_for(lambda: alerter.metrics.consumed._value.get() >= len(verdicts), 120)
+    await wait_for(lambda: counter_total(alerter.metrics.consumed) >= len(verdicts), 120)
     await wait_for(lambda: alerter.tracker.in_flight() == 0, 60)
     alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: False, timeout=3)
     victim_raised = {a["event_id"] for a in alerts if a["tenant"] == "victim"}

@@ -29,6 +29,7 @@ from probes.monitor import Monitor
 from tests.worker.helpers import (
     TopicWatcher,
     committed_lag,
+    counter_total,
     dataset_events,
     event_values,
     guard_settings,
@@ -209,7 +210,7 @@ async def test_poison_flood_is_dead_lettered_while_valid_traffic_flows(
         assert record["reason"] == reason and record["stage"] == "decode" and record["error"], key
         assert base64.b64decode(record["value_b64"]) == (raw or b"")
         assert record["topic"] == s.topics.input and record["offset"] >= 0
-    assert worker.metrics.events_in._value.get() == len(ids) + len(expected)
+    assert counter_total(worker.metrics.events_in) == len(ids) + len(expected)
 
 
 async def test_a_worker_joining_and_leaving_under_load_loses_nothing(
@@ -246,7 +247,7 @@ async def test_a_worker_joining_and_leaving_under_load_loses_nothing(
         a.stop()
         await asyncio.wait_for(task_a, 20)
     assert left_at < len(ids), "the second worker left after the stream ended"
-    assert b.metrics.events_in._value.get() > 0, "the second worker never took any traffic"
+    assert counter_total(b.metrics.events_in) > 0, "the second worker never took any traffic"
     _assert_accounted(verdicts, ids, faults=2, context="join/leave rebalance")
 
 

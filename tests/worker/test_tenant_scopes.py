@@ -1,7 +1,8 @@
-"""Bounded per-tenant tables with eviction (issue 22 item 5): budget windows, alert buckets, sink queue shares.
+"""Bounded per-tenant tables with eviction (issue 22 item 5): budget windows, alert buckets, sink queue shares,
+and the tenant label of the metrics (issue 24).
 
 Tenant names must not pin a table for good (the first names seen), grow it (rotating names), buy a fresh alert
-burst per name, or fill a sink queue that other tenants' alerts share.
+burst per name, fill a sink queue that other tenants' alerts share, or grow the metrics' exposition.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 from probes.monitor import DelegationRule
 from worker.alerts import OVERFLOW_BUCKET, AlertHandler
 from worker.budget import OVERFLOW_SCOPE, BudgetController
-from worker.config import AlertsConfig, BudgetConfig, GuardSettings
+from worker.config import AlertsConfig, BudgetConfig, GuardSettings, MetricsConfig
 from worker.events import Alert
-from worker.metrics import AlerterMetrics
+from worker.metrics import OTHER_TENANTS, AlerterMetrics, TenantLabels, WorkerMetrics
+from worker.tenancy import TenantSlots
 
 RULE = DelegationRule("dv", 1.5, 0.1)
 
@@ -105,3 +107,77 @@ async def test_one_tenant_cannot_fill_a_shared_sink_queue() -> None:
     queued = [queue.get_nowait() for _ in range(queue.qsize())]
     assert sum(a.tenant == "noisy" for a in queued) == 100
     assert sum(a.tenant == "quiet" for a in queued) == 3, "the quiet tenant's alerts still reach the sink"
+
+
+def _tenant_values(metrics: WorkerMetrics | AlerterMetrics, name: str) -> set[str]:
+    """The tenant label values of a metric's exposed samples."""
+    return {s.labels["tenant"] for m in metrics.registry.collect() if m.name == name for s in m.samples}
+
+
+def test_tenant_slots_pin_named_tenants_and_evict_only_idle_ones() -> None:
+    evicted: list[tuple[str, int]] = []
+    slots = TenantSlots(2, idle_after=10, pinned=["vip"], on_evict=lambda t, idle: evicted.append((t, idle)))
+    assert slots.use("a") and slots.use("b") and slots.use("vip")
+    assert not slots.use("c"), "both places in use: c shares the overflow"
+    assert "c" not in slots and "vip" in slots and len(slots) == 2
+    for _ in range(10):
+        slots.use("b")
+    assert slots.use("c") and evicted == [("a", 13)] and "a" not in slots and "b" in slots
+    for _ in range(100):
+        assert slots.use("vip")  # pinned: never counted, never evicted
+    assert "vip" in slots and len(slots) == 2
+
+
+def test_rotating_tenant_names_keep_the_tenant_label_bounded() -> None:
+    metrics = WorkerMetrics()
+    labels = TenantLabels(MetricsConfig(tenant_labels=("acme",), max_tenant_labels=5, tenant_label_idle_events=50))
+    victim = 0  # the victim's verdicts counted under its own label value
+    for i in range(5_000):
+        tenant = "acme" if i % 7 == 0 else "victim" if i % 10 == 0 else f"rot-{i}"
+        labels.counter(metrics.verdicts_out, tenant, decision="safe", source="probe").inc()
+        victim += tenant == "victim" and labels.peek("victim") == "victim"
+        values = _tenant_values(metrics, "ctd_verdicts_out")
+        assert len(values) <= 1 + 5 + 1, values  # named + max_tenant_labels + other
+    assert {"acme", "victim", OTHER_TENANTS} <= values, "named and active tenants keep their own value"
+    get = metrics.registry.get_sample_value
+    assert get("ctd_verdicts_out_total", {"decision": "safe", "source": "probe", "tenant": "acme"}) == 715
+    # Once it had a place the active victim kept it: rotating names never evicted it (and reset its series).
+    assert get("ctd_verdicts_out_total", {"decision": "safe", "source": "probe", "tenant": "victim"}) == victim > 300
+    assert labels.slots.evictions > 0, "idle rotated names gave their place up (and their series were removed)"
+
+
+def test_a_tenant_named_other_is_counted_with_the_others() -> None:
+    labels = TenantLabels(MetricsConfig(max_tenant_labels=3))
+    assert labels.use(OTHER_TENANTS) == OTHER_TENANTS and len(labels.slots) == 0
+    assert labels.peek("never-seen") == OTHER_TENANTS and labels.use("a") == "a" == labels.peek("a")
+
+
+def test_rotating_names_keep_the_alert_tenant_label_bounded() -> None:
+    settings = GuardSettings(alerts=AlertsConfig(rate_limit_per_s=1000.0, rate_burst=10_000),
+                             metrics=MetricsConfig(max_tenant_labels=10, tenant_label_idle_events=100))
+    handler = AlertHandler(settings, AlerterMetrics(), [])
+    for i in range(2_000):
+        handler._raised(_alert("victim" if i % 20 == 0 else f"rot-{i}", i))
+    values = _tenant_values(handler.metrics, "ctd_alerts_raised")
+    assert len(values) <= 10 + 1 and {"victim", OTHER_TENANTS} <= values
+    total = sum(s.value for m in handler.metrics.registry.collect() if m.name == "ctd_alerts_raised"
+                for s in m.samples if s.name == "ctd_alerts_raised_total")
+    assert 0 < total < 2_000, "an evicted tenant's series are removed (never counted twice)"
+
+
+def test_tenant_scope_gauges_follow_the_tenant_labels() -> None:
+    metrics = WorkerMetrics()
+    labels = TenantLabels(MetricsConfig(max_tenant_labels=1))
+    controller = BudgetController(RULE, BudgetConfig(window=200, min_window=50, recertify_every=50, scope="tenant",
+                                                     max_scopes=2, scope_idle_events=100), metrics,
+                                  tenant_label=labels.peek)
+    labels.use("a")  # a has a label of its own; b and c (over max_scopes: the overflow window) do not
+    _decide(controller, ["a", "b", "c"] * 60)
+    scopes = {s.labels["scope"] for m in metrics.registry.collect() if m.name == "ctd_window_delegation_rate"
+              for s in m.samples}
+    assert scopes == {"a", OTHER_TENANTS}
+    rates = [w.rate for k, w in controller.windows.items() if k != "t:a"]
+    assert metrics.window_delegation_rate.labels(scope=OTHER_TENANTS)._value.get() == max(r for r in rates if r)
+    _decide(controller, ["b"] * 150 + ["d"])  # a falls idle and d takes its window: a's gauges go with it
+    assert "t:a" not in controller.windows and "t:d" in controller.windows
+    assert metrics.registry.get_sample_value("ctd_window_delegation_rate", {"scope": "a"}) is None

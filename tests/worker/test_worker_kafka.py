@@ -11,12 +11,14 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ctd_monitor.local.replay import replay
 from probes.manifest import UnsafeCut
 from probes.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
+    counter_total,
     distinct,
     new_topics,
     produce_raw,
@@ -78,13 +80,21 @@ async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
         assert (await client.get(f"{base}/healthz/ready")).status_code == 200
         assert (await client.get(f"{base}/healthz/live")).status_code == 200
         metrics = (await client.get(f"{base}/metrics")).text
-    assert f"ctd_events_in_total {float(n)}" in metrics and "ctd_consumer_lag" in metrics
+    assert "ctd_consumer_lag" in metrics
+    samples = [x for family in text_string_to_metric_families(metrics) for x in family.samples]
+    # Consumed per partition (every assigned one has a series, idle or not), verdicts per tenant.
+    consumed = [x for x in samples if x.name == "ctd_events_in_total"]
+    assert sum(x.value for x in consumed) == n and len(consumed) == 3
+    assert {(x.labels["topic"], x.labels["partition"]) for x in consumed} == {
+        (s.topics.input, str(p)) for p in range(3)}  # _settings' partitions
+    out = [x for x in samples if x.name == "ctd_verdicts_out_total"]
+    assert sum(x.value for x in out) == n and {x.labels["tenant"] for x in out} == {v["tenant"] for v in verdicts}
     worker.stop()
     await asyncio.wait_for(task, 15)
     # everything was committed before leaving the group: a new worker in the group reads nothing again
     worker2, task2 = await start_stream(s, monitor)
     await asyncio.sleep(2)
-    assert worker2.metrics.events_in._value.get() == 0
+    assert counter_total(worker2.metrics.events_in) == 0
     worker2.stop()
     await asyncio.wait_for(task2, 15)
 
@@ -275,8 +285,7 @@ async def test_two_workers_each_hold_the_budget_and_a_window_survives_the_rebala
     assert len(distinct(verdicts)) == n
     await wait_for(lambda: a.tracker.in_flight() == 0, timeout=20)
     assert list(a.handler.budget.windows) == [-1] and a.handler.budget.windows[-1] is window and window.seen > seen_at_rebalance
-    published = sum(w.metrics.verdicts_out.labels(decision=d, source="probe")._value.get()
-                    for w in (a, b) for d in ("safe", "unsafe"))
+    published = sum(counter_total(w.metrics.verdicts_out) for w in (a, b))
     assert len(verdicts) == published and window.seen + b.handler.budget.windows[-1].seen == published
     # Every verdict says how it was decided; the cap refused what the threshold alone would have delegated.
     offline = monitor.rule.threshold
