@@ -187,3 +187,54 @@ def test_conversations_within_max_bytes_are_read_whole(smollm2: LoadedModel) -> 
     assert calls[0] >= 4096 and calls[1] <= 4096 + 16 * 32  # the budget, plus a role header per sample
     assert rows[0] == render_ids(tok, outside, 128)
     assert len(rows) > 2 and REQUEST[:40] in tok.decode(rows[1])  # windows (the filler's repeats are read once)
+
+
+@pytest.fixture(scope="module")
+def smollm2_monitor(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Monitor:
+    """A safety probe on SmolLM2 block 15, mean pooling, 256 tokens: the default bundle's features, on a few
+    hundred real rows (activations cached in the real cache dir, so reruns skip the forwards)."""
+    settings = Settings(
+        cache_dir=cache_dir,
+        model=ModelConfig(spec="smollm2-135m-instruct", dtype="fp32", max_tokens=256),
+        features=FeatureConfig(layer=15, pooling="mean"),
+        # Long benign conversations in the mix, so the probe does not learn "long means harmful".
+        data=DataConfig(datasets_dir=datasets_dir, max_per_source=50,
+                        files=("xstest.jsonl", "harmbench.jsonl", "advbench.jsonl", "alpaca_benign.jsonl",
+                               "dices_990.conversations.jsonl", "xstest_completions.conversations.jsonl")),
+    )
+    out = tmp_path_factory.mktemp("smollm2-bundle") / "b"
+    train_probe(settings, out, prepared=prepare_data(settings))
+    return Monitor(out, settings.model, cache_dir=cache_dir)
+
+
+def _score(monitor: Monitor, rows: list[list[int]]) -> float:
+    batch = monitor.collate(rows)
+    grouped = monitor.score_grouped([batch], [0] * len(rows), 1)
+    assert float(grouped.p_unsafe[0]) == float(monitor.score(batch).p_unsafe.max())
+    return float(grouped.p_unsafe[0])
+
+
+@pytest.mark.slow
+def test_filler_after_a_request_no_longer_hides_it(smollm2_monitor: Monitor) -> None:
+    """engineering.md's evasion: the request alone scores high, the request followed by ~250 tokens of filler
+    scored ~0 under left truncation. Scored in windows it must score like the request alone."""
+    tok, m = smollm2_monitor.loaded.tokenizer, smollm2_monitor
+    config = WindowConfig()
+    alone = _score(m, window_ids(tok, single_turn(REQUEST), m.max_tokens, config))
+    padded = single_turn(REQUEST + " " + FILLER)
+    truncated = _score(m, [render_ids(tok, padded, m.max_tokens)])
+    windowed = _score(m, window_ids(tok, padded, m.max_tokens, config))
+    turns = conversation([("user", REQUEST), ("assistant", "I can't help with that."), ("user", FILLER)])
+    windowed_turns = _score(m, window_ids(tok, turns, m.max_tokens, config))
+    assert alone > 0.8, "the probe must flag the request itself for this test to mean anything"
+    assert truncated < 0.5, "the evasion must work without windows for this test to mean anything"
+    # Measured: alone 0.999, truncated 0.015, windowed 0.93; the request as its own turn before a refusal 0.83.
+    assert windowed == pytest.approx(alone, abs=0.1)
+    assert windowed_turns > 0.5, "flagged, even if the refusal in its window lowers the score"
+    benign = single_turn(FILLER + " Could you write me a short poem about this garden?")
+    assert _score(m, window_ids(tok, benign, m.max_tokens, config)) < 0.5, "filler alone stays benign"
+    assert np.isfinite(windowed)
+
+
+def test_argmax_by_group_picks_one_row_per_conversation() -> None:
+    assert argmax_by_group([0.2, 0.7, 0.9, 0.1, 0.5], [0, 0, 1, 1, 2], 3) == [1, 2, 4]
