@@ -304,9 +304,10 @@ class BatchRenderer:
     """``render_ids`` for many conversations at once: identical ids, a fraction of the cost.
 
     Rendering uses the derived ``MessageTemplate`` instead of Jinja per conversation, tokenization one call
-    of the Rust tokenizer for the whole list (it releases the GIL). Conversations over ``max_tokens`` go
-    through ``render_ids`` (whole-turn left truncation), as does everything when the template has no fixed
-    shape or the tokenizer is not a fast one.
+    of the Rust tokenizer for the whole list (it releases the GIL). Where the template tokenizes piece by piece
+    (``pieces``, SmolLM2's), each message is tokenized once and a conversation over ``max_tokens`` is cut from its
+    messages' ids; elsewhere it is rendered again without its oldest turns (``render_ids``' binary search), and
+    everything goes through ``render_ids`` when the template has no fixed shape or the tokenizer is not a fast one.
     """
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:

@@ -7,6 +7,11 @@ overlapping windows over its message content, each rendered through the chat tem
 own (so every window looks like the traffic the probe was trained on), and its score is the maximum over them
 and over the usual left-truncated view.
 
+In the worker every row of every conversation of a fetched batch comes from one tokenizer call
+(``window_ids_batch``): each message is tokenized once, the usual view and the windows are put together from its
+ids, and a conversation past ``windows.max_bytes`` of content is bounded in bytes before it is normalised or
+tokenized (its latest bytes for the usual view, one byte sample per window).
+
 Only conversations that do not fit in ``max_tokens`` are windowed: everything that fits is scored exactly as
 the bundle was calibrated, so the delegation guarantee on ordinary traffic is untouched. Windows are short
 (``window_tokens``, about one request) because mean pooling over a window that is mostly filler dilutes a
@@ -97,17 +102,21 @@ def window_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int, con
 
 def window_ids_batch(renderer: BatchRenderer, conversations: Sequence[Sequence[Message]],
                      config: WindowConfig) -> list[list[list[int]]]:
-    """``window_ids`` for many conversations: the same rows, from a handful of tokenizer calls for all of them.
+    """``window_ids`` for many conversations, from the fewest tokenizer calls for all of them.
 
-    Renders through the renderer's derived template (no Jinja per window), tokenizes all renderings, then all
-    contents of the long conversations, decodes all window pieces and tokenizes all windows, each in one call.
-    Raises if any conversation fails; ``window_ids`` one at a time then tells which.
+    Where the template tokenizes piece by piece (``renderer.pieces``): one call for every row of every conversation
+    (``_piece_rows``), the usual views identical to ``window_ids``', the windows the conversation's own tokens.
+    Otherwise, through the renderer's derived template (no Jinja per window): all renderings, then all contents of
+    the long conversations, then all windows decoded and tokenized again, each in one call, rows identical to
+    ``window_ids``'. Raises if any conversation fails (the worker then tokenizes its events one at a time).
     """
     tokenizer, max_tokens = renderer.tokenizer, renderer.max_tokens
     if not renderer.fast:
         return [window_ids(tokenizer, c, max_tokens, config) for c in conversations]
     if renderer.pieces is not None:
         return _piece_rows(renderer, renderer.pieces, conversations, config)
+    # Bounded in bytes too, before anything reads it: a huge conversation is scored on its latest bytes.
+    conversations = [_bounded(c, config, max_tokens * renderer.vocabulary()[0]) for c in conversations]
     full = renderer.full(conversations)
     rows = [[renderer.truncate(c, ids)] for c, ids in zip(conversations, full, strict=True)]
     long = [i for i, ids in enumerate(full) if len(ids) > max_tokens] if config.enabled else []
@@ -181,16 +190,8 @@ def _plan(conversation: Sequence[Message], config: WindowConfig, tail_bytes: int
     total = sum(len(r) for r in raw)
     if total <= config.max_bytes:
         return _Plan([(m.role, untrusted_content(m.content, specials)) for m in conversation], [], False)
-    tail: list[Part] = []
-    budget = keep = min(tail_bytes, config.max_bytes // 2)
-    for m, r in zip(reversed(conversation), reversed(raw), strict=True):
-        if len(r) <= budget:
-            tail.insert(0, (m.role, m.content))
-            budget -= len(r)
-            continue
-        if budget > 0 or not tail:
-            tail.insert(0, (m.role, _utf8_slice(r, len(r) - budget, len(r))))
-        break
+    keep = min(tail_bytes, config.max_bytes // 2)
+    tail = [(m.role, m.content) for m in _tail(conversation, raw, keep)]
     samples: list[list[Part]] = []
     if config.enabled:
         count = config.max_windows - 1
@@ -205,6 +206,29 @@ def _plan(conversation: Sequence[Message], config: WindowConfig, tail_bytes: int
                     parts.append((m.role, _utf8_slice(r, lo - (end - len(r)), hi - (end - len(r)))))
             samples.append([(role, untrusted_content(text, specials)) for role, text in parts])
     return _Plan([(role, untrusted_content(text, specials)) for role, text in tail], samples, True)
+
+
+def _tail(conversation: Sequence[Message], raw: Sequence[bytes], budget: int) -> list[Message]:
+    """The latest ``budget`` bytes of content: whole messages newest first, the one that does not fit cut to its
+    last bytes (the last message always, cut if it must be)."""
+    tail: list[Message] = []
+    for m, r in zip(reversed(conversation), reversed(raw), strict=True):
+        if len(r) <= budget:
+            tail.insert(0, m)
+            budget -= len(r)
+            continue
+        if budget > 0 or not tail:
+            tail.insert(0, Message(m.role, _utf8_slice(r, len(r) - budget, len(r))))
+        break
+    return tail
+
+
+def _bounded(conversation: Sequence[Message], config: WindowConfig, tail_bytes: int) -> Sequence[Message]:
+    """Where the template does not tokenize piece by piece: a conversation past ``max_bytes`` read on its tail."""
+    raw = [m.content.encode("utf-8", "surrogatepass") for m in conversation]
+    if sum(len(r) for r in raw) <= config.max_bytes:
+        return conversation
+    return _tail(conversation, raw, min(tail_bytes, config.max_bytes))
 
 
 def _runs(roles: Sequence[str], content: Sequence[list[int]], start: int, end: int) -> list[tuple[str, list[int]]]:

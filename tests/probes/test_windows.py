@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,6 +173,22 @@ def test_a_huge_conversation_is_bounded_in_bytes_before_tokenization(smollm2: Lo
     assert REQUEST[:40] in tok.decode(rows[1])  # the first window reads the head of the conversation
     assert "Now summarise it." in tok.decode(rows[-1])  # and the last its end
     assert all(len(r) <= 256 for r in rows)
+
+
+def test_a_huge_conversation_is_bounded_where_the_template_does_not_tokenize_piece_by_piece(
+    minilm: LoadedModel, datasets_dir: Path
+) -> None:
+    """MiniLM (plain text, no chat template): a ~1 MB conversation is read on its latest bytes, its usual view the
+    whole conversation's, in milliseconds of CPU rather than the second tokenizing all of it took."""
+    tok = minilm.tokenizer
+    texts = [r.messages[0].content for r in read_file(datasets_dir / "harmbench.jsonl")]
+    huge = single_turn(REQUEST + " " + " ".join(itertools.islice(itertools.cycle(texts), 3000))[:990_000])
+    renderer = BatchRenderer(tok, 64)
+    renderer.vocabulary()  # decoded once per renderer, not per event
+    started = time.process_time()
+    rows = window_ids_batch(renderer, [huge], WindowConfig())[0]
+    assert time.process_time() - started < 0.25
+    assert rows[0] == render_ids(tok, huge, 64) and len(rows) > 2
 
 
 def test_conversations_within_max_bytes_are_read_whole(smollm2: LoadedModel) -> None:
