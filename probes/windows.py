@@ -186,7 +186,8 @@ def _plan(conversation: Sequence[Message], config: WindowConfig, tail_bytes: int
     """
     if not conversation:
         raise ValueError("cannot render an empty conversation")
-    raw = [m.content.encode("utf-8", "surrogatepass") for m in conversation]
+    raw = [] if 4 * sum(len(m.content) for m in conversation) <= config.max_bytes else [  # ≤ 4 bytes a character
+        m.content.encode("utf-8", "surrogatepass") for m in conversation]
     total = sum(len(r) for r in raw)
     if total <= config.max_bytes:
         return _Plan([(m.role, untrusted_content(m.content, specials)) for m in conversation], [], False)
