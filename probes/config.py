@@ -40,7 +40,8 @@ class WindowConfig(Frozen):
     max_windows: int = Field(16, ge=2, description="windows per conversation (head and tail always included)")
     max_bytes: int = Field(
         65_536, ge=1024, description="content (UTF-8 bytes) of a conversation read whole; past this only its latest "
-        "bytes (enough for max_tokens) and a sample of bytes per window are normalised and tokenized")
+        "bytes (max_tokens x the most bytes a token covers, at most half of this) and a sample of bytes per window "
+        "are normalised and tokenized")
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> WindowConfig:
