@@ -476,6 +476,8 @@ def bench_machinery(
     partitions: Annotated[str, typer.Option(help="input partition counts to run, comma-separated")] = "1,2,4",
     bundle: BenchBundleOpt = None,
     profile_dir: Annotated[Path | None, typer.Option(help="cProfile the worker's event loop into DIR")] = None,
+    processes: Annotated[str, typer.Option(help="worker process counts to run, comma-separated (e.g. 1,2): each "
+                                           "process holds --partitions partitions; fed live")] = "1",
 ) -> None:
     """Host-side ceiling of one worker process: the real path through a real broker, forward pass stubbed."""
     from ctd_monitor.bench.machinery import bench_machinery as run_bench
@@ -484,9 +486,12 @@ def bench_machinery(
     counts = [int(p) for p in partitions.split(",") if p.strip()]
     if not counts or min(counts) < 1:
         fail("--partitions must list positive integers, e.g. 1,2,4")
+    procs = [int(p) for p in processes.split(",") if p.strip()]
+    if not procs or min(procs) < 1:
+        fail("--processes must list positive integers, e.g. 1,2")
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    emit(run_bench(s, _bench_files(s, data), n, counts, profile_dir=profile_dir))
+    emit(run_bench(s, _bench_files(s, data), n, counts, profile_dir=profile_dir, processes=procs))
 
 
 @bench_app.command("heads")

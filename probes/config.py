@@ -38,6 +38,10 @@ class WindowConfig(Frozen):
     window_tokens: int = Field(48, ge=8, description="content tokens per window")
     stride_tokens: int = Field(24, ge=1, description="start-to-start distance of windows")
     max_windows: int = Field(16, ge=2, description="windows per conversation (head and tail always included)")
+    max_bytes: int = Field(
+        65_536, ge=1024, description="content (UTF-8 bytes) of a conversation read whole; past this only its latest "
+        "bytes (max_tokens x the most bytes a token covers, at most half of this) and a sample of bytes per window "
+        "are normalised and tokenized")
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> WindowConfig:

@@ -23,7 +23,7 @@ from probes.heads import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
 from probes.manifest import BundleManifest, Signal
 from probes.models import LoadedModel, load_model
-from probes.windows import argmax_by_group, window_ids, window_ids_batch
+from probes.windows import argmax_by_group, window_ids_batch
 
 __all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "uncertainty"]
 
@@ -143,8 +143,9 @@ class Monitor:
         return self.extractor.tokenize([conversation])[0]
 
     def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
-        """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too."""
-        return window_ids(self.loaded.tokenizer, conversation, self.max_tokens, self.windows)
+        """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too. The same rows
+        as in a batch (``tokenize_windows_batch``): an event's rows never depend on what it was fetched with."""
+        return window_ids_batch(self.extractor.renderer, [conversation], self.windows)[0]
 
     def tokenize_windows_batch(self, conversations: Sequence[Conversation]) -> list[list[list[int]]]:
         """``tokenize_windows`` for many at once: the same rows from a few calls of the fast tokenizer for all

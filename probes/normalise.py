@@ -36,7 +36,9 @@ _IGNORABLE_RANGES = (
     (0x180B, 0x180F),  # Mongolian free variation selectors and vowel separator
     (0xFE00, 0xFE0F), (0xE0100, 0xE01EF),  # variation selectors
 )
-_WORD = re.compile(r"\w+")
+# A word (a maximal ``\w+`` run) holding a non-ASCII word character; ASCII words are never changed, so only these
+# are visited. The lookbehind pins every match to a word's start: linear in the text, even in one huge word.
+_WORD = re.compile(r"(?<!\w)\w*?[^\W\x00-\x7f]\w*")
 
 
 @functools.cache
@@ -103,21 +105,32 @@ def _map_word(match: re.Match[str]) -> str:
     return word
 
 
+@functools.cache
+def _symbols() -> dict[int, str]:
+    """str.translate table: non-ASCII, non-word look-alikes whose ASCII reading holds no letter or digit."""
+    return {ord(c): t for c, t in homoglyphs().items()
+            if not c.isascii() and not c.isalnum() and not any(x.isalnum() for x in t)}
+
+
+# Runs of non-ASCII characters: both translate tables map only such characters, and str.translate with a dict costs
+# a lookup per character, so mostly-ASCII text is scanned in C and only these runs are translated.
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _translate(text: str, table: dict[int, str] | dict[int, None]) -> str:
+    return _NON_ASCII.sub(lambda m: m.group(0).translate(table), text)
+
+
 def _map_symbols(text: str) -> str:
     """Non-word look-alikes (quotes, dashes, slashes) to their ASCII punctuation; never to letters or digits."""
-    table = homoglyphs()
-    out = []
-    for c in text:
-        target = table.get(c) if not c.isascii() and not c.isalnum() else None
-        out.append(target if target is not None and not any(t.isalnum() for t in target) else c)
-    return "".join(out)
+    return _translate(text, _symbols())
 
 
 def normalise(text: str) -> str:
     """``text`` as every reader sees it: invisible characters dropped, NFKC, homoglyphs and digits as ASCII."""
     if text.isascii():
         return text  # the common case, and already canonical: nothing below changes ASCII
-    text = text.translate(_invisible())
+    text = _translate(text, _invisible())
     # Look-alikes before NFKC as well as after: the table is keyed on UTS #39's (NFD) forms, and NFKC turns
     # some sources into characters the table does not hold (GREEK LUNATE SIGMA "ϲ", a "c", becomes a final sigma).
     text = unicodedata.normalize("NFKC", _map_symbols(_WORD.sub(_map_word, text)))

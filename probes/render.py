@@ -12,8 +12,10 @@ spelled in fullwidth or look-alike characters, which NFKC would otherwise turn i
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from probes.conversation import Message, plain_text
@@ -167,13 +169,145 @@ def derive_message_template(tokenizer: Any) -> MessageTemplate | None:
     return template
 
 
+Role = str
+
+
+@dataclass(frozen=True)
+class PieceTemplate:
+    """A ``MessageTemplate`` whose renderings tokenize piece by piece: the ids of a rendering are the default prefix's
+    ids (when it is written) followed by each message's piece ids (its wrapper's opening, its content, its closing).
+
+    Tokenizers split their input at control tokens before normalising or pre-tokenizing anything, so a text whose
+    pieces each begin with a control token tokenizes as the concatenation of its pieces. Then every view of a
+    conversation (the kept tail, any suffix of turns, windows of its content) is assembled from its messages' ids
+    without tokenizing again. Only ever built by ``derive_piece_template``, which checks that this holds.
+    """
+
+    template: MessageTemplate
+    prefix: tuple[int, ...]
+    before: dict[Role, tuple[int, ...]]
+    after: dict[Role, tuple[int, ...]]
+    special_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def text(self, role: Role, content: str) -> str:
+        """One message's piece: what the template writes for it (``content`` already made safe)."""
+        before, after = self.template.wrappers[role]
+        return before + content + after
+
+    def content(self, role: Role, ids: Sequence[int]) -> list[int]:
+        """A piece's ids without its wrapper's: the message's content as it tokenizes inside the rendering."""
+        before, after = self.before[role], self.after[role]
+        lo = _common_prefix(ids, before)
+        hi = len(ids) - _common_prefix(ids[lo:][::-1], after[::-1])
+        return list(ids[lo:hi])
+
+    def wrap(self, role: Role, content: Sequence[int]) -> list[int]:
+        """The piece of a message whose content tokens are ``content`` (a window's run of them)."""
+        return [*self.before[role], *content, *self.after[role]]
+
+    def fit(self, roles: Sequence[Role], pieces: Sequence[Sequence[int]], max_tokens: int) -> list[int]:
+        """``render_ids`` from the messages' piece ids: the same oldest turns dropped, the same tokens cut."""
+        if not pieces:
+            raise ValueError("cannot render an empty conversation")
+        suffix = [0] * (len(pieces) + 1)  # suffix[k]: ids of pieces k.. together
+        for k in range(len(pieces) - 1, -1, -1):
+            suffix[k] = suffix[k + 1] + len(pieces[k])
+
+        def length(k: int) -> int:  # ids of the rendering of messages[k:]
+            return suffix[k] + (0 if roles[k] == "system" else len(self.prefix))
+
+        keep = 0
+        if length(0) > max_tokens and len(pieces) > 1:
+            # The same binary search as _truncate (renders are not strictly monotone in the turns dropped: a
+            # dropped system turn brings the default prefix back), so the same turn count is found.
+            lo, hi = 1, len(pieces) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if length(mid) <= max_tokens:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            keep = lo
+        head = [] if roles[keep] == "system" else list(self.prefix)
+        if length(keep) <= max_tokens:
+            return head + list(itertools.chain.from_iterable(pieces[keep:]))
+        # One message still too long (_cut): its last tokens, and the rendering's leading control token.
+        first = next(itertools.chain(head, *pieces[keep:]), None)
+        lead = [first] if first is not None and first in self.special_ids else []
+        room = max_tokens - len(lead)
+        tail: list[int] = []
+        for ids in reversed([head, *pieces[keep:]]):
+            tail[:0] = ids[max(0, len(ids) - (room - len(tail))):]
+            if len(tail) >= room:
+                break
+        return lead + tail
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _lstrip_rstrip_added(backend: Any) -> bool:
+    """Whether an added token of this tokenizer eats the whitespace beside it (then pieces are not independent)."""
+    added = json.loads(backend.to_str()).get("added_tokens", [])
+    return any(t.get("lstrip") or t.get("rstrip") for t in added)
+
+
+def derive_piece_template(tokenizer: Any, backend: Any, template: MessageTemplate | None,
+                          specials: frozenset[str]) -> PieceTemplate | None:
+    """``template`` as a ``PieceTemplate`` when its renderings tokenize piece by piece, else None.
+
+    Required: every piece (the default prefix, each role's wrapper) begins with a control token the tokenizer
+    splits on; no control token can begin before a piece and end inside it (content is neutralised, so it holds
+    none); no added token strips the whitespace beside it; and on the probe battery of ``derive_message_template``
+    the whole rendering's ids equal the pieces' ids put together.
+    """
+    if template is None or backend is None or _lstrip_rstrip_added(backend):
+        return None
+    added = set(tokenizer.get_added_vocab()) if callable(getattr(tokenizer, "get_added_vocab", None)) else set()
+    controls = [t for t in specials if t in added]
+    starts = [s for s in (template.default_prefix, *(b for b, _ in template.wrappers.values())) if s]
+    if not all(any(s.startswith(c) for c in controls) for s in starts):
+        return None
+    for c in specials:
+        for k in range(1, len(c)):
+            if any(s.startswith(c[k:]) or c[k:].startswith(s) for s in starts):
+                return None
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(backend.encode(text, add_special_tokens=False).ids)
+
+    pieces = PieceTemplate(
+        template, encode(template.default_prefix),
+        {role: encode(before) for role, (before, _) in template.wrappers.items()},
+        {role: encode(after) for role, (_, after) in template.wrappers.items()},
+        frozenset(getattr(tokenizer, "all_special_ids", ()) or ()),
+    )
+    for roles in _PROBE_ROLES:
+        for shift in range(len(_PROBE_CONTENTS)):
+            messages = _neutralised([Message(r, _PROBE_CONTENTS[(shift + i) % len(_PROBE_CONTENTS)])
+                                     for i, r in enumerate(roles)], specials)
+            joined = [] if messages[0].role == "system" else list(pieces.prefix)
+            for m in messages:
+                joined += encode(pieces.text(m.role, m.content))
+            if list(encode(template.render(messages))) != joined:
+                return None
+    return pieces
+
+
 class BatchRenderer:
     """``render_ids`` for many conversations at once: identical ids, a fraction of the cost.
 
     Rendering uses the derived ``MessageTemplate`` instead of Jinja per conversation, tokenization one call
-    of the Rust tokenizer for the whole list (it releases the GIL). Conversations over ``max_tokens`` go
-    through ``render_ids`` (whole-turn left truncation), as does everything when the template has no fixed
-    shape or the tokenizer is not a fast one.
+    of the Rust tokenizer for the whole list (it releases the GIL). Where the template tokenizes piece by piece
+    (``pieces``, SmolLM2's), each message is tokenized once and a conversation over ``max_tokens`` is cut from its
+    messages' ids; elsewhere it is rendered again without its oldest turns (``render_ids``' binary search), and
+    everything goes through ``render_ids`` when the template has no fixed shape or the tokenizer is not a fast one.
     """
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
@@ -193,6 +327,8 @@ class BatchRenderer:
             self.backend.no_padding()
             self.backend.no_truncation()
         self.fast = self.backend is not None and (self.template is not None or not self.has_template)
+        self.pieces = derive_piece_template(tokenizer, self.backend, self.template, self.specials)
+        self._vocab: tuple[int, frozenset[int]] | None = None
 
     def text(self, messages: Sequence[Message]) -> str:
         """The text ``render_text`` gives: content neutralised first, so it can never open or close a turn."""
@@ -203,7 +339,29 @@ class BatchRenderer:
     def ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         if not self.fast:
             return [render_ids(self.tokenizer, c, self.max_tokens) for c in conversations]
+        if self.pieces is not None:  # each message tokenized once; a too long conversation is cut from its pieces
+            pieces = self.pieces
+            per_message = iter(self.encode([pieces.text(m.role, untrusted_content(m.content, self.specials))
+                                            for c in conversations for m in c]))
+            return [pieces.fit([m.role for m in c], [next(per_message) for _ in c], self.max_tokens)
+                    for c in conversations]
         return [self.truncate(c, ids) for c, ids in zip(conversations, self.full(conversations), strict=True)]
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids as the rendering's pieces tokenize (no special tokens added), in one tokenizer call."""
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def vocabulary(self) -> tuple[int, frozenset[int]]:
+        """(the most UTF-8 bytes one token stands for, the ids of tokens that read as whitespace only).
+
+        A text of ``b`` bytes has at least ``b / most`` tokens: the bytes that surely hold ``n`` tokens. Decoded once.
+        """
+        if self._vocab is None:
+            size = self.backend.get_vocab_size(with_added_tokens=True)
+            texts = self.backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+            most = max(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+            self._vocab = (max(1, most), frozenset(i for i, t in enumerate(texts) if not t.strip()))
+        return self._vocab
 
     def full(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """``full_ids`` of each conversation (the whole rendering, not truncated), in one tokenizer call."""

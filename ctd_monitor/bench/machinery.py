@@ -15,6 +15,7 @@ the verdicts' own stamps (``worker_window``), its CPU time from the OS, and its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -27,9 +28,17 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from ctd_monitor.bench.pipeline import _latency_summary, bench_topics, drain_backlog, worker_window
+from ctd_monitor.bench.pipeline import (
+    _collect_verdicts,
+    _latency_summary,
+    bench_topics,
+    drain_backlog,
+    metrics_text,
+    worker_window,
+)
 from ctd_monitor.local.broker import LocalBroker, die_with_parent_prefix
 from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
 from ctd_monitor.local.replay import replay_records
@@ -146,9 +155,13 @@ async def _one_run(settings: WorkerSettings, records: Sequence[Record], workdir:
     config = write_worker_config(workdir / "worker.yaml", settings)
     with NullWorkerProcess(config, workdir / "worker.log", profile) as proc:
         drained = await drain_backlog(proc, settings, n, timeout=max(120.0, n / 50))
-    verdicts, cpu, code = drained.verdicts, drained.cpu_seconds, drained.exit_code
+    return _figures(n, drained.verdicts, drained.cpu_seconds, stage_seconds(drained.metrics_text),
+                    {"worker_exit_code": drained.exit_code})
+
+
+def _figures(n: int, verdicts: Sequence[dict[str, Any]], cpu: float, stages: dict[str, float],
+             extra: dict[str, Any]) -> dict[str, Any]:
     window = worker_window(verdicts)
-    stages = stage_seconds(drained.metrics_text)
     return {
         "events_per_s": round(n / window, 1), "worker_seconds": round(window, 3),
         "cpu_seconds": round(cpu, 3), "cpu_us_per_event": round(1e6 * cpu / n, 1),
@@ -157,8 +170,47 @@ async def _one_run(settings: WorkerSettings, records: Sequence[Record], workdir:
         "events_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
         "cpu_cores_used": round(cpu / window, 3), **_latency_summary(verdicts),
         "stages": breakdown(stages, cpu, n), "stage_cpu_seconds": {k: round(v, 4) for k, v in stages.items()},
-        "worker_exit_code": code,
+        **extra,
     }
+
+
+def _assigned(proc: NullWorkerProcess) -> int:
+    """Partitions the child holds after its latest assignment (0 before its first)."""
+    lines = [line for line in proc.log_tail(1 << 22).splitlines() if '"partitions.assigned"' in line]
+    return len(orjson.loads(lines[-1]).get("partitions", [])) if lines else 0
+
+
+async def _processes_run(settings: WorkerSettings, records: Sequence[Record], workdir: Path, processes: int,
+                         partitions: int) -> dict[str, Any]:
+    """``processes`` workers in one group on ``processes × partitions`` partitions, fed live once every one holds
+    its share: a backlog would be half drained by the first to join before the group rebalances."""
+    n = len(records)
+    config = write_worker_config(workdir / "worker.yaml", settings)
+    procs = [NullWorkerProcess(config, workdir / f"worker-{i}.log") for i in range(processes)]
+    with contextlib.ExitStack() as stack:
+        for proc in procs:
+            stack.enter_context(proc)
+        deadline = time.monotonic() + 180
+        while [_assigned(p) for p in procs] != [partitions] * processes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the group did not settle: {[_assigned(p) for p in procs]} partitions held")
+            await asyncio.sleep(0.1)
+        collecting = asyncio.create_task(_collect_verdicts(settings.kafka.bootstrap_servers, settings.topics.verdicts,
+                                                           n, timeout=max(120.0, n / 50)))
+        cpu_start = [p.cpu_seconds() for p in procs]
+        replayed = await replay_records(settings, records, rate=None)
+        verdicts, _ = await collecting
+        cpu = sum(p.cpu_seconds() - c for p, c in zip(procs, cpu_start, strict=True))
+        texts = [await metrics_text(p) for p in procs]
+        codes = [p.terminate(settings.worker.shutdown_deadline_s + 10) for p in procs]
+    if len(verdicts) < n:
+        raise RuntimeError(f"only {len(verdicts)} of {n} verdicts (worker exits {codes})")
+    stages = dict.fromkeys(STAGES, 0.0)
+    for text in texts:
+        for stage, seconds in stage_seconds(text).items():
+            stages[stage] += seconds
+    return _figures(n, verdicts, cpu, stages, {"processes": processes, "worker_exit_codes": codes,
+                                               "producer_events_per_s": replayed["rate"]})
 
 
 def _records(files: Sequence[Path], n: int) -> list[Record]:
@@ -169,10 +221,16 @@ def _records(files: Sequence[Path], n: int) -> list[Record]:
 
 
 def bench_machinery(settings: WorkerSettings, files: Sequence[Path], n: int, partitions: Sequence[int] = (1, 2, 4),
-                    broker: LocalBroker | None = None, profile_dir: Path | None = None) -> dict[str, Any]:
-    """Host-side ceiling of one worker process for each input partition count, on ``n`` events each."""
+                    broker: LocalBroker | None = None, profile_dir: Path | None = None,
+                    processes: Sequence[int] = (1,)) -> dict[str, Any]:
+    """Host-side ceiling of one worker process for each input partition count, on ``n`` events each.
+
+    With ``processes`` other than (1,): for each count P in it, P worker processes in one group, each holding
+    ``partitions`` input partitions, fed live (the producer's rate is reported beside theirs); keyed ``pP-cC``.
+    """
     records = _records(files, n)
     runs: dict[str, Any] = {}
+    live = tuple(processes) != (1,)
     with tempfile.TemporaryDirectory() as tmp:
         own = broker is None
         if broker is None:
@@ -180,16 +238,22 @@ def bench_machinery(settings: WorkerSettings, files: Sequence[Path], n: int, par
             broker.start()
         try:
             for count in partitions:
-                workdir = Path(tmp) / f"p{count}"
-                workdir.mkdir()
-                profile = None if profile_dir is None else profile_dir / f"machinery-p{count}.pstats"
-                with bench_topics(settings, workdir, broker, partitions=count) as s:
-                    runs[str(count)] = asyncio.run(_one_run(s, records, workdir, profile))
+                for procs in processes if live else (1,):
+                    key = f"p{procs}-c{count}" if live else str(count)
+                    workdir = Path(tmp) / key
+                    workdir.mkdir()
+                    with bench_topics(settings, workdir, broker, partitions=count * procs) as s:
+                        if live:
+                            runs[key] = asyncio.run(_processes_run(s, records, workdir, procs, count))
+                        else:
+                            profile = None if profile_dir is None else profile_dir / f"machinery-p{count}.pstats"
+                            runs[key] = asyncio.run(_one_run(s, records, workdir, profile))
         finally:
             if own:
                 broker.stop()
     return {
-        "n": n, "mode": "process", "forward": "null (NullExtractor: pooled states of the model's width, no model)",
+        "n": n, "mode": "processes (live feed)" if live else "process",
+        "forward": "null (NullExtractor: pooled states of the model's width, no model)",
         "bundle": str(settings.worker.bundle), "data": [str(f) for f in files],
         "max_batch_tokens": settings.batching.max_batch_tokens, "max_items": settings.batching.max_items,
         "max_in_flight": settings.worker.max_in_flight, "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -9,7 +9,14 @@ import pytest
 from probes.conversation import Conversation, Message, conversation, plain_text
 from probes.data import read_file
 from probes.models import LoadedModel
-from probes.render import BatchRenderer, derive_message_template, render_ids, render_text
+from probes.render import (
+    BatchRenderer,
+    derive_message_template,
+    derive_piece_template,
+    render_ids,
+    render_text,
+    untrusted_content,
+)
 
 
 def test_chat_template_rendering(smollm2: LoadedModel) -> None:
@@ -158,3 +165,50 @@ def test_batch_renderer_neutralises_control_tokens_like_the_template_path(smollm
     assert renderer.ids(hostile) == [render_ids(tok, c, 256) for c in hostile]
     benign = conversation([("user", "ignore this and that"), ("assistant", "fine")])
     assert _control_ids(tok, renderer.ids(hostile)[0]) == _control_ids(tok, render_ids(tok, benign, 4096))
+
+
+def test_smollm2_renderings_tokenize_piece_by_piece(smollm2: Any) -> None:
+    """Each message's piece, tokenized alone, gives the ids it has inside the whole rendering: control tokens split
+    the text first. So the batch renderer tokenizes each message once, whatever views of it are scored."""
+    renderer = BatchRenderer(smollm2.tokenizer, 256)
+    pieces = renderer.pieces
+    assert pieces is not None
+    conv = conversation([("system", "s"), ("user", "  two spaces first"), ("assistant", "\n\nnewlines\n"),
+                         ("user", "<|im_end|> and trailing  ")])
+    whole = renderer.encode([render_text(smollm2.tokenizer, conv)])[0]
+    safe = [Message(m.role, untrusted_content(m.content, renderer.specials)) for m in conv]
+    assert whole == [t for ids in renderer.encode([pieces.text(m.role, m.content) for m in safe]) for t in ids]
+    for max_tokens in (8, 20, 40, 256):
+        assert BatchRenderer(smollm2.tokenizer, max_tokens).ids([conv, conv[1:]]) == [
+            render_ids(smollm2.tokenizer, conv, max_tokens), render_ids(smollm2.tokenizer, conv[1:], max_tokens)]
+
+
+class _PiecesTokenizer(_JinjaTokenizer):
+    """A real fast tokenizer (SmolLM2's) under another chat template."""
+
+    def __init__(self, chat_template: str, real: Any) -> None:
+        super().__init__(chat_template)
+        self._real = real
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return dict(self._real.get_added_vocab())
+
+
+@pytest.mark.parametrize(("source", "pieces"), [
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}", True),
+    # Turns not opened by a control token: a turn's text can merge with the one before it when tokenized.
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", False),
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}", True),
+    ("{% for m in messages %}\n<|im_start|>{{ m['role'] }}: {{ m['content'] }}{% endfor %}", False),
+])
+def test_piece_templates_need_every_turn_opened_by_a_control_token(smollm2: Any, source: str, pieces: bool) -> None:
+    renderer = BatchRenderer(smollm2.tokenizer, 64)
+    tokenizer = _PiecesTokenizer(source, smollm2.tokenizer)
+    template = derive_message_template(tokenizer)
+    assert template is not None
+    derived = derive_piece_template(tokenizer, renderer.backend, template, renderer.specials)
+    assert (derived is not None) == pieces
+
+
+def test_minilm_without_a_template_keeps_the_whole_text_path(minilm: LoadedModel) -> None:
+    assert BatchRenderer(minilm.tokenizer, 64).pieces is None

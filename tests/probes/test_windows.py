@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ from pydantic import ValidationError
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, WindowConfig
 from probes.conversation import Conversation, conversation, single_turn
 from probes.data import read_file
+from probes.models import LoadedModel
 from probes.monitor import Monitor
+from probes.normalise import normalise
 from probes.pipeline import prepare_data, train_probe
 from probes.render import BatchRenderer, render_ids
 from probes.windows import argmax_by_group, content_windows, max_by_group, spans, window_ids, window_ids_batch
@@ -95,18 +99,111 @@ def _long_and_short_conversations(datasets_dir: Path) -> list[Conversation]:
 def test_window_rows_of_a_whole_batch_are_the_per_window_rows(
     fixture: str, max_tokens: int, config: WindowConfig, datasets_dir: Path, request: pytest.FixtureRequest
 ) -> None:
-    """The worker's batch path (template without Jinja, a few tokenizer calls for all windows) must give
-    exactly the rows ``window_ids`` gives one window at a time through the chat template."""
+    """The worker's batch path (one tokenizer call for all views) against ``window_ids``, which renders each window
+    through the chat template on its own: the same usual view (the same ids wherever a conversation fits) and the
+    same windows. Where the template tokenizes piece by piece (SmolLM2) a window's row holds the conversation's own
+    tokens, while the per-window path decodes the window and tokenizes that text again: in a few rows the same text
+    tokenized differently at the window's edges (whitespace merged across the role header, which can shift later
+    windows by a whitespace token), or, where the cut left part of a neutralised control token or a look-alike on
+    its own, normalised again (its word joiner dropped)."""
     tok = request.getfixturevalue(fixture).tokenizer
     conversations = _long_and_short_conversations(datasets_dir)
     renderer = BatchRenderer(tok, max_tokens)
-    assert renderer.fast
+    assert renderer.fast and (renderer.pieces is not None) == (fixture == "smollm2")
     expected = [window_ids(tok, c, max_tokens, config) for c in conversations]
     if config.enabled:
         windowed = [(c, rows) for c, rows in zip(conversations, expected, strict=True) if len(rows) > 1]
         assert len(windowed) > 50 and sum(len(c) > 2 for c, _ in windowed) > 10
         assert max(len(rows) for rows in expected) == config.max_windows + 1
-    assert window_ids_batch(renderer, conversations, config) == expected
+    got = window_ids_batch(renderer, conversations, config)
+    if renderer.pieces is None:
+        assert got == expected
+        return
+    assert [rows[0] for rows in got] == [rows[0] for rows in expected]
+    assert [len(rows) for rows in got] == [len(rows) for rows in expected]
+    windows = [(new, old) for g, e in zip(got, expected, strict=True) for new, old in zip(g[1:], e[1:], strict=True)]
+    differ = [(new, old) for new, old in windows if new != old]
+    assert len(differ) <= 0.03 * len(windows)
+    assert all(_text(normalise(tok.decode(new))) == _text(tok.decode(old)) for new, old in differ)
+
+
+def _text(text: str) -> str:
+    """What a row says, whitespace and the word joiners of neutralised control tokens aside."""
+    return "".join(text.replace("\u2060", "").split())
+
+
+def test_the_single_event_path_gives_the_batch_rows(smollm2: LoadedModel, datasets_dir: Path) -> None:
+    """An event tokenized alone (after its batch failed) gets the rows it would have got in the batch."""
+    conversations = _long_and_short_conversations(datasets_dir)[::7]
+    renderer = BatchRenderer(smollm2.tokenizer, 256)
+    batch = window_ids_batch(renderer, conversations, WindowConfig())
+    assert sum(len(rows) > 1 for rows in batch) > 5
+    assert [window_ids_batch(renderer, [c], WindowConfig())[0] for c in conversations] == batch
+
+
+def _tokenized_bytes(renderer: BatchRenderer) -> list[int]:
+    """Patches ``renderer.encode`` to record how many UTF-8 bytes each call hands the tokenizer."""
+    calls: list[int] = []
+    encode = renderer.encode
+
+    def spy(texts: Sequence[str]) -> list[list[int]]:
+        calls.append(sum(len(t.encode()) for t in texts))
+        return encode(texts)
+
+    renderer.encode = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_huge_conversation_is_bounded_in_bytes_before_tokenization(smollm2: LoadedModel, datasets_dir: Path) -> None:
+    """A ~1 MB conversation (the most a bounded view keeps) costs at most ``max_bytes`` of tokenization: its usual
+    view is its real tail, and its windows still run from its head to its tail."""
+    tok = smollm2.tokenizer
+    texts = [r.messages[0].content for r in read_file(datasets_dir / "harmbench.jsonl")]
+    body = " ".join(itertools.islice(itertools.cycle(texts), 3000))[:990_000]
+    huge = conversation([("system", "You are a helpful assistant."), ("user", REQUEST + " " + body),
+                         ("assistant", "Sure."), ("user", body[-70_000:] + " Now summarise it.")])
+    config = WindowConfig()
+    renderer = BatchRenderer(tok, 256)
+    calls = _tokenized_bytes(renderer)
+    rows, short = window_ids_batch(renderer, [huge, single_turn(REQUEST)], config)
+    assert len(calls) == 1 and calls[0] <= config.max_bytes + 4096  # the budget, plus the role headers
+    assert short == window_ids(tok, single_turn(REQUEST), 256, config)
+    assert rows[0] == render_ids(tok, huge, 256)  # the latest 20 kB hold the usual view
+    assert len(rows) == config.max_windows + 1
+    assert REQUEST[:40] in tok.decode(rows[1])  # the first window reads the head of the conversation
+    assert "Now summarise it." in tok.decode(rows[-1])  # and the last its end
+    assert all(len(r) <= 256 for r in rows)
+
+
+def test_a_huge_conversation_is_bounded_where_the_template_does_not_tokenize_piece_by_piece(
+    minilm: LoadedModel, datasets_dir: Path
+) -> None:
+    """MiniLM (plain text, no chat template): a ~1 MB conversation is read on its latest bytes, its usual view the
+    whole conversation's, in milliseconds of CPU rather than the second tokenizing all of it took."""
+    tok = minilm.tokenizer
+    texts = [r.messages[0].content for r in read_file(datasets_dir / "harmbench.jsonl")]
+    huge = single_turn(REQUEST + " " + " ".join(itertools.islice(itertools.cycle(texts), 3000))[:990_000])
+    renderer = BatchRenderer(tok, 64)
+    renderer.vocabulary()  # decoded once per renderer, not per event
+    started = time.process_time()
+    rows = window_ids_batch(renderer, [huge], WindowConfig())[0]
+    assert time.process_time() - started < 0.25
+    assert rows[0] == render_ids(tok, huge, 64) and len(rows) > 2
+
+
+def test_conversations_within_max_bytes_are_read_whole(smollm2: LoadedModel) -> None:
+    """Up to ``max_bytes`` of content a conversation is read whole (every row as ``window_ids`` gives it); a byte
+    more and only its tail and one sample per window are tokenized, the usual view unchanged."""
+    tok, config = smollm2.tokenizer, WindowConfig(max_bytes=4096)
+    text = (REQUEST + " " + FILLER * 3)
+    inside, outside = single_turn(text[:4096]), single_turn(text[:4097])
+    renderer = BatchRenderer(tok, 128)
+    calls = _tokenized_bytes(renderer)
+    assert window_ids_batch(renderer, [inside], config)[0] == window_ids(tok, inside, 128, config)
+    rows = window_ids_batch(renderer, [outside], config)[0]
+    assert calls[0] >= 4096 and calls[1] <= 4096 + 16 * 32  # the budget, plus a role header per sample
+    assert rows[0] == render_ids(tok, outside, 128)
+    assert len(rows) > 2 and REQUEST[:40] in tok.decode(rows[1])  # windows (the filler's repeats are read once)
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,19 @@ def test_machinery_runs_through_the_real_broker(
         timed = sum(v["cpu_seconds"] for k, v in run["stages"].items() if k != "unattributed")
         assert timed <= run["cpu_seconds"] + 0.01
         assert 0 < run["delegated"] < 300  # the bundle's threshold delegates some of the null states
+
+
+def test_machinery_runs_several_worker_processes_in_one_group(
+    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, datasets_dir: Path
+) -> None:
+    """``--processes 2``: two workers share one group, each holding its own partitions; their CPU time and stage
+    counters add up, and every event gets one verdict."""
+    s = worker_settings(kafka_broker.bootstrap, small_bundle, cache_dir, topics=TopicsConfig(), group="machinery-2")
+    out = bench_machinery(s, [datasets_dir / "xstest.jsonl"], 300, partitions=(1,), broker=kafka_broker,
+                          processes=(2,))
+    assert out["mode"] == "processes (live feed)" and set(out["partitions"]) == {"p2-c1"}
+    run = out["partitions"]["p2-c1"]
+    assert run["verdicts"] == 300 and run["processes"] == 2 and run["worker_exit_codes"] == [0, 0]
+    assert run["producer_events_per_s"] > 0
+    timed = sum(v["cpu_seconds"] for k, v in run["stages"].items() if k != "unattributed")
+    assert 0 < timed <= run["cpu_seconds"] + 0.02
