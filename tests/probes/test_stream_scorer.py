@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from probes.conversation import Message
+from probes.data import Record, read_file
 from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor
 from probes.heads import LinearHead
 from probes.stream_scorer import (
     Chunk,
     KVStore,
+    ResponseState,
     StreamScorer,
+    StreamStep,
     block_of,
     cache_nbytes,
     prefix_ids,
@@ -401,3 +404,70 @@ def test_a_checkpoint_mid_rolling_resumes_to_the_same_scores(extractor) -> None:
     np.testing.assert_allclose(resumed.logits[: late + 1], sign * np.asarray(reference.logits[: late + 1]),
                                atol=2e-3)
     assert steps[-1].stop_index == late and sum(s.stopped_now for s in steps) == 1
+
+
+RESPONSES = "refusal_direction_completions.conversations.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Record]]:  # type: ignore[no-untyped-def]
+    """A real token probe (window 32, stride 8) fitted on the first 48 tokens of 40 harmful and 40 benign real
+    responses, its threshold the highest smoothed peak of 30 other benign responses read whole (rolling, 192
+    tokens): what has not been read is held out."""
+    from probes.token_train import fit_token_head, response_label, token_training_set
+
+    records = read_file(datasets_dir / RESPONSES)
+    harmful = [r for r in records if response_label(r) == 1]
+    benign = [r for r in records if response_label(r) == 0]
+    tok = extractor.loaded.tokenizer
+
+    def sequences(rs: list[Record], n: int) -> list[tuple[list[int], list[int]]]:
+        return [(prefix_ids(tok, r.messages[:-1], 256), response_ids(tok, r.messages[-1].content)[:n]) for r in rs]
+
+    train = harmful[:40] + benign[:40]
+    feats = [f for _, f in sorted(response_features(extractor, sequences(train, 48), ()), key=lambda x: x[0])]
+    data = token_training_set(feats, [response_label(r) for r in train], per_response=48, warmup=8, seed=0)
+    settings = StreamSettings(decay=0.9, window=16, aggregator="ema", score="peak", max_response_tokens=32,
+                              holdback_tokens=2, thresholds={"ema": None}, alpha=0.05, delta=0.1)
+    probe = TokenProbe.from_head(fit_token_head(data, c=0.5, seed=0), LAYER, settings)
+    cal = rolling_logits(extractor, probe, sequences(benign[40:70], 192), window=32, stride=8)
+    tau = max(float(probe.series(z).max()) for z in cal)
+    probe = dataclasses.replace(probe, settings=dataclasses.replace(settings, thresholds={"ema": tau}))
+    return probe, harmful[40:], benign[70:]
+
+
+def test_a_harmful_payload_after_a_long_benign_preamble_is_stopped(extractor, trained) -> None:
+    """Real probe, real responses: a benign response of ~5 windows is read to its end and allowed; the same
+    preamble followed by a harmful completion is stopped inside the completion, past the first window (where the
+    stream used to stop reading and allow it), and a restart from a checkpoint mid-rolling stops at that token."""
+    probe, harmful, benign = trained
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=8)
+    long = next(r for r in benign if len(r.messages[-1].content) >= 800)
+    context, preamble = long.messages[:-1], long.messages[-1].content[:800]
+
+    def read(text: str, n: int = 6) -> tuple[ResponseState, list[StreamStep]]:
+        state = scorer.open(context)
+        store = KVStore(max_bytes=1 << 34, max_entries=4)
+        pieces = chunks_of(text, n)
+        return state, [scorer.feed("r", state, p, final=i == n - 1, store=store) for i, p in enumerate(pieces)]
+
+    state, steps = read(preamble)
+    assert len(state.scored) > 5 * 32 and steps[-1].stop_index is None and not steps[-1].unread
+    # The first held-out harmful completion the probe stops when it is the whole response.
+    payload = next(t for r in harmful if read(t := r.messages[-1].content[:400], 2)[1][-1].stop_index is not None)
+    text = preamble + "\n\n" + payload
+    state, steps = read(text, 10)
+    stop = steps[-1].stop_index
+    assert stop is not None and stop >= len(response_ids(scorer.tokenizer, preamble)) - 2 > 32
+    # Restart mid-rolling (past the preamble's window, before the payload) from what a checkpoint holds.
+    pieces = chunks_of(text, 10)
+    before = scorer.open(context)
+    store = KVStore(max_bytes=1 << 34, max_entries=4)
+    for p in pieces[:4]:
+        scorer.feed("r", before, p, final=False, store=store)
+    assert 32 < len(before.scored) < stop
+    resumed = scorer.resume(prefix=before.prefix, scored=before.scored, logits=before.logits,
+                            text=before.text[before.anchor_char:], anchor_tok=before.anchor_tok)
+    fresh = KVStore(max_bytes=1 << 34, max_entries=4)
+    after = [scorer.feed("r", resumed, p, final=i == 5, store=fresh) for i, p in enumerate(pieces[4:])]
+    assert after[-1].stop_index == stop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,73 @@ async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmf
     stopped = {r.id for r in chosen if by_id[r.id][0]["decision"] == "stop"}
     assert stopped & {r.id for r in harmful}, "some harmful responses are stopped"
     assert len(stopped & {r.id for r in harmful}) > len(stopped & {r.id for r in benign})
+
+
+def text_chunks(rid: str, context: Sequence[Any], text: str, n_chunks: int) -> list[tuple[bytes, bytes]]:
+    bounds = np.linspace(0, len(text), n_chunks + 1).round().astype(int).tolist()
+    out = []
+    for seq in range(n_chunks):
+        body: dict[str, Any] = {"response_id": rid, "seq": seq, "text": text[bounds[seq]:bounds[seq + 1]],
+                                "final": seq == n_chunks - 1, "created_at": dt.datetime.now(dt.UTC)}
+        if seq == 0:
+            body["context"] = [{"role": m.role, "content": m.content} for m in context]
+        out.append((rid.encode(), ResponseChunk.model_validate(body).to_json()))
+    return out
+
+
+async def test_harmful_text_after_a_benign_preamble_longer_than_the_window_is_read_and_stopped(
+    kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path
+) -> None:
+    """The bundle's window is 32 tokens. Benign responses (~130 tokens) followed by a real harmful completion are
+    read past the window on the rolling view: each verdict is the offline rolling read's, and some stop inside
+    the harmful part, far past the window (before, the service allowed them unread). A response longer than
+    max_read_tokens (256) ends stop/limit with an alert."""
+    settings = service_settings(kafka_broker, stream_bundle, cache_dir)
+    settings = settings.model_copy(update={"responses": settings.responses.model_copy(update={"max_read_tokens": 256})})
+    topics = settings.topics
+    monitor = Monitor(stream_bundle, settings.model, cache_dir=cache_dir)
+    records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
+    harmful = [r for r in records if response_label(r) == 1][30:40]
+    benign = [r for r in records if response_label(r) == 0 and len(r.messages[-1].content) >= 600][30:60]
+    cases = {f"mixed-{i}": (b.messages[:-1], b.messages[-1].content[:600] + "\n\n" + h.messages[-1].content[:400])
+             for i, (b, h) in enumerate(zip(benign[:10], harmful, strict=True))}
+    probe = TokenProbe.from_bundle(monitor.bundle)
+    assert probe.settings.max_response_tokens == 32
+    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens, max_tokens=256)
+
+    def offline(context: Any, text: str) -> tuple[str, int | None]:
+        step = scorer.feed("x", scorer.open(context), text, final=True, store=KVStore(max_bytes=1 << 32, max_entries=1))
+        return "threshold" if step.stop_index is not None else "limit" if step.unread else "final", step.stop_index
+
+    # A benign response of ~300+ tokens the probe does not stop in its first 256: it ends at the token limit.
+    long = next(b for b in benign[10:] if len(b.messages[-1].content) >= 1800
+                and offline(b.messages[:-1], b.messages[-1].content)[0] == "limit")
+    cases["too-long"] = (long.messages[:-1], long.messages[-1].content)
+    expected = {rid: offline(context, text) for rid, (context, text) in cases.items()}
+    preamble_tokens = {rid: len(scorer.tokenizer(text.split("\n\n")[0], add_special_tokens=False)["input_ids"])
+                       for rid, (_, text) in cases.items()}
+    values = [c for i in range(6) for rid, (context, text) in cases.items()
+              for c in text_chunks(rid, context, text, 6)[i:i + 1]]
+    service = response_stream(settings, monitor)
+    task = asyncio.create_task(service.run())
+    try:
+        await produce_raw(kafka_broker.bootstrap, topics.responses, values)  # type: ignore[arg-type]
+        got = await read_topic(kafka_broker.bootstrap, topics.response_verdicts,
+                               until=lambda r: len({v["response_id"] for v in r}) >= len(cases), timeout=600)
+        alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= 1, timeout=60)
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 60)
+    by_id = {v["response_id"]: v for v in got}
+    assert len(got) == len(cases) and set(by_id) == set(cases)
+    for rid, (reason, stop_index) in expected.items():
+        v = by_id[rid]
+        assert (v["reason"], v["token_index"]) == (reason, stop_index), rid
+        assert v["decision"] == ("allow" if reason == "final" else "stop"), rid
+    assert by_id["too-long"]["reason"] == "limit" and by_id["too-long"]["tokens_scored"] == 256
+    assert [(a["event_id"], a["metadata"]["limit"]) for a in alerts] == [("too-long", "tokens")]
+    late = [rid for rid, (_, stop) in expected.items() if stop is not None and stop >= preamble_tokens[rid] > 32]
+    assert late, "some harmful completions are stopped after their benign preamble, past the window"
 
 
 @pytest.mark.reliability
