@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -411,9 +412,9 @@ RESPONSES = "refusal_direction_completions.conversations.jsonl"
 
 @pytest.fixture(scope="module")
 def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Record]]:  # type: ignore[no-untyped-def]
-    """A real token probe (window 32, stride 8) fitted on the first 48 tokens of 40 harmful and 40 benign real
-    responses, its threshold the highest smoothed peak of 30 other benign responses read whole (rolling, 192
-    tokens): what has not been read is held out."""
+    """A real token probe (window 32, stride 16) fitted on the first 48 tokens of 40 harmful and 40 benign real
+    responses, its threshold the 95th percentile of the smoothed peaks of 60 other benign responses read whole
+    (rolling, 160 tokens; a few benign peaks sit far above the rest): what has not been read is held out."""
     from probes.token_train import fit_token_head, response_label, token_training_set
 
     records = read_file(datasets_dir / RESPONSES)
@@ -430,33 +431,36 @@ def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Rec
     settings = StreamSettings(decay=0.9, window=16, aggregator="ema", score="peak", max_response_tokens=32,
                               holdback_tokens=2, thresholds={"ema": None}, alpha=0.05, delta=0.1)
     probe = TokenProbe.from_head(fit_token_head(data, c=0.5, seed=0), LAYER, settings)
-    cal = rolling_logits(extractor, probe, sequences(benign[40:70], 192), window=32, stride=8)
-    tau = max(float(probe.series(z).max()) for z in cal)
+    cal = rolling_logits(extractor, probe, sequences(benign[40:100], 160), window=32, stride=16)
+    tau = float(np.quantile([probe.series(z).max() for z in cal], 0.95))  # a 5 % budget, as stream.alpha
     probe = dataclasses.replace(probe, settings=dataclasses.replace(settings, thresholds={"ema": tau}))
-    return probe, harmful[40:], benign[70:]
+    return probe, harmful[40:], benign[100:]
 
 
 def test_a_harmful_payload_after_a_long_benign_preamble_is_stopped(extractor, trained) -> None:
-    """Real probe, real responses: a benign response of ~5 windows is read to its end and allowed; the same
-    preamble followed by a harmful completion is stopped inside the completion, past the first window (where the
-    stream used to stop reading and allow it), and a restart from a checkpoint mid-rolling stops at that token."""
+    """Real probe, real responses: a benign response of 4+ windows is read to its end and allowed; a harmful
+    request answered with that benign text first and then a harmful completion the probe recognises is stopped
+    inside the completion, past the first window (where the stream used to stop reading and allow it); a restart
+    from a checkpoint mid-rolling stops at the same token."""
     probe, harmful, benign = trained
-    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=8)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=16)
     long = next(r for r in benign if len(r.messages[-1].content) >= 800)
-    context, preamble = long.messages[:-1], long.messages[-1].content[:800]
+    preamble = long.messages[-1].content[:800]
 
-    def read(text: str, n: int = 6) -> tuple[ResponseState, list[StreamStep]]:
+    def read(context: Sequence[Message], text: str, n: int = 6) -> tuple[ResponseState, list[StreamStep]]:
         state = scorer.open(context)
         store = KVStore(max_bytes=1 << 34, max_entries=4)
         pieces = chunks_of(text, n)
         return state, [scorer.feed("r", state, p, final=i == n - 1, store=store) for i, p in enumerate(pieces)]
 
-    state, steps = read(preamble)
-    assert len(state.scored) > 5 * 32 and steps[-1].stop_index is None and not steps[-1].unread
-    # The first held-out harmful completion the probe stops when it is the whole response.
-    payload = next(t for r in harmful if read(t := r.messages[-1].content[:400], 2)[1][-1].stop_index is not None)
-    text = preamble + "\n\n" + payload
-    state, steps = read(text, 10)
+    state, steps = read(long.messages[:-1], preamble)
+    assert len(state.scored) > 4 * 32 and steps[-1].stop_index is None and not steps[-1].unread
+    # The first held-out harmful exchange whose completion the probe stops, and whose request followed by the
+    # benign preamble alone it does not.
+    record = next(r for r in harmful if read(r.messages[:-1], r.messages[-1].content[:400], 2)[1][-1].stop_index
+                  is not None and read(r.messages[:-1], preamble, 2)[1][-1].stop_index is None)
+    context, text = record.messages[:-1], preamble + "\n\n" + record.messages[-1].content[:400]
+    state, steps = read(context, text, 10)
     stop = steps[-1].stop_index
     assert stop is not None and stop >= len(response_ids(scorer.tokenizer, preamble)) - 2 > 32
     # Restart mid-rolling (past the preamble's window, before the payload) from what a checkpoint holds.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 from pathlib import Path
@@ -329,7 +330,10 @@ async def test_a_response_longer_than_max_read_tokens_is_stopped_with_an_alert_n
     text = "Water the tomatoes in the morning and pick the ripe ones every other day. " * 12  # ~190 tokens
     n = len(scorer.tokenizer(text, add_special_tokens=False)["input_ids"])
     assert n > 160
-    capped = StreamScorer(scorer.extractor, scorer.probe, prefix_max_tokens=128, max_tokens=160)
+    # No threshold: the probe never stops it, so what ends it is the limit alone.
+    probe = dataclasses.replace(scorer.probe, settings=dataclasses.replace(scorer.probe.settings,
+                                                                           thresholds={"ema": None}))
+    capped = StreamScorer(scorer.extractor, probe, prefix_max_tokens=128, max_tokens=160)
     stream, consumer, producer = make(capped, chunks("r-long", text, 6))
     await run_until(stream, producer, 1)
     (v,) = verdicts(producer)
@@ -337,11 +341,11 @@ async def test_a_response_longer_than_max_read_tokens_is_stopped_with_an_alert_n
     (alert,) = alerts(producer)
     assert alert.metadata["stream_reason"] == "limit" and alert.metadata["limit"] == "tokens"
     await until(lambda: consumer.last_commit(P0) == 6)
-    whole = StreamScorer(scorer.extractor, scorer.probe, prefix_max_tokens=128, max_tokens=n + 8)
+    whole = StreamScorer(scorer.extractor, probe, prefix_max_tokens=128, max_tokens=n + 8)
     stream, _, producer = make(whole, chunks("r-long", text, 6))
     await run_until(stream, producer, 1)
     (v,) = verdicts(producer)
-    assert v.reason in ("final", "threshold") and v.tokens_scored > 160 and not alerts(producer)
+    assert (v.decision, v.reason, v.tokens_scored) == ("allow", "final", n) and not alerts(producer)
 
 
 async def test_a_response_resumed_after_its_chunks_were_committed_still_times_out_to_stop(
