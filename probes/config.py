@@ -247,6 +247,10 @@ class StreamConfig(Frozen):
     holdback_tokens: int = Field(
         2, ge=0, description="trailing tokens of a non-final chunk left unscored: the next chunk may re-merge them"
     )
+    calibration_max_tokens: int = Field(
+        1024, ge=8, description="the stop threshold is calibrated on the smoothed peaks of benign calibration "
+        "responses read as the stream reads them (rolling view past the window, stride W/4) up to this many tokens: "
+        "later tokens score higher than first windows, and a longer read peaks more often")
 
 
 class AuditConfig(Frozen):

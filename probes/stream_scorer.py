@@ -28,7 +28,7 @@ than ``max_tokens`` is not read past it: the step says so (``unread``) and the c
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,6 +261,11 @@ def rolling_blocks(n_tokens: int, window: int, stride: int) -> list[tuple[int, i
     return blocks
 
 
+def default_stride(window: int) -> int:
+    """Tokens scored per rolling block unless configured: a quarter of the window (a token costs ~4 run)."""
+    return max(1, window // 4)
+
+
 def block_of(index: int, window: int, stride: int) -> tuple[int, int]:
     """``(context_start, end)`` of the rolling block response token ``index`` is scored in."""
     if index < window:
@@ -283,7 +288,7 @@ class StreamScorer:
         self.probe = probe
         self.prefix_max_tokens = prefix_max_tokens
         self.window = probe.settings.max_response_tokens
-        self.stride = max(1, self.window // 4) if stride is None else stride
+        self.stride = default_stride(self.window) if stride is None else stride
         if not 1 <= self.stride <= self.window:
             raise ValueError(f"the rolling stride must be in [1, {self.window}] (the window), not {self.stride}")
         self.max_tokens = 32 * self.window if max_tokens is None else max_tokens
@@ -522,15 +527,17 @@ def offline_stop(probe: TokenProbe, token_logits: npt.ArrayLike) -> int | None:
     return first_crossing(probe.series(token_logits), probe.settings.threshold)
 
 
-def rolling_logits(extractor: FeatureExtractor, probe: TokenProbe, sequences: Sequence[tuple[list[int], list[int]]],
-                   *, window: int, stride: int) -> list[npt.NDArray[np.float64]]:
-    """Per-token logits of whole (prefix, response) pairs read offline as the stream reads them: the first
-    ``window`` tokens from the response's start, then ``rolling_blocks`` (one forward pass per block)."""
+def rolling_logits(extractor: FeatureExtractor, logits: Callable[[F32], npt.NDArray[np.float64]],
+                   sequences: Sequence[tuple[list[int], list[int]]], *, window: int,
+                   stride: int) -> list[npt.NDArray[np.float64]]:
+    """Per-token logits (``logits`` of the token states, e.g. ``TokenProbe.logits``) of whole (prefix, response)
+    pairs read offline as the stream reads them: the first ``window`` tokens from the response's start, then
+    ``rolling_blocks`` (one forward pass per block)."""
     items = [(index, block) for index, (_, response) in enumerate(sequences)
              for block in rolling_blocks(len(response), window, stride)]
     passes = [(sequences[index][0], sequences[index][1][block[0]:block[2]]) for index, block in items]
     out = [np.empty(len(response), dtype=np.float64) for _, response in sequences]
     for i, feats in response_features(extractor, passes, ()):
         index, (start, first, end) = items[i]
-        out[index][first:end] = probe.logits(feats.token_states[first - start :])
+        out[index][first:end] = logits(feats.token_states[first - start :])
     return out

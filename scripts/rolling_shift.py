@@ -80,7 +80,7 @@ def main() -> None:
         seqs = [(prefix_ids(tok, r.messages[:-1], monitor.max_tokens),
                  response_ids(tok, r.messages[-1].content)[: args.max_tokens]) for r in records]
         seqs = [s for s in seqs if len(s[1]) > args.window + args.stride][: args.n]
-        rolled = rolling_logits(monitor.extractor, probe, seqs, window=args.window, stride=args.stride)
+        rolled = rolling_logits(monitor.extractor, probe.logits, seqs, window=args.window, stride=args.stride)
         full: list[np.ndarray] = [np.empty(0)] * len(seqs)
         for i, feats in response_features(monitor.extractor, seqs, ()):
             full[i] = probe.logits(feats.token_states)

@@ -325,7 +325,7 @@ def test_rolling_read_equals_the_offline_blocks(extractor, n_chunks: int, capaci
     scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4)
     tok = scorer.tokenizer
     ids = response_ids(tok, LONG)
-    (z,) = rolling_logits(extractor, probe, [(prefix_ids(tok, CONTEXT, 256), ids)], window=16, stride=4)
+    (z,) = rolling_logits(extractor, probe.logits, [(prefix_ids(tok, CONTEXT, 256), ids)], window=16, stride=4)
     store = KVStore(max_bytes=1 << 34, max_entries=capacity)
     state = scorer.open(CONTEXT)
     pieces = chunks_of(LONG, n_chunks)
@@ -431,7 +431,7 @@ def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Rec
     settings = StreamSettings(decay=0.9, window=16, aggregator="ema", score="peak", max_response_tokens=32,
                               holdback_tokens=2, thresholds={"ema": None}, alpha=0.05, delta=0.1)
     probe = TokenProbe.from_head(fit_token_head(data, c=0.5, seed=0), LAYER, settings)
-    cal = rolling_logits(extractor, probe, sequences(benign[40:100], 160), window=32, stride=16)
+    cal = rolling_logits(extractor, probe.logits, sequences(benign[40:100], 160), window=32, stride=16)
     tau = float(np.quantile([probe.series(z).max() for z in cal], 0.95))  # a 5 % budget, as stream.alpha
     probe = dataclasses.replace(probe, settings=dataclasses.replace(settings, thresholds={"ema": tau}))
     return probe, harmful[40:], benign[100:]

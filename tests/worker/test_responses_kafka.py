@@ -18,7 +18,7 @@ from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, Spli
 from probes.data import read_file
 from probes.monitor import Monitor
 from probes.pipeline import prepare_data, train_probe
-from probes.stream_scorer import KVStore, StreamScorer
+from probes.stream_scorer import KVStore, StreamScorer, response_ids
 from probes.token_probe import TokenProbe
 from probes.token_train import response_label, train_token_probe
 from tests.worker.helpers import new_topics, produce_raw, read_topic, wait_for
@@ -137,22 +137,20 @@ def text_chunks(rid: str, context: Sequence[Any], text: str, n_chunks: int) -> l
     return out
 
 
-async def test_harmful_text_after_a_benign_preamble_longer_than_the_window_is_read_and_stopped(
+async def test_responses_past_the_window_are_read_to_their_end_or_stopped_at_the_token_limit(
     kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path
 ) -> None:
-    """The bundle's window is 32 tokens. Benign responses (~130 tokens) followed by a real harmful completion are
-    read past the window on the rolling view: each verdict is the offline rolling read's, and some stop inside
-    the harmful part, far past the window (before, the service allowed them unread). A response longer than
-    max_read_tokens (256) ends stop/limit with an alert."""
+    """The bundle's window is 32 tokens. Harmful requests answered with benign text (~100 tokens) and then a real
+    harmful completion (one the probe stops when it is the whole response) go through the service in 6 chunks
+    each: every verdict is the offline rolling read's, and one that ends allowed was read to its last token (the
+    service used to stop reading at 32 and allow). A response longer than max_read_tokens (256) ends stop/limit
+    with an alert naming the token limit."""
     settings = service_settings(kafka_broker, stream_bundle, cache_dir)
     settings = settings.model_copy(update={"responses": settings.responses.model_copy(update={"max_read_tokens": 256})})
     topics = settings.topics
     monitor = Monitor(stream_bundle, settings.model, cache_dir=cache_dir)
     records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
-    harmful = [r for r in records if response_label(r) == 1][30:40]
     benign = [r for r in records if response_label(r) == 0 and len(r.messages[-1].content) >= 600][30:60]
-    cases = {f"mixed-{i}": (b.messages[:-1], b.messages[-1].content[:600] + "\n\n" + h.messages[-1].content[:400])
-             for i, (b, h) in enumerate(zip(benign[:10], harmful, strict=True))}
     probe = TokenProbe.from_bundle(monitor.bundle)
     assert probe.settings.max_response_tokens == 32
     scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens, max_tokens=256)
@@ -161,13 +159,19 @@ async def test_harmful_text_after_a_benign_preamble_longer_than_the_window_is_re
         step = scorer.feed("x", scorer.open(context), text, final=True, store=KVStore(max_bytes=1 << 32, max_entries=1))
         return "threshold" if step.stop_index is not None else "limit" if step.unread else "final", step.stop_index
 
+    # Harmful requests whose real completion the probe stops when it is the whole response, each answered with a
+    # benign preamble first (~100 tokens) and then that completion.
+    harmful = [r for r in records if response_label(r) == 1][30:90]
+    harmful = [r for r in harmful if offline(r.messages[:-1], r.messages[-1].content[:400])[0] == "threshold"][:10]
+    preambles = {f"mixed-{i}": b.messages[-1].content[:500] for i, b in enumerate(benign[: len(harmful)])}
+    cases = {rid: (h.messages[:-1], preambles[rid] + "\n\n" + h.messages[-1].content[:400])
+             for rid, h in zip(preambles, harmful, strict=True)}
+
     # A benign response of ~300+ tokens the probe does not stop in its first 256: it ends at the token limit.
-    long = next(b for b in benign[10:] if len(b.messages[-1].content) >= 1800
+    long = next(b for b in benign[len(harmful):] if len(b.messages[-1].content) >= 1800
                 and offline(b.messages[:-1], b.messages[-1].content)[0] == "limit")
     cases["too-long"] = (long.messages[:-1], long.messages[-1].content)
     expected = {rid: offline(context, text) for rid, (context, text) in cases.items()}
-    preamble_tokens = {rid: len(scorer.tokenizer(text.split("\n\n")[0], add_special_tokens=False)["input_ids"])
-                       for rid, (_, text) in cases.items()}
     values = [c for i in range(6) for rid, (context, text) in cases.items()
               for c in text_chunks(rid, context, text, 6)[i:i + 1]]
     service = response_stream(settings, monitor)
@@ -190,8 +194,10 @@ async def test_harmful_text_after_a_benign_preamble_longer_than_the_window_is_re
         assert v["decision"] == ("allow" if reason == "final" else "stop"), rid
     assert by_id["too-long"]["reason"] == "limit" and by_id["too-long"]["tokens_scored"] == 256
     assert sorted((a["event_id"], a["metadata"]["limit"]) for a in alerts) == [(rid, "tokens") for rid in limited]
-    late = [rid for rid, (_, stop) in expected.items() if stop is not None and stop >= preamble_tokens[rid] > 32]
-    assert late, "some harmful completions are stopped after their benign preamble, past the window"
+    for rid, (reason, _) in expected.items():
+        if reason == "final":
+            assert by_id[rid]["tokens_scored"] == len(response_ids(scorer.tokenizer, cases[rid][1])) > 3 * 32, rid
+    assert any(reason == "final" for reason, _ in expected.values())
 
 
 @pytest.mark.reliability
