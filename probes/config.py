@@ -245,13 +245,20 @@ class StreamConfig(Frozen):
     score: Literal["peak", "final"] = Field("peak", description="the stream's p_unsafe: peak or final smoothed score")
     warmup_tokens: int = Field(8, ge=1, description="training weight ramps linearly over the first N response tokens")
     train_tokens_per_response: int = Field(48, ge=1, description="tokens sampled per training response")
-    max_response_tokens: int = Field(256, ge=8, description="response tokens scored; later tokens are not read")
+    max_response_tokens: int = Field(
+        256, ge=8, description="the window W: response tokens trained on and calibrated, read from the response's "
+        "start; the stream reads later tokens on a rolling context of the prefix and the W - stride tokens before "
+        "them (responses.rolling_stride_tokens, responses.max_read_tokens)")
     regularization_c: float = Field(0.5, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1, description="budget: certified stop rate on benign responses")
     delta: float = Field(0.1, gt=0, lt=1, description="allowed failure probability of the budget guarantee")
     holdback_tokens: int = Field(
         2, ge=0, description="trailing tokens of a non-final chunk left unscored: the next chunk may re-merge them"
     )
+    calibration_max_tokens: int = Field(
+        1024, ge=8, description="the stop threshold is calibrated on the smoothed peaks of benign calibration "
+        "responses read as the stream reads them (rolling view past the window, stride W/4) up to this many tokens: "
+        "later tokens score higher than first windows, and a longer read peaks more often")
 
 
 class AuditConfig(Frozen):

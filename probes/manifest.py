@@ -195,6 +195,10 @@ class StreamManifest(_Frozen):
     n_benign_calibration: int
     thresholds: dict[str, StopCalibration]
     train_token_metrics: dict[str, float] = Field(default_factory=dict)
+    #: Token thresholds calibrated on whole responses read up to this many tokens with this rolling stride
+    #: (None: an older bundle, calibrated on the first ``max_response_tokens`` only).
+    calibration_max_tokens: int | None = None
+    calibration_stride: int | None = None
 
 
 class BundleManifest(_Frozen):

@@ -15,12 +15,20 @@ above.
 
 KV caches are the only large per-response state (``KVStore``: LRU, bounded by bytes and count). Losing one
 costs a recomputation of the prefix, never a different score.
+
+Rolling view: the first ``window`` response tokens (the manifest's ``max_response_tokens``, W) are read from the
+response's start, as the probe was trained and calibrated. Past them the response is read in blocks of
+``stride`` (S) tokens, each with the prefix and the W − S response tokens before the block as its context
+(``rolling_blocks``), so every token sees the prefix and at least W − S response tokens before it, a forward
+pass is never longer than prefix + W, and a block costs W tokens run (its context re-read on the prefix's cached
+keys) for S tokens scored. The aggregate (EMA, rolling mean, peak) carries across blocks. A response longer
+than ``max_tokens`` is not read past it: the step says so (``unread``) and the caller fails closed.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +192,8 @@ class ResponseState:
     logits: list[float] = field(default_factory=list)
     stop_index: int | None = None
     recomputations: int = 0
+    #: The held KV cache covers prefix + ``scored[cache_start:]`` (the rolling block's context on).
+    cache_start: int = 0
 
     def nbytes(self) -> int:
         """Bytes held besides the cache: token ids and logits (8 each), text (1 a char, roughly), the aggregate."""
@@ -202,6 +212,8 @@ class StreamStep:
     p_unsafe: float
     smoothed: float
     peak: float
+    #: The response has text past ``StreamScorer.max_tokens``, which is never read: not judged in full.
+    unread: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,16 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class _Segment:
+    """One forward pass of a chunk: new tokens of one rolling block, after what of its context is not cached."""
+
+    run: list[int]  # ``new`` on the held cache; context + new on the prefix's cached keys; else prefix too
+    past: Any | None
+    new: int  # tokens scored: the last ``new`` of ``run``
+    cache_start: int  # the response token the resulting cache's response part starts at
+
+
+@dataclass(frozen=True)
 class _Plan:
     chunk: Chunk
     text: str
@@ -223,20 +245,55 @@ class _Plan:
     kept: int  # scored tokens the re-tokenized text still agrees with (all of them unless ``retokenized``)
     new: list[int]
     anchor: tuple[int, int]  # the next (anchor_char, anchor_tok)
-    run: list[int]  # what the forward pass reads: ``new`` on a held cache, else prefix + scored + new
-    past: Any | None
+    segments: list[_Segment]  # one per rolling block the new tokens fall in, in order
+    recompute: bool  # the first segment re-reads the prefix: its cache was lost (or cut before its block)
+
+
+def rolling_blocks(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The forward passes that read ``n_tokens`` response tokens: ``(context_start, first, end)`` each.
+
+    The first reads tokens [0, window) from the response's start; each later one scores ``stride`` tokens
+    [first, end) reading response tokens [context_start, end), context_start = first − (window − stride).
+    """
+    blocks = [(0, 0, min(n_tokens, window))] if n_tokens else []
+    for first in range(window, n_tokens, stride):
+        blocks.append((first - (window - stride), first, min(n_tokens, first + stride)))
+    return blocks
+
+
+def default_stride(window: int) -> int:
+    """Tokens scored per rolling block unless configured: a quarter of the window (a token costs ~4 run)."""
+    return max(1, window // 4)
+
+
+def block_of(index: int, window: int, stride: int) -> tuple[int, int]:
+    """``(context_start, end)`` of the rolling block response token ``index`` is scored in."""
+    if index < window:
+        return 0, window
+    first = window + (index - window) // stride * stride
+    return first - (window - stride), first + stride
 
 
 class StreamScorer:
     """The token probe on the bundle's truncated model, fed one response chunk at a time."""
 
-    def __init__(self, extractor: FeatureExtractor, probe: TokenProbe, *, prefix_max_tokens: int) -> None:
+    def __init__(self, extractor: FeatureExtractor, probe: TokenProbe, *, prefix_max_tokens: int,
+                 stride: int | None = None, max_tokens: int | None = None) -> None:
+        """``stride``: tokens scored per rolling block past the window (None: a quarter of it); ``max_tokens``:
+        response tokens read at most (None: 32 windows), the rest is reported ``unread``."""
         require_causal(extractor.loaded)
         if extractor.layer != probe.layer:
             raise ValueError(f"the token probe reads block {probe.layer}, the extractor block {extractor.layer}")
         self.extractor = extractor
         self.probe = probe
         self.prefix_max_tokens = prefix_max_tokens
+        self.window = probe.settings.max_response_tokens
+        self.stride = default_stride(self.window) if stride is None else stride
+        if not 1 <= self.stride <= self.window:
+            raise ValueError(f"the rolling stride must be in [1, {self.window}] (the window), not {self.stride}")
+        self.max_tokens = 32 * self.window if max_tokens is None else max_tokens
+        if self.max_tokens < self.window:
+            raise ValueError(f"max_tokens {self.max_tokens} is shorter than the window {self.window}")
         self.specials = special_strings(self.tokenizer)
         self._window = neutralise_window(self.specials)
 
@@ -265,13 +322,13 @@ class StreamScorer:
         return state
 
     def step_of(self, state: ResponseState, *, new_tokens: int = 0, stopped_now: bool = False,
-                recomputed: bool = False) -> StreamStep:
+                recomputed: bool = False, unread: bool = False) -> StreamStep:
         """Where ``state`` stands, as the step a chunk would report."""
         a = self.probe.settings.aggregator
         return StreamStep(
             new_tokens=new_tokens, scored_tokens=len(state.scored), stop_index=state.stop_index,
             stopped_now=stopped_now, recomputed=recomputed, p_unsafe=self.probe.p_unsafe(state.aggregate),
-            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a],
+            smoothed=state.aggregate.last[a], peak=state.aggregate.peak[a], unread=unread,
         )
 
     def states(self, ids: Sequence[int], past: Any | None = None) -> tuple[F32, Any]:
@@ -294,30 +351,31 @@ class StreamScorer:
         if len(set(keys)) != len(keys):
             raise ValueError("one chunk per response in a batch: feed a response's next chunk in the next batch")
         plans = [self._plan(c, store) for c in chunks]
-        runs = [p for p in plans if p.run]
-        hidden: dict[str, tuple[F32, Any]] = {}
+        runs = [(p.chunk.key, i, seg) for p in plans for i, seg in enumerate(p.segments)]
+        hidden: dict[tuple[str, int], tuple[F32, Any]] = {}
         # Packed passes take cached and uncached items alike; padded ones would pad every cache to the prefixes.
         groups = ([runs] if self.extractor.packs_cached_batches() else
-                  [[p for p in runs if p.past is not None], [p for p in runs if p.past is None]])
+                  [[r for r in runs if r[2].past is not None], [r for r in runs if r[2].past is None]])
         for group in groups:
-            lengths = [len(p.run) for p in group]
+            lengths = [len(seg.run) for _, _, seg in group]
             for indices in plan_batches(lengths, batch_tokens=self.extractor.batch_tokens,
                                         max_items=self.extractor.max_items) if group else []:
                 batch = [group[i] for i in indices]
-                outputs = self.extractor.hidden_cached_batch([(p.run, p.past) for p in batch])
-                for p, (states, cache) in zip(batch, outputs, strict=True):
-                    hidden[p.chunk.key] = states[len(p.run) - len(p.new):].cpu().numpy().astype(np.float32), cache
-        return [self._commit(p, hidden.get(p.chunk.key), store) for p in plans]
+                outputs = self.extractor.hidden_cached_batch([(seg.run, seg.past) for _, _, seg in batch])
+                for (key, i, seg), (states, cache) in zip(batch, outputs, strict=True):
+                    hidden[key, i] = states[len(seg.run) - seg.new:].cpu().numpy().astype(np.float32), cache
+        return [self._commit(p, [hidden[p.chunk.key, i] for i in range(len(p.segments))], store) for p in plans]
 
     def _plan(self, chunk: Chunk, store: KVStore) -> _Plan:
         """What ``chunk`` needs run, read from its state and the store without changing either."""
         settings = self.probe.settings
         state = chunk.state
-        cap = settings.max_response_tokens
+        cap = self.max_tokens
         if len(state.scored) >= cap:
-            # Everything the probe reads is scored: the rest of the response is neither kept nor tokenized.
-            return _Plan(chunk=chunk, text=state.text, capped=True, retokenized=False, kept=len(state.scored),
-                         new=[], anchor=(state.anchor_char, state.anchor_tok), run=[], past=None)
+            # Nothing past the cap is read, kept or tokenized: any more text leaves the response unjudged.
+            return _Plan(chunk=chunk, text=state.text, capped=bool(chunk.delta), retokenized=False,
+                         kept=len(state.scored), new=[], anchor=(state.anchor_char, state.anchor_tok), segments=[],
+                         recompute=False)
         text = neutralise_tail(state.text, chunk.delta, self.specials)
         tail = self.tokenizer(text[state.anchor_char:], add_special_tokens=False, return_offsets_mapping=True)
         tail_ids, offsets = list(tail["input_ids"]), list(tail["offset_mapping"])
@@ -329,14 +387,37 @@ class StreamScorer:
         retokenized = kept < len(state.scored)
         upto = total if chunk.final or capped else max(kept, total - settings.holdback_tokens)
         new = tail_ids[kept - base : upto - base]
-        past = store.get(chunk.key) if new else None
-        if past is not None and retokenized:
-            past = crop_cache(past, len(state.prefix) + kept)  # views: the held cache itself is not changed
-        run = new if past is not None else (state.prefix + state.scored[:kept] + new if new else [])
+        segments = self._segments(state, kept, new, store.get(chunk.key) if new else None)
         cut, anchor_tok = self._next_anchor(state, text, tail_ids, offsets, scored_after=upto)
         # Text before the anchor is never read again: the state keeps the response from its anchor on.
         return _Plan(chunk=chunk, text=text[cut:], capped=capped, retokenized=retokenized, kept=kept, new=new,
-                     anchor=(0, anchor_tok), run=run, past=past)
+                     anchor=(0, anchor_tok), segments=segments,
+                     recompute=bool(segments) and segments[0].past is None and kept > 0)
+
+    def _segments(self, state: ResponseState, kept: int, new: list[int], held: Any | None) -> list[_Segment]:
+        """The passes that score ``new`` (response tokens from ``kept`` on), one per rolling block.
+
+        The first continues the held cache when it still covers the block's context (the cache is cut to
+        ``kept`` after a roll-back: views, the held cache is not changed); a pass that starts a block reads its
+        context again on the prefix's cached keys; without a cache the prefix runs too.
+        """
+        segments: list[_Segment] = []
+        n_prefix = len(state.prefix)
+        pos = kept
+        while pos - kept < len(new):
+            start, end = block_of(pos, self.window, self.stride)
+            end = min(end, kept + len(new))
+            fresh = new[pos - kept : end - kept]
+            if held is not None and start == state.cache_start and start <= kept and pos == kept:
+                past: Any | None = crop_cache(held, n_prefix + kept - start) if kept < len(state.scored) else held
+                run = fresh
+            else:
+                context = state.scored[start:kept] + new[max(0, start - kept) : pos - kept]
+                past = crop_cache(held, n_prefix) if held is not None else None
+                run = (state.prefix if past is None else []) + context + fresh
+            segments.append(_Segment(run=run, past=past, new=len(fresh), cache_start=start))
+            pos = end
+        return segments
 
     def _next_anchor(self, state: ResponseState, text: str, tail_ids: Sequence[int],
                      offsets: Sequence[tuple[int, int]], *, scored_after: int) -> tuple[int, int]:
@@ -361,12 +442,12 @@ class StreamScorer:
                 break
         return base_char, base_tok
 
-    def _commit(self, plan: _Plan, computed: tuple[F32, Any] | None, store: KVStore) -> StreamStep:
+    def _commit(self, plan: _Plan, computed: Sequence[tuple[F32, Any]], store: KVStore) -> StreamStep:
         settings = self.probe.settings
         chunk, state = plan.chunk, plan.chunk.state
         state.text = plan.text
         state.anchor_char, state.anchor_tok = plan.anchor
-        recomputed = plan.retokenized
+        recomputed = plan.retokenized or plan.recompute
         if plan.retokenized:
             del state.scored[plan.kept :], state.logits[plan.kept :]
             state.aggregate, state.stop_index = self.probe.new_aggregate(), None
@@ -377,14 +458,15 @@ class StreamScorer:
             state.recomputations += 1
         stopped_now = False
         if plan.new:
-            assert computed is not None, "a chunk with new tokens was not run"
-            hidden, past = computed
-            recomputed = recomputed or (plan.past is None and bool(state.scored))
+            assert len(computed) == len(plan.segments), "a chunk with new tokens was not run"
+            hidden = np.concatenate([h for h, _ in computed])
+            past = computed[-1][1]
             logits = self.probe.logits(hidden)
             series = state.aggregate.push(logits)[settings.aggregator]
             start = len(state.scored)
             state.scored.extend(plan.new)
             state.logits.extend(np.asarray(logits, dtype=np.float64).tolist())
+            state.cache_start = plan.segments[-1].cache_start
             if state.stop_index is None:
                 hit = first_crossing(series, settings.threshold)
                 if hit is not None:
@@ -393,9 +475,10 @@ class StreamScorer:
                 store.pop(chunk.key)
             else:
                 store.put(chunk.key, past)
-        elif chunk.final:
+        elif chunk.final or plan.capped:
             store.pop(chunk.key)
-        return self.step_of(state, new_tokens=len(plan.new), stopped_now=stopped_now, recomputed=recomputed)
+        return self.step_of(state, new_tokens=len(plan.new), stopped_now=stopped_now, recomputed=recomputed,
+                            unread=plan.capped)
 
 
 def _agreeing(ids: Sequence[int], scored: Sequence[int]) -> int:
@@ -442,3 +525,19 @@ def response_features(
 def offline_stop(probe: TokenProbe, token_logits: npt.ArrayLike) -> int | None:
     """Where the stream would stop over these logits: the same rule ``StreamScorer.feed`` applies."""
     return first_crossing(probe.series(token_logits), probe.settings.threshold)
+
+
+def rolling_logits(extractor: FeatureExtractor, logits: Callable[[F32], npt.NDArray[np.float64]],
+                   sequences: Sequence[tuple[list[int], list[int]]], *, window: int,
+                   stride: int) -> list[npt.NDArray[np.float64]]:
+    """Per-token logits (``logits`` of the token states, e.g. ``TokenProbe.logits``) of whole (prefix, response)
+    pairs read offline as the stream reads them: the first ``window`` tokens from the response's start, then
+    ``rolling_blocks`` (one forward pass per block)."""
+    items = [(index, block) for index, (_, response) in enumerate(sequences)
+             for block in rolling_blocks(len(response), window, stride)]
+    passes = [(sequences[index][0], sequences[index][1][block[0]:block[2]]) for index, block in items]
+    out = [np.empty(len(response), dtype=np.float64) for _, response in sequences]
+    for i, feats in response_features(extractor, passes, ()):
+        index, (start, first, end) = items[i]
+        out[index][first:end] = logits(feats.token_states[first - start :])
+    return out

@@ -36,7 +36,15 @@ from probes.manifest import HeadInfo, StopCalibration, StreamManifest
 from probes.metrics import classification_metrics
 from probes.monitor import Monitor
 from probes.pipeline import ProgressFactory, no_progress
-from probes.stream_scorer import ResponseFeatures, prefix_ids, require_causal, response_features, response_ids
+from probes.stream_scorer import (
+    ResponseFeatures,
+    default_stride,
+    prefix_ids,
+    require_causal,
+    response_features,
+    response_ids,
+    rolling_logits,
+)
 from probes.token_probe import AGGREGATORS, TOKEN_HEAD, smoothed
 
 log = get_logger(__name__)
@@ -179,7 +187,13 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
     # dev is not needed here (there is no DV head on streams): it joins calibration, both disjoint from the rest.
     calibration_set = [r for r in (*splits.dev, *splits.calibration) if response_label(r) == 0]
     cal_feats = read_responses(monitor, calibration_set, cfg.max_response_tokens, progress, "calibration")
-    cal_logits = [f.token_states @ w + c0 for f in cal_feats]
+    # The stream reads whole responses (rolling view past the window), and both later tokens and a longer read
+    # raise a benign response's peak: the stop threshold is calibrated on whole reads (up to a cap), not on
+    # first windows, which left the benign stop rate of long responses near 2·α (README "Scores past the window").
+    stride = default_stride(cfg.max_response_tokens)
+    cal_logits = rolling_logits(monitor.extractor, lambda states: (states @ w).astype(np.float64) + c0,
+                                response_sequences(monitor, calibration_set, cfg.calibration_max_tokens),
+                                window=cfg.max_response_tokens, stride=stride)
     cal: dict[str, StopCalibration] = {}
     for agg in AGGREGATORS:
         peaks = [float(smoothed(z, agg, decay=cfg.decay, window=cfg.window).max()) for z in cal_logits]
@@ -218,6 +232,7 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
         alpha=cfg.alpha, delta=cfg.delta, n_benign_calibration=len(cal_feats),
         thresholds=cal,
         train_token_metrics=classification_metrics(tokens.y, train_token_p),
+        calibration_max_tokens=cfg.calibration_max_tokens, calibration_stride=stride,
     )
     bundle.manifest = bundle.manifest.replace(heads=heads, stream=section)
     save_bundle(bundle, bundle_dir)

@@ -247,6 +247,12 @@ class ResponsesConfig(ServiceConfig):
         4096, ge=1, description="a response with more chunks is stopped (reason limit) and the rest dead-lettered")
     max_response_bytes: int = Field(
         1_000_000, ge=1024, description="a response with more text (UTF-8) is stopped (limit), the rest dead-lettered")
+    rolling_stride_tokens: int | None = Field(
+        None, ge=1, description="past the bundle's window (stream.max_response_tokens, W) a response is read in "
+        "blocks of this many tokens, each on the prefix and the W - stride tokens before it; None: W/4")
+    max_read_tokens: int = Field(
+        8192, ge=8, description="response tokens read at most (>= W): a longer response is stopped (reason limit) "
+        "with an alert, never allowed unread; checkpoints hold ~26 bytes a read token")
     checkpoint: bool = Field(
         True, description="scored chunks are committed once the response's state is checkpointed on the "
         "response-state topic; off: every chunk of an open response stays uncommitted until its verdict")

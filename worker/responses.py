@@ -8,8 +8,10 @@ from the prefix). A response ends with one ``StreamVerdict`` (signed with the wo
 worker/signing.py): ``stop`` at the token where the smoothed score
 first crosses the calibrated threshold, ``allow`` only when its final chunk was read; everything else fails
 closed: no chunk for ``response_timeout_s`` (``timeout``, or ``gap`` while a chunk is missing), more chunks or
-text than the per-response limits (``limit``, the rest dead-lettered), an inference failure (``error``) each
-end in ``stop`` with a critical alert (source ``stream``) on the alerts topic.
+text than the per-response limits (``limit``, the rest dead-lettered; also a response longer than
+``max_read_tokens`` tokens, the rest of which is never read), an inference failure (``error``) each end in ``stop``
+with a critical alert (source ``stream``) on the alerts topic. Past the bundle's window a response is read on a
+rolling context (probes/stream_scorer.py), so a verdict covers every token of it.
 
 At-least-once with checkpoints (``responses.checkpoint``, default): once a round of chunks is scored, the
 response's state goes to the compacted ``response-state`` topic (worker/response_state.py) and those chunks are
@@ -94,6 +96,8 @@ class OpenResponse:
     meta: Meta | None = None
     chunks: int = 0
     bytes: int = 0
+    #: Which per-response limit closed it (reason ``limit``): chunks, bytes or tokens; in the alert.
+    limit: str | None = None
 
 
 class ResponseHandler(OutputsSlot):
@@ -211,8 +215,8 @@ class ResponseHandler(OutputsSlot):
         rid = chunk.response_id
         if rid in self.closed:
             if self.closed.reason(rid) == "limit":
-                self.out.dead_letter(item, "response_limit", "the response was stopped at its chunk or byte limit",
-                                     "decode")
+                self.out.dead_letter(item, "response_limit",
+                                     "the response was stopped at its chunk, byte or token limit", "decode")
             else:
                 self.out.done(item)  # a late or repeated chunk of a response already judged
             return
@@ -235,6 +239,7 @@ class ResponseHandler(OutputsSlot):
         response.chunks += 1
         response.bytes += len(chunk.text.encode())
         if response.chunks > self.config.max_chunks_per_response or response.bytes > self.config.max_response_bytes:
+            response.limit = "chunks" if response.chunks > self.config.max_chunks_per_response else "bytes"
             self._close(response, "limit")
             return
         if status in ("overflow", "too_far"):  # unreachable past the seq check above; fail closed all the same
@@ -318,6 +323,9 @@ class ResponseHandler(OutputsSlot):
                 response.step, response.last_seq = step, chunk.seq
                 if step.stop_index is not None:
                     reasons[response.response_id] = "threshold"
+                elif step.unread:  # text past max_read_tokens: judging it unread would allow what was not read
+                    reasons[response.response_id] = "limit"
+                    response.limit = "tokens"
                 elif chunk.final:
                     reasons[response.response_id] = "final"
 
@@ -345,14 +353,14 @@ class ResponseHandler(OutputsSlot):
             chunks=response.chunks, text_bytes=response.bytes, written_at=utcnow(),
             **({} if state is None or closed is not None else {
                 "prefix": state.prefix, "scored": state.scored, "logits": state.logits,
-                # Once every token the probe reads is scored, the text is never read again.
+                # Once max_read_tokens are scored, the text is never read again.
                 "text": "" if self._capped(state) else state.text[state.anchor_char:],
                 "anchor_tok": state.anchor_tok}),
         )
         return Message(self.settings.topics.response_state, checkpoint.to_json(), response.response_id.encode())
 
     def _capped(self, state: ResponseState) -> bool:
-        return len(state.scored) >= self.scorer.probe.settings.max_response_tokens
+        return len(state.scored) >= self.scorer.max_tokens
 
     def _checkpoint(self, response: OpenResponse, scored: list[Item]) -> None:
         """The scored chunks are done once the response's state after them is acknowledged (checkpoints on);
@@ -408,7 +416,8 @@ class ResponseHandler(OutputsSlot):
                 event_id=response.response_id, conversation_id=meta.conversation_id or response.response_id,
                 tenant=meta.tenant, severity="critical", source="stream", p_unsafe=p_unsafe,
                 bundle_version=self.bundle_version, verdict_decided_at=verdict.decided_at, raised_at=utcnow(),
-                metadata={"stream_reason": reason, "last_seq": response.last_seq},
+                metadata={"stream_reason": reason, "last_seq": response.last_seq,
+                          **({"limit": response.limit} if response.limit else {})},
             )
             alert_body = alert.to_json()
             messages.append(Message(self.settings.topics.alerts, alert_body, key,
@@ -417,7 +426,7 @@ class ResponseHandler(OutputsSlot):
         if self.state_log is not None:
             messages.append(self._checkpoint_message(response, closed=reason))
         log.log(40 if reason in UNSCORED else 20, "response.verdict", response_id=response.response_id,
-                decision=verdict.decision, reason=reason, tokens=verdict.tokens_scored)
+                decision=verdict.decision, reason=reason, tokens=verdict.tokens_scored, limit=response.limit)
         if not response.held:
             # Every chunk was checkpointed and committed: the verdict is owed to no record in flight (a crash
             # before it is acknowledged leaves the checkpoint open, and the response times out again).
@@ -455,7 +464,12 @@ def response_stream(settings: WorkerSettings, monitor: Monitor, metrics: Consume
     """The streamed-response service: the ``responses`` topic through ``ResponseHandler``."""
     refuse_exactly_once(settings)
     probe = TokenProbe.from_bundle(monitor.bundle)
-    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens)
+    r = settings.responses
+    try:
+        scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens,
+                              stride=r.rolling_stride_tokens, max_tokens=r.max_read_tokens)
+    except ValueError as exc:
+        raise ConfigError(f"responses: {exc}") from exc
     return scorer_stream(settings, scorer, bundle_version=monitor.bundle.version,
                          model_version=monitor.model_version, metrics=metrics, **clients)
 

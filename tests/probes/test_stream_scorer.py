@@ -2,24 +2,31 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
 
 from probes.conversation import Message
+from probes.data import Record, read_file
 from probes.errors import ModelSpecError
 from probes.features import FeatureExtractor
 from probes.heads import LinearHead
 from probes.stream_scorer import (
     Chunk,
     KVStore,
+    ResponseState,
     StreamScorer,
+    StreamStep,
+    block_of,
     cache_nbytes,
     prefix_ids,
     require_causal,
     response_features,
     response_ids,
+    rolling_blocks,
+    rolling_logits,
 )
 from probes.token_probe import AGGREGATORS, StreamSettings, TokenProbe
 
@@ -142,11 +149,22 @@ def test_retokenisation_across_a_chunk_boundary_rolls_back_to_where_the_tokens_a
     assert steps[-1].stop_index == int(np.flatnonzero(probe.series(z) > tau)[0])
 
 
-def test_max_response_tokens_caps_what_is_read(extractor) -> None:
+def test_max_tokens_caps_what_is_read_and_says_the_rest_is_unread(extractor) -> None:
     probe = make_probe(extractor.loaded.hidden_size, max_tokens=10)
-    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4, max_tokens=20)
     state, steps = stream(scorer, chunks_of(RESPONSE, 4), KVStore(max_bytes=1 << 34, max_entries=4))
-    assert steps[-1].scored_tokens == 10 and len(state.scored) == 10
+    assert len(response_ids(scorer.tokenizer, RESPONSE)) > 20
+    assert steps[-1].scored_tokens == 20 and len(state.scored) == 20
+    assert steps[-1].unread and not steps[0].unread
+    # A response that ends exactly at the cap was read in full.
+    n = len(response_ids(scorer.tokenizer, RESPONSE))
+    exact = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4, max_tokens=n)
+    _, steps = stream(exact, chunks_of(RESPONSE, 3), KVStore(max_bytes=1 << 34, max_entries=4))
+    assert steps[-1].scored_tokens == n and not any(s.unread for s in steps)
+    with pytest.raises(ValueError):
+        StreamScorer(extractor, probe, prefix_max_tokens=256, stride=11)
+    with pytest.raises(ValueError):
+        StreamScorer(extractor, probe, prefix_max_tokens=256, max_tokens=9)
 
 
 def test_batched_offline_features_match_the_stream(extractor) -> None:
@@ -281,3 +299,179 @@ def test_kv_store_evicts_least_recently_used_by_bytes_and_count() -> None:
 def test_encoders_are_refused(minilm) -> None:
     with pytest.raises(ModelSpecError):
         require_causal(minilm)
+
+
+
+# ---------------------------------------------------------------- rolling view past the window
+LONG = RESPONSE + " " + BREAD + " " + RESPONSE  # ~110 tokens: a window of 16 and many blocks of 4 after it
+
+
+def test_rolling_blocks_cover_every_token_once_with_a_bounded_context() -> None:
+    for n in (0, 5, 16, 17, 20, 21, 103):
+        blocks = rolling_blocks(n, 16, 4)
+        assert [t for _, first, end in blocks for t in range(first, end)] == list(range(n))
+        for start, first, end in blocks:
+            assert end - start <= 16
+            assert start == 0 if first == 0 else first - start == 12
+            assert all(block_of(t, 16, 4)[0] == start for t in range(first, end))
+
+
+@pytest.mark.parametrize(("n_chunks", "capacity"), [(1, 4), (5, 4), (17, 4), (9, 1)],
+                         ids=["one-chunk", "5-chunks", "17-chunks", "9-chunks-evicted"])
+def test_rolling_read_equals_the_offline_blocks(extractor, n_chunks: int, capacity: int) -> None:
+    """Past the window every token is scored on prefix + the window − stride tokens before its block: chunked
+    (cache held or lost between chunks) or in one piece, the logits are those of ``rolling_logits``."""
+    probe = make_probe(extractor.loaded.hidden_size, max_tokens=16)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4)
+    tok = scorer.tokenizer
+    ids = response_ids(tok, LONG)
+    (z,) = rolling_logits(extractor, probe.logits, [(prefix_ids(tok, CONTEXT, 256), ids)], window=16, stride=4)
+    store = KVStore(max_bytes=1 << 34, max_entries=capacity)
+    state = scorer.open(CONTEXT)
+    pieces = chunks_of(LONG, n_chunks)
+    for i, piece in enumerate(pieces):
+        scorer.feed("r", state, piece, final=i == len(pieces) - 1, store=store)
+        if capacity == 1:  # another response takes the one slot: the next chunk finds no cache
+            scorer.feed(f"o{i}", scorer.open(OTHER_CONTEXT), BREAD[:30], final=False, store=store)
+    assert state.scored == ids and len(ids) > 16 + 10 * 4
+    np.testing.assert_allclose(state.logits, z, atol=2e-3)
+    for a in AGGREGATORS:
+        assert state.aggregate.peak[a] == pytest.approx(probe.series(z, a).max(), abs=1e-3)
+    # Past the window the context is not the whole response: the scores are not those of a full-context read.
+    hidden, _ = scorer.states(state.prefix + ids)
+    full = probe.logits(hidden[len(state.prefix):])
+    np.testing.assert_allclose(full[:16], z[:16], atol=2e-3)
+    assert np.abs(full[16:] - z[16:]).max() > 1e-2
+
+
+def test_rolling_cost_per_token_is_bounded(extractor, monkeypatch) -> None:
+    """Every pass is at most prefix + window tokens long, the prefix runs once, and past the window a block of
+    ``stride`` tokens re-reads only its window − stride context: tokens run = p + n + (blocks − 1)·(W − S)."""
+    probe = make_probe(extractor.loaded.hidden_size, max_tokens=16)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4)
+    runs: list[tuple[int, bool]] = []
+    real = extractor.hidden_cached_batch
+
+    def counted(items):  # type: ignore[no-untyped-def]
+        runs.extend((len(ids), past is not None) for ids, past in items)
+        return real(items)
+
+    monkeypatch.setattr(extractor, "hidden_cached_batch", counted)
+    text = " ".join([LONG] * 3)  # ~330 tokens
+    store = KVStore(max_bytes=1 << 34, max_entries=4)
+    state = scorer.open(CONTEXT)
+    pieces = chunks_of(text, 40)
+    for i, piece in enumerate(pieces):
+        scorer.feed("r", state, piece, final=i == len(pieces) - 1, store=store)
+    n, p = len(state.scored), len(state.prefix)
+    assert n > 300
+    blocks = len(rolling_blocks(n, 16, 4))
+    assert max(length for length, _ in runs) <= p + 16
+    assert sum(not cached for _, cached in runs) == 1 + state.recomputations  # the prefix's keys are reused
+    if state.recomputations == 0:
+        assert sum(length for length, _ in runs) == p + n + (blocks - 1) * 12
+    assert sum(length for length, _ in runs) <= p + n * 16 / 4 + state.recomputations * (p + 16)
+
+
+def test_a_checkpoint_mid_rolling_resumes_to_the_same_scores(extractor) -> None:
+    """State rebuilt as worker/responses.py checkpoints it (prefix, scored, logits, text after the anchor), past
+    the window, no cache: the rest of the response scores as without the restart."""
+    probe = make_probe(extractor.loaded.hidden_size, max_tokens=16)
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4)
+    pieces = chunks_of(LONG, 8)
+    reference, _ = stream(scorer, pieces, KVStore(max_bytes=1 << 34, max_entries=4))
+    # A threshold first crossed late, past the resume point: the stop itself must come out of the resumed run.
+    # It needs a token whose smoothed score beats every earlier one; the head or its negation has one.
+    for sign in (1.0, -1.0):
+        series = probe.series(sign * np.asarray(reference.logits))
+        records = [i for i in range(60, len(series)) if series[i] > series[:i].max()]
+        if records:
+            break
+    late = records[0]
+    tau = float((series[:late].max() + series[late]) / 2)
+    probe = dataclasses.replace(probe, weight=sign * probe.weight, bias=sign * probe.bias,
+                                settings=dataclasses.replace(probe.settings, thresholds={"ema": tau}))
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=4)
+    state = scorer.open(CONTEXT)
+    store = KVStore(max_bytes=1 << 34, max_entries=4)
+    for piece in pieces[:3]:
+        scorer.feed("r", state, piece, final=False, store=store)
+    assert 16 < len(state.scored) < late and state.stop_index is None
+    resumed = scorer.resume(prefix=state.prefix, scored=state.scored, logits=state.logits,
+                            text=state.text[state.anchor_char:], anchor_tok=state.anchor_tok)
+    fresh = KVStore(max_bytes=1 << 34, max_entries=4)
+    steps = [scorer.feed("r", resumed, piece, final=i == 4, store=fresh) for i, piece in enumerate(pieces[3:])]
+    assert resumed.scored[: late + 1] == reference.scored[: late + 1]
+    np.testing.assert_allclose(resumed.logits[: late + 1], sign * np.asarray(reference.logits[: late + 1]),
+                               atol=2e-3)
+    assert steps[-1].stop_index == late and sum(s.stopped_now for s in steps) == 1
+
+
+RESPONSES = "refusal_direction_completions.conversations.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Record]]:  # type: ignore[no-untyped-def]
+    """A real token probe (window 32, stride 16) fitted on the first 48 tokens of 40 harmful and 40 benign real
+    responses, its threshold the 95th percentile of the smoothed peaks of 60 other benign responses read whole
+    (rolling, 160 tokens; a few benign peaks sit far above the rest): what has not been read is held out."""
+    from probes.token_train import fit_token_head, response_label, token_training_set
+
+    records = read_file(datasets_dir / RESPONSES)
+    harmful = [r for r in records if response_label(r) == 1]
+    benign = [r for r in records if response_label(r) == 0]
+    tok = extractor.loaded.tokenizer
+
+    def sequences(rs: list[Record], n: int) -> list[tuple[list[int], list[int]]]:
+        return [(prefix_ids(tok, r.messages[:-1], 256), response_ids(tok, r.messages[-1].content)[:n]) for r in rs]
+
+    train = harmful[:40] + benign[:40]
+    feats = [f for _, f in sorted(response_features(extractor, sequences(train, 48), ()), key=lambda x: x[0])]
+    data = token_training_set(feats, [response_label(r) for r in train], per_response=48, warmup=8, seed=0)
+    settings = StreamSettings(decay=0.9, window=16, aggregator="ema", score="peak", max_response_tokens=32,
+                              holdback_tokens=2, thresholds={"ema": None}, alpha=0.05, delta=0.1)
+    probe = TokenProbe.from_head(fit_token_head(data, c=0.5, seed=0), LAYER, settings)
+    cal = rolling_logits(extractor, probe.logits, sequences(benign[40:100], 160), window=32, stride=16)
+    tau = float(np.quantile([probe.series(z).max() for z in cal], 0.95))  # a 5 % budget, as stream.alpha
+    probe = dataclasses.replace(probe, settings=dataclasses.replace(settings, thresholds={"ema": tau}))
+    return probe, harmful[40:], benign[100:]
+
+
+def test_a_harmful_payload_after_a_long_benign_preamble_is_stopped(extractor, trained) -> None:
+    """Real probe, real responses: a benign response of 4+ windows is read to its end and allowed; a harmful
+    request answered with that benign text first and then a harmful completion the probe recognises is stopped
+    inside the completion, past the first window (where the stream used to stop reading and allow it); a restart
+    from a checkpoint mid-rolling stops at the same token."""
+    probe, harmful, benign = trained
+    scorer = StreamScorer(extractor, probe, prefix_max_tokens=256, stride=16)
+    long = next(r for r in benign if len(r.messages[-1].content) >= 800)
+    preamble = long.messages[-1].content[:800]
+
+    def read(context: Sequence[Message], text: str, n: int = 6) -> tuple[ResponseState, list[StreamStep]]:
+        state = scorer.open(context)
+        store = KVStore(max_bytes=1 << 34, max_entries=4)
+        pieces = chunks_of(text, n)
+        return state, [scorer.feed("r", state, p, final=i == n - 1, store=store) for i, p in enumerate(pieces)]
+
+    state, steps = read(long.messages[:-1], preamble)
+    assert len(state.scored) > 4 * 32 and steps[-1].stop_index is None and not steps[-1].unread
+    # The first held-out harmful exchange whose completion the probe stops, and whose request followed by the
+    # benign preamble alone it does not.
+    record = next(r for r in harmful if read(r.messages[:-1], r.messages[-1].content[:400], 2)[1][-1].stop_index
+                  is not None and read(r.messages[:-1], preamble, 2)[1][-1].stop_index is None)
+    context, text = record.messages[:-1], preamble + "\n\n" + record.messages[-1].content[:400]
+    state, steps = read(context, text, 10)
+    stop = steps[-1].stop_index
+    assert stop is not None and stop >= len(response_ids(scorer.tokenizer, preamble)) - 2 > 32
+    # Restart mid-rolling (past the preamble's window, before the payload) from what a checkpoint holds.
+    pieces = chunks_of(text, 10)
+    before = scorer.open(context)
+    store = KVStore(max_bytes=1 << 34, max_entries=4)
+    for p in pieces[:4]:
+        scorer.feed("r", before, p, final=False, store=store)
+    assert 32 < len(before.scored) < stop
+    resumed = scorer.resume(prefix=before.prefix, scored=before.scored, logits=before.logits,
+                            text=before.text[before.anchor_char:], anchor_tok=before.anchor_tok)
+    fresh = KVStore(max_bytes=1 << 34, max_entries=4)
+    after = [scorer.feed("r", resumed, p, final=i == 5, store=fresh) for i, p in enumerate(pieces[4:])]
+    assert after[-1].stop_index == stop

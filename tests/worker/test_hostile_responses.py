@@ -94,7 +94,7 @@ async def test_hostile_streamed_responses_each_end_in_a_verdict_or_dead_letter_w
     # Control tokens stay text: the scored tokens are the neutralised text's (the raw text has fewer tokens).
     injected = by_id["injected"]
     assert injected["reason"] in ("final", "threshold")
-    cap = scorer.probe.settings.max_response_tokens
+    cap = scorer.max_tokens  # read on the rolling view past the window, up to the token limit
     if injected["reason"] == "final":
         assert injected["tokens_scored"] == min(cap, len(response_ids(scorer.tokenizer, INJECTED)))
     raw = scorer.tokenizer(INJECTED, add_special_tokens=False)["input_ids"]

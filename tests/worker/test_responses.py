@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 from pathlib import Path
@@ -319,6 +320,32 @@ async def test_a_response_past_its_limits_is_stopped_and_the_rest_dead_lettered(
     over = 4 if limit == "chunks" else 5  # the chunk past the limit closes it; the ones after are refused
     await until(lambda: dead_reasons(producer) == ["response_limit"] * (8 - over))
     await until(lambda: consumer.last_commit(P0) == len(own))
+
+
+async def test_a_response_longer_than_max_read_tokens_is_stopped_with_an_alert_never_allowed(
+        scorer: StreamScorer) -> None:
+    """Past the window (64) the response is read on the rolling view; past max_read_tokens (160) nothing more is
+    read, so the response ends stop/limit with a critical alert naming the token limit, not allow at its final
+    chunk. Under a cap above its length the same text is read to its end."""
+    text = "Water the tomatoes in the morning and pick the ripe ones every other day. " * 12  # ~190 tokens
+    n = len(scorer.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert n > 160
+    # No threshold: the probe never stops it, so what ends it is the limit alone.
+    probe = dataclasses.replace(scorer.probe, settings=dataclasses.replace(scorer.probe.settings,
+                                                                           thresholds={"ema": None}))
+    capped = StreamScorer(scorer.extractor, probe, prefix_max_tokens=128, max_tokens=160)
+    stream, consumer, producer = make(capped, chunks("r-long", text, 6))
+    await run_until(stream, producer, 1)
+    (v,) = verdicts(producer)
+    assert (v.decision, v.reason, v.tokens_scored) == ("stop", "limit", 160)
+    (alert,) = alerts(producer)
+    assert alert.metadata["stream_reason"] == "limit" and alert.metadata["limit"] == "tokens"
+    await until(lambda: consumer.last_commit(P0) == 6)
+    whole = StreamScorer(scorer.extractor, probe, prefix_max_tokens=128, max_tokens=n + 8)
+    stream, _, producer = make(whole, chunks("r-long", text, 6))
+    await run_until(stream, producer, 1)
+    (v,) = verdicts(producer)
+    assert (v.decision, v.reason, v.tokens_scored) == ("allow", "final", n) and not alerts(producer)
 
 
 async def test_a_response_resumed_after_its_chunks_were_committed_still_times_out_to_stop(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, Spli
 from probes.data import read_file
 from probes.monitor import Monitor
 from probes.pipeline import prepare_data, train_probe
-from probes.stream_scorer import KVStore, StreamScorer
+from probes.stream_scorer import KVStore, StreamScorer, response_ids
 from probes.token_probe import TokenProbe
 from probes.token_train import response_label, train_token_probe
 from tests.worker.helpers import new_topics, produce_raw, read_topic, wait_for
@@ -122,6 +123,81 @@ async def test_fifty_streamed_responses_get_one_verdict_each_with_stops_on_harmf
     stopped = {r.id for r in chosen if by_id[r.id][0]["decision"] == "stop"}
     assert stopped & {r.id for r in harmful}, "some harmful responses are stopped"
     assert len(stopped & {r.id for r in harmful}) > len(stopped & {r.id for r in benign})
+
+
+def text_chunks(rid: str, context: Sequence[Any], text: str, n_chunks: int) -> list[tuple[bytes, bytes]]:
+    bounds = np.linspace(0, len(text), n_chunks + 1).round().astype(int).tolist()
+    out = []
+    for seq in range(n_chunks):
+        body: dict[str, Any] = {"response_id": rid, "seq": seq, "text": text[bounds[seq]:bounds[seq + 1]],
+                                "final": seq == n_chunks - 1, "created_at": dt.datetime.now(dt.UTC)}
+        if seq == 0:
+            body["context"] = [{"role": m.role, "content": m.content} for m in context]
+        out.append((rid.encode(), ResponseChunk.model_validate(body).to_json()))
+    return out
+
+
+async def test_responses_past_the_window_are_read_to_their_end_or_stopped_at_the_token_limit(
+    kafka_broker: Any, stream_bundle: Path, cache_dir: Path, datasets_dir: Path
+) -> None:
+    """The bundle's window is 32 tokens. Harmful requests answered with benign text (~100 tokens) and then a real
+    harmful completion (one the probe stops when it is the whole response) go through the service in 6 chunks
+    each: every verdict is the offline rolling read's, and one that ends allowed was read to its last token (the
+    service used to stop reading at 32 and allow). A response longer than max_read_tokens (256) ends stop/limit
+    with an alert naming the token limit."""
+    settings = service_settings(kafka_broker, stream_bundle, cache_dir)
+    settings = settings.model_copy(update={"responses": settings.responses.model_copy(update={"max_read_tokens": 256})})
+    topics = settings.topics
+    monitor = Monitor(stream_bundle, settings.model, cache_dir=cache_dir)
+    records = read_file(datasets_dir / "refusal_direction_completions.conversations.jsonl")
+    benign = [r for r in records if response_label(r) == 0 and len(r.messages[-1].content) >= 600][30:60]
+    probe = TokenProbe.from_bundle(monitor.bundle)
+    assert probe.settings.max_response_tokens == 32
+    scorer = StreamScorer(monitor.extractor, probe, prefix_max_tokens=monitor.max_tokens, max_tokens=256)
+
+    def offline(context: Any, text: str) -> tuple[str, int | None]:
+        step = scorer.feed("x", scorer.open(context), text, final=True, store=KVStore(max_bytes=1 << 32, max_entries=1))
+        return "threshold" if step.stop_index is not None else "limit" if step.unread else "final", step.stop_index
+
+    # Harmful requests whose real completion the probe stops when it is the whole response, each answered with a
+    # benign preamble first (~100 tokens) and then that completion.
+    harmful = [r for r in records if response_label(r) == 1][30:90]
+    harmful = [r for r in harmful if offline(r.messages[:-1], r.messages[-1].content[:400])[0] == "threshold"][:10]
+    preambles = {f"mixed-{i}": b.messages[-1].content[:500] for i, b in enumerate(benign[: len(harmful)])}
+    cases = {rid: (h.messages[:-1], preambles[rid] + "\n\n" + h.messages[-1].content[:400])
+             for rid, h in zip(preambles, harmful, strict=True)}
+
+    # A benign response of ~300+ tokens the probe does not stop in its first 256: it ends at the token limit.
+    long = next(b for b in benign[len(harmful):] if len(b.messages[-1].content) >= 1800
+                and offline(b.messages[:-1], b.messages[-1].content)[0] == "limit")
+    cases["too-long"] = (long.messages[:-1], long.messages[-1].content)
+    expected = {rid: offline(context, text) for rid, (context, text) in cases.items()}
+    values = [c for i in range(6) for rid, (context, text) in cases.items()
+              for c in text_chunks(rid, context, text, 6)[i:i + 1]]
+    service = response_stream(settings, monitor)
+    task = asyncio.create_task(service.run())
+    try:
+        await produce_raw(kafka_broker.bootstrap, topics.responses, values)  # type: ignore[arg-type]
+        got = await read_topic(kafka_broker.bootstrap, topics.response_verdicts,
+                               until=lambda r: len({v["response_id"] for v in r}) >= len(cases), timeout=600)
+        limited = sorted(rid for rid, (reason, _) in expected.items() if reason == "limit")
+        alerts = await read_topic(kafka_broker.bootstrap, topics.alerts, until=lambda r: len(r) >= len(limited),
+                                  timeout=60)
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 60)
+    by_id = {v["response_id"]: v for v in got}
+    assert len(got) == len(cases) and set(by_id) == set(cases)
+    for rid, (reason, stop_index) in expected.items():
+        v = by_id[rid]
+        assert (v["reason"], v["token_index"]) == (reason, stop_index), rid
+        assert v["decision"] == ("allow" if reason == "final" else "stop"), rid
+    assert by_id["too-long"]["reason"] == "limit" and by_id["too-long"]["tokens_scored"] == 256
+    assert sorted((a["event_id"], a["metadata"]["limit"]) for a in alerts) == [(rid, "tokens") for rid in limited]
+    for rid, (reason, _) in expected.items():
+        if reason == "final":
+            assert by_id[rid]["tokens_scored"] == len(response_ids(scorer.tokenizer, cases[rid][1])) > 3 * 32, rid
+    assert any(reason == "final" for reason, _ in expected.values())
 
 
 @pytest.mark.reliability
