@@ -14,7 +14,7 @@ from ctd_monitor.progress import console, progress_bars
 from probes.config import Settings, load_settings
 from probes.errors import CtdError
 from probes.logs import configure_logging
-from probes.manifest import SIGNAL_NAMES, Signal
+from probes.runtime.manifest import SIGNAL_NAMES, Signal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -81,7 +81,7 @@ def _guarded(fn: Any) -> Any:
 @_guarded
 def extract(ctx: typer.Context, data: DataOpt = None) -> None:
     """Extract pooled activations for the dataset mix (cached on disk; reruns are instant)."""
-    from probes import pipeline
+    from probes.fitting import pipeline
 
     s = settings(ctx)
     prepared = pipeline.prepare_data(s, data)
@@ -103,7 +103,7 @@ def train_probe(
     data: DataOpt = None,
 ) -> None:
     """Train the safety probe on probe-train and write a probe bundle; print evaluation metrics."""
-    from probes import pipeline
+    from probes.fitting import pipeline
 
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
@@ -119,7 +119,7 @@ def train_expert(
     force: Annotated[bool, typer.Option(help="retrain even if a cached expert matches")] = False,
 ) -> None:
     """Fine-tune the encoder-head expert (cached outside the repo); print its evaluation metrics."""
-    from probes import pipeline
+    from probes.fitting import pipeline
 
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
@@ -135,7 +135,7 @@ def train(
     data: DataOpt = None,
 ) -> None:
     """Train probe and expert on the shared data; print probe-only vs expert-only on the evaluation split."""
-    from probes import pipeline
+    from probes.fitting import pipeline
 
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
@@ -249,8 +249,8 @@ def train_dv(
     source: Annotated[str, typer.Option(help="crossfit (probe-train + dev, out-of-fold probe) | dev")] = "crossfit",
 ) -> None:
     """Train the delegation-value head and the SafeRoute-style router; store them in the bundle."""
-    from probes.cascade import CascadeContext
-    from probes.cascade import train_dv as run
+    from probes.evaluation.cascade import CascadeContext
+    from probes.evaluation.cascade import train_dv as run
 
     if target not in ("binary", "continuous") or source not in ("crossfit", "dev"):
         fail("--target must be binary or continuous, --source crossfit or dev")
@@ -274,7 +274,13 @@ def calibrate(
 ) -> None:
     """Learn-then-Test on the calibration split: the unsafe cuts of probe and expert (benign flag rate ≤ ε), then
     the delegation threshold (rate ≤ α) at those cuts; writes both to the manifest."""
-    from probes.cascade import CascadeContext, calibrate_cuts, calibrate_signal, write_calibration, write_cuts
+    from probes.evaluation.cascade import (
+        CascadeContext,
+        calibrate_cuts,
+        calibrate_signal,
+        write_calibration,
+        write_cuts,
+    )
 
     if signal not in SIGNAL_NAMES or variant not in ("pareto", "budget"):
         fail(f"--signal must be {'|'.join(SIGNAL_NAMES)} and --variant pareto|budget")
@@ -310,8 +316,8 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/eval"),
 ) -> None:
     """Every policy at every budget (calibrated on the calibration split, applied as is): metrics, plots, report."""
-    from probes.cascade import CascadeContext
-    from probes.evaluation import evaluation_report, write_report
+    from probes.evaluation.cascade import CascadeContext
+    from probes.evaluation.policies import evaluation_report, write_report
 
     try:
         alphas = [float(x) for x in budgets.split(",") if x.strip()]
@@ -340,9 +346,9 @@ def validate_guarantee(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON only")] = True,
 ) -> None:
     """Repeat calibration on random calibration/evaluation splits; report how often the budget is exceeded."""
-    from probes.cascade import CascadeContext
     from probes.data import read_file
-    from probes.evaluation import validate_guarantee as run
+    from probes.evaluation.cascade import CascadeContext
+    from probes.evaluation.policies import validate_guarantee as run
 
     s = settings(ctx)
     with progress_bars(options(ctx).progress and not json_out) as bars:
@@ -364,7 +370,7 @@ def train_token_probe(
     data: Annotated[list[Path] | None, typer.Option("--data", help="response file(s); default: stream.files")] = None,
 ) -> None:
     """Token-level probe on the response datasets + its LTT stop thresholds, stored in the bundle."""
-    from probes.token_train import train_token_probe as run
+    from probes.fitting.token_train import train_token_probe as run
 
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
@@ -381,7 +387,7 @@ def evaluate_stream(
     out: Annotated[Path, typer.Option(help="output directory (stream.json, stream.md)")] = Path("runs/stream"),
 ) -> None:
     """Streamed stop rule on the evaluation split of the response files: EMA vs rolling-max vs full-text probes."""
-    from probes.stream_eval import run_evaluate_stream
+    from probes.evaluation.stream_eval import run_evaluate_stream
 
     s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,7 +551,7 @@ def bench_generalization(
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
 
-    from probes import generalization as g
+    from probes.evaluation import generalization as g
 
     s = settings(ctx)
     try:
@@ -592,7 +598,7 @@ def bench_generalization(
                                 sweep=combos, guard=None if guard is None else guard.score,
                                 guard_name=None if guard is None else guard.name)
         if dilution_bundle is not None:
-            from probes.dilution import DISGUISES, PLACEMENTS, run_dilution
+            from probes.evaluation.dilution import DISGUISES, PLACEMENTS, run_dilution
 
             report["dilution"] = run_dilution(
                 dilution_bundle, s.model, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
@@ -677,7 +683,7 @@ def bench_drift(
     The window, re-certification and cap settings come from the ``budget`` config section (CTD_BUDGET__*).
     """
     from ctd_monitor.bench.drift import default_phases, drift_stream, parse_phase, report
-    from probes.monitor import Monitor
+    from probes.runtime.monitor import Monitor
     from worker.budget import BudgetController
     from worker.config import WorkerSettings
 
@@ -727,8 +733,8 @@ def bench_adaptation(
     import yaml
 
     from ctd_monitor.bench.adaptation import run_adaptation, write
-    from probes import generalization as g
     from probes.config import AuditConfig
+    from probes.evaluation import generalization as g
 
     s = settings(ctx)
     try:

@@ -1,13 +1,13 @@
 """Online recalibration replay: the offline cut vs a cut re-certified on audited events, on unseen sources.
 
 A ``bench drift``-style stream over real records, with no Kafka: the probe and the frozen-embedding expert of
-``probes.generalization`` are trained (fit rows) and cut (calibration rows) on every group except the held-out
+``probes.evaluation.generalization`` are trained (fit rows) and cut (calibration rows) on every group except the held-out
 ones, exactly as a leave-source-out fold; the stream then replays the training mix followed by each held-out
 group in turn (events drawn with replacement from its pooled records). Every event gets the probe's verdict
 under two policies:
 
 * ``offline``: the certified cut of the fold's calibration rows, never changed;
-* ``online``: ``probes.recalibration.OnlineRecalibrator`` fed the expert verdicts of the audited events
+* ``online``: ``probes.calibration.recalibration.OnlineRecalibrator`` fed the expert verdicts of the audited events
   (``audit_selected`` on the event id, rate ``audit.rate``), the cut in force when the event arrives;
 * ``online_oracle_guard``: the same, fed the dataset label of the audited events (a perfect guard): the bound
   on what recalibration can do, separating its effect from the guard's quality.
@@ -34,11 +34,11 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from probes import generalization as g
+from probes.calibration.recalibration import OnlineRecalibrator, audit_selected
 from probes.config import AuditConfig
-from probes.generalization import audit_half
-from probes.heads import LinearHead
-from probes.recalibration import OnlineRecalibrator, audit_selected
+from probes.evaluation import generalization as g
+from probes.evaluation.generalization import audit_half
+from probes.heads.inference import LinearHead
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]

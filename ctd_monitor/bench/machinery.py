@@ -33,11 +33,11 @@ from ctd_monitor.bench.pipeline import _latency_summary, bench_topics, drain_bac
 from ctd_monitor.local.broker import LocalBroker, die_with_parent_prefix
 from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
 from ctd_monitor.local.replay import replay_records
+from probes.activations.features import FeatureExtractor, FloatArray, TokenBatch
 from probes.config import Pooling, load_settings
 from probes.data import Record, read_file
-from probes.features import FeatureExtractor, FloatArray, TokenBatch
 from probes.logs import configure_logging
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from worker.config import WorkerSettings
 from worker.monitor import monitor_stream
 

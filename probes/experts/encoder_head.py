@@ -19,15 +19,21 @@ import numpy.typing as npt
 import orjson
 import torch
 
-from probes.batching import plan_batches
+from probes.activations.batching import plan_batches
+from probes.activations.models import (
+    layer_stack,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_sha256,
+)
+from probes.activations.render import render_text
 from probes.cache import atomic_directory, atomic_write_bytes, sha256_text
 from probes.config import EncoderHeadConfig
 from probes.conversation import Conversation
 from probes.data import Record
 from probes.errors import ExpertError, ModelSpecError
 from probes.logs import get_logger
-from probes.models import layer_stack, resolve_device, resolve_dtype, resolve_model_dir, weights_sha256
-from probes.render import render_text
 
 log = get_logger(__name__)
 Progress = Callable[[int], None]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probes import generalization as g
 from probes.config import BROAD_FILES, CONTRASTIVE_FILES, DataConfig, SplitConfig
 from probes.conversation import single_turn
 from probes.data import Record, load_dataset, read_file, split_dataset
+from probes.evaluation import generalization as g
 
 
 def _twins(records: list[Record]) -> dict[str, list[Record]]:

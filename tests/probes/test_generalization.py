@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probes import generalization as g
 from probes.conversation import Conversation, single_turn
 from probes.data import Record
+from probes.evaluation import generalization as g
 
 TINY_GROUPS = (
     g.SourceGroup(name="xstest", files=("xstest.jsonl",)),

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from probes.activations.features import FeatureExtractor
 from probes.conversation import Message
 from probes.errors import ModelSpecError
-from probes.features import FeatureExtractor
-from probes.heads import LinearHead
-from probes.stream_scorer import (
+from probes.heads.inference import LinearHead
+from probes.heads.token_probe import AGGREGATORS, StreamSettings, TokenProbe
+from probes.runtime.stream_scorer import (
     Chunk,
     KVStore,
     StreamScorer,
@@ -21,7 +22,6 @@ from probes.stream_scorer import (
     response_features,
     response_ids,
 )
-from probes.token_probe import AGGREGATORS, StreamSettings, TokenProbe
 
 LAYER = 6
 CONTEXT = (Message("user", "How do I get rid of the weeds in my garden without chemicals?"),)

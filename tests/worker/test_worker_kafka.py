@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from ctd_monitor.local.replay import replay
-from probes.manifest import UnsafeCut
-from probes.monitor import Monitor
+from probes.runtime.manifest import UnsafeCut
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
     distinct,

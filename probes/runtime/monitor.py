@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from probes.batching import split_padding
-from probes.bundle import Bundle, load_bundle
+from probes.activations.batching import split_padding
+from probes.activations.features import FeatureExtractor, TokenBatch, collate
+from probes.activations.models import LoadedModel, load_model
+from probes.activations.windows import argmax_by_group, window_ids, window_ids_batch
 from probes.config import ModelConfig
 from probes.conversation import Conversation
 from probes.errors import BundleError
-from probes.features import FeatureExtractor, TokenBatch, collate
-from probes.heads import MLPHead, sigmoid, uncertainty, with_extra_features
+from probes.heads.inference import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
-from probes.manifest import BundleManifest, Signal
-from probes.models import LoadedModel, load_model
-from probes.windows import argmax_by_group, window_ids, window_ids_batch
+from probes.runtime.bundle import Bundle, load_bundle
+from probes.runtime.manifest import BundleManifest, Signal
 
 __all__ = ["DelegationRule", "Monitor", "Scores", "Signal", "head_scores", "uncertainty"]
 
@@ -156,7 +156,7 @@ class Monitor:
 
     def collate_by_length(self, ids: Sequence[Sequence[int]]) -> list[TokenBatch]:
         """``ids`` as batches of similar lengths (``indices``: the rows' positions in ``ids``), so short window
-        rows are not padded to a long row of the same batch (probes/batching.py ``split_padding``)."""
+        rows are not padded to a long row of the same batch (probes/activations/batching.py ``split_padding``)."""
         groups = split_padding([len(x) for x in ids], min_saving=MIN_SPLIT_SAVING_TOKENS)
         return [self._pinned(collate([ids[i] for i in group], group, self.extractor.pad_id)) for group in groups]
 
@@ -176,7 +176,7 @@ class Monitor:
     def score_grouped(self, batches: Sequence[TokenBatch], groups: Sequence[int], n: int, *,
                       keep_features: bool = False) -> Scores:
         """Scores of ``n`` conversations whose rows are in ``batches`` (``groups[row]`` = its conversation, rows
-        numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/windows.py),
+        numbered by the batches' ``indices``): each takes the row with the highest P(unsafe) (probes/activations/windows.py),
         and with ``keep_features`` that row's pooled activations, the ones its P(unsafe) was read from."""
         if len(batches) == 1 and batches[0].indices == list(range(len(groups))):
             scores = self.score(batches[0], keep_features=keep_features)

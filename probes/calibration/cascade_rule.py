@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from probes.manifest import DEFAULT_UNSAFE_CUT
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
 
 F64 = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]

@@ -15,14 +15,14 @@ import numpy.typing as npt
 import torch
 from safetensors.numpy import load_file, save_file
 
-from probes import packed_attention
-from probes.batching import plan_batches
+from probes.activations import packed_attention
+from probes.activations.batching import plan_batches
+from probes.activations.models import LoadedModel, layer_stack
+from probes.activations.render import BatchRenderer
 from probes.cache import atomic_write_bytes, sha256_text
 from probes.config import Pooling
 from probes.conversation import Conversation
 from probes.logs import get_logger
-from probes.models import LoadedModel, layer_stack
-from probes.render import BatchRenderer
 
 log = get_logger(__name__)
 
@@ -239,7 +239,7 @@ class FeatureExtractor:
         """Several sequences, each continued from its own cache (or None), in one forward pass.
 
         What ``hidden_cached`` gives for each item alone (same states within float tolerance, caches of the same
-        tokens). Where the model's attention is SDPA, the items are packed (``probes.packed_attention``): their
+        tokens). Where the model's attention is SDPA, the items are packed (``probes.activations.packed_attention``): their
         new ids back to back in one row, each attending only to its own cache and earlier new tokens, so no
         token is padded. Elsewhere the caches are left-padded to the longest and stacked, the new ids
         right-padded, and the attention mask hides both paddings. Either way the position ids continue each
@@ -450,7 +450,7 @@ class MultiLayerExtractor:
 
 def feature_namespace(loaded: LoadedModel, *, layer: int, pooling: str, max_tokens: int) -> tuple[str, dict[str, str]]:
     """The record-store namespace of one feature variant: everything but the record that changes a vector."""
-    from probes.record_cache import namespace_key
+    from probes.activations.record_cache import namespace_key
 
     parts = {"model": loaded.model_id, "weights_sha256": loaded.weights_sha256, "layer": str(layer),
              "pooling": pooling, "max_tokens": str(max_tokens), "dtype": str(loaded.dtype).removeprefix("torch.")}
@@ -465,7 +465,7 @@ def record_features(
 
     ``keys`` are the records' content hashes (``Record.content_key``). Returns (features, records computed).
     """
-    from probes.record_cache import RecordStore
+    from probes.activations.record_cache import RecordStore
 
     base = extractor.base
     stores = {}

@@ -1,7 +1,7 @@
 """Probe bundle: a directory of safetensors heads plus ``manifest.json``; no pickle anywhere.
 
 Loading verifies every file's sha256 against the manifest and refuses a bundle trained on another model.
-The manifest is read once, into a typed ``BundleManifest`` (``probes.manifest``).
+The manifest is read once, into a typed ``BundleManifest`` (``probes.runtime.manifest``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from probes.cache import atomic_write_bytes, sha256_file
 from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
-from probes.heads import LinearHead
-from probes.manifest import FORMAT_VERSION, BundleManifest, DataRecipe, FeatureInfo, ModelInfo
+from probes.heads.inference import LinearHead
+from probes.runtime.manifest import FORMAT_VERSION, BundleManifest, DataRecipe, FeatureInfo, ModelInfo
 
 __all__ = ["FORMAT_VERSION", "HEADS_FILE", "MANIFEST", "Bundle", "load_bundle", "new_manifest", "read_manifest",
            "save_bundle", "update_manifest"]

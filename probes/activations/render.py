@@ -2,10 +2,10 @@
 
 Left truncation keeps the latest turns: whole oldest messages are dropped first, and only a single
 remaining message that is still too long is cut token-wise from the left (keeping a leading BOS/CLS).
-Conversations longer than that are scored in windows (probes/windows.py) so nothing is cut unseen.
+Conversations longer than that are scored in windows (probes/activations/windows.py) so nothing is cut unseen.
 
-Message content is untrusted: it is normalised (probes/normalise.py: invisible characters dropped, NFKC,
-homoglyphs as ASCII), then control-token strings in it are neutralised (probes/special_tokens.py) before the chat
+Message content is untrusted: it is normalised (probes/activations/normalise.py: invisible characters dropped, NFKC,
+homoglyphs as ASCII), then control-token strings in it are neutralised (probes/activations/special_tokens.py) before the chat
 template adds its own, so content can never open or close a turn. Normalising first also catches a control token
 spelled in fullwidth or look-alike characters, which NFKC would otherwise turn into the real one.
 """
@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from probes.activations.normalise import normalise
+from probes.activations.special_tokens import neutralise, special_strings
 from probes.conversation import Message, plain_text
-from probes.normalise import normalise
-from probes.special_tokens import neutralise, special_strings
 
 
 def untrusted_content(content: str, specials: frozenset[str]) -> str:

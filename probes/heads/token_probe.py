@@ -3,10 +3,10 @@
 Runtime only (no training code): the head is a ``LinearHead`` stored in the bundle under ``token``; its
 settings and the calibrated stop thresholds are the manifest's ``stream`` section. Two aggregators:
 
-- ``ema``: s_t = λ·s_{t−1} + (1−λ)·z_t, s_0 = z_0 (docs/method.md §7, ``probes.features.ema_scores``);
+- ``ema``: s_t = λ·s_{t−1} + (1−λ)·z_t, s_0 = z_0 (docs/method.md §7, ``probes.activations.features.ema_scores``);
 - ``rolling_max``: m_t = mean of the last k logits (fewer at the start), the sequence score is max_t m_t.
 
-The manifest's ``stream`` section is typed (``probes.manifest.StreamManifest``).
+The manifest's ``stream`` section is typed (``probes.runtime.manifest.StreamManifest``).
 
 A stream stops at the first token whose smoothed score exceeds the aggregator's threshold, i.e. exactly
 when the running peak crosses it, so the threshold is calibrated on each benign response's peak.
@@ -22,12 +22,12 @@ from typing import Any, get_args
 import numpy as np
 import numpy.typing as npt
 
-from probes.bundle import Bundle
+from probes.activations.features import ema_scores
 from probes.config import Aggregator
 from probes.errors import BundleError
-from probes.features import ema_scores
-from probes.heads import LinearHead, sigmoid
-from probes.manifest import StreamManifest
+from probes.heads.inference import LinearHead, sigmoid
+from probes.runtime.bundle import Bundle
+from probes.runtime.manifest import StreamManifest
 
 F64 = npt.NDArray[np.float64]
 AGGREGATORS: tuple[Aggregator, ...] = get_args(Aggregator)

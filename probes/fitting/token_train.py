@@ -19,8 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
 
-from probes.bundle import save_bundle
-from probes.calibration import (
+from probes.calibration.ltt import (
     delegation_rates,
     fixed_sequence_test,
     split_opt_ht,
@@ -29,15 +28,22 @@ from probes.calibration import (
 from probes.config import Settings
 from probes.data import SPLITS, Dataset, Record, Splits, load_dataset, split_dataset
 from probes.errors import DataError
-from probes.fitting import fit_logistic, standardisation
-from probes.heads import LinearHead
+from probes.fitting.heads import fit_logistic, standardisation
+from probes.fitting.pipeline import ProgressFactory, no_progress
+from probes.heads.inference import LinearHead
+from probes.heads.token_probe import AGGREGATORS, TOKEN_HEAD, smoothed
 from probes.logs import get_logger
-from probes.manifest import HeadInfo, StopCalibration, StreamManifest
 from probes.metrics import classification_metrics
-from probes.monitor import Monitor
-from probes.pipeline import ProgressFactory, no_progress
-from probes.stream_scorer import ResponseFeatures, prefix_ids, require_causal, response_features, response_ids
-from probes.token_probe import AGGREGATORS, TOKEN_HEAD, smoothed
+from probes.runtime.bundle import save_bundle
+from probes.runtime.manifest import HeadInfo, StopCalibration, StreamManifest
+from probes.runtime.monitor import Monitor
+from probes.runtime.stream_scorer import (
+    ResponseFeatures,
+    prefix_ids,
+    require_causal,
+    response_features,
+    response_ids,
+)
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]

@@ -10,18 +10,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes.bundle import Bundle, new_manifest, save_bundle, update_manifest
+from probes.activations.features import FeatureExtractor, feature_namespace
+from probes.activations.models import LoadedModel, load_model
+from probes.activations.record_cache import RecordStore
 from probes.config import Settings
 from probes.data import Dataset, Record, Splits, load_dataset, source_counts, split_dataset
 from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
-from probes.features import FeatureExtractor, feature_namespace
-from probes.fitting import fit_logistic
+from probes.fitting.heads import fit_logistic
 from probes.logs import get_logger
-from probes.manifest import BundleManifest, HeadInfo
 from probes.metrics import classification_metrics
-from probes.models import LoadedModel, load_model
-from probes.record_cache import RecordStore
+from probes.runtime.bundle import Bundle, new_manifest, save_bundle, update_manifest
+from probes.runtime.manifest import BundleManifest, HeadInfo
 
 log = get_logger(__name__)
 
@@ -74,7 +74,7 @@ def extract_features(
 ) -> tuple[npt.NDArray[np.float32], bool]:
     """Pooled features for ``records``; returns (features, every record came from the cache).
 
-    The cache is per record (content hash, see ``probes.record_cache``): a new combination of files only
+    The cache is per record (content hash, see ``probes.activations.record_cache``): a new combination of files only
     runs the model on records it has not seen. ``data_hash`` is accepted for older callers and unused.
     """
     pooling = settings.features.pooling

@@ -18,13 +18,13 @@ import numpy.typing as npt
 
 from probes.config import Settings
 from probes.data import Record
-from probes.heads import sigmoid
-from probes.manifest import StopCalibration, StreamManifest
+from probes.fitting.pipeline import ProgressFactory, no_progress
+from probes.fitting.token_train import CONV_HEAD, load_responses, read_responses, response_label
+from probes.heads.inference import sigmoid
+from probes.heads.token_probe import AGGREGATORS, TokenProbe, first_crossing, stream_section
 from probes.metrics import classification_metrics
-from probes.monitor import Monitor
-from probes.pipeline import ProgressFactory, no_progress
-from probes.token_probe import AGGREGATORS, TokenProbe, first_crossing, stream_section
-from probes.token_train import CONV_HEAD, load_responses, read_responses, response_label
+from probes.runtime.manifest import StopCalibration, StreamManifest
+from probes.runtime.monitor import Monitor
 
 F64 = npt.NDArray[np.float64]
 

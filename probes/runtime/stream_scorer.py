@@ -9,7 +9,7 @@ the re-tokenized text still disagrees with what was scored, the response rolls b
 cache is cut there, its aggregate replayed from the kept token logits, and only the tokens after it run again
 (a causal model's states before the first changed token cannot change).
 
-Context and response text are normalised first (probes/normalise.py), as the prompt probe and the experts read
+Context and response text are normalised first (probes/activations/normalise.py), as the prompt probe and the experts read
 them; a chunk boundary inside a sequence that normalisation rewrites is one more re-tokenization, rolled back as
 above.
 
@@ -28,21 +28,21 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from probes.batching import plan_batches
+from probes.activations.batching import plan_batches
+from probes.activations.features import FeatureExtractor, crop_cache, pool
+from probes.activations.models import LoadedModel
+from probes.activations.normalise import normalise
+from probes.activations.render import untrusted_content
+from probes.activations.special_tokens import neutralise, special_strings
 from probes.conversation import Message, plain_text
 from probes.errors import ModelSpecError
-from probes.features import FeatureExtractor, crop_cache, pool
-from probes.models import LoadedModel
-from probes.normalise import normalise
-from probes.render import untrusted_content
-from probes.special_tokens import neutralise, special_strings
-from probes.token_probe import StreamAggregate, TokenProbe, first_crossing
+from probes.heads.token_probe import StreamAggregate, TokenProbe, first_crossing
 
 F32 = npt.NDArray[np.float32]
 # Response tokens re-tokenized behind the last scored one on every chunk: the text is tokenized from an anchor
 # this far back (a token boundary both tokenizations share), not from its start, so a chunk costs its own length.
 RETOKENIZE_OVERLAP_TOKENS = 16
-# The longest generic control-token pattern (probes/special_tokens.py: ``<|`` + 64 + ``|>``): a control token
+# The longest generic control-token pattern (probes/activations/special_tokens.py: ``<|`` + 64 + ``|>``): a control token
 # split across chunks completes within this many characters of the text already held, so only they are
 # neutralised again.
 _NEUTRALISE_WINDOW = 68

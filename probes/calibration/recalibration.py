@@ -34,9 +34,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from probes.calibration import calibrate_unsafe_cut
+from probes.calibration.ltt import calibrate_unsafe_cut
 from probes.config import AuditConfig, Frozen
-from probes.heads import LinearHead
+from probes.heads.inference import LinearHead
 
 __all__ = ["OnlineRecalibrator", "PlattMap", "RecalibrationState", "Refit", "WindowSnapshot", "audit_selected",
            "fit_anchored_logistic", "fit_platt", "out_of_fold_scores", "refit_head"]

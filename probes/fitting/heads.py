@@ -1,5 +1,5 @@
 """Fitting the heads (training only; the runtime never imports this module): the safety probe, the DV head
-(docs/method.md §4) and the SafeRoute-style router, each returned as an inference-only head of ``probes.heads``.
+(docs/method.md §4) and the SafeRoute-style router, each returned as an inference-only head of ``probes.heads.inference``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 
-from probes.dv import Target, dv_binary, dv_continuous
-from probes.heads import EXTRA_FEATURES, FloatArray, LinearHead, MLPHead, with_extra_features
+from probes.fitting.dv import Target, dv_binary, dv_continuous
+from probes.heads.inference import EXTRA_FEATURES, FloatArray, LinearHead, MLPHead, with_extra_features
 
 F64 = npt.NDArray[np.float64]
 

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from probes.activations.normalise import homoglyphs
+from probes.activations.render import untrusted_content
+from probes.activations.special_tokens import special_strings
+from probes.activations.windows import spans
 from probes.config import ModelConfig, WindowConfig
 from probes.conversation import Conversation, single_turn
-from probes.normalise import homoglyphs
-from probes.render import untrusted_content
-from probes.special_tokens import special_strings
-from probes.windows import spans
 
 if TYPE_CHECKING:
-    from probes.monitor import Monitor
+    from probes.runtime.monitor import Monitor
 
 F64 = npt.NDArray[np.float64]
 Scorer = Callable[[Sequence[Conversation]], F64]
@@ -109,7 +109,7 @@ class FillerSource:
 def gap_split(n_filler: int, n_request: int, windows: WindowConfig) -> int:
     """Filler tokens to put before a request of ``n_request`` tokens so it lands where the windows read it worst.
 
-    The windows over the ``n_filler + n_request`` content tokens (probes/windows.py ``spans``): between the
+    The windows over the ``n_filler + n_request`` content tokens (probes/activations/windows.py ``spans``): between the
     middle two, the request is centred in their gap when they leave one (more windows needed than
     ``max_windows``), else on the middle of their overlap, where a window that reads it whole exists.
     """
@@ -245,7 +245,7 @@ def run_dilution(bundle_dir: Path, model: ModelConfig, *, cache_dir: Path, datas
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The yardstick on a bundle, scored as the worker scores (its windows, its calibrated cut)."""
     from probes.data import read_file
-    from probes.monitor import Monitor
+    from probes.runtime.monitor import Monitor
 
     monitor = Monitor(bundle_dir, model, cache_dir=cache_dir)
     trained = list(monitor.bundle.manifest.data.file_sha256)

@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import load_file, save_file
 
-from probes.bundle import Bundle, load_bundle, save_bundle, update_manifest
 from probes.cache import sha256_text
-from probes.calibration import (
+from probes.calibration.cascade_rule import Cuts
+from probes.calibration.ltt import (
     Calibration,
     UnsafeCut,
     Variant,
@@ -25,19 +25,14 @@ from probes.calibration import (
     cascade_error_risk,
     split_opt_ht,
 )
-from probes.cascade_rule import Cuts
 from probes.config import DataConfig, Settings, SplitConfig
 from probes.data import SPLITS, Record
-from probes.dv import Target, dv_binary, signal_quality
 from probes.errors import BundleError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
-from probes.fitting import crossfit_probe, fit_dv, fit_router
-from probes.heads import EXTRA_FEATURES
-from probes.logs import get_logger
-from probes.manifest import SIGNAL_NAMES, HeadInfo, Signal
-from probes.monitor import head_scores
-from probes.pipeline import (
+from probes.fitting.dv import Target, dv_binary, signal_quality
+from probes.fitting.heads import crossfit_probe, fit_dv, fit_router
+from probes.fitting.pipeline import (
     Prepared,
     ProgressFactory,
     extract_features,
@@ -47,6 +42,11 @@ from probes.pipeline import (
     prepare_data,
     score_in_chunks,
 )
+from probes.heads.inference import EXTRA_FEATURES
+from probes.logs import get_logger
+from probes.runtime.bundle import Bundle, load_bundle, save_bundle, update_manifest
+from probes.runtime.manifest import SIGNAL_NAMES, HeadInfo, Signal
+from probes.runtime.monitor import head_scores
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]

@@ -147,7 +147,7 @@ class UnsafeCut(_Frozen):
 
 
 class StopCalibration(_Frozen):
-    """One LTT stop threshold of a streamed response (probes/token_train.py); ``threshold=None``: never stop."""
+    """One LTT stop threshold of a streamed response (probes/fitting/token_train.py); ``threshold=None``: never stop."""
 
     signal: str
     variant: str
@@ -169,7 +169,7 @@ class StopCalibration(_Frozen):
 
 
 class StreamManifest(_Frozen):
-    """How the token head (``heads["token"]``) was trained and how a stream applies it (probes/token_probe.py).
+    """How the token head (``heads["token"]``) was trained and how a stream applies it (probes/heads/token_probe.py).
 
     ``thresholds`` holds one stop calibration per aggregator (``ema``, ``rolling_max``) and one per
     conversation-level baseline (``stream_conv``, ``safety``: a full-text score, for evaluation only).

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes.calibration import Variant, calibrate, cascade_predictions
-from probes.cascade import CascadeContext, Scored, calibrate_signal, random_signal
-from probes.cascade_rule import Cuts, cascade_decisions, cascade_scores, per_1k
-from probes.dv import dv_continuous
-from probes.manifest import SIGNAL_NAMES, Signal
+from probes.calibration.cascade_rule import Cuts, cascade_decisions, cascade_scores, per_1k
+from probes.calibration.ltt import Variant, calibrate, cascade_predictions
+from probes.evaluation.cascade import CascadeContext, Scored, calibrate_signal, random_signal
+from probes.fitting.dv import dv_continuous
 from probes.metrics import decision_metrics as all_metrics
+from probes.runtime.manifest import SIGNAL_NAMES, Signal
 
 F64 = npt.NDArray[np.float64]
 POLICIES = ("ctd", "uncertainty", "router", "random", "oracle")
@@ -277,7 +277,7 @@ def evaluation_report(ctx: CascadeContext, files: list[Path] | None, alphas: lis
     """Every policy at every budget on ``files`` (default: the bundle's evaluation split), signal quality of
     each delegation signal, and per-file CTD rows when several files are given: the report ``evaluate`` writes."""
     from probes.data import read_file
-    from probes.dv import signal_quality
+    from probes.fitting.dv import signal_quality
 
     records = [r for path in files for r in read_file(path)] if files else list(ctx.prepared.splits.evaluation)
     scored = ctx.score(records)

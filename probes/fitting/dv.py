@@ -3,7 +3,7 @@
 binary      v = 1[probe wrong ∧ expert right]            (decisions at 0.5; SafeRoute's router label)
 continuous  v = (2y − 1)(b − p) ∈ [−1, 1]                 (> 0: escalation moves the score toward the truth)
 
-Offline only: the DV head is fitted in ``probes.fitting`` and applied by ``probes.heads`` / ``probes.monitor``.
+Offline only: the DV head is fitted in ``probes.fitting.heads`` and applied by ``probes.heads.inference`` / ``probes.runtime.monitor``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Inference-only heads on pooled activations: stored weights → scores, numpy only.
 
-This is the runtime half of the heads (the worker imports it); fitting them lives in ``probes.fitting``, which
+This is the runtime half of the heads (the worker imports it); fitting them lives in ``probes.fitting.heads``, which
 the runtime never imports, so the shipped scorer does not load sklearn or scipy.
 """
 

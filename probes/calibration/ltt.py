@@ -18,9 +18,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from probes.binomial import binom_cdf
-from probes.cascade_rule import Cuts, cascade_scores
-from probes.manifest import DEFAULT_UNSAFE_CUT, Calibration, Signal, UnsafeCut
+from probes.calibration.binomial import binom_cdf
+from probes.calibration.cascade_rule import Cuts, cascade_scores
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, Calibration, Signal, UnsafeCut
 
 __all__ = ["Calibration", "UnsafeCut", "budget_pvalue", "calibrate", "calibrate_unsafe_cut", "cascade_error_risk",
            "cascade_predictions", "delegation_rates", "fixed_sequence_test", "pareto_front", "split_opt_ht",

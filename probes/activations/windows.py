@@ -1,6 +1,6 @@
 """Long conversations scored in windows, so a harmful request cannot be hidden by length.
 
-The probe reads at most ``max_tokens`` and keeps the latest ones (probes/render.py): a harmful request followed
+The probe reads at most ``max_tokens`` and keeps the latest ones (probes/activations/render.py): a harmful request followed
 by enough filler is cut away unseen, and mean pooling dilutes it even when it is kept (engineering.md,
 "Evasions measured"). A conversation whose rendering is longer than ``window_tokens`` is therefore also read as
 overlapping windows over its message content, each rendered through the chat template as a conversation of its
@@ -22,10 +22,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from probes.activations.render import BatchRenderer, full_ids, render_ids, untrusted_content
+from probes.activations.special_tokens import special_strings
 from probes.config import WindowConfig
 from probes.conversation import Conversation, Message
-from probes.render import BatchRenderer, full_ids, render_ids, untrusted_content
-from probes.special_tokens import special_strings
 
 
 def spans(n: int, window: int, stride: int, max_windows: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ applied unchanged to the held-out one.
 
 Cost model: the records of every group are sampled once into a *pool*; features (every layer/pooling
 variant in one forward pass) and the frozen expert's embeddings are cached per record by content hash
-(``probes.record_cache``), so each recipe/variant is only cheap head fits on cached vectors.
+(``probes.activations.record_cache``), so each recipe/variant is only cheap head fits on cached vectors.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from probes.activations.normalise import normalise
 from probes.cache import sha256_text
 from probes.config import DEFAULT_FILES, Frozen
 from probes.conversation import Conversation
 from probes.data import Record, read_file
-from probes.heads import LinearHead
+from probes.heads.inference import LinearHead
 from probes.logs import get_logger
-from probes.normalise import normalise
 
 log = get_logger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -106,7 +106,7 @@ _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 
 
 def normalised_text_hash(record: Record) -> str:
-    """Hash of the text, normalised as the probe reads it (probes/normalise.py), case-folded, with punctuation and whitespace runs collapsed.
+    """Hash of the text, normalised as the probe reads it (probes/activations/normalise.py), case-folded, with punctuation and whitespace runs collapsed.
 
     Catches the same prompt copied between sources with different spacing, quotes or casing (TDC repeats
     HarmBench; XSTest completions embed XSTest prompts only as a prefix, so they stay distinct records).
@@ -138,8 +138,8 @@ def fill_expert_embeddings(
 
     Returns (embeddings, records computed, the backbone's id for reports).
     """
-    from probes.features import MultiLayerExtractor, record_features
-    from probes.models import load_model
+    from probes.activations.features import MultiLayerExtractor, record_features
+    from probes.activations.models import load_model
 
     loaded = load_model(spec, cache_dir=cache_dir, dtype=dtype)
     extractor = MultiLayerExtractor(loaded, layers=[loaded.num_layers], max_tokens=max_tokens,
@@ -156,8 +156,8 @@ def fill_probe_features(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[tuple[int, str], F32], int]:
     """Probe features of every (layer, pooling) variant, cached per record; one forward per missing record."""
-    from probes.features import MultiLayerExtractor, record_features
-    from probes.models import load_model
+    from probes.activations.features import MultiLayerExtractor, record_features
+    from probes.activations.models import load_model
 
     layers = sorted({layer for layer, _ in variants})
     loaded = load_model(spec, cache_dir=cache_dir, dtype=dtype, max_layer=layers[-1])
@@ -361,7 +361,7 @@ def _logit(p: npt.ArrayLike) -> F64:
 def recentre(p: npt.ArrayLike, cut: float) -> F64:
     """Scores whose 0.5 is ``cut``: a monotone shift in logit space, so AUROC is unchanged and every
     downstream rule that decides at 0.5 (DV labels, cascade risk, metrics) decides at the cut."""
-    from probes.heads import sigmoid
+    from probes.heads.inference import sigmoid
 
     return sigmoid(_logit(p) - float(_logit([cut])[0]))
 
@@ -369,10 +369,10 @@ def recentre(p: npt.ArrayLike, cut: float) -> F64:
 def certified_cut(benign_scores: F64, *, epsilon: float, delta: float, seed: int = 0) -> float | None:
     """The lowest cut whose benign flag rate is certified <= epsilon with probability >= 1 - delta.
 
-    The bundle's own unsafe-cut calibration (``probes.calibration.calibrate_unsafe_cut``) on benign rows only;
+    The bundle's own unsafe-cut calibration (``probes.calibration.ltt.calibrate_unsafe_cut``) on benign rows only;
     None when the calibration set cannot certify any. ``seed`` is unused: the test has no random split.
     """
-    from probes.calibration import calibrate_unsafe_cut
+    from probes.calibration.ltt import calibrate_unsafe_cut
 
     if len(benign_scores) < 10:
         return None
@@ -403,7 +403,7 @@ def _fit_head(x: F32, y: npt.NDArray[np.int64], w: F64, c: float, seed: int) -> 
 
     from sklearn.exceptions import ConvergenceWarning
 
-    from probes.fitting import fit_logistic
+    from probes.fitting.heads import fit_logistic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -459,7 +459,7 @@ Guard = Callable[[Sequence[Conversation]], npt.ArrayLike]
 
 def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores,
                recipe: Recipe, config: LosoConfig, guard: Guard | None = None) -> dict[str, Any]:
-    """The guard teaches the probe on the held-out group: ``probes.recalibration`` as the worker runs it.
+    """The guard teaches the probe on the held-out group: ``probes.calibration.recalibration`` as the worker runs it.
 
     The group's records are split by a hash of their content into an *audit* half and an *evaluation* half
     (an audited record never counts in the figures: a refit head could memorise it). ``adapt_audits`` records
@@ -470,8 +470,8 @@ def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np
     (the bundle's head and cut when the window certified nothing). Also reported on the evaluation half: the
     offline probe and the expert, for comparison.
     """
+    from probes.calibration.recalibration import OnlineRecalibrator
     from probes.config import AuditConfig
-    from probes.recalibration import OnlineRecalibrator
 
     test = fold.test
     in_audit_half = audit_half(pool, test, config.seed)
@@ -510,10 +510,10 @@ def adapt_fold(pool: Sequence[PoolRecord], fold: Fold, x: F32, y: npt.NDArray[np
 def cascade_rows(fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores, *, alphas: Sequence[float],
                  delta: float, dv_feature_sets: Sequence[str], seed: int = 0) -> dict[str, Any]:
     """CTD (DV head) and uncertainty delegation, calibrated on the fold's calibration rows at each α."""
-    from probes.calibration import calibrate, cascade_error_risk, cascade_predictions, split_opt_ht
-    from probes.fitting import fit_dv
-    from probes.heads import uncertainty, with_extra_features
-    from probes.manifest import Signal
+    from probes.calibration.ltt import calibrate, cascade_error_risk, cascade_predictions, split_opt_ht
+    from probes.fitting.heads import fit_dv
+    from probes.heads.inference import uncertainty, with_extra_features
+    from probes.runtime.manifest import Signal
 
     fit, cal, test = fold.fit, fold.calibration, fold.test
     signals: dict[str, F64] = {"uncertainty": uncertainty(s.p)}
@@ -554,9 +554,9 @@ def _stack(features: dict[Variant, F32], variants: Sequence[Variant]) -> F32:
 def finetuned_expert_scores(cache_dir: Path, pool: Sequence[PoolRecord], fold: Fold, choice: ExpertChoice,
                             progress: Progress) -> F64:
     """The encoder-head expert fine-tuned on the fold's fit rows, scoring every pool row (cached per record)."""
+    from probes.activations.record_cache import RecordStore, namespace_key
     from probes.config import EncoderHeadConfig
     from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
-    from probes.record_cache import RecordStore, namespace_key
 
     cfg = EncoderHeadConfig(backbone=choice.spec, max_length=choice.max_tokens)
     fit_records = [pool[i].record for i in fold.fit]
@@ -709,7 +709,7 @@ def run_loso(config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, progres
     pool = build_pool(datasets_dir, config.pool)
     variants = sorted({v for r in config.recipes for v in r.variants} | {v for c in sweep for v in c})
     keys = [p.key for p in pool]
-    from probes.record_cache import RecordStore  # noqa: F401  (the stores live under cache_dir/records)
+    from probes.activations.record_cache import RecordStore  # noqa: F401  (the stores live under cache_dir/records)
 
     todo = len(set(keys))
     features, computed = fill_probe_features(cache_dir, pool, variants, spec=config.probe_spec,
@@ -832,7 +832,7 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
                          f"{_f(r['f1'])} | {_f(r['accuracy'])} | {_f(r['fpr'])} | {_f(r['tpr_at_1pct_fpr'])} | "
                          f"{r['above_majority']} |")
     if "dilution" in report:
-        from probes.dilution import report_lines
+        from probes.evaluation.dilution import report_lines
 
         lines += report_lines(report["dilution"])
     path = out / "report.md"

@@ -14,7 +14,7 @@ change every token while a person (or the model the user is talking to) reads th
    comparing identifiers, wrong for text a model must read), and a word is mapped only if it mixes Latin letters
    with look-alikes or is made of look-alikes alone, so real Greek or Cyrillic words keep their script.
 
-Every reader of untrusted text calls ``normalise`` first (probes/render.py and the window path, the stream
+Every reader of untrusted text calls ``normalise`` first (probes/activations/render.py and the window path, the stream
 scorer, the experts), so the probe and the expert see the same text, and a record's content key is taken on the
 normalised text (probes/data.py): records that normalisation changes get new keys, and cached vectors of them
 are recomputed rather than reused.
