@@ -1,1 +1,1 @@
-"""What the worker imports to score traffic: the monitor, the stream scorer, and the bundle with its manifest."""
+"""What the worker imports to score traffic: the monitor, the stream scorer, the bundle and its manifest."""
