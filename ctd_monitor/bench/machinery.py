@@ -18,20 +18,19 @@ import asyncio
 import gc
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctd_monitor.bench.pipeline import _latency_summary, bench_topics, drain_backlog, worker_window
-from ctd_monitor.local.broker import LocalBroker, die_with_parent_prefix
-from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
+from ctd_monitor.local.broker import LocalBroker
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from ctd_monitor.local.replay import replay_records
 from probes.activations.features import FeatureExtractor, FloatArray, TokenBatch
 from probes.config import Pooling, load_settings
@@ -97,23 +96,10 @@ def serve(config: Path, profile: Path | None = None) -> None:
     prof.dump_stats(str(profile))
 
 
-class NullWorkerProcess(WorkerProcess):
-    """``serve`` in a child process, with ``WorkerProcess``'s log, signal and CPU-time handling."""
-
-    def __init__(self, config: Path, log_path: Path, profile: Path | None = None) -> None:
-        super().__init__(config, log_path)
-        self.profile = profile
-
-    def start(self) -> Self:
-        self._log = self.log_path.open("ab")
-        self._log_from = self._log.tell()
-        extra = [] if self.profile is None else [str(self.profile)]
-        self.proc = subprocess.Popen(
-            [*die_with_parent_prefix(), sys.executable, "-m", "ctd_monitor.bench.machinery", str(self.config),
-             *extra],
-            env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
-        )
-        return self
+def null_worker_process(config: Path, log_path: Path, profile: Path | None = None) -> WorkerProcess:
+    """``serve`` in a child process, through the runner ``bench pipeline``'s worker uses (``WorkerProcess``)."""
+    extra = [] if profile is None else [str(profile)]
+    return WorkerProcess(config, log_path, argv=["-m", "ctd_monitor.bench.machinery", str(config), *extra])
 
 
 def stage_seconds(metrics_text: str) -> dict[str, float]:
@@ -144,7 +130,7 @@ async def _one_run(settings: WorkerSettings, records: Sequence[Record], workdir:
     n = len(records)
     await replay_records(settings, records, rate=None)  # the backlog, before the worker starts
     config = write_worker_config(workdir / "worker.yaml", settings)
-    with NullWorkerProcess(config, workdir / "worker.log", profile) as proc:
+    with null_worker_process(config, workdir / "worker.log", profile) as proc:
         drained = await drain_backlog(proc, settings, n, timeout=max(120.0, n / 50))
     verdicts, cpu, code = drained.verdicts, drained.cpu_seconds, drained.exit_code
     window = worker_window(verdicts)
