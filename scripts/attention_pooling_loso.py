@@ -3,7 +3,7 @@
 The probe's features are one pooled vector per conversation. This asks whether a pooling *learned* on the
 training groups (a softmax over the tokens of one learned query, then a logistic head on the weighted mean of the
 standardised token states) ranks unseen groups better than the shipped mean pooling. For every held-out group
-with both classes it trains both on the fold's fit rows (``probes.evaluation.generalization.make_fold``, the ``after``
+with both classes it trains both on the fold's fit rows (``probes.evaluation.generalization.folds.make_fold``, the ``after``
 recipe's rows and weights) and prints held-out AUROC as JSON lines, then the means.
 
     python scripts/attention_pooling_loso.py [--per-file 100] [--layer 15] [--epochs 30]
