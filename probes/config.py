@@ -23,7 +23,7 @@ from pydantic_settings import (
 from probes.errors import ConfigError
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-#: rollmaxK: max over positions of the mean of K consecutive tokens (probes.features.pool_rolling_max).
+#: rollmaxK: max over positions of the mean of K consecutive tokens (probes.activations.features.pool_rolling_max).
 Pooling = Literal["mean", "last", "max", "rollmax4", "rollmax8", "rollmax16", "rollmax32"]
 
 
@@ -32,7 +32,7 @@ class Frozen(BaseModel):
 
 
 class WindowConfig(Frozen):
-    """How conversations longer than ``model.max_tokens`` are scored (probes/windows.py)."""
+    """How conversations longer than ``model.max_tokens`` are scored (probes/activations/windows.py)."""
 
     enabled: bool = True
     window_tokens: int = Field(48, ge=8, description="content tokens per window")
@@ -264,9 +264,9 @@ class StreamConfig(Frozen):
 class AuditConfig(Frozen):
     """The audit sample: a random share of events sent to the expert besides the delegated ones.
 
-    Their expert verdicts are unbiased labels for the probe's current traffic: ``probes.recalibration`` refits
+    Their expert verdicts are unbiased labels for the probe's current traffic: ``probes.calibration.recalibration`` refits
     the probe's Platt map and re-certifies its unsafe cut on a window of them (method: the LTT cut of
-    ``probes.calibration.calibrate_unsafe_cut``, with the expert's verdict standing in for the label).
+    ``probes.calibration.ltt.calibrate_unsafe_cut``, with the expert's verdict standing in for the label).
     """
 
     rate: float = Field(0.01, ge=0, le=1, description="share of events audited (hash of the event id, not random)")

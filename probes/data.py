@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import orjson
 
+from probes.activations.normalise import normalise
 from probes.cache import sha256_file, sha256_text
 from probes.config import DataConfig, SplitConfig
 from probes.conversation import ROLES, Conversation, Message, single_turn
 from probes.errors import DataError
-from probes.normalise import normalise
 
 SplitName = Literal["probe_train", "dev", "calibration", "evaluation"]
 SPLITS: tuple[SplitName, ...] = ("probe_train", "dev", "calibration", "evaluation")
@@ -42,7 +42,7 @@ class Record:
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def content_key(self) -> str:
-        # On the text as every reader sees it (probes/normalise.py): what normalisation rewrites gets a new key,
+        # On the text as every reader sees it (probes/activations/normalise.py): what normalisation rewrites gets a new key,
         # so no vector cached from the raw text is reused, and two spellings that read the same share one.
         return sha256_text(*(f"{m.role}\x1f{normalise(m.content).strip()}" for m in self.messages))
 

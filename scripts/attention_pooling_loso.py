@@ -3,7 +3,7 @@
 The probe's features are one pooled vector per conversation. This asks whether a pooling *learned* on the
 training groups (a softmax over the tokens of one learned query, then a logistic head on the weighted mean of the
 standardised token states) ranks unseen groups better than the shipped mean pooling. For every held-out group
-with both classes it trains both on the fold's fit rows (``probes.generalization.make_fold``, the ``after``
+with both classes it trains both on the fold's fit rows (``probes.evaluation.generalization.folds.make_fold``, the ``after``
 recipe's rows and weights) and prints held-out AUROC as JSON lines, then the means.
 
     python scripts/attention_pooling_loso.py [--per-file 100] [--layer 15] [--epochs 30]
@@ -21,10 +21,12 @@ import orjson
 import torch
 from sklearn.metrics import roc_auc_score
 
-from probes import generalization as g
+from probes.activations.features import FeatureExtractor
+from probes.activations.models import load_model
 from probes.config import load_settings
-from probes.features import FeatureExtractor
-from probes.models import load_model
+from probes.evaluation.generalization.folds import AFTER, LosoConfig, make_fold
+from probes.evaluation.generalization.pool import PoolConfig, build_pool
+from probes.evaluation.generalization.scoring import fit_head
 
 
 class AttentionProbe(torch.nn.Module):
@@ -51,8 +53,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args()
     settings = load_settings()
-    config = g.LosoConfig(pool=g.PoolConfig(per_file=args.per_file))
-    pool = g.build_pool(settings.data.datasets_dir, config.pool)
+    config = LosoConfig(pool=PoolConfig(per_file=args.per_file))
+    pool = build_pool(settings.data.datasets_dir, config.pool)
     y = np.asarray([p.record.label for p in pool], dtype=np.int64)
 
     loaded = load_model(settings.model.spec, cache_dir=settings.cache_dir, dtype="auto", max_layer=args.layer)
@@ -67,7 +69,7 @@ def main() -> None:
         states[i, :n] = torch.from_numpy(s[-n:]).to(torch.bfloat16)
         mask[i, :n] = True
     mean_pooled = (states.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    recipe = g.AFTER.model_copy(update={"variants": ((args.layer, "mean"),)})
+    recipe = AFTER.model_copy(update={"variants": ((args.layer, "mean"),)})
 
     def train(rows: np.ndarray, weights: np.ndarray) -> AttentionProbe:
         torch.manual_seed(0)
@@ -90,11 +92,11 @@ def main() -> None:
 
     rows_out = []
     for group in config.pool.groups:
-        fold = g.make_fold(pool, group.name, recipe, calibration_fraction=config.calibration_fraction)
+        fold = make_fold(pool, group.name, recipe, calibration_fraction=config.calibration_fraction)
         test = fold.test
         if not 0 < y[test].mean() < 1 or len(np.unique(y[fold.fit])) < 2:
             continue
-        mean_head = g._fit_head(mean_pooled.numpy()[fold.fit], y[fold.fit], fold.weights, recipe.c, 0)
+        mean_head = fit_head(mean_pooled.numpy()[fold.fit], y[fold.fit], fold.weights, recipe.c, 0)
         model = train(fold.fit, fold.weights)
         with torch.no_grad():
             scores = torch.cat([model(states[torch.as_tensor(test[i:i + 128])], mask[torch.as_tensor(test[i:i + 128])])

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from probes.activations.models import load_model
 from probes.config import default_cache_dir
-from probes.heads import LinearHead
-from probes.models import load_model
-from probes.stream_scorer import KVStore, StreamScorer
-from probes.token_probe import StreamSettings, TokenProbe
+from probes.heads.inference import LinearHead
+from probes.heads.token_probe import StreamSettings, TokenProbe
+from probes.runtime.stream_scorer import KVStore, StreamScorer
 
 LAYER = 2
 SENTENCE = "Stir the pot, add {i} grams of salt, then wait until it boils again; repeat as needed. "

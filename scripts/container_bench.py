@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from ctd_monitor.local.child import WorkerProcess, write_worker_config
+from probes.activations.models import resolve_model_dir
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, default_datasets_dir
-from probes.models import resolve_model_dir
-from probes.pipeline import train_probe
+from probes.fitting.pipeline import train_probe
 from tests.container.stack import ENV_FILE, IMAGES, free_port, http_get, readable, run_service, stack_env
 from tests.worker.helpers import (
     TopicWatcher,

@@ -22,15 +22,21 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from probes.cascade import CascadeContext, Scored, dv_training_data
 from probes.config import Settings, load_settings
 from probes.data import read_file
-from probes.dv import Target, dv_binary, signal_quality
-from probes.evaluation import calibrated_delegation, decision_metrics, faic, oracle_delegation, policy_row
-from probes.fitting import fit_dv, fit_router
-from probes.heads import with_extra_features
+from probes.evaluation.cascade import CascadeContext, Scored, dv_training_data
+from probes.evaluation.policies import (
+    calibrated_delegation,
+    decision_metrics,
+    faic,
+    oracle_delegation,
+    policy_row,
+)
+from probes.fitting.dv import Target, dv_binary, signal_quality
+from probes.fitting.heads import fit_dv, fit_router
+from probes.heads.inference import with_extra_features
 from probes.logs import configure_logging
-from probes.manifest import Signal as SignalName
+from probes.runtime.manifest import Signal as SignalName
 
 F64 = npt.NDArray[np.float64]
 Signal = Callable[[Scored], F64]

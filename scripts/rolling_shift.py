@@ -3,7 +3,7 @@
 Trains a real token probe (SmolLM2, block ``--layer``, window ``--window``) on the stream's response datasets,
 then reads held-out responses (rows of ``refusal_direction_completions`` the training and calibration sample never
 drew) longer than the window three ways: the first ``window`` tokens as the probe was trained; the tokens past it
-on the rolling context (``probes.stream_scorer.rolling_logits``, what the service reads); the same tokens on the
+on the rolling context (``probes.runtime.stream_scorer.rolling_logits``, what the service reads); the same tokens on the
 full context (prefix + the whole response in one pass, unbounded cost: the reference). Prints one JSON object:
 token-logit quantiles per part and label, and per label the share of responses whose smoothed peak crosses the
 calibrated stop threshold over the first window only, over the whole rolling read, and over the full context.
@@ -31,11 +31,11 @@ from probes.config import (
     default_datasets_dir,
 )
 from probes.data import read_file
-from probes.monitor import Monitor
-from probes.pipeline import prepare_data, train_probe
-from probes.stream_scorer import prefix_ids, response_features, response_ids, rolling_logits
-from probes.token_probe import TokenProbe
-from probes.token_train import load_responses, response_label, train_token_probe
+from probes.fitting.pipeline import prepare_data, train_probe
+from probes.fitting.token_train import load_responses, response_label, train_token_probe
+from probes.heads.token_probe import TokenProbe
+from probes.runtime.monitor import Monitor
+from probes.runtime.stream_scorer import prefix_ids, response_features, response_ids, rolling_logits
 
 HELD_OUT = "refusal_direction_completions.conversations.jsonl"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from probes.activations.models import LoadedModel, load_model, resolve_model_dir
 from probes.config import default_cache_dir, default_datasets_dir
 from probes.logs import configure_logging
-from probes.models import LoadedModel, load_model, resolve_model_dir
 
 configure_logging("WARNING")
 

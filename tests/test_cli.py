@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
-from probes.bundle import load_bundle
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
+from probes.runtime.bundle import load_bundle
 from tests.conftest import share_models
 
 
@@ -190,7 +190,7 @@ def _tiny_generalization(tmp_path: Path, config: Path, out: Path, *, groups: tup
 
 
 def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_config: Path, datasets_dir: Path) -> None:
-    """The thin CLI over probes.generalization: a tiny pool (MiniLM for probe and frozen expert)."""
+    """The thin CLI over probes.evaluation.generalization: a tiny pool (MiniLM for probe and frozen expert)."""
     out = tmp_path / "gen"
     result = _tiny_generalization(tmp_path, small_config, out, groups=("xstest", "tweets", "harmful", "alpaca"))
     payload = orjson.loads(result.stdout)

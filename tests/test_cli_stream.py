@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
-from probes.bundle import load_bundle
-from probes.token_probe import TokenProbe
+from probes.heads.token_probe import TokenProbe
+from probes.runtime.bundle import load_bundle
 
 
 @pytest.fixture

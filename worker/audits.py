@@ -1,6 +1,6 @@
 """Which events the monitor worker audits: a keyed sample, per-tenant quotas and an audit budget of its own.
 
-The sample is an HMAC of the event id under a secret (``audit.secret``; probes.recalibration.audit_selected): the
+The sample is an HMAC of the event id under a secret (``audit.secret``; probes.calibration.recalibration.audit_selected): the
 producer chooses event ids, and with a public hash it could choose which events are audited (1000 audited ids
 found in 0.18 s), fill the audit window with them and move the cut. With the secret it cannot tell which are.
 It can still send many events: each tenant's audits are rate-limited (``audit.tenant_rate_per_s``), all audits
@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from probes.calibration.recalibration import audit_selected
 from probes.errors import ConfigError
 from probes.logs import get_logger
-from probes.recalibration import audit_selected
 from worker.alerts import TokenBucket
 from worker.config import WorkerSettings
 from worker.metrics import WorkerMetrics

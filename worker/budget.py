@@ -26,11 +26,11 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from probes.calibration import delegation_rates, fixed_sequence_test, threshold_grid
+from probes.calibration.ltt import delegation_rates, fixed_sequence_test, threshold_grid
 from probes.errors import ConfigError
 from probes.logs import get_logger
-from probes.manifest import Signal
-from probes.monitor import DelegationRule
+from probes.runtime.manifest import Signal
+from probes.runtime.monitor import DelegationRule
 from worker.config import BudgetConfig
 from worker.events import BudgetState
 from worker.metrics import OTHER_TENANTS, WorkerMetrics

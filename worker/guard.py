@@ -33,11 +33,11 @@ import orjson
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
-from probes.bundle import read_manifest
 from probes.errors import ExpertError, ExpertUnavailable
 from probes.experts.base import Expert
 from probes.logs import get_logger
-from probes.manifest import DEFAULT_UNSAFE_CUT
+from probes.runtime.bundle import read_manifest
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
 from worker.breaker import CircuitBreaker
 from worker.config import GuardSettings
 from worker.events import AUDIT_HEADER, MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow

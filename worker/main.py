@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-from probes.bundle import read_manifest
 from probes.conversation import single_turn
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
-from probes.monitor import Monitor
+from probes.runtime.bundle import read_manifest
+from probes.runtime.monitor import Monitor
 from worker.alerts import AlertStream, alert_stream
 from worker.config import GuardSettings, WorkerSettings
 from worker.guard import GuardStream, guard_stream

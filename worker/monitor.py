@@ -23,11 +23,11 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka import TopicPartition
 
+from probes.calibration.recalibration import OnlineRecalibrator
 from probes.errors import ConfigError
-from probes.heads import LinearHead
+from probes.heads.inference import LinearHead
 from probes.logs import get_logger
-from probes.monitor import Monitor, Scores
-from probes.recalibration import OnlineRecalibrator
+from probes.runtime.monitor import Monitor, Scores
 from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.breaker import CircuitBreaker
@@ -67,7 +67,7 @@ log = get_logger(__name__)
 @dataclass(slots=True)
 class Tokenized:
     """A decoded event and its token rows (the body of the monitor's envelope): one row when the conversation
-    fits ``max_tokens``, else the usual view plus windows (probes/windows.py); the event scores as its best row."""
+    fits ``max_tokens``, else the usual view plus windows (probes/activations/windows.py); the event scores as its best row."""
 
     event: ConversationEvent  # its ``tenant`` is the resolved one (worker/tenancy.py)
     rows: list[list[int]]
@@ -266,7 +266,7 @@ class MonitorHandler(OutputsSlot):
             self._wake.set()
 
     def _tokenize_all(self, events: Sequence[ConversationEvent]) -> list[list[list[int]] | Exception]:
-        """Each event's rows (a conversation cut to ``max_tokens`` is read again in windows, probes/windows.py):
+        """Each event's rows (a conversation cut to ``max_tokens`` is read again in windows, probes/activations/windows.py):
         all events and all their windows in a few calls of the fast tokenizer. Whatever fails, fails for its
         event alone."""
         with self.metrics.stage_cpu("render_tokenize"):

@@ -3,7 +3,7 @@
 The monitor worker sends a hash-selected audit sample of its events to the expert (worker/monitor.py); the guard
 answers each with an audit verdict (``audit`` true, the probe's raw score in ``probe_p_unsafe``) on the verdicts
 topic. ``RecalibrationFeed`` reads those verdicts back into the worker process and feeds the
-``probes.recalibration.OnlineRecalibrator`` whose map and cut the monitor decides with.
+``probes.calibration.recalibration.OnlineRecalibrator`` whose map and cut the monitor decides with.
 
 Why every replica ends in the same state, and what that costs (docs/architecture.md, "Online recalibration"):
 
@@ -54,8 +54,13 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from probes.calibration.recalibration import (
+    OnlineRecalibrator,
+    RecalibrationState,
+    WindowSnapshot,
+    audit_selected,
+)
 from probes.logs import get_logger
-from probes.recalibration import OnlineRecalibrator, RecalibrationState, WindowSnapshot, audit_selected
 from worker.config import WorkerAuditConfig, WorkerSettings
 from worker.decode import InvalidVerdict, decode_verdict
 from worker.events import AUDIT_HEADER, Recalibration

@@ -3,7 +3,7 @@
 The handler of the stream core (worker/stream.py) for responses read while they are generated. Per open
 response it keeps the chunk order (``seq``: out-of-order chunks wait, duplicates are dropped, a seq more than
 ``max_pending_chunks`` ahead is dead-lettered and changes nothing), the token probe's small running state, and
-its KV cache in a bounded store (probes/stream_scorer.py: only new tokens run; an evicted cache is recomputed
+its KV cache in a bounded store (probes/runtime/stream_scorer.py: only new tokens run; an evicted cache is recomputed
 from the prefix). A response ends with one ``StreamVerdict`` (signed with the worker role's key,
 worker/signing.py): ``stop`` at the token where the smoothed score
 first crosses the calibrated threshold, ``allow`` only when its final chunk was read; everything else fails
@@ -11,7 +11,7 @@ closed: no chunk for ``response_timeout_s`` (``timeout``, or ``gap`` while a chu
 text than the per-response limits (``limit``, the rest dead-lettered; also a response longer than
 ``max_read_tokens`` tokens, the rest of which is never read), an inference failure (``error``) each end in ``stop``
 with a critical alert (source ``stream``) on the alerts topic. Past the bundle's window a response is read on a
-rolling context (probes/stream_scorer.py), so a verdict covers every token of it.
+rolling context (probes/runtime/stream_scorer.py), so a verdict covers every token of it.
 
 At-least-once with checkpoints (``responses.checkpoint``, default): once a round of chunks is scored, the
 response's state goes to the compacted ``response-state`` topic (worker/response_state.py) and those chunks are
@@ -40,10 +40,10 @@ from typing import Any, Literal
 from aiokafka import TopicPartition
 
 from probes.errors import ConfigError
+from probes.heads.token_probe import TokenProbe
 from probes.logs import get_logger
-from probes.monitor import Monitor
-from probes.stream_scorer import Chunk, KVStore, ResponseState, StreamScorer, StreamStep
-from probes.token_probe import TokenProbe
+from probes.runtime.monitor import Monitor
+from probes.runtime.stream_scorer import Chunk, KVStore, ResponseState, StreamScorer, StreamStep
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_chunk
 from worker.events import Alert, ResponseChunk, StreamVerdict, utcnow

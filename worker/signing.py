@@ -104,7 +104,7 @@ def generate_keys(directory: Path, roles: Collection[Role] = ROLES, *, overwrite
 
 
 def generate_audit_secret(directory: Path, *, overwrite: bool = False) -> Path:
-    """``audit.secret`` in ``directory``: 32 random bytes (hex) keying the audit sample (probes.recalibration)."""
+    """``audit.secret`` in ``directory``: 32 random bytes (hex) keying the audit sample (probes.calibration.recalibration)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "audit.secret"
     if not path.exists() or overwrite:

@@ -1,13 +1,13 @@
 """Online recalibration replay: the offline cut vs a cut re-certified on audited events, on unseen sources.
 
 A ``bench drift``-style stream over real records, with no Kafka: the probe and the frozen-embedding expert of
-``probes.generalization`` are trained (fit rows) and cut (calibration rows) on every group except the held-out
+``probes.evaluation.generalization`` are trained (fit rows) and cut (calibration rows) on every group except the held-out
 ones, exactly as a leave-source-out fold; the stream then replays the training mix followed by each held-out
 group in turn (events drawn with replacement from its pooled records). Every event gets the probe's verdict
 under two policies:
 
 * ``offline``: the certified cut of the fold's calibration rows, never changed;
-* ``online``: ``probes.recalibration.OnlineRecalibrator`` fed the expert verdicts of the audited events
+* ``online``: ``probes.calibration.recalibration.OnlineRecalibrator`` fed the expert verdicts of the audited events
   (``audit_selected`` on the event id, rate ``audit.rate``), the cut in force when the event arrives;
 * ``online_oracle_guard``: the same, fed the dataset label of the audited events (a perfect guard): the bound
   on what recalibration can do, separating its effect from the guard's quality.
@@ -34,11 +34,13 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from probes import generalization as g
+from probes.calibration.recalibration import OnlineRecalibrator, audit_selected
 from probes.config import AuditConfig
-from probes.generalization import audit_half
-from probes.heads import LinearHead
-from probes.recalibration import OnlineRecalibrator, audit_selected
+from probes.evaluation.generalization.folds import AFTER, LosoConfig, Recipe, audit_half, make_fold
+from probes.evaluation.generalization.loso import Progress, no_progress, stack_variants
+from probes.evaluation.generalization.pool import build_pool, fill_expert_embeddings, fill_probe_features
+from probes.evaluation.generalization.scoring import score_fold
+from probes.heads.inference import LinearHead
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -105,9 +107,9 @@ def replay(stream: Stream, p: F64, b: F64, *, offline_cut: float, offline_valid:
             "window_cut": window_cut, "probe_cut": cuts, "final_state": recal.state}
 
 
-def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: AuditConfig, events: int,
-                   cache_dir: Path, datasets_dir: Path, recipe: g.Recipe = g.AFTER, guard_cut: float = 0.5,
-                   progress: g.Progress = g._no_progress) -> dict[str, Any]:
+def run_adaptation(config: LosoConfig, *, held_out: Sequence[str], audit: AuditConfig, events: int,
+                   cache_dir: Path, datasets_dir: Path, recipe: Recipe = AFTER, guard_cut: float = 0.5,
+                   progress: Progress = no_progress) -> dict[str, Any]:
     """Train on the other groups, replay training mix → each held-out group, report both policies per phase.
 
     ``guard_cut``: the expert verdict of an audit is "unsafe" at or above it, on the expert's score recentred so
@@ -117,21 +119,21 @@ def run_adaptation(config: g.LosoConfig, *, held_out: Sequence[str], audit: Audi
     unknown = [h for h in held_out if h not in known]
     if unknown or not held_out:
         raise ValueError(f"unknown held-out groups {unknown}; known: {sorted(known)}")
-    pool = g.build_pool(datasets_dir, config.pool)
-    features, computed = g.fill_probe_features(
+    pool = build_pool(datasets_dir, config.pool)
+    features, computed = fill_probe_features(
         cache_dir, pool, recipe.variants, spec=config.probe_spec, max_tokens=config.probe_max_tokens,
         dtype=config.dtype, progress=progress("probe features (cached per record)", len(pool)))
-    embeddings, expert_computed, backbone = g.fill_expert_embeddings(
+    embeddings, expert_computed, backbone = fill_expert_embeddings(
         cache_dir, pool, spec=config.expert.spec, max_tokens=config.expert.max_tokens, dtype=config.dtype,
         progress=progress("expert embeddings (cached per record)", len(pool)))
     # One fold whose test side is every held-out group (nothing of them, by file or text, reaches training).
     merged = [dataclasses.replace(r, group=HELD_OUT) if r.group in held_out else r for r in pool]
-    fold = g.make_fold(merged, HELD_OUT, recipe, calibration_fraction=config.calibration_fraction, seed=config.seed)
+    fold = make_fold(merged, HELD_OUT, recipe, calibration_fraction=config.calibration_fraction, seed=config.seed)
     y = np.asarray([r.record.label for r in pool], dtype=np.int64)
     if len(np.unique(y[fold.fit])) < 2:
         raise ValueError("the training side lacks a class")
-    x = g._stack(features, recipe.variants)
-    s = g.score_fold(fold, x, embeddings, y, recipe, config.expert.c, delta=config.delta, seed=config.seed)
+    x = stack_variants(features, recipe.variants)
+    s = score_fold(fold, x, embeddings, y, recipe, config.expert.c, delta=config.delta, seed=config.seed)
     # s.b is recentred: 0.5 is the expert's certified cut (or 0.5 when none certified); the probe is replayed on
     # its raw score against its raw cut, as the worker decides.
     p, cut = s.probe_head.proba(x), s.cuts["probe"]

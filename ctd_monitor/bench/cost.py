@@ -18,15 +18,15 @@ import numpy as np
 import numpy.typing as npt
 
 from ctd_monitor.bench.heads import token_batches
-from probes.cascade_rule import Cuts, cascade_decisions, per_1k
+from probes.calibration.cascade_rule import Cuts, cascade_decisions, per_1k
 from probes.conversation import Conversation, plain_text
 from probes.data import Record, read_file
 from probes.errors import BundleError, ConfigError, CtdError, DataError
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.logs import get_logger
-from probes.manifest import DEFAULT_UNSAFE_CUT
-from probes.monitor import Monitor, head_scores
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
+from probes.runtime.monitor import Monitor, head_scores
 from worker.config import WorkerSettings
 
 log = get_logger(__name__)
@@ -38,8 +38,8 @@ def bench_records(settings: WorkerSettings, monitor: Monitor, files: Sequence[Pa
     """``files`` if given, else the bundle's own evaluation split (the distribution it was calibrated on)."""
     if files:
         return [r for path in files for r in read_file(path)][:n], ",".join(p.name for p in files)
-    from probes.cascade import settings_for_bundle
-    from probes.pipeline import prepare_data
+    from probes.evaluation.cascade import settings_for_bundle
+    from probes.fitting.pipeline import prepare_data
 
     try:
         prepared = prepare_data(settings_for_bundle(settings, monitor.bundle))

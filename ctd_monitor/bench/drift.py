@@ -21,7 +21,7 @@ import orjson
 
 from probes.data import Record, read_file
 from probes.errors import ConfigError
-from probes.monitor import DelegationRule, Monitor, head_scores
+from probes.runtime.monitor import DelegationRule, Monitor, head_scores
 from worker.budget import BudgetController
 from worker.config import BudgetConfig
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ctd_monitor.bench.gpu import GpuSampler
-from probes.batching import plan_batches
+from probes.activations.batching import plan_batches
+from probes.activations.features import TokenBatch
 from probes.data import read_file
-from probes.features import TokenBatch
-from probes.monitor import Monitor, head_scores
+from probes.runtime.monitor import Monitor, head_scores
 from worker.config import WorkerSettings
 
 

@@ -19,13 +19,12 @@ import contextlib
 import gc
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import orjson
@@ -39,14 +38,14 @@ from ctd_monitor.bench.pipeline import (
     metrics_text,
     worker_window,
 )
-from ctd_monitor.local.broker import LocalBroker, die_with_parent_prefix
-from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
+from ctd_monitor.local.broker import LocalBroker
+from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from ctd_monitor.local.replay import replay_records
+from probes.activations.features import FeatureExtractor, FloatArray, TokenBatch
 from probes.config import Pooling, load_settings
 from probes.data import Record, read_file
-from probes.features import FeatureExtractor, FloatArray, TokenBatch
 from probes.logs import configure_logging
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from worker.config import WorkerSettings
 from worker.monitor import monitor_stream
 
@@ -106,23 +105,10 @@ def serve(config: Path, profile: Path | None = None) -> None:
     prof.dump_stats(str(profile))
 
 
-class NullWorkerProcess(WorkerProcess):
-    """``serve`` in a child process, with ``WorkerProcess``'s log, signal and CPU-time handling."""
-
-    def __init__(self, config: Path, log_path: Path, profile: Path | None = None) -> None:
-        super().__init__(config, log_path)
-        self.profile = profile
-
-    def start(self) -> Self:
-        self._log = self.log_path.open("ab")
-        self._log_from = self._log.tell()
-        extra = [] if self.profile is None else [str(self.profile)]
-        self.proc = subprocess.Popen(
-            [*die_with_parent_prefix(), sys.executable, "-m", "ctd_monitor.bench.machinery", str(self.config),
-             *extra],
-            env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
-        )
-        return self
+def null_worker_process(config: Path, log_path: Path, profile: Path | None = None) -> WorkerProcess:
+    """``serve`` in a child process, through the runner ``bench pipeline``'s worker uses (``WorkerProcess``)."""
+    extra = [] if profile is None else [str(profile)]
+    return WorkerProcess(config, log_path, argv=["-m", "ctd_monitor.bench.machinery", str(config), *extra])
 
 
 def stage_seconds(metrics_text: str) -> dict[str, float]:
@@ -153,7 +139,7 @@ async def _one_run(settings: WorkerSettings, records: Sequence[Record], workdir:
     n = len(records)
     await replay_records(settings, records, rate=None)  # the backlog, before the worker starts
     config = write_worker_config(workdir / "worker.yaml", settings)
-    with NullWorkerProcess(config, workdir / "worker.log", profile) as proc:
+    with null_worker_process(config, workdir / "worker.log", profile) as proc:
         drained = await drain_backlog(proc, settings, n, timeout=max(120.0, n / 50))
     return _figures(n, drained.verdicts, drained.cpu_seconds, stage_seconds(drained.metrics_text),
                     {"worker_exit_code": drained.exit_code})
@@ -174,7 +160,7 @@ def _figures(n: int, verdicts: Sequence[dict[str, Any]], cpu: float, stages: dic
     }
 
 
-def _assigned(proc: NullWorkerProcess) -> int:
+def _assigned(proc: WorkerProcess) -> int:
     """Partitions the child holds after its latest assignment (0 before its first)."""
     lines = [line for line in proc.log_tail(1 << 22).splitlines() if '"partitions.assigned"' in line]
     return len(orjson.loads(lines[-1]).get("partitions", [])) if lines else 0
@@ -186,7 +172,7 @@ async def _processes_run(settings: WorkerSettings, records: Sequence[Record], wo
     its share: a backlog would be half drained by the first to join before the group rebalances."""
     n = len(records)
     config = write_worker_config(workdir / "worker.yaml", settings)
-    procs = [NullWorkerProcess(config, workdir / f"worker-{i}.log") for i in range(processes)]
+    procs = [null_worker_process(config, workdir / f"worker-{i}.log") for i in range(processes)]
     with contextlib.ExitStack() as stack:
         for proc in procs:
             stack.enter_context(proc)

@@ -29,9 +29,9 @@ from ctd_monitor.bench.gpu import GpuSampler
 from ctd_monitor.local.broker import LocalBroker
 from ctd_monitor.local.child import WorkerProcess, child_env, write_worker_config
 from ctd_monitor.local.replay import replay
-from probes.batching import plan_batches
+from probes.activations.batching import plan_batches
 from probes.data import Record, read_file
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from worker.config import TopicsConfig, WorkerSettings
 from worker.monitor import monitor_stream
 from worker.signing import generate_audit_secret, generate_keys
@@ -41,7 +41,7 @@ def raw_forward_rate(monitor: Monitor, conversations: Sequence[Any], settings: W
     """Events/s of a bare loop over pre-tokenized, pre-collated batches (forward pass + pooling only).
 
     The rows are the ones the worker scores: a conversation longer than ``max_tokens`` is also read in windows
-    (probes/windows.py). Counting only its truncated view made the baseline several times less work than the
+    (probes/activations/windows.py). Counting only its truncated view made the baseline several times less work than the
     worker on long traffic. Here rows are packed by length across conversations, the best a device can do.
     """
     ids = [row for rows in monitor.tokenize_windows_batch(conversations) for row in rows]

@@ -15,7 +15,7 @@ from ctd_monitor.bench.pipeline import raw_forward_rate
 from probes.config import load_settings
 from probes.data import read_file
 from probes.logs import configure_logging
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from worker.config import WorkerSettings
 
 

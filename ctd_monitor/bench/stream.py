@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from probes.batching import plan_batches
+from probes.activations.batching import plan_batches
 from probes.config import Settings
-from probes.monitor import Monitor
-from probes.stream_scorer import Chunk, KVStore, StreamScorer, cache_nbytes, prefix_ids, response_ids
-from probes.token_probe import TokenProbe
-from probes.token_train import load_responses
+from probes.fitting.token_train import load_responses
+from probes.heads.token_probe import TokenProbe
+from probes.runtime.monitor import Monitor
+from probes.runtime.stream_scorer import Chunk, KVStore, StreamScorer, cache_nbytes, prefix_ids, response_ids
 
 
 def split_text(text: str, chunks: int) -> list[str]:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -41,12 +42,19 @@ def child_env() -> dict[str, str]:
 
 class WorkerProcess:
     """One ``ctd-monitor run`` (or ``command``, e.g. ``expert``) child in its own session; stderr (the structured
-    log) goes to a file. The child gets SIGTERM when its parent dies, so a killed test run leaves no orphan."""
+    log) goes to a file. The child gets SIGTERM when its parent dies, so a killed test run leaves no orphan.
 
-    def __init__(self, config: Path, log_path: Path, command: str = "run") -> None:
+    ``argv`` replaces the command line after the interpreter (``bench machinery`` runs its null-forward worker
+    through it), with the same session, log, signal and CPU-time handling.
+    """
+
+    def __init__(self, config: Path, log_path: Path, command: str = "run", *,
+                 argv: Sequence[str] | None = None) -> None:
         self.config = config
         self.log_path = log_path
         self.command = command
+        self.argv = list(argv) if argv is not None else [
+            "-m", "ctd_monitor.cli", "--config", str(config), "--no-progress", command]
         self._log: IO[bytes] | None = None
         self._log_from = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,8 +63,7 @@ class WorkerProcess:
         self._log = self.log_path.open("ab")
         self._log_from = self._log.tell()  # a restart appends: read only this run's lines
         self.proc = subprocess.Popen(
-            [*die_with_parent_prefix(), sys.executable, "-m", "ctd_monitor.cli", "--config", str(self.config),
-             "--no-progress", self.command],
+            [*die_with_parent_prefix(), sys.executable, *self.argv],
             env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
         )
         return self

@@ -25,8 +25,10 @@ from aiokafka import AIOKafkaConsumer
 
 from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from ctd_monitor.local.replay import replay_records
-from probes.bundle import read_manifest
-from probes.cascade import (
+from probes.calibration.cascade_rule import cascade_scores, per_1k
+from probes.config import Settings
+from probes.data import Record, read_file, resolve_paths
+from probes.evaluation.cascade import (
     CascadeContext,
     calibrate_cuts,
     calibrate_signal,
@@ -34,16 +36,14 @@ from probes.cascade import (
     write_calibration,
     write_cuts,
 )
-from probes.cascade_rule import cascade_scores, per_1k
-from probes.config import Settings
-from probes.data import Record, read_file, resolve_paths
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
+from probes.fitting.pipeline import ProgressFactory, no_progress, prepare_data, score_in_chunks, train_bundle
 from probes.logs import get_logger
-from probes.manifest import DEFAULT_UNSAFE_CUT, BundleManifest, Signal
 from probes.metrics import classification_metrics, decision_metrics
-from probes.monitor import Monitor
-from probes.pipeline import ProgressFactory, no_progress, prepare_data, score_in_chunks, train_bundle
+from probes.runtime.bundle import read_manifest
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, BundleManifest, Signal
+from probes.runtime.monitor import Monitor
 from worker.config import (
     AlertsConfig,
     GuardConfig,

@@ -5,7 +5,7 @@ feature extractor), all of the training split, and a longer context window. Fine
 the cache dir keyed by backbone, data and hyper-parameters, so the costly step runs once per machine.
 
 A conversation longer than the context is read as overlapping windows from tail to head and scored as the most
-unsafe of them, like the probe's windows (probes/windows.py): a delegated request padded with filler must not be
+unsafe of them, like the probe's windows (probes/activations/windows.py): a delegated request padded with filler must not be
 cleared by an expert that read only the filler at the tail. The first window is the left-truncated input the
 expert was trained on, so a score never falls below what the tail alone gives; what fits is that window only.
 """
@@ -24,15 +24,21 @@ import numpy.typing as npt
 import orjson
 import torch
 
-from probes.batching import plan_batches
+from probes.activations.batching import plan_batches
+from probes.activations.models import (
+    layer_stack,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_sha256,
+)
+from probes.activations.render import render_text
 from probes.cache import atomic_directory, atomic_write_bytes, sha256_text
 from probes.config import EncoderHeadConfig
 from probes.conversation import Conversation
 from probes.data import Record
 from probes.errors import ExpertError, ModelSpecError
 from probes.logs import get_logger
-from probes.models import layer_stack, resolve_device, resolve_dtype, resolve_model_dir, weights_sha256
-from probes.render import render_text
 
 log = get_logger(__name__)
 Progress = Callable[[int], None]

@@ -10,7 +10,7 @@ from probes.errors import ConfigError
 from probes.experts.base import Expert
 
 if TYPE_CHECKING:
-    from probes.manifest import BundleManifest
+    from probes.runtime.manifest import BundleManifest
 
 
 def build_expert(settings: Settings, *, bundle_manifest: BundleManifest | None = None) -> Expert:

@@ -11,10 +11,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
+from probes.activations.normalise import normalise
+from probes.activations.special_tokens import JOINER, neutralise
 from probes.conversation import Conversation, Message, plain_text
 from probes.errors import ConfigError, ExpertError
-from probes.normalise import normalise
-from probes.special_tokens import JOINER, neutralise
 
 PLACEHOLDER = "{conversation}"
 # Turn prefixes a guard reads as speaker changes: plain_text's, and Llama Guard's "Agent".
@@ -43,7 +43,7 @@ def _frame_lines(template: str) -> frozenset[str]:
 def conversation_text(template: str, conversation: Conversation, special: Iterable[str] = ()) -> str:
     """The conversation as the guard reads it, with nothing in it that could pass for the prompt's structure.
 
-    Content is untrusted. Each message is normalised as the probe reads it (probes/normalise.py), then
+    Content is untrusted. Each message is normalised as the probe reads it (probes/activations/normalise.py), then
     control-token strings (``special``: the guard tokenizer's own, plus
     the generic chat formats) are neutralised, so are the template's delimiter and instruction lines
     ("<END CONVERSATION>", "Provide your safety assessment ...") and line-initial speaker prefixes ("Agent:"),

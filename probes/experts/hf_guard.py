@@ -21,13 +21,19 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from probes.activations.models import (
+    BUILTIN_SPECS,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_sha256,
+)
+from probes.activations.special_tokens import special_strings
 from probes.config import HFGuardConfig
 from probes.conversation import Conversation
 from probes.errors import ConfigError, ExpertError, ModelSpecError
 from probes.experts.guard_prompt import conversation_text, fill_template
 from probes.logs import get_logger
-from probes.models import BUILTIN_SPECS, resolve_device, resolve_dtype, resolve_model_dir, weights_sha256
-from probes.special_tokens import special_strings
 
 log = get_logger(__name__)
 

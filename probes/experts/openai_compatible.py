@@ -25,12 +25,12 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+from probes.activations.normalise import normalise
 from probes.config import OpenAIExpertConfig
 from probes.conversation import Conversation
 from probes.errors import ConfigError, ExpertError, ExpertUnavailable
 from probes.experts.guard_prompt import guard_prompt, p_unsafe_from_top_logprobs
 from probes.logs import get_logger
-from probes.normalise import normalise
 
 log = get_logger(__name__)
 

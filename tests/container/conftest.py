@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from probes.bundle import read_manifest, update_manifest
+from probes.activations.models import resolve_model_dir
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
-from probes.models import resolve_model_dir
+from probes.runtime.bundle import read_manifest, update_manifest
 from tests.conftest import share_models
 from tests.container.stack import build_images, podman, readable
 from tests.worker import conftest as worker_fixtures

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probes.batching import plan_batches, split_padding
+from probes.activations.batching import plan_batches, split_padding
 
 
 def test_token_budget_and_sorting() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from probes.binomial import binom_cdf, binom_logcdf
+from probes.calibration.binomial import binom_cdf, binom_logcdf
 
 ALPHAS = (0.0, 1e-12, 1e-6, 1e-3, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.999, 1 - 1e-9, 1.0)
 

@@ -9,10 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probes import generalization as g
 from probes.config import BROAD_FILES, CONTRASTIVE_FILES, DataConfig, SplitConfig
 from probes.conversation import single_turn
 from probes.data import Record, load_dataset, read_file, split_dataset
+from probes.evaluation.generalization.folds import (
+    BROAD,
+    ExpertChoice,
+    LosoConfig,
+    Recipe,
+    make_fold,
+    source_weights,
+)
+from probes.evaluation.generalization.loso import run_loso
+from probes.evaluation.generalization.pool import (
+    BROAD_GROUPS,
+    PoolConfig,
+    PoolRecord,
+    build_pool,
+    normalised_text_hash,
+)
 
 
 def _twins(records: list[Record]) -> dict[str, list[Record]]:
@@ -57,19 +72,19 @@ def test_per_source_class_balance(datasets_dir: Path) -> None:
 
 def test_broad_files_and_groups_cover_every_contrastive_source(datasets_dir: Path) -> None:
     assert set(CONTRASTIVE_FILES) <= set(BROAD_FILES)
-    grouped = {f for group in g.BROAD_GROUPS for f in group.files}
+    grouped = {f for group in BROAD_GROUPS for f in group.files}
     assert set(CONTRASTIVE_FILES) <= grouped
-    assert len(grouped) == sum(len(group.files) for group in g.BROAD_GROUPS)  # each file in one group
+    assert len(grouped) == sum(len(group.files) for group in BROAD_GROUPS)  # each file in one group
     assert all((datasets_dir / f).is_file() for f in grouped)
-    names = {group.name for group in g.BROAD_GROUPS}
+    names = {group.name for group in BROAD_GROUPS}
     assert {"hate_functional", "chat_abuse", "sexism", "response_safety", "over_refusal_contrast"} <= names
 
 
 def test_broad_folds_keep_twins_on_one_side_and_leak_nothing(datasets_dir: Path) -> None:
-    pool = g.build_pool(datasets_dir, g.PoolConfig(groups=g.BROAD_GROUPS, per_file=40,
+    pool = build_pool(datasets_dir, PoolConfig(groups=BROAD_GROUPS, per_file=40,
                                                    per_file_overrides={"hatemoji.jsonl": 400, "hatecheck.jsonl": 200}))
     for group in ("hate_functional", "sexism", "harmful_behaviors"):
-        fold = g.make_fold(pool, group, g.BROAD, calibration_fraction=0.3)
+        fold = make_fold(pool, group, BROAD, calibration_fraction=0.3)
         train = np.concatenate([fold.fit, fold.calibration])
         assert not {pool[i].dedup_key for i in train} & {pool[i].dedup_key for i in fold.test}
         assert not {pool[i].record.file for i in train} & {pool[i].record.file for i in fold.test}
@@ -89,14 +104,14 @@ def test_source_class_balance_and_group_budget_weights() -> None:
                for i in range(100)]
             + [Record(id=f"c{i}", messages=single_turn(f"c{i}"), label=0, source="c", file="c.jsonl")
                for i in range(20)])
-    pool = [g.PoolRecord(r, "big" if r.file != "c.jsonl" else "small", r.content_key(), g.normalised_text_hash(r))
+    pool = [PoolRecord(r, "big" if r.file != "c.jsonl" else "small", r.content_key(), normalised_text_hash(r))
             for r in recs]
     rows = list(range(len(pool)))
-    w = g.source_weights(pool, rows, g.Recipe(name="t", source_class_balance=True))
+    w = source_weights(pool, rows, Recipe(name="t", source_class_balance=True))
     assert w[:10].sum() == pytest.approx(w[10:40].sum())  # file a: 10 positives weigh as much as 30 negatives
-    w = g.source_weights(pool, rows, g.Recipe(name="t", group_budget=20.0))
+    w = source_weights(pool, rows, Recipe(name="t", group_budget=20.0))
     assert w[:140].sum() == pytest.approx(w[140:].sum())  # both groups at the budget, whatever their size
-    w = g.source_weights(pool, rows, g.BROAD)
+    w = source_weights(pool, rows, BROAD)
     assert w.mean() == pytest.approx(1.0) and (w > 0).all()
 
 
@@ -104,16 +119,16 @@ def test_broad_recipe_reports_the_new_groups_leave_source_out(datasets_dir: Path
     """End to end on a tiny pool (MiniLM probe and frozen expert): the contrastive groups are held out in turn and
     reported like the others."""
     names = ("xstest", "harmful_behaviors", "alpaca", "over_refusal_contrast", "hate_functional", "sexism")
-    groups = tuple(grp for grp in g.BROAD_GROUPS if grp.name in names)
-    broad = g.BROAD.model_copy(update={"variants": ((4, "mean"),), "source_budget": 6.0, "group_budget": 20.0,
+    groups = tuple(grp for grp in BROAD_GROUPS if grp.name in names)
+    broad = BROAD.model_copy(update={"variants": ((4, "mean"),), "source_budget": 6.0, "group_budget": 20.0,
                                        "epsilon": 0.2})
-    config = g.LosoConfig(
-        pool=g.PoolConfig(groups=groups, per_file=6, per_file_overrides={"alpaca_benign.jsonl": 24,
+    config = LosoConfig(
+        pool=PoolConfig(groups=groups, per_file=6, per_file_overrides={"alpaca_benign.jsonl": 24,
                                                                          "hatemoji.jsonl": 12, "edos.jsonl": 16}),
         recipes=(broad,), probe_spec="minilm-l6", probe_max_tokens=48, dtype="fp32",
-        expert=g.ExpertChoice(spec="minilm-l6", max_tokens=48), alphas=(0.2,), calibration_fraction=0.4,
+        expert=ExpertChoice(spec="minilm-l6", max_tokens=48), alphas=(0.2,), calibration_fraction=0.4,
         dv_feature_sets=("margin",))
-    report = g.run_loso(config, cache_dir=cache_dir, datasets_dir=datasets_dir)
+    report = run_loso(config, cache_dir=cache_dir, datasets_dir=datasets_dir)
     rows = report["recipes"]["broad"]["groups"]
     assert set(rows) == set(names)
     for name in ("over_refusal_contrast", "hate_functional", "sexism"):

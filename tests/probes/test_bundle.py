@@ -6,7 +6,9 @@ import numpy as np
 import orjson
 import pytest
 
-from probes.bundle import (
+from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
+from probes.fitting.heads import fit_logistic
+from probes.runtime.bundle import (
     HEADS_FILE,
     MANIFEST,
     Bundle,
@@ -15,8 +17,6 @@ from probes.bundle import (
     save_bundle,
     update_manifest,
 )
-from probes.errors import BundleError, BundleIntegrityError, BundleModelMismatch
-from probes.fitting import fit_logistic
 
 
 def _bundle() -> Bundle:

@@ -5,7 +5,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from probes.calibration import (
+from probes.calibration.ltt import (
     budget_pvalue,
     calibrate,
     cascade_error_risk,
@@ -67,7 +67,7 @@ def test_pareto_is_at_least_as_conservative_as_budget_only() -> None:
     for seed in range(5):
         y, p, b, d = _cascade_data(1500, seed)
         risk = cascade_error_risk(d, p, b, y)
-        from probes.calibration import split_opt_ht
+        from probes.calibration.ltt import split_opt_ht
 
         opt, _ = split_opt_ht(len(d), 0)
         opt_risk = cascade_error_risk(d[opt], p[opt], b[opt], y[opt])
@@ -114,7 +114,7 @@ def test_unsafe_cut_certifies_the_benign_flag_rate_over_many_draws() -> None:
     draws the certified cut's true rate exceeds ε in at most a δ fraction (plus sampling slack)."""
     from scipy.stats import beta
 
-    from probes.calibration import calibrate_unsafe_cut
+    from probes.calibration.ltt import calibrate_unsafe_cut
 
     epsilon, delta, draws, n_benign = 0.05, 0.1, 1000, 300
     rng = np.random.default_rng(7)
@@ -136,7 +136,7 @@ def test_unsafe_cut_certifies_the_benign_flag_rate_over_many_draws() -> None:
 
 
 def test_unsafe_cut_is_the_lowest_certified_and_reports_its_realised_rate() -> None:
-    from probes.calibration import calibrate_unsafe_cut, flag_rates
+    from probes.calibration.ltt import calibrate_unsafe_cut, flag_rates
 
     rng = np.random.default_rng(3)
     scores = np.concatenate([rng.uniform(0, 1, 2000), rng.uniform(0.5, 1, 500)])
@@ -153,8 +153,8 @@ def test_unsafe_cut_is_the_lowest_certified_and_reports_its_realised_rate() -> N
 
 
 def test_no_certifiable_unsafe_cut_keeps_the_default_and_says_so() -> None:
-    from probes.calibration import calibrate_unsafe_cut
-    from probes.manifest import DEFAULT_UNSAFE_CUT
+    from probes.calibration.ltt import calibrate_unsafe_cut
+    from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
 
     rng = np.random.default_rng(4)
     # 20 benign items cannot certify a 1 % flag rate at δ = 0.1: even flagging none has p = 0.99^20 ≈ 0.82.

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.cascade_rule import Cuts, cascade_decisions, cascade_scores, per_1k
+from probes.calibration.cascade_rule import Cuts, cascade_decisions, cascade_scores, per_1k
 
 
 def test_final_score_is_the_expert_where_delegated() -> None:

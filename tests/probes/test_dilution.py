@@ -9,16 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
-from probes import dilution as d
+from probes.activations.models import LoadedModel
+from probes.activations.normalise import normalise
+from probes.activations.render import untrusted_content
+from probes.activations.special_tokens import special_strings
+from probes.activations.windows import spans
 from probes.config import ModelConfig, WindowConfig
 from probes.conversation import single_turn
 from probes.data import read_file
-from probes.models import LoadedModel
-from probes.monitor import Monitor
-from probes.normalise import normalise
-from probes.render import untrusted_content
-from probes.special_tokens import special_strings
-from probes.windows import spans
+from probes.evaluation import dilution as d
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import build_small_bundle
 
 MODEL = ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64)

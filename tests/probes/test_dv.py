@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.dv import dv_binary, dv_continuous, signal_quality
-from probes.fitting import fit_dv, fit_router
-from probes.heads import MLPHead, with_extra_features
+from probes.fitting.dv import dv_binary, dv_continuous, signal_quality
+from probes.fitting.heads import fit_dv, fit_router
+from probes.heads.inference import MLPHead, with_extra_features
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_feature_selection_keeps_activations_out_when_they_are_noise() -> None:
 
 
 def test_crossfit_probe_scores_are_out_of_fold() -> None:
-    from probes.fitting import crossfit_probe
+    from probes.fitting.heads import crossfit_probe
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 200)).astype(np.float32)

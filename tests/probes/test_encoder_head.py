@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from probes.activations.render import render_text
 from probes.config import EncoderHeadConfig
 from probes.conversation import Conversation, single_turn
 from probes.data import read_file
 from probes.errors import ExpertError
 from probes.experts.base import Expert
 from probes.experts.encoder_head import EncoderHeadExpert, _pad, train_encoder_head
-from probes.render import render_text
 from tests.conftest import share_models
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from probes.evaluation import faic, validate_guarantee
+from probes.evaluation.policies import faic, validate_guarantee
 
 
 def test_validate_guarantee_accounts_for_the_population() -> None:

@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from probes.activations.features import (
+    FeatureCache,
+    FeatureExtractor,
+    collate,
+    ema_scores,
+    pool_last,
+    pool_mean,
+)
 from probes.conversation import single_turn
-from probes.features import FeatureCache, FeatureExtractor, collate, ema_scores, pool_last, pool_mean
-from probes.fitting import fit_logistic
+from probes.fitting.heads import fit_logistic
 
 
 def test_mean_pooling_ignores_padding() -> None:
@@ -95,7 +102,7 @@ def test_one_extractor_is_safe_to_share_between_threads(minilm) -> None:
 
 
 def test_max_and_rolling_max_pooling_ignore_padding() -> None:
-    from probes.features import pool, pool_max, pool_rolling_max
+    from probes.activations.features import pool, pool_max, pool_rolling_max
 
     hidden = torch.tensor([[[1.0], [5.0], [3.0], [4.0], [100.0]], [[2.0], [0.0], [9.0], [-50.0], [-50.0]]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
@@ -108,7 +115,7 @@ def test_max_and_rolling_max_pooling_ignore_padding() -> None:
 
 
 def test_multi_layer_extractor_matches_single_layer_extractors(minilm) -> None:
-    from probes.features import MultiLayerExtractor
+    from probes.activations.features import MultiLayerExtractor
 
     convs = [single_turn("short"), single_turn("a longer message with more words " * 3)]
     multi = MultiLayerExtractor(minilm, layers=[2, 4], max_tokens=64, batch_tokens=4096, max_items=8)

@@ -7,40 +7,66 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probes import generalization as g
 from probes.conversation import Conversation, single_turn
 from probes.data import Record
+from probes.evaluation.generalization.folds import (
+    AFTER,
+    BEFORE,
+    ExpertChoice,
+    LosoConfig,
+    Recipe,
+    make_fold,
+    source_weights,
+)
+from probes.evaluation.generalization.loso import run_loso, summarise_adapted
+from probes.evaluation.generalization.pool import (
+    DEFAULT_GROUPS,
+    PoolConfig,
+    PoolRecord,
+    SourceGroup,
+    build_pool,
+    normalised_text_hash,
+)
+from probes.evaluation.generalization.report import write_report
+from probes.evaluation.generalization.scoring import (
+    adapt_fold,
+    certified_cut,
+    decision_figures,
+    recentre,
+    score_fold,
+    tpr_at_fpr,
+)
 
 TINY_GROUPS = (
-    g.SourceGroup(name="xstest", files=("xstest.jsonl",)),
-    g.SourceGroup(name="forbidden_questions", files=("forbidden_questions.jsonl",)),
-    g.SourceGroup(name="tweets", files=("davidson_hate_offensive.jsonl",)),
-    g.SourceGroup(name="harmful_behaviors", files=("advbench.jsonl", "harmbench.jsonl")),
-    g.SourceGroup(name="alpaca", files=("alpaca_benign.jsonl",)),
+    SourceGroup(name="xstest", files=("xstest.jsonl",)),
+    SourceGroup(name="forbidden_questions", files=("forbidden_questions.jsonl",)),
+    SourceGroup(name="tweets", files=("davidson_hate_offensive.jsonl",)),
+    SourceGroup(name="harmful_behaviors", files=("advbench.jsonl", "harmbench.jsonl")),
+    SourceGroup(name="alpaca", files=("alpaca_benign.jsonl",)),
 )
 
 
-def tiny_config(recipes: tuple[g.Recipe, ...]) -> g.LosoConfig:
-    return g.LosoConfig(
-        pool=g.PoolConfig(groups=TINY_GROUPS, per_file=14, per_file_overrides={"alpaca_benign.jsonl": 30}),
+def tiny_config(recipes: tuple[Recipe, ...]) -> LosoConfig:
+    return LosoConfig(
+        pool=PoolConfig(groups=TINY_GROUPS, per_file=14, per_file_overrides={"alpaca_benign.jsonl": 30}),
         recipes=recipes, probe_spec="minilm-l6", probe_max_tokens=48, dtype="fp32",
-        expert=g.ExpertChoice(spec="minilm-l6", max_tokens=48), alphas=(0.1, 0.3), calibration_fraction=0.4,
+        expert=ExpertChoice(spec="minilm-l6", max_tokens=48), alphas=(0.1, 0.3), calibration_fraction=0.4,
         dv_feature_sets=("margin",),
     )
 
 
 def test_folds_never_leak_the_held_out_group(datasets_dir: Path) -> None:
-    groups = (*g.DEFAULT_GROUPS,)
-    pool = g.build_pool(datasets_dir, g.PoolConfig(groups=groups, per_file=20))
+    groups = (*DEFAULT_GROUPS,)
+    pool = build_pool(datasets_dir, PoolConfig(groups=groups, per_file=20))
     # plant a near-duplicate of a held-out xstest prompt in another group: it must not reach training either
     xs = next(p for p in pool if p.group == "xstest" and len(p.record.messages) == 1)
     twin = Record(id="twin", messages=single_turn("  " + xs.record.messages[0].content.upper() + " !"), label=1,
                   source="advbench", file="advbench.jsonl")
-    pool.append(g.PoolRecord(twin, "harmful_behaviors", twin.content_key(), g.normalised_text_hash(twin)))
+    pool.append(PoolRecord(twin, "harmful_behaviors", twin.content_key(), normalised_text_hash(twin)))
     assert pool[-1].dedup_key == xs.dedup_key
-    for recipe in (g.BEFORE, g.AFTER):
+    for recipe in (BEFORE, AFTER):
         for group in groups:
-            fold = g.make_fold(pool, group.name, recipe, calibration_fraction=0.3)
+            fold = make_fold(pool, group.name, recipe, calibration_fraction=0.3)
             train = np.concatenate([fold.fit, fold.calibration])
             assert set(fold.test) == {i for i, p in enumerate(pool) if p.group == group.name}
             assert not set(train) & set(fold.test)
@@ -52,8 +78,8 @@ def test_folds_never_leak_the_held_out_group(datasets_dir: Path) -> None:
 
 
 def test_before_recipe_caps_sources_and_balances_with_alpaca(datasets_dir: Path) -> None:
-    pool = g.build_pool(datasets_dir, g.PoolConfig(per_file=200, per_file_overrides={"alpaca_benign.jsonl": 3000}))
-    fold = g.make_fold(pool, "tweets", g.BEFORE, calibration_fraction=0.3)
+    pool = build_pool(datasets_dir, PoolConfig(per_file=200, per_file_overrides={"alpaca_benign.jsonl": 3000}))
+    fold = make_fold(pool, "tweets", BEFORE, calibration_fraction=0.3)
     rows = np.concatenate([fold.fit, fold.calibration])
     files = [pool[i].record.file for i in rows]
     non_alpaca = [f for f in files if f != "alpaca_benign.jsonl"]
@@ -65,8 +91,8 @@ def test_before_recipe_caps_sources_and_balances_with_alpaca(datasets_dir: Path)
 def test_source_budget_and_class_balance_weights() -> None:
     recs = [Record(id=str(i), messages=single_turn(f"t{i}"), label=int(i < 30), source="s",
                    file="big.jsonl" if i < 30 else "small.jsonl") for i in range(40)]
-    pool = [g.PoolRecord(r, "x", r.content_key(), g.normalised_text_hash(r)) for r in recs]
-    w = g.source_weights(pool, list(range(40)), g.Recipe(name="t", source_budget=10, class_balance=True))
+    pool = [PoolRecord(r, "x", r.content_key(), normalised_text_hash(r)) for r in recs]
+    w = source_weights(pool, list(range(40)), Recipe(name="t", source_budget=10, class_balance=True))
     assert w[:30].sum() == pytest.approx(w[30:].sum())
     assert w.mean() == pytest.approx(1.0)
 
@@ -74,22 +100,22 @@ def test_source_budget_and_class_balance_weights() -> None:
 def test_metrics_tpr_at_fpr_and_certified_cut() -> None:
     y = np.array([0] * 100 + [1] * 10)
     s = np.concatenate([np.linspace(0, 0.5, 100), np.linspace(0.45, 0.9, 10)])
-    assert g.tpr_at_fpr(y, s, 0.01) == pytest.approx(0.9)
-    figs = g.decision_figures(y, s)
+    assert tpr_at_fpr(y, s, 0.01) == pytest.approx(0.9)
+    figs = decision_figures(y, s)
     assert figs["majority_rate"] == pytest.approx(100 / 110) and figs["fpr"] == pytest.approx(0.01)
-    assert math.isnan(g.decision_figures(np.ones(5), np.ones(5))["auroc"])
+    assert math.isnan(decision_figures(np.ones(5), np.ones(5))["auroc"])
     benign = np.random.default_rng(0).uniform(size=2000)
-    cut = g.certified_cut(benign, epsilon=0.05, delta=0.1)
+    cut = certified_cut(benign, epsilon=0.05, delta=0.1)
     assert cut is not None and np.mean(benign > cut) <= 0.05 and np.mean(benign > cut) > 0.03
-    assert g.recentre(np.array([cut]), cut)[0] == pytest.approx(0.5)
+    assert recentre(np.array([cut]), cut)[0] == pytest.approx(0.5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_loso_end_to_end_on_a_tiny_config(tmp_path: Path, datasets_dir: Path) -> None:
-    after = g.AFTER.model_copy(update={"variants": ((2, "mean"), (4, "max")), "epsilon": 0.2})
-    before = g.BEFORE.model_copy(update={"variants": ((4, "mean"),), "files": None})
+    after = AFTER.model_copy(update={"variants": ((2, "mean"), (4, "max")), "epsilon": 0.2})
+    before = BEFORE.model_copy(update={"variants": ((4, "mean"),), "files": None})
     config = tiny_config((before, after))
-    report = g.run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir, sweep=[((4, "mean"),), ((4, "rollmax8"),)])
+    report = run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir, sweep=[((4, "mean"),), ((4, "rollmax8"),)])
     assert report["computed"]["probe_records"] == report["pool"]["n"]
     for name in ("before", "after"):
         groups = report["recipes"][name]["groups"]
@@ -103,9 +129,9 @@ def test_loso_end_to_end_on_a_tiny_config(tmp_path: Path, datasets_dir: Path) ->
     assert report["recipes"]["after"]["groups"]["xstest"]["cuts"]["probe"] != 0.5
     assert len(report["sweep"]["rows"]) == 2
     # a rerun reads every vector from the per-record cache
-    again = g.run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir)
+    again = run_loso(config, cache_dir=tmp_path, datasets_dir=datasets_dir)
     assert again["computed"] == {"probe_records": 0, "expert_records": 0}
-    assert g.write_report(report, tmp_path).read_text().count("| xstest |") == 2
+    assert write_report(report, tmp_path).read_text().count("| xstest |") == 2
 
 
 def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited_half() -> None:
@@ -122,15 +148,15 @@ def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited
                            file=f"{group}.jsonl"))
         groups.append(group)
         xs.append(x)
-    pool = [g.PoolRecord(r, grp, r.content_key(), g.normalised_text_hash(r)) for r, grp in zip(recs, groups, strict=True)]
+    pool = [PoolRecord(r, grp, r.content_key(), normalised_text_hash(r)) for r, grp in zip(recs, groups, strict=True)]
     x = np.stack(xs)
     y = np.asarray([r.label for r in recs], dtype=np.int64)
-    recipe = g.AFTER.model_copy(update={"epsilon": 0.1})
-    config = g.LosoConfig(pool=g.PoolConfig(groups=(g.SourceGroup(name="train", files=("train.jsonl",)),
-                                                    g.SourceGroup(name="held", files=("held.jsonl",)))),
+    recipe = AFTER.model_copy(update={"epsilon": 0.1})
+    config = LosoConfig(pool=PoolConfig(groups=(SourceGroup(name="train", files=("train.jsonl",)),
+                                                    SourceGroup(name="held", files=("held.jsonl",)))),
                           adapt_audits=120)
-    fold = g.make_fold(pool, "held", recipe, calibration_fraction=0.3)
-    s = g.score_fold(fold, x, x, y, recipe, 1.0, delta=0.1)
+    fold = make_fold(pool, "held", recipe, calibration_fraction=0.3)
+    s = score_fold(fold, x, x, y, recipe, 1.0, delta=0.1)
     truth = {r.messages: r.label for r in recs}
     calls: list[int] = []
 
@@ -138,7 +164,7 @@ def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited
         calls.append(len(conversations))
         return [float(truth[c]) for c in conversations]
 
-    a = g.adapt_fold(pool, fold, x, y, s, recipe, config, guard_model)
+    a = adapt_fold(pool, fold, x, y, s, recipe, config, guard_model)
     assert calls == [120], "the guard model scores the audited records only, in one call"
     assert a["head_model_guard"] == a["head_oracle_guard"]
     assert a["audits"] == 120 and a["evaluated"] + a["audits"] <= len(fold.test)
@@ -148,6 +174,6 @@ def test_adapt_fold_lets_a_correct_guard_teach_the_probe_scored_on_the_unaudited
     taught = a["head_oracle_guard"]
     assert taught["source"] == "window" and taught["auroc"] > 0.9
     assert taught["accuracy"] > taught["majority_rate"] and taught["fpr"] <= 0.1 + 0.05
-    summary = g.summarise_adapted([a])
+    summary = summarise_adapted([a])
     assert summary["groups_both_classes"] == 1 and summary["head_oracle_guard"]["above_majority"] == 1
     assert "head_model_guard" in summary

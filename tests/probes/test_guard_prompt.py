@@ -115,9 +115,9 @@ def test_conversation_cannot_close_the_frame_or_speak_for_others() -> None:
 
 
 def test_hf_guard_prompt_ids_hold_only_the_templates_control_tokens(cache_dir) -> None:
+    from probes.activations.special_tokens import special_strings
     from probes.config import HFGuardConfig
     from probes.experts.hf_guard import HFGuardExpert
-    from probes.special_tokens import special_strings
 
     guard = HFGuardExpert(HFGuardConfig(model="smollm2-135m-instruct", dtype="fp32", max_length=512),
                           cache_dir=cache_dir)

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.fitting import fit_logistic
-from probes.heads import sigmoid
+from probes.fitting.heads import fit_logistic
+from probes.heads.inference import sigmoid
 from probes.metrics import classification_metrics
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from probes.bundle import HEADS_FILE, MANIFEST, load_bundle, read_manifest, update_manifest
-from probes.calibration import calibrate_unsafe_cut
+from probes.calibration.ltt import calibrate_unsafe_cut
 from probes.errors import BundleError
-from probes.manifest import DEFAULT_UNSAFE_CUT, FORMAT_VERSION, BundleManifest, Signal
-from probes.monitor import DelegationRule
+from probes.runtime.bundle import HEADS_FILE, MANIFEST, load_bundle, read_manifest, update_manifest
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, FORMAT_VERSION, BundleManifest, Signal
+from probes.runtime.monitor import DelegationRule
 
 # A format-1 manifest exactly as `train` + `train-dv` + `calibrate` wrote it (values shortened, keys complete).
 V1 = {

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from probes.activations.models import layer_stack, load_model, resolve_model_dir, weights_sha256
 from probes.errors import ModelSpecError
-from probes.models import layer_stack, load_model, resolve_model_dir, weights_sha256
 
 
 def test_smollm2_loads_truncated_with_chat_template(smollm2) -> None:
@@ -61,7 +61,7 @@ def test_bad_dtype_and_missing_cuda(cache_dir: Path) -> None:
 def test_dtype_auto_follows_native_cpu_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from probes import models
+    from probes.activations import models
 
     with_amx = tmp_path / "amx"
     with_amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from probes import packed_attention
-from probes.features import FeatureExtractor, collate
+from probes.activations import packed_attention
+from probes.activations.features import FeatureExtractor, collate
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from probes.config import AuditConfig, Settings, load_settings
-from probes.heads import LinearHead
-from probes.recalibration import (
+from probes.calibration.recalibration import (
     OnlineRecalibrator,
     PlattMap,
     _logit,
@@ -16,6 +14,8 @@ from probes.recalibration import (
     fit_anchored_logistic,
     fit_platt,
 )
+from probes.config import AuditConfig, Settings, load_settings
+from probes.heads.inference import LinearHead
 
 
 def test_platt_fit_matches_sklearn_logistic_regression_on_logit_p() -> None:

@@ -6,11 +6,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from probes.activations.features import FeatureExtractor
+from probes.activations.record_cache import RecordStore
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings
 from probes.data import read_file
-from probes.features import FeatureExtractor
-from probes.pipeline import extract_features
-from probes.record_cache import RecordStore
+from probes.fitting.pipeline import extract_features
 
 
 def test_store_roundtrip_and_only_missing_keys_are_computed(tmp_path: Path) -> None:

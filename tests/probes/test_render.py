@@ -6,10 +6,8 @@ from typing import Any
 import jinja2
 import pytest
 
-from probes.conversation import Conversation, Message, conversation, plain_text
-from probes.data import read_file
-from probes.models import LoadedModel
-from probes.render import (
+from probes.activations.models import LoadedModel
+from probes.activations.render import (
     BatchRenderer,
     derive_message_template,
     derive_piece_template,
@@ -17,6 +15,8 @@ from probes.render import (
     render_text,
     untrusted_content,
 )
+from probes.conversation import Conversation, Message, conversation, plain_text
+from probes.data import read_file
 
 
 def test_chat_template_rendering(smollm2: LoadedModel) -> None:
@@ -124,7 +124,7 @@ HOSTILE = (
 
 
 def _control_ids(tokenizer: object, ids: list[int]) -> list[int]:
-    from probes.special_tokens import special_strings
+    from probes.activations.special_tokens import special_strings
 
     control = {tokenizer.convert_tokens_to_ids(s) for s in special_strings(tokenizer)}  # type: ignore[attr-defined]
     return [i for i in ids if i in control]
@@ -147,7 +147,7 @@ def test_special_token_strings_in_content_stay_text(smollm2, minilm) -> None:
 
 
 def test_neutralise_leaves_ordinary_text_alone() -> None:
-    from probes.special_tokens import neutralise
+    from probes.activations.special_tokens import neutralise
 
     plain = "a < b | c > d, <html> [x] <|not a token"
     assert neutralise(plain, {"<|im_start|>"}) == plain

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from probes.activations.features import FeatureExtractor
 from probes.conversation import Message
 from probes.data import Record, read_file
 from probes.errors import ModelSpecError
-from probes.features import FeatureExtractor
-from probes.heads import LinearHead
-from probes.stream_scorer import (
+from probes.heads.inference import LinearHead
+from probes.heads.token_probe import AGGREGATORS, StreamSettings, TokenProbe
+from probes.runtime.stream_scorer import (
     Chunk,
     KVStore,
     ResponseState,
@@ -28,7 +29,6 @@ from probes.stream_scorer import (
     rolling_blocks,
     rolling_logits,
 )
-from probes.token_probe import AGGREGATORS, StreamSettings, TokenProbe
 
 LAYER = 6
 CONTEXT = (Message("user", "How do I get rid of the weeds in my garden without chemicals?"),)
@@ -415,7 +415,7 @@ def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Rec
     """A real token probe (window 32, stride 16) fitted on the first 48 tokens of 40 harmful and 40 benign real
     responses, its threshold the 95th percentile of the smoothed peaks of 60 other benign responses read whole
     (rolling, 160 tokens; a few benign peaks sit far above the rest): what has not been read is held out."""
-    from probes.token_train import fit_token_head, response_label, token_training_set
+    from probes.fitting.token_train import fit_token_head, response_label, token_training_set
 
     records = read_file(datasets_dir / RESPONSES)
     harmful = [r for r in records if response_label(r) == 1]

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.features import ema_scores
-from probes.token_probe import AGGREGATORS, StreamAggregate, first_crossing, rolling_means, smoothed
-from probes.token_train import calibrate_stop
+from probes.activations.features import ema_scores
+from probes.fitting.token_train import calibrate_stop
+from probes.heads.token_probe import AGGREGATORS, StreamAggregate, first_crossing, rolling_means, smoothed
 
 
 def reference_ema(z: list[float], decay: float) -> list[float]:

@@ -12,7 +12,7 @@ from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from probes.config import EncoderHeadConfig, ModelConfig
 from probes.data import read_file
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.conftest import share_models
 from tests.worker.helpers import build_small_bundle, session_keys_dir
 

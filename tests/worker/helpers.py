@@ -20,13 +20,13 @@ from prometheus_client import Counter
 
 from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from ctd_monitor.local.replay import record_event
-from probes.bundle import update_manifest
+from probes.activations.features import FeatureExtractor
+from probes.activations.models import load_model
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings
 from probes.data import read_file
-from probes.features import FeatureExtractor
-from probes.models import load_model
-from probes.monitor import uncertainty
-from probes.pipeline import prepare_data, train_probe
+from probes.fitting.pipeline import prepare_data, train_probe
+from probes.runtime.bundle import update_manifest
+from probes.runtime.monitor import uncertainty
 from worker.config import (
     AlertsConfig,
     BatchingConfig,
@@ -85,7 +85,7 @@ def build_small_bundle(out: Path, datasets_dir: Path, cache_dir: Path) -> Path:
     prepared = prepare_data(settings)
     train_probe(settings, out, prepared=prepared)
     loaded = load_model("minilm-l6", cache_dir=cache_dir, dtype="fp32", max_layer=4)
-    from probes.bundle import load_bundle
+    from probes.runtime.bundle import load_bundle
 
     bundle = load_bundle(out)
     extractor = FeatureExtractor(loaded, layer=4, max_tokens=64, batch_tokens=4096, max_items=64)

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from probes.calibration.recalibration import OnlineRecalibrator
 from probes.experts.encoder_head import EncoderHeadExpert
-from probes.monitor import Monitor
-from probes.recalibration import OnlineRecalibrator
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     TopicWatcher,
     dataset_events,

@@ -1,5 +1,5 @@
 """The audit sample keyed by a secret, per-tenant quotas, the audit budget and the window share (worker/audits.py,
-probes.recalibration) — unit tests; test_hostile_audits runs an audit-grinding producer on the real broker."""
+probes.calibration.recalibration) — unit tests; test_hostile_audits runs an audit-grinding producer on the real broker."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from probes.calibration.recalibration import OnlineRecalibrator, audit_selected
 from probes.errors import ConfigError
-from probes.recalibration import OnlineRecalibrator, audit_selected
 from tests.worker.helpers import signing_config
 from worker.audits import AuditSampler, load_audit_secret
 from worker.config import SigningConfig, WorkerAuditConfig, WorkerSettings

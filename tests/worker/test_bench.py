@@ -15,7 +15,7 @@ from probes.config import EncoderHeadConfig
 from probes.conversation import single_turn
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.conftest import share_models
 from tests.worker.helpers import mixed_files, worker_settings
 from worker.config import TopicsConfig, WorkerSettings

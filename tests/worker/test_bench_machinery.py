@@ -9,9 +9,9 @@ import pytest
 
 from ctd_monitor.bench.machinery import STAGES, NullExtractor, bench_machinery
 from ctd_monitor.local.broker import LocalBroker
+from probes.activations.features import collate
 from probes.conversation import Conversation, single_turn
-from probes.features import collate
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import worker_settings
 from worker.config import TopicsConfig
 

@@ -8,7 +8,7 @@ import structlog
 from scipy.stats import norm
 
 from probes.errors import ConfigError
-from probes.monitor import DelegationRule
+from probes.runtime.monitor import DelegationRule
 from worker.budget import BudgetController, Delegation
 from worker.config import BudgetConfig
 from worker.metrics import WorkerMetrics

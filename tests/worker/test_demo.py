@@ -23,7 +23,7 @@ def _settings(cache_dir: Path, datasets_dir: Path) -> Settings:
 
 def test_replayed_records_were_never_trained_on(cache_dir: Path, datasets_dir: Path) -> None:
     from ctd_monitor.local.demo import demo_settings
-    from probes.pipeline import prepare_data
+    from probes.fitting.pipeline import prepare_data
 
     s = demo_settings(_settings(cache_dir, datasets_dir), DemoOptions(per_source=10))
     records = held_out_records(s, 120, seed=0)

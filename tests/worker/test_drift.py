@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from ctd_monitor.bench.drift import default_phases, drift_stream, parse_phase, report, simulate
 from ctd_monitor.cli import app
 from probes.errors import ConfigError
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from worker.config import BudgetConfig
 
 W = 300

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import dataset_events, new_topics, worker_settings
 from worker.metrics import WorkerMetrics
 from worker.monitor import MonitorHandler

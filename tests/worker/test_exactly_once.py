@@ -19,7 +19,7 @@ import pytest
 
 from ctd_monitor.local.broker import LocalBroker
 from probes.errors import ConfigError
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     TopicWatcher,
     committed_lag,

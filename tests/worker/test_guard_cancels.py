@@ -22,7 +22,7 @@ import pytest
 from probes.conversation import Conversation
 from probes.errors import ExpertError
 from probes.experts.encoder_head import EncoderHeadExpert
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     distinct,
     guard_settings,

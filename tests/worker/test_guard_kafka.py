@@ -18,12 +18,12 @@ import orjson
 import pytest
 
 from ctd_monitor.local.replay import replay
-from probes.bundle import update_manifest
 from probes.conversation import Conversation
 from probes.errors import ExpertUnavailable
 from probes.experts.encoder_head import EncoderHeadExpert
-from probes.manifest import DEFAULT_UNSAFE_CUT, UnsafeCut
-from probes.monitor import Monitor
+from probes.runtime.bundle import update_manifest
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, UnsafeCut
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     counter_total,
     distinct,

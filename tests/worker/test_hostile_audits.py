@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from probes.experts.encoder_head import EncoderHeadExpert
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import dataset_events, event_values, produce_at_rate, wait_for
 from tests.worker.test_audit_kafka import start_pair
 from tests.worker.test_audit_quotas import grind

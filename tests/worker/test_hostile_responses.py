@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from probes.stream_scorer import StreamScorer, response_ids
+from probes.runtime.stream_scorer import StreamScorer, response_ids
 from tests.worker.helpers import new_topics, produce_raw, read_topic
 from tests.worker.test_responses import CONTEXT, TEXTS, scorer
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings

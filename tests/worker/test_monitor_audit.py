@@ -11,9 +11,9 @@ import numpy as np
 import orjson
 import pytest
 
+from probes.calibration.recalibration import audit_selected
 from probes.errors import ConfigError
-from probes.monitor import Monitor
-from probes.recalibration import audit_selected
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import worker_settings
 from tests.worker.test_monitor_items import _consumer, _event
 from tests.worker.test_recalibration import T0, FakeVerdictTopic

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiokafka import ConsumerRecord
 
-from probes.monitor import Monitor, Scores
+from probes.runtime.monitor import Monitor, Scores
 from tests.worker.helpers import worker_settings
 from tests.worker.test_stream import P0, FakeConsumer, FakeProducer, running, stopped, until
 from worker.config import TopicsConfig

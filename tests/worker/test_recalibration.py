@@ -19,10 +19,10 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
+from probes.calibration.recalibration import OnlineRecalibrator, audit_selected
 from probes.config import load_settings
 from probes.errors import ConfigError
-from probes.heads import LinearHead
-from probes.recalibration import OnlineRecalibrator, audit_selected
+from probes.heads.inference import LinearHead
 from tests.worker.helpers import role_signer, signing_config
 from worker.alerts import AlertPolicy
 from worker.config import AlertsConfig, TopicsConfig, WorkerAuditConfig, WorkerSettings

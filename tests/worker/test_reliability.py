@@ -25,7 +25,7 @@ import pytest
 from ctd_monitor.local.broker import LocalBroker
 from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from probes.experts.encoder_head import EncoderHeadExpert
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     TopicWatcher,
     committed_lag,

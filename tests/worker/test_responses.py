@@ -14,11 +14,11 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
+from probes.activations.features import FeatureExtractor
 from probes.conversation import Message
-from probes.features import FeatureExtractor
-from probes.heads import LinearHead
-from probes.stream_scorer import Chunk, KVStore, StreamScorer, StreamStep
-from probes.token_probe import StreamSettings, TokenProbe
+from probes.heads.inference import LinearHead
+from probes.heads.token_probe import StreamSettings, TokenProbe
+from probes.runtime.stream_scorer import Chunk, KVStore, StreamScorer, StreamStep
 from tests.worker.test_stream import FakeConsumer, FakeProducer, record, until
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
 from worker.events import Alert, ResponseChunk, StreamVerdict

@@ -16,11 +16,11 @@ import pytest
 from ctd_monitor.local.child import WorkerProcess, write_worker_config
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings, SplitConfig, StreamConfig
 from probes.data import read_file
-from probes.monitor import Monitor
-from probes.pipeline import prepare_data, train_probe
-from probes.stream_scorer import KVStore, StreamScorer, response_ids
-from probes.token_probe import TokenProbe
-from probes.token_train import response_label, train_token_probe
+from probes.fitting.pipeline import prepare_data, train_probe
+from probes.fitting.token_train import response_label, train_token_probe
+from probes.heads.token_probe import TokenProbe
+from probes.runtime.monitor import Monitor
+from probes.runtime.stream_scorer import KVStore, StreamScorer, response_ids
 from tests.worker.helpers import new_topics, produce_raw, read_topic, wait_for
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
 from worker.events import ResponseChunk

@@ -17,7 +17,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from pydantic import SecretStr
 
 from probes.errors import ConfigError
-from probes.monitor import Monitor
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import worker_settings
 from tests.worker.test_stream import (
     EchoHandler,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.monitor import DelegationRule
+from probes.runtime.monitor import DelegationRule
 from worker.alerts import OVERFLOW_BUCKET, AlertHandler
 from worker.budget import OVERFLOW_SCOPE, BudgetController
 from worker.config import AlertsConfig, BudgetConfig, GuardSettings, MetricsConfig

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctd_monitor.local.replay import replay
-from probes.manifest import UnsafeCut
-from probes.monitor import Monitor
+from probes.runtime.manifest import UnsafeCut
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
     counter_total,

@@ -10,7 +10,7 @@ from typing import Any
 def _install() -> None:
     import numpy as np
 
-    from probes.monitor import Monitor, Scores
+    from probes.runtime.monitor import Monitor, Scores
 
     real = Monitor.score_grouped
 

@@ -1,0 +1,210 @@
+"""``bench`` commands that measure quality under shift: leave-source-out generalisation, drift, adaptation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from ctd_monitor.commands.common import emit, fail, guarded, options, settings
+from ctd_monitor.progress import progress_bars
+
+
+@guarded
+def bench_generalization(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="directory for metrics.json and report.md")] = Path("runs/generalization"),
+    recipes: Annotated[str, typer.Option(help="comma-separated recipes: before (today's), after (issue 12's), "
+                                         "broad (issue 21's, for --groups broad)")] = "before,after",
+    groups: Annotated[str | None, typer.Option(help="default | broad (the default groups and one per contrastive "
+                                               "source family); default: the pool config's")] = None,
+    expert: Annotated[str, typer.Option(help="frozen (sentence-encoder embeddings + head per fold) | finetune "
+                                        "(the encoder-head expert fine-tuned per fold; slow)")] = "frozen",
+    expert_spec: Annotated[str, typer.Option(help="expert backbone model spec")] = "all-mpnet-base-v2",
+    per_file: Annotated[int | None, typer.Option(help="records sampled per file (default: the pool config's)")] = None,
+    budgets: Annotated[str, typer.Option(help="comma-separated delegation budgets α")] = "0.05,0.1,0.2,0.3",
+    delta: Annotated[float, typer.Option(help="δ of every certified threshold")] = 0.1,
+    sweep: Annotated[str, typer.Option(help="probe feature combinations to compare, ';'-separated, each "
+                                       "'LAYER:POOLING[+LAYER:POOLING...]', e.g. '15:mean;15:max;12:mean+15:mean'")] = "",
+    loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool, recipes)")] = None,
+    adapt_audits: Annotated[int | None, typer.Option(
+        min=0, help="also let N audits of each held-out group teach the probe (Platt or head refit, oracle or "
+        "expert guard), figures on the group's other half; 0: off")] = None,
+    adapt_epsilon: Annotated[float | None, typer.Option(
+        help="ε of the adapted cut's certificate (default: the recipe's)")] = None,
+    adapt_guard: Annotated[bool, typer.Option(
+        "--adapt-guard", help="also label the audits with the configured expert backend (expert.*: e.g. a Llama "
+        "Guard through hf-guard or a vLLM server through openai-compatible), beside the oracle and the fold's "
+        "expert")] = False,
+    dilution_bundle: Annotated[Path | None, typer.Option(
+        help="also run the dilution yardstick on this bundle: held-out harmful requests padded with benign filler "
+        "(before, after, around, in a window gap) or disguised (zero-width, homoglyphs, fullwidth, bidi), scored "
+        "as the worker scores; --recipes '' runs it alone")] = None,
+    dilution_requests: Annotated[int, typer.Option(min=1, help="held-out harmful requests of the yardstick")] = 40,
+    dilution_lengths: Annotated[str, typer.Option(help="comma-separated filler lengths, in the bundle model's "
+                                                  "tokens")] = "256,1024,3072",
+) -> None:
+    """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
+    import yaml
+
+    from probes.evaluation.generalization.folds import AFTER, BEFORE, BROAD, LosoConfig
+    from probes.evaluation.generalization.loso import run_loso
+    from probes.evaluation.generalization.pool import BROAD_GROUPS, DEFAULT_GROUPS
+    from probes.evaluation.generalization.report import write_report
+
+    s = settings(ctx)
+    try:
+        base = LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else LosoConfig()
+        alphas = tuple(float(x) for x in budgets.split(",") if x.strip())
+        # The built-in recipes read the configured probe features (layer 15 mean by default).
+        configured = ((s.features.layer, s.features.pooling),)
+        known = {r.name: r.model_copy(update={"variants": configured}) for r in (BEFORE, AFTER, BROAD)}
+        known.update({r.name: r for r in base.recipes})
+        chosen = tuple(known[name.strip()] for name in recipes.split(",") if name.strip())
+        combos = [tuple((int(v.split(":")[0]), v.split(":")[1]) for v in combo.split("+"))
+                  for combo in sweep.split(";") if combo.strip()]
+        lengths = tuple(int(x) for x in dilution_lengths.split(",") if x.strip())
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        fail(f"bad option: {exc}")
+    if not chosen and dilution_bundle is None:
+        fail("no recipe and no --dilution-bundle: nothing to measure")
+    if expert not in ("frozen", "finetune"):
+        fail("--expert must be frozen or finetune")
+    if groups not in (None, "default", "broad"):
+        fail("--groups must be default or broad")
+    pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
+    if groups is not None:
+        pool = pool.model_copy(update={"groups": BROAD_GROUPS if groups == "broad" else DEFAULT_GROUPS})
+    config = base.model_copy(update={
+        "pool": pool, "recipes": chosen, "alphas": alphas, "delta": delta, "probe_spec": s.model.spec,
+        "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
+        "expert": base.expert.model_copy(update={"kind": expert, "spec": expert_spec}),
+        **({} if adapt_audits is None else {"adapt_audits": adapt_audits}),
+        **({} if adapt_epsilon is None else {"adapt_epsilon": adapt_epsilon})})
+    guard = None
+    if adapt_guard:
+        if not config.adapt_audits:
+            fail("--adapt-guard needs --adapt-audits N")
+        from probes.experts.factory import build_expert
+
+        guard = build_expert(s)
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bars(options(ctx).progress) as bars:
+        report: dict[str, Any] = {"config": config.model_dump(mode="json"), "expert": None, "computed": {},
+                                  "recipes": {}}
+        if chosen:
+            report = run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,
+                                sweep=combos, guard=None if guard is None else guard.score,
+                                guard_name=None if guard is None else guard.name)
+        if dilution_bundle is not None:
+            from probes.evaluation.dilution import DISGUISES, PLACEMENTS, run_dilution
+
+            report["dilution"] = run_dilution(
+                dilution_bundle, s.model, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
+                n=dilution_requests, lengths=lengths,
+                progress=bars("dilution yardstick (requests x transformations)", dilution_requests * (
+                    1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
+    (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    write_report(report, out)
+    emit({"out": str(out), "expert": report["expert"], "computed": report["computed"],
+          "means": {name: r["mean"] for name, r in report["recipes"].items()},
+          **({"dilution": {name: r["held"] for name, r in report["dilution"]["transformations"].items()}}
+             if "dilution" in report else {})})
+
+
+@guarded
+def bench_drift(
+    ctx: typer.Context,
+    bundle: Annotated[Path, typer.Option(help="probe bundle with a calibrated threshold")] = Path("runs/bundle"),
+    out: Annotated[Path, typer.Option(help="directory for drift.png and drift.json")] = Path("runs/drift"),
+    phase: Annotated[list[str] | None, typer.Option(
+        "--phase", help="NAME=FILE[+FILE...]:EVENTS in stream order (files relative to the datasets dir); "
+        "default: the bundle's training mix → jailbreak prompts → unseen tweets → training mix")] = None,
+    events: Annotated[int, typer.Option(help="events per default phase")] = 4000,
+    pool: Annotated[int, typer.Option(help="records scored per source file (events are drawn from them)")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Realised delegation rate under a shifting mix: offline threshold vs windowed control vs hard cap.
+
+    The window, re-certification and cap settings come from the ``budget`` config section (CTD_BUDGET__*).
+    """
+    from ctd_monitor.bench.drift import default_phases, drift_stream, parse_phase, report
+    from probes.runtime.monitor import Monitor
+    from worker.budget import BudgetController
+    from worker.config import WorkerSettings
+
+    s: WorkerSettings = settings(ctx, cls=WorkerSettings)
+    monitor = Monitor(bundle, s.model, cache_dir=s.cache_dir)
+    data_dir = s.data.datasets_dir
+    if phase:
+        phases = [parse_phase(p, data_dir) for p in phase]
+    else:
+        trained_on = list(monitor.bundle.manifest.data.file_sha256 or s.data.files)
+        phases = default_phases(trained_on, data_dir, events)
+    if not monitor.rule.valid:
+        fail("the bundle has no valid delegation threshold: there is no budget to control")
+    BudgetController(monitor.rule, s.budget.model_copy(update={"hard_cap": True}))  # a bad cap fails before scoring
+    signals, pools = drift_stream(monitor, phases, pool=pool, seed=seed)
+    emit(report(signals, pools, phases, monitor.rule, s.budget, out))
+
+
+@guarded
+def bench_adaptation(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="directory for adaptation.json (and adaptation.png)")] = Path(
+        "runs/adaptation"),
+    held_out: Annotated[str, typer.Option(help="comma-separated source groups streamed after the training mix, "
+                                          "in order; trained on the other groups")] = "tweets,dialogues,xstest",
+    events: Annotated[int, typer.Option(help="events per phase (drawn with replacement from its records)")] = 4000,
+    per_file: Annotated[int | None, typer.Option(help="records sampled per file (default: the pool config's)")] = None,
+    expert_spec: Annotated[str, typer.Option(help="frozen expert backbone (the guard of the replay)")] = (
+        "all-mpnet-base-v2"),
+    audit_rate: Annotated[float | None, typer.Option(help="share of events audited (default: audit.rate)")] = None,
+    window: Annotated[int | None, typer.Option(help="audit window (default: audit.window)")] = None,
+    min_window: Annotated[int | None, typer.Option(help="audits before the window's cut applies")] = None,
+    refit_every: Annotated[int | None, typer.Option(help="refit after every k-th audit")] = None,
+    refit: Annotated[str | None, typer.Option(help="what the window refits: platt (map + cut) | head (the probe's "
+                                              "head + cut) (default: audit.refit)")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="certified benign flag rate (default: audit.epsilon)")] = None,
+    loso_config: Annotated[Path | None, typer.Option(help="YAML/JSON LosoConfig (groups, pool)")] = None,
+    guard_cut: Annotated[float, typer.Option(help="expert verdict cut on its recentred score (0.5: its certified "
+                                             "cut; lower: a higher-recall guard)")] = 0.5,
+    plot: Annotated[bool, typer.Option(help="also write adaptation.png")] = False,
+) -> None:
+    """Offline cut vs online recalibration from audited expert verdicts, on source groups the probe never saw.
+
+    The audit settings come from the ``audit`` config section (CTD_AUDIT__*); the options override them.
+    """
+    import yaml
+
+    from ctd_monitor.bench.adaptation import run_adaptation, write
+    from probes.config import AuditConfig
+    from probes.evaluation.generalization.folds import AFTER, LosoConfig
+
+    s = settings(ctx)
+    try:
+        base = LosoConfig(**(yaml.safe_load(loso_config.read_text()) or {})) if loso_config else LosoConfig()
+        overrides = {k: v for k, v in (("rate", audit_rate), ("window", window), ("min_window", min_window),
+                                       ("refit_every", refit_every), ("refit", refit), ("epsilon", epsilon))
+                     if v is not None}
+        audit = AuditConfig(**{**s.audit.model_dump(), **overrides})
+    except (ValueError, OSError) as exc:
+        fail(f"bad option: {exc}")
+    if events < 1 or not 0 < guard_cut < 1:
+        fail("--events must be at least 1 and --guard-cut in (0, 1)")
+    pool = base.pool if per_file is None else base.pool.model_copy(update={"per_file": per_file})
+    config = base.model_copy(update={
+        "pool": pool, "probe_spec": s.model.spec, "probe_max_tokens": s.model.max_tokens, "dtype": s.model.dtype,
+        "expert": base.expert.model_copy(update={"spec": expert_spec})})
+    recipe = AFTER.model_copy(update={"variants": ((s.features.layer, s.features.pooling),)})
+    groups = tuple(h.strip() for h in held_out.split(",") if h.strip())
+    with progress_bars(options(ctx).progress) as bars:
+        try:
+            report = run_adaptation(config, held_out=groups, audit=audit, events=events, cache_dir=s.cache_dir,
+                                    datasets_dir=s.data.datasets_dir, recipe=recipe, guard_cut=guard_cut,
+                                    progress=bars)
+        except ValueError as exc:
+            fail(str(exc))
+    emit(write(report, out, plot=plot))

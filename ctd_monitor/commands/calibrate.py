@@ -1,0 +1,56 @@
+"""``calibrate``: Learn-then-Test of a bundle's unsafe cuts and delegation threshold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ctd_monitor.commands.common import BundleOpt, emit, fail, guarded, options, settings
+from ctd_monitor.progress import console, progress_bars
+from probes.runtime.manifest import SIGNAL_NAMES, Signal
+
+
+@guarded
+def calibrate(
+    ctx: typer.Context,
+    bundle: BundleOpt = Path("runs/bundle"),
+    alpha: Annotated[float, typer.Option(help="delegation budget (fraction of traffic)")] = 0.1,
+    delta: Annotated[float, typer.Option(help="allowed failure probability of each guarantee")] = 0.1,
+    epsilon: Annotated[float, typer.Option(help="benign flag rate the unsafe cuts are certified to stay under")] = 0.05,
+    signal: Annotated[str, typer.Option(help=" | ".join(SIGNAL_NAMES))] = "dv",
+    variant: Annotated[str, typer.Option(help="pareto | budget")] = "pareto",
+    seed: Annotated[int, typer.Option(help="seed of the opt/HT split")] = 0,
+) -> None:
+    """Learn-then-Test on the calibration split: the unsafe cuts of probe and expert (benign flag rate ≤ ε), then
+    the delegation threshold (rate ≤ α) at those cuts; writes both to the manifest."""
+    from probes.evaluation.cascade import (
+        CascadeContext,
+        calibrate_cuts,
+        calibrate_signal,
+        write_calibration,
+        write_cuts,
+    )
+
+    if signal not in SIGNAL_NAMES or variant not in ("pareto", "budget"):
+        fail(f"--signal must be {'|'.join(SIGNAL_NAMES)} and --variant pareto|budget")
+    if not 0 < epsilon < 1:
+        fail("--epsilon must be in (0, 1)")
+    s = settings(ctx)
+    with progress_bars(options(ctx).progress) as bars:
+        cascade = CascadeContext(s, bundle, bars)
+        cal = cascade.split("calibration")
+        probe_cut, expert_cut = calibrate_cuts(cascade, cal, epsilon=epsilon, delta=delta)
+        write_cuts(cascade, probe_cut, expert_cut)
+        result = calibrate_signal(cascade, cal, Signal(signal), alpha=alpha, delta=delta,
+                                  variant=variant, seed=seed)  # type: ignore[arg-type]
+    write_calibration(cascade, result)
+    for cut in (probe_cut, expert_cut):
+        if not cut.valid:
+            console.print(f"[bold yellow]warning:[/] no {cut.scorer} unsafe cut certified at ε={epsilon}, δ={delta} "
+                          f"on {cut.n} benign items: the default cut {cut.cut} stays, its flag rate is not bounded")
+    if not result.valid:
+        console.print("[bold yellow]warning:[/] no valid threshold: the monitor will never delegate")
+    emit({**result.model_dump(mode="json"), "unsafe_cut": probe_cut.model_dump(mode="json"),
+          "expert_unsafe_cut": expert_cut.model_dump(mode="json")})

@@ -1,0 +1,1 @@
+"""Fitting the heads and building bundles (scikit-learn). The runtime never imports this package."""
