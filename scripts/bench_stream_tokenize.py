@@ -21,7 +21,8 @@ from probes.activations.models import load_model
 from probes.config import default_cache_dir
 from probes.heads.inference import LinearHead
 from probes.heads.token_probe import StreamSettings, TokenProbe
-from probes.runtime.stream_scorer import KVStore, StreamScorer
+from probes.runtime.kv_store import KVStore
+from probes.runtime.stream_scorer import StreamScorer
 
 LAYER = 2
 SENTENCE = "Stir the pot, add {i} grams of salt, then wait until it boils again; repeat as needed. "

@@ -35,7 +35,8 @@ from probes.fitting.pipeline import prepare_data, train_probe
 from probes.fitting.token_train import load_responses, response_label, train_token_probe
 from probes.heads.token_probe import TokenProbe
 from probes.runtime.monitor import Monitor
-from probes.runtime.stream_scorer import prefix_ids, response_features, response_ids, rolling_logits
+from probes.runtime.response_text import prefix_ids, response_ids
+from probes.runtime.stream_scorer import response_features, rolling_logits
 
 HELD_OUT = "refusal_direction_completions.conversations.jsonl"
 

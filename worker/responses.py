@@ -42,8 +42,9 @@ from aiokafka import TopicPartition
 from probes.errors import ConfigError
 from probes.heads.token_probe import TokenProbe
 from probes.logs import get_logger
+from probes.runtime.kv_store import KVStore
 from probes.runtime.monitor import Monitor
-from probes.runtime.stream_scorer import Chunk, KVStore, ResponseState, StreamScorer, StreamStep
+from probes.runtime.stream_scorer import Chunk, ResponseState, StreamScorer, StreamStep
 from worker.config import WorkerSettings
 from worker.decode import DecodeError, decode_chunk
 from worker.events import Alert, ResponseChunk, StreamVerdict, utcnow

@@ -25,8 +25,10 @@ from probes.activations.batching import plan_batches
 from probes.config import Settings
 from probes.fitting.token_train import load_responses
 from probes.heads.token_probe import TokenProbe
+from probes.runtime.kv_store import KVStore, cache_nbytes
 from probes.runtime.monitor import Monitor
-from probes.runtime.stream_scorer import Chunk, KVStore, StreamScorer, cache_nbytes, prefix_ids, response_ids
+from probes.runtime.response_text import prefix_ids, response_ids
+from probes.runtime.stream_scorer import Chunk, StreamScorer
 
 
 def split_text(text: str, chunks: int) -> list[str]:

@@ -37,13 +37,12 @@ from probes.metrics import classification_metrics
 from probes.runtime.bundle import save_bundle
 from probes.runtime.manifest import HeadInfo, StopCalibration, StreamManifest
 from probes.runtime.monitor import Monitor
+from probes.runtime.response_text import prefix_ids, response_ids
 from probes.runtime.stream_scorer import (
     ResponseFeatures,
     default_stride,
-    prefix_ids,
     require_causal,
     response_features,
-    response_ids,
     rolling_logits,
 )
 

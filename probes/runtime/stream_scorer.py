@@ -27,33 +27,27 @@ than ``max_tokens`` is not read past it: the step says so (``unread``) and the c
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from probes.activations.batching import plan_batches
 from probes.activations.features import FeatureExtractor, crop_cache, pool
 from probes.activations.models import LoadedModel
-from probes.activations.normalise import normalise
-from probes.activations.render import untrusted_content
-from probes.activations.special_tokens import neutralise, special_strings
-from probes.conversation import Message, plain_text
+from probes.activations.special_tokens import special_strings
+from probes.conversation import Message
 from probes.errors import ModelSpecError
 from probes.heads.token_probe import StreamAggregate, TokenProbe, first_crossing
+from probes.runtime.kv_store import KVStore
+from probes.runtime.response_text import neutralise_tail, neutralise_window, prefix_ids
 
 F32 = npt.NDArray[np.float32]
 # Response tokens re-tokenized behind the last scored one on every chunk: the text is tokenized from an anchor
 # this far back (a token boundary both tokenizations share), not from its start, so a chunk costs its own length.
 RETOKENIZE_OVERLAP_TOKENS = 16
-# The longest generic control-token pattern (probes/activations/special_tokens.py: ``<|`` + 64 + ``|>``): a control token
-# split across chunks completes within this many characters of the text already held, so only they are
-# neutralised again.
-_NEUTRALISE_WINDOW = 68
 
 
 def require_causal(loaded: LoadedModel) -> None:
@@ -62,116 +56,6 @@ def require_causal(loaded: LoadedModel) -> None:
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" not in archs and not getattr(config, "is_decoder", False):
         raise ModelSpecError(f"{loaded.model_id} is not a causal decoder: responses cannot be scored incrementally")
-
-
-def prefix_ids(tokenizer: Any, context: Sequence[Message], max_tokens: int) -> list[int]:
-    """The context up to the assistant header, at most ``max_tokens`` (oldest tokens dropped, BOS kept)."""
-    specials = special_strings(tokenizer)
-    context = [Message(m.role, untrusted_content(m.content, specials)) for m in context]
-    if getattr(tokenizer, "chat_template", None):
-        if context:
-            text = str(tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in context], tokenize=False, add_generation_prompt=True
-            ))
-        else:
-            # Templates refuse an empty conversation: keep only the assistant header a generation prompt adds.
-            probe = [{"role": "user", "content": ""}]
-            with_header = str(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True))
-            without = str(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False))
-            text = with_header[len(without):]
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-        text = plain_text(context) + ("\n\n" if context else "") + "Assistant: "
-        bos = getattr(tokenizer, "bos_token_id", None)
-        ids = ([bos] if bos is not None else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if len(ids) <= max_tokens:
-        return ids
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    head = ids[:1] if ids and ids[0] in special else []
-    return head + ids[len(ids) - (max_tokens - len(head)) :]
-
-
-def response_ids(tokenizer: Any, text: str) -> list[int]:
-    """The response's tokens: its text normalised and control-token strings made inert (a response cannot close
-    its turn), as on the conversation path (render.py)."""
-    if not text:
-        return []
-    return list(tokenizer(untrusted_content(text, special_strings(tokenizer)), add_special_tokens=False)["input_ids"])
-
-
-def neutralise_tail(held: str, delta: str, specials: frozenset[str]) -> str:
-    """``untrusted_content(raw)`` for a response whose text so far is ``held``, ``delta`` appended.
-
-    Only the delta is normalised (``held`` already is: normalising it again would strip the word joiners that keep
-    its control-token strings inert) and only the last ``_NEUTRALISE_WINDOW`` characters of ``held`` are
-    neutralised again (a control token split across chunks completes there), so the cost is the delta's, not the
-    response's.
-    """
-    cut = max(0, len(held) - neutralise_window(specials))
-    return held[:cut] + neutralise(held[cut:] + normalise(delta), specials)
-
-
-def neutralise_window(specials: frozenset[str]) -> int:
-    """How far back a control token still being completed by the next chunk can start."""
-    return max(_NEUTRALISE_WINDOW, max(map(len, specials), default=0))
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            yield from _tensors(item)
-    elif hasattr(obj, "layers"):  # transformers' DynamicCache: one DynamicLayer (keys, values) per block
-        for layer in obj.layers:
-            yield from _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)])
-
-
-def cache_nbytes(cache: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(cache))
-
-
-class KVStore:
-    """KV caches of open responses, least recently used evicted first beyond ``max_bytes`` or ``max_entries``."""
-
-    def __init__(self, *, max_bytes: int, max_entries: int) -> None:
-        self.max_bytes = max_bytes
-        self.max_entries = max_entries
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self.bytes = 0
-        self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
-    def get(self, key: str) -> Any | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        self._items.move_to_end(key)
-        return item[0]
-
-    def put(self, key: str, cache: Any) -> list[str]:
-        """Hold ``cache`` for ``key``; returns the keys evicted to make room (possibly ``key`` itself)."""
-        self.pop(key)
-        size = cache_nbytes(cache)
-        self._items[key] = (cache, size)
-        self.bytes += size
-        evicted: list[str] = []
-        while self._items and (self.bytes > self.max_bytes or len(self._items) > self.max_entries):
-            old, (_, old_size) = self._items.popitem(last=False)
-            self.bytes -= old_size
-            self.evictions += 1
-            evicted.append(old)
-        return evicted
-
-    def pop(self, key: str) -> None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.bytes -= item[1]
 
 
 @dataclass

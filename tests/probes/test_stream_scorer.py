@@ -14,18 +14,16 @@ from probes.data import Record, read_file
 from probes.errors import ModelSpecError
 from probes.heads.inference import LinearHead
 from probes.heads.token_probe import AGGREGATORS, StreamSettings, TokenProbe
+from probes.runtime.kv_store import KVStore, cache_nbytes
+from probes.runtime.response_text import prefix_ids, response_ids
 from probes.runtime.stream_scorer import (
     Chunk,
-    KVStore,
     ResponseState,
     StreamScorer,
     StreamStep,
     block_of,
-    cache_nbytes,
-    prefix_ids,
     require_causal,
     response_features,
-    response_ids,
     rolling_blocks,
     rolling_logits,
 )

@@ -8,7 +8,9 @@ import numpy as np
 
 from probes.activations.features import FeatureExtractor
 from probes.conversation import Message
-from probes.runtime.stream_scorer import KVStore, StreamScorer, prefix_ids, response_ids
+from probes.runtime.kv_store import KVStore
+from probes.runtime.response_text import prefix_ids, response_ids
+from probes.runtime.stream_scorer import StreamScorer
 from tests.probes.test_stream_scorer import CONTEXT, chunks_of, extractor, make_probe, offline_logits
 
 __all__ = ["extractor"]  # the fixture, shared with test_stream_scorer

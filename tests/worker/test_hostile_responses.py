@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from probes.runtime.stream_scorer import StreamScorer, response_ids
+from probes.runtime.response_text import response_ids
+from probes.runtime.stream_scorer import StreamScorer
 from tests.worker.helpers import new_topics, produce_raw, read_topic
 from tests.worker.test_responses import CONTEXT, TEXTS, scorer
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings

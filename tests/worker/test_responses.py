@@ -18,7 +18,8 @@ from probes.activations.features import FeatureExtractor
 from probes.conversation import Message
 from probes.heads.inference import LinearHead
 from probes.heads.token_probe import StreamSettings, TokenProbe
-from probes.runtime.stream_scorer import Chunk, KVStore, StreamScorer, StreamStep
+from probes.runtime.kv_store import KVStore
+from probes.runtime.stream_scorer import Chunk, StreamScorer, StreamStep
 from tests.worker.test_stream import FakeConsumer, FakeProducer, record, until
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
 from worker.events import Alert, ResponseChunk, StreamVerdict

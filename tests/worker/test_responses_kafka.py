@@ -19,8 +19,10 @@ from probes.data import read_file
 from probes.fitting.pipeline import prepare_data, train_probe
 from probes.fitting.token_train import response_label, train_token_probe
 from probes.heads.token_probe import TokenProbe
+from probes.runtime.kv_store import KVStore
 from probes.runtime.monitor import Monitor
-from probes.runtime.stream_scorer import KVStore, StreamScorer, response_ids
+from probes.runtime.response_text import response_ids
+from probes.runtime.stream_scorer import StreamScorer
 from tests.worker.helpers import new_topics, produce_raw, read_topic, wait_for
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
 from worker.events import ResponseChunk
