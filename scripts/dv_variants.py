@@ -54,7 +54,7 @@ def variants(ctx: CascadeContext) -> dict[str, Signal]:
 
     def linear(data: Scored, target: Target) -> Signal:
         fit = fit_dv(data.features, data.y, data.p, data.b, target=target, feature_sets=("full",), seed=seed)
-        return lambda s: fit.head.logit(with_extra_features(s.features, s.p))
+        return lambda s: fit.head.logit(fit.inputs(s.features, s.p))
 
     out["full_binary_crossfit"] = linear(crossfit, "binary")
     out["full_continuous_crossfit"] = linear(crossfit, "continuous")

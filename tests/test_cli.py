@@ -13,6 +13,7 @@ from ctd_monitor.cli import app
 from probes.config import EncoderHeadConfig
 from probes.data import read_file
 from probes.experts.encoder_head import train_encoder_head
+from probes.heads.inference import CUT_EXTRA_FEATURES
 from probes.runtime.bundle import load_bundle
 from tests.conftest import share_models
 
@@ -111,8 +112,11 @@ expert:
         return orjson.loads(result.stdout)
 
     run("train", "--out", str(bundle))
-    dv = run("train-dv", "--bundle", str(bundle))
+    dv = run("train-dv", "--bundle", str(bundle), "--epsilon", "0.1", "--delta", "0.1")
     assert dv["train"]["helps"] >= 5 and dv["source"] == "crossfit"
+    # The DV target and margin are taken at the cuts certified on dev (ε as calibrate's), not at 0.5.
+    dv_info = load_bundle(bundle).manifest.heads["dv"]
+    assert dv_info.extra_features == CUT_EXTRA_FEATURES and set(dv_info.decision_cuts) == {"probe", "expert"}
     assert set(dv["cv_auroc"]) == {"margin", "extras", "full"} and dv["feature_set"] in dv["cv_auroc"]
     assert set(dv["quality"]["evaluation"]) == {"dv", "uncertainty", "router"}
     cal = run("calibrate", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1", "--epsilon", "0.1")
@@ -151,6 +155,12 @@ expert:
     v = run("validate-guarantee", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1", "--splits", "200")
     assert v["splits"] == 200 and 0 <= v["violation_rate"] <= 1 and v["signal"] == "dv"
     assert v["violation_rate_population"] <= 0.1 + 3 * (0.09 / 200) ** 0.5
+    # The uncertainty signal is calibrated around the probe's cut, and the manifest says so for the worker.
+    run("calibrate", "--bundle", str(bundle), "--alpha", "0.2", "--delta", "0.1", "--epsilon", "0.1",
+        "--signal", "uncertainty")
+    calibration = load_bundle(bundle).manifest.calibration
+    assert calibration is not None and calibration.signal == "uncertainty"
+    assert calibration.uncertainty_centre == load_bundle(bundle).manifest.probe_cut
 
 
 def test_guard_service_without_an_expert_is_a_clear_error(tmp_path: Path) -> None:

@@ -81,16 +81,23 @@ def train_dv(
     bundle: BundleOpt = Path("runs/bundle"),
     target: Annotated[str, typer.Option(help="binary | continuous")] = "binary",
     source: Annotated[str, typer.Option(help="crossfit (probe-train + dev, out-of-fold probe) | dev")] = "crossfit",
+    epsilon: Annotated[float, typer.Option(
+        help="benign flag rate of the cuts the DV target is taken at (certified on dev): calibrate's --epsilon")] = 0.05,
+    delta: Annotated[float, typer.Option(help="failure probability of those cuts: calibrate's --delta")] = 0.1,
 ) -> None:
-    """Train the delegation-value head and the SafeRoute-style router; store them in the bundle."""
+    """Train the delegation-value head and the SafeRoute-style router at the unsafe cuts the cascade will decide
+    at; store them in the bundle."""
     from probes.evaluation.cascade import CascadeContext
     from probes.evaluation.cascade import train_dv as run
 
     if target not in ("binary", "continuous") or source not in ("crossfit", "dev"):
         fail("--target must be binary or continuous, --source crossfit or dev")
+    if not 0 < epsilon < 1 or not 0 < delta < 1:
+        fail("--epsilon and --delta must be in (0, 1)")
     s = settings(ctx)
     with progress_bars(options(ctx).progress) as bars:
-        result = run(CascadeContext(s, bundle, bars), target=target, source=source)  # type: ignore[arg-type]
+        result = run(CascadeContext(s, bundle, bars), target=target, source=source,  # type: ignore[arg-type]
+                     epsilon=epsilon, delta=delta)
     emit({"bundle": str(bundle), **result})
 
 

@@ -23,6 +23,10 @@ class Cuts:
     expert: float = DEFAULT_UNSAFE_CUT
 
 
+#: Both cuts at the default: uncalibrated decisions.
+DEFAULT_CUTS = Cuts()
+
+
 def cascade_scores(delegated: npt.ArrayLike, p: npt.ArrayLike, b: npt.ArrayLike) -> F64:
     """s(x) = b(x) if delegated else p(x)."""
     return np.where(np.asarray(delegated, dtype=bool), np.asarray(b, dtype=np.float64),

@@ -42,7 +42,7 @@ from probes.fitting.pipeline import (
     prepare_data,
     score_in_chunks,
 )
-from probes.heads.inference import EXTRA_FEATURES
+from probes.heads.inference import CUT_EXTRA_FEATURES
 from probes.logs import get_logger
 from probes.runtime.bundle import Bundle, load_bundle, save_bundle, update_manifest
 from probes.runtime.manifest import SIGNAL_NAMES, HeadInfo, Signal
@@ -171,7 +171,8 @@ class CascadeContext:
             raise BundleError("the bundle has no router head: run `ctd-monitor train-dv` first")
         if signal == Signal.DV and "dv" not in self.bundle.heads:
             raise BundleError("the bundle has no DV head: run `ctd-monitor train-dv` first")
-        return head_scores(self.bundle, scored.features, signal).signal
+        # Centred on the bundle's current cut: what calibrate_signal records with the threshold it calibrates.
+        return head_scores(self.bundle, scored.features, signal, centre=self.bundle.manifest.probe_cut).signal
 
     @property
     def cuts(self) -> Cuts:
@@ -202,15 +203,28 @@ def dv_training_data(ctx: CascadeContext, source: DVData) -> Scored:
     return Scored(train.records + dev.records, features, y, p, np.concatenate([train.b, dev.b]))
 
 
-def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData = "crossfit") -> dict[str, Any]:
-    """Fit the DV head and the router; store both in the bundle with their quality on held-out splits."""
+def dv_cuts(ctx: CascadeContext, *, epsilon: float, delta: float) -> Cuts:
+    """The cuts the DV target is taken at: certified (benign flag rate ≤ ε) on the dev split, where the probe and
+    the expert are both out of sample; the calibration split certifies the cascade's own cuts later, and the two
+    estimate the same quantile. A cut that does not certify keeps the default."""
+    dev = ctx.split("dev")
+    probe, expert = (calibrate_unsafe_cut(scores, dev.y, epsilon=epsilon, delta=delta, scorer=name)
+                     for scores, name in ((dev.p, "probe"), (dev.b, ctx.expert.name)))
+    return Cuts(probe=probe.cut, expert=expert.cut)
+
+
+def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData = "crossfit", epsilon: float = 0.05,
+             delta: float = 0.1) -> dict[str, Any]:
+    """Fit the DV head and the router at the cuts the cascade will decide at (``dv_cuts``: ε, δ as ``calibrate``
+    will use); store both in the bundle with their quality on held-out splits."""
     data = dv_training_data(ctx, source)
     seed = ctx.settings.data.splits.seed
-    fit = fit_dv(data.features, data.y, data.p, data.b, target=target, seed=seed)
-    router = fit_router(data.features, dv_binary(data.y, data.p, data.b), seed=seed)
+    cuts = dv_cuts(ctx, epsilon=epsilon, delta=delta)
+    fit = fit_dv(data.features, data.y, data.p, data.b, target=target, seed=seed, cuts=cuts)
+    router = fit_router(data.features, dv_binary(data.y, data.p, data.b, cuts), seed=seed)
     train = ctx.split("probe_train")
-    expert_acc = {"probe_train_in_sample": float(np.mean((train.b >= 0.5) == train.y)),
-                  "dev_out_of_sample": float(np.mean((ctx.split("dev").b >= 0.5) == ctx.split("dev").y))}
+    expert_acc = {"probe_train_in_sample": float(np.mean((train.b >= cuts.expert) == train.y)),
+                  "dev_out_of_sample": float(np.mean((ctx.split("dev").b >= cuts.expert) == ctx.split("dev").y))}
     bundle = ctx.bundle
     bundle.heads["dv"] = fit.head
     bundle.extra_tensors = {k: v for k, v in bundle.extra_tensors.items() if not k.startswith("router.")}
@@ -218,12 +232,13 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData =
     heads = {
         **bundle.manifest.heads,
         "dv": HeadInfo(
-            type="logistic" if target == "binary" else "ridge", target=target, extra_features=EXTRA_FEATURES,
+            type="logistic" if target == "binary" else "ridge", target=target, extra_features=CUT_EXTRA_FEATURES,
             feature_set=fit.feature_set, cv_auroc=fit.cv_auroc, regularization=fit.regularization,
             n_train=fit.n_train, train_positives=fit.positives, trained_on=source, expert_accuracy=expert_acc,
+            decision_cuts={"probe": cuts.probe, "expert": cuts.expert},
         ),
         "router": HeadInfo(type="mlp", hidden=tuple(int(w.shape[1]) for w in router.weights[:-1]), target="binary",
-                           trained_on=source),
+                           trained_on=source, decision_cuts={"probe": cuts.probe, "expert": cuts.expert}),
     }
     bundle.manifest = bundle.manifest.replace(heads=heads)
     save_bundle(bundle, ctx.bundle_dir)
@@ -231,7 +246,7 @@ def train_dv(ctx: CascadeContext, *, target: Target = "binary", source: DVData =
     quality: dict[str, Any] = {}
     for split in ("calibration", "evaluation"):
         scored = ctx.split(split)
-        quality[split] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b)
+        quality[split] = {name: signal_quality(ctx.signal(name, scored), scored.y, scored.p, scored.b, cuts)
                           for name in SIGNAL_NAMES}
     ctx.bundle.manifest = update_manifest(ctx.bundle_dir, metrics={**ctx.bundle.manifest.metrics,
                                                                    "dv_quality": quality})
@@ -254,8 +269,11 @@ def calibrate_signal(ctx: CascadeContext, cal: Scored, signal: Signal | None, *,
     if variant == "pareto":
         opt, _ = split_opt_ht(len(values), seed)
         risk = cascade_error_risk(values[opt], cal.p[opt], cal.b[opt], cal.y[opt], ctx.cuts)
-    return calibrate(values, alpha=alpha, delta=delta, variant=variant, error_risk=risk, seed=seed,
-                     signal_name=signal)
+    result = calibrate(values, alpha=alpha, delta=delta, variant=variant, error_risk=risk, seed=seed,
+                       signal_name=signal)
+    if signal == Signal.UNCERTAINTY:  # the centre ctx.signal used, so the worker computes the same signal
+        result = result.model_copy(update={"uncertainty_centre": ctx.bundle.manifest.probe_cut})
+    return result
 
 
 def calibrate_cuts(ctx: CascadeContext, cal: Scored, *, epsilon: float, delta: float) -> tuple[UnsafeCut, UnsafeCut]:

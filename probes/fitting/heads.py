@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 
+from probes.calibration.cascade_rule import DEFAULT_CUTS, Cuts
 from probes.fitting.dv import Target, dv_binary, dv_continuous
 from probes.heads.inference import EXTRA_FEATURES, FloatArray, LinearHead, MLPHead, with_extra_features
 
@@ -60,6 +61,11 @@ class DVFit:
     n_train: int
     positives: int
     cv_auroc: dict[str, float]
+    cuts: Cuts
+
+    def inputs(self, features: npt.ArrayLike, p: npt.ArrayLike) -> FloatArray:
+        """The head's inputs for new items: activations + the extras around the cut it was trained at."""
+        return with_extra_features(features, p, self.cuts.probe)
 
 
 def _mask(dim: int, feature_set: FeatureSet) -> npt.NDArray[np.bool_]:
@@ -91,19 +97,21 @@ def _fit_linear(z: npt.NDArray[np.float32], v: npt.NDArray[Any], target: Target,
 
 def fit_dv(
     features: npt.ArrayLike, y: npt.ArrayLike, p: npt.ArrayLike, b: npt.ArrayLike, *, target: Target = "binary",
-    feature_sets: tuple[FeatureSet, ...] = FEATURE_SETS, seed: int = 0, folds: int = 5,
+    feature_sets: tuple[FeatureSet, ...] = FEATURE_SETS, seed: int = 0, folds: int = 5, cuts: Cuts = DEFAULT_CUTS,
 ) -> DVFit:
     """Fit the DV head (logistic for binary, ridge for continuous) on standardised [activations, extras].
 
     The feature set is chosen by outer cross-validation (AUROC for "delegation helps") on the training
     data alone: activations only enter when they predict where the expert helps better than the probe's
     own confidence does, so the head cannot be made worse than what its extras already know.
+    ``cuts``: the probe's and the expert's unsafe cuts, at which "the expert fixes the probe's decision" is taken
+    and from which the probe's margin is measured (the decisions the cascade will take, not 0.5).
     """
-    x = with_extra_features(features, p)
+    x = with_extra_features(features, p, cuts.probe)
     dim = x.shape[1] - len(EXTRA_FEATURES)
     mean, scale = standardisation(x)
     z = (x - mean) / scale
-    helps = dv_binary(y, p, b)
+    helps = dv_binary(y, p, b, cuts)
     if helps.sum() < max(3, folds) or helps.sum() > len(helps) - 3:
         raise ValueError(f"DV binary target has {int(helps.sum())} positives of {len(helps)}: too few to learn from")
     v: npt.NDArray[Any] = helps if target == "binary" else dv_continuous(y, p, b)
@@ -125,7 +133,7 @@ def fit_dv(
     weight = np.zeros(x.shape[1], dtype=np.float32)
     weight[cols] = w_used
     head = LinearHead(mean=mean, scale=scale, weight=weight, bias=bias)
-    return DVFit(head, target, chosen, reg, len(v), int(helps.sum()), cv_auroc)
+    return DVFit(head, target, chosen, reg, len(v), int(helps.sum()), cv_auroc, cuts)
 
 
 def crossfit_probe(features: npt.ArrayLike, y: npt.ArrayLike, *, c: float, folds: int = 5, seed: int = 0) -> F64:

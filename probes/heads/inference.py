@@ -13,24 +13,46 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+#: The DV head's extra inputs: the probe's logit and its distance from the decision (``abs_margin``: |p − 0.5|, on
+#: heads trained before the cut was the centre; ``abs_logit_margin``: |logit p − logit cut|).
 EXTRA_FEATURES = ("probe_logit", "abs_margin")
+CUT_EXTRA_FEATURES = ("probe_logit", "abs_logit_margin")
 
 
 def sigmoid(x: F64) -> F64:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def uncertainty(p: npt.ArrayLike) -> F64:
-    """−|p − 0.5|: highest where the probe is least sure."""
-    return -np.abs(np.asarray(p, dtype=np.float64) - 0.5)
-
-
-def with_extra_features(features: npt.ArrayLike, p: npt.ArrayLike) -> FloatArray:
-    """Activations + [probe logit, |p − 0.5|]: the DV head's inputs, at training and at inference alike."""
-    x = np.asarray(features, dtype=np.float32)
+def logit(p: npt.ArrayLike) -> F64:
+    """log(p / (1 − p)), p clipped to [1e-7, 1 − 1e-7] so 0 and 1 stay finite."""
     q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    logit = np.log(q) - np.log(1 - q)
-    return np.concatenate([x, np.stack([logit, np.abs(q - 0.5)], axis=1).astype(np.float32)], axis=1)
+    out: F64 = np.log(q) - np.log(1 - q)
+    return out
+
+
+def uncertainty(p: npt.ArrayLike, centre: float | None = None) -> F64:
+    """How unsure the probe's decision is: highest at the cut the decision is taken at.
+
+    ``centre`` is that cut: −|logit p − logit centre| (a calibrated cut such as 0.9996 sits where probabilities
+    crowd together, so the distance is measured in log-odds). None: −|p − 0.5|, what bundles calibrated before
+    the cut was the centre were calibrated with.
+    """
+    if centre is None:
+        return -np.abs(np.asarray(p, dtype=np.float64) - 0.5)
+    return -np.abs(logit(p) - logit(centre))
+
+
+def with_extra_features(features: npt.ArrayLike, p: npt.ArrayLike, centre: float | None = None) -> FloatArray:
+    """Activations + [probe logit, distance from the decision]: the DV head's inputs, at training and inference.
+
+    The distance is |logit p − logit centre| around the probe cut the head was trained at (``CUT_EXTRA_FEATURES``),
+    or |p − 0.5| with ``centre=None`` (``EXTRA_FEATURES``, heads trained before).
+    """
+    x = np.asarray(features, dtype=np.float32)
+    z = logit(p)
+    margin = np.abs(np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7) - 0.5) if centre is None else np.abs(
+        z - logit(centre))
+    return np.concatenate([x, np.stack([z, margin], axis=1).astype(np.float32)], axis=1)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ class HeadInfo(_Frozen):
     trained_on: str | None = None
     expert_accuracy: dict[str, float] = Field(default_factory=dict)
     hidden: tuple[int, ...] = ()
+    #: DV and router heads: the probe's and the expert's unsafe cuts their target ("the expert fixes the probe's
+    #: decision") was taken at, and the probe cut the DV's margin input is measured from. Empty: 0.5 for both
+    #: (heads trained before the cuts were used).
+    decision_cuts: dict[str, float] = Field(default_factory=dict)
 
 
 class ExpertInfo(_Frozen):
@@ -113,6 +117,9 @@ class Calibration(_Frozen):
     ht_rate: float | None = None
     opt_error: float | None = None
     grid_size: int = 0
+    #: The uncertainty signal's centre when ``threshold`` was calibrated on it: the probe cut, in log-odds.
+    #: None: −|p − 0.5| (calibrations before the cut was the centre).
+    uncertainty_centre: float | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -76,7 +77,19 @@ class Scores:
     features: npt.NDArray[np.float32] | None = None
 
 
-def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal, *, keep_features: bool = False) -> Scores:
+def uncertainty_centre(manifest: BundleManifest) -> float | None:
+    """Where the bundle's uncertainty signal is centred: the cut its delegation threshold was calibrated with
+    (None on calibrations before the cut was the centre: −|p − 0.5|); uncalibrated, the bundle's probe cut."""
+    calibration = manifest.calibration
+    if calibration is not None and calibration.signal == Signal.UNCERTAINTY:
+        return calibration.uncertainty_centre
+    return manifest.probe_cut
+
+
+def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal, *, keep_features: bool = False,
+                centre: float | None | Literal["bundle"] = "bundle") -> Scores:
+    """Probe, DV and the delegation signal for pooled features. ``centre`` overrides the uncertainty signal's
+    centre (calibration computes the signal it is about to calibrate around the bundle's current cut)."""
     p = bundle.heads["safety"].proba(features)
     dv = dv_scores(bundle, features, p) if "dv" in bundle.heads else None
     kept = np.asarray(features, dtype=np.float32) if keep_features else None
@@ -86,7 +99,7 @@ def head_scores(bundle: Bundle, features: npt.ArrayLike, signal: Signal, *, keep
         return Scores(p, dv, dv, kept)
     if signal == Signal.ROUTER:
         return Scores(p, dv, MLPHead.from_tensors(bundle.extra_tensors, "router").proba(features), kept)
-    return Scores(p, dv, uncertainty(p), kept)
+    return Scores(p, dv, uncertainty(p, uncertainty_centre(bundle.manifest) if centre == "bundle" else centre), kept)
 
 
 def dv_scores(bundle: Bundle, features: npt.ArrayLike, p: F64) -> F64:
@@ -98,10 +111,11 @@ def dv_scores(bundle: Bundle, features: npt.ArrayLike, p: F64) -> F64:
 
 
 def dv_inputs(bundle: Bundle, features: npt.ArrayLike, p: F64) -> npt.NDArray[np.float32]:
-    """DV features: the activations, plus the probe's logit and |p − 0.5| when the head was trained so."""
+    """DV features: the activations, plus the probe's logit and its distance from the cut the head was trained at
+    (|p − 0.5| on heads trained before) when the head was trained so."""
     info = bundle.manifest.heads.get("dv")
     if info is not None and info.extra_features:
-        return with_extra_features(features, p)
+        return with_extra_features(features, p, info.decision_cuts.get("probe"))
     return np.asarray(features, dtype=np.float32)
 
 

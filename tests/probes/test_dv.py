@@ -5,7 +5,7 @@ import pytest
 
 from probes.fitting.dv import dv_binary, dv_continuous, signal_quality
 from probes.fitting.heads import fit_dv, fit_router
-from probes.heads.inference import MLPHead, with_extra_features
+from probes.heads.inference import MLPHead
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def _synthetic(n: int = 1200, seed: int = 0) -> tuple[np.ndarray, ...]:
 def test_dv_head_learns_where_the_expert_helps(target: str) -> None:
     x, y, p, b = _synthetic()
     fit = fit_dv(x[:800], y[:800], p[:800], b[:800], target=target)  # type: ignore[arg-type]
-    d = fit.head.logit(with_extra_features(x[800:], p[800:]))
+    d = fit.head.logit(fit.inputs(x[800:], p[800:]))
     q = signal_quality(d, y[800:], p[800:], b[800:])
     assert q["auroc_helps"] > 0.9 and q["spearman_v"] > 0.5
 

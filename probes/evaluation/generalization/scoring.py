@@ -210,7 +210,7 @@ def cascade_rows(fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores, *,
     """CTD (DV head) and uncertainty delegation, calibrated on the fold's calibration rows at each α."""
     from probes.calibration.ltt import calibrate, cascade_error_risk, cascade_predictions, split_opt_ht
     from probes.fitting.heads import fit_dv
-    from probes.heads.inference import uncertainty, with_extra_features
+    from probes.heads.inference import uncertainty
     from probes.runtime.manifest import Signal
 
     fit, cal, test = fold.fit, fold.calibration, fold.test
@@ -219,7 +219,7 @@ def cascade_rows(fold: Fold, x: F32, y: npt.NDArray[np.int64], s: FoldScores, *,
     try:
         dv = fit_dv(x[fit], y[fit], s.p_oof, s.b_oof, target="binary", seed=seed,
                     feature_sets=tuple(dv_feature_sets))  # type: ignore[arg-type]
-        signals["ctd"] = dv.head.proba(with_extra_features(x, s.p))
+        signals["ctd"] = dv.head.proba(dv.inputs(x, s.p))
         dv_info = {"feature_set": dv.feature_set, "cv_auroc": dv.cv_auroc, "helps": dv.positives, "n": dv.n_train}
     except ValueError as exc:  # too few "expert helps" rows to learn from: report, do not crash the fold
         dv_info = {"error": str(exc)}
