@@ -46,6 +46,7 @@ from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, BundleManifest, Signal
 from probes.runtime.monitor import Monitor
 from worker.config import (
     AlertsConfig,
+    BudgetConfig,
     GuardConfig,
     GuardSettings,
     KafkaConfig,
@@ -145,7 +146,11 @@ def _service_settings(settings: Settings, bootstrap: str, topics: TopicsConfig, 
     generate_keys(keys_dir)
     generate_audit_secret(keys_dir)
     signing = SigningConfig(keys_dir=keys_dir)
-    ws = WorkerSettings(**base, kafka=kafka, topics=topics, signing=signing,
+    # The replay spreads each class evenly over its sources, not in the training mix's proportions: a drift the
+    # offline threshold does not cover. Production's answer is the label-free window; sized for a short replay
+    # here, so it re-certifies within the first hundred events rather than after the default 500.
+    budget = BudgetConfig(window=200, min_window=60, recertify_every=20)
+    ws = WorkerSettings(**base, kafka=kafka, topics=topics, signing=signing, budget=budget,
                         worker=WorkerConfig(bundle=bundle_dir, http_host="127.0.0.1", http_port=0))
     gs = GuardSettings(**base, kafka=kafka, topics=topics, signing=signing,
                        guard=GuardConfig(group_id=f"ctd-guard-demo-{run_id}", bundle=bundle_dir,
