@@ -40,11 +40,14 @@ echo "setup: fetching Kafka jars (cached)"
 if [ "${CTD_SETUP_CONTAINERS:-1}" != 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   missing=0
   for tool in podman buildah mmdebstrap runc prometheus; do command -v "$tool" >/dev/null || missing=1; done
+  # Compose services find each other by name (the broker's controller is kafka:9093) through the CNI dnsname
+  # plugin, which podman only recommends: without it the broker cannot reach its own controller and exits.
+  [ -e /usr/lib/cni/dnsname ] || missing=1
   if [ "$missing" = 1 ]; then
-    echo "setup: installing podman, buildah, mmdebstrap, runc, prometheus (apt)"
+    echo "setup: installing podman, buildah, mmdebstrap, runc, prometheus, the CNI dnsname plugin (apt)"
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      podman buildah mmdebstrap runc prometheus >/dev/null
+      podman buildah mmdebstrap runc prometheus golang-github-containernetworking-plugin-dnsname >/dev/null
   fi
   ./scripts/images.sh --bootstrap-only
 fi

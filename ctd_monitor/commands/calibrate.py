@@ -52,5 +52,11 @@ def calibrate(
                           f"on {cut.n} benign items: the default cut {cut.cut} stays, its flag rate is not bounded")
     if not result.valid:
         console.print("[bold yellow]warning:[/] no valid threshold: the monitor will never delegate")
+    dv = cascade.bundle.manifest.heads.get("dv")
+    trained_at = dv.decision_cuts.get("probe") if dv is not None else None
+    if signal == "dv" and trained_at is not None and trained_at != probe_cut.cut:
+        console.print(f"[bold yellow]warning:[/] the DV head learned where the expert fixes decisions at probe cut "
+                      f"{trained_at:.6g}, the cascade now decides at {probe_cut.cut:.6g}: run `ctd-monitor train-dv` "
+                      "again (it takes the calibrated cuts) and then calibrate")
     emit({**result.model_dump(mode="json"), "unsafe_cut": probe_cut.model_dump(mode="json"),
           "expert_unsafe_cut": expert_cut.model_dump(mode="json")})

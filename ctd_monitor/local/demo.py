@@ -104,8 +104,9 @@ def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
     prepared = prepare_data(settings)
     train_bundle(settings, bundle_dir, progress, prepared)
     ctx = CascadeContext(settings, bundle_dir, progress)
-    train_dv(ctx, epsilon=options.epsilon, delta=options.delta)
+    # Cuts first, so the DV head learns where the expert fixes the decisions the cascade will actually take.
     write_cuts(ctx, *calibrate_cuts(ctx, ctx.split("calibration"), epsilon=options.epsilon, delta=options.delta))
+    train_dv(ctx, epsilon=options.epsilon, delta=options.delta)
     result = calibrate_signal(ctx, ctx.split("calibration"), Signal.DV, alpha=options.alpha, delta=options.delta,
                               variant="pareto", seed=options.seed)
     write_calibration(ctx, result)

@@ -204,9 +204,13 @@ def dv_training_data(ctx: CascadeContext, source: DVData) -> Scored:
 
 
 def dv_cuts(ctx: CascadeContext, *, epsilon: float, delta: float) -> Cuts:
-    """The cuts the DV target is taken at: certified (benign flag rate ≤ ε) on the dev split, where the probe and
-    the expert are both out of sample; the calibration split certifies the cascade's own cuts later, and the two
-    estimate the same quantile. A cut that does not certify keeps the default."""
+    """The cuts the DV target is taken at: the cascade's own when the bundle's cuts are calibrated already (the
+    decisions the head must learn to fix); before that, certified (benign flag rate ≤ ε) on the dev split, where
+    probe and expert are both out of sample, an estimate of the same quantile (a cut that does not certify keeps
+    the default; calibrate warns when its cuts land elsewhere)."""
+    manifest = ctx.bundle.manifest
+    if manifest.unsafe_cut is not None and manifest.expert_cut(ctx.expert.name) is not None:
+        return ctx.cuts
     dev = ctx.split("dev")
     probe, expert = (calibrate_unsafe_cut(scores, dev.y, epsilon=epsilon, delta=delta, scorer=name)
                      for scores, name in ((dev.p, "probe"), (dev.b, ctx.expert.name)))
