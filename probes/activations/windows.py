@@ -170,6 +170,14 @@ class _Plan:
     bounded: bool
 
 
+def _content_bytes(conversation: Sequence[Message], max_bytes: int) -> list[bytes]:
+    """Each message's content as UTF-8, or nothing when the conversation cannot exceed ``max_bytes`` (at most 4 bytes
+    a character): most conversations are far below the bound and are not encoded at all."""
+    if 4 * sum(len(m.content) for m in conversation) <= max_bytes:
+        return []
+    return [m.content.encode("utf-8", "surrogatepass") for m in conversation]
+
+
 def _utf8_slice(raw: bytes, start: int, end: int) -> str:
     """Bytes ``start:end`` of a UTF-8 text as text, a character cut at either end dropped."""
     return raw[max(0, start):max(0, end)].decode("utf-8", "ignore")
@@ -186,8 +194,7 @@ def _plan(conversation: Sequence[Message], config: WindowConfig, tail_bytes: int
     """
     if not conversation:
         raise ValueError("cannot render an empty conversation")
-    raw = [] if 4 * sum(len(m.content) for m in conversation) <= config.max_bytes else [  # ≤ 4 bytes a character
-        m.content.encode("utf-8", "surrogatepass") for m in conversation]
+    raw = _content_bytes(conversation, config.max_bytes)
     total = sum(len(r) for r in raw)
     if total <= config.max_bytes:
         return _Plan([(m.role, untrusted_content(m.content, specials)) for m in conversation], [], False)
@@ -226,7 +233,7 @@ def _tail(conversation: Sequence[Message], raw: Sequence[bytes], budget: int) ->
 
 def _bounded(conversation: Sequence[Message], config: WindowConfig, tail_bytes: int) -> Sequence[Message]:
     """Where the template does not tokenize piece by piece: a conversation past ``max_bytes`` read on its tail."""
-    raw = [m.content.encode("utf-8", "surrogatepass") for m in conversation]
+    raw = _content_bytes(conversation, config.max_bytes)
     if sum(len(r) for r in raw) <= config.max_bytes:
         return conversation
     return _tail(conversation, raw, min(tail_bytes, config.max_bytes))
