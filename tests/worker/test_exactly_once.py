@@ -96,6 +96,9 @@ async def test_sigkill_mid_stream_in_exactly_once_mode_leaves_no_duplicate_verdi
     rng = random.Random(SEED)
     kills = 3
     s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=True)
+    # Transactions held open ~3 s (≈ 24 events at 8/s), so a kill at a random moment cuts one short with events
+    # read and not committed: with 1 s ones a fast worker idles between them and three kills could redo nothing.
+    s = s.model_copy(update={"worker": s.worker.model_copy(update={"commit_interval_s": 3.0})})
     events = dataset_events(mixed_files(datasets_dir), 300)
     ids = {e.event_id for e in events}
     committed = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
@@ -112,8 +115,8 @@ async def test_sigkill_mid_stream_in_exactly_once_mode_leaves_no_duplicate_verdi
                 before = len(committed.records)
                 # A committed verdict from this incarnation, so the kill interrupts real transactional work...
                 await committed.wait(lambda w, b=before: len(w.records) > b, timeout=120)
-                # ...then a random moment: mid-batch, with outputs staged, mid-transaction.
-                delay = rng.uniform(0.0, 1.2)
+                # ...then a random moment inside the next transaction: mid-batch, with outputs staged.
+                delay = rng.uniform(0.5, 2.5)
                 await asyncio.sleep(delay)
                 port = proc.http_port()
                 consumed += scraped_total(await scrape_metrics(port), "ctd_events_in_total") if port else 0.0
