@@ -9,11 +9,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import Counter
@@ -23,7 +24,9 @@ from ctd_monitor.local.replay import record_event
 from probes.activations.features import FeatureExtractor
 from probes.activations.models import load_model
 from probes.config import DataConfig, FeatureConfig, ModelConfig, Settings
+from probes.conversation import Conversation
 from probes.data import read_file
+from probes.experts.encoder_head import EncoderHeadExpert
 from probes.fitting.pipeline import prepare_data, train_probe
 from probes.runtime.bundle import update_manifest
 from probes.runtime.monitor import uncertainty
@@ -39,6 +42,7 @@ from worker.config import (
     WorkerSettings,
 )
 from worker.events import ConversationEvent, ReviewRequest, utcnow
+from worker.main import GuardProcess
 from worker.monitor import MonitorStream, monitor_stream
 from worker.signing import Signer, generate_audit_secret, generate_keys
 
@@ -370,3 +374,36 @@ async def produce_signed(bootstrap: str, topic: str, values: list[Signed]) -> No
             await producer.send_and_wait(topic, value, key=key, headers=headers)
     finally:
         await producer.stop()
+
+
+class WrappedExpert:
+    """The real expert behind ``before_score``, where a test makes it fail its own way (down, hanging, wedged,
+    refusing one input); counts the calls."""
+
+    def __init__(self, inner: EncoderHeadExpert) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def parameters_per_token(self) -> int:
+        return self.inner.parameters_per_token()
+
+    def before_score(self, conversations: Sequence[Conversation]) -> None:
+        """Raise or block here to fail; returning lets the real expert answer."""
+
+    def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
+        self.calls += 1
+        self.before_score(conversations)
+        return self.inner.score(conversations)
+
+
+async def start_guard(settings: GuardSettings, expert: Any) -> tuple[GuardProcess, asyncio.Task[None]]:
+    """A guard service on ``expert``, ready (its task failing first fails the test with its exception)."""
+    process = GuardProcess(settings, expert)
+    task = asyncio.create_task(process.run())
+    await wait_for(lambda: process.ready() or task.done(), timeout=60)
+    assert not task.done(), task.exception()
+    return process, task

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import orjson
 import pytest
 
@@ -24,12 +22,14 @@ from probes.errors import ExpertError
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
+    WrappedExpert,
     distinct,
     guard_settings,
     new_topics,
     produce_raw,
     read_topic,
     review_requests,
+    start_guard,
     wait_for,
     worker_settings,
 )
@@ -38,7 +38,6 @@ from worker.alerts import AlertPolicy
 from worker.breaker import CircuitBreaker
 from worker.config import AlertsConfig
 from worker.lanes import Lanes, LanesExhausted
-from worker.main import GuardProcess
 from worker.monitor import monitor_stream
 
 
@@ -108,38 +107,20 @@ def test_a_higher_severity_gets_through_the_dedupe_window_a_lower_one_does_not()
         None, "duplicate_conversation")
 
 
-class StuckExpert:
+class StuckExpert(WrappedExpert):
     """The real expert, except that a batch holding "STUCK" never returns until the test releases it (a wedged
-    device); it counts the calls that run at the same time as a stuck one."""
+    device); or, with ``fail_all``, a device failing every call."""
 
     def __init__(self, inner: EncoderHeadExpert, *, fail_all: bool = False) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.release = threading.Event()
         self.fail_all = fail_all
-        self.calls = 0
 
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def parameters_per_token(self) -> int:
-        return self.inner.parameters_per_token()
-
-    def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
-        self.calls += 1
+    def before_score(self, conversations: Sequence[Conversation]) -> None:
         if self.fail_all:
             raise ExpertError("CUDA error: an illegal memory access was encountered (simulated)")
         if any("STUCK" in c[0].content for c in conversations):
             self.release.wait(120)
-        return self.inner.score(conversations)
-
-
-async def _start_guard(settings: Any, expert: Any) -> tuple[GuardProcess, asyncio.Task[None]]:
-    process = GuardProcess(settings, expert)
-    task = asyncio.create_task(process.run())
-    await wait_for(lambda: process.ready() or task.done(), timeout=60)
-    assert not task.done(), task.exception()
-    return process, task
 
 
 def _stuck_request(template: bytes) -> tuple[bytes, bytes]:
@@ -158,7 +139,7 @@ async def test_a_stuck_expert_call_does_not_block_later_batches(
     gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, expert_timeout_s=1.0, max_expert_attempts=2,
                         max_batch=8, alerts=AlertsConfig(enabled=False))
     expert = StuckExpert(small_expert)
-    guard, task = await _start_guard(gs, expert)
+    guard, task = await start_guard(gs, expert)
     requests = review_requests(datasets_dir, 24)
     try:
         await produce_raw(kafka_broker.bootstrap, topics.review, [_stuck_request(requests[0][1]), *requests[:8]],
@@ -194,7 +175,7 @@ async def test_an_expert_failing_every_request_opens_the_breaker_instead_of_a_st
     gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir, max_batch=8, breaker_failures=3,
                         breaker_cooldown_s=600, inference_retries=1, alerts=AlertsConfig(enabled=False))
     expert = StuckExpert(small_expert, fail_all=True)
-    guard, task = await _start_guard(gs, expert)
+    guard, task = await start_guard(gs, expert)
     requests = review_requests(datasets_dir, 20)
     try:
         await produce_raw(kafka_broker.bootstrap, topics.review, requests, sign="review_request")

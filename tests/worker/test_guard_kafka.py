@@ -12,19 +12,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import orjson
 import pytest
 
 from ctd_monitor.local.replay import replay
 from probes.conversation import Conversation
-from probes.errors import ExpertUnavailable
+from probes.errors import ExpertError, ExpertUnavailable
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import update_manifest
 from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, UnsafeCut
 from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
+    WrappedExpert,
     counter_total,
     distinct,
     guard_settings,
@@ -34,57 +33,38 @@ from tests.worker.helpers import (
     read_topic,
     review_requests,
     signed,
+    start_guard,
     wait_for,
     worker_settings,
 )
 from worker.alerts import alert_stream
 from worker.config import (
     AlertsConfig,
-    GuardSettings,
     TopicsConfig,
     WebhookSinkConfig,
 )
 from worker.events import BudgetState, Timings, Verdict
 from worker.guard import expert_unsafe_cut
-from worker.main import GuardProcess
 from worker.metrics import AlerterMetrics
 from worker.monitor import monitor_stream
 
 pytestmark = pytest.mark.kafka
 
 
-class FlakyExpert:
+class FlakyExpert(WrappedExpert):
     """The real expert behind a switch: down (unavailable) or hanging (slower than the timeout) on demand."""
 
     def __init__(self, inner: EncoderHeadExpert) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.down = False
         self.hang_s = 0.0
-        self.calls = 0
 
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def parameters_per_token(self) -> int:
-        return self.inner.parameters_per_token()
-
-    def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
-        self.calls += 1
+    def before_score(self, conversations: Sequence[Conversation]) -> None:
         if self.down:
             raise ExpertUnavailable("connection refused (test)")
         if self.hang_s:
             hang, self.hang_s = self.hang_s, 0.0
             time.sleep(hang)
-        return self.inner.score(conversations)
-
-
-async def _start_guard(settings: GuardSettings, expert: Any) -> tuple[GuardProcess, asyncio.Task[None]]:
-    process = GuardProcess(settings, expert)
-    task = asyncio.create_task(process.run())
-    await wait_for(lambda: process.ready() or task.done(), timeout=60)
-    assert not task.done(), task.exception()
-    return process, task
 
 
 async def test_delegated_events_get_expert_verdicts_and_harmful_conversations_one_alert(
@@ -96,7 +76,7 @@ async def test_delegated_events_get_expert_verdicts_and_harmful_conversations_on
     gs = guard_settings(kafka_broker.bootstrap, topics, cache_dir)
     worker = monitor_stream(ws, monitor)
     worker_task = asyncio.create_task(worker.run())
-    guard, guard_task = await _start_guard(gs, small_expert)
+    guard, guard_task = await start_guard(gs, small_expert)
     replay_file = small_bundle / "replay.jsonl"
     n = len(replay_file.read_text().splitlines())
     await replay(ws, [replay_file], rate=None, limit=None)
@@ -142,7 +122,7 @@ async def test_expert_outage_loses_nothing_and_recovers(
                         alerts=AlertsConfig(enabled=False))
     flaky = FlakyExpert(small_expert)
     flaky.down = True
-    guard, task = await _start_guard(gs, flaky)
+    guard, task = await start_guard(gs, flaky)
     requests = review_requests(datasets_dir, 20)
     await produce_raw(kafka_broker.bootstrap, topics.review, [*requests, (b"bad", b"{not json")],
                       sign="review_request")
@@ -170,7 +150,7 @@ async def test_expert_outage_loses_nothing_and_recovers(
     guard.stop()
     await asyncio.wait_for(task, 30)
     # everything was committed: the next guard in the group has nothing to redo
-    again, task2 = await _start_guard(gs, small_expert)
+    again, task2 = await start_guard(gs, small_expert)
     await asyncio.sleep(2)
     assert counter_total(again.guard_metrics.requests_in) == 0
     again.stop()
@@ -267,20 +247,16 @@ async def test_alert_burst_fires_once_per_conversation_and_webhook_failures_neve
     await hook.stop()
 
 
-class ChokingExpert(FlakyExpert):
+class ChokingExpert(WrappedExpert):
     """The real expert, except on two crafted conversations: one it refuses for good (a context-length 4xx), one
     it never answers in time."""
 
-    def score(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
-        from probes.errors import ExpertError
-
-        self.calls += 1
+    def before_score(self, conversations: Sequence[Conversation]) -> None:
         texts = [c[0].content for c in conversations]
         if any("PADDED" in t for t in texts):
             raise ExpertError("HTTP 400: this model's maximum context length is 8192 tokens")
         if any("HANG" in t for t in texts):
             time.sleep(1.0)
-        return self.inner.score(conversations)
 
 
 async def test_an_expert_that_fails_for_good_still_yields_a_final_unsafe_verdict_and_an_alert(
@@ -300,7 +276,7 @@ async def test_an_expert_that_fails_for_good_still_yields_a_final_unsafe_verdict
         body["event"]["messages"] = [{"role": "user", "content": f"{marker} how do I make a weapon? " * 20}]
         body["p_unsafe"] = 0.3  # the probe thought it harmless: only the expert could have said otherwise
         crafted.append((f"conv-{marker}".encode(), orjson.dumps(body)))
-    guard, task = await _start_guard(gs, ChokingExpert(small_expert))
+    guard, task = await start_guard(gs, ChokingExpert(small_expert))
     await produce_raw(kafka_broker.bootstrap, topics.review, [*crafted, *requests], sign="review_request")
     verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 8,
                                 timeout=90)
