@@ -84,7 +84,7 @@ class Tokenized:
         Not the sum of row lengths: the batcher counts a batch as its widest item × items, and each item's cost
         must cover its own padding. Not rows × its longest row either: a windowed item's short window rows are
         forwarded apart from its full ``max_tokens`` view, so that figure (17 × 256 for a long conversation) made
-        every windowed event a batch of its own at 8k-token batches, about a third of its real cost.
+        every windowed event a batch of its own at 8k-token batches: about three times the tokens forwarded.
         """
         if len(self.rows) == 1:
             return len(self.rows[0])
