@@ -49,6 +49,8 @@ class DecodeError(Exception):
 
 def _depth(value: Any) -> int:
     """Nesting depth of parsed JSON (a scalar is 0, ``{}`` is 1), without recursion."""
+    if isinstance(value, dict) and not any(isinstance(v, (dict, list)) for v in value.values()):
+        return 1  # flat metadata, the usual kind: a third of the walk's cost
     deepest = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:

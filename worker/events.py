@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -63,10 +64,17 @@ class _Model(BaseModel):
 
     def to_json(self) -> bytes:
         data = self.model_dump(mode="json")
-        for name in self.added_fields:
-            if getattr(self, name) == type(self).model_fields[name].default:
+        for name, default in _added_defaults(type(self)):
+            if getattr(self, name) == default:
                 del data[name]
         return orjson.dumps(data)
+
+
+@functools.cache
+def _added_defaults(cls: type[_Model]) -> tuple[tuple[str, Any], ...]:
+    """``cls.added_fields`` with their defaults, read once per class: every read of ``model_fields`` goes through
+    pydantic's deprecation descriptor, and six of them per verdict cost about as much as the dump itself."""
+    return tuple((name, cls.model_fields[name].default) for name in sorted(cls.added_fields))
 
 
 class ChatMessage(_Model):

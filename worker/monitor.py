@@ -23,11 +23,12 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka import TopicPartition
 
+from probes.activations.batching import split_padded_tokens
 from probes.calibration.recalibration import OnlineRecalibrator
 from probes.errors import ConfigError
 from probes.heads.inference import LinearHead
 from probes.logs import get_logger
-from probes.runtime.monitor import Monitor, Scores
+from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS, Monitor, Scores
 from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.breaker import CircuitBreaker
@@ -77,13 +78,17 @@ class Tokenized:
 
     @property
     def tokens(self) -> int:
-        """The item's padded cost for the batcher: rows × its longest row.
+        """The item's padded cost for the batcher: its rows as ``collate_by_length`` forwards them, in groups of
+        similar lengths each padded to its longest (probes/activations/batching.py ``split_padding``).
 
-        Not the sum of row lengths: a windowed item's first row is a full ``max_tokens`` view, so in a batch every
-        one of its short window rows is padded to that length. With the sum, batches of windowed items ran at
-        about 2.7× ``max_batch_tokens`` (measured with bench pipeline on harmbench + xstest).
+        Not the sum of row lengths: the batcher counts a batch as its widest item × items, and each item's cost
+        must cover its own padding. Not rows × its longest row either: a windowed item's short window rows are
+        forwarded apart from its full ``max_tokens`` view, so that figure (17 × 256 for a long conversation) made
+        every windowed event a batch of its own at 8k-token batches: about three times the tokens forwarded.
         """
-        return len(self.rows) * max(len(r) for r in self.rows)
+        if len(self.rows) == 1:
+            return len(self.rows[0])
+        return split_padded_tokens([len(r) for r in self.rows], min_saving=MIN_SPLIT_SAVING_TOKENS)
 
 
 Item = Envelope[Tokenized]

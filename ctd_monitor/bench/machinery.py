@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -47,6 +46,7 @@ from probes.data import Record, read_file
 from probes.logs import configure_logging
 from probes.runtime.monitor import Monitor
 from worker.config import WorkerSettings
+from worker.main import settle_collector
 from worker.monitor import monitor_stream
 
 # The worker's stage timers (worker/metrics.py StageClock) and what they cover.
@@ -86,7 +86,7 @@ def serve(config: Path, profile: Path | None = None) -> None:
     configure_logging(settings.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as run_worker does
     worker = monitor_stream(settings, null_monitor(settings))
-    gc.freeze()  # as run_worker does after loading the model
+    settle_collector()  # as run_worker does after loading the model
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -50,3 +50,10 @@ def split_padding(lengths: Sequence[int], *, min_saving: int) -> list[list[int]]
         else:
             kept.append(group)
     return kept
+
+
+def split_padded_tokens(lengths: Sequence[int], *, min_saving: int) -> int:
+    """Padded tokens of ``lengths`` forwarded in their ``split_padding`` groups (each group padded to its longest)."""
+    if len(lengths) == 1:
+        return max(1, lengths[0])
+    return sum(len(group) * max(1, lengths[group[0]]) for group in split_padding(lengths, min_saving=min_saving))

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probes.activations.batching import plan_batches, split_padding
+from probes.activations.batching import plan_batches, split_padded_tokens, split_padding
 
 
 def test_token_budget_and_sorting() -> None:
@@ -36,3 +36,10 @@ def test_split_padding_separates_window_rows_from_a_long_row() -> None:
     assert split_padding([256, 80], min_saving=1024) == [[0, 1]]  # one window: not worth a forward
     assert split_padding([100, 60, 51], min_saving=0) == [[0, 1, 2]]  # none padded to twice its length
     assert split_padding([], min_saving=1) == []
+
+
+def test_split_padded_tokens_counts_each_group_at_its_longest() -> None:
+    lengths = [256] + [80, 90, 75] * 5 + [30]
+    assert split_padded_tokens(lengths, min_saving=1024) == 256 + 16 * 90
+    assert split_padded_tokens([256, 80], min_saving=1024) == 2 * 256  # kept together: padded to the long row
+    assert split_padded_tokens([7], min_saving=1024) == 7

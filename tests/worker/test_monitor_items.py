@@ -121,8 +121,12 @@ async def test_one_bad_event_never_takes_its_batch_down(
 
 
 def test_windowed_items_keep_batches_within_the_token_budget() -> None:
-    """A windowed event's rows are all padded to its full-length first row inside a batch: the batcher must be
-    told that padded cost, or batches of long conversations overrun ``max_batch_tokens``."""
+    """A windowed event's short window rows are forwarded apart from its full-length first row
+    (``collate_by_length``): the batcher is told that padded cost, so batches of long conversations stay within
+    ``max_batch_tokens`` as forwarded, and several long conversations share a batch (at rows × longest row, 17 × 256,
+    each was a batch of its own at 8k-token batches)."""
+    from probes.activations.batching import split_padding
+    from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS
     from worker.batcher import BatchLimits, MicroBatcher
     from worker.decode import decode_event
     from worker.monitor import Tokenized
@@ -130,15 +134,19 @@ def test_windowed_items_keep_batches_within_the_token_budget() -> None:
     event = decode_event(_event("long", "x"))
     windowed = Tokenized(event, [[1] * 256] + [[1] * 70] * 16)
     single = Tokenized(event, [[1] * 120])
-    assert windowed.tokens == 17 * 256 and single.tokens == 120
+    assert windowed.tokens == 256 + 16 * 70 and single.tokens == 120
     batcher: MicroBatcher[Tokenized] = MicroBatcher(BatchLimits(max_batch_tokens=8192, max_items=64))
     for i in range(40):
         body = windowed if i % 3 == 0 else single
         batcher.add(body, body.tokens, 0.0)
+    shared = 0
     while len(batcher):
         batch = [p.item for p in batcher.next_batch(1.0, force=True)]
-        rows = [row for body in batch for row in body.rows]
-        assert len(rows) * max(len(r) for r in rows) <= 8192
+        lengths = [len(row) for body in batch for row in body.rows]
+        groups = split_padding(lengths, min_saving=MIN_SPLIT_SAVING_TOKENS)
+        assert sum(len(g) * max(lengths[i] for i in g) for g in groups) <= 8192
+        shared += sum(body is windowed for body in batch) > 1
+    assert shared
 
 
 def test_rows_forwarded_in_length_groups_score_as_in_one_batch(monitor: Monitor) -> None:
