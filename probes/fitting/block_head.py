@@ -38,7 +38,7 @@ F32 = npt.NDArray[np.float32]
 class BlockTraining(Frozen):
     """How the block and its head are fine-tuned (fixed before any measurement, not tuned on held-out groups)."""
 
-    epochs: int = Field(2, ge=0, description="passes over the fit rows (0: the linear probe on the frozen block)")
+    epochs: int = Field(1, ge=0, description="passes over the fit rows (0: the linear probe on the frozen block)")
     batch_size: int = Field(16, ge=1)
     train_tokens: int = Field(
         64, ge=1, description="each record's first N tokens in training (a causal block's states of a prefix are "
