@@ -234,13 +234,13 @@ def test_bench_generalization_heads_compares_linear_and_block_retraining_on_the_
     out = tmp_path / "heads"
     result = CliRunner().invoke(app, [
         "--config", str(config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
-        "--recipes", "broad", "--heads", "linear,block", "--out", str(out)])
+        "--recipes", "broad", "--heads", "linear,block", "--block-epochs", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = orjson.loads((out / "metrics.json").read_bytes())
     run = metrics["recipes"]["broad"]
     assert run["block"] == 3 and run["heads"] == ["linear", "block"]
     assert set(run["groups"]) == {"xstest", "harmful", "alpaca"}
-    assert len(run["groups"]["xstest"]["block"]["epoch_losses"]) == 1
+    assert len(run["groups"]["xstest"]["block"]["epoch_losses"]) == 2
     assert orjson.loads((out / "partial.json").read_bytes())["groups"].keys() == run["groups"].keys()
     assert "| xstest |" in (out / "heads.md").read_text()
     bad = CliRunner().invoke(app, ["--config", str(config), "bench", "generalization", "--heads", "linear,tree"])

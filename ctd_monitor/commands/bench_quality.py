@@ -49,6 +49,8 @@ def bench_generalization(
         help="compare probe heads on the same folds instead of the full yardstick (no expert, no cascade): "
         "comma-separated linear, mlp, block (the probe layer's own block retrained with the head on its cached "
         "inputs); writes heads.md")] = "",
+    block_epochs: Annotated[int | None, typer.Option(
+        min=0, help="--heads block: passes over the fit rows (default: BlockTraining's; 0 is the linear probe)")] = None,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -96,7 +98,7 @@ def bench_generalization(
         guard = build_expert(s)
     out.mkdir(parents=True, exist_ok=True)
     if heads.strip():
-        _bench_heads(ctx, config, heads, out)
+        _bench_heads(ctx, config, heads, out, block_epochs)
         return
     with progress_bars(options(ctx).progress) as bars:
         report: dict[str, Any] = {"config": config.model_dump(mode="json"), "expert": None, "computed": {},
@@ -121,7 +123,7 @@ def bench_generalization(
              if "dilution" in report else {})})
 
 
-def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path) -> None:
+def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path, block_epochs: int | None) -> None:
     """``--heads``: linear, MLP and single-layer retraining on the same leave-source-out folds."""
     from probes.evaluation.generalization.heads_compare import (
         HEAD_TYPES,
@@ -138,6 +140,9 @@ def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path) -> None
     if s.features.layer < 2:
         fail("--heads retrains the probe layer's block on the states entering it: needs features.layer >= 2")
     heads_config = HeadsConfig(heads=chosen, block=s.features.layer)
+    if block_epochs is not None:
+        heads_config = heads_config.model_copy(update={
+            "training": heads_config.training.model_copy(update={"epochs": block_epochs})})
 
     def partial(recipe: str, groups: dict[str, Any]) -> None:  # the folds done so far, should the run be cut short
         (out / "partial.json").write_bytes(orjson.dumps({"recipe": recipe, "groups": groups},
