@@ -219,6 +219,34 @@ def test_bench_generalization_writes_metrics_and_report(tmp_path: Path, small_co
     assert no_audits.exit_code == 2 and "--adapt-audits" in no_audits.output
 
 
+def test_bench_generalization_heads_compares_linear_and_block_retraining_on_the_same_folds(
+        tmp_path: Path, datasets_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--heads: SmolLM2's block 3 retrained on its cached inputs beside the logistic head (a RoPE decoder:
+    MiniLM has no rotary embedding to retrain a block with)."""
+    monkeypatch.setenv("CTD_CACHE_DIR", str(cache_dir))
+    config = tmp_path / "smollm2.yaml"
+    config.write_text(f"model: {{spec: smollm2-135m-instruct, dtype: fp32, max_tokens: 24}}\n"
+                      f"features: {{layer: 3, pooling: mean}}\ndata: {{datasets_dir: {datasets_dir}}}\n")
+    loso = tmp_path / "loso.yaml"
+    loso.write_text("pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 30}\n"
+                    "  groups:\n" + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n"
+                                            for g in ("xstest", "harmful", "alpaca")))
+    out = tmp_path / "heads"
+    result = CliRunner().invoke(app, [
+        "--config", str(config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
+        "--recipes", "broad", "--heads", "linear,block", "--block-epochs", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    run = metrics["recipes"]["broad"]
+    assert run["block"] == 3 and run["heads"] == ["linear", "block"]
+    assert set(run["groups"]) == {"xstest", "harmful", "alpaca"}
+    assert len(run["groups"]["xstest"]["block"]["epoch_losses"]) == 2
+    assert orjson.loads((out / "partial.json").read_bytes())["groups"].keys() == run["groups"].keys()
+    assert "| xstest |" in (out / "heads.md").read_text()
+    bad = CliRunner().invoke(app, ["--config", str(config), "bench", "generalization", "--heads", "linear,tree"])
+    assert bad.exit_code == 2 and "tree" in bad.output
+
+
 def test_bench_generalization_adapt_guard_labels_audits_with_the_configured_expert_backend(
         tmp_path: Path, small_config: Path, datasets_dir: Path, cache_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

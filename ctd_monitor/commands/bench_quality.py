@@ -45,6 +45,12 @@ def bench_generalization(
     dilution_requests: Annotated[int, typer.Option(min=1, help="held-out harmful requests of the yardstick")] = 40,
     dilution_lengths: Annotated[str, typer.Option(help="comma-separated filler lengths, in the bundle model's "
                                                   "tokens")] = "256,1024,3072",
+    heads: Annotated[str, typer.Option(
+        help="compare probe heads on the same folds instead of the full yardstick (no expert, no cascade): "
+        "comma-separated linear, mlp, block (the probe layer's own block retrained with the head on its cached "
+        "inputs); writes heads.md")] = "",
+    block_epochs: Annotated[int | None, typer.Option(
+        min=0, help="--heads block: passes over the fit rows (default: BlockTraining's; 0 is the linear probe)")] = None,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -91,6 +97,9 @@ def bench_generalization(
 
         guard = build_expert(s)
     out.mkdir(parents=True, exist_ok=True)
+    if heads.strip():
+        _bench_heads(ctx, config, heads, out, block_epochs)
+        return
     with progress_bars(options(ctx).progress) as bars:
         report: dict[str, Any] = {"config": config.model_dump(mode="json"), "expert": None, "computed": {},
                                   "recipes": {}}
@@ -112,6 +121,40 @@ def bench_generalization(
           "means": {name: r["mean"] for name, r in report["recipes"].items()},
           **({"dilution": {name: r["held"] for name, r in report["dilution"]["transformations"].items()}}
              if "dilution" in report else {})})
+
+
+def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path, block_epochs: int | None) -> None:
+    """``--heads``: linear, MLP and single-layer retraining on the same leave-source-out folds."""
+    from probes.evaluation.generalization.heads_compare import (
+        HEAD_TYPES,
+        HeadsConfig,
+        heads_markdown,
+        run_heads,
+    )
+
+    s = settings(ctx)
+    chosen = tuple(h.strip() for h in heads.split(",") if h.strip())
+    unknown = [h for h in chosen if h not in HEAD_TYPES]
+    if unknown or not config.recipes:
+        fail(f"--heads takes {', '.join(HEAD_TYPES)} and needs a recipe; got {', '.join(unknown) or 'no recipe'}")
+    if s.features.layer < 2:
+        fail("--heads retrains the probe layer's block on the states entering it: needs features.layer >= 2")
+    heads_config = HeadsConfig(heads=chosen, block=s.features.layer)
+    if block_epochs is not None:
+        heads_config = heads_config.model_copy(update={
+            "training": heads_config.training.model_copy(update={"epochs": block_epochs})})
+
+    def partial(recipe: str, groups: dict[str, Any]) -> None:  # the folds done so far, should the run be cut short
+        (out / "partial.json").write_bytes(orjson.dumps({"recipe": recipe, "groups": groups},
+                                                        option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+
+    with progress_bars(options(ctx).progress) as bars:
+        report = run_heads(config, heads_config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
+                           progress=bars, on_fold=partial)
+    (out / "metrics.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    (out / "heads.md").write_text(heads_markdown(report))
+    emit({"out": str(out), "computed": report["computed"],
+          "means": {name: r["mean"] for name, r in report["recipes"].items()}})
 
 
 @guarded
