@@ -120,6 +120,23 @@ class TokenStateStore:
         return [s for s in found if s is not None], len(todo)
 
 
+def template_prefix(extractor: FeatureExtractor) -> int:
+    """Leading tokens every rendering shares (the chat template's system prompt and first role header).
+
+    A causal model gives them the same states in every conversation, so a token-level scorer that reads them
+    adds a constant to every conversation's candidates: a max over positions then ranks nothing when that constant
+    is the highest. Measured as the common prefix of two conversations with different first words."""
+    from probes.conversation import single_turn
+
+    a, b = extractor.tokenize([single_turn("Hello there."), single_turn("Quietly, please.")])
+    shared = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared
+
+
 def record_token_states(cache_dir: Path, extractor: FeatureExtractor, conversations: Sequence[Conversation],
                         keys: Sequence[str], progress: Progress | None = None) -> tuple[list[F16], int]:
     """Per-token states of block ``extractor.layer`` for each conversation (rendered and cut to

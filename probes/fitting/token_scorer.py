@@ -92,8 +92,11 @@ def soft_max_score(means: torch.Tensor, mask: torch.Tensor, tau: float) -> torch
 
 
 def fit_token_scorer(sequences: Sequence[npt.ArrayLike], labels: npt.ArrayLike, weights: npt.ArrayLike | None,
-                     fit: TokenScorerFit) -> tuple[LinearHead, TokenScorer]:
-    """The head (on standardised states, for a bundle) and its runtime scorer."""
+                     fit: TokenScorerFit, *, skip: int = 0) -> tuple[LinearHead, TokenScorer]:
+    """The head (on standardised states, for a bundle) and its runtime scorer; both train and score on the
+    tokens after the first ``skip`` (``TokenScorer.content``: the shared template prefix is not evidence)."""
+    template = TokenScorer(weight=np.zeros(1, dtype=np.float32), bias=0.0, window=1, skip=skip)
+    sequences = [template.content(s) for s in sequences]
     y_np = np.asarray(labels, dtype=np.float32)
     if len(sequences) != len(y_np) or not len(y_np):
         raise ValueError("need one label per sequence")
@@ -126,4 +129,4 @@ def fit_token_scorer(sequences: Sequence[npt.ArrayLike], labels: npt.ArrayLike, 
         optimiser.step()
     head = LinearHead(mean=mean, scale=scale, weight=weight.detach().numpy().astype(np.float32),
                       bias=float(bias.detach()[0]))
-    return head, TokenScorer.from_head(head, fit.window)
+    return head, TokenScorer.from_head(head, fit.window, skip)

@@ -29,26 +29,34 @@ def max_rolling_mean(token_logits: npt.ArrayLike, window: int) -> float:
 
 @dataclass(frozen=True)
 class TokenScorer:
-    """A ``LinearHead`` folded onto raw token states (2·d FLOPs a token) and its rolling window."""
+    """A ``LinearHead`` folded onto raw token states (2·d FLOPs a token), its rolling window, and how many leading
+    tokens it skips: the chat template's shared prefix (``token_states.template_prefix``), whose states are the
+    same in every conversation of a causal model and would set a floor under every conversation's max."""
 
     weight: npt.NDArray[np.float32]
     bias: float
     window: int
+    skip: int = 0
 
     @classmethod
-    def from_head(cls, head: LinearHead, window: int) -> TokenScorer:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+    def from_head(cls, head: LinearHead, window: int, skip: int = 0) -> TokenScorer:
+        if window < 1 or skip < 0:
+            raise ValueError(f"need window >= 1 and skip >= 0, got {window} and {skip}")
         w, c = head.folded()
-        return cls(weight=w, bias=c, window=window)
+        return cls(weight=w, bias=c, window=window, skip=skip)
+
+    def content(self, states: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The states it reads: all but the first ``skip`` (all of them when nothing would be left)."""
+        x = np.asarray(states, dtype=np.float32)
+        return x[self.skip :] if x.shape[0] > self.skip else x
 
     def token_logits(self, states: npt.ArrayLike) -> F64:
         """z_t = wᵀh_t + c for each token state [T, D]."""
         return (np.asarray(states, dtype=np.float32) @ self.weight).astype(np.float64) + self.bias
 
     def logit(self, states: npt.ArrayLike) -> float:
-        """The conversation's logit: the max of rolling means of its token logits."""
-        return max_rolling_mean(self.token_logits(states), self.window)
+        """The conversation's logit: the max of rolling means of its content tokens' logits."""
+        return max_rolling_mean(self.token_logits(self.content(states)), self.window)
 
     def logits(self, sequences: Sequence[npt.ArrayLike]) -> F64:
         return np.asarray([self.logit(s) for s in sequences], dtype=np.float64)

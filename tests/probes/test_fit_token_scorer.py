@@ -75,6 +75,14 @@ def test_training_the_aggregate_beats_chance_on_weighted_rows_and_refuses_one_cl
     head, scorer = fit_token_scorer(train, y, weights, TokenScorerFit(window=4, epochs=100))
     assert head.weight.shape == (16,) and scorer.window == 4
     assert abs(head.weight[3] / head.scale[3]) == pytest.approx(np.abs(head.weight / head.scale).max())
+    # a shared prefix that would otherwise top every sequence's max is skipped in training and scoring
+    prefix = np.zeros((6, 16), dtype=np.float32)
+    prefix[:, 3] = 10.0
+    _, skipping = fit_token_scorer([np.concatenate([prefix, s]) for s in train], y, None,
+                                   TokenScorerFit(window=4, epochs=100), skip=6)
+    assert skipping.skip == 6
+    test, y_test = _sequences(60, 4)
+    assert roc_auc_score(y_test, skipping.proba([np.concatenate([prefix, s]) for s in test])) > 0.9
     with pytest.raises(ValueError, match="both classes"):
         fit_token_scorer(train, np.zeros(len(train)), None, TokenScorerFit())
     with pytest.raises(ValueError, match="one label"):

@@ -53,3 +53,22 @@ def test_padding_does_not_dilute_a_short_span_where_the_mean_does() -> None:
                    np.concatenate([filler[:1500], harmful, filler[1500:]])):
         assert scorer.logit(padded) == pytest.approx(alone)
         assert head.logit(padded.mean(axis=0, keepdims=True))[0] < 0 < alone  # the mean is swamped
+
+
+def test_skip_drops_the_shared_prefix_so_it_sets_no_floor() -> None:
+    dim = 4
+    w = np.zeros(dim, dtype=np.float32)
+    w[0] = 1.0
+    head = LinearHead(mean=np.zeros(dim, np.float32), scale=np.ones(dim, np.float32), weight=w, bias=0.0)
+    prefix = np.zeros((5, dim), dtype=np.float32)
+    prefix[:, 0] = 3.0  # a template prefix that scores high in every conversation
+    low, high = np.zeros((8, dim), np.float32), np.zeros((8, dim), np.float32)
+    low[:, 0], high[:, 0] = -2.0, 1.0
+    plain = TokenScorer.from_head(head, window=4)
+    assert plain.logit(np.concatenate([prefix, low])) == plain.logit(np.concatenate([prefix, high]))
+    skipping = TokenScorer.from_head(head, window=4, skip=5)
+    assert skipping.logit(np.concatenate([prefix, low])) == pytest.approx(-2.0)
+    assert skipping.logit(np.concatenate([prefix, high])) == pytest.approx(1.0)
+    assert skipping.logit(prefix[:3]) == pytest.approx(3.0)  # nothing after the prefix: read what there is
+    with pytest.raises(ValueError):
+        TokenScorer.from_head(head, window=4, skip=-1)

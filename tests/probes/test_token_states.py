@@ -7,7 +7,12 @@ import pytest
 
 from probes.activations.features import FeatureExtractor
 from probes.activations.models import LoadedModel
-from probes.activations.token_states import TokenStateStore, record_token_states, token_namespace
+from probes.activations.token_states import (
+    TokenStateStore,
+    record_token_states,
+    template_prefix,
+    token_namespace,
+)
 from probes.conversation import single_turn
 from probes.data import Record
 
@@ -65,3 +70,14 @@ def test_record_token_states_are_the_models_states_and_cached(tmp_path: Path, sm
     assert meta["layer"] == "4" and meta["max_tokens"] == "24" and meta["stored"] == "float16"
     assert namespace != token_namespace(smollm2, layer=4, max_tokens=32)[0]
     assert namespace != token_namespace(smollm2, layer=5, max_tokens=24)[0]
+
+
+def test_template_prefix_is_the_shared_system_prompt_with_the_same_states(smollm2: LoadedModel) -> None:
+    extractor = FeatureExtractor(smollm2, layer=4, max_tokens=64, batch_tokens=512, max_items=8)
+    prefix = template_prefix(extractor)
+    ids = extractor.tokenize([single_turn("Explain tides."), single_turn("Write a poem")])
+    assert 0 < prefix < min(len(i) for i in ids)
+    assert ids[0][:prefix] == ids[1][:prefix] and ids[0][prefix] != ids[1][prefix]
+    assert smollm2.tokenizer.decode(ids[0][:prefix]).rstrip().endswith("user")
+    a, b = extractor.token_states([single_turn("Explain tides."), single_turn("Write a poem")])
+    np.testing.assert_allclose(a[:prefix], b[:prefix], atol=1e-4)  # causal: the same states in every record

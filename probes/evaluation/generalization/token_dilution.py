@@ -80,13 +80,15 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
     from probes.data import read_file
 
     pool = build_pool(datasets_dir, config.pool)
-    states, _ = fill_token_states(cache_dir, pool, layer=layer, spec=config.probe_spec,
+    read_pool = fill_token_states(cache_dir, pool, layer=layer, spec=config.probe_spec,
                                   max_tokens=config.probe_max_tokens, dtype=config.dtype)
+    states = read_pool.states
     y = np.asarray([p.record.label for p in pool], dtype=np.int64)
     files = [p.record.file for p in pool]
     fold = training_fold(files, make_fold(pool, REQUEST_GROUP, recipe, calibration_fraction=config.calibration_fraction,
                                           seed=config.seed))
-    _, scorer = fit_token_scorer([states[i] for i in fold.fit], y[fold.fit], fold.weights, fit)
+    _, scorer = fit_token_scorer([states[i] for i in fold.fit], y[fold.fit], fold.weights, fit,
+                                 skip=read_pool.prefix)
     means = np.stack([s.astype(np.float32).mean(axis=0) for s in states])
     probe = fit_head(means[fold.fit], y[fold.fit], fold.weights, recipe.c, config.seed)
     benign = fold.calibration[y[fold.calibration] == 0]
@@ -104,7 +106,8 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
                                              read_file(datasets_dir / FILLER_FILE)[:2000]])
     out: dict[str, Any] = {"fit": {"objective": fit.objective, "window": fit.window}, "max_tokens": max_tokens,
                            "request_files": request_files, "trained_files": trained,
-                           "cuts": {"token": token_cut, "mean_probe": probe_cut}}
+                           "cuts": {"token": token_cut, "mean_probe": probe_cut},
+                           "template_prefix_tokens": read_pool.prefix}
     out["token"] = dilution_report(requests, token_scorer_of(read, scorer), token_cut or 0.5, filler,
                                    lengths=lengths, tolerance=tolerance, seed=seed, progress=progress)
     out["mean_probe"] = dilution_report(requests, mean_probe_of(read, probe), probe_cut or 0.5, filler,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes.activations.token_states import F16, record_token_states
+from probes.activations.token_states import F16, record_token_states, template_prefix
 from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, make_fold
 from probes.evaluation.generalization.loso import Progress, _mean, no_progress
 from probes.evaluation.generalization.pool import PoolRecord, build_pool, fill_probe_features
@@ -23,18 +23,26 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolStates:
+    states: list[F16]  # per pool record, [tokens, dim]
+    computed: int  # records the model ran on
+    prefix: int  # the chat template's shared leading tokens (``template_prefix``)
+
+
 def fill_token_states(cache_dir: Path, pool: Sequence[PoolRecord], *, layer: int = 15,
                       spec: str = "smollm2-135m-instruct", max_tokens: int = 256, dtype: str = "auto",
-                      progress: Callable[[int], None] | None = None) -> tuple[list[F16], int]:
+                      progress: Callable[[int], None] | None = None) -> PoolStates:
     """Per-token states of block ``layer`` for every pool record, cached per record; the model runs on missing
-    records only. Returns (states, records computed)."""
+    records only."""
     from probes.activations.features import FeatureExtractor
     from probes.activations.models import load_model
 
     loaded = load_model(spec, cache_dir=cache_dir, dtype=dtype, max_layer=layer)
     extractor = FeatureExtractor(loaded, layer=layer, max_tokens=max_tokens, batch_tokens=8192, max_items=64)
-    return record_token_states(cache_dir, extractor, [p.record.messages for p in pool], [p.key for p in pool],
-                               progress)
+    states, computed = record_token_states(cache_dir, extractor, [p.record.messages for p in pool],
+                                           [p.key for p in pool], progress)
+    return PoolStates(states, computed, template_prefix(extractor))
 
 
 #: The token scorer's variants compared under leave-source-out: (objective, rolling window in tokens).
@@ -72,7 +80,7 @@ def _decide(p: F64, fold: Fold, y: npt.NDArray[np.int64], recipe: Recipe, delta:
 
 def compare_fold(pool: Sequence[PoolRecord], fold: Fold, features: F32, states: Sequence[F16],
                  y: npt.NDArray[np.int64], recipe: Recipe, fits: Sequence[TokenScorerFit], *, delta: float,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, skip: int = 0) -> dict[str, Any]:
     """One held-out group: the mean-pooled logistic probe and each token-scorer fit on the same fit rows and
     weights, each cut on the same calibration rows."""
     fit_rows = fold.fit
@@ -81,7 +89,7 @@ def compare_fold(pool: Sequence[PoolRecord], fold: Fold, features: F32, states: 
     figures, cut = _decide(probe.proba(features), fold, y, recipe, delta, seed)
     out["mean-pooled probe"] = {**figures, "cut": cut}
     for fit in fits:
-        _, scorer = fit_token_scorer([states[i] for i in fit_rows], y[fit_rows], fold.weights, fit)
+        _, scorer = fit_token_scorer([states[i] for i in fit_rows], y[fit_rows], fold.weights, fit, skip=skip)
         figures, cut = _decide(scorer.proba(states), fold, y, recipe, delta, seed)
         out[variant_name(fit.objective, fit.window)] = {**figures, "cut": cut}
         log.info("token_scorer.fold", group=fold.group, variant=variant_name(fit.objective, fit.window),
@@ -113,9 +121,9 @@ def run_token_comparison(config: LosoConfig, recipe: Recipe, *, cache_dir: Path,
     pool = build_pool(datasets_dir, config.pool)
     bound = max_tokens or config.probe_max_tokens
     todo = len({p.key for p in pool})
-    states, computed = fill_token_states(cache_dir, pool, layer=layer, spec=config.probe_spec, max_tokens=bound,
-                                         dtype=config.dtype, progress=progress("token states (cached per record)",
-                                                                               todo))
+    read = fill_token_states(cache_dir, pool, layer=layer, spec=config.probe_spec, max_tokens=bound,
+                             dtype=config.dtype, progress=progress("token states (cached per record)", todo))
+    states = read.states
     # The baseline reads the same tokens: mean-pooled layer features at the same bound, from their own cache.
     features, _ = fill_probe_features(cache_dir, pool, [(layer, "mean")], spec=config.probe_spec,
                                       max_tokens=bound, dtype=config.dtype,
@@ -128,10 +136,11 @@ def run_token_comparison(config: LosoConfig, recipe: Recipe, *, cache_dir: Path,
         if len(np.unique(y[fold.fit])) < 2 or not len(fold.test):
             continue
         groups[group.name] = compare_fold(pool, fold, features[(layer, "mean")], states, y, recipe, fits,
-                                          delta=config.delta, seed=config.seed)
+                                          delta=config.delta, seed=config.seed, skip=read.prefix)
     return {"recipe": recipe.model_dump(mode="json"), "layer": layer, "max_tokens": bound,
             "pool": {"n": len(pool), "positives": int(y.sum()),
-                     "tokens": int(sum(s.shape[0] for s in states)), "states_computed": computed},
+                     "tokens": int(sum(s.shape[0] for s in states)), "states_computed": read.computed},
+            "template_prefix_tokens": read.prefix,
             "fits": [dataclasses.asdict(f) for f in fits], "groups": groups, "mean": summarise_scorers(groups)}
 
 
