@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,15 @@ from probes.fitting.token_scorer import (
     token_standardisation,
 )
 from probes.heads.token_probe import rolling_means
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # These fits are tiny: on a shared CPU, torch's thread pool waits on busy cores far longer than it computes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_padded_rolling_means_and_soft_max_match_the_runtime() -> None:
@@ -61,25 +72,25 @@ def _sequences(n: int, seed: int, pad: int = 0) -> tuple[list[np.ndarray], np.nd
 
 @pytest.mark.parametrize("objective", ["maxmean", "broadcast"])
 def test_fitted_scorer_ranks_held_out_sequences_and_survives_padding(objective: str) -> None:
-    train, y = _sequences(200, 0)
-    _, scorer = fit_token_scorer(train, y, None, TokenScorerFit(objective=objective, window=4, epochs=150))  # type: ignore[arg-type]
+    train, y = _sequences(120, 0)
+    _, scorer = fit_token_scorer(train, y, None, TokenScorerFit(objective=objective, window=4, epochs=100))  # type: ignore[arg-type]
     test, y_test = _sequences(100, 1)
     assert roc_auc_score(y_test, scorer.proba(test)) > 0.9
-    padded, _ = _sequences(100, 1, pad=500)
+    padded, _ = _sequences(100, 1, pad=300)
     assert roc_auc_score(y_test, scorer.proba(padded)) > 0.85
 
 
 def test_training_the_aggregate_beats_chance_on_weighted_rows_and_refuses_one_class() -> None:
-    train, y = _sequences(100, 3)
+    train, y = _sequences(80, 3)
     weights = np.where(y == 1, 3.0, 1.0)
-    head, scorer = fit_token_scorer(train, y, weights, TokenScorerFit(window=4, epochs=100))
+    head, scorer = fit_token_scorer(train, y, weights, TokenScorerFit(window=4, epochs=80))
     assert head.weight.shape == (16,) and scorer.window == 4
     assert abs(head.weight[3] / head.scale[3]) == pytest.approx(np.abs(head.weight / head.scale).max())
     # a shared prefix that would otherwise top every sequence's max is skipped in training and scoring
     prefix = np.zeros((6, 16), dtype=np.float32)
     prefix[:, 3] = 10.0
     _, skipping = fit_token_scorer([np.concatenate([prefix, s]) for s in train], y, None,
-                                   TokenScorerFit(window=4, epochs=100), skip=6)
+                                   TokenScorerFit(window=4, epochs=80), skip=6)
     assert skipping.skip == 6
     test, y_test = _sequences(60, 4)
     assert roc_auc_score(y_test, skipping.proba([np.concatenate([prefix, s]) for s in test])) > 0.9
