@@ -247,6 +247,29 @@ def test_bench_generalization_heads_compares_linear_and_block_retraining_on_the_
     assert bad.exit_code == 2 and "tree" in bad.output
 
 
+def test_bench_generalization_token_scorer_beside_the_mean_pooled_probe(
+        tmp_path: Path, small_config: Path, datasets_dir: Path) -> None:
+    """`--token-scorer` alone (`--recipes ''`): the comparison on the recipe's folds, in metrics.json and report.md."""
+    loso = tmp_path / "loso.yaml"
+    loso.write_text("pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n"
+                    "  groups:\n" + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n"
+                                            for g in ("xstest", "harmful", "alpaca")))
+    out = tmp_path / "tok"
+    result = CliRunner().invoke(app, [
+        "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
+        "--recipes", "", "--token-scorer", "maxmean:4", "--token-recipe", "after", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = orjson.loads(result.stdout)
+    assert set(payload["token_scorer"]) == {"mean-pooled probe", "token maxmean w4"}
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    assert set(metrics["token_scorer"]["groups"]) == {"xstest", "harmful", "alpaca"}
+    assert metrics["token_scorer"]["recipe"]["name"] == "after" and metrics["token_scorer"]["max_tokens"] == 64
+    assert "Token-level scorer vs mean-pooled probe" in (out / "report.md").read_text()
+    for bad in (["--token-scorer", "mean:4"], ["--token-dilution", "2"]):
+        refused = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", *bad])
+        assert refused.exit_code == 2, refused.output
+
+
 def test_bench_generalization_adapt_guard_labels_audits_with_the_configured_expert_backend(
         tmp_path: Path, small_config: Path, datasets_dir: Path, cache_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,6 +51,20 @@ def bench_generalization(
         "inputs); writes heads.md")] = "",
     block_epochs: Annotated[int | None, typer.Option(
         min=0, help="--heads block: passes over the fit rows (default: BlockTraining's; 0 is the linear probe)")] = None,
+    token_scorer: Annotated[str, typer.Option(help="also compare token-level conversation scorers (a linear head "
+        "per token, max of rolling means) with the mean-pooled probe on --token-recipe's folds: ','-separated "
+        "OBJECTIVE:WINDOW, OBJECTIVE maxmean (trains the aggregated score) or broadcast (token-broadcast labels), "
+        "e.g. 'maxmean:16,broadcast:16'; --recipes '' runs it alone")] = "",
+    token_recipe: Annotated[str, typer.Option(help="recipe of the token-scorer comparison")] = "broad",
+    token_max_tokens: Annotated[int | None, typer.Option(
+        min=1, help="tokens read per record by the token-scorer comparison (default: model.max_tokens)")] = None,
+    token_loso: Annotated[bool, typer.Option(help="run the token-scorer comparison (--no-token-loso: only its "
+                                             "dilution yardstick)")] = True,
+    token_dilution: Annotated[int, typer.Option(
+        min=0, help="also run the dilution yardstick (--dilution-lengths) on the first --token-scorer fit, trained "
+        "with every request source held out, on N held-out harmful requests read whole in one pass; 0: off")] = 0,
+    token_read_tokens: Annotated[int, typer.Option(
+        min=1, help="token bound of the dilution yardstick's one-pass read")] = 4096,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -59,6 +73,7 @@ def bench_generalization(
     from probes.evaluation.generalization.loso import run_loso
     from probes.evaluation.generalization.pool import BROAD_GROUPS, DEFAULT_GROUPS
     from probes.evaluation.generalization.report import write_report
+    from probes.evaluation.generalization.token_scorer import parse_token_fits
 
     s = settings(ctx)
     try:
@@ -72,9 +87,13 @@ def bench_generalization(
         combos = [tuple((int(v.split(":")[0]), v.split(":")[1]) for v in combo.split("+"))
                   for combo in sweep.split(";") if combo.strip()]
         lengths = tuple(int(x) for x in dilution_lengths.split(",") if x.strip())
+        token_fits = parse_token_fits(token_scorer)
+        token_base = known[token_recipe] if token_fits else None
     except (ValueError, KeyError, IndexError, OSError) as exc:
         fail(f"bad option: {exc}")
-    if not chosen and dilution_bundle is None:
+    if token_dilution and not token_fits:
+        fail("--token-dilution needs --token-scorer")
+    if not chosen and dilution_bundle is None and not token_fits:
         fail("no recipe and no --dilution-bundle: nothing to measure")
     if expert not in ("frozen", "finetune"):
         fail("--expert must be frozen or finetune")
@@ -107,6 +126,21 @@ def bench_generalization(
             report = run_loso(config, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, progress=bars,
                                 sweep=combos, guard=None if guard is None else guard.score,
                                 guard_name=None if guard is None else guard.name)
+        if token_base is not None and token_loso:
+            from probes.evaluation.generalization.token_scorer import run_token_comparison
+
+            report["token_scorer"] = run_token_comparison(
+                config, token_base, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, fits=token_fits,
+                layer=s.features.layer, max_tokens=token_max_tokens, progress=bars)
+        if token_base is not None and token_dilution:
+            from probes.evaluation.dilution import DISGUISES, PLACEMENTS
+            from probes.evaluation.generalization.token_dilution import run_token_dilution
+
+            report["token_dilution"] = run_token_dilution(
+                config, token_base, token_fits[0], cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
+                n=token_dilution, lengths=lengths, max_tokens=token_read_tokens, layer=s.features.layer,
+                progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
+                    1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
         if dilution_bundle is not None:
             from probes.evaluation.dilution import DISGUISES, PLACEMENTS, run_dilution
 
@@ -120,7 +154,13 @@ def bench_generalization(
     emit({"out": str(out), "expert": report["expert"], "computed": report["computed"],
           "means": {name: r["mean"] for name, r in report["recipes"].items()},
           **({"dilution": {name: r["held"] for name, r in report["dilution"]["transformations"].items()}}
-             if "dilution" in report else {})})
+             if "dilution" in report else {}),
+          **({"token_scorer": {name: {"auroc": m["auroc"], "above_majority": m["above_majority"]}
+                               for name, m in report["token_scorer"]["mean"].items()}}
+             if "token_scorer" in report else {}),
+          **({"token_dilution": {who: {name: r["held"] for name, r in report["token_dilution"][who][
+              "transformations"].items()} for who in ("token", "mean_probe")}}
+             if "token_dilution" in report else {})})
 
 
 def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path, block_epochs: int | None) -> None:

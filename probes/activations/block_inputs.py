@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from probes.activations.models import LoadedModel
-from probes.activations.record_cache import KEY_CHARS, _decode_keys, _encode_keys, namespace_key
+from probes.activations.record_cache import KEY_CHARS, decode_keys, encode_keys, namespace_key
 from probes.cache import sha256_text
 from probes.conversation import Conversation
 from probes.logs import get_logger
@@ -59,7 +59,7 @@ class BlockInputStore:
                     log.warning("block_inputs.bad_chunk", path=str(path), error=str(exc))
                     continue
                 offsets = tensors["offsets"]
-                for row, key in enumerate(_decode_keys(tensors["keys"])):
+                for row, key in enumerate(decode_keys(tensors["keys"])):
                     index[key] = tensors["states"][offsets[row] : offsets[row + 1]]
             self._index = index
         return self._index
@@ -93,7 +93,7 @@ class BlockInputStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.partial"
         try:
-            save_file({"keys": _encode_keys(keys), "offsets": offsets, "states": joined}, str(tmp),
+            save_file({"keys": encode_keys(keys), "offsets": offsets, "states": joined}, str(tmp),
                       metadata=self.description or None)
             os.replace(tmp, self.dir / f"{name}.safetensors")
         finally:

@@ -35,12 +35,14 @@ def namespace_key(*parts: str) -> str:
     return sha256_text(*parts, "records-v1")[:32]
 
 
-def _encode_keys(keys: Sequence[str]) -> npt.NDArray[np.uint8]:
+def encode_keys(keys: Sequence[str]) -> npt.NDArray[np.uint8]:
+    """Content keys as a fixed-width byte matrix, the form safetensors can store (every per-record store's index)."""
     raw = "".join(k[:KEY_CHARS].ljust(KEY_CHARS, "0") for k in keys).encode("ascii")
     return np.frombuffer(raw, dtype=np.uint8).reshape(len(keys), KEY_CHARS).copy()
 
 
-def _decode_keys(array: npt.NDArray[np.uint8]) -> list[str]:
+def decode_keys(array: npt.NDArray[np.uint8]) -> list[str]:
+    """The keys ``encode_keys`` stored."""
     return [bytes(row).decode("ascii") for row in array]
 
 
@@ -72,7 +74,7 @@ class RecordStore:
                 except (SafetensorError, OSError) as exc:  # a half-copied chunk: recompute its rows
                     log.warning("record_cache.bad_chunk", path=str(path), error=str(exc))
                     continue
-                for key, row in zip(_decode_keys(tensors["keys"]), tensors["values"], strict=True):
+                for key, row in zip(decode_keys(tensors["keys"]), tensors["values"], strict=True):
                     index[key] = row
             self._index = index
         return self._index
@@ -116,7 +118,7 @@ class RecordStore:
         # same chunk never see each other's half-written file.
         tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.partial"
         try:
-            save_file({"keys": _encode_keys(keys), "values": array}, str(tmp), metadata=self.description or None)
+            save_file({"keys": encode_keys(keys), "values": array}, str(tmp), metadata=self.description or None)
             os.replace(tmp, self.dir / f"{name}.safetensors")
         finally:
             tmp.unlink(missing_ok=True)

@@ -93,6 +93,17 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
             lines.append(f"| {' + '.join(f'L{v[0]} {v[1]}' for v in r['variants'])} | {_f(r['auroc'])} | "
                          f"{_f(r['f1'])} | {_f(r['accuracy'])} | {_f(r['fpr'])} | {_f(r['tpr_at_1pct_fpr'])} | "
                          f"{r['above_majority']} |")
+    if "token_scorer" in report:
+        from probes.evaluation.generalization.token_scorer import report_lines as token_lines
+
+        lines += token_lines(report["token_scorer"])
+    if "token_dilution" in report:
+        from probes.evaluation.dilution import report_lines as dilution_lines
+
+        d = report["token_dilution"]
+        for who, title in (("token", f"token scorer {d['fit']['objective']} w{d['fit']['window']}"),
+                           ("mean_probe", "mean-pooled probe of the same fold, on the same reads")):
+            lines += [f"# One-pass read (≤ {d['max_tokens']} tokens): {title}", ""] + dilution_lines(d[who])
     if "dilution" in report:
         from probes.evaluation.dilution import report_lines
 

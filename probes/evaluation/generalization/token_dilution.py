@@ -1,0 +1,115 @@
+"""The dilution yardstick (``probes.evaluation.dilution``) on the token-level scorer, read in one long pass.
+
+The scorer is trained as under leave-source-out, on the broad pool with every harmful-request source the yardstick
+draws from held out (the ``harmful_behaviors`` group and any other request file), cut on its calibration rows;
+each padded conversation is then read whole (up to ``max_tokens``) in one forward pass and scored by the max of
+rolling means of its token logits. The mean-pooled probe of the same fold, on the mean of the same token states,
+is scored beside it: the same read, only the aggregation differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.activations.features import FeatureExtractor
+from probes.conversation import Conversation
+from probes.evaluation.dilution import (
+    FILLER_FILE,
+    REQUEST_FILES,
+    FillerSource,
+    dilution_report,
+    held_out_requests,
+)
+from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, make_fold
+from probes.evaluation.generalization.pool import build_pool
+from probes.evaluation.generalization.scoring import certified_cut, fit_head
+from probes.evaluation.generalization.token_scorer import fill_token_states
+from probes.fitting.token_scorer import TokenScorerFit, fit_token_scorer
+from probes.heads.inference import LinearHead
+from probes.heads.token_scorer import TokenScorer
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+#: The group holding the request files: held out of the scorer's training.
+REQUEST_GROUP = "harmful_behaviors"
+
+
+class StateReader:
+    """Token states of conversations read whole, remembered per conversation (both scorers share one pass)."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        self.extractor = extractor
+        self._seen: dict[tuple[tuple[str, str], ...], F32] = {}
+
+    def __call__(self, conversations: Sequence[Conversation]) -> list[F32]:
+        keys = [tuple((m.role, m.content) for m in c) for c in conversations]
+        todo = [i for i, k in enumerate(keys) if k not in self._seen]
+        for i, states in zip(todo, self.extractor.token_states([conversations[i] for i in todo]), strict=True):
+            self._seen[keys[i]] = states
+        return [self._seen[k] for k in keys]
+
+
+def token_scorer_of(read: StateReader, scorer: TokenScorer) -> Callable[[Sequence[Conversation]], F64]:
+    """P(unsafe) of the token scorer: σ of the max of rolling means of the token logits."""
+    return lambda conversations: scorer.proba(read(conversations))
+
+
+def mean_probe_of(read: StateReader, head: LinearHead) -> Callable[[Sequence[Conversation]], F64]:
+    """P(unsafe) of the mean-pooled probe on the mean of the same token states."""
+    return lambda conversations: head.proba(np.stack([s.mean(axis=0) for s in read(conversations)]))
+
+
+def training_fold(pool_files: Sequence[str], fold: Fold) -> Fold:
+    """``fold`` without any row of a request file (the yardstick's requests must be unseen)."""
+    keep_fit = np.asarray([pool_files[i] not in REQUEST_FILES for i in fold.fit], dtype=bool)
+    keep_cal = np.asarray([pool_files[i] not in REQUEST_FILES for i in fold.calibration], dtype=bool)
+    return Fold(fold.group, fold.fit[keep_fit], fold.calibration[keep_cal], fold.test, fold.weights[keep_fit])
+
+
+def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, *, cache_dir: Path,
+                       datasets_dir: Path, n: int = 20, lengths: Sequence[int] = (256, 1024, 3072),
+                       max_tokens: int = 4096, layer: int = 15, tolerance: float = 0.1, seed: int = 0,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The yardstick on the token scorer and, on the same reads, on the mean-pooled probe of the same fold."""
+    from probes.activations.models import load_model
+    from probes.data import read_file
+
+    pool = build_pool(datasets_dir, config.pool)
+    read_pool = fill_token_states(cache_dir, pool, layer=layer, spec=config.probe_spec,
+                                  max_tokens=config.probe_max_tokens, dtype=config.dtype)
+    states = read_pool.states
+    y = np.asarray([p.record.label for p in pool], dtype=np.int64)
+    files = [p.record.file for p in pool]
+    fold = training_fold(files, make_fold(pool, REQUEST_GROUP, recipe, calibration_fraction=config.calibration_fraction,
+                                          seed=config.seed))
+    _, scorer = fit_token_scorer([states[i] for i in fold.fit], y[fold.fit], fold.weights, fit,
+                                 skip=read_pool.prefix)
+    means = np.stack([s.astype(np.float32).mean(axis=0) for s in states])
+    probe = fit_head(means[fold.fit], y[fold.fit], fold.weights, recipe.c, config.seed)
+    benign = fold.calibration[y[fold.calibration] == 0]
+    token_cut = certified_cut(scorer.proba([states[i] for i in benign]), epsilon=recipe.epsilon,
+                              delta=config.delta) if recipe.cut == "fpr" else 0.5
+    probe_cut = certified_cut(probe.proba(means[benign]), epsilon=recipe.epsilon,
+                              delta=config.delta) if recipe.cut == "fpr" else 0.5
+    trained = sorted({files[i] for i in (*fold.fit, *fold.calibration)})
+    requests, request_files = held_out_requests(datasets_dir, trained, n, seed=seed)
+    loaded = load_model(config.probe_spec, cache_dir=cache_dir, dtype=config.dtype, max_layer=layer)
+    extractor = FeatureExtractor(loaded, layer=layer, max_tokens=max_tokens, batch_tokens=max_tokens,
+                                 max_items=8)
+    read = StateReader(extractor)
+    filler = FillerSource(loaded.tokenizer, [r.messages[0].content for r in
+                                             read_file(datasets_dir / FILLER_FILE)[:2000]])
+    out: dict[str, Any] = {"fit": {"objective": fit.objective, "window": fit.window}, "max_tokens": max_tokens,
+                           "request_files": request_files, "trained_files": trained,
+                           "cuts": {"token": token_cut, "mean_probe": probe_cut},
+                           "template_prefix_tokens": read_pool.prefix}
+    out["token"] = dilution_report(requests, token_scorer_of(read, scorer), token_cut or 0.5, filler,
+                                   lengths=lengths, tolerance=tolerance, seed=seed, progress=progress)
+    out["mean_probe"] = dilution_report(requests, mean_probe_of(read, probe), probe_cut or 0.5, filler,
+                                        lengths=lengths, tolerance=tolerance, seed=seed)
+    return out
