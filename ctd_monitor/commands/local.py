@@ -20,6 +20,8 @@ def demo(
     alpha: Annotated[float, typer.Option(help="delegation budget")] = 0.2,
     delta: Annotated[float, typer.Option(help="allowed failure probability of the budget guarantee")] = 0.1,
     per_source: Annotated[int, typer.Option(min=5, help="training rows per source (small: minutes on a CPU)")] = 40,
+    epsilon: Annotated[float, typer.Option(
+        min=0.001, max=0.5, help="benign flag rate the unsafe cuts of probe and expert are certified at")] = 0.05,
 ) -> None:
     """The whole system on this machine: train or reuse a bundle, run broker + worker + guard + alerter, replay."""
     from ctd_monitor.local.demo import DemoOptions, run_demo
@@ -28,7 +30,8 @@ def demo(
     s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
     configure_logging(s.log_level, path=out / "demo.log")  # the terminal shows progress; JSON logs go here
-    demo_options = DemoOptions(out=out, events=events, alpha=alpha, delta=delta, per_source=per_source)
+    demo_options = DemoOptions(out=out, events=events, alpha=alpha, delta=delta, per_source=per_source,
+                               epsilon=epsilon)
     with progress_bars(options(ctx).progress) as bars:
         summary = run_demo(s, demo_options, bars)
     emit(summary)

@@ -1,5 +1,8 @@
 """Per-token hidden states of whole records on disk, keyed like the per-record vectors (``record_cache``).
 
+Two readers: the token-level scorer (states of the probe layer) and single-layer retraining (states of the layer
+below the retrained block, i.e. its inputs: probes/fitting/block_head.py).
+
 A token-level scorer (issue 21: per-token probe + max of rolling means) trains on every token state of a
 record, not on one pooled vector, so this stores a variable-length ``[T, D]`` array per record content key
 inside a namespace that says how it was computed (model id + weights hash, layer, max tokens, dtype). States
@@ -32,6 +35,7 @@ from probes.logs import get_logger
 log = get_logger(__name__)
 F16 = npt.NDArray[np.float16]
 STORED_DTYPE = "float16"
+F16_MAX = float(np.finfo(np.float16).max)
 
 
 def token_namespace(loaded: LoadedModel, *, layer: int, max_tokens: int) -> tuple[str, dict[str, str]]:
@@ -83,9 +87,13 @@ class TokenStateStore:
             raise ValueError(f"need one array per key: {len(states)} for {len(keys)} keys")
         if not keys:
             return
-        arrays = [np.asarray(s, dtype=np.float16) for s in states]
-        if any(a.ndim != 2 for a in arrays) or len({a.shape[1] for a in arrays}) != 1:
+        wide = [np.asarray(s, dtype=np.float32) for s in states]
+        if any(a.ndim != 2 for a in wide) or len({a.shape[1] for a in wide}) != 1:
             raise ValueError("every record needs a [tokens, dim] array of one width")
+        peak = max(float(np.abs(a).max()) if a.size else 0.0 for a in wide)
+        if not np.isfinite(peak) or peak > F16_MAX:  # stored as inf otherwise (block inputs reach ~25,000)
+            raise ValueError(f"states reach {peak:g}, beyond float16's range: store them in a wider type")
+        arrays = [a.astype(np.float16) for a in wide]
         offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int64)
         flat = np.ascontiguousarray(np.concatenate(arrays, axis=0))
         name = sha256_text(*keys)[:24]

@@ -1,5 +1,6 @@
 """Single-layer retraining (docs/method.md §7b): one transformer block of the monitored model, fine-tuned together
-with the mean-pool + logistic head on the cached states entering it (probes/activations/block_inputs.py).
+with the mean-pool + logistic head on the cached states entering it (probes/activations/token_states.py: the
+states of the layer below).
 
 The block is a copy of the model's own module with its pretrained weights; its attention mask and rotary
 position embeddings come from the model's own ``create_causal_mask`` and ``rotary_emb``, so the frozen copy

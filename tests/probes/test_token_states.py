@@ -42,6 +42,15 @@ def test_store_roundtrip_keeps_lengths_and_computes_only_missing(tmp_path: Path)
         again.put(keys[:2], [arrays[keys[0]]])
 
 
+def test_store_refuses_states_float16_cannot_hold(tmp_path: Path) -> None:
+    """Block inputs of SmolLM2 reach ~25,000; a wider state would be stored as inf, so it is refused."""
+    store = TokenStateStore(tmp_path, "ns")
+    store.put(["a" * 32], [np.full((2, 4), 25_000.0, dtype=np.float32)])
+    with pytest.raises(ValueError, match="float16"):
+        store.put(["k" * 32], [np.full((2, 4), 1e5, dtype=np.float32)])
+    assert store.missing(["a" * 32, "k" * 32]) == [1]
+
+
 def test_a_damaged_chunk_is_recomputed_not_fatal(tmp_path: Path) -> None:
     store = TokenStateStore(tmp_path, "ns")
     store.put(["a" * 32], [np.ones((2, 4), dtype=np.float32)])

@@ -1,9 +1,9 @@
 """Probe heads compared on the same leave-source-out folds: the logistic head, an MLP head, and single-layer
 retraining (the probe layer's own block fine-tuned with the logistic head, probes/fitting/block_head.py).
 
-Every head reads the same states: the ones entering block ``block`` (cached per record,
-probes/activations/block_inputs.py), run through the pretrained block (linear, MLP) or a retrained copy of it
-(block), mean-pooled. Per held-out group: AUROC, accuracy vs the majority rate and the benign flag rate at the cut
+Every head reads the same states: the ones entering block ``block`` (cached per record as the token states of
+layer ``block`` − 1, probes/activations/token_states.py), run through the pretrained block (linear, MLP) or a
+retrained copy of it (block), mean-pooled. Per held-out group: AUROC, accuracy vs the majority rate and the benign flag rate at the cut
 certified on the fold's calibration rows (as ``score_fold`` certifies the probe's), and what each head costs.
 """
 
@@ -158,17 +158,21 @@ def run_heads(config: LosoConfig, heads_config: HeadsConfig, *, cache_dir: Path,
     """The pool, its cached block inputs, and every recipe of ``config`` under ``compare_heads``.
 
     ``on_fold(recipe, groups done)`` after each fold."""
-    from probes.activations.block_inputs import record_block_inputs
+    from probes.activations.features import FeatureExtractor
     from probes.activations.models import load_model
+    from probes.activations.token_states import record_token_states
     from probes.fitting.block_head import block_runner
 
     pool = build_pool(datasets_dir, config.pool)
     block = heads_config.block
     # Blocks 1..block-1 feed the cache; the retrained block is loaded beside them from the same weights.
     upstream = load_model(config.probe_spec, cache_dir=cache_dir, dtype=config.dtype, max_layer=block - 1)
-    states, computed = record_block_inputs(
-        cache_dir, upstream, [p.record.messages for p in pool], [p.key for p in pool], block=block,
-        max_tokens=config.probe_max_tokens, progress=progress("block inputs (cached per record)", len(pool)))
+    # The states entering the block are those leaving the one below it: the token-state store at layer block-1.
+    extractor = FeatureExtractor(upstream, layer=block - 1, max_tokens=config.probe_max_tokens, batch_tokens=8192,
+                                 max_items=64)
+    states, computed = record_token_states(
+        cache_dir, extractor, [p.record.messages for p in pool], [p.key for p in pool],
+        progress=progress("block inputs (cached per record)", len(pool)))
     runner = block_runner(load_model(config.probe_spec, cache_dir=cache_dir, dtype="fp32", max_layer=block), block)
     report: dict[str, Any] = {
         "config": config.model_dump(mode="json"), "heads_config": heads_config.model_dump(mode="json"),
