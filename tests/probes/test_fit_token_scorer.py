@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -16,14 +14,7 @@ from probes.fitting.token_scorer import (
 )
 from probes.heads.token_probe import rolling_means
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # These fits are tiny: on a shared CPU, torch's thread pool waits on busy cores far longer than it computes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_padded_rolling_means_and_soft_max_match_the_runtime() -> None:

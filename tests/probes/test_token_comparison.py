@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from probes.evaluation.dilution import DISGUISES, REQUEST_FILES
 from probes.evaluation.generalization.folds import AFTER
@@ -25,13 +23,7 @@ from tests.probes.test_generalization import tiny_config
 FIT = TokenScorerFit(window=4, epochs=40)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Small fits: on a shared CPU, torch's thread pool waits on busy cores far longer than it computes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_parse_token_fits() -> None:
