@@ -21,7 +21,7 @@ def demo(
     delta: Annotated[float, typer.Option(help="allowed failure probability of the budget guarantee")] = 0.1,
     per_source: Annotated[int, typer.Option(min=5, help="training rows per source (small: minutes on a CPU)")] = 40,
     epsilon: Annotated[float, typer.Option(
-        min=0.001, max=0.5, help="benign flag rate the unsafe cuts of probe and expert are certified at")] = 0.05,
+        min=0.001, max=0.5, help="benign flag rate the unsafe cuts of probe and expert are certified at")] = 0.1,
 ) -> None:
     """The whole system on this machine: train or reuse a bundle, run broker + worker + guard + alerter, replay."""
     from ctd_monitor.local.demo import DemoOptions, run_demo

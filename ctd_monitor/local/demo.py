@@ -72,7 +72,7 @@ class DemoOptions:
     events: int = 300
     alpha: float = 0.2
     delta: float = 0.1
-    epsilon: float = 0.05
+    epsilon: float = 0.1  # benign flag rate of the certified cuts: README "What it shows" says why
     per_source: int = 40
     expert_train: int | None = None  # None: the whole probe-train split
     expert_epochs: float = 2.0
