@@ -197,8 +197,8 @@ class PieceTemplate:
     def content(self, role: Role, ids: Sequence[int]) -> list[int]:
         """A piece's ids without its wrapper's: the message's content as it tokenizes inside the rendering."""
         before, after = self.before[role], self.after[role]
-        lo = _common_prefix(ids, before)
-        hi = len(ids) - _common_prefix(ids[lo:][::-1], after[::-1])
+        lo = common_prefix(ids, before)
+        hi = len(ids) - common_prefix(ids[lo:][::-1], after[::-1])
         return list(ids[lo:hi])
 
     def wrap(self, role: Role, content: Sequence[int]) -> list[int]:
@@ -243,7 +243,8 @@ class PieceTemplate:
         return lead + tail
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from probes.activations.features import FeatureExtractor, Progress
 from probes.activations.models import LoadedModel
 from probes.activations.record_cache import KEY_CHARS, decode_keys, encode_keys, namespace_key
+from probes.activations.render import common_prefix
 from probes.cache import sha256_text
 from probes.conversation import Conversation
 from probes.logs import get_logger
@@ -137,12 +138,7 @@ def template_prefix(extractor: FeatureExtractor) -> int:
     from probes.conversation import single_turn
 
     a, b = extractor.tokenize([single_turn("Hello there."), single_turn("Quietly, please.")])
-    shared = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        shared += 1
-    return shared
+    return common_prefix(a, b)
 
 
 def record_token_states(cache_dir: Path, extractor: FeatureExtractor, conversations: Sequence[Conversation],

@@ -174,10 +174,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
 async def start_stream(settings: WorkerSettings, monitor: Any) -> tuple[MonitorStream, asyncio.Task[None]]:
     """The monitor stream running on this loop, once it has joined its group (its failure to start raised)."""
     worker = monitor_stream(settings, monitor)
-    task = asyncio.create_task(worker.run())
-    await wait_for(lambda: worker.ready() or task.done(), timeout=60)
+    return worker, await _run_until_ready(worker)
+
+
+async def _run_until_ready(service: MonitorStream | GuardProcess) -> asyncio.Task[None]:
+    """``service.run()`` on this loop once it reports ready (its failure to start raised)."""
+    task = asyncio.create_task(service.run())
+    await wait_for(lambda: service.ready() or task.done(), timeout=60)
     assert not task.done(), task.exception()
-    return worker, task
+    return task
 
 
 def mixed_files(datasets_dir: Path) -> list[Path]:
@@ -403,7 +408,4 @@ class WrappedExpert:
 async def start_guard(settings: GuardSettings, expert: Any) -> tuple[GuardProcess, asyncio.Task[None]]:
     """A guard service on ``expert``, ready (its task failing first fails the test with its exception)."""
     process = GuardProcess(settings, expert)
-    task = asyncio.create_task(process.run())
-    await wait_for(lambda: process.ready() or task.done(), timeout=60)
-    assert not task.done(), task.exception()
-    return process, task
+    return process, await _run_until_ready(process)
