@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -176,7 +176,7 @@ def load_dataset(config: DataConfig, *, files: Sequence[str | Path] | None = Non
             continue
         group = by_source[source]
         if config.class_balance_per_source and 0 < sum(r.label for r in group) < len(group):
-            kept.extend(_class_balanced(group, config.max_per_source, rng))
+            kept.extend(class_balanced(group, config.max_per_source, rng))
             continue
         if config.max_per_source is not None and len(group) > config.max_per_source:
             group = rng.sample(group, config.max_per_source)
@@ -193,9 +193,10 @@ def load_dataset(config: DataConfig, *, files: Sequence[str | Path] | None = Non
     return Dataset(records=tuple(kept), file_hashes=hashes)
 
 
-def _class_balanced(group: list[Record], cap: int | None, rng: random.Random) -> list[Record]:
-    """As many records of each class: the smaller class's count, or half the cap."""
-    classes = [[r for r in group if r.label == cls] for cls in (0, 1)]
+def class_balanced(group: Sequence[Record], cap: int | None, rng: random.Random,
+                   label: Callable[[Record], int] = lambda r: r.label) -> list[Record]:
+    """As many records of each class (``label``): the smaller class's count, or half the cap."""
+    classes = [[r for r in group if label(r) == cls] for cls in (0, 1)]
     k = min(len(c) for c in classes)
     if cap is not None:
         k = min(k, max(1, cap // 2))

@@ -74,6 +74,24 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
         assert seen is None or 0.0 < seen <= 1.0  # NaN (nothing harmful stopped) is JSON null
     assert "| token ema |" in (out / "stream.md").read_text()
 
+    # Each response source held out in turn: fitted and certified on the others, stopped on its own responses.
+    held = [*files, datasets_dir / "do_not_answer_responses.conversations.jsonl"]
+    result = runner.invoke(app, [*base, "evaluate-stream", "--bundle", str(bundle), "--leave-source-out",
+                                 "--max-per-source", "40", "--read-tokens", "48", "--out", str(out),
+                                 *[a for f in held for a in ("--data", str(f))]])
+    assert result.exit_code == 0, result.output
+    loso = orjson.loads((out / "loso.json").read_bytes())
+    assert [(r["held_out"], r["method"]) for r in loso["rows"]] == [
+        (g, m) for g in ("do_not_answer_responses", "refusal_direction_completions", "xstest_completions")
+        for m in ("token ema", "token rolling_max")]
+    for row in loso["rows"]:
+        assert row["harmful"] == 20 and row["n"] == 40  # 20 of each class per source
+        assert row["n_fit"] < 80  # the two other sources' fit split only
+        assert 0.0 <= row["benign_stop_rate"] <= 1.0 and 0.0 <= row["harmful_stopped"] <= 1.0
+    assert loso["settings"]["read_tokens"] == 48 and loso["settings"]["window"] == 24
+    assert [m["groups"] for m in loso["means"]] == [3, 3]
+    assert "| xstest_completions | token rolling_max |" in (out / "loso.md").read_text()
+
     result = runner.invoke(app, [*base, "bench", "stream", "--bundle", str(bundle), "--n", "3", "--chunks", "4",
                                  "--data", str(files[0])])
     assert result.exit_code == 0, result.output

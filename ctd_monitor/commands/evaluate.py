@@ -72,19 +72,36 @@ def validate_guarantee(
 def evaluate_stream(
     ctx: typer.Context,
     bundle: BundleOpt = Path("runs/bundle"),
-    data: Annotated[list[Path] | None, typer.Option("--data", help="response file(s); default: stream.files")] = None,
-    max_per_source: Annotated[int, typer.Option(help="seeded cap per source before the split (0: all)")] = 400,
-    out: Annotated[Path, typer.Option(help="output directory (stream.json, stream.md)")] = Path("runs/stream"),
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", help="response file(s); default: stream.files (with --leave-source-out: every labelled response "
+        "source)")] = None,
+    max_per_source: Annotated[int, typer.Option(
+        help="seeded cap per source before the split (0: all); with --leave-source-out half of it per class")] = 400,
+    leave_source_out: Annotated[bool, typer.Option(
+        "--leave-source-out", help="hold out each response source in turn: fit the token head and certify its stop "
+        "cuts on the others, stop the held-out one's responses (needs only the bundle's model)")] = False,
+    read_tokens: Annotated[int | None, typer.Option(
+        min=8, help="--leave-source-out: response tokens read per response (default stream.calibration_max_tokens)"
+    )] = None,
+    out: Annotated[Path, typer.Option(
+        help="output directory (stream.json, stream.md; loso.json, loso.md)")] = Path("runs/stream"),
 ) -> None:
     """Streamed stop rule on the evaluation split of the response files: EMA vs rolling-max vs full-text probes."""
-    from probes.evaluation.stream_eval import run_evaluate_stream
-
     s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
     with progress_bars(options(ctx).progress) as bars:
-        report = run_evaluate_stream(s, bundle, data, max_per_source or None, bars)
+        if leave_source_out:
+            from probes.evaluation.stream_loso import run_stream_loso
+
+            report = run_stream_loso(s, bundle, data, max_per_source or 10**9, read_tokens, bars)
+            name = "loso"
+        else:
+            from probes.evaluation.stream_eval import run_evaluate_stream
+
+            report = run_evaluate_stream(s, bundle, data, max_per_source or None, bars)
+            name = "stream"
     table = report.pop("markdown")
-    (out / "stream.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    (out / "stream.md").write_text(table)
+    (out / f"{name}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    (out / f"{name}.md").write_text(table)
     console.print(table)
     emit(report)

@@ -54,7 +54,7 @@ def _auroc(y: npt.NDArray[np.int64], scores: F64) -> float:
     return classification_metrics(y, sigmoid(scores))["auroc"]
 
 
-def _row(name: str, y: npt.NDArray[np.int64], final: F64, peak: F64, stops: list[int | None],
+def stream_row(name: str, y: npt.NDArray[np.int64], final: F64, peak: F64, stops: list[int | None],
          lengths: list[int], calibration: StopCalibration, alpha: float) -> dict[str, Any]:
     stopped = np.asarray([s is not None for s in stops])
     harmful, benign = y == 1, y == 0
@@ -81,14 +81,14 @@ def stream_report(scored: ScoredResponses, probe: TokenProbe, section: StreamMan
     for agg in AGGREGATORS:
         series = [probe.series(z, agg) for z in scored.token_logits]
         tau = calibration[agg].threshold
-        rows.append(_row(f"token {agg}", scored.y, np.asarray([s[-1] for s in series]),
+        rows.append(stream_row(f"token {agg}", scored.y, np.asarray([s[-1] for s in series]),
                          np.asarray([s.max() for s in series]), [first_crossing(s, tau) for s in series],
                          lengths, calibration[agg], alpha))
     for key, name, values in ((CONV_HEAD, "conversation probe (response-trained, full text)", scored.conv_logit),
                               ("safety", "conversation probe (bundle safety head, full text)", scored.safety_logit)):
         tau = calibration[key].threshold
         stops = [n - 1 if tau is not None and v > tau else None for v, n in zip(values, lengths, strict=True)]
-        rows.append(_row(name, scored.y, values, values, stops, lengths, calibration[key], alpha))
+        rows.append(stream_row(name, scored.y, values, values, stops, lengths, calibration[key], alpha))
     s = probe.settings
     return {"n": int(scored.y.size), "harmful": int(scored.y.sum()), "delta": section.delta,
             "settings": {"decay": s.decay, "window": s.window, "max_response_tokens": s.max_response_tokens},

@@ -111,23 +111,23 @@ class TokenTrainingSet:
     responses: int
 
 
-def token_training_set(features: Sequence[ResponseFeatures], labels: Sequence[int], *, per_response: int,
-                       warmup: int, seed: int) -> TokenTrainingSet:
+def token_training_set(states: Sequence[npt.NDArray[np.floating[Any]]], labels: Sequence[int], *,
+                       per_response: int, warmup: int, seed: int) -> TokenTrainingSet:
     """Up to ``per_response`` tokens of each response (seeded), weighted as the module docstring says."""
     rng = np.random.default_rng(seed)
     y_resp = np.asarray(labels, dtype=np.int64)
     class_weight = {c: len(y_resp) / (2.0 * max(1, int((y_resp == c).sum()))) for c in (0, 1)}
     xs, ys, ws = [], [], []
-    for feats, label in zip(features, y_resp.tolist(), strict=True):
-        n = feats.token_states.shape[0]
+    for response, label in zip(states, y_resp.tolist(), strict=True):
+        n = response.shape[0]
         take = np.arange(n) if n <= per_response else np.sort(rng.choice(n, per_response, replace=False))
         ramp = token_weights(n, warmup)[take]
-        xs.append(feats.token_states[take])
+        xs.append(np.asarray(response[take], dtype=np.float32))
         ys.append(np.full(take.size, label, dtype=np.int64))
         ws.append(class_weight[label] * ramp / ramp.sum())
     weight = np.concatenate(ws)
     return TokenTrainingSet(x=np.concatenate(xs), y=np.concatenate(ys), weight=weight / weight.mean(),
-                            responses=len(features))
+                            responses=len(states))
 
 
 def fit_token_head(data: TokenTrainingSet, *, c: float, seed: int, max_iter: int = 2000) -> LinearHead:
@@ -176,7 +176,7 @@ def train_token_probe(settings: Settings, bundle_dir: Path, progress: ProgressFa
     train = list(splits.probe_train)
     y_train = [response_label(r) for r in train]
     feats = read_responses(monitor, train, cfg.max_response_tokens, progress, "probe-train")
-    tokens = token_training_set(feats, y_train, per_response=cfg.train_tokens_per_response,
+    tokens = token_training_set([f.token_states for f in feats], y_train, per_response=cfg.train_tokens_per_response,
                                 warmup=cfg.warmup_tokens, seed=seed)
     head = fit_token_head(tokens, c=cfg.regularization_c, seed=seed)
     conv = fit_logistic(np.stack([f.pooled["mean"] for f in feats]), y_train, c=settings.probe.regularization_c,

@@ -411,17 +411,36 @@ def offline_stop(probe: TokenProbe, token_logits: npt.ArrayLike) -> int | None:
     return first_crossing(probe.series(token_logits), probe.settings.threshold)
 
 
+def _rolling_reads(extractor: FeatureExtractor, sequences: Sequence[tuple[list[int], list[int]]], *, window: int,
+                   stride: int, progress: Any | None = None) -> Iterator[tuple[int, int, int, F32]]:
+    """``(sequence index, first, end, states of response tokens [first, end))`` of every rolling block."""
+    items = [(index, block) for index, (_, response) in enumerate(sequences)
+             for block in rolling_blocks(len(response), window, stride)]
+    passes = [(sequences[index][0], sequences[index][1][block[0]:block[2]]) for index, block in items]
+    for i, feats in response_features(extractor, passes, (), progress):
+        index, (start, first, end) = items[i]
+        yield index, first, end, feats.token_states[first - start :]
+
+
 def rolling_logits(extractor: FeatureExtractor, logits: Callable[[F32], npt.NDArray[np.float64]],
                    sequences: Sequence[tuple[list[int], list[int]]], *, window: int,
                    stride: int) -> list[npt.NDArray[np.float64]]:
     """Per-token logits (``logits`` of the token states, e.g. ``TokenProbe.logits``) of whole (prefix, response)
     pairs read offline as the stream reads them: the first ``window`` tokens from the response's start, then
     ``rolling_blocks`` (one forward pass per block)."""
-    items = [(index, block) for index, (_, response) in enumerate(sequences)
-             for block in rolling_blocks(len(response), window, stride)]
-    passes = [(sequences[index][0], sequences[index][1][block[0]:block[2]]) for index, block in items]
     out = [np.empty(len(response), dtype=np.float64) for _, response in sequences]
-    for i, feats in response_features(extractor, passes, ()):
-        index, (start, first, end) = items[i]
-        out[index][first:end] = logits(feats.token_states[first - start :])
+    for index, first, end, states in _rolling_reads(extractor, sequences, window=window, stride=stride):
+        out[index][first:end] = logits(states)
+    return out
+
+
+def rolling_states(extractor: FeatureExtractor, sequences: Sequence[tuple[list[int], list[int]]], *, window: int,
+                   stride: int, progress: Any | None = None) -> list[npt.NDArray[np.float16]]:
+    """The token states behind ``rolling_logits`` ([T, D] per pair, float16 to halve the memory), for heads that
+    are fitted after the read (leave-source-out folds). ``progress`` advances by forward passes (rolling blocks)."""
+    dim = extractor.loaded.hidden_size
+    out = [np.empty((len(response), dim), dtype=np.float16) for _, response in sequences]
+    for index, first, end, states in _rolling_reads(extractor, sequences, window=window, stride=stride,
+                                                    progress=progress):
+        out[index][first:end] = states
     return out

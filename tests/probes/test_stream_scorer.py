@@ -26,6 +26,7 @@ from probes.runtime.stream_scorer import (
     response_features,
     rolling_blocks,
     rolling_logits,
+    rolling_states,
 )
 
 LAYER = 6
@@ -342,6 +343,22 @@ def test_rolling_read_equals_the_offline_blocks(extractor, n_chunks: int, capaci
     assert np.abs(full[16:] - z[16:]).max() > 1e-2
 
 
+def test_rolling_states_are_what_rolling_logits_scores(extractor) -> None:
+    """The leave-source-out folds fit heads on stored states: a head applied to them gives the streamed logits."""
+    probe = make_probe(extractor.loaded.hidden_size, max_tokens=16)
+    tok = extractor.loaded.tokenizer
+    pairs = [(prefix_ids(tok, CONTEXT, 256), response_ids(tok, LONG)),
+             (prefix_ids(tok, OTHER_CONTEXT, 256), response_ids(tok, BREAD[:30]))]
+    calls: list[int] = []
+    states = rolling_states(extractor, pairs, window=16, stride=4, progress=calls.append)
+    logits = rolling_logits(extractor, probe.logits, pairs, window=16, stride=4)
+    assert [s.shape for s in states] == [(len(r), extractor.loaded.hidden_size) for _, r in pairs]
+    assert states[0].dtype == np.float16
+    assert sum(calls) == sum(len(rolling_blocks(len(r), 16, 4)) for _, r in pairs)  # a tick per forward pass
+    for s, z in zip(states, logits, strict=True):
+        np.testing.assert_allclose(probe.logits(s), z, atol=2e-2)  # float16 storage
+
+
 def test_rolling_cost_per_token_is_bounded(extractor, monkeypatch) -> None:
     """Every pass is at most prefix + window tokens long, the prefix runs once, and past the window a block of
     ``stride`` tokens re-reads only its window − stride context: tokens run = p + n + (blocks − 1)·(W − S)."""
@@ -425,7 +442,8 @@ def trained(extractor, datasets_dir) -> tuple[TokenProbe, list[Record], list[Rec
 
     train = harmful[:40] + benign[:40]
     feats = [f for _, f in sorted(response_features(extractor, sequences(train, 48), ()), key=lambda x: x[0])]
-    data = token_training_set(feats, [response_label(r) for r in train], per_response=48, warmup=8, seed=0)
+    data = token_training_set([f.token_states for f in feats], [response_label(r) for r in train], per_response=48,
+                              warmup=8, seed=0)
     settings = StreamSettings(decay=0.9, window=16, aggregator="ema", score="peak", max_response_tokens=32,
                               holdback_tokens=2, thresholds={"ema": None}, alpha=0.05, delta=0.1)
     probe = TokenProbe.from_head(fit_token_head(data, c=0.5, seed=0), LAYER, settings)
