@@ -84,6 +84,21 @@ def expert_unsafe_cut(settings: GuardSettings, expert_name: str) -> float:
     return calibrated.cut
 
 
+def probe_unsafe_cut(settings: GuardSettings) -> float:
+    """The probe's unsafe cut in ``guard.bundle``, at which ``unavailable_decision: probe`` takes the probe's decision
+    on the raw score a review request carries: the cut the probe's own verdict was decided at (before any online
+    recalibration), not 0.5, which is another decision wherever the cut was calibrated. 0.5 without a bundle."""
+    bundle = settings.guard.bundle
+    return read_manifest(bundle).probe_cut if bundle is not None else DEFAULT_UNSAFE_CUT
+
+
+def unavailable_decision(settings: GuardSettings, p_unsafe: float, probe_cut: float) -> Literal["unsafe", "safe"]:
+    """The final decision on a request the expert could not score: unsafe (fail closed), or the probe's own."""
+    if settings.guard.unavailable_decision == "unsafe":
+        return "unsafe"
+    return "unsafe" if p_unsafe >= probe_cut else "safe"
+
+
 class GuardHandler(OutputsSlot):
     """Review requests in, expert verdicts out."""
 
@@ -94,6 +109,7 @@ class GuardHandler(OutputsSlot):
         self.settings = settings
         self.expert = expert
         self.unsafe_cut = expert_unsafe_cut(settings, expert.name)
+        self.probe_cut = probe_unsafe_cut(settings)
         self._pending: collections.deque[Review] = collections.deque()
         g = settings.guard
         # Local experts run torch: one scoring thread at a time, never the event loop, and a call that times out
@@ -246,8 +262,7 @@ class GuardHandler(OutputsSlot):
         if self.breaker.failure():
             log.error("expert.circuit_open", expert=self.expert.name, failures=g.breaker_failures,
                       pause_s=round(self.breaker.pause_s(), 1))
-        decision: Literal["unsafe", "safe"] = (
-            "unsafe" if g.unavailable_decision == "unsafe" or request.p_unsafe >= 0.5 else "safe")
+        decision = unavailable_decision(self.settings, request.p_unsafe, self.probe_cut)
         self.metrics.expert_errors.labels(kind="given_up").inc()
         log.error("expert.given_up", expert=self.expert.name, event_id=request.event.event_id, error=repr(exc)[:300],
                   decision=decision)

@@ -17,11 +17,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="where the bundle, summary.json, summary.png and demo.log go")] = Path(
         "runs/demo"),
     events: Annotated[int, typer.Option(min=10, help="labelled conversations to replay")] = 300,
-    alpha: Annotated[float, typer.Option(help="delegation budget")] = 0.2,
+    alpha: Annotated[float, typer.Option(
+        help="delegation budget: the share of events the expert may see (LTT-certified, with probability ≥ 1 − δ)")] = 0.3,
     delta: Annotated[float, typer.Option(help="allowed failure probability of the budget guarantee")] = 0.1,
     per_source: Annotated[int, typer.Option(min=5, help="training rows per source (small: minutes on a CPU)")] = 40,
     epsilon: Annotated[float, typer.Option(
-        min=0.001, max=0.5, help="benign flag rate the unsafe cuts of probe and expert are certified at")] = 0.1,
+        min=0.001, max=0.5, help="benign flag rate the unsafe cuts of probe and expert are each certified at "
+        "(the cascade takes each decision from one of them: at most 2ε on traffic like the calibration's)")] = 0.08,
 ) -> None:
     """The whole system on this machine: train or reuse a bundle, run broker + worker + guard + alerter, replay."""
     from ctd_monitor.local.demo import DemoOptions, run_demo

@@ -70,9 +70,10 @@ PRODUCTION_MONITOR_PARAMS = 1.24e9
 class DemoOptions:
     out: Path = Path("runs/demo")
     events: int = 300
-    alpha: float = 0.2
+    # ε and α: the README ("What it shows") gives the sweep they were chosen from.
+    alpha: float = 0.3
     delta: float = 0.1
-    epsilon: float = 0.1  # benign flag rate of the certified cuts: README "What it shows" says why
+    epsilon: float = 0.08
     per_source: int = 40
     expert_train: int | None = None  # None: the whole probe-train split
     expert_epochs: float = 2.0
@@ -321,7 +322,7 @@ def summarize(records: list[Record], stream: dict[str, Any], expert_all: np.ndar
         "budget": {"alpha": options.alpha, "delta": options.delta, "signal": monitor.rule.signal.value,
                    "threshold": monitor.rule.threshold, "realized_rate": round(rate, 4),
                    "delegated": int(delegated.sum()), "within_budget": rate <= options.alpha},
-        "unsafe_cuts": {"probe": monitor.unsafe_cut, "expert": expert_cut,
+        "unsafe_cuts": {"epsilon": options.epsilon, "probe": monitor.unsafe_cut, "expert": expert_cut,
                         "calibrated": manifest.unsafe_cut is not None and manifest.unsafe_cut.valid
                         and calibrated_expert is not None and calibrated_expert.valid},
         "probe_only": _rounded(classification_metrics(labels, p, threshold=monitor.unsafe_cut)),
@@ -347,8 +348,9 @@ def summarize(records: list[Record], stream: dict[str, Any], expert_all: np.ndar
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    # fpr: the benign flag rate, what the unsafe cuts are certified on (ε), beside the recall it buys.
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in
-            ("auroc", "accuracy", "f1", "precision", "recall")}
+            ("auroc", "accuracy", "f1", "precision", "recall", "fpr")}
 
 
 def write_outputs(summary: dict[str, Any], out: Path) -> None:

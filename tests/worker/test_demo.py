@@ -58,6 +58,7 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
     assert 0 < budget["delegated"] and budget["realized_rate"] == pytest.approx(budget["delegated"] / 60, abs=1e-4)
     for name in ("probe_only", "cascade", "expert_only"):
         assert 0.0 <= summary[name]["accuracy"] <= 1.0 and 0.0 <= summary[name]["f1"] <= 1.0
+        assert 0.0 <= summary[name]["fpr"] <= 1.0  # the benign flag rate the cuts are certified on
     assert summary["alerts"]["raised"] == summary["alerts"]["harmful_conversations"] > 0
     cost = summary["cost_per_1k_events"]
     assert cost["params_x_tokens"]["probe"] < cost["params_x_tokens"]["cascade"]

@@ -44,7 +44,7 @@ from worker.config import (
     WebhookSinkConfig,
 )
 from worker.events import BudgetState, Timings, Verdict
-from worker.guard import expert_unsafe_cut
+from worker.guard import expert_unsafe_cut, probe_unsafe_cut, unavailable_decision
 from worker.metrics import AlerterMetrics
 from worker.monitor import monitor_stream
 
@@ -306,3 +306,21 @@ def test_the_guard_cut_is_the_setting_else_the_bundles_cut_for_its_expert_else_t
     assert expert_unsafe_cut(settings(bundle=bundle), "another-expert") == DEFAULT_UNSAFE_CUT  # not its cut
     assert expert_unsafe_cut(settings(bundle=bundle, unsafe_threshold=0.6), "fake-expert") == 0.6  # override
     assert expert_unsafe_cut(settings(), "fake-expert") == DEFAULT_UNSAFE_CUT
+
+
+def test_the_probes_decision_when_the_expert_is_unavailable_is_taken_at_the_bundles_probe_cut(
+    tmp_path: Path, small_bundle: Path, cache_dir: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    update_manifest(bundle, unsafe_cut=UnsafeCut(scorer="probe", cut=0.997, valid=True, epsilon=0.1, delta=0.1,
+                                                 n=88, fpr=0.045))
+    settings = partial(guard_settings, "127.0.0.1:1", TopicsConfig(), cache_dir)
+    probe_said = settings(bundle=bundle, unavailable_decision="probe")
+    cut = probe_unsafe_cut(probe_said)
+    assert cut == 0.997
+    # 0.9 is "safe" for a probe certified at 0.997: what its own verdict said, not a decision at 0.5
+    assert unavailable_decision(probe_said, 0.9, cut) == "safe"
+    assert unavailable_decision(probe_said, 0.998, cut) == "unsafe"
+    assert unavailable_decision(settings(bundle=bundle), 0.1, cut) == "unsafe"  # the default fails closed
+    assert probe_unsafe_cut(settings()) == DEFAULT_UNSAFE_CUT  # no bundle: nothing better than 0.5
