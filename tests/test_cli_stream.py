@@ -83,14 +83,17 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     loso = orjson.loads((out / "loso.json").read_bytes())
     assert [(r["held_out"], r["method"]) for r in loso["rows"]] == [
         (g, m) for g in ("do_not_answer_responses", "refusal_direction_completions", "xstest_completions")
-        for m in ("token ema", "token rolling_max")]
+        for m in ("token ema λ=0.9", "token rolling_max k=16")]
     for row in loso["rows"]:
         assert row["harmful"] == 20 and row["n"] == 40  # 20 of each class per source
         assert row["n_fit"] < 80  # the two other sources' fit split only
         assert 0.0 <= row["benign_stop_rate"] <= 1.0 and 0.0 <= row["harmful_stopped"] <= 1.0
     assert loso["settings"]["read_tokens"] == 48 and loso["settings"]["window"] == 24
     assert [m["groups"] for m in loso["means"]] == [3, 3]
-    assert "| xstest_completions | token rolling_max |" in (out / "loso.md").read_text()
+    assert "| xstest_completions | token rolling_max k=16 |" in (out / "loso.md").read_text()
+    result = runner.invoke(app, [*base, "evaluate-stream", "--bundle", str(bundle), "--leave-source-out",
+                                 "--smoothing", "ema:0.9,rolling_max:sixteen", "--out", str(out)])
+    assert result.exit_code == 2 and "--smoothing" in result.output
 
     result = runner.invoke(app, [*base, "bench", "stream", "--bundle", str(bundle), "--n", "3", "--chunks", "4",
                                  "--data", str(files[0])])

@@ -83,17 +83,26 @@ def evaluate_stream(
     read_tokens: Annotated[int | None, typer.Option(
         min=8, help="--leave-source-out: response tokens read per response (default stream.calibration_max_tokens)"
     )] = None,
+    smoothing: Annotated[str | None, typer.Option(
+        help="--leave-source-out: smoothed series compared on the same folds, e.g. 'ema:0.9,rolling_max:16,"
+        "rolling_max:64' (default: stream.decay and stream.window)")] = None,
     out: Annotated[Path, typer.Option(
         help="output directory (stream.json, stream.md; loso.json, loso.md)")] = Path("runs/stream"),
 ) -> None:
     """Streamed stop rule on the evaluation split of the response files: EMA vs rolling-max vs full-text probes."""
+    from probes.evaluation.stream_loso import Smoothing
+
+    try:
+        smoothings = Smoothing.parse(smoothing) if smoothing is not None else None
+    except ValueError as exc:
+        fail(f"--smoothing: {exc}")
     s = settings(ctx)
     out.mkdir(parents=True, exist_ok=True)
     with progress_bars(options(ctx).progress) as bars:
         if leave_source_out:
             from probes.evaluation.stream_loso import run_stream_loso
 
-            report = run_stream_loso(s, bundle, data, max_per_source or 10**9, read_tokens, bars)
+            report = run_stream_loso(s, bundle, data, max_per_source or 10**9, read_tokens, smoothings, bars)
             name = "loso"
         else:
             from probes.evaluation.stream_eval import run_evaluate_stream

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes.config import Settings
+from probes.config import Aggregator, Settings
 from probes.data import Dataset, Record, class_balanced, read_file, resolve_paths, split_dataset
 from probes.errors import DataError
 from probes.evaluation.stream_eval import stream_row
@@ -108,9 +108,47 @@ def own_cut_recall(y: npt.NDArray[np.int64], peaks: F64, alpha: float) -> float:
     return float((harmful > np.quantile(benign, 1.0 - alpha)).mean())
 
 
-def hold_out(settings: Settings, held_out: str, reads: dict[str, list[ReadResponse]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Smoothing:
+    """One smoothed series the stop rule may read: an EMA of decay λ or rolling means over k tokens."""
+
+    aggregator: Aggregator
+    value: float
+
+    @property
+    def name(self) -> str:
+        return f"token ema λ={self.value:g}" if self.aggregator == "ema" else f"token rolling_max k={self.value:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> list[Smoothing]:
+        """``"ema:0.9,rolling_max:16"`` → two smoothings (a clear ValueError otherwise)."""
+        out = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = item.partition(":")
+            if name not in AGGREGATORS or not value:
+                raise ValueError(f"smoothing {item!r}: expected ema:λ or rolling_max:k")
+            number = float(value)
+            if (name == "ema" and not 0 < number < 1) or (name == "rolling_max" and (number < 1 or number % 1)):
+                raise ValueError(f"smoothing {item!r}: λ must lie in (0, 1), k be a whole number ≥ 1")
+            out.append(cls(name, number))
+        if not out:
+            raise ValueError("no smoothing given")
+        return out
+
+    def series(self, logits: F64) -> F64:
+        return smoothed(logits, self.aggregator, decay=self.value if self.aggregator == "ema" else 0.5,
+                        window=int(self.value) if self.aggregator == "rolling_max" else 1)
+
+
+def configured_smoothings(settings: Settings) -> list[Smoothing]:
+    """The two series ``train-token-probe`` calibrates: EMA at stream.decay, rolling means over stream.window."""
+    return [Smoothing("ema", settings.stream.decay), Smoothing("rolling_max", settings.stream.window)]
+
+
+def hold_out(settings: Settings, held_out: str, reads: dict[str, list[ReadResponse]],
+             smoothings: Sequence[Smoothing] | None = None) -> list[dict[str, Any]]:
     """One fold: fit and certify on every source but ``held_out``, stop ``held_out``'s responses (a row per
-    aggregator)."""
+    smoothing; default: the configured two)."""
     cfg = settings.stream
     seed = settings.data.splits.seed
     pool = [r for source, group in reads.items() if source != held_out for r in group]
@@ -123,24 +161,24 @@ def hold_out(settings: Settings, held_out: str, reads: dict[str, list[ReadRespon
                                 per_response=cfg.train_tokens_per_response, warmup=cfg.warmup_tokens, seed=seed)
     w, c0 = fit_token_head(tokens, c=cfg.regularization_c, seed=seed).folded()
 
-    def series(rows: Sequence[ReadResponse], aggregator: str) -> list[F64]:
-        return [smoothed((r.states.astype(np.float32) @ w).astype(np.float64) + c0, aggregator,  # type: ignore[arg-type]
-                         decay=cfg.decay, window=cfg.window) for r in rows]
+    def logits(rows: Sequence[ReadResponse]) -> list[F64]:
+        return [(r.states.astype(np.float32) @ w).astype(np.float64) + c0 for r in rows]
 
-    test = reads[held_out]
+    cal_logits, test = logits(calibration), reads[held_out]
+    test_logits = logits(test)
     y = np.asarray([r.label for r in test], dtype=np.int64)
     lengths = [r.states.shape[0] for r in test]
     rows = []
-    for agg in AGGREGATORS:
-        peaks = [float(s.max()) for s in series(calibration, agg)]
-        stop = calibrate_stop(peaks, alpha=cfg.alpha, delta=cfg.delta, seed=seed, name=f"token_{agg}_peak")
-        held = series(test, agg)
-        row = stream_row(f"token {agg}", y, np.asarray([s[-1] for s in held]), np.asarray([s.max() for s in held]),
+    for smoothing in smoothings or configured_smoothings(settings):
+        peaks = [float(smoothing.series(z).max()) for z in cal_logits]
+        stop = calibrate_stop(peaks, alpha=cfg.alpha, delta=cfg.delta, seed=seed, name=smoothing.name)
+        held = [smoothing.series(z) for z in test_logits]
+        held_peaks = np.asarray([s.max() for s in held])
+        row = stream_row(smoothing.name, y, np.asarray([s[-1] for s in held]), held_peaks,
                          [first_crossing(s, stop.threshold) for s in held], lengths, stop, cfg.alpha)
         rows.append({"held_out": held_out, "n_fit": len(fit), "n_benign_calibration": len(calibration),
                      "unread_past_bound": int(sum(r.response_tokens > r.states.shape[0] for r in test)),
-                     "stopped_at_own_cut": own_cut_recall(y, np.asarray([s.max() for s in held]), cfg.alpha),
-                     **row})
+                     "stopped_at_own_cut": own_cut_recall(y, held_peaks, cfg.alpha), **row})
     return rows
 
 
@@ -177,27 +215,29 @@ def markdown_tables(report: dict[str, Any]) -> str:
     lines.append(f"\nEach source held out in turn; head fitted on the others' fit split (70 %), stop cut certified "
                  f"at α = {s['alpha']}, δ = {s['delta']} on their benign calibration responses; window "
                  f"{s['window']} tokens, read bound {s['read_tokens']} tokens (rolling view, stride "
-                 f"{s['stride']}); EMA λ = {s['decay']}, rolling mean over {s['rolling_window']} tokens; "
+                 f"{s['stride']}); "
                  f"≤ {report['per_source'] // 2} responses of each class per source. \"Stopped at own cut\": harmful "
                  f"stopped at the held-out source's own benign {1 - s['alpha']:.2f} peak quantile (an oracle).")
     return "\n".join(lines) + "\n"
 
 
 def run_stream_loso(settings: Settings, bundle_dir: Path, files: Sequence[str | Path] | None, per_source: int,
-                    read_tokens: int | None = None, progress: ProgressFactory = no_progress) -> dict[str, Any]:
-    """Hold out each response source in turn (module docstring); the bundle supplies the model and its layer."""
+                    read_tokens: int | None = None, smoothings: Sequence[Smoothing] | None = None,
+                    progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Hold out each response source in turn (module docstring); the bundle supplies the model and its layer.
+    ``smoothings``: the series compared on the same folds (default: the configured EMA and rolling means)."""
     cfg = settings.stream
     read = read_tokens or cfg.calibration_max_tokens
     monitor = Monitor(bundle_dir, settings.model, cache_dir=settings.cache_dir)
     sources = sample_sources(settings, files or STREAM_LOSO_FILES, per_source)
     reads = read_sources(monitor, sources, window=cfg.max_response_tokens, read_tokens=read, progress=progress)
-    rows = [row for source in sorted(reads) for row in hold_out(settings, source, reads)]
+    rows = [row for source in sorted(reads) for row in hold_out(settings, source, reads, smoothings)]
     report: dict[str, Any] = {
         "files": [str(f) for f in files or STREAM_LOSO_FILES], "per_source": per_source,
         "bundle": {"path": str(bundle_dir), "id": monitor.bundle.version, "layer": monitor.extractor.layer},
         "settings": {"alpha": cfg.alpha, "delta": cfg.delta, "window": cfg.max_response_tokens,
-                     "stride": default_stride(cfg.max_response_tokens), "read_tokens": read, "decay": cfg.decay,
-                     "rolling_window": cfg.window},
+                     "stride": default_stride(cfg.max_response_tokens), "read_tokens": read,
+                     "smoothings": [m.name for m in smoothings or configured_smoothings(settings)]},
         "rows": rows, "means": _mean_rows(rows),
     }
     report["markdown"] = markdown_tables(report)

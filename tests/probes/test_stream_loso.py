@@ -14,7 +14,7 @@ from probes.config import Settings, StreamConfig
 from probes.conversation import Message
 from probes.data import Record
 from probes.errors import DataError
-from probes.evaluation.stream_loso import ReadResponse, hold_out, own_cut_recall, sample_sources
+from probes.evaluation.stream_loso import ReadResponse, Smoothing, hold_out, own_cut_recall, sample_sources
 from probes.fitting.token_train import response_label
 
 DIM = 8
@@ -25,18 +25,19 @@ def settings(tmp_path: Path) -> Settings:
                                                             train_tokens_per_response=16, warmup_tokens=2))
 
 
-def reads(source: str, direction: int, n: int, rng: np.random.Generator) -> list[ReadResponse]:
+def reads(source: str, direction: int, n: int, rng: np.random.Generator, strength: float = 4.0,
+          tokens: int = 24) -> list[ReadResponse]:
     """n harmful responses whose tokens lean along ``direction`` from their 5th token on, n benign ones."""
     out = []
     for i in range(2 * n):
         label = int(i < n)
-        states = rng.normal(size=(24, DIM))
+        states = rng.normal(size=(tokens, DIM))
         if label:
-            states[4:, direction] += 4.0
+            states[4:, direction] += strength
         record = Record(id=f"{source}-{i}", source=source, label=label,
                         messages=(Message("user", f"{source} question {i}"), Message("assistant", f"answer {i}")),
                         extras={"response_label": label})
-        out.append(ReadResponse(record, label, states.astype(np.float16), 24))
+        out.append(ReadResponse(record, label, states.astype(np.float16), tokens))
     return out
 
 
@@ -44,7 +45,7 @@ def test_a_held_out_source_is_stopped_with_a_cut_certified_on_the_others(tmp_pat
     rng = np.random.default_rng(0)
     data = {"a": reads("a", 0, 100, rng), "b": reads("b", 0, 100, rng), "c": reads("c", 0, 60, rng)}
     rows = hold_out(settings(tmp_path), "c", data)
-    assert [r["method"] for r in rows] == ["token ema", "token rolling_max"]
+    assert [r["method"] for r in rows] == ["token ema λ=0.9", "token rolling_max k=4"]
     for row in rows:
         assert row["held_out"] == "c" and row["n"] == 120 and row["harmful"] == 60
         assert row["certified"] and row["budget"] == 0.1
@@ -91,3 +92,20 @@ def test_sources_are_sampled_per_response_class_and_one_class_sources_dropped(tm
 
     with pytest.raises(DataError, match="two response sources"):
         sample_sources(s, ["xstest_completions.conversations.jsonl"], 40)
+
+
+def test_smoothings_compared_on_one_fold_share_the_head_and_calibrate_their_own_cut(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    data = {s: reads(s, 0, 100, rng, strength=1.0, tokens=96) for s in "abc"}
+    smoothings = Smoothing.parse("ema:0.5, rolling_max:1,rolling_max:16")
+    rows = hold_out(settings(tmp_path), "c", data, smoothings)
+    assert [r["method"] for r in rows] == ["token ema λ=0.5", "token rolling_max k=1", "token rolling_max k=16"]
+    assert len({r["threshold"] for r in rows}) == 3 and all(r["certified"] for r in rows)
+    # a weak lean, 92 tokens long: an EMA pools enough tokens to see it, one token at a time (k=1) misses more
+    assert rows[0]["harmful_stopped"] > 0.9 > rows[1]["harmful_stopped"]
+
+
+@pytest.mark.parametrize("text", ["", "ema", "ema:1.5", "rolling_max:0", "rolling_max:2.5", "max:4", "ema:x"])
+def test_a_malformed_smoothing_is_a_clear_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        Smoothing.parse(text)
