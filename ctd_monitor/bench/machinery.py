@@ -121,6 +121,12 @@ def stage_seconds(metrics_text: str) -> dict[str, float]:
     return out
 
 
+def batch_count(metrics_text: str) -> int:
+    """Inference batches a worker ran (its ``ctd_batch_size`` histogram's count): per-batch work is paid this often."""
+    return sum(int(sample.value) for family in text_string_to_metric_families(metrics_text)
+               for sample in family.samples if sample.name == "ctd_batch_size_count")
+
+
 def breakdown(stages: dict[str, float], cpu_seconds: float, events: int) -> dict[str, Any]:
     """The issue's six stages (heads+budget = score + budget; the forward pass is null) as CPU shares."""
     grouped = {
@@ -142,7 +148,7 @@ async def _one_run(settings: WorkerSettings, records: Sequence[Record], workdir:
     with null_worker_process(config, workdir / "worker.log", profile) as proc:
         drained = await drain_backlog(proc, settings, n, timeout=max(120.0, n / 50))
     return _figures(n, drained.verdicts, drained.cpu_seconds, stage_seconds(drained.metrics_text),
-                    {"worker_exit_code": drained.exit_code})
+                    {"batches": batch_count(drained.metrics_text), "worker_exit_code": drained.exit_code})
 
 
 def _figures(n: int, verdicts: Sequence[dict[str, Any]], cpu: float, stages: dict[str, float],
@@ -195,7 +201,8 @@ async def _processes_run(settings: WorkerSettings, records: Sequence[Record], wo
     for text in texts:
         for stage, seconds in stage_seconds(text).items():
             stages[stage] += seconds
-    return _figures(n, verdicts, cpu, stages, {"processes": processes, "worker_exit_codes": codes,
+    return _figures(n, verdicts, cpu, stages, {"processes": processes, "batches": sum(map(batch_count, texts)),
+                                               "worker_exit_codes": codes,
                                                "producer_events_per_s": replayed["rate"]})
 
 

@@ -41,6 +41,7 @@ def test_machinery_runs_through_the_real_broker(
     assert out["n"] == 300 and set(out["partitions"]) == {"1", "2"}
     for run in out["partitions"].values():
         assert run["verdicts"] == 300 and run["worker_exit_code"] == 0
+        assert 300 / s.batching.max_items <= run["batches"] <= 300  # at most max_items events a batch, at least one
         assert run["events_per_s"] == pytest.approx(300 / run["worker_seconds"], rel=1e-2)  # both rounded
         assert set(run["stages"]) == STAGE_KEYS and set(run["stage_cpu_seconds"]) == set(STAGES)
         # Every stage the worker timed ran, and the timed stages never exceed the process's CPU time.
@@ -61,6 +62,7 @@ def test_machinery_runs_several_worker_processes_in_one_group(
     assert out["mode"] == "processes (live feed)" and set(out["partitions"]) == {"p2-c1"}
     run = out["partitions"]["p2-c1"]
     assert run["verdicts"] == 300 and run["processes"] == 2 and run["worker_exit_codes"] == [0, 0]
+    assert 300 / s.batching.max_items <= run["batches"] <= 300
     assert run["producer_events_per_s"] > 0
     timed = sum(v["cpu_seconds"] for k, v in run["stages"].items() if k != "unattributed")
     assert 0 < timed <= run["cpu_seconds"] + 0.02
