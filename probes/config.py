@@ -133,13 +133,17 @@ class SplitConfig(Frozen):
 
 
 class DataConfig(Frozen):
+    """What a bundle trains and calibrates on. The default is the broad set: without the contrastive sources
+    "harm" and "source style" were one feature, and the certified cut flagged most benign traffic of unseen sources
+    (docs/generalization.md, "The broad set")."""
+
     datasets_dir: Path = Field(default_factory=default_datasets_dir)
-    files: tuple[str, ...] = DEFAULT_FILES
+    files: tuple[str, ...] = BROAD_FILES
     sources: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     max_per_source: int | None = Field(150, ge=1, description="seeded cap per source; None keeps all")
     class_balance_per_source: bool = Field(
-        False, description="a source holding both classes contributes as many of each (its smaller class, or half "
+        True, description="a source holding both classes contributes as many of each (its smaller class, or half "
         "the cap): its style then says nothing about the label")
     balance_with: str | None = Field(
         "alpaca", description="source tag of label-0 rows subsampled to match the positives of the rest"

@@ -94,15 +94,16 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
                   progress: ProgressFactory = no_progress) -> BundleManifest:
     """Reuse a bundle calibrated at this budget; otherwise train probe, expert and DV head, then calibrate."""
+    prepared = prepare_data(settings)
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
         cal = manifest.calibration
         cut = manifest.unsafe_cut
         if (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
-                and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon):
+                and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
+                and manifest.data.content_hash == prepared.dataset.content_hash()):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
-    prepared = prepare_data(settings)
     train_bundle(settings, bundle_dir, progress, prepared)
     ctx = CascadeContext(settings, bundle_dir, progress)
     # Cuts first, so the DV head learns where the expert fixes the decisions the cascade will actually take.

@@ -66,6 +66,8 @@ def load_responses(settings: Settings, files: Sequence[str | Path] | None = None
     cap = settings.stream.max_per_source if max_per_source == -1 else max_per_source
     cfg = settings.data.model_copy(update={"files": tuple(str(f) for f in files or settings.stream.files),
                                            "max_per_source": cap, "balance_with": None,
+                                           # a response's class is response_label, not the record label
+                                           "class_balance_per_source": False,
                                            "sources": (), "categories": ()})
     dataset = load_dataset(cfg)
     kept = tuple(r for r in dataset.records if is_response(r))
