@@ -91,17 +91,21 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
     return settings.model_copy(update={"data": data, "expert": expert})
 
 
+def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str) -> bool:
+    """A bundle with an expert, calibrated at these ε, α and δ, on this data (a changed default or file retrains)."""
+    cal, cut = manifest.calibration, manifest.unsafe_cut
+    return (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
+            and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
+            and manifest.data.content_hash == content_hash)
+
+
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
                   progress: ProgressFactory = no_progress) -> BundleManifest:
     """Reuse a bundle calibrated at this budget; otherwise train probe, expert and DV head, then calibrate."""
     prepared = prepare_data(settings)
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
-        cal = manifest.calibration
-        cut = manifest.unsafe_cut
-        if (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
-                and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
-                and manifest.data.content_hash == prepared.dataset.content_hash()):
+        if reusable(manifest, options, prepared.dataset.content_hash()):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
     train_bundle(settings, bundle_dir, progress, prepared)

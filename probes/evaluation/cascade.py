@@ -61,7 +61,8 @@ def settings_for_bundle(settings: Settings, bundle: Bundle) -> Settings:
         "data": DataConfig(
             datasets_dir=Path(d.datasets_dir) if Path(d.datasets_dir).is_dir() else settings.data.datasets_dir,
             files=tuple(d.file_sha256), sources=d.sources, categories=d.categories,
-            max_per_source=d.max_per_source, balance_with=d.balance_with,
+            max_per_source=d.max_per_source, class_balance_per_source=d.class_balance_per_source,
+            balance_with=d.balance_with,
             splits=SplitConfig(seed=d.split_seed, **d.split_fractions),
         ),
     })

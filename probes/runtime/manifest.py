@@ -60,6 +60,8 @@ class DataRecipe(_Frozen):
     file_sha256: dict[str, str] = Field(default_factory=dict)
     content_hash: str = ""
     max_per_source: int | None = None
+    # False in manifests written before it was recorded: the default then, so they still re-derive their splits.
+    class_balance_per_source: bool = False
     balance_with: str | None = None
     sources: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()

@@ -111,3 +111,25 @@ def test_file_names_must_stay_inside_the_bundle(tmp_path: Path, name: str) -> No
     _rewrite_files(tmp_path / "b", {HEADS_FILE: digest, name: "0" * 64})
     with pytest.raises(BundleIntegrityError, match="outside the bundle directory"):
         load_bundle(tmp_path / "b")
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_a_bundle_re_derives_the_data_recipe_it_was_trained_on(tmp_path: Path, datasets_dir: Path,
+                                                               balance: bool) -> None:
+    """Calibration and evaluation rebuild the bundle's splits from its manifest: per-source class balance (the
+    default now, not before) is part of the recipe, or the content hash no longer matches and nothing calibrates."""
+    from probes.config import DataConfig, Settings
+    from probes.evaluation.cascade import settings_for_bundle
+    from probes.fitting.pipeline import data_section, prepare_data
+
+    trained = Settings(cache_dir=tmp_path, data=DataConfig(
+        datasets_dir=datasets_dir, files=("coconot.jsonl", "harmbench.jsonl"), max_per_source=40,
+        class_balance_per_source=balance, balance_with=None))
+    prepared = prepare_data(trained)
+    bundle = _bundle()
+    bundle.manifest = new_manifest(model=bundle.manifest.model.model_dump(), features={"layer": 3, "pooling": "mean"},
+                                   data=data_section(trained, prepared))
+    save_bundle(bundle, tmp_path / "b")
+    again = settings_for_bundle(Settings(cache_dir=tmp_path), load_bundle(tmp_path / "b"))
+    assert again.data.class_balance_per_source is balance
+    assert prepare_data(again).dataset.content_hash() == prepared.dataset.content_hash()

@@ -90,3 +90,16 @@ def test_stop_calibration_certifies_under_a_heavy_upper_tail() -> None:
     cal = calibrate_stop(peaks, alpha=0.1, delta=0.1, seed=0, name="peak")
     assert cal.threshold is not None and cal.certified > 0
     assert float(np.mean(peaks > cal.threshold)) <= 0.1
+
+
+def test_responses_are_not_class_balanced_on_the_prompt_label(tmp_path, datasets_dir) -> None:  # type: ignore[no-untyped-def]
+    """The broad default balances two-class sources on the record label; for responses that is the prompt's
+    (XSTest's completions: half the prompts unsafe, 6 % of replies harmful), so the token probe's data opts out."""
+    from probes.config import Settings
+    from probes.fitting.token_train import load_responses, response_label
+
+    s = Settings(cache_dir=tmp_path)
+    assert s.data.class_balance_per_source
+    dataset, _ = load_responses(s, [datasets_dir / "xstest_completions.conversations.jsonl"], max_per_source=None)
+    assert len(dataset.records) == 1935  # every reply kept, none dropped to balance prompt labels
+    assert sum(response_label(r) for r in dataset.records) == 119
