@@ -87,8 +87,10 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     for row in loso["rows"]:
         assert row["harmful"] == 20 and row["n"] == 40  # 20 of each class per source
         assert row["n_fit"] < 80  # the two other sources' fit split only
+        assert 0 <= row["cut_at_read_bound"] <= row["n"]
         assert 0.0 <= row["benign_stop_rate"] <= 1.0 and 0.0 <= row["harmful_stopped"] <= 1.0
     assert loso["settings"]["read_tokens"] == 48 and loso["settings"]["window"] == 24
+    assert sum(r["cut_at_read_bound"] for r in loso["rows"]) > 0  # some replies run past the 48 tokens read
     assert [m["groups"] for m in loso["means"]] == [3, 3]
     assert "| xstest_completions | token rolling_max k=16 |" in (out / "loso.md").read_text()
     result = runner.invoke(app, [*base, "evaluate-stream", "--bundle", str(bundle), "--leave-source-out",

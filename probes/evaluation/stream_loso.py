@@ -64,7 +64,7 @@ class ReadResponse:
     record: Record
     label: int
     states: npt.NDArray[np.float16]
-    response_tokens: int
+    cut_at_bound: bool  # the response runs past the read bound: its later tokens were not read
 
 
 def sample_sources(settings: Settings, files: Sequence[str | Path], per_source: int) -> dict[str, list[Record]]:
@@ -87,15 +87,17 @@ def read_sources(monitor: Monitor, sources: dict[str, list[Record]], *, window: 
                  progress: ProgressFactory = no_progress) -> dict[str, list[ReadResponse]]:
     require_causal(monitor.loaded)
     records = [r for group in sources.values() for r in group]
-    sequences = response_sequences(monitor, records, read_tokens)
+    # one token past the bound says whether a response runs on beyond it
+    longer = response_sequences(monitor, records, read_tokens + 1)
+    sequences = [(prefix, response[:read_tokens]) for prefix, response in longer]
     stride = default_stride(window)
     passes = sum(len(rolling_blocks(len(response), window, stride)) for _, response in sequences)
     states = rolling_states(monitor.extractor, sequences, window=window, stride=stride,
                             progress=progress("token states (stream read)", passes))
     out: dict[str, list[ReadResponse]] = defaultdict(list)
-    for record, (_, response), s in zip(records, sequences, states, strict=True):
+    for record, (_, response), s in zip(records, longer, states, strict=True):
         if response:
-            out[record.source].append(ReadResponse(record, response_label(record), s, len(response)))
+            out[record.source].append(ReadResponse(record, response_label(record), s, len(response) > read_tokens))
     return dict(out)
 
 
@@ -177,7 +179,7 @@ def hold_out(settings: Settings, held_out: str, reads: dict[str, list[ReadRespon
         row = stream_row(smoothing.name, y, np.asarray([s[-1] for s in held]), held_peaks,
                          [first_crossing(s, stop.threshold) for s in held], lengths, stop, cfg.alpha)
         rows.append({"held_out": held_out, "n_fit": len(fit), "n_benign_calibration": len(calibration),
-                     "unread_past_bound": int(sum(r.response_tokens > r.states.shape[0] for r in test)),
+                     "cut_at_read_bound": int(sum(r.cut_at_bound for r in test)),
                      "stopped_at_own_cut": own_cut_recall(y, held_peaks, cfg.alpha), **row})
     return rows
 

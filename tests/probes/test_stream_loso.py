@@ -37,7 +37,7 @@ def reads(source: str, direction: int, n: int, rng: np.random.Generator, strengt
         record = Record(id=f"{source}-{i}", source=source, label=label,
                         messages=(Message("user", f"{source} question {i}"), Message("assistant", f"answer {i}")),
                         extras={"response_label": label})
-        out.append(ReadResponse(record, label, states.astype(np.float16), tokens))
+        out.append(ReadResponse(record, label, states.astype(np.float16), cut_at_bound=i % 10 == 0))
     return out
 
 
@@ -47,7 +47,7 @@ def test_a_held_out_source_is_stopped_with_a_cut_certified_on_the_others(tmp_pat
     rows = hold_out(settings(tmp_path), "c", data)
     assert [r["method"] for r in rows] == ["token ema λ=0.9", "token rolling_max k=4"]
     for row in rows:
-        assert row["held_out"] == "c" and row["n"] == 120 and row["harmful"] == 60
+        assert row["held_out"] == "c" and row["n"] == 120 and row["harmful"] == 60 and row["cut_at_read_bound"] == 12
         assert row["certified"] and row["budget"] == 0.1
         # fitted only on a and b (their fit split, ~70 %), calibrated on the rest of their benign responses
         assert 0.6 * 400 < row["n_fit"] < 0.8 * 400 and 0.2 * 200 < row["n_benign_calibration"] < 0.4 * 200
