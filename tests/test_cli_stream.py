@@ -96,6 +96,9 @@ def test_train_token_probe_evaluate_stream_and_bench(tmp_path: Path, stream_conf
     result = runner.invoke(app, [*base, "evaluate-stream", "--bundle", str(bundle), "--leave-source-out",
                                  "--smoothing", "ema:0.9,rolling_max:sixteen", "--out", str(out)])
     assert result.exit_code == 2 and "--smoothing" in result.output
+    result = runner.invoke(app, [*base, "evaluate-stream", "--bundle", str(bundle), "--read-tokens", "64",
+                                 "--out", str(out)])
+    assert result.exit_code == 2 and "--leave-source-out only" in result.output
 
     result = runner.invoke(app, [*base, "bench", "stream", "--bundle", str(bundle), "--n", "3", "--chunks", "4",
                                  "--data", str(files[0])])

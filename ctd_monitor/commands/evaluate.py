@@ -92,6 +92,8 @@ def evaluate_stream(
     """Streamed stop rule on the evaluation split of the response files: EMA vs rolling-max vs full-text probes."""
     from probes.evaluation.stream_loso import Smoothing
 
+    if not leave_source_out and (smoothing is not None or read_tokens is not None):
+        fail("--smoothing and --read-tokens apply to --leave-source-out only")
     try:
         smoothings = Smoothing.parse(smoothing) if smoothing is not None else None
     except ValueError as exc:
