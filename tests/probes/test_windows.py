@@ -224,7 +224,8 @@ def smollm2_monitor(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path
         # Long benign conversations in the mix, so the probe does not learn "long means harmful".
         data=DataConfig(datasets_dir=datasets_dir, max_per_source=50,
                         files=("xstest.jsonl", "harmbench.jsonl", "advbench.jsonl", "alpaca_benign.jsonl",
-                               "dices_990.conversations.jsonl", "xstest_completions.conversations.jsonl")),
+                               "dices_990.conversations.jsonl", "xstest_completions.conversations.jsonl"),
+                        class_balance_per_source=False),  # the mix its figures were measured on
     )
     out = tmp_path_factory.mktemp("smollm2-bundle") / "b"
     train_probe(settings, out, prepared=prepare_data(settings))
