@@ -43,7 +43,7 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
     tmp_path: Path, cache_dir: Path, datasets_dir: Path
 ) -> None:
     settings = _settings(cache_dir, datasets_dir)
-    # ε 0.05: on this 20-per-source MiniLM bundle the cut certified at the default 0.1 leaves the DV head nothing
+    # ε 0.05: on this 20-per-source MiniLM bundle the cut certified at ε = 0.1 (measured) left the DV head nothing
     # worth delegating in 60 events, and the test needs delegated events to follow them to the guard.
     options = DemoOptions(out=tmp_path / "demo", events=60, alpha=0.3, delta=0.1, epsilon=0.05, per_source=20,
                           expert_epochs=1)
