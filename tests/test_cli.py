@@ -182,15 +182,20 @@ TINY_GROUP_FILES = {"xstest": "xstest.jsonl", "tweets": "davidson_hate_offensive
                     "alpaca": "alpaca_benign.jsonl"}
 
 
+def _tiny_loso(tmp_path: Path, groups: tuple[str, ...], *, xstest: int = 40, extra: str = "") -> Path:
+    """A leave-source-out config of a tiny pool: 10 rows per file (alpaca 20, xstest ``xstest``), these groups."""
+    loso = tmp_path / "loso.yaml"
+    loso.write_text(
+        f"pool:\n  per_file: 10\n  per_file_overrides: {{alpaca_benign.jsonl: 20, xstest.jsonl: {xstest}}}\n"
+        "  groups:\n" + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n" for g in groups) + extra
+    )
+    return loso
+
+
 def _tiny_generalization(tmp_path: Path, config: Path, out: Path, *, groups: tuple[str, ...],
                          extra: tuple[str, ...] = ()) -> Any:
     """`bench generalization` on a tiny pool (MiniLM for probe and frozen expert), 15 adaptation audits."""
-    loso = tmp_path / "loso.yaml"
-    loso.write_text(
-        "pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n  groups:\n"
-        + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n" for g in groups)
-        + "expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n"
-    )
+    loso = _tiny_loso(tmp_path, groups, extra="expert: {max_tokens: 48}\ndv_feature_sets: [margin]\n")
     result = CliRunner().invoke(app, [
         "--config", str(config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
         "--expert-spec", "minilm-l6", "--recipes", "before", "--budgets", "0.2", "--adapt-audits", "15",
@@ -227,10 +232,7 @@ def test_bench_generalization_heads_compares_linear_and_block_retraining_on_the_
     config = tmp_path / "smollm2.yaml"
     config.write_text(f"model: {{spec: smollm2-135m-instruct, dtype: fp32, max_tokens: 24}}\n"
                       f"features: {{layer: 3, pooling: mean}}\ndata: {{datasets_dir: {datasets_dir}}}\n")
-    loso = tmp_path / "loso.yaml"
-    loso.write_text("pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 30}\n"
-                    "  groups:\n" + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n"
-                                            for g in ("xstest", "harmful", "alpaca")))
+    loso = _tiny_loso(tmp_path, ("xstest", "harmful", "alpaca"), xstest=30)
     out = tmp_path / "heads"
     result = CliRunner().invoke(app, [
         "--config", str(config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
@@ -250,10 +252,7 @@ def test_bench_generalization_heads_compares_linear_and_block_retraining_on_the_
 def test_bench_generalization_token_scorer_beside_the_mean_pooled_probe(
         tmp_path: Path, small_config: Path, datasets_dir: Path) -> None:
     """`--token-scorer` alone (`--recipes ''`): the comparison on the recipe's folds, in metrics.json and report.md."""
-    loso = tmp_path / "loso.yaml"
-    loso.write_text("pool:\n  per_file: 10\n  per_file_overrides: {alpaca_benign.jsonl: 20, xstest.jsonl: 40}\n"
-                    "  groups:\n" + "".join(f"    - {{name: {g}, files: [{TINY_GROUP_FILES[g]}]}}\n"
-                                            for g in ("xstest", "harmful", "alpaca")))
+    loso = _tiny_loso(tmp_path, ("xstest", "harmful", "alpaca"))
     out = tmp_path / "tok"
     result = CliRunner().invoke(app, [
         "--config", str(small_config), "--no-progress", "bench", "generalization", "--loso-config", str(loso),
