@@ -104,7 +104,7 @@ def evaluate_stream(
         if leave_source_out:
             from probes.evaluation.stream_loso import run_stream_loso
 
-            report = run_stream_loso(s, bundle, data, max_per_source or 10**9, read_tokens, smoothings, bars)
+            report = run_stream_loso(s, bundle, data, max_per_source or None, read_tokens, smoothings, bars)
             name = "loso"
         else:
             from probes.evaluation.stream_eval import run_evaluate_stream

@@ -67,8 +67,10 @@ class ReadResponse:
     cut_at_bound: bool  # the response runs past the read bound: its later tokens were not read
 
 
-def sample_sources(settings: Settings, files: Sequence[str | Path], per_source: int) -> dict[str, list[Record]]:
-    """Response records per source, seeded, ``per_source // 2`` of each ``response_label`` class."""
+def sample_sources(settings: Settings, files: Sequence[str | Path],
+                   per_source: int | None) -> dict[str, list[Record]]:
+    """Response records per source, seeded, ``per_source // 2`` of each ``response_label`` class (None: as many of
+    each as the smaller class has)."""
     rng = random.Random(settings.data.splits.seed)
     by_source: dict[str, list[Record]] = defaultdict(list)
     for path in resolve_paths(settings.data.datasets_dir, files):
@@ -214,16 +216,19 @@ def markdown_tables(report: dict[str, Any]) -> str:
               f"{f(m['stopped_at_own_cut'])} |"
               for m in report["means"]]
     s = report["settings"]
+    cap = report["per_source"]
+    per_class = ("As many responses of each class per source as its smaller class holds." if cap is None
+                 else f"≤ {cap // 2} responses of each class per source.")
     lines.append(f"\nEach source held out in turn; head fitted on the others' fit split (70 %), stop cut certified "
                  f"at α = {s['alpha']}, δ = {s['delta']} on their benign calibration responses; window "
                  f"{s['window']} tokens, read bound {s['read_tokens']} tokens (rolling view, stride "
                  f"{s['stride']}); "
-                 f"≤ {report['per_source'] // 2} responses of each class per source. \"Stopped at own cut\": harmful "
+                 f"{per_class} \"Stopped at own cut\": harmful "
                  f"stopped at the held-out source's own benign {1 - s['alpha']:.2f} peak quantile (an oracle).")
     return "\n".join(lines) + "\n"
 
 
-def run_stream_loso(settings: Settings, bundle_dir: Path, files: Sequence[str | Path] | None, per_source: int,
+def run_stream_loso(settings: Settings, bundle_dir: Path, files: Sequence[str | Path] | None, per_source: int | None,
                     read_tokens: int | None = None, smoothings: Sequence[Smoothing] | None = None,
                     progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Hold out each response source in turn (module docstring); the bundle supplies the model and its layer.
