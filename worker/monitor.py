@@ -15,9 +15,9 @@ import collections
 import concurrent.futures
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +48,7 @@ from worker.events import (
 from worker.fairqueue import FairQueue
 from worker.metrics import TenantLabels, WorkerMetrics
 from worker.recalibration import RecalibrationFeed, recalibration_info, tenant_cap
-from worker.signing import Signer
+from worker.signing import Kind, Signer
 from worker.stream import (
     Envelope,
     Message,
@@ -92,6 +92,8 @@ class Tokenized:
 
 
 Item = Envelope[Tokenized]
+# An event's outputs before the batch is signed: each with the record kind its signature binds.
+_Unsigned: TypeAlias = "tuple[Item, list[tuple[Kind, Message]], Callable[[], None] | None]"
 
 
 @dataclass(slots=True)
@@ -408,7 +410,7 @@ class MonitorHandler(OutputsSlot):
                                                  [item.body.event.tenant for item in part])
             # From here on, whatever fails fails for its event alone: the batch is scored and must not be redone.
             with self.metrics.stage_cpu("serialise_publish"):
-                publications: list[Publication] = []
+                unsigned: list[_Unsigned] = []
                 try:
                     verdict_scores, flagged, recalibration = self._probe_verdicts(scores.p_unsafe, scores.features)
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
@@ -420,14 +422,15 @@ class MonitorHandler(OutputsSlot):
                                                  "inference")
                             continue
                         try:
-                            publications.append(self._publish(
+                            unsigned.append(self._publish(
                                 item, p_unsafe, dv, delegation, score=verdict_scores[i], unsafe=flagged[i],
                                 recalibration=recalibration, queue_s=started - item.consumed_at,
                                 inference_s=elapsed, features=None if scores.features is None else scores.features[i]))
                         except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
                             self.out.dead_letter(item, "output_error", repr(exc), "inference")
                 finally:
-                    self.out.publish_many(publications)  # what was built is sent and tracked, even after a failure
+                    # What was built is signed (one signature for the batch), sent and tracked, even after a failure.
+                    self.out.publish_many(self._signed(unsigned))
 
         def give_up(item: Item, exc: Exception) -> None:
             if self.breaker.failure():
@@ -462,7 +465,7 @@ class MonitorHandler(OutputsSlot):
 
     def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, score: float,
                  unsafe: bool, recalibration: Recalibration | None, queue_s: float,
-                 inference_s: float, features: npt.NDArray[np.float32] | None = None) -> Publication:
+                 inference_s: float, features: npt.NDArray[np.float32] | None = None) -> _Unsigned:
         """``p_unsafe``: the probe's raw score; ``score`` and ``unsafe``: the verdict's (``_probe_verdicts``);
         ``features``: the pooled activations behind ``p_unsafe`` (audit.refit=head only), sent with an audit."""
         topics = self.settings.topics
@@ -483,7 +486,7 @@ class MonitorHandler(OutputsSlot):
         key = event.conversation_id.encode()
         headers = [("event_id", event.event_id.encode())]
         body = verdict.to_json()
-        messages = [Message(topics.verdicts, body, key, headers + self.signer.headers("verdict", key, body))]
+        messages: list[tuple[Kind, Message]] = [("verdict", Message(topics.verdicts, body, key, headers))]
         if delegation.delegated or audited:
             # An audit is not a delegation: it spends no budget, and the probe's verdict above stays final.
             request = ReviewRequest(
@@ -496,14 +499,37 @@ class MonitorHandler(OutputsSlot):
                 view=item.body.view,
             )
             review = request.to_json()
-            messages.append(Message(topics.review, review, key,
-                                    headers + self.signer.headers("review_request", key, review)))
+            messages.append(("review_request", Message(topics.review, review, key, headers)))
         if len(self._recent) == self._recent.maxlen:
             self._recent_delegated -= self._recent[0]
         self._recent.append(delegation.delegated)
         self._recent_delegated += delegation.delegated
         return item, messages, lambda: self._acked(item.consumed_at, event.tenant, verdict.decision,
                                                    delegation.delegated, audited)
+
+    def _signed(self, unsigned: Sequence[_Unsigned]) -> list[Publication]:
+        """The batch's outputs with their signature headers: one Ed25519 signature over all of them
+        (worker/signing.py). Should that fail, each event is signed alone and only one that still fails is
+        dead-lettered: an event fails for itself, never for its batch."""
+        try:
+            return self._sign_together(unsigned)
+        except Exception:  # noqa: BLE001 - retried event by event, so only the event that fails is lost to it
+            return self._sign_alone(unsigned)
+
+    def _sign_alone(self, unsigned: Sequence[_Unsigned]) -> list[Publication]:
+        signed: list[Publication] = []
+        for one in unsigned:
+            try:
+                signed.extend(self._sign_together([one]))
+            except Exception as exc:  # noqa: BLE001 - e.g. an output that does not serialise
+                self.out.dead_letter(one[0], "output_error", repr(exc), "inference")
+        return signed
+
+    def _sign_together(self, unsigned: Sequence[_Unsigned]) -> list[Publication]:
+        signatures = iter(self.signer.headers_many([(kind, m.key, m.value) for _, outputs, _ in unsigned
+                                                    for kind, m in outputs]))
+        return [(item, [m._replace(headers=[*(m.headers or ()), *next(signatures)]) for _, m in outputs], on_acked)
+                for item, outputs, on_acked in unsigned]
 
     def _acked(self, consumed_at: float, tenant: str, decision: str, delegated: bool, audited: bool) -> None:
         self.tenant_labels.counter(self.metrics.verdicts_out, tenant, decision=decision, source="probe").inc()

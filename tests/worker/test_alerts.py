@@ -183,4 +183,4 @@ async def test_forged_verdicts_are_dead_lettered_not_alerted() -> None:
     assert refusals.labels(kind="verdict", role="worker", reason="wrong_role")._value.get() == 1
     by_guard = dataclasses.replace(forged, headers=tuple(role_signer("guard").headers("verdict", b"c9", body)))
     await handler.accept([by_guard])
-    assert done[-1] == ("alert", [b"v2:guard:"]), "a guard-signed harmful verdict alerts, and the alert is signed"
+    assert done[-1] == ("alert", [b"v3:guard:"]), "a guard-signed harmful verdict alerts, and the alert is signed"

@@ -100,10 +100,11 @@ async def test_one_bad_event_never_takes_its_batch_down(
     monkeypatch.setattr(monitor, "score_grouped", score)
 
     class Signer:
-        def headers(self, kind: str, key: bytes | None, body: bytes) -> list[tuple[str, bytes]]:
-            if key == b"c-output":
+        def headers_many(self, records: list[tuple[str, bytes | None, bytes]]) -> list[list[tuple[str, bytes]]]:
+            # one record that cannot be signed fails its whole batch's signature: the handler must retry alone
+            if any(key == b"c-output" for _, key, _ in records):
                 raise TypeError("cannot serialise this verdict")
-            return []
+            return [[] for _ in records]
 
     handler.signer = Signer()  # type: ignore[assignment]
     task = await running(stream)

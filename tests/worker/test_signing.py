@@ -12,7 +12,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from probes.errors import ConfigError
 from tests.worker.helpers import role_signer, signing_config
 from worker.config import GuardSettings, SigningConfig, WorkerSettings
-from worker.signing import HEADER, SignatureError, Signer, generate_keys, key_id
+from worker.signing import (
+    HEADER,
+    MAX_TREE,
+    SignatureError,
+    Signer,
+    generate_keys,
+    key_id,
+    merkle_tree,
+    root_from_path,
+)
 
 BODY = b'{"event_id":"e1","decision":"safe"}'
 BOTH = ("worker", "guard")
@@ -28,7 +37,7 @@ def test_a_signed_record_verifies_and_names_its_role() -> None:
     headers = worker.headers("verdict", b"c1", BODY)
     signed = verifier().verify("verdict", b"c1", BODY, [("other", b"x"), *headers], roles=BOTH)
     assert signed is not None and signed.role == "worker" and abs(signed.signed_at - time.time()) < 5
-    assert headers[0][1].startswith(b"v2:worker:")
+    assert headers[0][1].startswith(b"v3:worker:")
 
 
 def test_tampering_another_kind_key_role_or_an_unknown_key_is_refused(tmp_path: Path) -> None:
@@ -42,7 +51,7 @@ def test_tampering_another_kind_key_role_or_an_unknown_key_is_refused(tmp_path: 
         ("verdict", b"c1", BODY, [], "missing"),
         ("verdict", b"c1", BODY, [*headers, *headers], "missing"),
         ("verdict", b"c1", BODY, [(HEADER, b"v1:k1:00")], "malformed"),
-        ("verdict", b"c1", BODY, [(HEADER, headers[0][1].replace(b"v2:worker:", b"v2:guard:"))], "unknown_key"),
+        ("verdict", b"c1", BODY, [(HEADER, headers[0][1].replace(b"v3:worker:", b"v3:guard:"))], "unknown_key"),
     ]
     for kind, key, body, hdrs, reason in cases:
         with pytest.raises(SignatureError) as caught:
@@ -53,6 +62,64 @@ def test_tampering_another_kind_key_role_or_an_unknown_key_is_refused(tmp_path: 
     stranger = Signer.from_config(SigningConfig(keys_dir=tmp_path), "worker")
     with pytest.raises(SignatureError, match="unknown_key"):
         v.verify("verdict", b"c1", BODY, stranger.headers("verdict", b"c1", BODY), roles=BOTH)
+
+
+def test_one_signature_covers_a_batch_and_every_record_verifies_alone() -> None:
+    worker = role_signer("worker")
+    records = [("verdict" if i % 3 else "review_request", f"c{i}".encode() if i % 4 else None,
+                BODY + str(i).encode()) for i in range(MAX_TREE + 5)]
+    headers = worker.headers_many(records)  # type: ignore[arg-type]
+    signatures = {h[0][1].split(b":")[6] for h in headers}
+    assert len(signatures) == 2  # MAX_TREE records per signature, the rest under a second one
+    v = verifier()
+    for (kind, key, body), hdrs in zip(records, headers, strict=True):
+        assert v.verify(kind, key, body, hdrs, roles=BOTH) is not None  # type: ignore[arg-type]
+    # a fresh verifier (no cached root) checks a record from the middle of a batch on its own
+    kind, key, body = records[37]
+    assert verifier().verify(kind, key, body, headers[37], roles=BOTH) is not None  # type: ignore[arg-type]
+
+
+def test_a_record_cannot_borrow_another_records_place_in_a_signed_batch() -> None:
+    worker = role_signer("worker")
+    records = [("verdict", f"c{i}".encode(), BODY + str(i).encode()) for i in range(7)]
+    headers = worker.headers_many(records)  # type: ignore[arg-type]
+    v = verifier()
+    assert v.verify("verdict", b"c3", BODY + b"3", headers[3], roles=BOTH) is not None  # its root now cached
+
+    def field_swapped(header: bytes, index: int, value: bytes) -> list[tuple[str, bytes]]:
+        parts = header.split(b":")
+        parts[index] = value
+        return [(HEADER, b":".join(parts))]
+
+    cases = [
+        (b"c3", BODY + b"4", headers[3], "bad_signature"),  # another body on a verified record's path
+        (b"c4", BODY + b"4", headers[3], "bad_signature"),  # a batch-mate's record under another's header
+        (b"c9", BODY + b"9", headers[3], "bad_signature"),  # a record never signed
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 4, b"2"), "bad_signature"),  # another leaf index
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 5, b"8"), "bad_signature"),  # the size is signed
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 5, b"4"), "malformed"),  # index 3's path is longer
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 5, b"0"), "malformed"),
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 4, b"7"), "malformed"),  # index past the tree
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 7, b"AAAA"), "malformed"),  # path not whole hashes
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 7, b""), "malformed"),  # path too short
+    ]
+    for key, body, hdrs, reason in cases:
+        with pytest.raises(SignatureError) as caught:
+            v.verify("verdict", key, body, hdrs, roles=BOTH)
+        assert caught.value.reason == reason, (key, body, hdrs, reason)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 64, 100])
+def test_merkle_paths_lead_every_leaf_and_only_its_position_to_the_root(size: int) -> None:
+    leaves = [bytes([i % 256, i // 256]) * 16 for i in range(size)]
+    root, paths = merkle_tree(leaves)
+    for i, path in enumerate(paths):
+        assert root_from_path(i, size, leaves[i], path) == root
+        # a path may fit other sizes (the signature binds the size); it never fits a size too small for it
+        assert root_from_path(i, i, leaves[i], path) is None
+        if size > 1:
+            assert root_from_path((i + 1) % size, size, leaves[i], path) != root
+            assert root_from_path(i, size, leaves[(i + 1) % size], path) != root
 
 
 def test_a_verifier_accepts_only_the_roles_that_write_that_record() -> None:
