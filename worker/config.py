@@ -351,7 +351,7 @@ class GuardConfig(ServiceConfig):
         5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
     unavailable_decision: Literal["unsafe", "probe"] = Field(
         "unsafe", description="final decision when the expert fails for good: escalate as harmful, or the probe's "
-        "(its raw score at guard.bundle's probe cut)")
+        "(its verdict's decision, at the cut in force then)")
     http_port: int = Field(8081, ge=0, le=65535)
     inference_retries: int = Field(
         1, ge=0, description="retries (backoff from retry_backoff_s) of a request the expert errors on alone, "

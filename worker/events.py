@@ -201,7 +201,8 @@ class ReviewRequest(_Model):
     audited (a label for the online recalibration; the probe's verdict stays final), or both."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="ReviewRequest")
-    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit", "probe_features", "view"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"delegated", "audit", "probe_features", "view",
+                                                        "probe_decision"})
 
     schema_version: Literal[1] = 1
     event: ConversationEvent
@@ -217,6 +218,9 @@ class ReviewRequest(_Model):
     audit: bool = Field(False, description="in the audit sample: the expert's verdict labels it for recalibration")
     probe_features: list[float] | None = Field(None, description=_PROBE_FEATURES_DOC)
     view: EventView | None = Field(None, description="``event`` is the bounded view of a longer event (see Verdict)")
+    probe_decision: Literal["unsafe", "safe"] | None = Field(
+        None, description="the probe verdict's decision, at the cut in force when the worker decided (online "
+        "recalibration included): what guard.unavailable_decision=probe answers")
 
     @model_validator(mode="after")
     def _has_a_reason(self) -> ReviewRequest:

@@ -92,11 +92,16 @@ def probe_unsafe_cut(settings: GuardSettings) -> float:
     return read_manifest(bundle).probe_cut if bundle is not None else DEFAULT_UNSAFE_CUT
 
 
-def unavailable_decision(settings: GuardSettings, p_unsafe: float, probe_cut: float) -> Literal["unsafe", "safe"]:
-    """The final decision on a request the expert could not score: unsafe (fail closed), or the probe's own."""
+def unavailable_decision(settings: GuardSettings, request: ReviewRequest, probe_cut: float
+                         ) -> Literal["unsafe", "safe"]:
+    """The final decision on a request the expert could not score: unsafe (fail closed), or the probe's own: the
+    decision its verdict carried (online recalibration included, as the sweeper answers), else its raw score at
+    ``probe_cut`` (requests from workers before ``probe_decision``)."""
     if settings.guard.unavailable_decision == "unsafe":
         return "unsafe"
-    return "unsafe" if p_unsafe >= probe_cut else "safe"
+    if request.probe_decision is not None:
+        return request.probe_decision
+    return "unsafe" if request.p_unsafe >= probe_cut else "safe"
 
 
 class GuardHandler(OutputsSlot):
@@ -262,7 +267,7 @@ class GuardHandler(OutputsSlot):
         if self.breaker.failure():
             log.error("expert.circuit_open", expert=self.expert.name, failures=g.breaker_failures,
                       pause_s=round(self.breaker.pause_s(), 1))
-        decision = unavailable_decision(self.settings, request.p_unsafe, self.probe_cut)
+        decision = unavailable_decision(self.settings, request, self.probe_cut)
         self.metrics.expert_errors.labels(kind="given_up").inc()
         log.error("expert.given_up", expert=self.expert.name, event_id=request.event.event_id, error=repr(exc)[:300],
                   decision=decision)

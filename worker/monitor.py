@@ -496,7 +496,7 @@ class MonitorHandler(OutputsSlot):
                 model_version=self.monitor.model_version, requested_at=utcnow(),
                 delegated=delegation.delegated, audit=audited,
                 probe_features=float32_list(features) if audited and features is not None else None,
-                view=item.body.view,
+                view=item.body.view, probe_decision=verdict.decision,
             )
             review = request.to_json()
             messages.append(("review_request", Message(topics.review, review, key, headers)))

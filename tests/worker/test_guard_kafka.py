@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pytest
@@ -43,7 +43,7 @@ from worker.config import (
     TopicsConfig,
     WebhookSinkConfig,
 )
-from worker.events import BudgetState, Timings, Verdict
+from worker.events import BudgetState, ChatMessage, ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
 from worker.guard import expert_unsafe_cut, probe_unsafe_cut, unavailable_decision
 from worker.metrics import AlerterMetrics
 from worker.monitor import monitor_stream
@@ -319,8 +319,20 @@ def test_the_probes_decision_when_the_expert_is_unavailable_is_taken_at_the_bund
     probe_said = settings(bundle=bundle, unavailable_decision="probe")
     cut = probe_unsafe_cut(probe_said)
     assert cut == 0.997
+    event = ConversationEvent(event_id="e1", conversation_id="c1", created_at=utcnow(),
+                              messages=[ChatMessage(role="user", content="hi")])
+
+    def request(p: float, decision: Literal["unsafe", "safe"] | None = None) -> ReviewRequest:
+        return ReviewRequest(event=event, p_unsafe=p, dv=None, reason="uncertain", threshold=None,
+                             bundle_version="b", requested_at=utcnow(), probe_decision=decision)
+
     # 0.9 is "safe" for a probe certified at 0.997: what its own verdict said, not a decision at 0.5
-    assert unavailable_decision(probe_said, 0.9, cut) == "safe"
-    assert unavailable_decision(probe_said, 0.998, cut) == "unsafe"
-    assert unavailable_decision(settings(bundle=bundle), 0.1, cut) == "unsafe"  # the default fails closed
+    assert unavailable_decision(probe_said, request(0.9), cut) == "safe"
+    assert unavailable_decision(probe_said, request(0.998), cut) == "unsafe"
+    assert unavailable_decision(settings(bundle=bundle), request(0.1), cut) == "unsafe"  # the default fails closed
+    # the verdict's own decision wins where the request carries it: under online recalibration the worker decided
+    # at another cut than the bundle's, and the guard must answer as the worker (and the sweeper) did
+    assert unavailable_decision(probe_said, request(0.9, "unsafe"), cut) == "unsafe"
+    assert unavailable_decision(probe_said, request(0.998, "safe"), cut) == "safe"
+    assert unavailable_decision(settings(bundle=bundle), request(0.1, "safe"), cut) == "unsafe"
     assert probe_unsafe_cut(settings()) == DEFAULT_UNSAFE_CUT  # no bundle: nothing better than 0.5

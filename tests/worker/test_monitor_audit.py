@@ -76,6 +76,7 @@ async def test_audited_events_go_to_the_expert_outside_the_budget_and_keep_the_p
         assert request.get("audit", False) == (event_id in audited)
         assert request.get("delegated", True) == (event_id in delegated)
         assert request["p_unsafe"] == verdicts[event_id]["probe_p_unsafe"], "the raw score goes to the guard"
+        assert request["probe_decision"] == verdicts[event_id]["decision"], "what the guard's fallback answers"
     for event_id, v in verdicts.items():
         assert v["source"] == "probe" and v.get("audit", False) == (event_id in audited)
         assert v["recalibration"] == {"version": 0, "source": "offline", "refit": "platt", "cut": v["recalibration"]["cut"],
