@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
@@ -76,6 +77,7 @@ LOG_APPEND_TIME = 1
 #: Records per signature at most: bounds the header (8 sibling hashes, 256 bytes) and what one bad tree can touch.
 MAX_TREE = 256
 _DIGEST = 32
+_MAX_PATH_BYTES = _DIGEST * (MAX_TREE - 1).bit_length()
 # Verified (root message, signature) pairs kept so the rest of a batch skips Ed25519: a few batches' worth.
 _VERIFIED_ROOTS = 1024
 
@@ -240,6 +242,8 @@ class Signer:
     refusals: Counter | None = None
     _kid: str = field(default="", init=False)
     _verified: OrderedDict[tuple[str, bytes, bytes], None] = field(default_factory=OrderedDict, init=False)
+    # Readers verify on the event loop today; the lock keeps the cache whole should one verify on threads.
+    _verified_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         if self.private is not None:
@@ -344,7 +348,7 @@ class Signer:
             raise self.refuse(kind, "malformed", "", f"malformed {HEADER} header") from exc
         if version != VERSION:
             raise self.refuse(kind, "malformed", "", f"unsupported signature version {version!r}")
-        if not 0 < size <= MAX_TREE or len(path_bytes) % _DIGEST:
+        if not 0 < size <= MAX_TREE or len(path_bytes) % _DIGEST or len(path_bytes) > _MAX_PATH_BYTES:
             raise self.refuse(kind, "malformed", "", f"malformed {HEADER} header: tree size {size}")
         if role not in roles:
             raise self.refuse(kind, "wrong_role", role, f"role {role!r} may not write this record")
@@ -378,15 +382,17 @@ class Signer:
         # Only an exact (root message, signature) pair verified before is skipped: a record maps to that root
         # only if its leaf and path hash to it, so the cache never accepts what Ed25519 would refuse.
         entry = (kid, message, signature)
-        if entry in self._verified:
-            self._verified.move_to_end(entry)
-            return True
-        return False
+        with self._verified_lock:
+            if entry in self._verified:
+                self._verified.move_to_end(entry)
+                return True
+            return False
 
     def _remember(self, kid: str, message: bytes, signature: bytes) -> None:
-        self._verified[(kid, message, signature)] = None
-        if len(self._verified) > _VERIFIED_ROOTS:
-            self._verified.popitem(last=False)
+        with self._verified_lock:
+            self._verified[(kid, message, signature)] = None
+            if len(self._verified) > _VERIFIED_ROOTS:
+                self._verified.popitem(last=False)
 
     def verify_record(self, kind: Kind, record: ConsumerRecord[bytes, bytes], *, roles: Collection[Role],
                       now: float | None = None, max_age_s: float | None = None) -> Signed | None:

@@ -102,6 +102,7 @@ def test_a_record_cannot_borrow_another_records_place_in_a_signed_batch() -> Non
         (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 4, b"7"), "malformed"),  # index past the tree
         (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 7, b"AAAA"), "malformed"),  # path not whole hashes
         (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 7, b""), "malformed"),  # path too short
+        (b"c3", BODY + b"3", field_swapped(headers[3][0][1], 7, b"A" * 384), "malformed"),  # 9 hashes: deeper than any tree
     ]
     for key, body, hdrs, reason in cases:
         with pytest.raises(SignatureError) as caught:
