@@ -65,6 +65,15 @@ def bench_generalization(
         "with every request source held out, on N held-out harmful requests read whole in one pass; 0: off")] = 0,
     token_read_tokens: Annotated[int, typer.Option(
         min=1, help="token bound of the dilution yardstick's one-pass read")] = 4096,
+    token_padding: Annotated[bool, typer.Option(
+        "--token-padding", help="--token-dilution: also fit the token scorer with padded rows read at the long "
+        "bound (fit records with benign filler before/after/around them, long benign texts) and cut it on "
+        "calibration rows with long benign texts; scored beside the unpadded one on the same reads")] = False,
+    token_padding_filler: Annotated[str | None, typer.Option(
+        help="--token-padding: benign source file of the training filler (never the yardstick's Alpaca; "
+        "default: TokenPadding's)")] = None,
+    token_padding_rows: Annotated[str | None, typer.Option(
+        help="--token-padding: PADDED,FILLER_ONLY,CALIBRATION long texts read (default: TokenPadding's)")] = None,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -89,10 +98,13 @@ def bench_generalization(
         lengths = tuple(int(x) for x in dilution_lengths.split(",") if x.strip())
         token_fits = parse_token_fits(token_scorer)
         token_base = known[token_recipe] if token_fits else None
+        padding = _token_padding(token_padding_filler, token_padding_rows) if token_padding else None
     except (ValueError, KeyError, IndexError, OSError) as exc:
         fail(f"bad option: {exc}")
     if token_dilution and not token_fits:
         fail("--token-dilution needs --token-scorer")
+    if token_padding and not token_dilution:
+        fail("--token-padding needs --token-dilution N")
     if not chosen and dilution_bundle is None and not token_fits:
         fail("no recipe and no --dilution-bundle: nothing to measure")
     if expert not in ("frozen", "finetune"):
@@ -139,7 +151,7 @@ def bench_generalization(
             report["token_dilution"] = run_token_dilution(
                 config, token_base, token_fits[0], cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
                 n=token_dilution, lengths=lengths, max_tokens=token_read_tokens, layer=s.features.layer,
-                progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
+                padding=padding, progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
                     1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
         if dilution_bundle is not None:
             from probes.evaluation.dilution import DISGUISES, PLACEMENTS, run_dilution
@@ -159,8 +171,22 @@ def bench_generalization(
                                for name, m in report["token_scorer"]["mean"].items()}}
              if "token_scorer" in report else {}),
           **({"token_dilution": {who: {name: r["held"] for name, r in report["token_dilution"][who][
-              "transformations"].items()} for who in ("token", "mean_probe")}}
+              "transformations"].items()} for who in ("token", "token_padded", "mean_probe")
+                                 if who in report["token_dilution"]}}
              if "token_dilution" in report else {})})
+
+
+def _token_padding(filler: str | None, rows: str | None) -> Any:
+    """``--token-padding``'s settings: TokenPadding's defaults, the filler file and row counts overridden."""
+    from probes.evaluation.generalization.token_padding import TokenPadding, check_filler_file
+
+    update: dict[str, Any] = {} if filler is None else {"filler_file": filler}
+    if rows is not None:
+        padded, filler_only, calibration = (int(x) for x in rows.split(","))
+        update.update(padded=padded, filler_only=filler_only, calibration=calibration)
+    padding = TokenPadding(**update)
+    check_filler_file(padding.filler_file, ())  # the fold's held-out files are checked again when it is made
+    return padding
 
 
 def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path, block_epochs: int | None) -> None:

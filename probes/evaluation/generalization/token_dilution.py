@@ -4,7 +4,9 @@ The scorer is trained as under leave-source-out, on the broad pool with every ha
 draws from held out (the ``harmful_behaviors`` group and any other request file), cut on its calibration rows;
 each padded conversation is then read whole (up to ``max_tokens``) in one forward pass and scored by the max of
 rolling means of its token logits. The mean-pooled probe of the same fold, on the mean of the same token states,
-is scored beside it: the same read, only the aggregation differs.
+is scored beside it: the same read, only the aggregation differs. With ``padding`` (``token_padding``), a third
+scorer: the same fit rows plus padded and long benign rows from a non-yardstick filler, cut on calibration rows
+that include long benign texts, scored on the same reads.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from probes.evaluation.dilution import (
 from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, make_fold
 from probes.evaluation.generalization.pool import build_pool
 from probes.evaluation.generalization.scoring import certified_cut, fit_head
+from probes.evaluation.generalization.token_padding import TokenPadding, padded_rows, read_padded, summary
 from probes.evaluation.generalization.token_scorer import fill_token_states
 from probes.fitting.token_scorer import TokenScorerFit, fit_token_scorer
 from probes.heads.inference import LinearHead
@@ -74,8 +77,10 @@ def training_fold(pool_files: Sequence[str], fold: Fold) -> Fold:
 def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, *, cache_dir: Path,
                        datasets_dir: Path, n: int = 20, lengths: Sequence[int] = (256, 1024, 3072),
                        max_tokens: int = 4096, layer: int = 15, tolerance: float = 0.1, seed: int = 0,
+                       padding: TokenPadding | None = None,
                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The yardstick on the token scorer and, on the same reads, on the mean-pooled probe of the same fold."""
+    """The yardstick on the token scorer and, on the same reads, on the mean-pooled probe of the same fold (and
+    on the padded token scorer when ``padding`` is given)."""
     from probes.activations.models import load_model
     from probes.data import read_file
 
@@ -102,14 +107,47 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
     extractor = FeatureExtractor(loaded, layer=layer, max_tokens=max_tokens, batch_tokens=max_tokens,
                                  max_items=8)
     read = StateReader(extractor)
+    padded: dict[str, Any] = {}
+    if padding is not None:
+        padded = _fit_padded(pool, fold, padding, extractor, states, y, fit, recipe, config, cache_dir=cache_dir,
+                             datasets_dir=datasets_dir, skip=read_pool.prefix)
     filler = FillerSource(loaded.tokenizer, [r.messages[0].content for r in
                                              read_file(datasets_dir / FILLER_FILE)[:2000]])
     out: dict[str, Any] = {"fit": {"objective": fit.objective, "window": fit.window}, "max_tokens": max_tokens,
                            "request_files": request_files, "trained_files": trained,
-                           "cuts": {"token": token_cut, "mean_probe": probe_cut},
+                           "cuts": {"token": token_cut, "mean_probe": probe_cut,
+                                    **({"token_padded": padded["cut"]} if padded else {})},
                            "template_prefix_tokens": read_pool.prefix}
     out["token"] = dilution_report(requests, token_scorer_of(read, scorer), token_cut or 0.5, filler,
                                    lengths=lengths, tolerance=tolerance, seed=seed, progress=progress)
     out["mean_probe"] = dilution_report(requests, mean_probe_of(read, probe), probe_cut or 0.5, filler,
                                         lengths=lengths, tolerance=tolerance, seed=seed)
+    if padded:
+        out["padding"] = padded["summary"]
+        out["token_padded"] = dilution_report(requests, token_scorer_of(read, padded["scorer"]),
+                                              padded["cut"] or 0.5, filler, lengths=lengths, tolerance=tolerance,
+                                              seed=seed)
     return out
+
+
+def _fit_padded(pool: Sequence[Any], fold: Fold, padding: TokenPadding, extractor: FeatureExtractor,
+                states: Sequence[Any], y: npt.NDArray[np.int64], fit: TokenScorerFit, recipe: Recipe,
+                config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, skip: int) -> dict[str, Any]:
+    """The token scorer fitted on the fold's fit rows plus padded rows, cut on its calibration rows plus long
+    benign ones (``token_padding``)."""
+    rows = padded_rows(pool, fold, padding, extractor.loaded.tokenizer, datasets_dir,
+                       calibration_fraction=config.calibration_fraction, seed=config.seed)
+    long_states = read_padded(cache_dir, rows, extractor)
+    train = [i for i, k in enumerate(rows.kinds) if k != "calibration"]
+    long_cal = [i for i, k in enumerate(rows.kinds) if k == "calibration"]
+    weights = np.concatenate([fold.weights / fold.weights.mean(), rows.weights[train]])
+    _, scorer = fit_token_scorer([*(states[i] for i in fold.fit), *(long_states[i] for i in train)],
+                                 np.concatenate([y[fold.fit], rows.labels[train]]), weights, fit, skip=skip)
+    benign = fold.calibration[y[fold.calibration] == 0]
+    cal = scorer.proba([*(states[i] for i in benign), *(long_states[i] for i in long_cal)])
+    cut = certified_cut(cal, epsilon=recipe.epsilon, delta=config.delta) if recipe.cut == "fpr" else 0.5
+    long_p = scorer.proba([long_states[i] for i in long_cal])
+    return {"scorer": scorer, "cut": cut, "summary": {
+        **padding.model_dump(mode="json"), **summary(rows, long_states, padding.filler_file),
+        "calibration_rows": {"short_benign": len(benign), "long_benign": len(long_cal)},
+        "long_calibration_mean_p": float(np.mean(long_p)) if len(long_p) else None}}
