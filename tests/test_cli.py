@@ -266,6 +266,7 @@ def test_bench_generalization_token_scorer_beside_the_mean_pooled_probe(
     assert "Token-level scorer vs mean-pooled probe" in (out / "report.md").read_text()
     dilution = ["--token-scorer", "maxmean:4", "--token-dilution", "2", "--token-padding"]
     for bad in (["--token-scorer", "mean:4"], ["--token-dilution", "2"], ["--token-padding"],
+                [*dilution, "--token-padding-filler", "coconot.jsonl,alpaca_benign.jsonl"],
                 [*dilution, "--token-padding-filler", "alpaca_benign.jsonl"],  # the yardstick's own filler
                 [*dilution, "--token-padding-filler", "advbench.jsonl"], [*dilution, "--token-padding-rows", "4,2"]):
         refused = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", *bad])

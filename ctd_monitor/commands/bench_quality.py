@@ -66,12 +66,12 @@ def bench_generalization(
     token_read_tokens: Annotated[int, typer.Option(
         min=1, help="token bound of the dilution yardstick's one-pass read")] = 4096,
     token_padding: Annotated[bool, typer.Option(
-        "--token-padding", help="--token-dilution: also fit the token scorer with padded rows read at the long "
-        "bound (fit records with benign filler before/after/around them, long benign texts) and cut it on "
-        "calibration rows with long benign texts; scored beside the unpadded one on the same reads")] = False,
+        "--token-padding", help="also fit each token scorer with padded rows read at --token-read-tokens (fit "
+        "records with benign filler before/after/around them, long benign texts) and cut it on calibration rows "
+        "with long benign texts; scored beside the unpadded one (comparison and dilution yardstick)")] = False,
     token_padding_filler: Annotated[str | None, typer.Option(
-        help="--token-padding: benign source file of the training filler (never the yardstick's Alpaca; "
-        "default: TokenPadding's)")] = None,
+        help="--token-padding: ','-separated benign source files of the training filler, the first one a fold "
+        "does not hold out is used (never the yardstick's Alpaca; default: TokenPadding's)")] = None,
     token_padding_rows: Annotated[str | None, typer.Option(
         help="--token-padding: PADDED,FILLER_ONLY,CALIBRATION long texts read (default: TokenPadding's)")] = None,
 ) -> None:
@@ -103,8 +103,8 @@ def bench_generalization(
         fail(f"bad option: {exc}")
     if token_dilution and not token_fits:
         fail("--token-dilution needs --token-scorer")
-    if token_padding and not token_dilution:
-        fail("--token-padding needs --token-dilution N")
+    if token_padding and not token_fits:
+        fail("--token-padding needs --token-scorer")
     if not chosen and dilution_bundle is None and not token_fits:
         fail("no recipe and no --dilution-bundle: nothing to measure")
     if expert not in ("frozen", "finetune"):
@@ -143,7 +143,8 @@ def bench_generalization(
 
             report["token_scorer"] = run_token_comparison(
                 config, token_base, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, fits=token_fits,
-                layer=s.features.layer, max_tokens=token_max_tokens, progress=bars)
+                layer=s.features.layer, max_tokens=token_max_tokens, padding=padding, read_tokens=token_read_tokens,
+                progress=bars)
         if token_base is not None and token_dilution:
             from probes.evaluation.dilution import DISGUISES, PLACEMENTS
             from probes.evaluation.generalization.token_dilution import run_token_dilution
@@ -180,12 +181,14 @@ def _token_padding(filler: str | None, rows: str | None) -> Any:
     """``--token-padding``'s settings: TokenPadding's defaults, the filler file and row counts overridden."""
     from probes.evaluation.generalization.token_padding import TokenPadding, check_filler_file
 
-    update: dict[str, Any] = {} if filler is None else {"filler_file": filler}
+    update: dict[str, Any] = {} if filler is None else {
+        "filler_files": tuple(x.strip() for x in filler.split(",") if x.strip())}
     if rows is not None:
         padded, filler_only, calibration = (int(x) for x in rows.split(","))
         update.update(padded=padded, filler_only=filler_only, calibration=calibration)
     padding = TokenPadding(**update)
-    check_filler_file(padding.filler_file, ())  # the fold's held-out files are checked again when it is made
+    for name in padding.filler_files:  # each fold's held-out files are checked when its rows are made
+        check_filler_file(name)
     return padding
 
 

@@ -12,11 +12,12 @@ from probes.evaluation.generalization.pool import build_pool
 from probes.evaluation.generalization.report import write_report
 from probes.evaluation.generalization.token_dilution import REQUEST_GROUP, run_token_dilution, training_fold
 from probes.evaluation.generalization.token_padding import TokenPadding, filler_texts, padded_rows
+from probes.evaluation.generalization.token_scorer import PADDED, run_token_comparison, variant_name
 from probes.fitting.token_scorer import TokenScorerFit
 from tests.probes.test_generalization import tiny_config
 
 FILLER = "coconot.jsonl"  # a benign source outside the tiny pool's groups
-PADDING = TokenPadding(filler_file=FILLER, padded=6, filler_only=3, calibration=3, lengths=(24, 40))
+PADDING = TokenPadding(filler_files=(FILLER,), padded=6, filler_only=3, calibration=3, lengths=(24, 40))
 
 
 class WordTokenizer:
@@ -78,7 +79,7 @@ def test_padded_rows_pad_fit_records_with_the_configured_filler_only(datasets_di
 def test_the_yardsticks_filler_and_held_out_files_are_refused(datasets_dir: Path, filler: str) -> None:
     pool, fold = _fold(datasets_dir)
     with pytest.raises(ValueError, match="yardstick|held out"):
-        padded_rows(pool, fold, PADDING.model_copy(update={"filler_file": filler}), WordTokenizer(), datasets_dir,
+        padded_rows(pool, fold, PADDING.model_copy(update={"filler_files": (filler,)}), WordTokenizer(), datasets_dir,
                     calibration_fraction=0.4)
 
 
@@ -99,3 +100,37 @@ def test_token_dilution_scores_the_padded_scorer_beside_the_unpadded(datasets_di
     assert result["token_padded"]["n_requests"] == result["token"]["n_requests"] == 3
     write_report({"config": config.model_dump(mode="json"), "recipes": {}, "token_dilution": result}, tmp_path)
     assert "padded training" in (tmp_path / "report.md").read_text()
+
+
+def test_a_fold_holding_out_the_filler_uses_the_next_source_and_folds_share_padded_texts(
+        datasets_dir: Path) -> None:
+    config = tiny_config((AFTER,))
+    pool = build_pool(datasets_dir, config.pool)
+    padding = PADDING.model_copy(update={"filler_files": ("davidson_hate_offensive.jsonl", FILLER)})
+    rows = {group: padded_rows(pool, make_fold(pool, group, AFTER, calibration_fraction=0.4), padding,
+                               WordTokenizer(), datasets_dir, calibration_fraction=0.4)
+            for group in ("tweets", "xstest", "forbidden_questions")}
+    assert rows["tweets"].filler_file == FILLER  # davidson is the tweets group's: held out there
+    assert rows["xstest"].filler_file == rows["forbidden_questions"].filler_file == "davidson_hate_offensive.jsonl"
+    # a record padded in two folds is padded alike (same long text, read once): only held-out rows differ
+    a, b = ({c[0].content for c, k in zip(r.conversations, r.kinds, strict=True) if k == "padded"}
+            for r in (rows["xstest"], rows["forbidden_questions"]))
+    assert len(a & b) >= 2
+    assert [c for c, k in zip(rows["xstest"].conversations, rows["xstest"].kinds, strict=True) if k != "padded"] == [
+        c for c, k in zip(rows["forbidden_questions"].conversations, rows["forbidden_questions"].kinds, strict=True)
+        if k != "padded"]
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_comparison_adds_a_padded_row_per_fit(datasets_dir: Path, cache_dir: Path) -> None:
+    config = tiny_config((AFTER,))
+    fit = TokenScorerFit(window=4, epochs=20)
+    padding = PADDING.model_copy(update={"filler_files": ("davidson_hate_offensive.jsonl", FILLER)})
+    result = run_token_comparison(config, AFTER, cache_dir=cache_dir, datasets_dir=datasets_dir, fits=(fit,),
+                                  layer=4, padding=padding, read_tokens=200)
+    name = variant_name("maxmean", 4)
+    for group, row in result["groups"].items():
+        assert list(row) == ["mean-pooled probe", name, name + PADDED]
+        assert row[name + PADDED]["n"] == row[name]["n"]
+        assert row[name + PADDED]["filler_file"] == (FILLER if group == "tweets" else "davidson_hate_offensive.jsonl")
+    assert result["mean"][name + PADDED]["groups_both_classes"] == 3 and result["read_tokens"] == 200

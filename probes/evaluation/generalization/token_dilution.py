@@ -30,7 +30,7 @@ from probes.evaluation.dilution import (
 from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, make_fold
 from probes.evaluation.generalization.pool import build_pool
 from probes.evaluation.generalization.scoring import certified_cut, fit_head
-from probes.evaluation.generalization.token_padding import TokenPadding, padded_rows, read_padded, summary
+from probes.evaluation.generalization.token_padding import PaddedFit, TokenPadding, fit_padded
 from probes.evaluation.generalization.token_scorer import fill_token_states
 from probes.fitting.token_scorer import TokenScorerFit, fit_token_scorer
 from probes.heads.inference import LinearHead
@@ -107,47 +107,26 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
     extractor = FeatureExtractor(loaded, layer=layer, max_tokens=max_tokens, batch_tokens=max_tokens,
                                  max_items=8)
     read = StateReader(extractor)
-    padded: dict[str, Any] = {}
+    padded: PaddedFit | None = None
     if padding is not None:
-        padded = _fit_padded(pool, fold, padding, extractor, states, y, fit, recipe, config, cache_dir=cache_dir,
-                             datasets_dir=datasets_dir, skip=read_pool.prefix)
+        padded = fit_padded(pool, fold, states, y, fit, padding, extractor, recipe=recipe, delta=config.delta,
+                            calibration_fraction=config.calibration_fraction, cache_dir=cache_dir,
+                            datasets_dir=datasets_dir, seed=config.seed, skip=read_pool.prefix)
     filler = FillerSource(loaded.tokenizer, [r.messages[0].content for r in
                                              read_file(datasets_dir / FILLER_FILE)[:2000]])
     out: dict[str, Any] = {"fit": {"objective": fit.objective, "window": fit.window}, "max_tokens": max_tokens,
                            "request_files": request_files, "trained_files": trained,
                            "cuts": {"token": token_cut, "mean_probe": probe_cut,
-                                    **({"token_padded": padded["cut"]} if padded else {})},
+                                    **({} if padded is None else {"token_padded": padded.cut})},
                            "template_prefix_tokens": read_pool.prefix}
     out["token"] = dilution_report(requests, token_scorer_of(read, scorer), token_cut or 0.5, filler,
                                    lengths=lengths, tolerance=tolerance, seed=seed, progress=progress)
     out["mean_probe"] = dilution_report(requests, mean_probe_of(read, probe), probe_cut or 0.5, filler,
                                         lengths=lengths, tolerance=tolerance, seed=seed)
-    if padded:
-        out["padding"] = padded["summary"]
-        out["token_padded"] = dilution_report(requests, token_scorer_of(read, padded["scorer"]),
-                                              padded["cut"] or 0.5, filler, lengths=lengths, tolerance=tolerance,
+    if padded is not None:
+        out["padding"] = padded.summary
+        out["token_padded"] = dilution_report(requests, token_scorer_of(read, padded.scorer),
+                                              padded.cut or 0.5, filler, lengths=lengths, tolerance=tolerance,
                                               seed=seed)
     return out
 
-
-def _fit_padded(pool: Sequence[Any], fold: Fold, padding: TokenPadding, extractor: FeatureExtractor,
-                states: Sequence[Any], y: npt.NDArray[np.int64], fit: TokenScorerFit, recipe: Recipe,
-                config: LosoConfig, *, cache_dir: Path, datasets_dir: Path, skip: int) -> dict[str, Any]:
-    """The token scorer fitted on the fold's fit rows plus padded rows, cut on its calibration rows plus long
-    benign ones (``token_padding``)."""
-    rows = padded_rows(pool, fold, padding, extractor.loaded.tokenizer, datasets_dir,
-                       calibration_fraction=config.calibration_fraction, seed=config.seed)
-    long_states = read_padded(cache_dir, rows, extractor)
-    train = [i for i, k in enumerate(rows.kinds) if k != "calibration"]
-    long_cal = [i for i, k in enumerate(rows.kinds) if k == "calibration"]
-    weights = np.concatenate([fold.weights / fold.weights.mean(), rows.weights[train]])
-    _, scorer = fit_token_scorer([*(states[i] for i in fold.fit), *(long_states[i] for i in train)],
-                                 np.concatenate([y[fold.fit], rows.labels[train]]), weights, fit, skip=skip)
-    benign = fold.calibration[y[fold.calibration] == 0]
-    cal = scorer.proba([*(states[i] for i in benign), *(long_states[i] for i in long_cal)])
-    cut = certified_cut(cal, epsilon=recipe.epsilon, delta=config.delta) if recipe.cut == "fpr" else 0.5
-    long_p = scorer.proba([long_states[i] for i in long_cal])
-    return {"scorer": scorer, "cut": cut, "summary": {
-        **padding.model_dump(mode="json"), **summary(rows, long_states, padding.filler_file),
-        "calibration_rows": {"short_benign": len(benign), "long_benign": len(long_cal)},
-        "long_calibration_mean_p": float(np.mean(long_p)) if len(long_p) else None}}
