@@ -264,7 +264,11 @@ def test_bench_generalization_token_scorer_beside_the_mean_pooled_probe(
     assert set(metrics["token_scorer"]["groups"]) == {"xstest", "harmful", "alpaca"}
     assert metrics["token_scorer"]["recipe"]["name"] == "after" and metrics["token_scorer"]["max_tokens"] == 64
     assert "Token-level scorer vs mean-pooled probe" in (out / "report.md").read_text()
-    for bad in (["--token-scorer", "mean:4"], ["--token-dilution", "2"]):
+    dilution = ["--token-scorer", "maxmean:4", "--token-dilution", "2", "--token-padding"]
+    for bad in (["--token-scorer", "mean:4"], ["--token-dilution", "2"], ["--token-padding"],
+                [*dilution, "--token-padding-filler", "coconot.jsonl,alpaca_benign.jsonl"],
+                [*dilution, "--token-padding-filler", "alpaca_benign.jsonl"],  # the yardstick's own filler
+                [*dilution, "--token-padding-filler", "advbench.jsonl"], [*dilution, "--token-padding-rows", "4,2"]):
         refused = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", *bad])
         assert refused.exit_code == 2, refused.output
 

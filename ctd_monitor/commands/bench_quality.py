@@ -65,6 +65,15 @@ def bench_generalization(
         "with every request source held out, on N held-out harmful requests read whole in one pass; 0: off")] = 0,
     token_read_tokens: Annotated[int, typer.Option(
         min=1, help="token bound of the dilution yardstick's one-pass read")] = 4096,
+    token_padding: Annotated[bool, typer.Option(
+        "--token-padding", help="also fit each token scorer with padded rows read at --token-read-tokens (fit "
+        "records with benign filler before/after/around them, long benign texts) and cut it on calibration rows "
+        "with long benign texts; scored beside the unpadded one (comparison and dilution yardstick)")] = False,
+    token_padding_filler: Annotated[str | None, typer.Option(
+        help="--token-padding: ','-separated benign source files of the training filler, the first one a fold "
+        "does not hold out is used (never the yardstick's Alpaca; default: TokenPadding's)")] = None,
+    token_padding_rows: Annotated[str | None, typer.Option(
+        help="--token-padding: PADDED,FILLER_ONLY,CALIBRATION long texts read (default: TokenPadding's)")] = None,
 ) -> None:
     """Leave-source-out: per held-out group of sources, train probe, expert, DV and cuts on the others."""
     import yaml
@@ -89,10 +98,13 @@ def bench_generalization(
         lengths = tuple(int(x) for x in dilution_lengths.split(",") if x.strip())
         token_fits = parse_token_fits(token_scorer)
         token_base = known[token_recipe] if token_fits else None
+        padding = _token_padding(token_padding_filler, token_padding_rows) if token_padding else None
     except (ValueError, KeyError, IndexError, OSError) as exc:
         fail(f"bad option: {exc}")
     if token_dilution and not token_fits:
         fail("--token-dilution needs --token-scorer")
+    if token_padding and not token_fits:
+        fail("--token-padding needs --token-scorer")
     if not chosen and dilution_bundle is None and not token_fits:
         fail("no recipe and no --dilution-bundle: nothing to measure")
     if expert not in ("frozen", "finetune"):
@@ -131,7 +143,8 @@ def bench_generalization(
 
             report["token_scorer"] = run_token_comparison(
                 config, token_base, cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir, fits=token_fits,
-                layer=s.features.layer, max_tokens=token_max_tokens, progress=bars)
+                layer=s.features.layer, max_tokens=token_max_tokens, padding=padding, read_tokens=token_read_tokens,
+                progress=bars)
         if token_base is not None and token_dilution:
             from probes.evaluation.dilution import DISGUISES, PLACEMENTS
             from probes.evaluation.generalization.token_dilution import run_token_dilution
@@ -139,7 +152,7 @@ def bench_generalization(
             report["token_dilution"] = run_token_dilution(
                 config, token_base, token_fits[0], cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
                 n=token_dilution, lengths=lengths, max_tokens=token_read_tokens, layer=s.features.layer,
-                progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
+                padding=padding, progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
                     1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
         if dilution_bundle is not None:
             from probes.evaluation.dilution import DISGUISES, PLACEMENTS, run_dilution
@@ -159,8 +172,24 @@ def bench_generalization(
                                for name, m in report["token_scorer"]["mean"].items()}}
              if "token_scorer" in report else {}),
           **({"token_dilution": {who: {name: r["held"] for name, r in report["token_dilution"][who][
-              "transformations"].items()} for who in ("token", "mean_probe")}}
+              "transformations"].items()} for who in ("token", "token_padded", "mean_probe")
+                                 if who in report["token_dilution"]}}
              if "token_dilution" in report else {})})
+
+
+def _token_padding(filler: str | None, rows: str | None) -> Any:
+    """``--token-padding``'s settings: TokenPadding's defaults, the filler file and row counts overridden."""
+    from probes.evaluation.generalization.token_padding import TokenPadding, check_filler_file
+
+    update: dict[str, Any] = {} if filler is None else {
+        "filler_files": tuple(x.strip() for x in filler.split(",") if x.strip())}
+    if rows is not None:
+        padded, filler_only, calibration = (int(x) for x in rows.split(","))
+        update.update(padded=padded, filler_only=filler_only, calibration=calibration)
+    padding = TokenPadding(**update)
+    for name in padding.filler_files:  # each fold's held-out files are checked when its rows are made
+        check_filler_file(name)
+    return padding
 
 
 def _bench_heads(ctx: typer.Context, config: Any, heads: str, out: Path, block_epochs: int | None) -> None:

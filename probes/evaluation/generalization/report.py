@@ -101,9 +101,18 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         from probes.evaluation.dilution import report_lines as dilution_lines
 
         d = report["token_dilution"]
-        for who, title in (("token", f"token scorer {d['fit']['objective']} w{d['fit']['window']}"),
+        name = f"token scorer {d['fit']['objective']} w{d['fit']['window']}"
+        for who, title in (("token", name), ("token_padded", f"{name}, padded training (token_padding)"),
                            ("mean_probe", "mean-pooled probe of the same fold, on the same reads")):
-            lines += [f"# One-pass read (≤ {d['max_tokens']} tokens): {title}", ""] + dilution_lines(d[who])
+            if who in d:
+                lines += [f"# One-pass read (≤ {d['max_tokens']} tokens): {title}", ""] + dilution_lines(d[who])
+        if "padding" in d:
+            pad, rows = d["padding"], d["padding"]["rows"]
+            lines += [(f"Padded training: filler `{pad['filler_file']}` (never the yardstick's), "
+                       f"{rows['padded']['n']} padded fit records ({rows['padded']['unsafe']} unsafe), "
+                       f"{rows['filler']['n']} filler texts alone, {rows['calibration']['n']} long benign calibration "
+                       f"texts (mean P {_f(pad['long_calibration_mean_p'])}); lengths {pad['lengths']}; "
+                       f"{pad['tokens']} tokens read."), ""]
     if "dilution" in report:
         from probes.evaluation.dilution import report_lines
 

@@ -4,7 +4,9 @@ The scorer is trained as under leave-source-out, on the broad pool with every ha
 draws from held out (the ``harmful_behaviors`` group and any other request file), cut on its calibration rows;
 each padded conversation is then read whole (up to ``max_tokens``) in one forward pass and scored by the max of
 rolling means of its token logits. The mean-pooled probe of the same fold, on the mean of the same token states,
-is scored beside it: the same read, only the aggregation differs.
+is scored beside it: the same read, only the aggregation differs. With ``padding`` (``token_padding``), a third
+scorer: the same fit rows plus padded and long benign rows from a non-yardstick filler, cut on calibration rows
+that include long benign texts, scored on the same reads.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from probes.evaluation.dilution import (
 from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, make_fold
 from probes.evaluation.generalization.pool import build_pool
 from probes.evaluation.generalization.scoring import certified_cut, fit_head
+from probes.evaluation.generalization.token_padding import PaddedFit, TokenPadding, fit_padded
 from probes.evaluation.generalization.token_scorer import fill_token_states
 from probes.fitting.token_scorer import TokenScorerFit, fit_token_scorer
 from probes.heads.inference import LinearHead
@@ -74,8 +77,10 @@ def training_fold(pool_files: Sequence[str], fold: Fold) -> Fold:
 def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, *, cache_dir: Path,
                        datasets_dir: Path, n: int = 20, lengths: Sequence[int] = (256, 1024, 3072),
                        max_tokens: int = 4096, layer: int = 15, tolerance: float = 0.1, seed: int = 0,
+                       padding: TokenPadding | None = None,
                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The yardstick on the token scorer and, on the same reads, on the mean-pooled probe of the same fold."""
+    """The yardstick on the token scorer and, on the same reads, on the mean-pooled probe of the same fold (and
+    on the padded token scorer when ``padding`` is given)."""
     from probes.activations.models import load_model
     from probes.data import read_file
 
@@ -102,14 +107,26 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
     extractor = FeatureExtractor(loaded, layer=layer, max_tokens=max_tokens, batch_tokens=max_tokens,
                                  max_items=8)
     read = StateReader(extractor)
+    padded: PaddedFit | None = None
+    if padding is not None:
+        padded = fit_padded(pool, fold, states, y, fit, padding, extractor, recipe=recipe, delta=config.delta,
+                            calibration_fraction=config.calibration_fraction, cache_dir=cache_dir,
+                            datasets_dir=datasets_dir, seed=config.seed, skip=read_pool.prefix)
     filler = FillerSource(loaded.tokenizer, [r.messages[0].content for r in
                                              read_file(datasets_dir / FILLER_FILE)[:2000]])
     out: dict[str, Any] = {"fit": {"objective": fit.objective, "window": fit.window}, "max_tokens": max_tokens,
                            "request_files": request_files, "trained_files": trained,
-                           "cuts": {"token": token_cut, "mean_probe": probe_cut},
+                           "cuts": {"token": token_cut, "mean_probe": probe_cut,
+                                    **({} if padded is None else {"token_padded": padded.cut})},
                            "template_prefix_tokens": read_pool.prefix}
     out["token"] = dilution_report(requests, token_scorer_of(read, scorer), token_cut or 0.5, filler,
                                    lengths=lengths, tolerance=tolerance, seed=seed, progress=progress)
     out["mean_probe"] = dilution_report(requests, mean_probe_of(read, probe), probe_cut or 0.5, filler,
                                         lengths=lengths, tolerance=tolerance, seed=seed)
+    if padded is not None:
+        out["padding"] = padded.summary
+        out["token_padded"] = dilution_report(requests, token_scorer_of(read, padded.scorer),
+                                              padded.cut or 0.5, filler, lengths=lengths, tolerance=tolerance,
+                                              seed=seed)
     return out
+

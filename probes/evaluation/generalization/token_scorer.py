@@ -15,6 +15,7 @@ from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, mak
 from probes.evaluation.generalization.loso import Progress, _mean, no_progress
 from probes.evaluation.generalization.pool import PoolRecord, build_pool, fill_probe_features
 from probes.evaluation.generalization.scoring import certified_cut, decision_figures, fit_head, recentre
+from probes.evaluation.generalization.token_padding import PaddedFit, TokenPadding, fit_padded
 from probes.fitting.token_scorer import OBJECTIVES, Objective, TokenScorerFit, fit_token_scorer
 from probes.logs import get_logger
 
@@ -63,6 +64,10 @@ def parse_token_fits(text: str) -> tuple[TokenScorerFit, ...]:
     return tuple(fits)
 
 
+#: Suffix of a token scorer fitted with padded rows (``token_padding``).
+PADDED = " padded"
+
+
 def variant_name(objective: str, window: int) -> str:
     return f"token {objective} w{window}"
 
@@ -78,11 +83,16 @@ def _decide(p: F64, fold: Fold, y: npt.NDArray[np.int64], recipe: Recipe, delta:
     return decision_figures(y[fold.test], recentre(p, cut or 0.5)[fold.test]), cut
 
 
+#: Fits the padded token scorer of one fold (``token_padding.fit_padded`` with everything else bound).
+PaddedFitter = Callable[[Fold, TokenScorerFit], PaddedFit]
+
+
 def compare_fold(pool: Sequence[PoolRecord], fold: Fold, features: F32, states: Sequence[F16],
                  y: npt.NDArray[np.int64], recipe: Recipe, fits: Sequence[TokenScorerFit], *, delta: float,
-                 seed: int = 0, skip: int = 0) -> dict[str, Any]:
+                 seed: int = 0, skip: int = 0, padded: PaddedFitter | None = None) -> dict[str, Any]:
     """One held-out group: the mean-pooled logistic probe and each token-scorer fit on the same fit rows and
-    weights, each cut on the same calibration rows."""
+    weights, each cut on the same calibration rows; with ``padded``, each fit also with the fold's padded rows
+    (cut on the calibration rows plus long benign ones)."""
     fit_rows = fold.fit
     out: dict[str, Any] = {}
     probe = fit_head(features[fit_rows], y[fit_rows], fold.weights, recipe.c, seed)
@@ -94,6 +104,11 @@ def compare_fold(pool: Sequence[PoolRecord], fold: Fold, features: F32, states: 
         out[variant_name(fit.objective, fit.window)] = {**figures, "cut": cut}
         log.info("token_scorer.fold", group=fold.group, variant=variant_name(fit.objective, fit.window),
                  auroc=figures["auroc"], probe_auroc=out["mean-pooled probe"]["auroc"])
+        if padded is not None:
+            got = padded(fold, fit)
+            figures = decision_figures(y[fold.test], recentre(got.scorer.proba(states), got.cut or 0.5)[fold.test])
+            out[variant_name(fit.objective, fit.window) + PADDED] = {**figures, "cut": got.cut,
+                                                                     "filler_file": got.summary["filler_file"]}
     return out
 
 
@@ -116,8 +131,10 @@ def summarise_scorers(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def run_token_comparison(config: LosoConfig, recipe: Recipe, *, cache_dir: Path, datasets_dir: Path,
                          fits: Sequence[TokenScorerFit], layer: int = 15, max_tokens: int | None = None,
+                         padding: TokenPadding | None = None, read_tokens: int = 4096,
                          progress: Progress = no_progress) -> dict[str, Any]:
-    """Leave-source-out, token scorer vs the mean-pooled probe, on one recipe's folds (the pool's groups)."""
+    """Leave-source-out, token scorer vs the mean-pooled probe, on one recipe's folds (the pool's groups); with
+    ``padding``, each token scorer also fitted with padded rows read at ``read_tokens``."""
     pool = build_pool(datasets_dir, config.pool)
     bound = max_tokens or config.probe_max_tokens
     todo = len({p.key for p in pool})
@@ -129,6 +146,20 @@ def run_token_comparison(config: LosoConfig, recipe: Recipe, *, cache_dir: Path,
                                       max_tokens=bound, dtype=config.dtype,
                                       progress=progress("probe features (cached per record)", todo))
     y = np.asarray([p.record.label for p in pool], dtype=np.int64)
+    padded: PaddedFitter | None = None
+    if padding is not None:
+        from probes.activations.features import FeatureExtractor
+        from probes.activations.models import load_model
+
+        loaded = load_model(config.probe_spec, cache_dir=cache_dir, dtype=config.dtype, max_layer=layer)
+        long_reader = FeatureExtractor(loaded, layer=layer, max_tokens=read_tokens, batch_tokens=read_tokens,
+                                       max_items=8)
+        chosen = padding
+
+        def padded(fold: Fold, fit: TokenScorerFit) -> PaddedFit:
+            return fit_padded(pool, fold, states, y, fit, chosen, long_reader, recipe=recipe, delta=config.delta,
+                              calibration_fraction=config.calibration_fraction, cache_dir=cache_dir,
+                              datasets_dir=datasets_dir, seed=config.seed, skip=read.prefix)
     groups: dict[str, Any] = {}
     for group in config.pool.groups:
         fold = make_fold(pool, group.name, recipe, calibration_fraction=config.calibration_fraction,
@@ -136,12 +167,13 @@ def run_token_comparison(config: LosoConfig, recipe: Recipe, *, cache_dir: Path,
         if len(np.unique(y[fold.fit])) < 2 or not len(fold.test):
             continue
         groups[group.name] = compare_fold(pool, fold, features[(layer, "mean")], states, y, recipe, fits,
-                                          delta=config.delta, seed=config.seed, skip=read.prefix)
+                                          delta=config.delta, seed=config.seed, skip=read.prefix, padded=padded)
     return {"recipe": recipe.model_dump(mode="json"), "layer": layer, "max_tokens": bound,
             "pool": {"n": len(pool), "positives": int(y.sum()),
                      "tokens": int(sum(s.shape[0] for s in states)), "states_computed": read.computed},
             "template_prefix_tokens": read.prefix,
-            "fits": [dataclasses.asdict(f) for f in fits], "groups": groups, "mean": summarise_scorers(groups)}
+            "fits": [dataclasses.asdict(f) for f in fits], "groups": groups, "mean": summarise_scorers(groups),
+            **({} if padding is None else {"padding": padding.model_dump(mode="json"), "read_tokens": read_tokens})}
 
 
 def _f(value: Any) -> str:
