@@ -11,7 +11,12 @@ from probes.evaluation.generalization.folds import AFTER, make_fold
 from probes.evaluation.generalization.pool import build_pool
 from probes.evaluation.generalization.report import write_report
 from probes.evaluation.generalization.token_dilution import REQUEST_GROUP, run_token_dilution, training_fold
-from probes.evaluation.generalization.token_padding import TokenPadding, filler_texts, padded_rows
+from probes.evaluation.generalization.token_padding import (
+    TokenPadding,
+    check_filler_file,
+    filler_texts,
+    padded_rows,
+)
 from probes.evaluation.generalization.token_scorer import PADDED, run_token_comparison, variant_name
 from probes.fitting.token_scorer import TokenScorerFit
 from tests.probes.test_generalization import tiny_config
@@ -81,6 +86,14 @@ def test_the_yardsticks_filler_and_held_out_files_are_refused(datasets_dir: Path
     with pytest.raises(ValueError, match="yardstick|held out"):
         padded_rows(pool, fold, PADDING.model_copy(update={"filler_files": (filler,)}), WordTokenizer(), datasets_dir,
                     calibration_fraction=0.4)
+
+
+def test_another_file_of_a_held_out_source_is_refused_too() -> None:
+    check_filler_file("convabuse.conversations.jsonl", ["dices_990.conversations.jsonl"])  # not held out: fine
+    with pytest.raises(ValueError, match="held out"):
+        check_filler_file("convabuse.conversations.jsonl", ["convabuse.jsonl"])  # the same texts, another file
+    with pytest.raises(ValueError, match="yardstick"):
+        check_filler_file("alpaca_benign.conversations.jsonl")
 
 
 @pytest.mark.usefixtures("torch_one_thread")

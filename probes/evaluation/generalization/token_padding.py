@@ -61,11 +61,17 @@ class TokenPadding(Frozen):
     seed: int = 0
 
 
+def _source(name: str) -> str:
+    """A dataset file's source: ``convabuse.conversations.jsonl`` and ``convabuse.jsonl`` are the same texts."""
+    return name.split(".", 1)[0]
+
+
 def check_filler_file(name: str, held_out_files: Sequence[str] = ()) -> None:
-    """Refuse a filler that would leak the yardstick: its own filler, its request files, or a held-out file."""
-    if name == FILLER_FILE:
+    """Refuse a filler that would leak the yardstick: its own filler, its request files, or a held-out source
+    (compared by source, so another file of the same texts is refused too)."""
+    if _source(name) == _source(FILLER_FILE):
         raise ValueError(f"{name} is the dilution yardstick's filler: training on it would measure nothing")
-    if name in REQUEST_FILES or name in set(held_out_files):
+    if _source(name) in {_source(f) for f in (*REQUEST_FILES, *held_out_files)}:
         raise ValueError(f"{name} is held out by this fold (or is a yardstick request file)")
 
 
@@ -73,7 +79,8 @@ def filler_file(padding: TokenPadding, held_out_files: Sequence[str]) -> str:
     """The first configured filler source the fold does not hold out (the yardstick's own is always refused)."""
     for name in padding.filler_files:
         check_filler_file(name)
-    usable = [name for name in padding.filler_files if name not in set(held_out_files)]
+    held = {_source(f) for f in held_out_files}
+    usable = [name for name in padding.filler_files if _source(name) not in held]
     if not usable:
         raise ValueError(f"every filler source ({', '.join(padding.filler_files)}) is held out by this fold")
     return usable[0]
