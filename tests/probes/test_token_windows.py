@@ -103,15 +103,19 @@ def test_token_dilution_reads_in_windows(datasets_dir: Path, cache_dir: Path, tm
     config = tiny_config((AFTER,))
     fit = TokenScorerFit(window=4, epochs=40)
     result = run_token_dilution(config, AFTER, fit, cache_dir=cache_dir, datasets_dir=datasets_dir, n=3,
-                                lengths=(96,), max_tokens=200, layer=4, read_windows=READ)
-    assert result["read"] == {"window": 32, "stride": 16}
+                                lengths=(192,), max_tokens=400, layer=4, read_windows=WindowRead(128, 64))
+    assert result["read"] == {"window": 128, "stride": 64}
     cost = result["tokens_read"]
     # short texts are read whole once; padded ones in overlapping windows, more tokens than the one-pass read
     assert cost["alone"]["windows"] == cost["alone"]["whole"]
-    assert all(cost[f"{p}_96"]["windows"] > cost[f"{p}_96"]["whole"] for p in ("before", "after", "around", "gap"))
+    assert all(cost[f"{p}_192"]["windows"] > cost[f"{p}_192"]["whole"] for p in ("before", "after", "around", "gap"))
     for who in ("token", "mean_probe"):
-        assert set(result[who]["transformations"]) >= {"before_96", "after_96", "around_96", "gap_96"}
-        assert "filler_only_96" in result[who]["controls"]
+        assert set(result[who]["transformations"]) >= {"before_192", "after_192", "around_192", "gap_192"}
+        where = result["where_max"][who]
+        assert set(where) == {"before_192", "after_192", "around_192", "gap_192"}
+        # requests of fewer than `stride` tokens lie whole in some window of every padded text
+        assert all(row["request_in_a_window"] == 1.0 for row in where.values())
+        assert "filler_only_192" in result[who]["controls"]
     write_report({"config": config.model_dump(mode="json"), "recipes": {}, "token_dilution": result}, tmp_path)
     report = (tmp_path / "report.md").read_text()
-    assert "Windowed read (32 content tokens, stride 16" in report and "Tokens read" in report
+    assert "Windowed read (128 content tokens, stride 64" in report and "Tokens read" in report

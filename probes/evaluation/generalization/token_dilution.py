@@ -26,12 +26,14 @@ import numpy as np
 import numpy.typing as npt
 
 from probes.activations.features import FeatureExtractor
-from probes.activations.render import full_ids
+from probes.activations.render import full_ids, untrusted_content
+from probes.activations.special_tokens import special_strings
 from probes.activations.windows import content_windows
 from probes.config import WindowConfig
 from probes.conversation import Conversation, single_turn
 from probes.evaluation.dilution import (
     FILLER_FILE,
+    PLACEMENTS,
     REQUEST_FILES,
     FillerSource,
     dilution_report,
@@ -105,6 +107,9 @@ class WindowReader:
     def __init__(self, read: StateReader, tokenizer: Any, config: WindowConfig):
         self.read, self.tokenizer, self.config = read, tokenizer, config
         self.tokens: dict[tuple[tuple[str, str], ...], int] = {}
+        self.cuts: dict[tuple[tuple[str, str], ...], list[Conversation]] = {}
+        #: P(unsafe) of each window, per scorer name, per conversation (where a max comes from).
+        self.scores: dict[str, dict[tuple[tuple[str, str], ...], F64]] = {}
 
     def windows(self, conversation: Conversation) -> list[Conversation]:
         cut = content_windows(self.tokenizer, conversation, self.config)
@@ -116,7 +121,8 @@ class WindowReader:
         out: list[list[F32]] = []
         for c, ws in zip(conversations, per, strict=True):
             states, flat = flat[: len(ws)], flat[len(ws):]
-            self.tokens[tuple((m.role, m.content) for m in c)] = sum(s.shape[0] for s in states)
+            self.tokens[_key(c)] = sum(s.shape[0] for s in states)
+            self.cuts[_key(c)] = ws
             out.append(states)
         return out
 
@@ -131,16 +137,39 @@ def mean_probe_of(read: StateReader, head: LinearHead) -> Callable[[Sequence[Con
     return lambda conversations: head.proba(np.stack([s.mean(axis=0) for s in read(conversations)]))
 
 
-def windowed_token_scorer(read: WindowReader, scorer: TokenScorer) -> Callable[[Sequence[Conversation]], F64]:
+def _contains(ids: Sequence[int], part: Sequence[int]) -> bool:
+    """``part`` appears in ``ids`` as a contiguous run."""
+    n = len(part)
+    return any(list(ids[i:i + n]) == list(part) for i in range(len(ids) - n + 1))
+
+
+def _key(conversation: Conversation) -> tuple[tuple[str, str], ...]:
+    return tuple((m.role, m.content) for m in conversation)
+
+
+def _max_over_windows(read: WindowReader, name: str, per_window: Callable[[list[F32]], F64]
+                      ) -> Callable[[Sequence[Conversation]], F64]:
+    def score(conversations: Sequence[Conversation]) -> F64:
+        out: list[float] = []
+        for c, ws in zip(conversations, read(conversations), strict=True):
+            p = per_window(ws)
+            read.scores.setdefault(name, {})[_key(c)] = p
+            out.append(float(p.max()))
+        return np.asarray(out, dtype=np.float64)
+
+    return score
+
+
+def windowed_token_scorer(read: WindowReader, scorer: TokenScorer,
+                          name: str = "token") -> Callable[[Sequence[Conversation]], F64]:
     """The token scorer's P(unsafe) of each window (its template prefix skipped), the max over windows."""
-    return lambda conversations: np.asarray([scorer.proba(ws).max() for ws in read(conversations)],
-                                            dtype=np.float64)
+    return _max_over_windows(read, name, scorer.proba)
 
 
-def windowed_mean_probe(read: WindowReader, head: LinearHead) -> Callable[[Sequence[Conversation]], F64]:
+def windowed_mean_probe(read: WindowReader, head: LinearHead,
+                        name: str = "mean_probe") -> Callable[[Sequence[Conversation]], F64]:
     """The mean-pooled probe on the mean of each window's states, the max over windows (as the worker's rows)."""
-    return lambda conversations: np.asarray(
-        [head.proba(np.stack([s.mean(axis=0) for s in ws])).max() for ws in read(conversations)], dtype=np.float64)
+    return _max_over_windows(read, name, lambda ws: head.proba(np.stack([s.mean(axis=0) for s in ws])))
 
 
 def training_fold(pool_files: Sequence[str], fold: Fold) -> Fold:
@@ -196,11 +225,11 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
                            "cuts": {"token": token_cut, "mean_probe": probe_cut,
                                     **({} if padded is None else {"token_padded": padded.cut})},
                            "template_prefix_tokens": read_pool.prefix}
-    def scorers(token: TokenScorer) -> tuple[Callable[[Sequence[Conversation]], F64],
-                                             Callable[[Sequence[Conversation]], F64]]:
+    def scorers(token: TokenScorer, name: str = "token") -> tuple[Callable[[Sequence[Conversation]], F64],
+                                                                  Callable[[Sequence[Conversation]], F64]]:
         if windows is None:
             return token_scorer_of(read, token), mean_probe_of(read, probe)
-        return windowed_token_scorer(windows, token), windowed_mean_probe(windows, probe)
+        return windowed_token_scorer(windows, token, name), windowed_mean_probe(windows, probe)
 
     windows = None if read_windows is None else WindowReader(read, loaded.tokenizer,
                                                              read_windows.config(max_tokens))
@@ -213,12 +242,51 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
                                         lengths=lengths, tolerance=tolerance, seed=seed)
     if padded is not None:
         out["padding"] = padded.summary
-        out["token_padded"] = dilution_report(requests, scorers(padded.scorer)[0],
+        out["token_padded"] = dilution_report(requests, scorers(padded.scorer, "token_padded")[0],
                                               padded.cut or 0.5, filler, lengths=lengths, tolerance=tolerance,
                                               seed=seed)
     if windows is not None:
         out["tokens_read"] = read_cost(requests, filler, lengths, seed, windows, loaded.tokenizer)
+        out["where_max"] = {name: where_max(requests, filler, lengths, seed, windows, name, tolerance)
+                            for name in windows.scores}
     return out
+
+
+def where_max(requests: Sequence[str], filler: FillerSource, lengths: Sequence[int], seed: int,
+              windows: WindowReader, name: str, tolerance: float) -> dict[str, dict[str, float]]:
+    """Per padded transformation: is the max a window holding the request whole, and does that window keep the
+    request's score alone (within ``tolerance``)? ``own``: mean of the best holding window's P; ``filler``: mean of
+    the best other window's P (0 where every window holds the request). A window holds the request when its
+    content's tokens contain the request's as one run (a request longer than the stride may lie in none)."""
+    scores, tok = windows.scores[name], windows.tokenizer
+    specials = special_strings(tok)
+
+    def ids(text: str) -> list[int]:
+        return list(tok(untrusted_content(text, specials), add_special_tokens=False)["input_ids"])
+
+    def holds(window: Conversation, request: list[int]) -> bool:
+        return any(_contains(ids(m.content), request) for m in window)
+
+    rows: dict[str, list[tuple[bool, float, float, float]]] = {}
+    for i, request in enumerate(requests):
+        variants = transformations(request, filler, lengths, WindowConfig(), seed + i)
+        alone = float(scores[_key(single_turn(request))].max())
+        own_ids = ids(request.strip())
+        for label, text in variants.items():
+            if label.split("_")[0] not in PLACEMENTS:
+                continue
+            key = _key(single_turn(text))
+            p = scores[key]
+            held = np.asarray([holds(w, own_ids) for w in windows.cuts[key]])
+            own = float(p[held].max()) if held.any() else float("nan")
+            rest = float(p[~held].max()) if (~held).any() else 0.0
+            rows.setdefault(label, []).append((bool(held[int(np.argmax(p))]), own, rest,
+                                               abs(own - alone) if held.any() else float("inf")))
+    return {label: {"max_is_request_window": float(np.mean([r[0] for r in rs])),
+                    "request_in_a_window": float(np.mean([not np.isnan(r[1]) for r in rs])),
+                    "own": float(np.mean([r[1] for r in rs if not np.isnan(r[1])] or [np.nan])), "filler": float(np.mean([r[2] for r in rs])),
+                    "own_moved": float(np.mean([r[3] > tolerance for r in rs]))}
+            for label, rs in rows.items()}
 
 
 def read_cost(requests: Sequence[str], filler: FillerSource, lengths: Sequence[int], seed: int,
