@@ -62,7 +62,8 @@ def bench_generalization(
                                              "dilution yardstick)")] = True,
     token_dilution: Annotated[int, typer.Option(
         min=0, help="also run the dilution yardstick (--dilution-lengths) on the first --token-scorer fit, trained "
-        "with every request source held out, on N held-out harmful requests read whole in one pass; 0: off")] = 0,
+        "with every request source held out, on N held-out harmful requests read whole in one pass (or as --token-read "
+        "says); 0: off")] = 0,
     token_read_tokens: Annotated[int, typer.Option(
         min=1, help="token bound of the dilution yardstick's one-pass read")] = 4096,
     token_read: Annotated[str, typer.Option(
