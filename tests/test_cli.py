@@ -268,7 +268,8 @@ def test_bench_generalization_token_scorer_beside_the_mean_pooled_probe(
     for bad in (["--token-scorer", "mean:4"], ["--token-dilution", "2"], ["--token-padding"],
                 [*dilution, "--token-padding-filler", "coconot.jsonl,alpaca_benign.jsonl"],
                 [*dilution, "--token-padding-filler", "alpaca_benign.jsonl"],  # the yardstick's own filler
-                [*dilution, "--token-padding-filler", "advbench.jsonl"], [*dilution, "--token-padding-rows", "4,2"]):
+                [*dilution, "--token-padding-filler", "advbench.jsonl"], [*dilution, "--token-padding-rows", "4,2"],
+                [*dilution, "--token-read", "windows:64:128"], [*dilution, "--token-read", "windows:64"]):
         refused = CliRunner().invoke(app, ["--config", str(small_config), "bench", "generalization", *bad])
         assert refused.exit_code == 2, refused.output
 

@@ -62,9 +62,14 @@ def bench_generalization(
                                              "dilution yardstick)")] = True,
     token_dilution: Annotated[int, typer.Option(
         min=0, help="also run the dilution yardstick (--dilution-lengths) on the first --token-scorer fit, trained "
-        "with every request source held out, on N held-out harmful requests read whole in one pass; 0: off")] = 0,
+        "with every request source held out, on N held-out harmful requests read whole in one pass (or as --token-read "
+        "says); 0: off")] = 0,
     token_read_tokens: Annotated[int, typer.Option(
         min=1, help="token bound of the dilution yardstick's one-pass read")] = 4096,
+    token_read: Annotated[str, typer.Option(
+        help="how the dilution yardstick's scorers read a text: 'whole' (one pass, up to --token-read-tokens) or "
+        "'windows:W:S' (overlapping windows of W content tokens S apart, each from the chat template's start; "
+        "the score is the max over windows)")] = "whole",
     token_padding: Annotated[bool, typer.Option(
         "--token-padding", help="also fit each token scorer with padded rows read at --token-read-tokens (fit "
         "records with benign filler before/after/around them, long benign texts) and cut it on calibration rows "
@@ -99,6 +104,9 @@ def bench_generalization(
         token_fits = parse_token_fits(token_scorer)
         token_base = known[token_recipe] if token_fits else None
         padding = _token_padding(token_padding_filler, token_padding_rows) if token_padding else None
+        from probes.evaluation.generalization.token_dilution import parse_token_read
+
+        read_windows = parse_token_read(token_read)
     except (ValueError, KeyError, IndexError, OSError) as exc:
         fail(f"bad option: {exc}")
     if token_dilution and not token_fits:
@@ -152,7 +160,7 @@ def bench_generalization(
             report["token_dilution"] = run_token_dilution(
                 config, token_base, token_fits[0], cache_dir=s.cache_dir, datasets_dir=s.data.datasets_dir,
                 n=token_dilution, lengths=lengths, max_tokens=token_read_tokens, layer=s.features.layer,
-                padding=padding, progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
+                padding=padding, read_windows=read_windows, progress=bars("token-scorer dilution (requests x transformations)", token_dilution * (
                     1 + (len(PLACEMENTS) + 1) * len(lengths) + len(DISGUISES))))
         if dilution_bundle is not None:
             from probes.evaluation.dilution import DISGUISES, PLACEMENTS, run_dilution

@@ -102,10 +102,17 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 
         d = report["token_dilution"]
         name = f"token scorer {d['fit']['objective']} w{d['fit']['window']}"
+        read = d.get("read", "whole")
+        how = (f"One-pass read (≤ {d['max_tokens']} tokens)" if read == "whole" else
+               f"Windowed read ({read['window']} content tokens, stride {read['stride']}, max over windows)")
         for who, title in (("token", name), ("token_padded", f"{name}, padded training (token_padding)"),
                            ("mean_probe", "mean-pooled probe of the same fold, on the same reads")):
             if who in d:
-                lines += [f"# One-pass read (≤ {d['max_tokens']} tokens): {title}", ""] + dilution_lines(d[who])
+                lines += [f"# {how}: {title}", ""] + dilution_lines(d[who])
+        if "tokens_read" in d:
+            cost = d["tokens_read"]
+            lines += ["Tokens read, summed over the requests (windowed / whole one-pass read): "
+                      + "; ".join(f"{k} {v['windows']} / {v['whole']}" for k, v in cost.items()), ""]
         if "padding" in d:
             pad, rows = d["padding"], d["padding"]["rows"]
             lines += [(f"Padded training: filler `{pad['filler_file']}` (never the yardstick's), "
