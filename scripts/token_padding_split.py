@@ -54,8 +54,7 @@ def main() -> None:
     loaded = load_model(config.probe_spec, cache_dir=cache_dir, dtype=config.dtype, max_layer=15)
     extractor = FeatureExtractor(loaded, layer=15, max_tokens=4096, batch_tokens=4096, max_items=8)
     got = fit_padded(pool, fold, read_pool.states, y, TokenScorerFit(), TokenPadding(), extractor, recipe=recipe,
-                     delta=config.delta, calibration_fraction=config.calibration_fraction, cache_dir=cache_dir,
-                     datasets_dir=datasets_dir, seed=config.seed, skip=read_pool.prefix)
+                     config=config, cache_dir=cache_dir, datasets_dir=datasets_dir, skip=read_pool.prefix)
     scorer = got.scorer
     trained = sorted({pool[i].record.file for i in (*fold.fit, *fold.calibration)})
     requests, _ = held_out_requests(datasets_dir, trained, args.n, seed=0)

@@ -123,6 +123,13 @@ def gap_split(n_filler: int, n_request: int, windows: WindowConfig) -> int:
     return max(0, min(n_filler, centre - n_request // 2))
 
 
+def in_filler(text: str, tokenizer: Any, filler_ids: Sequence[int], split: int) -> str:
+    """``text`` with the first ``split`` filler tokens before it and the rest after it."""
+    head = str(tokenizer.decode(filler_ids[:split])).strip() if split else ""
+    tail = str(tokenizer.decode(filler_ids[split:])).strip() if split < len(filler_ids) else ""
+    return SEPARATOR.join(part for part in (head, text, tail) if part)
+
+
 def transformations(request: str, filler: FillerSource, lengths: Sequence[int], windows: WindowConfig,
                     seed: int) -> dict[str, str]:
     """The request's variants by name ("after_1024", "gap_3072", "zero_width", ...), the request alone first, and
@@ -135,9 +142,7 @@ def transformations(request: str, filler: FillerSource, lengths: Sequence[int], 
         pad = filler.tokens(n, seed * 7919 + n)
         split = {"before": n, "after": 0, "around": n // 2, "gap": gap_split(n, n_request, windows)}
         for place in PLACEMENTS:
-            head = str(tok.decode(pad[: split[place]])).strip() if split[place] else ""
-            tail = str(tok.decode(pad[split[place]:])).strip() if split[place] < n else ""
-            out[f"{place}_{n}"] = SEPARATOR.join(part for part in (head, request, tail) if part)
+            out[f"{place}_{n}"] = in_filler(request, tok, pad, split[place])
         out[f"{CONTROL}_{n}"] = str(tok.decode(pad)).strip()
     for name in DISGUISES:
         out[name] = _DISGUISE[name](request)

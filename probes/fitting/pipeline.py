@@ -106,7 +106,8 @@ def data_section(settings: Settings, prepared: Prepared) -> dict[str, Any]:
     return {
         "datasets_dir": str(d.datasets_dir), "file_sha256": prepared.dataset.file_hashes,
         "content_hash": prepared.dataset.content_hash(), "max_per_source": d.max_per_source,
-        "class_balance_per_source": d.class_balance_per_source, "balance_with": d.balance_with, "sources": list(d.sources), "categories": list(d.categories),
+        "class_balance_per_source": d.class_balance_per_source, "balance_with": d.balance_with,
+        "sources": list(d.sources), "categories": list(d.categories),
         "split_seed": d.splits.seed, "split_fractions": d.splits.model_dump(exclude={"seed"}),
         "split_sizes": prepared.splits.sizes(),
     }

@@ -215,9 +215,8 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
     read = StateReader(extractor)
     padded: PaddedFit | None = None
     if padding is not None:
-        padded = fit_padded(pool, fold, states, y, fit, padding, extractor, recipe=recipe, delta=config.delta,
-                            calibration_fraction=config.calibration_fraction, cache_dir=cache_dir,
-                            datasets_dir=datasets_dir, seed=config.seed, skip=read_pool.prefix)
+        padded = fit_padded(pool, fold, states, y, fit, padding, extractor, recipe=recipe, config=config,
+                            cache_dir=cache_dir, datasets_dir=datasets_dir, skip=read_pool.prefix)
     filler = FillerSource(loaded.tokenizer, [r.messages[0].content for r in
                                              read_file(datasets_dir / FILLER_FILE)[:2000]])
     out: dict[str, Any] = {"fit": {"objective": fit.objective, "window": fit.window}, "max_tokens": max_tokens,
@@ -225,14 +224,15 @@ def run_token_dilution(config: LosoConfig, recipe: Recipe, fit: TokenScorerFit, 
                            "cuts": {"token": token_cut, "mean_probe": probe_cut,
                                     **({} if padded is None else {"token_padded": padded.cut})},
                            "template_prefix_tokens": read_pool.prefix}
+    windows = None if read_windows is None else WindowReader(read, loaded.tokenizer,
+                                                             read_windows.config(max_tokens))
+
     def scorers(token: TokenScorer, name: str = "token") -> tuple[Callable[[Sequence[Conversation]], F64],
                                                                   Callable[[Sequence[Conversation]], F64]]:
         if windows is None:
             return token_scorer_of(read, token), mean_probe_of(read, probe)
         return windowed_token_scorer(windows, token, name), windowed_mean_probe(windows, probe)
 
-    windows = None if read_windows is None else WindowReader(read, loaded.tokenizer,
-                                                             read_windows.config(max_tokens))
     token_score, probe_score = scorers(scorer)
     out["read"] = "whole" if read_windows is None else {"window": read_windows.window,
                                                         "stride": read_windows.stride}
@@ -297,7 +297,7 @@ def read_cost(requests: Sequence[str], filler: FillerSource, lengths: Sequence[i
         for name, text in transformations(request, filler, lengths, WindowConfig(), seed + i).items():
             conversation = single_turn(text)
             row = out.setdefault(name, {"windows": 0, "whole": 0})
-            row["windows"] += windows.tokens[tuple((m.role, m.content) for m in conversation)]
+            row["windows"] += windows.tokens[_key(conversation)]
             row["whole"] += len(full_ids(tokenizer, conversation))
     return out
 

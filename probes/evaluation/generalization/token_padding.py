@@ -35,8 +35,8 @@ from probes.activations.token_states import F16, record_token_states
 from probes.config import Frozen
 from probes.conversation import Conversation, single_turn
 from probes.data import Record, read_file
-from probes.evaluation.dilution import FILLER_FILE, REQUEST_FILES, SEPARATOR, FillerSource
-from probes.evaluation.generalization.folds import Fold, Recipe, _unit
+from probes.evaluation.dilution import FILLER_FILE, REQUEST_FILES, FillerSource, in_filler
+from probes.evaluation.generalization.folds import Fold, LosoConfig, Recipe, _unit
 from probes.evaluation.generalization.pool import PoolRecord
 from probes.evaluation.generalization.scoring import certified_cut
 from probes.fitting.token_scorer import TokenScorerFit, fit_token_scorer
@@ -114,12 +114,7 @@ class PaddedRows:
 
 def pad(text: str, filler: FillerSource, n: int, place: str, seed: int) -> str:
     """``text`` with ``n`` filler tokens before, after, or half on each side of it (as the yardstick joins them)."""
-    tok = filler.tokenizer
-    ids = filler.tokens(n, seed)
-    split = {"before": n, "after": 0, "around": n // 2}[place]
-    head = str(tok.decode(ids[:split])).strip() if split else ""
-    tail = str(tok.decode(ids[split:])).strip() if split < n else ""
-    return SEPARATOR.join(part for part in (head, text, tail) if part)
+    return in_filler(text, filler.tokenizer, filler.tokens(n, seed), {"before": n, "after": 0, "around": n // 2}[place])
 
 
 def _draw(seed: int, key: str, n: int) -> int:
@@ -198,13 +193,12 @@ class PaddedFit:
 
 
 def fit_padded(pool: Sequence[PoolRecord], fold: Fold, states: Sequence[F16], y: npt.NDArray[np.int64],
-               fit: TokenScorerFit, padding: TokenPadding, extractor: Any, *, recipe: Recipe, delta: float,
-               calibration_fraction: float, cache_dir: Path, datasets_dir: Path, seed: int = 0,
-               skip: int = 0) -> PaddedFit:
+               fit: TokenScorerFit, padding: TokenPadding, extractor: Any, *, recipe: Recipe, config: LosoConfig,
+               cache_dir: Path, datasets_dir: Path, skip: int = 0) -> PaddedFit:
     """The token scorer fitted on the fold's fit rows plus its padded rows, its cut certified on the fold's benign
     calibration rows plus the long benign ones (``recipe.cut`` fixed: 0.5)."""
     rows = padded_rows(pool, fold, padding, extractor.loaded.tokenizer, datasets_dir,
-                       calibration_fraction=calibration_fraction, seed=seed)
+                       calibration_fraction=config.calibration_fraction, seed=config.seed)
     long_states = read_padded(cache_dir, rows, extractor)
     train = [i for i, k in enumerate(rows.kinds) if k != "calibration"]
     long_cal = [i for i, k in enumerate(rows.kinds) if k == "calibration"]
@@ -213,7 +207,7 @@ def fit_padded(pool: Sequence[PoolRecord], fold: Fold, states: Sequence[F16], y:
                                  np.concatenate([y[fold.fit], rows.labels[train]]), weights, fit, skip=skip)
     benign = fold.calibration[y[fold.calibration] == 0]
     cal = scorer.proba([*(states[i] for i in benign), *(long_states[i] for i in long_cal)])
-    cut = certified_cut(cal, epsilon=recipe.epsilon, delta=delta) if recipe.cut == "fpr" else 0.5
+    cut = certified_cut(cal, epsilon=recipe.epsilon, delta=config.delta) if recipe.cut == "fpr" else 0.5
     long_p = scorer.proba([long_states[i] for i in long_cal])
     return PaddedFit(scorer, cut, {
         **padding.model_dump(mode="json"), **summary(rows, long_states),

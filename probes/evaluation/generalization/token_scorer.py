@@ -157,9 +157,8 @@ def run_token_comparison(config: LosoConfig, recipe: Recipe, *, cache_dir: Path,
         chosen = padding
 
         def padded(fold: Fold, fit: TokenScorerFit) -> PaddedFit:
-            return fit_padded(pool, fold, states, y, fit, chosen, long_reader, recipe=recipe, delta=config.delta,
-                              calibration_fraction=config.calibration_fraction, cache_dir=cache_dir,
-                              datasets_dir=datasets_dir, seed=config.seed, skip=read.prefix)
+            return fit_padded(pool, fold, states, y, fit, chosen, long_reader, recipe=recipe, config=config,
+                              cache_dir=cache_dir, datasets_dir=datasets_dir, skip=read.prefix)
     groups: dict[str, Any] = {}
     for group in config.pool.groups:
         fold = make_fold(pool, group.name, recipe, calibration_fraction=config.calibration_fraction,
