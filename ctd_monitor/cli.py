@@ -52,6 +52,7 @@ bench_app.command("cascade-cost")(bench.bench_cascade_cost)
 bench_app.command("soak")(bench.bench_soak)
 bench_app.command("drift")(bench_quality.bench_drift)
 bench_app.command("adaptation")(bench_quality.bench_adaptation)
+bench_app.command("long-conversations")(bench_quality.bench_long_conversations)
 bench_app.command("stream")(bench.bench_stream)
 
 app.command()(serve.schemas)

@@ -151,6 +151,23 @@ class DataConfig(Frozen):
     splits: SplitConfig = SplitConfig()
 
 
+class LongCalibrationConfig(Frozen):
+    """Long benign conversations the probe's cut for long traffic is certified on (probes/evaluation/long_cut.py).
+
+    A conversation longer than ``model.max_tokens`` is scored as the best of its views (probes/activations/windows.py),
+    and the calibration split holds few or none of them: the cut certified there bounded nothing on long traffic
+    (docs/method.md, "Long conversations"). Rows of these files whose text the bundle trained on are skipped.
+    """
+
+    files: tuple[str, ...] = Field(
+        ("xstest_completions.conversations.jsonl", "refusal_direction_completions.conversations.jsonl"),
+        description="conversation files read for their long benign (label 0) conversations")
+    max_conversations: int = Field(
+        200, ge=0, description="long benign conversations the long cut is certified on (0: no long cut); the rest "
+        "of them stay unseen for measuring it")
+    seed: int = 0
+
+
 class EncoderHeadConfig(Frozen):
     """The offline expert: all-mpnet-base-v2 fine-tuned as a sequence classifier."""
 
@@ -319,6 +336,7 @@ class Settings(BaseSettings):
     expert: ExpertConfig = ExpertConfig()
     stream: StreamConfig = StreamConfig()
     audit: AuditConfig = AuditConfig()
+    long_calibration: LongCalibrationConfig = LongCalibrationConfig()
 
     @field_validator("cache_dir")
     @classmethod

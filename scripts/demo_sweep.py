@@ -27,6 +27,7 @@ from probes.evaluation.cascade import (
     CascadeContext,
     Scored,
     calibrate_cuts,
+    calibrate_long,
     calibrate_signal,
     train_dv,
     write_cuts,
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
     replay = ctx.score(held_out_records(settings, args.events, args.seed))
     for epsilon in (float(e) for e in args.epsilons.split(",")):
         probe_cut, expert_cut = calibrate_cuts(ctx, calibration, epsilon=epsilon, delta=args.delta)
-        write_cuts(ctx, probe_cut, expert_cut)
+        write_cuts(ctx, probe_cut, expert_cut, calibrate_long(ctx, epsilon=epsilon, delta=args.delta))
         train_dv(ctx, epsilon=epsilon, delta=args.delta)
         for alpha in (float(a) for a in args.alphas.split(",")):
             for variant in ("pareto", "budget"):

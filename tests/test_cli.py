@@ -131,6 +131,11 @@ expert:
     for cut in (probe_cut, expert_cut):
         assert cut.valid and cut.epsilon == 0.1 and cut.n > 0 and cut.fpr is not None and cut.fpr <= 0.1
     assert manifest.probe_cut == probe_cut.cut != 0.5
+    # ... and the cut for long conversations, on long benign dialogues read as the worker reads them
+    long = manifest.long_unsafe_cut
+    assert long is not None and long.cut.n == 200 and cal["long_unsafe_cut"]["cut"]["cut"] == long.cut.cut
+    assert long.cut.valid and long.cut.fpr is not None and long.cut.fpr <= 0.1 and long.max_tokens == 48
+    assert manifest.long_probe_cut == max(long.cut.cut, probe_cut.cut)
     out = tmp_path / "eval"
     summary = run("evaluate", "--bundle", str(bundle), "--budgets", "0.1,0.3", "--out", str(out))
     metrics = orjson.loads((out / "metrics.json").read_bytes())

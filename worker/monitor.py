@@ -314,6 +314,8 @@ class MonitorHandler(OutputsSlot):
         if margin <= 0:
             return scores
         cuts = [self.monitor.unsafe_cut]
+        if self.monitor.long_cut is not None:
+            cuts.append(self.monitor.long_cut)
         if self.recalibrator is not None and self.recalibrator.state.probe_cut is not None:
             cuts.append(self.recalibrator.state.probe_cut)
         near = [i for i, p in enumerate(scores.p_unsafe.tolist()) if any(abs(p - c) < margin for c in cuts)]
@@ -412,7 +414,8 @@ class MonitorHandler(OutputsSlot):
             with self.metrics.stage_cpu("serialise_publish"):
                 unsigned: list[_Unsigned] = []
                 try:
-                    verdict_scores, flagged, recalibration = self._probe_verdicts(scores.p_unsafe, scores.features)
+                    verdict_scores, flagged, recalibration = self._probe_verdicts(
+                        scores.p_unsafe, scores.features, long=[len(item.body.rows) > 1 for item in part])
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
                         p_unsafe = float(scores.p_unsafe[i])
                         dv = None if scores.dv is None else float(scores.dv[i])
@@ -450,18 +453,27 @@ class MonitorHandler(OutputsSlot):
             self._prep_wake.set()
 
     # ---------------------------------------------------------------- publish
-    def _probe_verdicts(self, p: npt.NDArray[np.float64], features: npt.NDArray[np.float32] | None = None
-                        ) -> tuple[list[float], list[bool], Recalibration | None]:
+    def _probe_verdicts(self, p: npt.NDArray[np.float64], features: npt.NDArray[np.float32] | None = None, *,
+                        long: Sequence[bool] | None = None) -> tuple[list[float], list[bool], Recalibration | None]:
         """The verdicts' scores and decisions for a scored batch, once per batch (not per event): the raw score at
         the bundle's cut, or with audits on the calibrated score, flagged at the cut in force (the same decision as
         the raw score at ``probe_cut``; under a refit head its score on ``features``, the events' pooled
         activations), and the state that decided. Read on the event loop, where refits are put in force: one
-        state decides the whole batch."""
+        state decides the whole batch.
+
+        ``long``: the events read in more than one view. Such an event is flagged only if its raw score also
+        reaches the bundle's long-conversation cut (probes/evaluation/long_cut.py): the best of up to 17 views
+        crosses a cut certified on single views far more often than ε."""
         recal = self.recalibrator
         if recal is None:
-            return p.tolist(), (p >= self.monitor.unsafe_cut).tolist(), None
-        return (np.clip(recal.calibrated(p, features), 0.0, 1.0).tolist(), recal.flags(p, features).tolist(),
-                recalibration_info(recal))
+            scores, flags, info = p.tolist(), p >= self.monitor.unsafe_cut, None
+        else:
+            scores = np.clip(recal.calibrated(p, features), 0.0, 1.0).tolist()
+            flags, info = recal.flags(p, features), recalibration_info(recal)
+        long_cut = self.monitor.long_cut
+        if long_cut is not None and long is not None:
+            flags = flags & ((p >= long_cut) | ~np.asarray(long, dtype=bool))
+        return scores, flags.tolist(), info
 
     def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, score: float,
                  unsafe: bool, recalibration: Recalibration | None, queue_s: float,

@@ -328,3 +328,27 @@ def bench_adaptation(
         except ValueError as exc:
             fail(str(exc))
     emit(write(report, out, plot=plot))
+
+
+@guarded
+def bench_long_conversations(
+    ctx: typer.Context,
+    bundle: Annotated[Path, typer.Option(help="probe bundle calibrated with a long-conversation cut")] = Path(
+        "runs/bundle"),
+    held_out: Annotated[int, typer.Option(min=1, help="benign long dialogues past those the cut was certified on")] = 300,
+    harmful: Annotated[int, typer.Option(min=1, help="harmful long dialogues of the same files")] = 200,
+    user_turns: Annotated[bool, typer.Option(help="also score each dialogue on its user turns only")] = True,
+) -> None:
+    """Held-out long dialogues through the worker's reading: flag rates at the probe's cut and its long cut."""
+    from ctd_monitor.bench.long_conversations import measure
+    from probes.evaluation.cascade import settings_for_bundle
+    from probes.fitting.pipeline import prepare_data
+    from probes.runtime.monitor import Monitor
+
+    s = settings(ctx)
+    monitor = Monitor(bundle, s.model, cache_dir=s.cache_dir)
+    trained_on = list(prepare_data(settings_for_bundle(s, monitor.bundle)).dataset.records)
+    try:
+        emit(measure(s, monitor, trained_on, held_out=held_out, harmful=harmful, user_turns=user_turns))
+    except ValueError as exc:
+        fail(str(exc))

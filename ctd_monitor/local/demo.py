@@ -31,6 +31,7 @@ from probes.data import Record, read_file, resolve_paths
 from probes.evaluation.cascade import (
     CascadeContext,
     calibrate_cuts,
+    calibrate_long,
     calibrate_signal,
     train_dv,
     write_calibration,
@@ -91,12 +92,13 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
     return settings.model_copy(update={"data": data, "expert": expert})
 
 
-def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str) -> bool:
-    """A bundle with an expert, calibrated at these ε, α and δ, on this data (a changed default or file retrains)."""
+def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str, *, long_cut: bool = True) -> bool:
+    """A bundle with an expert, calibrated at these ε, α and δ, on this data (a changed default or file retrains);
+    with ``long_cut``, also for long conversations (a bundle from before the long cut is calibrated again)."""
     cal, cut = manifest.calibration, manifest.unsafe_cut
     return (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
             and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
-            and manifest.data.content_hash == content_hash)
+            and manifest.data.content_hash == content_hash and (manifest.long_unsafe_cut is not None or not long_cut))
 
 
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
@@ -105,13 +107,15 @@ def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
     prepared = prepare_data(settings)
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
-        if reusable(manifest, options, prepared.dataset.content_hash()):
+        if reusable(manifest, options, prepared.dataset.content_hash(),
+                    long_cut=settings.long_calibration.max_conversations > 0):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
     train_bundle(settings, bundle_dir, progress, prepared)
     ctx = CascadeContext(settings, bundle_dir, progress)
     # Cuts first, so the DV head learns where the expert fixes the decisions the cascade will actually take.
-    write_cuts(ctx, *calibrate_cuts(ctx, ctx.split("calibration"), epsilon=options.epsilon, delta=options.delta))
+    write_cuts(ctx, *calibrate_cuts(ctx, ctx.split("calibration"), epsilon=options.epsilon, delta=options.delta),
+               calibrate_long(ctx, epsilon=options.epsilon, delta=options.delta))
     train_dv(ctx, epsilon=options.epsilon, delta=options.delta)
     result = calibrate_signal(ctx, ctx.split("calibration"), Signal.DV, alpha=options.alpha, delta=options.delta,
                               variant="pareto", seed=options.seed)

@@ -28,6 +28,7 @@ from probes.calibration.ltt import (
 from probes.config import DataConfig, Settings, SplitConfig
 from probes.data import SPLITS, Record
 from probes.errors import BundleError, DataError
+from probes.evaluation.long_cut import calibrate_long_cut
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.fitting.dv import Target, dv_binary, signal_quality
@@ -45,8 +46,8 @@ from probes.fitting.pipeline import (
 from probes.heads.inference import CUT_EXTRA_FEATURES
 from probes.logs import get_logger
 from probes.runtime.bundle import Bundle, load_bundle, save_bundle, update_manifest
-from probes.runtime.manifest import SIGNAL_NAMES, HeadInfo, Signal
-from probes.runtime.monitor import head_scores
+from probes.runtime.manifest import SIGNAL_NAMES, HeadInfo, LongConversationCut, Signal
+from probes.runtime.monitor import Monitor, head_scores
 
 log = get_logger(__name__)
 F64 = npt.NDArray[np.float64]
@@ -287,8 +288,21 @@ def calibrate_cuts(ctx: CascadeContext, cal: Scored, *, epsilon: float, delta: f
             calibrate_unsafe_cut(cal.b, cal.y, epsilon=epsilon, delta=delta, scorer=ctx.expert.name))
 
 
-def write_cuts(ctx: CascadeContext, probe: UnsafeCut, expert: UnsafeCut) -> None:
-    ctx.bundle.manifest = update_manifest(ctx.bundle_dir, unsafe_cut=probe, expert_unsafe_cut=expert)
+def calibrate_long(ctx: CascadeContext, *, epsilon: float, delta: float) -> LongConversationCut | None:
+    """The probe's cut for long conversations (probes/evaluation/long_cut.py), read by the runtime ``Monitor``."""
+    monitor = Monitor(ctx.bundle_dir, ctx.settings.model, cache_dir=ctx.settings.cache_dir)
+    n = ctx.settings.long_calibration.max_conversations
+    return calibrate_long_cut(ctx.settings, monitor, ctx.prepared.dataset.records, epsilon=epsilon, delta=delta,
+                              advance=ctx.progress("long conversations (worker reads)", n) if n else lambda _n: None)
+
+
+def write_cuts(ctx: CascadeContext, probe: UnsafeCut, expert: UnsafeCut,
+               long: LongConversationCut | None = None) -> None:
+    """The cuts into the manifest; ``long=None`` removes a long cut certified before (it was for another ε)."""
+    ctx.bundle.manifest = update_manifest(ctx.bundle_dir, unsafe_cut=probe, expert_unsafe_cut=expert,
+                                          long_unsafe_cut=long)
+    if long is not None and not long.cut.valid:
+        log.warning("calibration.no_valid_long_cut", epsilon=long.cut.epsilon, delta=long.cut.delta, n=long.cut.n)
     for cut in (probe, expert):
         if not cut.valid:
             log.warning("calibration.no_valid_unsafe_cut", scorer=cut.scorer, epsilon=cut.epsilon, delta=cut.delta,

@@ -155,6 +155,23 @@ class UnsafeCut(_Frozen):
     tested: int = 0
 
 
+class LongConversationCut(_Frozen):
+    """The probe's unsafe cut for conversations read in more than one view (longer than ``max_tokens`` with windows
+    on), certified on long benign conversations scored the way the worker scores them (the best of their views).
+
+    A long conversation is flagged only at or above both this cut and the one in force for the rest, so each
+    guarantee holds for its own traffic: short traffic like the calibration split, long traffic like ``files``'
+    long benign conversations. ``windows`` is the reading the cut was certified under; another one in the worker is
+    logged as a warning.
+    """
+
+    cut: UnsafeCut
+    windows: dict[str, Any]
+    max_tokens: int
+    files: list[str]
+    seed: int = 0  # the order the files' dialogues were taken in: the first ``cut.n`` certified
+
+
 class StopCalibration(_Frozen):
     """One LTT stop threshold of a streamed response (probes/fitting/token_train.py); ``threshold=None``: never stop."""
 
@@ -225,6 +242,7 @@ class BundleManifest(_Frozen):
     unsafe_cut: UnsafeCut | None = None
     expert: ExpertInfo | None = None
     expert_unsafe_cut: UnsafeCut | None = None
+    long_unsafe_cut: LongConversationCut | None = None
     stream: StreamManifest | None = None
 
     @property
@@ -235,6 +253,13 @@ class BundleManifest(_Frozen):
     def probe_cut(self) -> float:
         """The probe's unsafe cut: the calibrated one, else the default."""
         return self.unsafe_cut.cut if self.unsafe_cut is not None else DEFAULT_UNSAFE_CUT
+
+    @property
+    def long_probe_cut(self) -> float | None:
+        """The probe's cut for long conversations: never below ``probe_cut``; None when no long cut was certified
+        (long conversations then share ``probe_cut``, whose flag rate on them nothing bounds)."""
+        long = self.long_unsafe_cut
+        return max(long.cut.cut, self.probe_cut) if long is not None and long.cut.valid else None
 
     def expert_cut(self, expert_name: str) -> UnsafeCut | None:
         """The calibrated cut of this expert; None when the bundle's expert cut belongs to another scorer."""

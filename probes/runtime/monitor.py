@@ -143,11 +143,26 @@ class Monitor:
         if cut is None or not cut.valid:
             log.warning("monitor.uncalibrated_unsafe_cut", bundle=self.bundle.version, cut=self.unsafe_cut,
                         reason="no unsafe cut in the bundle" if cut is None else "no cut certified at this epsilon")
+        long = self.bundle.manifest.long_unsafe_cut
+        if self.windows.enabled and (long is None or not long.cut.valid):
+            log.warning("monitor.uncalibrated_long_cut", bundle=self.bundle.version,
+                        reason="no long-conversation cut in the bundle" if long is None
+                        else "no long-conversation cut certified at this epsilon")
+        elif long is not None and (long.windows != self.windows.model_dump(mode="json")
+                                   or long.max_tokens != self.max_tokens):
+            log.warning("monitor.long_cut_reading_differs", certified=long.windows, reading=self.windows.model_dump(
+                mode="json"), reason="the long-conversation cut was certified on another reading of long conversations")
 
     @property
     def unsafe_cut(self) -> float:
         """p_unsafe at or above which the probe's verdict is "unsafe": the bundle's calibrated cut."""
         return self.bundle.manifest.probe_cut
+
+    @property
+    def long_cut(self) -> float | None:
+        """P(unsafe) at or above which a conversation read in more than one view is "unsafe" (never below
+        ``unsafe_cut``); None: no long cut certified, such conversations share ``unsafe_cut``."""
+        return self.bundle.manifest.long_probe_cut if self.windows.enabled else None
 
     @property
     def model_version(self) -> str:

@@ -79,6 +79,7 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
     from probes.runtime.bundle import read_manifest
 
     trained = read_manifest(options.out / "bundle")
+    assert trained.long_unsafe_cut is not None and trained.long_unsafe_cut.cut.epsilon == 0.05
     content = prepare_data(demo_settings(settings, options)).dataset.content_hash()
     assert reusable(trained, options, content)
     assert not reusable(trained, options, "another data set")

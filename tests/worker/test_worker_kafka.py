@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctd_monitor.local.replay import replay
-from probes.runtime.manifest import UnsafeCut
+from probes.runtime.manifest import LongConversationCut, UnsafeCut
 from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     ALPHA,
@@ -97,6 +98,46 @@ async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
     assert counter_total(worker2.metrics.events_in) == 0
     worker2.stop()
     await asyncio.wait_for(task2, 15)
+
+
+async def test_long_conversations_are_decided_at_the_long_cut(
+    kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
+) -> None:
+    """A conversation read in more than one view is flagged only at the bundle's long-conversation cut too
+    (probes/evaluation/long_cut.py); one that fits keeps the probe's cut. Real conversations of the shared data."""
+    from probes.data import read_file
+    from probes.evaluation.long_cut import worker_scores
+
+    dialogues = [r for r in read_file(datasets_dir / "xstest_completions.conversations.jsonl")[:200]
+                 if len(monitor.tokenize_windows(r.messages)) > 1]
+    short = [r for r in read_file(datasets_dir / "xstest.jsonl")[:1]]
+    rows = monitor.tokenize_windows_batch([r.messages for r in dialogues])
+    p = worker_scores(monitor, rows)
+    low, high = int(np.argmin(p)), int(np.argmax(p))
+    assert p[high] > p[low]
+    chosen = {"long-low": dialogues[low], "long-high": dialogues[high], "short": short[0]}
+    p_short = float(worker_scores(monitor, monitor.tokenize_windows_batch([short[0].messages]))[0])
+    below = min(p[low], p_short) / 2  # every event is at or above the probe's cut
+    long_cut = (p[low] + p[high]) / 2  # ... and only one long one at or above the long cut
+    original = monitor.bundle.manifest
+    cut = UnsafeCut(scorer="probe", cut=below, valid=True, epsilon=0.05, delta=0.1, n=100, fpr=0.04)
+    monitor.bundle.manifest = original.replace(unsafe_cut=cut, long_unsafe_cut=LongConversationCut(
+        cut=cut.model_copy(update={"cut": long_cut}), windows=monitor.windows.model_dump(mode="json"),
+        max_tokens=monitor.max_tokens, files=[]))
+    try:
+        assert monitor.long_cut == long_cut
+        s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1)
+        worker, task = await start_stream(s, monitor)
+        await produce_raw(s.kafka.bootstrap_servers, s.topics.input, [(None, orjson.dumps({
+            "event_id": name, "conversation_id": name, "created_at": "2026-01-01T00:00:00Z",
+            "messages": [{"role": m.role, "content": m.content} for m in r.messages]})) for name, r in chosen.items()])
+        verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 3)
+        decisions = {v["event_id"]: v["decision"] for v in verdicts}
+        assert decisions == {"long-low": "safe", "long-high": "unsafe", "short": "unsafe"}
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+    finally:
+        monitor.bundle.manifest = original
 
 
 async def test_bad_inputs_go_to_the_dead_letter_topic(

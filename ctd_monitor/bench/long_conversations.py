@@ -1,0 +1,74 @@
+"""``bench long-conversations``: a calibrated bundle's probe on long dialogues it never saw, read as the worker reads.
+
+Benign ones are those of ``long_calibration.files`` past the ones the long cut was certified on; harmful ones are the
+same files' long label-1 dialogues. Each is scored as the best of its views (``worker_scores``), and again reading its
+user turns only, to show how much of the long-conversation gap is the assistant turns (docs/method.md §6c).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.config import Settings
+from probes.data import Record
+from probes.evaluation.long_cut import LongConversations, long_conversations, worker_scores
+from probes.metrics import classification_metrics
+from probes.runtime.monitor import Monitor
+
+F64 = npt.NDArray[np.float64]
+
+
+def _user_turns(found: LongConversations) -> list[Record]:
+    return [Record(r.id, tuple(m for m in r.messages if m.role == "user"), r.label, r.source, file=r.file)
+            for r in found.records]
+
+
+def _flagged(scores: F64, cut: float) -> float | None:
+    return round(float(np.mean(scores >= cut)), 4) if scores.size else None
+
+
+def _rates(found: LongConversations, scores: F64, cuts: dict[str, float]) -> dict[str, Any]:
+    by_file: dict[str, list[float]] = defaultdict(list)
+    for record, score in zip(found.records, scores.tolist(), strict=True):
+        by_file[record.file].append(score)
+    return {"n": len(found.records), **{f"flagged_at_{name}": _flagged(scores, cut) for name, cut in cuts.items()},
+            "per_file": {name: {"n": len(v), **{f"flagged_at_{c}": _flagged(np.asarray(v), cut)
+                                                for c, cut in cuts.items()}} for name, v in sorted(by_file.items())}}
+
+
+def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, held_out: int, harmful: int,
+            user_turns: bool = True) -> dict[str, Any]:
+    """Flag rates of held-out long dialogues at the probe's cut and at its long cut; raises if either is missing."""
+    manifest = monitor.bundle.manifest
+    long_cut, cut = manifest.long_probe_cut, manifest.long_unsafe_cut
+    if long_cut is None or cut is None:
+        raise ValueError("the bundle has no certified long-conversation cut: run `ctd-monitor calibrate` first")
+    config = settings.long_calibration
+    if cut.files != list(config.files) or cut.seed != config.seed:
+        raise ValueError(f"the long cut was certified on {cut.files} (seed {cut.seed}): configure long_calibration "
+                         "so, or its dialogues would count as held out")
+    # The first ``n`` in the seeded order certified the cut; the ones after them were never used.
+    benign = long_conversations(settings, monitor, trained_on, limit=cut.cut.n + held_out).part(cut.cut.n)
+    unsafe = long_conversations(settings, monitor, trained_on, label=1, limit=harmful)
+    cuts = {"probe_cut": manifest.probe_cut, "long_cut": long_cut}
+    p_benign, p_unsafe = worker_scores(monitor, benign.rows), worker_scores(monitor, unsafe.rows)
+    labels = np.r_[np.zeros(p_benign.size), np.ones(p_unsafe.size)]
+    out: dict[str, Any] = {
+        "cuts": cuts, "certified_on": cut.cut.n, "epsilon": cut.cut.epsilon, "delta": cut.cut.delta,
+        "benign": _rates(benign, p_benign, cuts), "harmful": _rates(unsafe, p_unsafe, cuts),
+        "whole": classification_metrics(labels, np.r_[p_benign, p_unsafe]) if p_benign.size and p_unsafe.size
+        else None,
+    }
+    if user_turns and p_benign.size and p_unsafe.size:
+        rows = [monitor.tokenize_windows_batch([r.messages for r in _user_turns(found)]) for found in (benign, unsafe)]
+        scores = [worker_scores(monitor, r) for r in rows]
+        out["user_turns_only"] = {
+            **classification_metrics(labels, np.concatenate(scores)),
+            "benign_flagged_at_probe_cut": _flagged(scores[0], manifest.probe_cut),
+            "harmful_flagged_at_probe_cut": _flagged(scores[1], manifest.probe_cut),
+        }
+    return out

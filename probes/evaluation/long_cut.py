@@ -1,0 +1,107 @@
+"""The probe's unsafe cut for long conversations, certified on long benign conversations read as the worker reads.
+
+The worker scores a conversation longer than ``max_tokens`` as the best of its views (the kept tail and the
+windows, probes/activations/windows.py): up to 17 chances to cross the cut instead of one. The calibration split
+is mostly single requests, so the cut certified there bounded nothing on long traffic: measured on a demo bundle
+(ε = 0.08), 79–90 % of held-out long benign conversations were flagged (docs/method.md, "Long conversations").
+
+So long traffic gets a cut of its own, certified by the same test (``calibrate_unsafe_cut``) on long benign
+conversations of ``long_calibration.files`` that the bundle never trained on, each scored through the runtime
+``Monitor`` (the worker's code path). Conversations are taken in a seeded order; the first
+``max_conversations`` certify, the rest stay unseen (``held_out``) to measure the cut on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.activations.normalise import normalise
+from probes.cache import sha256_text
+from probes.calibration.ltt import calibrate_unsafe_cut
+from probes.config import LongCalibrationConfig, Settings
+from probes.data import Record, read_file, resolve_paths
+from probes.logs import get_logger
+from probes.runtime.manifest import LongConversationCut
+from probes.runtime.monitor import Monitor
+
+log = get_logger(__name__)
+
+#: Conversations tokenized (and, when long, scored) per call: bounds memory, not results.
+CHUNK = 32
+
+
+@dataclass(frozen=True)
+class LongConversations:
+    """Long conversations of the configured files and their worker rows, in the seeded order."""
+
+    records: list[Record]
+    rows: list[list[list[int]]]
+    considered: int  # conversations of the files with the label, after those the bundle trained on were dropped
+
+    def part(self, start: int, stop: int | None = None) -> LongConversations:
+        return LongConversations(self.records[start:stop], self.rows[start:stop], self.considered)
+
+
+def _texts(records: Sequence[Record]) -> set[str]:
+    return {normalise(m.content).strip() for r in records for m in r.messages if m.role == "user"}
+
+
+def long_conversations(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, label: int = 0,
+                       limit: int | None = None) -> LongConversations:
+    """Conversations of ``settings.long_calibration.files`` with ``label`` that the worker reads in more than one
+    view (benign ones certify the long cut; harmful ones only measure it).
+
+    A conversation sharing a user turn with ``trained_on`` (the bundle's data) is dropped: the probe has seen it,
+    so its score would understate the flag rate. At most ``limit`` long ones are collected (None: all).
+    """
+    config: LongCalibrationConfig = settings.long_calibration
+    seen = _texts(trained_on)
+    candidates = [r for path in resolve_paths(settings.data.datasets_dir, config.files) for r in read_file(path)
+                  if r.label == label and not _texts([r]) & seen]
+    candidates.sort(key=lambda r: sha256_text(str(config.seed), r.file, r.id))
+    records: list[Record] = []
+    rows: list[list[list[int]]] = []
+    for start in range(0, len(candidates), CHUNK):
+        if limit is not None and len(records) >= limit:
+            break
+        chunk = candidates[start : start + CHUNK]
+        for record, views in zip(chunk, monitor.tokenize_windows_batch([r.messages for r in chunk]), strict=True):
+            if len(views) > 1 and (limit is None or len(records) < limit):
+                records.append(record)
+                rows.append(views)
+    return LongConversations(records, rows, len(candidates))
+
+
+def worker_scores(monitor: Monitor, rows: Sequence[list[list[int]]],
+                  advance: Callable[[int], None] = lambda _n: None) -> npt.NDArray[np.float64]:
+    """P(unsafe) of each conversation as the worker scores it: the best of its rows."""
+    out = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows[start : start + CHUNK]
+        flat = [row for views in chunk for row in views]
+        groups = [i for i, views in enumerate(chunk) for _ in views]
+        out[start : start + len(chunk)] = monitor.score_grouped(monitor.collate_by_length(flat), groups,
+                                                                len(chunk)).p_unsafe
+        advance(len(chunk))
+    return out
+
+
+def calibrate_long_cut(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, epsilon: float,
+                       delta: float, advance: Callable[[int], None] = lambda _n: None) -> LongConversationCut | None:
+    """The long-conversation cut at ε, δ; None when ``max_conversations`` is 0 or windows are off (then no
+    conversation is read in more than one view)."""
+    config = settings.long_calibration
+    if config.max_conversations == 0 or not monitor.windows.enabled:
+        return None
+    found = long_conversations(settings, monitor, trained_on, limit=config.max_conversations)
+    scores = worker_scores(monitor, found.rows, advance)
+    cut = calibrate_unsafe_cut(scores, np.zeros(scores.size, dtype=np.int64), epsilon=epsilon, delta=delta,
+                               scorer="probe")
+    log.info("calibration.long_cut", cut=cut.cut, valid=cut.valid, n=cut.n, fpr=cut.fpr,
+             considered=found.considered, files=list(config.files))
+    return LongConversationCut(cut=cut, windows=monitor.windows.model_dump(mode="json"), max_tokens=monitor.max_tokens,
+                               files=list(config.files), seed=config.seed)
