@@ -152,11 +152,11 @@ class DataConfig(Frozen):
 
 
 class LongCalibrationConfig(Frozen):
-    """Long benign conversations the probe's cut for long traffic is certified on (probes/evaluation/long_cut.py).
+    """Long benign dialogues the probe's cut for long dialogues is certified on (probes/evaluation/long_cut.py).
 
     A conversation longer than ``model.max_tokens`` is scored as the best of its views (probes/activations/windows.py),
-    and the calibration split holds few or none of them: the cut certified there bounded nothing on long traffic
-    (docs/method.md, "Long conversations"). Rows of these files whose text the bundle trained on are skipped.
+    and the calibration split holds few or none of them: the cut certified there bounds nothing on long dialogues
+    (docs/method.md §6c). Rows of these files sharing a user turn with the bundle's data are skipped.
     """
 
     files: tuple[str, ...] = Field(

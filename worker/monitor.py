@@ -28,7 +28,7 @@ from probes.calibration.recalibration import OnlineRecalibrator
 from probes.errors import ConfigError
 from probes.heads.inference import LinearHead
 from probes.logs import get_logger
-from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS, Monitor, Scores
+from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS, Monitor, Scores, is_long_dialogue
 from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.breaker import CircuitBreaker
@@ -159,6 +159,12 @@ class MonitorHandler(OutputsSlot):
         # audit.refit=head: every event's pooled activations are kept past the heads (a refit head decides on
         # them, and audited events send them to the guard); otherwise they are dropped as before.
         self._keep_features = settings.audit.enabled and settings.audit.refit == "head"
+        # Long dialogues' own cut, where the operator chose it (worker.long_dialogue_cut, docs/method.md §6c).
+        self._long_cut = monitor.long_cut if settings.worker.long_dialogue_cut else None
+        if settings.worker.long_dialogue_cut and self._long_cut is None:
+            log.warning("monitor.no_long_cut", bundle=monitor.bundle.version,
+                        reason="worker.long_dialogue_cut is on but the bundle certifies no long-conversation cut: "
+                        "long dialogues are flagged at the probe's cut")
         if settings.audit.enabled:
             offline = monitor.bundle.manifest.unsafe_cut
             self.audits = AuditSampler(settings, metrics, secret=load_audit_secret(settings))
@@ -314,8 +320,8 @@ class MonitorHandler(OutputsSlot):
         if margin <= 0:
             return scores
         cuts = [self.monitor.unsafe_cut]
-        if self.monitor.long_cut is not None:
-            cuts.append(self.monitor.long_cut)
+        if self._long_cut is not None:
+            cuts.append(self._long_cut)
         if self.recalibrator is not None and self.recalibrator.state.probe_cut is not None:
             cuts.append(self.recalibrator.state.probe_cut)
         near = [i for i, p in enumerate(scores.p_unsafe.tolist()) if any(abs(p - c) < margin for c in cuts)]
@@ -415,7 +421,7 @@ class MonitorHandler(OutputsSlot):
                 unsigned: list[_Unsigned] = []
                 try:
                     verdict_scores, flagged, recalibration = self._probe_verdicts(
-                        scores.p_unsafe, scores.features, long=[len(item.body.rows) > 1 for item in part])
+                        scores.p_unsafe, scores.features, long=self._long_dialogues(part))
                     for i, (item, delegation) in enumerate(zip(part, delegations, strict=True)):
                         p_unsafe = float(scores.p_unsafe[i])
                         dv = None if scores.dv is None else float(scores.dv[i])
@@ -453,6 +459,21 @@ class MonitorHandler(OutputsSlot):
             self._prep_wake.set()
 
     # ---------------------------------------------------------------- publish
+    def _long_dialogues(self, items: Sequence[Item]) -> list[bool] | None:
+        """Which items the long-conversation cut applies to (None: ``worker.long_dialogue_cut`` off)."""
+        if self._long_cut is None:
+            return None
+        return [self._is_long_dialogue(item) for item in items]
+
+    @staticmethod
+    def _is_long_dialogue(item: Item) -> bool:
+        if len(item.body.rows) < 2:
+            return False
+        try:
+            return is_long_dialogue(item.body.event.conversation(), item.body.rows)
+        except Exception:  # noqa: BLE001 - an event that cannot say keeps the probe's cut (flagged more, not less)
+            return False
+
     def _probe_verdicts(self, p: npt.NDArray[np.float64], features: npt.NDArray[np.float32] | None = None, *,
                         long: Sequence[bool] | None = None) -> tuple[list[float], list[bool], Recalibration | None]:
         """The verdicts' scores and decisions for a scored batch, once per batch (not per event): the raw score at
@@ -461,7 +482,7 @@ class MonitorHandler(OutputsSlot):
         activations), and the state that decided. Read on the event loop, where refits are put in force: one
         state decides the whole batch.
 
-        ``long``: the events read in more than one view. Such an event is flagged only if its raw score also
+        ``long``: the long dialogues (``_long_dialogues``). Such an event is flagged only if its raw score also
         reaches the bundle's long-conversation cut (probes/evaluation/long_cut.py): the best of up to 17 views
         crosses a cut certified on single views far more often than ε."""
         recal = self.recalibrator
@@ -470,9 +491,8 @@ class MonitorHandler(OutputsSlot):
         else:
             scores = np.clip(recal.calibrated(p, features), 0.0, 1.0).tolist()
             flags, info = recal.flags(p, features), recalibration_info(recal)
-        long_cut = self.monitor.long_cut
-        if long_cut is not None and long is not None:
-            flags = flags & ((p >= long_cut) | ~np.asarray(long, dtype=bool))
+        if self._long_cut is not None and long is not None:
+            flags = flags & ((p >= self._long_cut) | ~np.asarray(long, dtype=bool))
         return scores, flags.tolist(), info
 
     def _publish(self, item: Item, p_unsafe: float, dv: float | None, delegation: Delegation, *, score: float,

@@ -5,10 +5,12 @@ windows, probes/activations/windows.py): up to 17 chances to cross the cut inste
 is mostly single requests, so the cut certified there bounded nothing on long traffic: measured on a demo bundle
 (ε = 0.08), 79–90 % of held-out long benign conversations were flagged (docs/method.md, "Long conversations").
 
-So long traffic gets a cut of its own, certified by the same test (``calibrate_unsafe_cut``) on long benign
-conversations of ``long_calibration.files`` that the bundle never trained on, each scored through the runtime
-``Monitor`` (the worker's code path). Conversations are taken in a seeded order; the first
-``max_conversations`` certify, the rest stay unseen (``held_out``) to measure the cut on.
+So long dialogues (``is_long_dialogue``) get a cut of their own, certified by the same test
+(``calibrate_unsafe_cut``) on long benign dialogues of ``long_calibration.files`` that the bundle never trained on,
+each scored through the runtime ``Monitor`` (the worker's code path). They are taken in a seeded order; the first
+``max_conversations`` certify, the rest stay unseen for ``bench long-conversations``. The worker applies the cut
+only where the operator chooses it (``worker.long_dialogue_cut``): on these dialogues the probe hardly separates
+the classes, so the certified cut also drops most harmful ones (docs/method.md §6c).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from probes.config import LongCalibrationConfig, Settings
 from probes.data import Record, read_file, resolve_paths
 from probes.logs import get_logger
 from probes.runtime.manifest import LongConversationCut
-from probes.runtime.monitor import Monitor
+from probes.runtime.monitor import Monitor, is_long_dialogue
 
 log = get_logger(__name__)
 
@@ -52,8 +54,8 @@ def _texts(records: Sequence[Record]) -> set[str]:
 
 def long_conversations(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, label: int = 0,
                        limit: int | None = None) -> LongConversations:
-    """Conversations of ``settings.long_calibration.files`` with ``label`` that the worker reads in more than one
-    view (benign ones certify the long cut; harmful ones only measure it).
+    """Conversations of ``settings.long_calibration.files`` with ``label`` that are long dialogues as the worker
+    reads them (``is_long_dialogue``; benign ones certify the long cut, harmful ones only measure it).
 
     A conversation sharing a user turn with ``trained_on`` (the bundle's data) is dropped: the probe has seen it,
     so its score would understate the flag rate. At most ``limit`` long ones are collected (None: all).
@@ -70,7 +72,7 @@ def long_conversations(settings: Settings, monitor: Monitor, trained_on: Sequenc
             break
         chunk = candidates[start : start + CHUNK]
         for record, views in zip(chunk, monitor.tokenize_windows_batch([r.messages for r in chunk]), strict=True):
-            if len(views) > 1 and (limit is None or len(records) < limit):
+            if is_long_dialogue(record.messages, views) and (limit is None or len(records) < limit):
                 records.append(record)
                 rows.append(views)
     return LongConversations(records, rows, len(candidates))

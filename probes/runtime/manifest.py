@@ -156,13 +156,14 @@ class UnsafeCut(_Frozen):
 
 
 class LongConversationCut(_Frozen):
-    """The probe's unsafe cut for conversations read in more than one view (longer than ``max_tokens`` with windows
-    on), certified on long benign conversations scored the way the worker scores them (the best of their views).
+    """The probe's unsafe cut for long dialogues (``probes.runtime.monitor.is_long_dialogue``: read in more than one
+    view, with an assistant turn), certified on long benign dialogues scored the way the worker scores them (the
+    best of their views).
 
-    A long conversation is flagged only at or above both this cut and the one in force for the rest, so each
-    guarantee holds for its own traffic: short traffic like the calibration split, long traffic like ``files``'
-    long benign conversations. ``windows`` is the reading the cut was certified under; another one in the worker is
-    logged as a warning.
+    Where the worker applies it (``worker.long_dialogue_cut``), a long dialogue is flagged only at or above both this
+    cut and the one in force for the rest, so each guarantee holds for its own traffic: short traffic like the
+    calibration split, long dialogues like ``files``' benign ones. ``windows`` is the reading the cut was certified
+    under; another one in the worker is logged as a warning.
     """
 
     cut: UnsafeCut

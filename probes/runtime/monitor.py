@@ -19,7 +19,7 @@ from probes.activations.features import FeatureExtractor, TokenBatch, collate
 from probes.activations.models import LoadedModel, load_model
 from probes.activations.windows import argmax_by_group, window_ids_batch
 from probes.config import ModelConfig
-from probes.conversation import Conversation
+from probes.conversation import Conversation, Message
 from probes.errors import BundleError
 from probes.heads.inference import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
@@ -119,6 +119,13 @@ def dv_inputs(bundle: Bundle, features: npt.ArrayLike, p: F64) -> npt.NDArray[np
     return np.asarray(features, dtype=np.float32)
 
 
+def is_long_dialogue(conversation: Sequence[Message], rows: Sequence[Sequence[int]]) -> bool:
+    """Read in more than one view and holding an assistant turn: the traffic the long-conversation cut is certified
+    on (probes/evaluation/long_cut.py). A long prompt alone (a jailbreak, a contextual request) is not: those dialogues
+    say nothing about its benign flag rate, and their cut would drop nearly every harmful one."""
+    return len(rows) > 1 and any(m.role == "assistant" for m in conversation)
+
+
 class Monitor:
     """Loads a bundle and the model it was trained on; scores token batches."""
 
@@ -144,12 +151,8 @@ class Monitor:
             log.warning("monitor.uncalibrated_unsafe_cut", bundle=self.bundle.version, cut=self.unsafe_cut,
                         reason="no unsafe cut in the bundle" if cut is None else "no cut certified at this epsilon")
         long = self.bundle.manifest.long_unsafe_cut
-        if self.windows.enabled and (long is None or not long.cut.valid):
-            log.warning("monitor.uncalibrated_long_cut", bundle=self.bundle.version,
-                        reason="no long-conversation cut in the bundle" if long is None
-                        else "no long-conversation cut certified at this epsilon")
-        elif long is not None and (long.windows != self.windows.model_dump(mode="json")
-                                   or long.max_tokens != self.max_tokens):
+        if long is not None and (long.windows != self.windows.model_dump(mode="json")
+                                 or long.max_tokens != self.max_tokens):
             log.warning("monitor.long_cut_reading_differs", certified=long.windows, reading=self.windows.model_dump(
                 mode="json"), reason="the long-conversation cut was certified on another reading of long conversations")
 
@@ -160,8 +163,8 @@ class Monitor:
 
     @property
     def long_cut(self) -> float | None:
-        """P(unsafe) at or above which a conversation read in more than one view is "unsafe" (never below
-        ``unsafe_cut``); None: no long cut certified, such conversations share ``unsafe_cut``."""
+        """P(unsafe) at or above which a long dialogue (``is_long_dialogue``) is "unsafe" where the worker applies
+        it (``worker.long_dialogue_cut``); never below ``unsafe_cut``; None: no long cut certified."""
         return self.bundle.manifest.long_probe_cut if self.windows.enabled else None
 
     @property

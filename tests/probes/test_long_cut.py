@@ -18,7 +18,7 @@ from probes.data import read_file
 from probes.evaluation.long_cut import calibrate_long_cut, long_conversations, worker_scores
 from probes.runtime.bundle import update_manifest
 from probes.runtime.manifest import LongConversationCut, UnsafeCut
-from probes.runtime.monitor import Monitor
+from probes.runtime.monitor import Monitor, is_long_dialogue
 from tests.worker.helpers import build_small_bundle
 
 MODEL = ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64)
@@ -46,6 +46,7 @@ def test_long_conversations_reads_only_unseen_long_conversations_conversations(m
     first = long_conversations(s, monitor, [], limit=12)
     assert len(first.records) == 12 and all(r.label == 0 for r in first.records)
     assert all(len(views) > 1 for views in first.rows)  # the worker reads each in more than one view
+    assert all(is_long_dialogue(r.messages, views) for r, views in zip(first.records, first.rows, strict=True))
     assert first.rows == [monitor.tokenize_windows(r.messages) for r in first.records]  # the worker's rows
     assert [r.id for r in long_conversations(s, monitor, [], limit=12).records] == [r.id for r in first.records]
     # A conversation sharing a user turn with the bundle's data is never used: its score would understate the rate.

@@ -174,3 +174,27 @@ def test_rows_forwarded_in_length_groups_score_as_in_one_batch(monitor: Monitor)
         assert kept.features is not None and kept.features.shape == (11, head.weight.size)
         np.testing.assert_allclose(head.proba(kept.features), kept.p_unsafe, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(kept.p_unsafe, a.p_unsafe, rtol=1e-4, atol=1e-6)
+
+
+def test_the_long_dialogue_cut_applies_only_where_the_operator_chose_it(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    """Off by default: a long dialogue scoring between the probe's cut and the long cut stays "unsafe" (the cut
+    would drop most harmful long dialogues, docs/method.md §6c); on, it is "safe" and a short event is unaffected."""
+    from probes.runtime.manifest import LongConversationCut, UnsafeCut
+
+    original = monitor.bundle.manifest
+    cut = UnsafeCut(scorer="probe", cut=0.5, valid=True, epsilon=0.05, delta=0.1, n=100, fpr=0.04)
+    monitor.bundle.manifest = original.replace(unsafe_cut=cut, long_unsafe_cut=LongConversationCut(
+        cut=cut.model_copy(update={"cut": 0.9}), windows=monitor.windows.model_dump(mode="json"),
+        max_tokens=monitor.max_tokens, files=[]))
+    try:
+        p = np.asarray([0.6, 0.6, 0.95])
+        for chosen, expected in ((False, [True, True, True]), (True, [True, False, True])):
+            settings = worker_settings("unused:9092", small_bundle, cache_dir, topics=TopicsConfig(), group="g",
+                                       long_dialogue_cut=chosen)
+            handler = monitor_stream(settings, monitor, WorkerMetrics()).handler
+            _, flagged, _ = handler._probe_verdicts(p, long=[False, True, True])
+            assert flagged == expected
+    finally:
+        monitor.bundle.manifest = original

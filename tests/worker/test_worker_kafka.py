@@ -100,25 +100,31 @@ async def test_every_event_gets_one_verdict_and_delegated_ones_a_review(
     await asyncio.wait_for(task2, 15)
 
 
-async def test_long_conversations_are_decided_at_the_long_cut(
+async def test_long_dialogues_are_decided_at_the_long_cut(
     kafka_broker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
 ) -> None:
-    """A conversation read in more than one view is flagged only at the bundle's long-conversation cut too
-    (probes/evaluation/long_cut.py); one that fits keeps the probe's cut. Real conversations of the shared data."""
+    """With worker.long_dialogue_cut, a long dialogue is flagged only at the bundle's long-conversation cut too
+    (probes/evaluation/long_cut.py); a conversation that fits, and a long prompt alone, keep the probe's cut.
+    Real conversations of the shared data."""
     from probes.data import read_file
     from probes.evaluation.long_cut import worker_scores
+    from probes.runtime.monitor import is_long_dialogue
 
     dialogues = [r for r in read_file(datasets_dir / "xstest_completions.conversations.jsonl")[:200]
-                 if len(monitor.tokenize_windows(r.messages)) > 1]
-    short = [r for r in read_file(datasets_dir / "xstest.jsonl")[:1]]
-    rows = monitor.tokenize_windows_batch([r.messages for r in dialogues])
-    p = worker_scores(monitor, rows)
+                 if is_long_dialogue(r.messages, monitor.tokenize_windows(r.messages))]
+    prompts = [r for r in read_file(datasets_dir / "jailbreak_prompts_itw.jsonl")[:100]
+               if len(monitor.tokenize_windows(r.messages)) > 1]
+    short = read_file(datasets_dir / "xstest.jsonl")[0]
+    p = worker_scores(monitor, monitor.tokenize_windows_batch([r.messages for r in dialogues]))
     low, high = int(np.argmin(p)), int(np.argmax(p))
-    assert p[high] > p[low]
-    chosen = {"long-low": dialogues[low], "long-high": dialogues[high], "short": short[0]}
-    p_short = float(worker_scores(monitor, monitor.tokenize_windows_batch([short[0].messages]))[0])
-    below = min(p[low], p_short) / 2  # every event is at or above the probe's cut
-    long_cut = (p[low] + p[high]) / 2  # ... and only one long one at or above the long cut
+    long_cut = (p[low] + p[high]) / 2  # one long dialogue below it, one at or above it
+    p_prompts = worker_scores(monitor, monitor.tokenize_windows_batch([r.messages for r in prompts]))
+    prompt = int(np.argmin(p_prompts))
+    assert p_prompts[prompt] < long_cut  # the long cut would say "safe" to it, were it a dialogue
+    chosen = {"long-low": dialogues[low], "long-high": dialogues[high], "long-prompt": prompts[prompt],
+              "short": short}
+    p_short = float(worker_scores(monitor, monitor.tokenize_windows_batch([short.messages]))[0])
+    below = min(p[low], p_short, p_prompts[prompt]) / 2  # every event is at or above the probe's cut
     original = monitor.bundle.manifest
     cut = UnsafeCut(scorer="probe", cut=below, valid=True, epsilon=0.05, delta=0.1, n=100, fpr=0.04)
     monitor.bundle.manifest = original.replace(unsafe_cut=cut, long_unsafe_cut=LongConversationCut(
@@ -126,14 +132,14 @@ async def test_long_conversations_are_decided_at_the_long_cut(
         max_tokens=monitor.max_tokens, files=[]))
     try:
         assert monitor.long_cut == long_cut
-        s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1)
+        s = _settings(kafka_broker, small_bundle, cache_dir, partitions=1, long_dialogue_cut=True)
         worker, task = await start_stream(s, monitor)
         await produce_raw(s.kafka.bootstrap_servers, s.topics.input, [(None, orjson.dumps({
             "event_id": name, "conversation_id": name, "created_at": "2026-01-01T00:00:00Z",
             "messages": [{"role": m.role, "content": m.content} for m in r.messages]})) for name, r in chosen.items()])
-        verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 3)
+        verdicts = await read_topic(s.kafka.bootstrap_servers, s.topics.verdicts, until=lambda r: len(r) >= 4)
         decisions = {v["event_id"]: v["decision"] for v in verdicts}
-        assert decisions == {"long-low": "safe", "long-high": "unsafe", "short": "unsafe"}
+        assert decisions == {"long-low": "safe", "long-high": "unsafe", "long-prompt": "unsafe", "short": "unsafe"}
         worker.stop()
         await asyncio.wait_for(task, 15)
     finally:
