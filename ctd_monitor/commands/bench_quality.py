@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from ctd_monitor.commands.common import emit, fail, guarded, options, settings
+from ctd_monitor.commands.common import BundleOpt, emit, fail, guarded, options, settings
 from ctd_monitor.progress import progress_bars
 
 
@@ -333,13 +333,13 @@ def bench_adaptation(
 @guarded
 def bench_long_conversations(
     ctx: typer.Context,
-    bundle: Annotated[Path, typer.Option(help="probe bundle calibrated with a long-conversation cut")] = Path(
-        "runs/bundle"),
+    bundle: BundleOpt = Path("runs/bundle"),
     held_out: Annotated[int, typer.Option(min=1, help="benign long dialogues past those the cut was certified on")] = 300,
     harmful: Annotated[int, typer.Option(min=1, help="harmful long dialogues of the same files")] = 200,
     user_turns: Annotated[bool, typer.Option(help="also score each dialogue on its user turns only")] = True,
 ) -> None:
-    """Held-out long dialogues through the worker's reading: flag rates at the probe's cut and its long cut."""
+    """Held-out long dialogues through the worker's reading: flag rates at the probe's cut and at the long cut
+    ``calibrate`` certified (the bundle must have one)."""
     from ctd_monitor.bench.long_conversations import measure
     from probes.evaluation.cascade import settings_for_bundle
     from probes.fitting.pipeline import prepare_data
