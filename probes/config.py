@@ -42,6 +42,12 @@ class WindowConfig(Frozen):
         65_536, ge=1024, description="content (UTF-8 bytes) of a conversation read whole; past this only its latest "
         "bytes (max_tokens x the most bytes a token covers, at most half of this) and a sample of bytes per window "
         "are normalised and tokenized")
+    dialogue_chars: int = Field(
+        1024, ge=1, description="content (characters) past which a conversation holding an assistant turn is a long "
+        "dialogue: the traffic the long-conversation cut is certified on (docs/method.md §6c)")
+    dialogue_read: Literal["all", "user_turns"] = Field(
+        "all", description="how a long dialogue is read: all its turns, or its user turns only (a probe trained on "
+        "requests then ranks long dialogues far better, and a harmful reply in one is left to the response monitor)")
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> WindowConfig:

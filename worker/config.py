@@ -118,10 +118,10 @@ class WorkerConfig(ServiceConfig):
         0.02, ge=0, lt=0.5, description="an event scored within this distance of the unsafe cut is scored again "
         "alone, so its decision does not depend on its batch (a redelivered duplicate decides the same); 0: off")
     long_dialogue_cut: bool = Field(
-        False, description="flag a long dialogue (read in more than one view, with an assistant turn) only at or "
-        "above the bundle's long-conversation cut too: its benign flag rate is then certified ≤ ε, at the price "
-        "of most harmful long dialogues (docs/method.md §6c); off: they are flagged at the probe's cut, which "
-        "flags most benign long dialogues as well")
+        False, description="flag a long dialogue (an assistant turn and over model.windows.dialogue_chars of content) "
+        "only at or above the bundle's long-conversation cut too: its benign flag rate is then certified ≤ ε, at the "
+        "price of much of the harm in long dialogues (docs/method.md §6c); off: they are flagged at the probe's cut, "
+        "which flags most benign long dialogues read whole as well")
     breaker_failures: int = Field(
         5, ge=1, description="events given up in a row (no batch scored between) that open the circuit breaker: "
         "/healthz/live turns red and inference pauses (breaker_cooldown_s, doubling) instead of dead-lettering all")

@@ -28,7 +28,7 @@ from probes.calibration.recalibration import OnlineRecalibrator
 from probes.errors import ConfigError
 from probes.heads.inference import LinearHead
 from probes.logs import get_logger
-from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS, Monitor, Scores, is_long_dialogue
+from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS, Monitor, Scores
 from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.breaker import CircuitBreaker
@@ -465,12 +465,9 @@ class MonitorHandler(OutputsSlot):
             return None
         return [self._is_long_dialogue(item) for item in items]
 
-    @staticmethod
-    def _is_long_dialogue(item: Item) -> bool:
-        if len(item.body.rows) < 2:
-            return False
+    def _is_long_dialogue(self, item: Item) -> bool:
         try:
-            return is_long_dialogue(item.body.event.conversation(), item.body.rows)
+            return self.monitor.is_long_dialogue(item.body.event.conversation())
         except Exception:  # noqa: BLE001 - an event that cannot say keeps the probe's cut (flagged more, not less)
             return False
 

@@ -28,7 +28,7 @@ from probes.config import LongCalibrationConfig, Settings
 from probes.data import Record, read_file, resolve_paths
 from probes.logs import get_logger
 from probes.runtime.manifest import LongConversationCut
-from probes.runtime.monitor import Monitor, is_long_dialogue
+from probes.runtime.monitor import Monitor
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ class LongConversations:
 
     records: list[Record]
     rows: list[list[list[int]]]
-    considered: int  # conversations of the files with the label, after those the bundle trained on were dropped
+    considered: int  # long dialogues of the files with the label, after those the bundle trained on were dropped
 
     def part(self, start: int, stop: int | None = None) -> LongConversations:
         return LongConversations(self.records[start:stop], self.rows[start:stop], self.considered)
@@ -58,12 +58,12 @@ def long_conversations(settings: Settings, monitor: Monitor, trained_on: Sequenc
     reads them (``is_long_dialogue``; benign ones certify the long cut, harmful ones only measure it).
 
     A conversation sharing a user turn with ``trained_on`` (the bundle's data) is dropped: the probe has seen it,
-    so its score would understate the flag rate. At most ``limit`` long ones are collected (None: all).
+    so its score would understate the flag rate. At most ``limit`` are collected (None: all).
     """
     config: LongCalibrationConfig = settings.long_calibration
     seen = _texts(trained_on)
     candidates = [r for path in resolve_paths(settings.data.datasets_dir, config.files) for r in read_file(path)
-                  if r.label == label and not _texts([r]) & seen]
+                  if r.label == label and monitor.is_long_dialogue(r.messages) and not _texts([r]) & seen]
     candidates.sort(key=lambda r: sha256_text(str(config.seed), r.file, r.id))
     records: list[Record] = []
     rows: list[list[list[int]]] = []
@@ -72,7 +72,7 @@ def long_conversations(settings: Settings, monitor: Monitor, trained_on: Sequenc
             break
         chunk = candidates[start : start + CHUNK]
         for record, views in zip(chunk, monitor.tokenize_windows_batch([r.messages for r in chunk]), strict=True):
-            if is_long_dialogue(record.messages, views) and (limit is None or len(records) < limit):
+            if limit is None or len(records) < limit:
                 records.append(record)
                 rows.append(views)
     return LongConversations(records, rows, len(candidates))
@@ -95,7 +95,7 @@ def worker_scores(monitor: Monitor, rows: Sequence[list[list[int]]],
 def calibrate_long_cut(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, epsilon: float,
                        delta: float, advance: Callable[[int], None] = lambda _n: None) -> LongConversationCut | None:
     """The long-conversation cut at ε, δ; None when ``max_conversations`` is 0 or windows are off (then no
-    conversation is read in more than one view)."""
+    conversation is a long dialogue: ``Monitor.is_long_dialogue``)."""
     config = settings.long_calibration
     if config.max_conversations == 0 or not monitor.windows.enabled:
         return None

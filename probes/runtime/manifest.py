@@ -156,9 +156,9 @@ class UnsafeCut(_Frozen):
 
 
 class LongConversationCut(_Frozen):
-    """The probe's unsafe cut for long dialogues (``probes.runtime.monitor.is_long_dialogue``: read in more than one
-    view, with an assistant turn), certified on long benign dialogues scored the way the worker scores them (the
-    best of their views).
+    """The probe's unsafe cut for long dialogues (``probes.runtime.monitor.is_long_dialogue``: an assistant turn and
+    more than ``windows.dialogue_chars`` of content), certified on long benign dialogues scored the way the worker
+    scores them (the best of their views, under ``windows.dialogue_read``).
 
     Where the worker applies it (``worker.long_dialogue_cut``), a long dialogue is flagged only at or above both this
     cut and the one in force for the rest, so each guarantee holds for its own traffic: short traffic like the

@@ -119,11 +119,19 @@ def dv_inputs(bundle: Bundle, features: npt.ArrayLike, p: F64) -> npt.NDArray[np
     return np.asarray(features, dtype=np.float32)
 
 
-def is_long_dialogue(conversation: Sequence[Message], rows: Sequence[Sequence[int]]) -> bool:
-    """Read in more than one view and holding an assistant turn: the traffic the long-conversation cut is certified
-    on (probes/evaluation/long_cut.py). A long prompt alone (a jailbreak, a contextual request) is not: those dialogues
-    say nothing about its benign flag rate, and their cut would drop nearly every harmful one."""
-    return len(rows) > 1 and any(m.role == "assistant" for m in conversation)
+def is_long_dialogue(conversation: Sequence[Message], min_chars: int) -> bool:
+    """Holding an assistant turn and more than ``min_chars`` of content: the traffic the long-conversation cut is
+    certified on (probes/evaluation/long_cut.py). A long prompt alone (a jailbreak, a contextual request) is not:
+    those dialogues say nothing about its benign flag rate, and their cut would drop nearly every harmful one. On the
+    conversation as sent, not on its tokens, so the rule is the same whichever way the dialogue is then read."""
+    if not any(m.role == "assistant" for m in conversation):
+        return False
+    total = 0
+    for m in conversation:
+        total += len(m.content)
+        if total > min_chars:
+            return True
+    return False
 
 
 class Monitor:
@@ -174,15 +182,25 @@ class Monitor:
     def tokenize(self, conversation: Conversation) -> list[int]:
         return self.extractor.tokenize([conversation])[0]
 
+    def is_long_dialogue(self, conversation: Sequence[Message]) -> bool:
+        """``is_long_dialogue`` under this reading (never with windows off: then nothing is read in windows)."""
+        return self.windows.enabled and is_long_dialogue(conversation, self.windows.dialogue_chars)
+
+    def read(self, conversation: Conversation) -> Conversation:
+        """What of a conversation is read: itself, or a long dialogue's user turns (``windows.dialogue_read``)."""
+        if self.windows.dialogue_read == "user_turns" and self.is_long_dialogue(conversation):
+            return tuple(m for m in conversation if m.role == "user") or conversation
+        return conversation
+
     def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
         """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too. The same rows
         as in a batch (``tokenize_windows_batch``): an event's rows never depend on what it was fetched with."""
-        return window_ids_batch(self.extractor.renderer, [conversation], self.windows)[0]
+        return window_ids_batch(self.extractor.renderer, [self.read(conversation)], self.windows)[0]
 
     def tokenize_windows_batch(self, conversations: Sequence[Conversation]) -> list[list[list[int]]]:
         """``tokenize_windows`` for many at once: the same rows from a few calls of the fast tokenizer for all
         (it releases the GIL), no chat template run per window. Raises if any conversation fails."""
-        return window_ids_batch(self.extractor.renderer, conversations, self.windows)
+        return window_ids_batch(self.extractor.renderer, [self.read(c) for c in conversations], self.windows)
 
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
         return self._pinned(collate(ids, list(range(len(ids))), self.extractor.pad_id))

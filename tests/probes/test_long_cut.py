@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
 from probes.config import LongCalibrationConfig, ModelConfig, Settings, WindowConfig
+from probes.conversation import Message
 from probes.data import read_file
 from probes.evaluation.long_cut import calibrate_long_cut, long_conversations, worker_scores
 from probes.runtime.bundle import update_manifest
@@ -45,8 +46,8 @@ def test_long_conversations_reads_only_unseen_long_conversations_conversations(m
     s = _settings(datasets_dir, cache_dir)
     first = long_conversations(s, monitor, [], limit=12)
     assert len(first.records) == 12 and all(r.label == 0 for r in first.records)
-    assert all(len(views) > 1 for views in first.rows)  # the worker reads each in more than one view
-    assert all(is_long_dialogue(r.messages, views) for r, views in zip(first.records, first.rows, strict=True))
+    assert all(monitor.is_long_dialogue(r.messages) for r in first.records)
+    assert all(len(views) > 1 for views in first.rows)  # at max_tokens 64 the worker reads each in windows
     assert first.rows == [monitor.tokenize_windows(r.messages) for r in first.records]  # the worker's rows
     assert [r.id for r in long_conversations(s, monitor, [], limit=12).records] == [r.id for r in first.records]
     # A conversation sharing a user turn with the bundle's data is never used: its score would understate the rate.
@@ -54,7 +55,8 @@ def test_long_conversations_reads_only_unseen_long_conversations_conversations(m
     again = long_conversations(s, monitor, trained_on, limit=12)
     assert first.records[0].id not in {r.id for r in again.records}
     assert again.considered < first.considered
-    benign = sum(1 for name in s.long_calibration.files for r in read_file(datasets_dir / name) if r.label == 0)
+    benign = sum(1 for name in s.long_calibration.files for r in read_file(datasets_dir / name)
+                 if r.label == 0 and monitor.is_long_dialogue(r.messages))
     assert first.considered == benign
 
 
@@ -130,3 +132,26 @@ def test_bench_long_conversations_measures_held_out_dialogues_at_both_cuts(
     assert out["benign"]["flagged_at_long_cut"] == pytest.approx(float(np.mean(expected >= out["cuts"]["long_cut"])),
                                                                  abs=1e-4)
     assert 0 <= out["user_turns_only"]["auroc"] <= 1 and 0 <= out["whole"]["auroc"] <= 1
+
+
+def test_a_long_dialogue_is_an_assistant_turn_and_enough_text() -> None:
+    long_reply = (Message("user", "How do I kill a Python process?"), Message("assistant", "Use kill. " * 200))
+    assert is_long_dialogue(long_reply, 1024)
+    assert not is_long_dialogue(long_reply[:1], 1024)  # a prompt alone, however long, is not a dialogue
+    assert not is_long_dialogue((Message("user", "x" * 5000),), 1024)
+    assert not is_long_dialogue((Message("user", "hi"), Message("assistant", "hello")), 1024)
+
+
+def test_user_turn_reading_reads_only_long_dialogues_user_turns(bundle: Path, monitor: Monitor, cache_dir: Path,
+                                                               datasets_dir: Path) -> None:
+    users = Monitor(bundle, MODEL.model_copy(update={"windows": WindowConfig(dialogue_read="user_turns")}),
+                    cache_dir=cache_dir)
+    dialogue = next(r.messages for r in read_file(datasets_dir / "xstest_completions.conversations.jsonl")
+                    if users.is_long_dialogue(r.messages))
+    asked = tuple(m for m in dialogue if m.role == "user")
+    assert users.tokenize_windows(dialogue) == users.tokenize_windows(asked) != monitor.tokenize_windows(dialogue)
+    assert users.tokenize_windows_batch([dialogue]) == [users.tokenize_windows(asked)]
+    short = (Message("user", "hi"), Message("assistant", "hello, how can I help?"))
+    prompt = (Message("user", "please " * 400),)
+    for conversation in (short, prompt):  # anything but a long dialogue is read whole, as before
+        assert users.read(conversation) == conversation

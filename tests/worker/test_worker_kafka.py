@@ -108,10 +108,9 @@ async def test_long_dialogues_are_decided_at_the_long_cut(
     Real conversations of the shared data."""
     from probes.data import read_file
     from probes.evaluation.long_cut import worker_scores
-    from probes.runtime.monitor import is_long_dialogue
 
     dialogues = [r for r in read_file(datasets_dir / "xstest_completions.conversations.jsonl")[:200]
-                 if is_long_dialogue(r.messages, monitor.tokenize_windows(r.messages))]
+                 if monitor.is_long_dialogue(r.messages)]
     prompts = [r for r in read_file(datasets_dir / "jailbreak_prompts_itw.jsonl")[:100]
                if len(monitor.tokenize_windows(r.messages)) > 1]
     short = read_file(datasets_dir / "xstest.jsonl")[0]
