@@ -3,7 +3,7 @@
 The worker scores a conversation longer than ``max_tokens`` as the best of its views (the kept tail and the
 windows, probes/activations/windows.py): up to 17 chances to cross the cut instead of one. The calibration split
 is mostly single requests, so the cut certified there bounded nothing on long traffic: measured on a demo bundle
-(ε = 0.08), 79–90 % of held-out long benign conversations were flagged (docs/method.md, "Long conversations").
+(ε = 0.08), 70 % of held-out long benign dialogues were flagged (docs/method.md §6c).
 
 So long dialogues (``is_long_dialogue``) get a cut of their own, certified by the same test
 (``calibrate_unsafe_cut``) on long benign dialogues of ``long_calibration.files`` that the bundle never trained on,
@@ -32,7 +32,7 @@ from probes.runtime.monitor import Monitor
 
 log = get_logger(__name__)
 
-#: Conversations tokenized (and, when long, scored) per call: bounds memory, not results.
+#: Conversations tokenized or scored per call: bounds memory, not results.
 CHUNK = 32
 
 
@@ -65,16 +65,9 @@ def long_conversations(settings: Settings, monitor: Monitor, trained_on: Sequenc
     candidates = [r for path in resolve_paths(settings.data.datasets_dir, config.files) for r in read_file(path)
                   if r.label == label and monitor.is_long_dialogue(r.messages) and not _texts([r]) & seen]
     candidates.sort(key=lambda r: sha256_text(str(config.seed), r.file, r.id))
-    records: list[Record] = []
-    rows: list[list[list[int]]] = []
-    for start in range(0, len(candidates), CHUNK):
-        if limit is not None and len(records) >= limit:
-            break
-        chunk = candidates[start : start + CHUNK]
-        for record, views in zip(chunk, monitor.tokenize_windows_batch([r.messages for r in chunk]), strict=True):
-            if limit is None or len(records) < limit:
-                records.append(record)
-                rows.append(views)
+    records = candidates[:limit]
+    rows = [views for start in range(0, len(records), CHUNK)
+            for views in monitor.tokenize_windows_batch([r.messages for r in records[start : start + CHUNK]])]
     return LongConversations(records, rows, len(candidates))
 
 
