@@ -17,14 +17,9 @@ from probes.config import Settings
 from probes.data import Record
 from probes.evaluation.long_cut import LongConversations, long_conversations, worker_scores
 from probes.metrics import classification_metrics
-from probes.runtime.monitor import Monitor
+from probes.runtime.monitor import Monitor, user_turns_of
 
 F64 = npt.NDArray[np.float64]
-
-
-def _user_turns(found: LongConversations) -> list[Record]:
-    return [Record(r.id, tuple(m for m in r.messages if m.role == "user"), r.label, r.source, file=r.file)
-            for r in found.records]
 
 
 def _flagged(scores: F64, cut: float) -> float | None:
@@ -64,7 +59,8 @@ def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, h
         else None,
     }
     if user_turns and p_benign.size and p_unsafe.size:
-        rows = [monitor.tokenize_windows_batch([r.messages for r in _user_turns(found)]) for found in (benign, unsafe)]
+        rows = [monitor.tokenize_windows_batch([user_turns_of(r.messages) for r in found.records])
+                for found in (benign, unsafe)]
         scores = [worker_scores(monitor, r) for r in rows]
         out["user_turns_only"] = {
             **classification_metrics(labels, np.concatenate(scores)),

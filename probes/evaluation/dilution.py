@@ -155,12 +155,7 @@ def monitor_scorer(monitor: Monitor, *, batch: int = 8) -> Scorer:
     def score(conversations: Sequence[Conversation]) -> F64:
         out: list[float] = []
         for start in range(0, len(conversations), batch):
-            chunk = conversations[start:start + batch]
-            rows = monitor.tokenize_windows_batch(chunk)
-            flat = [r for rs in rows for r in rs]
-            groups = [i for i, rs in enumerate(rows) for _ in rs]
-            scores = monitor.score_grouped(monitor.collate_by_length(flat), groups, len(chunk))
-            out.extend(float(p) for p in scores.p_unsafe)
+            out.extend(monitor.p_unsafe_of(monitor.tokenize_windows_batch(conversations[start:start + batch])).tolist())
         return np.asarray(out, dtype=np.float64)
 
     return score

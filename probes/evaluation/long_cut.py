@@ -77,10 +77,7 @@ def worker_scores(monitor: Monitor, rows: Sequence[list[list[int]]],
     out = np.empty(len(rows), dtype=np.float64)
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start : start + CHUNK]
-        flat = [row for views in chunk for row in views]
-        groups = [i for i, views in enumerate(chunk) for _ in views]
-        out[start : start + len(chunk)] = monitor.score_grouped(monitor.collate_by_length(flat), groups,
-                                                                len(chunk)).p_unsafe
+        out[start : start + len(chunk)] = monitor.p_unsafe_of(chunk)
         advance(len(chunk))
     return out
 

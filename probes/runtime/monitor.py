@@ -134,6 +134,11 @@ def is_long_dialogue(conversation: Sequence[Message], min_chars: int) -> bool:
     return False
 
 
+def user_turns_of(conversation: Conversation) -> Conversation:
+    """The conversation's user turns, in order (how ``windows.dialogue_read: user_turns`` reads a long dialogue)."""
+    return tuple(m for m in conversation if m.role == "user")
+
+
 class Monitor:
     """Loads a bundle and the model it was trained on; scores token batches."""
 
@@ -189,7 +194,7 @@ class Monitor:
     def read(self, conversation: Conversation) -> Conversation:
         """What of a conversation is read: itself, or a long dialogue's user turns (``windows.dialogue_read``)."""
         if self.windows.dialogue_read == "user_turns" and self.is_long_dialogue(conversation):
-            return tuple(m for m in conversation if m.role == "user") or conversation
+            return user_turns_of(conversation) or conversation
         return conversation
 
     def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
@@ -247,3 +252,10 @@ class Monitor:
         rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
         return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows],
                       None if scores.features is None else scores.features[rows])
+
+    def p_unsafe_of(self, rows: Sequence[Sequence[Sequence[int]]]) -> F64:
+        """P(unsafe) of conversations from their rows (``tokenize_windows_batch``), as the worker scores each: its
+        highest row."""
+        flat = [row for views in rows for row in views]
+        groups = [i for i, views in enumerate(rows) for _ in views]
+        return self.score_grouped(self.collate_by_length(flat), groups, len(rows)).p_unsafe
