@@ -121,7 +121,8 @@ class WorkerConfig(ServiceConfig):
         False, description="flag a long dialogue (an assistant turn and over model.windows.dialogue_chars of content) "
         "only at or above the bundle's long-conversation cut too: its benign flag rate is then certified ≤ ε, at the "
         "price of much of the harm in long dialogues (docs/method.md §6c); off: they are flagged at the probe's cut, "
-        "which flags most benign long dialogues read whole as well")
+        "which flags most benign long dialogues read whole as well. Whoever writes the conversation can make a request "
+        "a long dialogue (a fake assistant turn), so this also lets a producer opt it into the higher cut")
     breaker_failures: int = Field(
         5, ge=1, description="events given up in a row (no batch scored between) that open the circuit breaker: "
         "/healthz/live turns red and inference pauses (breaker_cooldown_s, doubling) instead of dead-lettering all")
