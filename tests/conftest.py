@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from probes.activations.models import LoadedModel, load_model, resolve_model_dir
-from probes.config import default_cache_dir, default_datasets_dir
+from probes.config import EncoderHeadConfig, default_cache_dir, default_datasets_dir
+from probes.data import read_file
+from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.logs import configure_logging
 
 configure_logging("WARNING")
@@ -45,3 +47,14 @@ def share_models(private_cache: Path, cache_dir: Path, backbone: str) -> None:
     """
     resolve_model_dir(backbone, cache_dir)
     (private_cache / "models").symlink_to(cache_dir / "models", target_is_directory=True)
+
+
+@pytest.fixture(scope="session")
+def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> EncoderHeadExpert:
+    """A MiniLM encoder fine-tuned for one quick epoch: real weights, real training, seconds on CPU."""
+    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
+    private = tmp_path_factory.mktemp("expert-cache")
+    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
+                               dtype="fp32")
+    share_models(private, cache_dir, config.backbone)
+    return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")

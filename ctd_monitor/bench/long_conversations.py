@@ -2,7 +2,9 @@
 
 Benign ones are those of ``long_calibration.files`` past the ones the long cut was certified on; harmful ones are the
 same files' long label-1 dialogues. Each is scored as the best of its views (``worker_scores``), and again reading its
-user turns only, to show how much of the long-conversation gap is the assistant turns (docs/method.md §6c).
+user turns only, to show how much of the long-conversation gap is the assistant turns (docs/method.md §6c). With an
+expert, the same dialogues are also scored as the guard scores a delegated one (``Expert.score`` on the conversation,
+windows and all) at the expert's certified cut: the guard's final verdict on a long dialogue is only as good as that.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy.typing as npt
 from probes.config import Settings
 from probes.data import Record
 from probes.evaluation.long_cut import LongConversations, long_conversations, worker_scores
+from probes.experts.base import Expert
+from probes.fitting.pipeline import score_in_chunks
 from probes.metrics import classification_metrics
 from probes.runtime.monitor import Monitor, user_turns_of
 
@@ -35,13 +39,27 @@ def _rates(found: LongConversations, scores: F64, cuts: dict[str, float]) -> dic
                                                 for c, cut in cuts.items()}} for name, v in sorted(by_file.items())}}
 
 
+def _expert(expert: Expert, cut: float, benign: LongConversations, unsafe: LongConversations) -> dict[str, Any]:
+    b_benign, b_unsafe = (score_in_chunks(expert, found.records, lambda _n: None) for found in (benign, unsafe))
+    labels = np.r_[np.zeros(b_benign.size), np.ones(b_unsafe.size)]
+    cuts = {"expert_cut": cut}
+    return {"expert": expert.name, "cut": cut,
+            "benign": _rates(benign, b_benign, cuts), "harmful": _rates(unsafe, b_unsafe, cuts),
+            "whole": classification_metrics(labels, np.r_[b_benign, b_unsafe]) if b_benign.size and b_unsafe.size
+            else None}
+
+
 def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, held_out: int, harmful: int,
-            user_turns: bool = True) -> dict[str, Any]:
-    """Flag rates of held-out long dialogues at the probe's cut and at its long cut; raises if either is missing."""
+            user_turns: bool = True, expert: Expert | None = None) -> dict[str, Any]:
+    """Flag rates of held-out long dialogues at the probe's cut and at its long cut; raises if either is missing,
+    or if ``expert`` is given and the bundle certified no cut for it."""
     manifest = monitor.bundle.manifest
     long_cut, cut = manifest.long_probe_cut, manifest.long_unsafe_cut
     if long_cut is None or cut is None:
         raise ValueError("the bundle has no certified long-conversation cut: run `ctd-monitor calibrate` first")
+    expert_cut = manifest.expert_cut(expert.name) if expert is not None else None
+    if expert is not None and expert_cut is None:
+        raise ValueError(f"the bundle has no certified cut for the expert {expert.name}: run `ctd-monitor calibrate`")
     config = settings.long_calibration
     if cut.files != list(config.files) or cut.seed != config.seed:
         raise ValueError(f"the long cut was certified on {cut.files} (seed {cut.seed}): configure long_calibration "
@@ -67,4 +85,6 @@ def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, h
             "benign_flagged_at_probe_cut": _flagged(scores[0], manifest.probe_cut),
             "harmful_flagged_at_probe_cut": _flagged(scores[1], manifest.probe_cut),
         }
+    if expert is not None and expert_cut is not None:
+        out["expert"] = _expert(expert, expert_cut.cut, benign, unsafe)
     return out

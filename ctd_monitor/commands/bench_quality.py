@@ -337,18 +337,24 @@ def bench_long_conversations(
     held_out: Annotated[int, typer.Option(min=1, help="benign long dialogues past those the cut was certified on")] = 300,
     harmful: Annotated[int, typer.Option(min=1, help="harmful long dialogues of the same files")] = 200,
     user_turns: Annotated[bool, typer.Option(help="also score each dialogue on its user turns only")] = True,
+    expert: Annotated[bool, typer.Option(
+        help="also score them with the configured expert (the guard's; encoder-head: the bundle's) at its cut")] = False,
 ) -> None:
     """Held-out long dialogues through the worker's reading: flag rates at the probe's cut and at the long cut
-    ``calibrate`` certified (the bundle must have one)."""
+    ``calibrate`` certified (the bundle must have one); with ``--expert``, the guard's expert at its cut too."""
     from ctd_monitor.bench.long_conversations import measure
     from probes.evaluation.cascade import settings_for_bundle
+    from probes.experts.factory import build_expert
     from probes.fitting.pipeline import prepare_data
     from probes.runtime.monitor import Monitor
 
     s = settings(ctx)
     monitor = Monitor(bundle, s.model, cache_dir=s.cache_dir)
-    trained_on = list(prepare_data(settings_for_bundle(s, monitor.bundle)).dataset.records)
+    bundle_settings = settings_for_bundle(s, monitor.bundle)
+    trained_on = list(prepare_data(bundle_settings).dataset.records)
+    guard = build_expert(bundle_settings, bundle_manifest=monitor.bundle.manifest) if expert else None
     try:
-        emit(measure(s, monitor, trained_on, held_out=held_out, harmful=harmful, user_turns=user_turns))
+        emit(measure(s, monitor, trained_on, held_out=held_out, harmful=harmful, user_turns=user_turns,
+                     expert=guard))
     except ValueError as exc:
         fail(str(exc))

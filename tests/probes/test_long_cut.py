@@ -17,6 +17,7 @@ from probes.config import LongCalibrationConfig, ModelConfig, Settings, WindowCo
 from probes.conversation import Message
 from probes.data import read_file
 from probes.evaluation.long_cut import calibrate_long_cut, long_conversations, worker_scores
+from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import update_manifest
 from probes.runtime.manifest import LongConversationCut, UnsafeCut
 from probes.runtime.monitor import Monitor, is_long_dialogue
@@ -99,7 +100,7 @@ def test_long_probe_cut_is_never_below_the_probe_cut(monitor: Monitor) -> None:
 
 def test_bench_long_conversations_measures_held_out_dialogues_at_both_cuts(
     bundle: Path, monitor: Monitor, datasets_dir: Path, cache_dir: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, small_expert: EncoderHeadExpert,
 ) -> None:
     s = _settings(datasets_dir, cache_dir, n=20)
     scratch = tmp_path / "b"
@@ -112,9 +113,9 @@ def test_bench_long_conversations_measures_held_out_dialogues_at_both_cuts(
                       f"data: {{datasets_dir: {datasets_dir}}}\nlong_calibration: {{max_conversations: 20}}\n")
     monkeypatch.setenv("CTD_CACHE_DIR", str(cache_dir))
 
-    def bench() -> Result:
+    def bench(*extra: str) -> Result:
         return CliRunner().invoke(app, ["--config", str(config), "--no-progress", "bench", "long-conversations",
-                                        "--bundle", str(scratch), "--held-out", "12", "--harmful", "10"])
+                                        "--bundle", str(scratch), "--held-out", "12", "--harmful", "10", *extra])
 
     missing = bench()
     assert missing.exit_code == 2 and "calibrate" in missing.output
@@ -132,6 +133,28 @@ def test_bench_long_conversations_measures_held_out_dialogues_at_both_cuts(
     assert out["benign"]["flagged_at_long_cut"] == pytest.approx(float(np.mean(expected >= out["cuts"]["long_cut"])),
                                                                  abs=1e-4)
     assert 0 <= out["user_turns_only"]["auroc"] <= 1 and 0 <= out["whole"]["auroc"] <= 1
+    assert "expert" not in out
+
+    # --expert: the same held-out dialogues scored as the guard scores a delegated one, at the expert's own cut
+    monkeypatch.setenv("CTD_EXPERT__PATH", str(small_expert.model_dir))
+    monkeypatch.setenv("CTD_EXPERT__ENCODER_HEAD__DTYPE", "fp32")
+    no_expert_cut = bench("--expert", "--no-user-turns")
+    assert no_expert_cut.exit_code == 2 and small_expert.name in no_expert_cut.output
+    unsafe = long_conversations(s, monitor, [], label=1, limit=10)
+    b_benign = small_expert.score([r.messages for r in held.records])
+    expert_cut = float(np.median(b_benign))
+    update_manifest(scratch, expert_unsafe_cut=UnsafeCut(scorer=small_expert.name, cut=expert_cut, valid=True,
+                                                         epsilon=0.2, delta=0.2, n=50, fpr=0.1))
+    result = bench("--expert", "--no-user-turns")
+    assert result.exit_code == 0, result.output
+    got = orjson.loads(result.stdout)["expert"]
+    assert got["expert"] == small_expert.name and got["cut"] == expert_cut
+    assert got["benign"]["n"] == 12 and got["harmful"]["n"] == 10
+    assert got["benign"]["flagged_at_expert_cut"] == pytest.approx(float(np.mean(b_benign >= expert_cut)), abs=1e-4)
+    b_unsafe = small_expert.score([r.messages for r in unsafe.records])
+    assert got["harmful"]["flagged_at_expert_cut"] == pytest.approx(float(np.mean(b_unsafe >= expert_cut)),
+                                                                    abs=1e-4)
+    assert 0 <= got["whole"]["auroc"] <= 1
 
 
 def test_a_long_dialogue_is_an_assistant_turn_and_enough_text() -> None:

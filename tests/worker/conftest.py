@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 
 from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
-from probes.config import EncoderHeadConfig, ModelConfig
-from probes.data import read_file
-from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
+from probes.config import ModelConfig
 from probes.runtime.monitor import Monitor
-from tests.conftest import share_models
 from tests.worker.helpers import build_small_bundle, session_keys_dir
 
 
@@ -69,17 +66,6 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, c
 @pytest.fixture(scope="session")
 def monitor(small_bundle: Path, cache_dir: Path) -> Monitor:
     return Monitor(small_bundle, ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64), cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="session")
-def small_expert(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> EncoderHeadExpert:
-    """A MiniLM encoder fine-tuned for one quick epoch: real weights, real training, seconds on CPU."""
-    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
-    private = tmp_path_factory.mktemp("expert-cache")
-    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
-                               dtype="fp32")
-    share_models(private, cache_dir, config.backbone)
-    return EncoderHeadExpert(train_encoder_head(config, records, cache_dir=private), dtype="fp32")
 
 
 @pytest.fixture(autouse=True)
