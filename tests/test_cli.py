@@ -136,6 +136,10 @@ expert:
     assert long is not None and long.cut.n == 200 and cal["long_unsafe_cut"]["cut"]["cut"] == long.cut.cut
     assert long.cut.valid and long.cut.fpr is not None and long.cut.fpr <= 0.1 and long.max_tokens == 48
     assert manifest.long_probe_cut == max(long.cut.cut, probe_cut.cut)
+    # ... and the expert's, on the same dialogues, scored as the guard scores them
+    expert_long = manifest.expert_long_cut(expert_cut.scorer)
+    assert expert_long is not None and expert_long.cut.n == 200 and expert_long.files == long.files
+    assert cal["expert_long_unsafe_cut"]["cut"]["cut"] == expert_long.cut.cut and expert_long.cut.fpr <= 0.1  # type: ignore[operator]
     out = tmp_path / "eval"
     summary = run("evaluate", "--bundle", str(bundle), "--budgets", "0.1,0.3", "--out", str(out))
     metrics = orjson.loads((out / "metrics.json").read_bytes())

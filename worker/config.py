@@ -353,6 +353,11 @@ class GuardConfig(ServiceConfig):
     unsafe_threshold: float | None = Field(
         None, gt=0, lt=1, description="expert score at or above which a verdict is unsafe; default: the cut "
         "`calibrate` certified for this expert in guard.bundle, else 0.5")
+    long_dialogue_cut: bool = Field(
+        False, description="decide a long dialogue (an assistant turn and over the certified windows.dialogue_chars of "
+        "content) at or above the expert's long-conversation cut in guard.bundle too: its benign flag rate is then "
+        "certified ≤ ε on long benign dialogues, at the price of some of their harm (docs/method.md §6c); off: at the "
+        "expert's cut, whose flag rate on them nothing bounds. A fake assistant turn makes any request a long dialogue")
     max_expert_attempts: int = Field(
         5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
     unavailable_decision: Literal["unsafe", "probe"] = Field(

@@ -25,6 +25,7 @@ import collections
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -33,14 +34,24 @@ import orjson
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
-from probes.errors import ExpertError, ExpertUnavailable
+from probes.conversation import is_long_dialogue
+from probes.errors import ConfigError, ExpertError, ExpertUnavailable
 from probes.experts.base import Expert
 from probes.logs import get_logger
 from probes.runtime.bundle import read_manifest
 from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
 from worker.breaker import CircuitBreaker
 from worker.config import GuardSettings
-from worker.events import AUDIT_HEADER, MAX_EVENT_BYTES, BudgetState, ReviewRequest, Timings, Verdict, utcnow
+from worker.events import (
+    AUDIT_HEADER,
+    MAX_EVENT_BYTES,
+    BudgetState,
+    ConversationEvent,
+    ReviewRequest,
+    Timings,
+    Verdict,
+    utcnow,
+)
 from worker.lanes import Lanes
 from worker.metrics import GuardMetrics
 from worker.signing import WORKER, SignatureError, Signer
@@ -84,6 +95,31 @@ def expert_unsafe_cut(settings: GuardSettings, expert_name: str) -> float:
     return calibrated.cut
 
 
+@dataclass(frozen=True)
+class LongDialogueCut:
+    """The expert's cut for long dialogues (``is_long_dialogue`` at ``min_chars``, the rule it was certified under)."""
+
+    cut: float
+    min_chars: int
+
+
+def expert_long_cut(settings: GuardSettings, expert_name: str, unsafe_cut: float) -> LongDialogueCut | None:
+    """With ``guard.long_dialogue_cut``, the long cut ``calibrate`` certified for this expert in ``guard.bundle``,
+    never below ``unsafe_cut`` (a long dialogue is flagged only where it would be if short, too). None when off;
+    on without such a cut refuses to start: the option promises a bound no cut gives."""
+    g = settings.guard
+    if not g.long_dialogue_cut:
+        return None
+    long = read_manifest(g.bundle).expert_long_cut(expert_name) if g.bundle is not None else None
+    if long is None:
+        raise ConfigError(f"guard.long_dialogue_cut: guard.bundle holds no certified long-conversation cut for "
+                          f"{expert_name}: run `ctd-monitor calibrate` on it, or turn the option off")
+    rule = LongDialogueCut(cut=max(long.cut.cut, unsafe_cut), min_chars=int(long.windows["dialogue_chars"]))
+    log.info("guard.long_dialogue_cut", cut=rule.cut, certified=long.cut.cut, min_chars=rule.min_chars,
+             epsilon=long.cut.epsilon, delta=long.cut.delta, n=long.cut.n)
+    return rule
+
+
 def probe_unsafe_cut(settings: GuardSettings) -> float:
     """The probe's unsafe cut in ``guard.bundle``, at which ``unavailable_decision: probe`` takes the probe's decision
     on the raw score a review request carries: the cut the probe's own verdict was decided at (before any online
@@ -114,6 +150,7 @@ class GuardHandler(OutputsSlot):
         self.settings = settings
         self.expert = expert
         self.unsafe_cut = expert_unsafe_cut(settings, expert.name)
+        self.long_cut = expert_long_cut(settings, expert.name, self.unsafe_cut)
         self.probe_cut = probe_unsafe_cut(settings)
         self._pending: collections.deque[Review] = collections.deque()
         g = settings.guard
@@ -296,6 +333,13 @@ class GuardHandler(OutputsSlot):
         self._degraded = degraded
         self.metrics.degraded.set(1 if degraded else 0)
 
+    def cut_for(self, event: ConversationEvent) -> float:
+        """The expert's cut for this event: the long-dialogue one where it applies, else the expert's cut."""
+        long = self.long_cut
+        if long is not None and is_long_dialogue(event.conversation(), long.min_chars):
+            return long.cut
+        return self.unsafe_cut
+
     # ---------------------------------------------------------------- publish
     def _publish(self, review: Review, score: float, *, started: float, scoring_s: float,
                  source: Literal["expert", "expert_unavailable"] = "expert",
@@ -305,7 +349,7 @@ class GuardHandler(OutputsSlot):
         if not math.isfinite(score):
             raise ExpertError(f"non-finite expert score {score}")
         if decision is None:
-            decision = "unsafe" if score >= self.unsafe_cut else "safe"
+            decision = "unsafe" if score >= self.cut_for(event) else "safe"
         waited_s = max(0.0, (utcnow() - request.requested_at).total_seconds() - scoring_s)
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,

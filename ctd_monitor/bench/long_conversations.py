@@ -4,7 +4,7 @@ Benign ones are those of ``long_calibration.files`` past the ones the long cut w
 same files' long label-1 dialogues. Each is scored as the best of its views (``worker_scores``), and again reading its
 user turns only, to show how much of the long-conversation gap is the assistant turns (docs/method.md §6c). With an
 expert, the same dialogues are also scored as the guard scores a delegated one (``Expert.score`` on the conversation,
-windows and all) at the expert's certified cut: the guard's final verdict on a long dialogue is only as good as that.
+windows and all) at the expert's certified cut and at its long cut: the guard's final verdict on a long dialogue.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 from probes.config import Settings
+from probes.conversation import user_turns_of
 from probes.data import Record
-from probes.evaluation.long_cut import LongConversations, long_conversations, worker_scores
+from probes.evaluation.long_cut import LongConversations, expert_scores, long_conversations, worker_scores
 from probes.experts.base import Expert
-from probes.fitting.pipeline import score_in_chunks
 from probes.metrics import classification_metrics
-from probes.runtime.monitor import Monitor, user_turns_of
+from probes.runtime.monitor import Monitor
 
 F64 = npt.NDArray[np.float64]
 
@@ -39,11 +39,11 @@ def _rates(found: LongConversations, scores: F64, cuts: dict[str, float]) -> dic
                                                 for c, cut in cuts.items()}} for name, v in sorted(by_file.items())}}
 
 
-def _expert(expert: Expert, cut: float, benign: LongConversations, unsafe: LongConversations) -> dict[str, Any]:
-    b_benign, b_unsafe = (score_in_chunks(expert, found.records, lambda _n: None) for found in (benign, unsafe))
+def _expert(expert: Expert, cuts: dict[str, float], benign: LongConversations,
+            unsafe: LongConversations) -> dict[str, Any]:
+    b_benign, b_unsafe = expert_scores(expert, benign.records), expert_scores(expert, unsafe.records)
     labels = np.r_[np.zeros(b_benign.size), np.ones(b_unsafe.size)]
-    cuts = {"expert_cut": cut}
-    return {"expert": expert.name, "cut": cut,
+    return {"expert": expert.name, "cuts": cuts,
             "benign": _rates(benign, b_benign, cuts), "harmful": _rates(unsafe, b_unsafe, cuts),
             "whole": classification_metrics(labels, np.r_[b_benign, b_unsafe]) if b_benign.size and b_unsafe.size
             else None}
@@ -86,5 +86,12 @@ def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, h
             "harmful_flagged_at_probe_cut": _flagged(scores[1], manifest.probe_cut),
         }
     if expert is not None and expert_cut is not None:
-        out["expert"] = _expert(expert, expert_cut.cut, benign, unsafe)
+        expert_long = manifest.expert_long_cut(expert.name)
+        if expert_long is not None and (expert_long.cut.n, expert_long.files, expert_long.seed) != (
+                cut.cut.n, cut.files, cut.seed):
+            raise ValueError("the expert's long cut was certified on other dialogues than the probe's: calibrate again")
+        # the benign dialogues are held out for the expert's long cut too: it was certified on the same first ``n``
+        out["expert"] = _expert(expert, {"expert_cut": expert_cut.cut, **(
+            {"expert_long_cut": max(expert_long.cut.cut, expert_cut.cut)} if expert_long is not None else {})},
+            benign, unsafe)
     return out

@@ -23,8 +23,8 @@ def calibrate(
     variant: Annotated[str, typer.Option(help="pareto | budget")] = "pareto",
     seed: Annotated[int, typer.Option(help="seed of the opt/HT split")] = 0,
 ) -> None:
-    """Learn-then-Test on the calibration split: the unsafe cuts of probe and expert (benign flag rate ≤ ε), the
-    probe's cut for long conversations (on long benign ones, read as the worker reads), then the delegation
+    """Learn-then-Test on the calibration split: the unsafe cuts of probe and expert (benign flag rate ≤ ε), their
+    cuts for long conversations (on long benign ones, read as the worker and the guard read them), then the delegation
     threshold (rate ≤ α) at those cuts; writes them to the manifest."""
     from probes.evaluation.cascade import (
         CascadeContext,
@@ -44,8 +44,8 @@ def calibrate(
         cascade = CascadeContext(s, bundle, bars)
         cal = cascade.split("calibration")
         probe_cut, expert_cut = calibrate_cuts(cascade, cal, epsilon=epsilon, delta=delta)
-        long_cut = calibrate_long(cascade, epsilon=epsilon, delta=delta)
-        write_cuts(cascade, probe_cut, expert_cut, long_cut)
+        long_cuts = calibrate_long(cascade, epsilon=epsilon, delta=delta)
+        write_cuts(cascade, probe_cut, expert_cut, long_cuts)
         result = calibrate_signal(cascade, cal, Signal(signal), alpha=alpha, delta=delta,
                                   variant=variant, seed=seed)  # type: ignore[arg-type]
     write_calibration(cascade, result)
@@ -53,9 +53,11 @@ def calibrate(
         if not cut.valid:
             console.print(f"[bold yellow]warning:[/] no {cut.scorer} unsafe cut certified at ε={epsilon}, δ={delta} "
                           f"on {cut.n} benign items: the default cut {cut.cut} stays, its flag rate is not bounded")
-    if long_cut is not None and not long_cut.cut.valid:
-        console.print(f"[bold yellow]warning:[/] no unsafe cut certified for long conversations at ε={epsilon} on "
-                      f"{long_cut.cut.n} long benign conversations: they share the probe's cut, unbounded on them")
+    for long_cut in long_cuts:
+        if long_cut is not None and not long_cut.cut.valid:
+            console.print(f"[bold yellow]warning:[/] no {long_cut.cut.scorer} unsafe cut certified for long "
+                          f"conversations at ε={epsilon} on {long_cut.cut.n} long benign conversations: they share "
+                          "its cut for the rest, unbounded on them")
     if not result.valid:
         console.print("[bold yellow]warning:[/] no valid threshold: the monitor will never delegate")
     dv = cascade.bundle.manifest.heads.get("dv")
@@ -66,4 +68,5 @@ def calibrate(
                       "again (it takes the calibrated cuts) and then calibrate")
     emit({**result.model_dump(mode="json"), "unsafe_cut": probe_cut.model_dump(mode="json"),
           "expert_unsafe_cut": expert_cut.model_dump(mode="json"),
-          "long_unsafe_cut": None if long_cut is None else long_cut.model_dump(mode="json")})
+          **{name: None if cut is None else cut.model_dump(mode="json")
+             for name, cut in (("long_unsafe_cut", long_cuts.probe), ("expert_long_unsafe_cut", long_cuts.expert))}})

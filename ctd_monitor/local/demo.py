@@ -94,11 +94,13 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
 
 def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str, *, long_cut: bool = True) -> bool:
     """A bundle with an expert, calibrated at these ε, α and δ, on this data (a changed default or file retrains);
-    with ``long_cut``, also for long conversations (a bundle from before the long cut is calibrated again)."""
+    with ``long_cut``, also for long conversations, the probe's and the expert's (a bundle from before either
+    long cut is calibrated again)."""
     cal, cut = manifest.calibration, manifest.unsafe_cut
+    long_cuts = manifest.long_unsafe_cut is not None and manifest.expert_long_unsafe_cut is not None
     return (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
             and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
-            and manifest.data.content_hash == content_hash and (manifest.long_unsafe_cut is not None or not long_cut))
+            and manifest.data.content_hash == content_hash and (long_cuts or not long_cut))
 
 
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,

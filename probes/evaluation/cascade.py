@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -288,25 +288,43 @@ def calibrate_cuts(ctx: CascadeContext, cal: Scored, *, epsilon: float, delta: f
             calibrate_unsafe_cut(cal.b, cal.y, epsilon=epsilon, delta=delta, scorer=ctx.expert.name))
 
 
-def calibrate_long(ctx: CascadeContext, *, epsilon: float, delta: float) -> LongConversationCut | None:
-    """The probe's cut for long conversations (probes/evaluation/long_cut.py), read by the runtime ``Monitor``."""
+class LongCuts(NamedTuple):
+    """The long-conversation cuts of the probe and of the expert (None: none certified or nothing to certify on)."""
+
+    probe: LongConversationCut | None
+    expert: LongConversationCut | None
+
+
+def calibrate_long(ctx: CascadeContext, *, epsilon: float, delta: float) -> LongCuts:
+    """The probe's and the expert's cuts for long conversations (probes/evaluation/long_cut.py), on the same long
+    benign dialogues: read by the runtime ``Monitor`` and by ``Expert.score``, as the worker and the guard read them."""
     monitor = Monitor(ctx.bundle_dir, ctx.settings.model, cache_dir=ctx.settings.cache_dir)
     n = ctx.settings.long_calibration.max_conversations
-    return calibrate_long_cut(ctx.settings, monitor, ctx.prepared.dataset.records, epsilon=epsilon, delta=delta,
-                              advance=ctx.progress("long conversations (worker reads)", n) if n else lambda _n: None)
+
+    def certify(expert: Expert | None) -> LongConversationCut | None:
+        name = "worker" if expert is None else expert.name.split(":")[0]
+        return calibrate_long_cut(ctx.settings, monitor, ctx.prepared.dataset.records, epsilon=epsilon, delta=delta,
+                                  expert=expert, advance=ctx.progress(f"long conversations ({name} reads)", n)
+                                  if n else lambda _n: None)
+
+    return LongCuts(probe=certify(None), expert=certify(ctx.expert))
 
 
-def write_cuts(ctx: CascadeContext, probe: UnsafeCut, expert: UnsafeCut,
-               long: LongConversationCut | None = None) -> None:
-    """The cuts into the manifest; ``long=None`` removes a long cut certified before (it was for another ε)."""
+NO_LONG_CUTS = LongCuts(probe=None, expert=None)
+
+
+def write_cuts(ctx: CascadeContext, probe: UnsafeCut, expert: UnsafeCut, long: LongCuts = NO_LONG_CUTS) -> None:
+    """The cuts into the manifest; a long cut left None removes one certified before (it was for another ε)."""
     ctx.bundle.manifest = update_manifest(ctx.bundle_dir, unsafe_cut=probe, expert_unsafe_cut=expert,
-                                          long_unsafe_cut=long)
-    if long is not None and not long.cut.valid:
-        log.warning("calibration.no_valid_long_cut", epsilon=long.cut.epsilon, delta=long.cut.delta, n=long.cut.n)
-    for cut in (probe, expert):
-        if not cut.valid:
-            log.warning("calibration.no_valid_unsafe_cut", scorer=cut.scorer, epsilon=cut.epsilon, delta=cut.delta,
-                        n_benign=cut.n, kept_cut=cut.cut)
+                                          long_unsafe_cut=long.probe, expert_long_unsafe_cut=long.expert)
+    for cut in (long.probe, long.expert):
+        if cut is not None and not cut.cut.valid:
+            log.warning("calibration.no_valid_long_cut", scorer=cut.cut.scorer, epsilon=cut.cut.epsilon,
+                        delta=cut.cut.delta, n=cut.cut.n)
+    for unsafe in (probe, expert):
+        if not unsafe.valid:
+            log.warning("calibration.no_valid_unsafe_cut", scorer=unsafe.scorer, epsilon=unsafe.epsilon,
+                        delta=unsafe.delta, n_benign=unsafe.n, kept_cut=unsafe.cut)
 
 
 def random_signal(n: int, seed: int) -> F64:

@@ -11,6 +11,10 @@ each scored through the runtime ``Monitor`` (the worker's code path). They are t
 ``max_conversations`` certify, the rest stay unseen for ``bench long-conversations``. The worker applies the cut
 only where the operator chooses it (``worker.long_dialogue_cut``): on these dialogues the probe hardly separates
 the classes, so the certified cut also drops most harmful ones (docs/method.md §6c).
+
+The expert has the same gap (it reads a long conversation in windows and keeps the most unsafe) and its verdict on a
+delegated event is final, so the same dialogues certify a long cut for it too, scored as the guard scores them
+(``Expert.score``); the guard applies it where ``guard.long_dialogue_cut`` says.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from probes.cache import sha256_text
 from probes.calibration.ltt import calibrate_unsafe_cut
 from probes.config import LongCalibrationConfig, Settings
 from probes.data import Record, read_file, resolve_paths
+from probes.experts.base import Expert
 from probes.logs import get_logger
 from probes.runtime.manifest import LongConversationCut
 from probes.runtime.monitor import Monitor
@@ -82,18 +87,32 @@ def worker_scores(monitor: Monitor, rows: Sequence[list[list[int]]],
     return out
 
 
+def expert_scores(expert: Expert, records: Sequence[Record],
+                  advance: Callable[[int], None] = lambda _n: None) -> npt.NDArray[np.float64]:
+    """P(unsafe) of each conversation as the guard scores a delegated one: ``Expert.score`` on it as sent."""
+    out = np.empty(len(records), dtype=np.float64)
+    for start in range(0, len(records), CHUNK):
+        chunk = records[start : start + CHUNK]
+        out[start : start + len(chunk)] = expert.score([r.messages for r in chunk])
+        advance(len(chunk))
+    return out
+
+
 def calibrate_long_cut(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, epsilon: float,
-                       delta: float, advance: Callable[[int], None] = lambda _n: None) -> LongConversationCut | None:
-    """The long-conversation cut at ε, δ; None when ``max_conversations`` is 0 or windows are off (then no
-    conversation is a long dialogue: ``Monitor.is_long_dialogue``)."""
+                       delta: float, expert: Expert | None = None,
+                       advance: Callable[[int], None] = lambda _n: None) -> LongConversationCut | None:
+    """The probe's long-conversation cut at ε, δ, or with ``expert`` that expert's, on the same dialogues; None when
+    ``max_conversations`` is 0 or windows are off (then no conversation is a long dialogue:
+    ``Monitor.is_long_dialogue``)."""
     config = settings.long_calibration
     if config.max_conversations == 0 or not monitor.windows.enabled:
         return None
     found = long_conversations(settings, monitor, trained_on, limit=config.max_conversations)
-    scores = worker_scores(monitor, found.rows, advance)
+    scores = worker_scores(monitor, found.rows, advance) if expert is None else expert_scores(expert, found.records,
+                                                                                               advance)
     cut = calibrate_unsafe_cut(scores, np.zeros(scores.size, dtype=np.int64), epsilon=epsilon, delta=delta,
-                               scorer="probe")
-    log.info("calibration.long_cut", cut=cut.cut, valid=cut.valid, n=cut.n, fpr=cut.fpr,
+                               scorer="probe" if expert is None else expert.name)
+    log.info("calibration.long_cut", scorer=cut.scorer, cut=cut.cut, valid=cut.valid, n=cut.n, fpr=cut.fpr,
              considered=found.considered, files=list(config.files))
     return LongConversationCut(cut=cut, windows=monitor.windows.model_dump(mode="json"), max_tokens=monitor.max_tokens,
                                files=list(config.files), seed=config.seed)

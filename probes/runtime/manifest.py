@@ -156,14 +156,15 @@ class UnsafeCut(_Frozen):
 
 
 class LongConversationCut(_Frozen):
-    """The probe's unsafe cut for long dialogues (``probes.runtime.monitor.is_long_dialogue``: an assistant turn and
-    more than ``windows.dialogue_chars`` of content), certified on long benign dialogues scored the way the worker
-    scores them (the best of their views, under ``windows.dialogue_read``).
+    """A scorer's unsafe cut for long dialogues (``probes.conversation.is_long_dialogue``: an assistant turn and
+    more than ``windows.dialogue_chars`` of content), certified on long benign dialogues scored the way the service
+    scores them: the probe's (``cut.scorer == "probe"``) as the worker does (the best of their views, under
+    ``windows.dialogue_read``), the expert's (``cut.scorer`` its name) as the guard does (``Expert.score``).
 
-    Where the worker applies it (``worker.long_dialogue_cut``), a long dialogue is flagged only at or above both this
-    cut and the one in force for the rest, so each guarantee holds for its own traffic: short traffic like the
-    calibration split, long dialogues like ``files``' benign ones. ``windows`` is the reading the cut was certified
-    under; another one in the worker is logged as a warning.
+    Where a service applies it (``worker.long_dialogue_cut``, ``guard.long_dialogue_cut``), a long dialogue is flagged
+    only at or above both this cut and the one in force for the rest, so each guarantee holds for its own traffic:
+    short traffic like the calibration split, long dialogues like ``files``' benign ones. ``windows`` is the reading
+    the cut was certified under (``dialogue_chars`` is the rule); another one in the worker is logged as a warning.
     """
 
     cut: UnsafeCut
@@ -244,6 +245,7 @@ class BundleManifest(_Frozen):
     expert: ExpertInfo | None = None
     expert_unsafe_cut: UnsafeCut | None = None
     long_unsafe_cut: LongConversationCut | None = None
+    expert_long_unsafe_cut: LongConversationCut | None = None
     stream: StreamManifest | None = None
 
     @property
@@ -266,6 +268,12 @@ class BundleManifest(_Frozen):
         """The calibrated cut of this expert; None when the bundle's expert cut belongs to another scorer."""
         cut = self.expert_unsafe_cut
         return cut if cut is not None and cut.scorer == expert_name else None
+
+    def expert_long_cut(self, expert_name: str) -> LongConversationCut | None:
+        """This expert's certified cut for long dialogues; None when there is none, it did not certify, or it
+        belongs to another scorer."""
+        long = self.expert_long_unsafe_cut
+        return long if long is not None and long.cut.valid and long.cut.scorer == expert_name else None
 
     def replace(self, **changes: Any) -> BundleManifest:
         """A validated copy with some sections replaced (sections may be models or plain JSON values)."""

@@ -19,7 +19,7 @@ from probes.activations.features import FeatureExtractor, TokenBatch, collate
 from probes.activations.models import LoadedModel, load_model
 from probes.activations.windows import argmax_by_group, window_ids_batch
 from probes.config import ModelConfig
-from probes.conversation import Conversation, Message
+from probes.conversation import Conversation, Message, is_long_dialogue, user_turns_of
 from probes.errors import BundleError
 from probes.heads.inference import MLPHead, sigmoid, uncertainty, with_extra_features
 from probes.logs import get_logger
@@ -117,26 +117,6 @@ def dv_inputs(bundle: Bundle, features: npt.ArrayLike, p: F64) -> npt.NDArray[np
     if info is not None and info.extra_features:
         return with_extra_features(features, p, info.decision_cuts.get("probe"))
     return np.asarray(features, dtype=np.float32)
-
-
-def is_long_dialogue(conversation: Sequence[Message], min_chars: int) -> bool:
-    """Holding an assistant turn and more than ``min_chars`` of content: the traffic the long-conversation cut is
-    certified on (probes/evaluation/long_cut.py). A long prompt alone (a jailbreak, a contextual request) is not:
-    those dialogues say nothing about its benign flag rate, and their cut would drop nearly every harmful one. On the
-    conversation as sent, not on its tokens, so the rule is the same whichever way the dialogue is then read."""
-    if not any(m.role == "assistant" for m in conversation):
-        return False
-    total = 0
-    for m in conversation:
-        total += len(m.content)
-        if total > min_chars:
-            return True
-    return False
-
-
-def user_turns_of(conversation: Conversation) -> Conversation:
-    """The conversation's user turns, in order (how ``windows.dialogue_read: user_turns`` reads a long dialogue)."""
-    return tuple(m for m in conversation if m.role == "user")
 
 
 class Monitor:

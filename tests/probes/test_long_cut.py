@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from ctd_monitor.cli import app
 from probes.config import LongCalibrationConfig, ModelConfig, Settings, WindowConfig
-from probes.conversation import Message
+from probes.conversation import Message, is_long_dialogue
 from probes.data import read_file
 from probes.evaluation.long_cut import calibrate_long_cut, long_conversations, worker_scores
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import update_manifest
 from probes.runtime.manifest import LongConversationCut, UnsafeCut
-from probes.runtime.monitor import Monitor, is_long_dialogue
+from probes.runtime.monitor import Monitor
 from tests.worker.helpers import build_small_bundle
 
 MODEL = ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64)
@@ -148,7 +148,7 @@ def test_bench_long_conversations_measures_held_out_dialogues_at_both_cuts(
     result = bench("--expert", "--no-user-turns")
     assert result.exit_code == 0, result.output
     got = orjson.loads(result.stdout)["expert"]
-    assert got["expert"] == small_expert.name and got["cut"] == expert_cut
+    assert got["expert"] == small_expert.name and got["cuts"] == {"expert_cut": expert_cut}
     assert got["benign"]["n"] == 12 and got["harmful"]["n"] == 10
     assert got["benign"]["flagged_at_expert_cut"] == pytest.approx(float(np.mean(b_benign >= expert_cut)), abs=1e-4)
     b_unsafe = small_expert.score([r.messages for r in unsafe.records])

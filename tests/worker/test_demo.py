@@ -80,6 +80,10 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
 
     trained = read_manifest(options.out / "bundle")
     assert trained.long_unsafe_cut is not None and trained.long_unsafe_cut.cut.epsilon == 0.05
+    assert trained.expert is not None and trained.expert_long_unsafe_cut is not None
+    assert trained.expert_long_unsafe_cut.cut.scorer == trained.expert_unsafe_cut.scorer  # type: ignore[union-attr]
+    assert not reusable(trained.replace(expert_long_unsafe_cut=None), options,
+                        prepare_data(demo_settings(settings, options)).dataset.content_hash())
     content = prepare_data(demo_settings(settings, options)).dataset.content_hash()
     assert reusable(trained, options, content)
     assert not reusable(trained, options, "another data set")

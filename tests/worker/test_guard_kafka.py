@@ -15,12 +15,15 @@ from typing import Any, Literal
 import orjson
 import pytest
 
-from ctd_monitor.local.replay import replay
-from probes.conversation import Conversation
-from probes.errors import ExpertError, ExpertUnavailable
+from ctd_monitor.local.replay import record_event, replay
+from probes.config import LongCalibrationConfig, ModelConfig, Settings
+from probes.conversation import Conversation, is_long_dialogue
+from probes.data import read_file
+from probes.errors import ConfigError, ExpertError, ExpertUnavailable
+from probes.evaluation.long_cut import calibrate_long_cut, long_conversations
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import update_manifest
-from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, UnsafeCut
+from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, LongConversationCut, UnsafeCut
 from probes.runtime.monitor import Monitor
 from tests.worker.helpers import (
     WrappedExpert,
@@ -44,7 +47,7 @@ from worker.config import (
     WebhookSinkConfig,
 )
 from worker.events import BudgetState, ChatMessage, ConversationEvent, ReviewRequest, Timings, Verdict, utcnow
-from worker.guard import expert_unsafe_cut, probe_unsafe_cut, unavailable_decision
+from worker.guard import expert_long_cut, expert_unsafe_cut, probe_unsafe_cut, unavailable_decision
 from worker.metrics import AlerterMetrics
 from worker.monitor import monitor_stream
 
@@ -336,3 +339,82 @@ def test_the_probes_decision_when_the_expert_is_unavailable_is_taken_at_the_bund
     assert unavailable_decision(probe_said, request(0.998, "safe"), cut) == "safe"
     assert unavailable_decision(settings(bundle=bundle), request(0.1, "safe"), cut) == "unsafe"
     assert probe_unsafe_cut(settings()) == DEFAULT_UNSAFE_CUT  # no bundle: nothing better than 0.5
+
+
+async def test_a_long_dialogue_is_decided_at_the_experts_long_cut_when_the_guard_is_told_to(
+    kafka_broker, small_bundle: Path, cache_dir: Path, datasets_dir: Path, tmp_path: Path, monitor: Monitor,
+    small_expert: EncoderHeadExpert,
+) -> None:
+    settings = Settings(cache_dir=cache_dir, model=ModelConfig(spec="minilm-l6", dtype="fp32", max_tokens=64),
+                        data=Settings().data.model_copy(update={"datasets_dir": datasets_dir}),
+                        long_calibration=LongCalibrationConfig(max_conversations=30))
+    # certified as `calibrate` does: the real expert on real long benign dialogues, read as the guard reads them
+    long = calibrate_long_cut(settings, monitor, [], epsilon=0.2, delta=0.2, expert=small_expert)
+    assert long is not None and long.cut.valid and long.cut.scorer == small_expert.name and long.cut.n == 30
+    held_out = long_conversations(settings, monitor, [], limit=50).part(30).records
+    short = read_file(datasets_dir / "xstest.jsonl")[:20]
+    records = held_out + short
+    scores = small_expert.score([r.messages for r in records])
+    expert_cut = float(min(scores.min(), long.cut.cut - 1e-3))  # every event here is unsafe at the expert's own cut
+    assert (scores[: len(held_out)] < long.cut.cut).any() and (scores[len(held_out):] < long.cut.cut).any()
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    update_manifest(bundle, expert_unsafe_cut=UnsafeCut(scorer=small_expert.name, cut=expert_cut, valid=True,
+                                                        epsilon=0.2, delta=0.2, n=50, fpr=0.1),
+                    expert_long_unsafe_cut=long)
+    values = []
+    for i, record in enumerate(records):
+        event = record_event(record, run_id=f"long-guard-{uuid.uuid4().hex[:6]}", index=i)
+        request = ReviewRequest(event=event, p_unsafe=0.5, dv=0.1, reason="test", threshold=0.0,
+                                bundle_version="b", model_version="m", requested_at=utcnow())
+        values.append((event.conversation_id.encode(), request.to_json()))
+    is_long = {orjson.loads(v)["event"]["event_id"]: is_long_dialogue(r.messages, 1024)
+               for r, (_, v) in zip(records, values, strict=True)}
+    assert sum(is_long.values()) == len(held_out)
+
+    async def verdicts(**guard: Any) -> list[dict[str, Any]]:
+        topics = new_topics(kafka_broker.create_topics)
+        process, task = await start_guard(guard_settings(kafka_broker.bootstrap, topics, cache_dir, bundle=bundle,
+                                                         alerts=AlertsConfig(enabled=False), **guard), small_expert)
+        await produce_signed(kafka_broker.bootstrap, topics.review, signed(values))
+        out = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(r) >= len(values),
+                               timeout=120)
+        process.stop()
+        await asyncio.wait_for(task, 30)
+        assert len(distinct(out)) == len(values)
+        return out
+
+    off = await verdicts()
+    assert all(v["decision"] == "unsafe" for v in off)  # off: every event at the expert's cut
+    on = await verdicts(long_dialogue_cut=True)
+    for v in on:
+        cut = long.cut.cut if is_long[v["event_id"]] else expert_cut
+        assert v["decision"] == ("unsafe" if v["p_unsafe"] >= cut else "safe"), v["event_id"]
+    assert {v["decision"] for v in on if not is_long[v["event_id"]]} == {"unsafe"}
+    assert "safe" in {v["decision"] for v in on if is_long[v["event_id"]]}  # the long cut cleared some
+
+
+def test_the_guards_long_dialogue_cut_needs_a_certified_one_for_its_expert(
+    tmp_path: Path, small_bundle: Path, cache_dir: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    settings = partial(guard_settings, "127.0.0.1:1", TopicsConfig(), cache_dir)
+    assert expert_long_cut(settings(bundle=bundle), "fake-expert", 0.7) is None  # off by default
+    with pytest.raises(ConfigError, match="calibrate"):
+        expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.7)
+
+    def long_cut(cut: float, scorer: str = "fake-expert", valid: bool = True) -> LongConversationCut:
+        return LongConversationCut(
+            cut=UnsafeCut(scorer=scorer, cut=cut, valid=valid, epsilon=0.1, delta=0.1, n=200, fpr=0.05),
+            windows={"dialogue_chars": 700}, max_tokens=256, files=["x.jsonl"])
+
+    update_manifest(bundle, expert_long_unsafe_cut=long_cut(0.9))
+    rule = expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.7)
+    assert rule is not None and rule.cut == 0.9 and rule.min_chars == 700  # the rule it was certified under
+    rule = expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.95)
+    assert rule is not None and rule.cut == 0.95  # never below the cut for the rest
+    for other in (long_cut(0.9, scorer="another-expert"), long_cut(0.9, valid=False)):
+        update_manifest(bundle, expert_long_unsafe_cut=other)
+        with pytest.raises(ConfigError):
+            expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.7)
