@@ -18,8 +18,9 @@ import numpy.typing as npt
 from probes.config import Settings
 from probes.conversation import user_turns_of
 from probes.data import Record
-from probes.evaluation.long_cut import LongConversations, expert_scores, long_conversations, worker_scores
+from probes.evaluation.long_cut import LongConversations, long_conversations, worker_scores
 from probes.experts.base import Expert
+from probes.fitting.pipeline import score_in_chunks
 from probes.metrics import classification_metrics
 from probes.runtime.monitor import Monitor
 
@@ -41,7 +42,7 @@ def _rates(found: LongConversations, scores: F64, cuts: dict[str, float]) -> dic
 
 def _expert(expert: Expert, cuts: dict[str, float], benign: LongConversations,
             unsafe: LongConversations) -> dict[str, Any]:
-    b_benign, b_unsafe = expert_scores(expert, benign.records), expert_scores(expert, unsafe.records)
+    b_benign, b_unsafe = (score_in_chunks(expert, found.records, lambda _n: None) for found in (benign, unsafe))
     labels = np.r_[np.zeros(b_benign.size), np.ones(b_unsafe.size)]
     return {"expert": expert.name, "cuts": cuts,
             "benign": _rates(benign, b_benign, cuts), "harmful": _rates(unsafe, b_unsafe, cuts),

@@ -31,6 +31,7 @@ from probes.calibration.ltt import calibrate_unsafe_cut
 from probes.config import LongCalibrationConfig, Settings
 from probes.data import Record, read_file, resolve_paths
 from probes.experts.base import Expert
+from probes.fitting.pipeline import score_in_chunks
 from probes.logs import get_logger
 from probes.runtime.manifest import LongConversationCut
 from probes.runtime.monitor import Monitor
@@ -87,17 +88,6 @@ def worker_scores(monitor: Monitor, rows: Sequence[list[list[int]]],
     return out
 
 
-def expert_scores(expert: Expert, records: Sequence[Record],
-                  advance: Callable[[int], None] = lambda _n: None) -> npt.NDArray[np.float64]:
-    """P(unsafe) of each conversation as the guard scores a delegated one: ``Expert.score`` on it as sent."""
-    out = np.empty(len(records), dtype=np.float64)
-    for start in range(0, len(records), CHUNK):
-        chunk = records[start : start + CHUNK]
-        out[start : start + len(chunk)] = expert.score([r.messages for r in chunk])
-        advance(len(chunk))
-    return out
-
-
 def calibrate_long_cut(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, epsilon: float,
                        delta: float, expert: Expert | None = None,
                        advance: Callable[[int], None] = lambda _n: None) -> LongConversationCut | None:
@@ -108,8 +98,8 @@ def calibrate_long_cut(settings: Settings, monitor: Monitor, trained_on: Sequenc
     if config.max_conversations == 0 or not monitor.windows.enabled:
         return None
     found = long_conversations(settings, monitor, trained_on, limit=config.max_conversations)
-    scores = worker_scores(monitor, found.rows, advance) if expert is None else expert_scores(expert, found.records,
-                                                                                               advance)
+    scores = (worker_scores(monitor, found.rows, advance) if expert is None
+              else score_in_chunks(expert, found.records, advance, chunk=CHUNK))
     cut = calibrate_unsafe_cut(scores, np.zeros(scores.size, dtype=np.int64), epsilon=epsilon, delta=delta,
                                scorer="probe" if expert is None else expert.name)
     log.info("calibration.long_cut", scorer=cut.scorer, cut=cut.cut, valid=cut.valid, n=cut.n, fpr=cut.fpr,

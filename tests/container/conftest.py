@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 
 from probes.activations.models import resolve_model_dir
-from probes.config import EncoderHeadConfig
-from probes.data import read_file
-from probes.experts.encoder_head import train_encoder_head
+from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import read_manifest, update_manifest
-from tests.conftest import share_models
 from tests.container.stack import build_images, podman, readable
 from tests.worker import conftest as worker_fixtures
 
@@ -25,14 +22,9 @@ small_bundle = worker_fixtures.small_bundle
 
 
 @pytest.fixture(scope="session")
-def expert_dir(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path, cache_dir: Path) -> Path:
-    """tests/worker's quick MiniLM encoder-head expert, as the directory the guard container mounts."""
-    records = read_file(datasets_dir / "harmbench.jsonl")[:40] + read_file(datasets_dir / "alpaca_benign.jsonl")[:40]
-    private = tmp_path_factory.mktemp("expert-cache")
-    config = EncoderHeadConfig(backbone="minilm-l6", max_length=64, epochs=1, batch_size=8, max_train=80,
-                               dtype="fp32")
-    share_models(private, cache_dir, config.backbone)
-    return train_encoder_head(config, records, cache_dir=private)
+def expert_dir(small_expert: EncoderHeadExpert) -> Path:
+    """The shared quick MiniLM encoder-head expert (tests/conftest.py), as the directory the guard container mounts."""
+    return small_expert.model_dir
 
 
 @pytest.fixture(scope="session")
