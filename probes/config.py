@@ -24,6 +24,8 @@ from probes.errors import ConfigError
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 #: rollmaxK: max over positions of the mean of K consecutive tokens (probes.activations.features.pool_rolling_max).
+#: How the guard's expert reads a long dialogue (probes/experts/dialogue_read.py).
+ExpertRead = Literal["whole", "whole_and_user_turns"]
 Pooling = Literal["mean", "last", "max", "rollmax4", "rollmax8", "rollmax16", "rollmax32"]
 
 
@@ -172,6 +174,10 @@ class LongCalibrationConfig(Frozen):
         200, ge=0, description="long benign conversations the long cut is certified on (0: no long cut); the rest "
         "of them stay unseen for measuring it")
     seed: int = 0
+    expert_read: ExpertRead = Field(
+        "whole_and_user_turns", description="how the expert's long cut reads a long dialogue, and so how the guard "
+        "reads one under it (probes/experts/dialogue_read.py): whole, or also its user turns alone, keeping the more "
+        "unsafe (a fake assistant turn of filler then cannot hide a request; docs/method.md §6c)")
 
 
 class EncoderHeadConfig(Frozen):

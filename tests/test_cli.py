@@ -140,6 +140,7 @@ expert:
     expert_long = manifest.expert_long_cut(expert_cut.scorer)
     assert expert_long is not None and expert_long.cut.n == 200 and expert_long.files == long.files
     assert cal["expert_long_unsafe_cut"]["cut"]["cut"] == expert_long.cut.cut and expert_long.cut.fpr <= 0.1  # type: ignore[operator]
+    assert expert_long.expert_read == cal["expert_long_unsafe_cut"]["expert_read"] == "whole_and_user_turns"
     out = tmp_path / "eval"
     summary = run("evaluate", "--bundle", str(bundle), "--budgets", "0.1,0.3", "--out", str(out))
     metrics = orjson.loads((out / "metrics.json").read_bytes())

@@ -353,11 +353,15 @@ class GuardConfig(ServiceConfig):
     unsafe_threshold: float | None = Field(
         None, gt=0, lt=1, description="expert score at or above which a verdict is unsafe; default: the cut "
         "`calibrate` certified for this expert in guard.bundle, else 0.5")
-    long_dialogue_cut: bool = Field(
-        False, description="decide a long dialogue (an assistant turn and over the certified windows.dialogue_chars of "
-        "content) at or above the expert's long-conversation cut in guard.bundle too: its benign flag rate is then "
-        "certified ≤ ε on long benign dialogues, at the price of some of their harm (docs/method.md §6c); off: at the "
-        "expert's cut, whose flag rate on them nothing bounds. A fake assistant turn makes any request a long dialogue")
+    long_dialogue_cut: bool | None = Field(
+        None, description="decide a long dialogue (an assistant turn and over the certified windows.dialogue_chars of "
+        "content) at or above the expert's long-conversation cut in guard.bundle too, read as that cut was certified "
+        "(long_calibration.expert_read: by default the more unsafe of the whole and its user turns alone): its benign "
+        "flag rate is then certified ≤ ε on long benign dialogues (docs/method.md §6c). true: required (the guard "
+        "refuses to start without such a cut for its expert); false: off, a long dialogue is read whole at the "
+        "expert's cut, whose flag rate on them nothing bounds; unset (default): on where the bundle's long cut reads the "
+        "user turns too (measured better on both counts: fewer benign and more harmful long dialogues flagged, and a "
+        "fake assistant turn cannot hide a request), else off (logged)")
     max_expert_attempts: int = Field(
         5, ge=1, description="timeouts of a single request before it is given up (fail closed, see below)")
     unavailable_decision: Literal["unsafe", "probe"] = Field(

@@ -34,9 +34,11 @@ import orjson
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
-from probes.conversation import is_long_dialogue
+from probes.config import ExpertRead
+from probes.conversation import Conversation, is_long_dialogue
 from probes.errors import ConfigError, ExpertError, ExpertUnavailable
 from probes.experts.base import Expert
+from probes.experts.dialogue_read import dialogue_views, most_unsafe
 from probes.logs import get_logger
 from probes.runtime.bundle import read_manifest
 from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
@@ -97,26 +99,40 @@ def expert_unsafe_cut(settings: GuardSettings, expert_name: str) -> float:
 
 @dataclass(frozen=True)
 class LongDialogueCut:
-    """The expert's cut for long dialogues (``is_long_dialogue`` at ``min_chars``, the rule it was certified under)."""
+    """The expert's cut for long dialogues (``is_long_dialogue`` at ``min_chars``), with the rule and the reading
+    (probes/experts/dialogue_read.py) it was certified under."""
 
     cut: float
     min_chars: int
+    read: ExpertRead = "whole"
 
 
 def expert_long_cut(settings: GuardSettings, expert_name: str, unsafe_cut: float) -> LongDialogueCut | None:
-    """With ``guard.long_dialogue_cut``, the long cut ``calibrate`` certified for this expert in ``guard.bundle``,
-    never below ``unsafe_cut`` (a long dialogue is flagged only where it would be if short, too). None when off;
-    on without such a cut refuses to start: the option promises a bound no cut gives."""
+    """The long cut ``calibrate`` certified for this expert in ``guard.bundle``, never below ``unsafe_cut`` (a long
+    dialogue is flagged only where it would be if short, too), where ``guard.long_dialogue_cut`` applies it: true
+    refuses to start without one (the option promises a bound no cut gives); unset applies it only where it reads the
+    user turns too (probes/experts/dialogue_read.py), the reading measured better than none on both counts; false:
+    None."""
     g = settings.guard
-    if not g.long_dialogue_cut:
+    if g.long_dialogue_cut is False:
         return None
     long = read_manifest(g.bundle).expert_long_cut(expert_name) if g.bundle is not None else None
-    if long is None:
-        raise ConfigError(f"guard.long_dialogue_cut: guard.bundle holds no certified long-conversation cut for "
-                          f"{expert_name}: run `ctd-monitor calibrate` on it, or turn the option off")
-    rule = LongDialogueCut(cut=max(long.cut.cut, unsafe_cut), min_chars=int(long.windows["dialogue_chars"]))
+    if long is None or (g.long_dialogue_cut is None and long.expert_read == "whole"):
+        if g.long_dialogue_cut:
+            raise ConfigError(f"guard.long_dialogue_cut: guard.bundle holds no certified long-conversation cut for "
+                              f"{expert_name}: run `ctd-monitor calibrate` on it, or turn the option off")
+        log.warning("guard.long_dialogue_cut_off", expert=expert_name,
+                    reason="no certified long-conversation cut for this expert" if long is None
+                    else "its long cut reads dialogues whole: set guard.long_dialogue_cut to apply it",
+                    consequence="long dialogues are read whole and decided at the expert's cut")
+        return None
+    min_chars = long.windows.get("dialogue_chars")
+    if not isinstance(min_chars, int) or isinstance(min_chars, bool) or min_chars < 0:
+        raise ConfigError(f"guard.long_dialogue_cut: the long-conversation cut in guard.bundle records no valid "
+                          f"windows.dialogue_chars (the rule it was certified under): {min_chars!r}")
+    rule = LongDialogueCut(cut=max(long.cut.cut, unsafe_cut), min_chars=min_chars, read=long.expert_read)
     log.info("guard.long_dialogue_cut", cut=rule.cut, certified=long.cut.cut, min_chars=rule.min_chars,
-             epsilon=long.cut.epsilon, delta=long.cut.delta, n=long.cut.n)
+             read=rule.read, epsilon=long.cut.epsilon, delta=long.cut.delta, n=long.cut.n)
     return rule
 
 
@@ -233,7 +249,15 @@ class GuardHandler(OutputsSlot):
 
     # ---------------------------------------------------------------- scoring
     async def _score(self, batch: Sequence[Review]) -> npt.NDArray[np.float64]:
+        """The expert's score of each request, long dialogues read as their cut was certified (one expert call)."""
         conversations = [r.body.event.conversation() for r in batch]
+        long = self.long_cut
+        if long is None or long.read == "whole":
+            return await self._score_views(conversations)
+        views, owners = dialogue_views(conversations, [is_long_dialogue(c, long.min_chars) for c in conversations])
+        return most_unsafe(await self._score_views(views), owners, len(conversations))
+
+    async def _score_views(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
         timeout = self.settings.guard.expert_timeout_s
         ascore = getattr(self.expert, "ascore", None)
         try:
@@ -244,7 +268,7 @@ class GuardHandler(OutputsSlot):
             return np.asarray(scores, dtype=np.float64)
         except TimeoutError as exc:
             self.metrics.abandoned_calls.set(self.lanes.abandoned_running())
-            raise ExpertTimeout(f"no answer within {timeout}s for {len(batch)} requests") from exc
+            raise ExpertTimeout(f"no answer within {timeout}s for {len(conversations)} conversations") from exc
 
     async def _review(self, batch: list[Review]) -> None:
         """Score with retries while the expert is down; raise when it cannot score these requests."""

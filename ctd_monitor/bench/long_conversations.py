@@ -3,8 +3,10 @@
 Benign ones are those of ``long_calibration.files`` past the ones the long cut was certified on; harmful ones are the
 same files' long label-1 dialogues. Each is scored as the best of its views (``worker_scores``), and again reading its
 user turns only, to show how much of the long-conversation gap is the assistant turns (docs/method.md §6c). With an
-expert, the same dialogues are also scored as the guard scores a delegated one (``Expert.score`` on the conversation,
-windows and all) at the expert's certified cut and at its long cut: the guard's final verdict on a long dialogue.
+expert, the same dialogues are also scored as the guard scores a delegated one: read whole (``Expert.score`` on the
+conversation, windows and all) at the expert's certified cut, and as its long cut was certified (by default the more
+unsafe of the whole and its user turns alone: probes/experts/dialogue_read.py) at that cut: the guard's final verdict
+on a long dialogue without and with ``guard.long_dialogue_cut``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from probes.config import Settings
+from probes.config import ExpertRead, Settings
 from probes.conversation import user_turns_of
 from probes.data import Record
 from probes.evaluation.long_cut import LongConversations, long_conversations, worker_scores
 from probes.experts.base import Expert
 from probes.fitting.pipeline import score_in_chunks
 from probes.metrics import classification_metrics
+from probes.runtime.manifest import LongConversationCut
 from probes.runtime.monitor import Monitor
 
 F64 = npt.NDArray[np.float64]
@@ -40,14 +43,27 @@ def _rates(found: LongConversations, scores: F64, cuts: dict[str, float]) -> dic
                                                 for c, cut in cuts.items()}} for name, v in sorted(by_file.items())}}
 
 
-def _expert(expert: Expert, cuts: dict[str, float], benign: LongConversations,
-            unsafe: LongConversations) -> dict[str, Any]:
-    b_benign, b_unsafe = (score_in_chunks(expert, found.records, lambda _n: None) for found in (benign, unsafe))
+def _expert_scored(expert: Expert, cuts: dict[str, float], benign: LongConversations, unsafe: LongConversations,
+                   read: ExpertRead) -> dict[str, Any]:
+    b_benign, b_unsafe = (score_in_chunks(expert, found.records, lambda _n: None, read=read)
+                          for found in (benign, unsafe))
     labels = np.r_[np.zeros(b_benign.size), np.ones(b_unsafe.size)]
-    return {"expert": expert.name, "cuts": cuts,
-            "benign": _rates(benign, b_benign, cuts), "harmful": _rates(unsafe, b_unsafe, cuts),
+    return {"cuts": cuts, "benign": _rates(benign, b_benign, cuts), "harmful": _rates(unsafe, b_unsafe, cuts),
             "whole": classification_metrics(labels, np.r_[b_benign, b_unsafe]) if b_benign.size and b_unsafe.size
             else None}
+
+
+def _expert(expert: Expert, cut: float, long: LongConversationCut | None, benign: LongConversations,
+            unsafe: LongConversations) -> dict[str, Any]:
+    """Read whole at the expert's cut (the guard without ``guard.long_dialogue_cut``), and as its long cut was
+    certified at the long cut (with it): under the same key when that reading is whole too."""
+    long_cut = {"expert_long_cut": max(long.cut.cut, cut)} if long is not None else {}
+    same_read = long is None or long.expert_read == "whole"
+    out = {"expert": expert.name, "long_cut_read": long.expert_read if long is not None else None,
+           **_expert_scored(expert, {"expert_cut": cut, **(long_cut if same_read else {})}, benign, unsafe, "whole")}
+    if long is not None and not same_read:
+        out[long.expert_read] = _expert_scored(expert, long_cut, benign, unsafe, long.expert_read)
+    return out
 
 
 def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, held_out: int, harmful: int,
@@ -92,7 +108,5 @@ def measure(settings: Settings, monitor: Monitor, trained_on: list[Record], *, h
                 cut.cut.n, cut.files, cut.seed):
             raise ValueError("the expert's long cut was certified on other dialogues than the probe's: calibrate again")
         # the benign dialogues are held out for the expert's long cut too: it was certified on the same first ``n``
-        out["expert"] = _expert(expert, {"expert_cut": expert_cut.cut, **(
-            {"expert_long_cut": max(expert_long.cut.cut, expert_cut.cut)} if expert_long is not None else {})},
-            benign, unsafe)
+        out["expert"] = _expert(expert, expert_cut.cut, expert_long, benign, unsafe)
     return out

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer
 from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from ctd_monitor.local.replay import replay_records
 from probes.calibration.cascade_rule import cascade_scores, per_1k
-from probes.config import Settings
+from probes.config import ExpertRead, Settings
 from probes.data import Record, read_file, resolve_paths
 from probes.evaluation.cascade import (
     CascadeContext,
@@ -92,15 +92,18 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
     return settings.model_copy(update={"data": data, "expert": expert})
 
 
-def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str, *, long_cut: bool = True) -> bool:
+def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str, *,
+             long_read: ExpertRead | None) -> bool:
     """A bundle with an expert, calibrated at these ε, α and δ, on this data (a changed default or file retrains);
-    with ``long_cut``, also for long conversations, the probe's and the expert's (a bundle from before either
-    long cut is calibrated again)."""
+    with ``long_read``, also for long conversations, the probe's and the expert's, the expert's read so (a bundle
+    from before either long cut, or with the expert's read otherwise, is calibrated again)."""
     cal, cut = manifest.calibration, manifest.unsafe_cut
-    long_cuts = manifest.long_unsafe_cut is not None and manifest.expert_long_unsafe_cut is not None
+    expert_long = manifest.expert_long_unsafe_cut
+    long_cuts = (manifest.long_unsafe_cut is not None and expert_long is not None
+                 and expert_long.expert_read == long_read)
     return (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
             and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
-            and manifest.data.content_hash == content_hash and (long_cuts or not long_cut))
+            and manifest.data.content_hash == content_hash and (long_cuts or long_read is None))
 
 
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
@@ -110,7 +113,8 @@ def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
         if reusable(manifest, options, prepared.dataset.content_hash(),
-                    long_cut=settings.long_calibration.max_conversations > 0):
+                    long_read=settings.long_calibration.expert_read
+                    if settings.long_calibration.max_conversations > 0 else None):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
     train_bundle(settings, bundle_dir, progress, prepared)

@@ -28,7 +28,7 @@ from probes.calibration.ltt import (
 from probes.config import DataConfig, Settings, SplitConfig
 from probes.data import SPLITS, Record
 from probes.errors import BundleError, DataError
-from probes.evaluation.long_cut import calibrate_long_cut
+from probes.evaluation.long_cut import calibrate_long_cut, long_conversations
 from probes.experts.base import Expert
 from probes.experts.factory import build_expert
 from probes.fitting.dv import Target, dv_binary, signal_quality
@@ -300,11 +300,14 @@ def calibrate_long(ctx: CascadeContext, *, epsilon: float, delta: float) -> Long
     benign dialogues: read by the runtime ``Monitor`` and by ``Expert.score``, as the worker and the guard read them."""
     monitor = Monitor(ctx.bundle_dir, ctx.settings.model, cache_dir=ctx.settings.cache_dir)
     n = ctx.settings.long_calibration.max_conversations
+    trained_on = ctx.prepared.dataset.records
+    # Selected (and tokenized) once: both cuts are certified on the same dialogues.
+    found = long_conversations(ctx.settings, monitor, trained_on, limit=n) if n and monitor.windows.enabled else None
 
     def certify(expert: Expert | None) -> LongConversationCut | None:
         name = "worker" if expert is None else expert.name.split(":")[0]
-        return calibrate_long_cut(ctx.settings, monitor, ctx.prepared.dataset.records, epsilon=epsilon, delta=delta,
-                                  expert=expert, advance=ctx.progress(f"long conversations ({name} reads)", n)
+        return calibrate_long_cut(ctx.settings, monitor, trained_on, epsilon=epsilon, delta=delta, expert=expert,
+                                  found=found, advance=ctx.progress(f"long conversations ({name} reads)", n)
                                   if n else lambda _n: None)
 
     return LongCuts(probe=certify(None), expert=certify(ctx.expert))

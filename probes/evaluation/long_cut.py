@@ -14,7 +14,8 @@ the classes, so the certified cut also drops most harmful ones (docs/method.md �
 
 The expert has the same gap (it reads a long conversation in windows and keeps the most unsafe) and its verdict on a
 delegated event is final, so the same dialogues certify a long cut for it too, scored as the guard scores them
-(``Expert.score``); the guard applies it where ``guard.long_dialogue_cut`` says.
+(``Expert.score``, and by default its user turns alone too: probes/experts/dialogue_read.py); the guard applies it
+where ``guard.long_dialogue_cut`` says, reading as the cut records.
 """
 
 from __future__ import annotations
@@ -89,20 +90,23 @@ def worker_scores(monitor: Monitor, rows: Sequence[list[list[int]]],
 
 
 def calibrate_long_cut(settings: Settings, monitor: Monitor, trained_on: Sequence[Record], *, epsilon: float,
-                       delta: float, expert: Expert | None = None,
+                       delta: float, expert: Expert | None = None, found: LongConversations | None = None,
                        advance: Callable[[int], None] = lambda _n: None) -> LongConversationCut | None:
-    """The probe's long-conversation cut at ε, δ, or with ``expert`` that expert's, on the same dialogues; None when
-    ``max_conversations`` is 0 or windows are off (then no conversation is a long dialogue:
-    ``Monitor.is_long_dialogue``)."""
+    """The probe's long-conversation cut at ε, δ, or with ``expert`` that expert's, on the same dialogues (``found``:
+    those ``long_conversations`` selected for both, else selected here), the expert reading each as
+    ``long_calibration.expert_read`` says; None when ``max_conversations`` is 0 or windows are off (then no
+    conversation is a long dialogue: ``Monitor.is_long_dialogue``)."""
     config = settings.long_calibration
     if config.max_conversations == 0 or not monitor.windows.enabled:
         return None
-    found = long_conversations(settings, monitor, trained_on, limit=config.max_conversations)
+    if found is None:
+        found = long_conversations(settings, monitor, trained_on, limit=config.max_conversations)
+    read = "whole" if expert is None else config.expert_read
     scores = (worker_scores(monitor, found.rows, advance) if expert is None
-              else score_in_chunks(expert, found.records, advance, chunk=CHUNK))
+              else score_in_chunks(expert, found.records, advance, chunk=CHUNK, read=read))
     cut = calibrate_unsafe_cut(scores, np.zeros(scores.size, dtype=np.int64), epsilon=epsilon, delta=delta,
                                scorer="probe" if expert is None else expert.name)
     log.info("calibration.long_cut", scorer=cut.scorer, cut=cut.cut, valid=cut.valid, n=cut.n, fpr=cut.fpr,
-             considered=found.considered, files=list(config.files))
+             considered=found.considered, files=list(config.files), expert_read=read)
     return LongConversationCut(cut=cut, windows=monitor.windows.model_dump(mode="json"), max_tokens=monitor.max_tokens,
-                               files=list(config.files), seed=config.seed)
+                               files=list(config.files), seed=config.seed, expert_read=read)

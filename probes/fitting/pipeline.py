@@ -13,9 +13,10 @@ import numpy.typing as npt
 from probes.activations.features import FeatureExtractor, feature_namespace
 from probes.activations.models import LoadedModel, load_model
 from probes.activations.record_cache import RecordStore
-from probes.config import Settings
+from probes.config import ExpertRead, Settings
 from probes.data import Dataset, Record, Splits, load_dataset, source_counts, split_dataset
 from probes.experts.base import Expert
+from probes.experts.dialogue_read import read_dialogues
 from probes.experts.encoder_head import EncoderHeadExpert, train_encoder_head
 from probes.fitting.heads import fit_logistic
 from probes.logs import get_logger
@@ -194,11 +195,12 @@ def train_bundle(
 
 
 def score_in_chunks(expert: Expert, records: Sequence[Record], advance: Callable[[int], None],
-                    chunk: int = 256) -> npt.NDArray[np.float64]:
-    """Expert scores in chunks, so progress moves and a huge file never becomes one batch."""
+                    chunk: int = 256, read: ExpertRead = "whole") -> npt.NDArray[np.float64]:
+    """Expert scores in chunks, so progress moves and a huge file never becomes one batch; ``read`` other than
+    whole is for long dialogues (probes/experts/dialogue_read.py)."""
     out = np.zeros(len(records), dtype=np.float64)
     for start in range(0, len(records), chunk):
         part = records[start : start + chunk]
-        out[start : start + len(part)] = expert.score([r.messages for r in part])
+        out[start : start + len(part)] = read_dialogues(expert.score, [r.messages for r in part], read=read)
         advance(len(part))
     return out

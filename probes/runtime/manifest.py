@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
-from probes.config import Aggregator, Pooling
+from probes.config import Aggregator, ExpertRead, Pooling
 from probes.errors import BundleError
 
 FORMAT_VERSION: Final = 2
@@ -165,6 +165,7 @@ class LongConversationCut(_Frozen):
     only at or above both this cut and the one in force for the rest, so each guarantee holds for its own traffic:
     short traffic like the calibration split, long dialogues like ``files``' benign ones. ``windows`` is the reading
     the cut was certified under (``dialogue_chars`` is the rule); another one in the worker is logged as a warning.
+    ``expert_read`` is how an expert's cut read each dialogue (probes/experts/dialogue_read.py); the guard reads so.
     """
 
     cut: UnsafeCut
@@ -172,6 +173,7 @@ class LongConversationCut(_Frozen):
     max_tokens: int
     files: list[str]
     seed: int = 0  # the order the files' dialogues were taken in: the first ``cut.n`` certified
+    expert_read: ExpertRead = "whole"  # cuts from before the user-turns reading read whole
 
 
 class StopCalibration(_Frozen):

@@ -17,6 +17,7 @@ from probes.config import LongCalibrationConfig, ModelConfig, Settings, WindowCo
 from probes.conversation import Message, is_long_dialogue
 from probes.data import read_file
 from probes.evaluation.long_cut import calibrate_long_cut, long_conversations, worker_scores
+from probes.experts.dialogue_read import read_dialogues
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import update_manifest
 from probes.runtime.manifest import LongConversationCut, UnsafeCut
@@ -154,7 +155,24 @@ def test_bench_long_conversations_measures_held_out_dialogues_at_both_cuts(
     b_unsafe = small_expert.score([r.messages for r in unsafe.records])
     assert got["harmful"]["flagged_at_expert_cut"] == pytest.approx(float(np.mean(b_unsafe >= expert_cut)),
                                                                     abs=1e-4)
-    assert 0 <= got["whole"]["auroc"] <= 1
+    assert 0 <= got["whole"]["auroc"] <= 1 and got["long_cut_read"] is None
+
+    # with the expert's long cut (certified on the same twenty, read whole and on the user turns alone by default):
+    # the held-out dialogues read so, at that cut, beside the whole reading at the expert's cut
+    expert_long = calibrate_long_cut(s, monitor, [], epsilon=0.2, delta=0.2, expert=small_expert)
+    assert expert_long is not None and expert_long.expert_read == "whole_and_user_turns"
+    update_manifest(scratch, expert_long_unsafe_cut=expert_long)
+    result = bench("--expert", "--no-user-turns")
+    assert result.exit_code == 0, result.output
+    got = orjson.loads(result.stdout)["expert"]
+    assert got["cuts"] == {"expert_cut": expert_cut} and got["long_cut_read"] == "whole_and_user_turns"
+    read_so = got["whole_and_user_turns"]
+    long_at = max(expert_long.cut.cut, expert_cut)
+    assert read_so["cuts"] == {"expert_long_cut": long_at}
+    for found, section in ((held, "benign"), (unsafe, "harmful")):
+        scores = read_dialogues(small_expert.score, [r.messages for r in found.records], read="whole_and_user_turns")
+        assert read_so[section]["flagged_at_expert_long_cut"] == pytest.approx(float(np.mean(scores >= long_at)),
+                                                                             abs=1e-4)
 
 
 def test_a_long_dialogue_is_an_assistant_turn_and_enough_text() -> None:

@@ -82,10 +82,15 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
     assert trained.long_unsafe_cut is not None and trained.long_unsafe_cut.cut.epsilon == 0.05
     assert trained.expert is not None and trained.expert_long_unsafe_cut is not None
     assert trained.expert_long_unsafe_cut.cut.scorer == trained.expert_unsafe_cut.scorer  # type: ignore[union-attr]
-    assert not reusable(trained.replace(expert_long_unsafe_cut=None), options,
-                        prepare_data(demo_settings(settings, options)).dataset.content_hash())
     content = prepare_data(demo_settings(settings, options)).dataset.content_hash()
-    assert reusable(trained, options, content)
-    assert not reusable(trained, options, "another data set")
+    read = settings.long_calibration.expert_read
+    assert trained.expert_long_unsafe_cut.expert_read == read == "whole_and_user_turns"
+    assert not reusable(trained.replace(expert_long_unsafe_cut=None), options, content, long_read=read)
+    # an expert long cut read another way (a bundle from before the user-turns reading) is calibrated again
+    whole = trained.expert_long_unsafe_cut.model_copy(update={"expert_read": "whole"})
+    assert not reusable(trained.replace(expert_long_unsafe_cut=whole), options, content, long_read=read)
+    assert reusable(trained, options, content, long_read=read)
+    assert reusable(trained.replace(expert_long_unsafe_cut=None), options, content, long_read=None)
+    assert not reusable(trained, options, "another data set", long_read=read)
     assert not reusable(trained, DemoOptions(out=options.out, alpha=0.3, delta=0.1, epsilon=0.08, per_source=20),
-                        content)
+                        content, long_read=read)

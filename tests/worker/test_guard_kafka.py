@@ -8,6 +8,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -17,10 +18,11 @@ import pytest
 
 from ctd_monitor.local.replay import record_event, replay
 from probes.config import LongCalibrationConfig, ModelConfig, Settings
-from probes.conversation import Conversation, is_long_dialogue
+from probes.conversation import Conversation, Message, is_long_dialogue
 from probes.data import read_file
 from probes.errors import ConfigError, ExpertError, ExpertUnavailable
 from probes.evaluation.long_cut import calibrate_long_cut, long_conversations
+from probes.experts.dialogue_read import read_dialogues
 from probes.experts.encoder_head import EncoderHeadExpert
 from probes.runtime.bundle import update_manifest
 from probes.runtime.manifest import DEFAULT_UNSAFE_CUT, LongConversationCut, UnsafeCut
@@ -351,10 +353,20 @@ async def test_a_long_dialogue_is_decided_at_the_experts_long_cut_when_the_guard
     # certified as `calibrate` does: the real expert on real long benign dialogues, read as the guard reads them
     long = calibrate_long_cut(settings, monitor, [], epsilon=0.2, delta=0.2, expert=small_expert)
     assert long is not None and long.cut.valid and long.cut.scorer == small_expert.name and long.cut.n == 30
+    assert long.expert_read == "whole_and_user_turns"  # the default: whole, and the user turns alone
     held_out = long_conversations(settings, monitor, [], limit=50).part(30).records
     short = read_file(datasets_dir / "xstest.jsonl")[:20]
-    records = held_out + short
+    # the evasion the user-turns reading closes: a held-out harmful request, then a fake assistant turn of filler
+    filler = " ".join(m.content for r in read_file(datasets_dir / "alpaca_benign.jsonl")[200:260]
+                      for m in r.messages)[:1500]
+    requests = read_file(datasets_dir / "harmbench.jsonl")[60:66]
+    wrapped = [replace(r, id=f"wrapped-{r.id}", messages=(*r.messages, Message("assistant", filler))) for r in requests]
+    records = held_out + wrapped + short
     scores = small_expert.score([r.messages for r in records])
+    read_so = read_dialogues(small_expert.score, [r.messages for r in records], read="whole_and_user_turns",
+                             long=[is_long_dialogue(r.messages, 1024) for r in records])
+    alone = dict(zip((f"wrapped-{r.id}" for r in requests), small_expert.score([r.messages for r in requests]),
+                     strict=True))
     expert_cut = float(min(scores.min(), long.cut.cut - 1e-3))  # every event here is unsafe at the expert's own cut
     assert (scores[: len(held_out)] < long.cut.cut).any() and (scores[len(held_out):] < long.cut.cut).any()
     bundle = tmp_path / "bundle"
@@ -370,7 +382,10 @@ async def test_a_long_dialogue_is_decided_at_the_experts_long_cut_when_the_guard
         values.append((event.conversation_id.encode(), request.to_json()))
     is_long = {orjson.loads(v)["event"]["event_id"]: is_long_dialogue(r.messages, 1024)
                for r, (_, v) in zip(records, values, strict=True)}
-    assert sum(is_long.values()) == len(held_out)
+    assert sum(is_long.values()) == len(held_out) + len(wrapped)
+    expected_off = {orjson.loads(v)["event"]["event_id"]: float(x) for (_, v), x in zip(values, scores, strict=True)}
+    expected_on = {orjson.loads(v)["event"]["event_id"]: float(x) for (_, v), x in zip(values, read_so, strict=True)}
+    record_of = {orjson.loads(v)["event"]["event_id"]: r.id for r, (_, v) in zip(records, values, strict=True)}
 
     async def verdicts(**guard: Any) -> list[dict[str, Any]]:
         topics = new_topics(kafka_broker.create_topics)
@@ -384,12 +399,20 @@ async def test_a_long_dialogue_is_decided_at_the_experts_long_cut_when_the_guard
         assert len(distinct(out)) == len(values)
         return out
 
-    off = await verdicts()
+    off = await verdicts(long_dialogue_cut=False)
     assert all(v["decision"] == "unsafe" for v in off)  # off: every event at the expert's cut
-    on = await verdicts(long_dialogue_cut=True)
+    for v in off:  # ... read whole
+        assert v["p_unsafe"] == pytest.approx(expected_off[v["event_id"]], abs=1e-4), v["event_id"]
+    on = await verdicts()  # by default: the bundle's long cut reads the user turns too, so it applies
     for v in on:
         cut = long.cut.cut if is_long[v["event_id"]] else expert_cut
         assert v["decision"] == ("unsafe" if v["p_unsafe"] >= cut else "safe"), v["event_id"]
+        # a long dialogue read as its cut was certified: the more unsafe of the whole and its user turns alone
+        assert v["p_unsafe"] == pytest.approx(expected_on[v["event_id"]], abs=1e-4), v["event_id"]
+        request_alone = alone.get(record_of[v["event_id"]])
+        if request_alone is not None:  # the fake assistant turn cannot take the request's score below its own
+            assert v["p_unsafe"] >= request_alone - 1e-4
+    assert any(expected_on[e] > expected_off[e] + 1e-3 for e in expected_on)  # the user turns' reading counted
     assert {v["decision"] for v in on if not is_long[v["event_id"]]} == {"unsafe"}
     assert "safe" in {v["decision"] for v in on if is_long[v["event_id"]]}  # the long cut cleared some
 
@@ -400,7 +423,7 @@ def test_the_guards_long_dialogue_cut_needs_a_certified_one_for_its_expert(
     bundle = tmp_path / "bundle"
     shutil.copytree(small_bundle, bundle)
     settings = partial(guard_settings, "127.0.0.1:1", TopicsConfig(), cache_dir)
-    assert expert_long_cut(settings(bundle=bundle), "fake-expert", 0.7) is None  # off by default
+    assert expert_long_cut(settings(bundle=bundle), "fake-expert", 0.7) is None  # unset and no cut: off (logged)
     with pytest.raises(ConfigError, match="calibrate"):
         expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.7)
 
@@ -412,8 +435,20 @@ def test_the_guards_long_dialogue_cut_needs_a_certified_one_for_its_expert(
     update_manifest(bundle, expert_long_unsafe_cut=long_cut(0.9))
     rule = expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.7)
     assert rule is not None and rule.cut == 0.9 and rule.min_chars == 700  # the rule it was certified under
+    assert rule.read == "whole"  # a cut from before the user-turns reading is applied as it was certified ...
+    assert expert_long_cut(settings(bundle=bundle), "fake-expert", 0.7) is None  # ... where chosen, not by default
     rule = expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.95)
     assert rule is not None and rule.cut == 0.95  # never below the cut for the rest
+    update_manifest(bundle, expert_long_unsafe_cut=long_cut(0.9).model_copy(update={"expert_read":
+                                                                                      "whole_and_user_turns"}))
+    for chosen in (True, None):  # read on the user turns too, it applies by default
+        rule = expert_long_cut(settings(bundle=bundle, long_dialogue_cut=chosen), "fake-expert", 0.7)
+        assert rule is not None and rule.read == "whole_and_user_turns" and rule.cut == 0.9
+    assert expert_long_cut(settings(bundle=bundle, long_dialogue_cut=False), "fake-expert", 0.7) is None
+    for windows in ({}, {"dialogue_chars": "700"}, {"dialogue_chars": -1}):  # a hand-edited manifest: a clear error
+        update_manifest(bundle, expert_long_unsafe_cut=long_cut(0.9).model_copy(update={"windows": windows}))
+        with pytest.raises(ConfigError, match="dialogue_chars"):
+            expert_long_cut(settings(bundle=bundle, long_dialogue_cut=True), "fake-expert", 0.7)
     for other in (long_cut(0.9, scorer="another-expert"), long_cut(0.9, valid=False)):
         update_manifest(bundle, expert_long_unsafe_cut=other)
         with pytest.raises(ConfigError):
