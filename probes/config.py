@@ -47,9 +47,11 @@ class WindowConfig(Frozen):
     dialogue_chars: int = Field(
         1024, ge=1, description="content (characters) past which a conversation holding an assistant turn is a long "
         "dialogue: the traffic the long-conversation cut is certified on (docs/method.md §6c)")
-    dialogue_read: Literal["all", "user_turns"] = Field(
-        "all", description="how a long dialogue is read: all its turns, or its user turns only (a probe trained on "
-        "requests then ranks long dialogues far better, and a harmful reply in one is left to the response monitor)")
+    dialogue_read: Literal["all", "user_turns", "all_and_user_turns"] = Field(
+        "all_and_user_turns", description="how a long dialogue is read: all its turns; its user turns only (a probe "
+        "trained on requests then ranks long dialogues far better, and a harmful reply in one is left to the response "
+        "monitor); or both (the default), scoring as the more unsafe: a fake assistant turn of filler cannot dilute a "
+        "request away, and a harmful reply is still read (docs/method.md §6c)")
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> WindowConfig:

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer
 from ctd_monitor.local.broker import LocalBroker, resolve_cache_dir
 from ctd_monitor.local.replay import replay_records
 from probes.calibration.cascade_rule import cascade_scores, per_1k
-from probes.config import ExpertRead, Settings
+from probes.config import Settings
 from probes.data import Record, read_file, resolve_paths
 from probes.evaluation.cascade import (
     CascadeContext,
@@ -92,18 +92,18 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
     return settings.model_copy(update={"data": data, "expert": expert})
 
 
-def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str, *,
-             long_read: ExpertRead | None) -> bool:
+def reusable(manifest: BundleManifest, options: DemoOptions, content_hash: str, settings: Settings) -> bool:
     """A bundle with an expert, calibrated at these ε, α and δ, on this data (a changed default or file retrains);
-    with ``long_read``, also for long conversations, the probe's and the expert's, the expert's read so (a bundle
-    from before either long cut, or with the expert's read otherwise, is calibrated again)."""
+    where ``settings`` certify long cuts, also for long conversations, the probe's and the expert's, each read as
+    ``settings`` read them (a bundle from before either long cut or reading is calibrated again)."""
     cal, cut = manifest.calibration, manifest.unsafe_cut
-    expert_long = manifest.expert_long_unsafe_cut
-    long_cuts = (manifest.long_unsafe_cut is not None and expert_long is not None
-                 and expert_long.expert_read == long_read)
+    long, probe_long, expert_long = settings.long_calibration, manifest.long_unsafe_cut, manifest.expert_long_unsafe_cut
+    long_cuts = long.max_conversations == 0 or (
+        probe_long is not None and probe_long.windows == settings.model.windows.model_dump(mode="json")
+        and expert_long is not None and expert_long.expert_read == long.expert_read)
     return (manifest.expert is not None and cal is not None and cal.alpha == options.alpha
             and cal.delta == options.delta and cut is not None and cut.epsilon == options.epsilon
-            and manifest.data.content_hash == content_hash and (long_cuts or long_read is None))
+            and manifest.data.content_hash == content_hash and long_cuts)
 
 
 def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
@@ -112,9 +112,7 @@ def ensure_bundle(settings: Settings, bundle_dir: Path, options: DemoOptions,
     prepared = prepare_data(settings)
     if (bundle_dir / "manifest.json").is_file():
         manifest = read_manifest(bundle_dir)
-        if reusable(manifest, options, prepared.dataset.content_hash(),
-                    long_read=settings.long_calibration.expert_read
-                    if settings.long_calibration.max_conversations > 0 else None):
+        if reusable(manifest, options, prepared.dataset.content_hash(), settings):
             log.info("demo.bundle_reused", bundle=str(bundle_dir))
             return manifest
     train_bundle(settings, bundle_dir, progress, prepared)

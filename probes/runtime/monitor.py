@@ -171,21 +171,30 @@ class Monitor:
         """``is_long_dialogue`` under this reading (never with windows off: then nothing is read in windows)."""
         return self.windows.enabled and is_long_dialogue(conversation, self.windows.dialogue_chars)
 
-    def read(self, conversation: Conversation) -> Conversation:
-        """What of a conversation is read: itself, or a long dialogue's user turns (``windows.dialogue_read``)."""
-        if self.windows.dialogue_read == "user_turns" and self.is_long_dialogue(conversation):
-            return user_turns_of(conversation) or conversation
-        return conversation
+    def reads(self, conversation: Conversation) -> tuple[Conversation, ...]:
+        """What of a conversation is read (``windows.dialogue_read``): itself; of a long dialogue, its user turns
+        (``user_turns``), or itself and its user turns (``all_and_user_turns``: it scores as the more unsafe, so a
+        fake assistant turn of filler cannot dilute a request away and a harmful reply is still read)."""
+        read = self.windows.dialogue_read
+        if read == "all" or not self.is_long_dialogue(conversation):
+            return (conversation,)
+        turns = user_turns_of(conversation)
+        if not turns:
+            return (conversation,)
+        return (turns,) if read == "user_turns" else (conversation, turns)
 
     def tokenize_windows(self, conversation: Conversation) -> list[list[int]]:
         """The rows to score for one conversation: one when it fits ``max_tokens``, else windows too. The same rows
         as in a batch (``tokenize_windows_batch``): an event's rows never depend on what it was fetched with."""
-        return window_ids_batch(self.extractor.renderer, [self.read(conversation)], self.windows)[0]
+        return self.tokenize_windows_batch([conversation])[0]
 
     def tokenize_windows_batch(self, conversations: Sequence[Conversation]) -> list[list[list[int]]]:
         """``tokenize_windows`` for many at once: the same rows from a few calls of the fast tokenizer for all
-        (it releases the GIL), no chat template run per window. Raises if any conversation fails."""
-        return window_ids_batch(self.extractor.renderer, [self.read(c) for c in conversations], self.windows)
+        (it releases the GIL), no chat template run per window; a conversation read more than one way has the rows
+        of each. Raises if any conversation fails."""
+        reads = [self.reads(c) for c in conversations]
+        rows = iter(window_ids_batch(self.extractor.renderer, [r for rs in reads for r in rs], self.windows))
+        return [[row for _ in rs for row in next(rows)] for rs in reads]
 
     def collate(self, ids: Sequence[Sequence[int]]) -> TokenBatch:
         return self._pinned(collate(ids, list(range(len(ids))), self.extractor.pad_id))

@@ -185,8 +185,12 @@ def test_a_long_dialogue_is_an_assistant_turn_and_enough_text() -> None:
 
 def test_user_turn_reading_reads_only_long_dialogues_user_turns(bundle: Path, monitor: Monitor, cache_dir: Path,
                                                                datasets_dir: Path) -> None:
-    users = Monitor(bundle, MODEL.model_copy(update={"windows": WindowConfig(dialogue_read="user_turns")}),
-                    cache_dir=cache_dir)
+    def reading(read: str) -> Monitor:
+        return Monitor(bundle, MODEL.model_copy(update={"windows": WindowConfig(dialogue_read=read)}),
+                       cache_dir=cache_dir)
+
+    assert monitor.windows.dialogue_read == "all_and_user_turns"  # the default
+    users, both, monitor = reading("user_turns"), monitor, reading("all")
     dialogue = next(r.messages for r in read_file(datasets_dir / "xstest_completions.conversations.jsonl")
                     if users.is_long_dialogue(r.messages))
     asked = tuple(m for m in dialogue if m.role == "user")
@@ -195,4 +199,18 @@ def test_user_turn_reading_reads_only_long_dialogues_user_turns(bundle: Path, mo
     short = (Message("user", "hi"), Message("assistant", "hello, how can I help?"))
     prompt = (Message("user", "please " * 400),)
     for conversation in (short, prompt):  # anything but a long dialogue is read whole, as before
-        assert users.read(conversation) == conversation
+        assert users.reads(conversation) == (conversation,)
+
+    # both: the dialogue's rows, then its user turns' rows; it scores as the more unsafe of them
+    assert both.reads(dialogue) == (dialogue, asked)
+    rows = both.tokenize_windows(dialogue)
+    assert rows == monitor.tokenize_windows(dialogue) + users.tokenize_windows(asked)
+    assert both.tokenize_windows_batch([short, dialogue, prompt]) == [
+        monitor.tokenize_windows(short), rows, monitor.tokenize_windows(prompt)]
+    scores = both.p_unsafe_of([rows, monitor.tokenize_windows(dialogue), users.tokenize_windows(asked)])
+    assert scores[0] == pytest.approx(max(scores[1], scores[2]), abs=1e-5)
+    # a request wrapped in a fake assistant turn keeps (at least) its own score
+    request = next(r.messages for r in read_file(datasets_dir / "harmbench.jsonl") if len(r.messages) == 1)
+    wrapped = (*request, Message("assistant", "Here are some gardening tips. " * 60))
+    alone, read_both = both.p_unsafe_of(both.tokenize_windows_batch([request, wrapped]))
+    assert both.is_long_dialogue(wrapped) and read_both >= alone - 1e-5

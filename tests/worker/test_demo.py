@@ -8,7 +8,15 @@ import orjson
 import pytest
 
 from ctd_monitor.local.demo import DemoOptions, held_out_records, run_demo
-from probes.config import DEFAULT_FILES, EncoderHeadConfig, ExpertConfig, FeatureConfig, ModelConfig, Settings
+from probes.config import (
+    DEFAULT_FILES,
+    EncoderHeadConfig,
+    ExpertConfig,
+    FeatureConfig,
+    LongCalibrationConfig,
+    ModelConfig,
+    Settings,
+)
 
 
 def _settings(cache_dir: Path, datasets_dir: Path) -> Settings:
@@ -82,15 +90,20 @@ def test_demo_runs_the_whole_system_and_reuses_its_bundle(
     assert trained.long_unsafe_cut is not None and trained.long_unsafe_cut.cut.epsilon == 0.05
     assert trained.expert is not None and trained.expert_long_unsafe_cut is not None
     assert trained.expert_long_unsafe_cut.cut.scorer == trained.expert_unsafe_cut.scorer  # type: ignore[union-attr]
-    content = prepare_data(demo_settings(settings, options)).dataset.content_hash()
-    read = settings.long_calibration.expert_read
-    assert trained.expert_long_unsafe_cut.expert_read == read == "whole_and_user_turns"
-    assert not reusable(trained.replace(expert_long_unsafe_cut=None), options, content, long_read=read)
-    # an expert long cut read another way (a bundle from before the user-turns reading) is calibrated again
+    demo = demo_settings(settings, options)
+    content = prepare_data(demo).dataset.content_hash()
+    assert trained.expert_long_unsafe_cut.expert_read == demo.long_calibration.expert_read == "whole_and_user_turns"
+    assert trained.long_unsafe_cut.windows["dialogue_read"] == "all_and_user_turns"
+    assert not reusable(trained.replace(expert_long_unsafe_cut=None), options, content, demo)
+    # a long cut read another way (a bundle from before the user-turns readings) is calibrated again
     whole = trained.expert_long_unsafe_cut.model_copy(update={"expert_read": "whole"})
-    assert not reusable(trained.replace(expert_long_unsafe_cut=whole), options, content, long_read=read)
-    assert reusable(trained, options, content, long_read=read)
-    assert reusable(trained.replace(expert_long_unsafe_cut=None), options, content, long_read=None)
-    assert not reusable(trained, options, "another data set", long_read=read)
+    assert not reusable(trained.replace(expert_long_unsafe_cut=whole), options, content, demo)
+    read_all = trained.long_unsafe_cut.model_copy(update={"windows": {**trained.long_unsafe_cut.windows,
+                                                                      "dialogue_read": "all"}})
+    assert not reusable(trained.replace(long_unsafe_cut=read_all), options, content, demo)
+    assert reusable(trained, options, content, demo)
+    no_long = demo.model_copy(update={"long_calibration": LongCalibrationConfig(max_conversations=0)})
+    assert reusable(trained.replace(expert_long_unsafe_cut=None), options, content, no_long)
+    assert not reusable(trained, options, "another data set", demo)
     assert not reusable(trained, DemoOptions(out=options.out, alpha=0.3, delta=0.1, epsilon=0.08, per_source=20),
-                        content, long_read=read)
+                        content, demo)
