@@ -23,9 +23,9 @@ from pydantic_settings import (
 from probes.errors import ConfigError
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-#: rollmaxK: max over positions of the mean of K consecutive tokens (probes.activations.features.pool_rolling_max).
 #: How the guard's expert reads a long dialogue (probes/experts/dialogue_read.py).
 ExpertRead = Literal["whole", "whole_and_user_turns"]
+#: rollmaxK: max over positions of the mean of K consecutive tokens (probes.activations.features.pool_rolling_max).
 Pooling = Literal["mean", "last", "max", "rollmax4", "rollmax8", "rollmax16", "rollmax32"]
 
 
