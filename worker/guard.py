@@ -48,7 +48,6 @@ from worker.events import (
     AUDIT_HEADER,
     MAX_EVENT_BYTES,
     BudgetState,
-    ConversationEvent,
     ReviewRequest,
     Timings,
     Verdict,
@@ -248,14 +247,19 @@ class GuardHandler(OutputsSlot):
             await split_on_failure(batch, self._review, self._give_up, what="expert")
 
     # ---------------------------------------------------------------- scoring
-    async def _score(self, batch: Sequence[Review]) -> npt.NDArray[np.float64]:
-        """The expert's score of each request, long dialogues read as their cut was certified (one expert call)."""
+    async def _score(self, batch: Sequence[Review]) -> tuple[npt.NDArray[np.float64], list[float]]:
+        """The expert's score of each request and the cut it is judged at, long dialogues read as their cut was
+        certified (one expert call; whether a request is a long dialogue is decided here, once)."""
         conversations = [r.body.event.conversation() for r in batch]
         long = self.long_cut
-        if long is None or long.read == "whole":
-            return await self._score_views(conversations)
-        views, owners = dialogue_views(conversations, [is_long_dialogue(c, long.min_chars) for c in conversations])
-        return most_unsafe(await self._score_views(views), owners, len(conversations))
+        if long is None:
+            return await self._score_views(conversations), [self.unsafe_cut] * len(batch)
+        is_long = [is_long_dialogue(c, long.min_chars) for c in conversations]
+        cuts = [long.cut if flag else self.unsafe_cut for flag in is_long]
+        if long.read == "whole":
+            return await self._score_views(conversations), cuts
+        views, owners = dialogue_views(conversations, is_long)
+        return most_unsafe(await self._score_views(views), owners, len(conversations)), cuts
 
     async def _score_views(self, conversations: Sequence[Conversation]) -> npt.NDArray[np.float64]:
         timeout = self.settings.guard.expert_timeout_s
@@ -281,7 +285,7 @@ class GuardHandler(OutputsSlot):
         while True:
             started = time.monotonic()
             try:
-                scores = await self._score(batch)
+                scores, cuts = await self._score(batch)
             except ExpertUnavailable as exc:
                 kind = "timeout" if isinstance(exc, ExpertTimeout) else "unavailable"
                 self.metrics.expert_errors.labels(kind=kind).inc()
@@ -318,8 +322,9 @@ class GuardHandler(OutputsSlot):
         if bad:
             raise ExpertError(f"non-finite expert score {float(scores[0])}")
         self.breaker.success()
-        for review, score in zip(batch, scores, strict=True):
-            self._publish(review, float(score), started=started, scoring_s=elapsed)
+        for review, score, cut in zip(batch, scores, cuts, strict=True):
+            self._publish(review, float(score), "unsafe" if score >= cut else "safe", started=started,
+                          scoring_s=elapsed)
 
     def _give_up(self, review: Review, exc: Exception) -> None:
         """The expert cannot score this request, ever: answer it anyway (fail closed) rather than drop it."""
@@ -333,8 +338,8 @@ class GuardHandler(OutputsSlot):
         log.error("expert.given_up", expert=self.expert.name, event_id=request.event.event_id, error=repr(exc)[:300],
                   decision=decision)
         try:
-            self._publish(review, request.p_unsafe, started=time.monotonic(), scoring_s=0.0,
-                          source="expert_unavailable", decision=decision)
+            self._publish(review, request.p_unsafe, decision, started=time.monotonic(), scoring_s=0.0,
+                          source="expert_unavailable")
         except Exception as publish_exc:  # noqa: BLE001 - not even that: keep the request for people
             self.out.dead_letter(review, "expert_error", f"{exc!r}; then {publish_exc!r}", "expert")
 
@@ -357,23 +362,13 @@ class GuardHandler(OutputsSlot):
         self._degraded = degraded
         self.metrics.degraded.set(1 if degraded else 0)
 
-    def cut_for(self, event: ConversationEvent) -> float:
-        """The expert's cut for this event: the long-dialogue one where it applies, else the expert's cut."""
-        long = self.long_cut
-        if long is not None and is_long_dialogue(event.conversation(), long.min_chars):
-            return long.cut
-        return self.unsafe_cut
-
     # ---------------------------------------------------------------- publish
-    def _publish(self, review: Review, score: float, *, started: float, scoring_s: float,
-                 source: Literal["expert", "expert_unavailable"] = "expert",
-                 decision: Literal["unsafe", "safe"] | None = None) -> None:
+    def _publish(self, review: Review, score: float, decision: Literal["unsafe", "safe"], *, started: float,
+                 scoring_s: float, source: Literal["expert", "expert_unavailable"] = "expert") -> None:
         request = review.body
         event = request.event
         if not math.isfinite(score):
             raise ExpertError(f"non-finite expert score {score}")
-        if decision is None:
-            decision = "unsafe" if score >= self.cut_for(event) else "safe"
         waited_s = max(0.0, (utcnow() - request.requested_at).total_seconds() - scoring_s)
         verdict = Verdict(
             event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant,
