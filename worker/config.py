@@ -12,6 +12,12 @@ from probes.config import AuditConfig, Frozen, Settings
 # Room above worker.max_event_bytes in the topics' max.message.bytes: key, headers and batch framing (topics.py).
 RECORD_OVERHEAD_BYTES = 65_536
 
+#: The default worker.decision_logit_margin per compute dtype: twice the largest batch-to-batch logit spread measured
+#: on the demo bundle (SmolLM2-135M, 320 events of 8 sources, scripts/decision_spread.py): 0.50 in bf16, 3e-5 in fp32
+#: (the fp32 default is kept well above its spread: other kernels and devices reduce in other orders).
+BF16_DECISION_LOGIT_MARGIN = 1.0
+FP32_DECISION_LOGIT_MARGIN = 0.01
+
 
 class KafkaConfig(Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -114,9 +120,12 @@ class WorkerConfig(ServiceConfig):
     inference_retries: int = Field(
         1, ge=0, description="retries (with backoff) of an event the model fails on alone, before its dead letter")
     inference_retry_backoff_s: float = Field(0.5, gt=0, description="first wait before such a retry (doubles)")
-    decision_margin: float = Field(
-        0.02, ge=0, lt=0.5, description="an event scored within this distance of the unsafe cut is scored again "
-        "alone, so its decision does not depend on its batch (a redelivered duplicate decides the same); 0: off")
+    decision_logit_margin: float | None = Field(
+        None, ge=0, le=10, description="an event whose score lies within this distance of the unsafe cut, in the "
+        "head's logit (the unit batch-to-batch noise acts in), is scored again alone, so its decision does not "
+        "depend on its batch (a redelivered duplicate decides the same); None: by the model's compute dtype, "
+        f"{BF16_DECISION_LOGIT_MARGIN} in bf16/fp16 and {FP32_DECISION_LOGIT_MARGIN} in fp32 (README \"Delivery "
+        "guarantees\": spreads measured up to 0.50 and 3e-5); 0: off")
     long_dialogue_cut: bool = Field(
         False, description="flag a long dialogue (an assistant turn and over model.windows.dialogue_chars of content) "
         "only at or above the bundle's long-conversation cut too: its benign flag rate is then certified ≤ ε, at the "

@@ -162,7 +162,7 @@ class WorkerMetrics(ConsumerMetrics):
             "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue, tenant metric labels)", ["table"],
             registry=r)
         self.canonical_rescores = Counter(
-            "ctd_canonical_rescores", "Events within worker.decision_margin of the cut, scored again alone", registry=r)
+            "ctd_canonical_rescores", "Events within worker.decision_logit_margin of the cut, scored again alone", registry=r)
         self.batch_size = Histogram(
             "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )

@@ -26,14 +26,14 @@ from aiokafka import TopicPartition
 from probes.activations.batching import split_padded_tokens
 from probes.calibration.recalibration import OnlineRecalibrator
 from probes.errors import ConfigError
-from probes.heads.inference import LinearHead
+from probes.heads.inference import LinearHead, logit
 from probes.logs import get_logger
 from probes.runtime.monitor import MIN_SPLIT_SAVING_TOKENS, Monitor, Scores
 from worker.audits import AuditSampler, load_audit_secret
 from worker.batcher import BatchLimits, MicroBatcher
 from worker.breaker import CircuitBreaker
 from worker.budget import BudgetController, Delegation
-from worker.config import WorkerSettings
+from worker.config import BF16_DECISION_LOGIT_MARGIN, FP32_DECISION_LOGIT_MARGIN, WorkerSettings
 from worker.decode import DecodeError, ViewLimits, decode_viewed
 from worker.events import (
     ConversationEvent,
@@ -107,6 +107,16 @@ class Waiting:
     view: EventView | None = None
 
 
+def decision_logit_margin(setting: float | None, monitor: Monitor) -> float:
+    """``worker.decision_logit_margin``, or where unset the default for the dtype the model computes in: bf16 and
+    fp16 reductions move a score by up to half a logit between batches, fp32 ones by ~1e-5 (README "Delivery
+    guarantees"), so one margin for both would either break the same-decision promise or re-score far too much."""
+    if setting is not None:
+        return setting
+    low_precision = str(monitor.loaded.dtype).removeprefix("torch.") in ("bfloat16", "float16")
+    return BF16_DECISION_LOGIT_MARGIN if low_precision else FP32_DECISION_LOGIT_MARGIN
+
+
 class MonitorHandler(OutputsSlot):
     """Conversation events in, probe verdicts (and review requests) out."""
 
@@ -159,6 +169,7 @@ class MonitorHandler(OutputsSlot):
         # audit.refit=head: every event's pooled activations are kept past the heads (a refit head decides on
         # them, and audited events send them to the guard); otherwise they are dropped as before.
         self._keep_features = settings.audit.enabled and settings.audit.refit == "head"
+        self._decision_margin = decision_logit_margin(settings.worker.decision_logit_margin, monitor)
         # Long dialogues' own cut, where the operator chose it (worker.long_dialogue_cut, docs/method.md §6c).
         self._long_cut = monitor.long_cut if settings.worker.long_dialogue_cut else None
         if settings.worker.long_dialogue_cut and self._long_cut is None:
@@ -308,7 +319,7 @@ class MonitorHandler(OutputsSlot):
             return scores if rows is None or n == 1 else self._canonical_near_cut(scores, rows)
 
     def _canonical_near_cut(self, scores: Scores, rows: Sequence[list[list[int]]]) -> Scores:
-        """Events within ``worker.decision_margin`` of the unsafe cut, scored again alone (inference thread).
+        """Events within ``worker.decision_logit_margin`` of the unsafe cut, scored again alone (inference thread).
 
         Low-precision kernels (bf16) give an event a slightly different score in each batch it lands in (padding
         and batch size change the reductions): an event near the cut could then be answered ``unsafe`` once and
@@ -316,7 +327,7 @@ class MonitorHandler(OutputsSlot):
         gets the same score and decision; far from the cut the batch's score cannot cross it (README "Delivery
         guarantees" gives the measured spread). Costs one extra pass per near-cut event.
         """
-        margin = self.settings.worker.decision_margin
+        margin = self._decision_margin
         if margin <= 0:
             return scores
         cuts = [self.monitor.unsafe_cut]
@@ -324,7 +335,8 @@ class MonitorHandler(OutputsSlot):
             cuts.append(self._long_cut)
         if self.recalibrator is not None and self.recalibrator.state.probe_cut is not None:
             cuts.append(self.recalibrator.state.probe_cut)
-        near = [i for i, p in enumerate(scores.p_unsafe.tolist()) if any(abs(p - c) < margin for c in cuts)]
+        distance = np.min(np.abs(logit(scores.p_unsafe)[:, None] - logit(cuts)[None, :]), axis=1)
+        near = np.flatnonzero(distance < margin).tolist()
         if not near:
             return scores
         p_unsafe, signal = scores.p_unsafe.copy(), scores.signal.copy()

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
+import torch
 
-from probes.runtime.monitor import Monitor
+from probes.heads.inference import logit, sigmoid
+from probes.runtime.monitor import Monitor, Scores
 from tests.worker.helpers import dataset_events, new_topics, worker_settings
+from worker.config import BF16_DECISION_LOGIT_MARGIN, FP32_DECISION_LOGIT_MARGIN
 from worker.metrics import WorkerMetrics
-from worker.monitor import MonitorHandler
+from worker.monitor import MonitorHandler, decision_logit_margin
 
 
-def _handler(monitor: Monitor, small_bundle: Path, cache_dir: Path, margin: float) -> MonitorHandler:
+def _handler(monitor: Monitor, small_bundle: Path, cache_dir: Path, margin: float | None) -> MonitorHandler:
     s = worker_settings("127.0.0.1:9", small_bundle, cache_dir, topics=new_topics(lambda spec: None), group="g",
-                        decision_margin=margin)
+                        decision_logit_margin=margin)
     return MonitorHandler(s, monitor, WorkerMetrics())
 
 
@@ -37,9 +42,9 @@ def test_near_cut_events_score_the_same_in_any_batch(
     events = dataset_events([datasets_dir / "xstest.jsonl", datasets_dir / "harmbench.jsonl"], 64)
     rows = monitor.tokenize_windows_batch([e.conversation() for e in events])
     # A wide margin, so most events of this small sample count as near the cut and take the canonical path.
-    handler = _handler(monitor, small_bundle, cache_dir, margin=0.45)
+    handler = _handler(monitor, small_bundle, cache_dir, margin=2.0)
     alone = np.array([_scores(handler, rows, [i])[0] for i in range(len(rows))])
-    near = np.abs(alone - monitor.unsafe_cut) < 0.45
+    near = np.abs(logit(alone) - logit(monitor.unsafe_cut)) < 2.0
     assert near.sum() >= 8, "too few events near the cut to test anything"
     rng = random.Random(7)
     for _ in range(3):  # three different batch compositions and sizes
@@ -63,3 +68,28 @@ def test_margin_zero_scores_each_batch_once(monitor: Monitor, small_bundle: Path
     handler = _handler(monitor, small_bundle, cache_dir, margin=0.0)
     _scores(handler, rows, list(range(len(rows))))
     assert handler.metrics.canonical_rescores._value.get() == 0
+
+
+def test_the_margin_is_a_distance_in_logits(monitor: Monitor, small_bundle: Path, cache_dir: Path,
+                                            datasets_dir: Path) -> None:
+    """Batch noise moves the head's logit, not P(unsafe) by a fixed amount: near a cut of 0.99 a margin of 0.02 in P
+    spans every flagged event (the demo bundle's 0.9887 sent 28 % of real traffic back for a pass of its own)."""
+    events = dataset_events([datasets_dir / "xstest.jsonl"], 3)
+    rows = monitor.tokenize_windows_batch([e.conversation() for e in events])
+    handler = _handler(monitor, small_bundle, cache_dir, margin=0.1)
+    cut = logit(monitor.unsafe_cut)
+    # 0.05 and 0.3 logits above the cut (both within 0.1 of it in P, whatever the cut), and far above it.
+    p = sigmoid(np.asarray([cut + 0.05, cut + 0.3, cut + 3.0]))
+    assert abs(p[1] - monitor.unsafe_cut) < 0.1
+    out = handler._canonical_near_cut(Scores(p.copy(), None, np.zeros(3), None), rows)
+    assert handler.metrics.canonical_rescores._value.get() == 1, "only the event within 0.1 logit is scored again"
+    alone = monitor.p_unsafe_of([rows[0]])[0]
+    assert out.p_unsafe[0] == alone and out.p_unsafe[1:].tolist() == p[1:].tolist()
+
+
+def test_the_default_margin_follows_the_compute_dtype(monitor: Monitor) -> None:
+    assert decision_logit_margin(None, monitor) == FP32_DECISION_LOGIT_MARGIN  # the test monitor runs in fp32
+    for dtype in (torch.bfloat16, torch.float16):
+        low = cast(Any, SimpleNamespace(loaded=SimpleNamespace(dtype=dtype)))
+        assert decision_logit_margin(None, low) == BF16_DECISION_LOGIT_MARGIN
+    assert decision_logit_margin(0.3, monitor) == 0.3 and decision_logit_margin(0.0, monitor) == 0.0
