@@ -1,11 +1,11 @@
 """How far a bundle's score moves with the batch an event lands in, and how many events a decision margin re-scores.
 
-The worker scores an event again alone when it lands near the unsafe cut (``worker.decision_logit_margin``, worker/
-monitor.py ``_canonical_near_cut``), so a redelivered duplicate gets the same decision whatever batch it lands in.
-This measures what that margin must cover and what it costs, on the real model and real data: each event scored
-alone and in ``--batchings`` random batchings (sizes 5 to 64, as the worker's batches vary), the spread of the
-head's logit (the unit bf16 noise acts in: the heads are linear in the pooled states) and of P(unsafe), the decisions
-that flip, and the share of events each margin would send back for a pass of their own.
+The worker scores an event again when it lands near the unsafe cut (``worker.decision_logit_margin``, worker/
+monitor.py ``_canonical_near_cut``), from its rows forwarded each on its own, so a redelivered duplicate gets the same
+decision whatever batch it lands in. This measures what that margin must cover and what it costs, on the real model
+and real data: each event scored in that canonical form and in ``--batchings`` random batchings (sizes 5 to 64, as
+the worker's batches vary), the spread of the head's logit (the unit bf16 noise acts in: the heads are linear in
+the pooled states) and of P(unsafe), the decisions that flip, and the share of events each margin would send back.
 
     PYTHONPATH=$PWD python scripts/decision_spread.py --bundle runs/demo/bundle --per-file 40 [--dtype bf16]
 """
@@ -47,8 +47,9 @@ def main() -> None:
         random.Random(name).shuffle(part)
         records += part[: args.per_file]
     rows = monitor.tokenize_windows_batch([r.messages for r in records])
-    alone = np.array([monitor.p_unsafe_of([r])[0] for r in rows])
-    again = np.array([monitor.p_unsafe_of([r])[0] for r in rows])
+    # The worker's canonical form: each row forwarded on its own, the event at its highest row.
+    alone = np.array([max(monitor.p_unsafe_of([[row]])[0] for row in r) for r in rows])
+    again = np.array([max(monitor.p_unsafe_of([[row]])[0] for row in r) for r in rows])
     cut = monitor.unsafe_cut
     rng = random.Random(7)
     batched = []

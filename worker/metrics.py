@@ -163,6 +163,8 @@ class WorkerMetrics(ConsumerMetrics):
             registry=r)
         self.canonical_rescores = Counter(
             "ctd_canonical_rescores", "Events within worker.decision_logit_margin of the cut, scored again alone", registry=r)
+        self.canonical_rows = Counter(
+            "ctd_canonical_rows", "Rows of those events forwarded again, each on its own", registry=r)
         self.batch_size = Histogram(
             "ctd_batch_size", "Events per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )

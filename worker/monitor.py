@@ -316,16 +316,20 @@ class MonitorHandler(OutputsSlot):
                rows: Sequence[list[list[int]]] | None = None) -> Any:
         with self.metrics.stage_cpu("score"):
             scores = self.monitor.score_grouped(batch, groups, n, keep_features=self._keep_features)
-            return scores if rows is None or n == 1 else self._canonical_near_cut(scores, rows)
+            # One row forwarded on its own is already in the canonical form below.
+            return scores if rows is None or len(groups) == 1 else self._canonical_near_cut(scores, rows)
 
     def _canonical_near_cut(self, scores: Scores, rows: Sequence[list[list[int]]]) -> Scores:
-        """Events within ``worker.decision_logit_margin`` of the unsafe cut, scored again alone (inference thread).
+        """Events within ``worker.decision_logit_margin`` of the unsafe cut, scored again from rows forwarded each
+        on its own (inference thread).
 
-        Low-precision kernels (bf16) give an event a slightly different score in each batch it lands in (padding
-        and batch size change the reductions): an event near the cut could then be answered ``unsafe`` once and
-        ``safe`` when redelivered. Alone, its score depends on its own tokens only, so a redelivered duplicate
-        gets the same score and decision; far from the cut the batch's score cannot cross it (README "Delivery
-        guarantees" gives the measured spread). Costs one extra pass per near-cut event.
+        Low-precision kernels (bf16) give a row a slightly different score in each batch it lands in (padding and
+        batch size change the reductions): an event near the cut could then be answered ``unsafe`` once and
+        ``safe`` when redelivered. A row forwarded on its own scores from its own tokens only, so a redelivered
+        duplicate gets the same decision; far from the cut the batch's score cannot cross it (README "Delivery
+        guarantees" gives the measured spread). Only the event's rows that can decide it are forwarded again: those
+        within the margin below the lowest cut or above it. A row further below stays below every cut forwarded
+        on its own too, so it decides nothing; a windowed prompt re-forwards a row or two, not all of its windows.
         """
         margin = self._decision_margin
         if margin <= 0:
@@ -335,22 +339,33 @@ class MonitorHandler(OutputsSlot):
             cuts.append(self._long_cut)
         if self.recalibrator is not None and self.recalibrator.state.probe_cut is not None:
             cuts.append(self.recalibrator.state.probe_cut)
-        distance = np.min(np.abs(logit(scores.p_unsafe)[:, None] - logit(cuts)[None, :]), axis=1)
+        cut_logits = logit(cuts)
+        distance = np.min(np.abs(logit(scores.p_unsafe)[:, None] - cut_logits[None, :]), axis=1)
         near = np.flatnonzero(distance < margin).tolist()
         if not near:
             return scores
+        floor = float(cut_logits.min()) - margin
+        starts = np.cumsum([0, *(len(r) for r in rows)])
+        row_logits = None if scores.row_p_unsafe is None else logit(scores.row_p_unsafe)
         p_unsafe, signal = scores.p_unsafe.copy(), scores.signal.copy()
         dv = None if scores.dv is None else scores.dv.copy()
         features = None if scores.features is None else scores.features.copy()
+        forwarded = 0
         for i in near:
-            alone = self.monitor.score_grouped(self.monitor.collate_by_length(rows[i]), [0] * len(rows[i]), 1,
-                                               keep_features=self._keep_features)
-            p_unsafe[i], signal[i] = alone.p_unsafe[0], alone.signal[0]
-            if dv is not None and alone.dv is not None:
-                dv[i] = alone.dv[0]
-            if features is not None and alone.features is not None:
-                features[i] = alone.features[0]
+            own = rows[i]
+            deciding = own if row_logits is None else [
+                row for row, z in zip(own, row_logits[starts[i]:starts[i + 1]], strict=True) if z >= floor]
+            alone = [self.monitor.score_grouped([self.monitor.collate([row])], [0], 1,
+                                                keep_features=self._keep_features) for row in deciding or own]
+            forwarded += len(alone)
+            best = max(alone, key=lambda a: float(a.p_unsafe[0]))
+            p_unsafe[i], signal[i] = best.p_unsafe[0], best.signal[0]
+            if dv is not None and best.dv is not None:
+                dv[i] = best.dv[0]
+            if features is not None and best.features is not None:
+                features[i] = best.features[0]
         self.metrics.canonical_rescores.inc(len(near))
+        self.metrics.canonical_rows.inc(forwarded)
         return Scores(p_unsafe, dv, signal, features)
 
     # ---------------------------------------------------------------- batch + infer

@@ -75,6 +75,9 @@ class Scores:
     #: The pooled activations each score was read from (one row per score), only when the caller asked for them
     #: (``keep_features``: the online head refit needs them; otherwise they are not kept past the heads).
     features: npt.NDArray[np.float32] | None = None
+    #: P(unsafe) of every row a conversation was read in, in row order (``score_grouped``: each conversation scores
+    #: as its highest row); the worker re-scores only the rows that can decide a near-cut event.
+    row_p_unsafe: F64 | None = None
 
 
 def uncertainty_centre(manifest: BundleManifest) -> float | None:
@@ -240,7 +243,7 @@ class Monitor:
             scores = Scores(p_unsafe, dv, signal, features)
         rows = argmax_by_group(scores.p_unsafe.tolist(), groups, n)
         return Scores(scores.p_unsafe[rows], None if scores.dv is None else scores.dv[rows], scores.signal[rows],
-                      None if scores.features is None else scores.features[rows])
+                      None if scores.features is None else scores.features[rows], row_p_unsafe=scores.p_unsafe)
 
     def p_unsafe_of(self, rows: Sequence[Sequence[Sequence[int]]]) -> F64:
         """P(unsafe) of conversations from their rows (``tokenize_windows_batch``), as the worker scores each: its

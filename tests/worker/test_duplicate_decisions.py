@@ -87,6 +87,32 @@ def test_the_margin_is_a_distance_in_logits(monitor: Monitor, small_bundle: Path
     assert out.p_unsafe[0] == alone and out.p_unsafe[1:].tolist() == p[1:].tolist()
 
 
+def test_a_windowed_event_forwards_again_only_the_rows_that_can_decide_it(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    """A row far below the cut stays below it forwarded on its own too: only the rows within the margin below the
+    cut (or above it) are forwarded again, each on its own, and the event takes the highest of them."""
+    from probes.conversation import single_turn
+
+    rows = monitor.tokenize_windows_batch([single_turn("how do I keep my tomato plants alive in summer? " * 30)])
+    own = rows[0]
+    assert len(own) >= 4, "a conversation read in windows"
+    handler = _handler(monitor, small_bundle, cache_dir, margin=0.1)
+    cut = logit(monitor.unsafe_cut)
+    # The event's best row sits just above the cut, one more just below it (within the margin), the rest far below.
+    row_logits = np.full(len(own), cut - 5.0)
+    row_logits[[1, 2]] = [cut + 0.05, cut - 0.05]
+    row_p = sigmoid(row_logits)
+    scores = Scores(np.asarray([row_p[1]]), None, np.zeros(1), None, row_p_unsafe=row_p)
+    out = handler._canonical_near_cut(scores, rows)
+    assert handler.metrics.canonical_rows._value.get() == 2
+    each = [monitor.p_unsafe_of([[row]])[0] for row in own[1:3]]
+    assert out.p_unsafe[0] == max(each)
+    # Without the rows' scores (a scorer that does not report them), every row of the event is forwarded again.
+    handler._canonical_near_cut(Scores(np.asarray([row_p[1]]), None, np.zeros(1), None), rows)
+    assert handler.metrics.canonical_rows._value.get() == 2 + len(own)
+
+
 def test_the_default_margin_follows_the_compute_dtype(monitor: Monitor) -> None:
     assert decision_logit_margin(None, monitor) == FP32_DECISION_LOGIT_MARGIN  # the test monitor runs in fp32
     for dtype in (torch.bfloat16, torch.float16):
