@@ -12,9 +12,9 @@ from probes.config import AuditConfig, Frozen, Settings
 # Room above worker.max_event_bytes in the topics' max.message.bytes: key, headers and batch framing (topics.py).
 RECORD_OVERHEAD_BYTES = 65_536
 
-#: The default worker.decision_logit_margin per compute dtype: twice the largest batch-to-batch logit spread measured
-#: on the demo bundle (SmolLM2-135M, 320 events of 8 sources, scripts/decision_spread.py): 0.50 in bf16, 3e-5 in fp32
-#: (the fp32 default is kept well above its spread: other kernels and devices reduce in other orders).
+#: The default worker.decision_logit_margin per compute dtype: about twice the largest batch-to-batch logit spread
+#: measured on the demo bundle (SmolLM2-135M, 320 events of 8 sources, scripts/decision_spread.py): 0.52 in bf16,
+#: 3e-5 in fp32 (the fp32 default is kept well above its spread: other kernels and devices reduce in other orders).
 BF16_DECISION_LOGIT_MARGIN = 1.0
 FP32_DECISION_LOGIT_MARGIN = 0.01
 
@@ -122,10 +122,11 @@ class WorkerConfig(ServiceConfig):
     inference_retry_backoff_s: float = Field(0.5, gt=0, description="first wait before such a retry (doubles)")
     decision_logit_margin: float | None = Field(
         None, ge=0, le=10, description="an event whose score lies within this distance of the unsafe cut, in the "
-        "head's logit (the unit batch-to-batch noise acts in), is scored again alone, so its decision does not "
-        "depend on its batch (a redelivered duplicate decides the same); None: by the model's compute dtype, "
-        f"{BF16_DECISION_LOGIT_MARGIN} in bf16/fp16 and {FP32_DECISION_LOGIT_MARGIN} in fp32 (README \"Delivery "
-        "guarantees\": spreads measured up to 0.50 and 3e-5); 0: off")
+        "head's logit (the unit batch-to-batch noise acts in), is scored again from the rows that can decide it, "
+        "each forwarded on its own, so its decision does not depend on its batch (a redelivered duplicate decides "
+        f"the same); None: by the model's compute dtype, {BF16_DECISION_LOGIT_MARGIN} in bf16/fp16 and "
+        f"{FP32_DECISION_LOGIT_MARGIN} in fp32 (README \"Delivery guarantees\": spreads measured up to 0.52 and "
+        "3e-5); 0: off")
     long_dialogue_cut: bool = Field(
         False, description="flag a long dialogue (an assistant turn and over model.windows.dialogue_chars of content) "
         "only at or above the bundle's long-conversation cut too: its benign flag rate is then certified ≤ ε, at the "

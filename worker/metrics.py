@@ -162,7 +162,7 @@ class WorkerMetrics(ConsumerMetrics):
             "ctd_tenant_scopes", "Per-tenant entries held by a table (budget windows, fair queue, tenant metric labels)", ["table"],
             registry=r)
         self.canonical_rescores = Counter(
-            "ctd_canonical_rescores", "Events within worker.decision_logit_margin of the cut, scored again alone", registry=r)
+            "ctd_canonical_rescores", "Events within worker.decision_logit_margin of the cut, scored again from rows forwarded on their own", registry=r)
         self.canonical_rows = Counter(
             "ctd_canonical_rows", "Rows of those events forwarded again, each on its own", registry=r)
         self.batch_size = Histogram(
