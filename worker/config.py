@@ -377,6 +377,12 @@ class GuardConfig(ServiceConfig):
     unavailable_decision: Literal["unsafe", "probe"] = Field(
         "unsafe", description="final decision when the expert fails for good: escalate as harmful, or the probe's "
         "(its verdict's decision, at the cut in force then)")
+    decision_logit_margin: float = Field(
+        0.1, ge=0, le=10, description="a request the in-process expert scores within this distance of its cut (in "
+        "logits) is scored again in a batch of its own, so a redelivered request gets the same decision whatever it "
+        "was batched with (the demo's encoder-head expert in bf16 moved by up to 0.036 logit between batchings, and "
+        "0.1 re-scores 5 % of requests: README \"Delivery guarantees\"); an expert behind HTTP batches as its server "
+        "does, and is not re-scored; 0: off")
     http_port: int = Field(8081, ge=0, le=65535)
     inference_retries: int = Field(
         1, ge=0, description="retries (backoff from retry_backoff_s) of a request the expert errors on alone, "

@@ -39,6 +39,7 @@ from probes.conversation import Conversation, is_long_dialogue
 from probes.errors import ConfigError, ExpertError, ExpertUnavailable
 from probes.experts.base import Expert
 from probes.experts.dialogue_read import dialogue_views, most_unsafe
+from probes.heads.inference import logit
 from probes.logs import get_logger
 from probes.runtime.bundle import read_manifest
 from probes.runtime.manifest import DEFAULT_UNSAFE_CUT
@@ -322,9 +323,34 @@ class GuardHandler(OutputsSlot):
         if bad:
             raise ExpertError(f"non-finite expert score {float(scores[0])}")
         self.breaker.success()
-        for review, score, cut in zip(batch, scores, cuts, strict=True):
+        final = await self._canonical_near_cut(batch, scores, cuts)
+        for review, score, cut in zip(batch, final, cuts, strict=True):
             self._publish(review, float(score), "unsafe" if score >= cut else "safe", started=started,
                           scoring_s=elapsed)
+
+    async def _canonical_near_cut(self, batch: Sequence[Review], scores: npt.NDArray[np.float64],
+                                  cuts: Sequence[float]) -> npt.NDArray[np.float64]:
+        """Requests scored within ``guard.decision_logit_margin`` of their cut, scored again in a batch of their own.
+
+        A local expert in low precision scores a request slightly differently in each batch (padding and batch size
+        change the reductions), so a redelivered request near the cut could be decided otherwise; scored alone, its
+        score depends on its own text only (the worker does the same for its verdicts). An error here fails the
+        batch like any expert error: it is split, and a request alone needs no second score.
+        """
+        margin = self.settings.guard.decision_logit_margin
+        if margin <= 0 or len(batch) == 1 or getattr(self.expert, "ascore", None) is not None:
+            return scores
+        near = np.flatnonzero(np.abs(logit(scores) - logit(cuts)) < margin).tolist()
+        if not near:
+            return scores
+        out = scores.copy()
+        for i in near:
+            alone, _ = await self._score([batch[i]])
+            if len(alone) != 1 or not math.isfinite(float(alone[0])):
+                raise ExpertError(f"re-scored alone, the expert answered {alone!r}")
+            out[i] = alone[0]
+        self.metrics.canonical_rescores.inc(len(near))
+        return out
 
     def _give_up(self, review: Review, exc: Exception) -> None:
         """The expert cannot score this request, ever: answer it anyway (fail closed) rather than drop it."""

@@ -284,6 +284,9 @@ class GuardMetrics(ConsumerMetrics):
         self.audit_verdicts_out = Counter(
             "ctd_expert_audit_verdicts_out", "Expert verdicts on audited events acknowledged by the broker", registry=r
         )
+        self.canonical_rescores = Counter(
+            "ctd_expert_canonical_rescores", "Requests within guard.decision_logit_margin of their cut, scored again "
+            "in a batch of their own", registry=r)
         self.degraded = Gauge("ctd_expert_degraded", "1 while the expert is unavailable or timing out", registry=r)
         self.degraded_total = Counter(
             "ctd_expert_degraded_episodes", "Times the expert became unavailable", registry=r
