@@ -24,6 +24,7 @@ import numpy.typing as npt
 from aiokafka import TopicPartition
 
 from probes.activations.batching import split_padded_tokens
+from probes.activations.models import DTYPES
 from probes.calibration.recalibration import OnlineRecalibrator
 from probes.errors import ConfigError
 from probes.heads.inference import LinearHead, logit
@@ -113,7 +114,7 @@ def decision_logit_margin(setting: float | None, monitor: Monitor) -> float:
     guarantees"), so one margin for both would either break the same-decision promise or re-score far too much."""
     if setting is not None:
         return setting
-    low_precision = str(monitor.loaded.dtype).removeprefix("torch.") in ("bfloat16", "float16")
+    low_precision = monitor.loaded.dtype in (DTYPES["bf16"], DTYPES["fp16"])
     return BF16_DECISION_LOGIT_MARGIN if low_precision else FP32_DECISION_LOGIT_MARGIN
 
 
