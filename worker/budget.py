@@ -24,7 +24,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict
 
 from probes.calibration.ltt import delegation_rates, fixed_sequence_test, threshold_grid
 from probes.errors import ConfigError
@@ -44,11 +43,13 @@ OVERFLOW_SCOPE = "*"  # tenants beyond budget.max_scopes share this window
 ScopeKey = int | str
 
 
-class Delegation(BaseModel):
+@dataclass(frozen=True, slots=True)
+class Delegation:
     """What the controller decided for one event. It is the single record of that decision: the verdict takes
-    ``delegated`` and ``budget`` from it as they are, the review request its threshold and signal value."""
+    ``delegated`` and ``budget`` from it as they are, the review request its threshold and signal value.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    A dataclass, not a pydantic model: the controller builds one per event from values it computed itself, and
+    validating them again cost as much as the decision (it never leaves the process; ``budget`` does, validated)."""
 
     delegated: bool
     signal: Signal
@@ -79,6 +80,7 @@ class ScopeWindow:
     tokens: Fraction = Fraction(0)
     cap_hits: int = 0
     recertifications: int = 0
+    state: BudgetState | None = None  # the rule as last applied here (shared by events that see the same one)
 
     def __post_init__(self) -> None:
         self.signals = collections.deque(maxlen=self.size)
@@ -115,6 +117,7 @@ class BudgetController:
         self.tenant_label = tenant_label
         self._scope_labels: set[str] = set()  # the gauges' scope label values last set
         self.refill: Fraction | None = None
+        self._log_inv_delta = math.log(1 / config.delta)  # the monitor's Hoeffding margin reads it per event
         if config.hard_cap and rule.valid and rule.alpha is not None:
             # repr() is the shortest decimal that round-trips: α = 0.1 becomes exactly 1/10, not a binary float.
             self.refill = Fraction(repr(rule.alpha)) - Fraction(config.cap_burst, config.window)
@@ -203,10 +206,16 @@ class BudgetController:
         if w.since_recertify >= self.config.recertify_every and len(w.signals) >= self.config.min_window:
             self._recertify(w)
         self._check_rate(w)
-        return Delegation(delegated=delegated, signal=self.rule.signal, value=signal, budget=BudgetState(
-            alpha=self.rule.alpha, threshold=tau, offline_threshold=self.rule.threshold, window_threshold=window_tau,
-            window_rate=w.rate, cap_binding=refused, valid=True,
-        ))
+        rate = w.rate
+        state = w.state
+        # Consecutive events mostly see the same rule (the rate moves only when the decision leaving the window
+        # differs from the one entering it): the frozen state is shared rather than validated again per event.
+        if (state is None or state.threshold != tau or state.window_threshold != window_tau
+                or state.window_rate != rate or state.cap_binding != refused):
+            state = w.state = BudgetState(
+                alpha=self.rule.alpha, threshold=tau, offline_threshold=self.rule.threshold,
+                window_threshold=window_tau, window_rate=rate, cap_binding=refused, valid=True)
+        return Delegation(delegated=delegated, signal=self.rule.signal, value=signal, budget=state)
 
     def _cap_episode(self, w: ScopeWindow, refused: bool) -> None:
         if refused:
@@ -250,7 +259,7 @@ class BudgetController:
             w.outcome = outcome
 
     def hoeffding_margin(self, n: int) -> float:
-        return math.sqrt(math.log(1 / self.config.delta) / (2 * n))
+        return math.sqrt(self._log_inv_delta / (2 * n))
 
     def _check_rate(self, w: ScopeWindow) -> None:
         assert self.rule.alpha is not None

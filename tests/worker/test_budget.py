@@ -9,7 +9,7 @@ from scipy.stats import norm
 
 from probes.errors import ConfigError
 from probes.runtime.monitor import DelegationRule
-from worker.budget import BudgetController, Delegation
+from worker.budget import WORKER_SCOPE, BudgetController, Delegation
 from worker.config import BudgetConfig
 from worker.metrics import WorkerMetrics
 
@@ -247,3 +247,20 @@ def test_partition_scope_gauges_carry_each_partition() -> None:
     assert get("ctd_window_threshold", {"scope": "1"}) <= TAU
     assert get("ctd_window_delegation_rate", {"scope": "worker"}) is None
     assert metrics.threshold._value.get() == controller.applied_threshold(controller.windows[0])  # the worst
+
+
+def test_each_event_carries_the_rule_as_applied_to_it_though_states_are_shared() -> None:
+    """Events that see the same rule share one frozen BudgetState; each still reads its own window's rate,
+    thresholds and cap refusal, as a state built afresh for every event would."""
+    x = stream(7, (OFFLINE_RATE, 1500), (3 * OFFLINE_RATE, 1500))
+    settings = config(hard_cap=True, cap_burst=5)
+    shared = BudgetController(RULE, settings).decide(x, [0] * x.size)
+    fresh = BudgetController(RULE, settings)
+    afresh: list[Delegation] = []
+    for value in x:
+        if (window := fresh.windows.get(WORKER_SCOPE)) is not None:
+            window.state = None  # nothing to share: built afresh
+        afresh += fresh.decide([value], [0])
+    assert shared == afresh
+    assert len({id(d.budget) for d in shared}) < x.size // 2  # shared indeed
+    assert any(d.budget.cap_binding for d in shared) and any(d.budget.window_threshold for d in shared)
