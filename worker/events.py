@@ -1,6 +1,6 @@
 """The event contract: conversation events in, verdicts / review requests / dead letters out.
 
-Every model is versioned (``schema_version``) and serialised with orjson; worker/decode.py turns input bytes
+Every model is versioned (``schema_version``) and serialised to JSON by pydantic-core; worker/decode.py turns input bytes
 into these models.
 
 Every timestamp is timezone-aware UTC: a naive ``created_at``/``requested_at`` is read as UTC, never compared
@@ -63,11 +63,11 @@ class _Model(BaseModel):
     added_fields: ClassVar[frozenset[str]] = frozenset()
 
     def to_json(self) -> bytes:
-        data = self.model_dump(mode="json")
-        for name, default in _added_defaults(type(self)):
-            if getattr(self, name) == default:
-                del data[name]
-        return orjson.dumps(data)
+        # pydantic-core's own serializer: the same bytes as orjson over ``model_dump(mode="json")`` (floats,
+        # escapes and datetimes alike; tests/worker/test_events.py), without the intermediate dict of Python
+        # objects, which cost a verdict about as much again.
+        unset = {name for name, default in _added_defaults(type(self)) if getattr(self, name) == default}
+        return self.model_dump_json(exclude=unset or None).encode()
 
 
 @functools.cache

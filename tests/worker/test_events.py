@@ -256,6 +256,41 @@ def test_every_decoded_event_serialises_in_every_output(
         assert orjson.loads(body)["schema_version"] == 1
 
 
+def _orjson_bytes(model: Verdict | ReviewRequest | Alert) -> bytes:
+    """What ``to_json`` wrote before it used pydantic-core's serializer: orjson over the JSON-mode dump, without
+    the added fields at their defaults. Readers (and the signatures over these bytes) saw this."""
+    data = model.model_dump(mode="json")
+    for name in model.added_fields:
+        if getattr(model, name) == type(model).model_fields[name].default:
+            del data[name]
+    return orjson.dumps(data)
+
+
+@given(metadata=st.dictionaries(st.text(max_size=8), metadata_values, max_size=4),
+       content=st.text(max_size=40).filter(str.strip), score=st.floats(0.0, 1.0),
+       latency=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300))
+def test_outputs_serialise_to_the_same_bytes_as_orjson(metadata: dict[str, object], content: str, score: float,
+                                                       latency: float) -> None:
+    """Outputs are written by pydantic-core, byte for byte what orjson wrote: floats (shortest round-trip,
+    exponents), string escapes, datetimes and key order alike."""
+    try:
+        orjson.dumps(metadata)
+    except orjson.JSONEncodeError:  # integers past 64 bits: orjson never wrote such an output
+        return
+    event = ConversationEvent.model_validate(_event(metadata=metadata, messages=[{"role": "user", "content": content}]))
+    verdict = Verdict(
+        event_id=event.event_id, conversation_id=event.conversation_id, tenant=event.tenant, p_unsafe=score,
+        dv=latency, delegated=False, decision="safe", source="probe",
+        budget=BudgetState(alpha=0.1, threshold=score, window_rate=1 / 3), bundle_version="b", model_version="m",
+        timings=Timings(queue_ms=latency, total_ms=score * 1e-7), decided_at=utcnow(), metadata=event.metadata,
+        probe_p_unsafe=score, claimed_tenant="\u2028é",
+    )
+    review = ReviewRequest(event=event, p_unsafe=score, dv=None, reason="r", threshold=None, bundle_version="b",
+                           requested_at=utcnow(), audit=True)
+    for model in (verdict, review):
+        assert model.to_json() == _orjson_bytes(model)
+
+
 def test_dead_letter_fits_the_limit_and_identifies_the_original() -> None:
     raw = bytes(range(256)) * 3900  # ~1 MB of binary: base64 alone would be 1.33 MB
     record = dead_letter(reason="oversize", error="too big", topic="in", partition=1, offset=9, key=b"k" * 2000,
