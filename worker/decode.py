@@ -145,6 +145,11 @@ def _cap(content: str, limit: int) -> tuple[str, bool]:
     return head + _CUT + tail, True
 
 
+def _content_chars(message: Any) -> int:
+    content = message.get("content") if isinstance(message, dict) else None
+    return len(content) if isinstance(content, str) else 0
+
+
 def _content_bytes(message: Any) -> int:
     content = message.get("content") if isinstance(message, dict) else None
     return len(content.encode("utf-8", "surrogatepass")) if isinstance(content, str) else 0
@@ -160,9 +165,12 @@ def _bounded_view(obj: dict[str, Any], limits: ViewLimits) -> EventView | None:
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         return None  # the schema check names it
+    n = len(messages)
+    if n <= limits.max_messages and 4 * sum(_content_chars(m) for m in messages) <= min(limits.max_bytes,
+                                                                                      MAX_EVENT_BYTES):
+        return None  # a character is at most 4 UTF-8 bytes: surely within every limit, without encoding
     sizes = [_content_bytes(m) for m in messages]
     total = sum(sizes)
-    n = len(messages)
     if n <= limits.max_messages and total <= limits.max_bytes and max(sizes) <= MAX_EVENT_BYTES:
         return None  # within every limit: scored whole, exactly as before
     head = list(range(min(limits.head, n)))
@@ -251,12 +259,12 @@ def _json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise DecodeError("oversize", f"{len(raw)} bytes > limit {max_bytes}")
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError("undecodable_utf8", str(exc)) from exc
-    try:
-        obj = orjson.loads(raw)
+        obj = orjson.loads(raw)  # refuses invalid UTF-8 too: the bytes are decoded again only to say which it was
     except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise DecodeError("undecodable_utf8", str(bad)) from bad
         raise DecodeError("invalid_json", str(exc)) from exc
     if not isinstance(obj, dict):
         raise DecodeError("schema_violation", "top level must be a JSON object")
