@@ -36,14 +36,22 @@ def special_strings(tokenizer: Any) -> frozenset[str]:
     return frozenset(s for s in strings if isinstance(s, str) and len(s) > 1)
 
 
+# The characters every GENERIC pattern can start with.
+_GENERIC_FIRST = frozenset("<[")
+
+
 @functools.lru_cache(maxsize=64)
-def _pattern(strings: frozenset[str]) -> re.Pattern[str]:
+def _pattern(strings: frozenset[str]) -> tuple[re.Pattern[str], tuple[str, ...]]:
+    """The pattern, and the characters a match can start with."""
     # Longest first, so "<|im_start|>" wins over a shorter token that is its prefix.
     literal = [re.escape(s) for s in sorted(strings, key=len, reverse=True)]
-    return re.compile("|".join([*literal, *GENERIC]))
+    return re.compile("|".join([*literal, *GENERIC])), tuple(_GENERIC_FIRST | {s[0] for s in strings if s})
 
 
 def neutralise(text: str, strings: Iterable[str] = ()) -> str:
     """``text`` with every listed string, and every generic control-token pattern, broken by a word joiner."""
-    pattern = _pattern(frozenset(strings))
+    pattern, first = _pattern(frozenset(strings))
+    if not any(c in text for c in first):
+        # No match can start anywhere: a scan per character is cheaper than the alternation tried at each one.
+        return text
     return pattern.sub(lambda m: m.group(0)[0] + JOINER + m.group(0)[1:], text)
