@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from probes.activations.bpe import ByteLevelBPE
 from probes.activations.normalise import normalise
 from probes.activations.special_tokens import neutralise, special_strings
 from probes.conversation import Message, plain_text
@@ -327,6 +328,8 @@ class BatchRenderer:
             self.backend = Tokenizer.from_str(backend.to_str())
             self.backend.no_padding()
             self.backend.no_truncation()
+        # The same ids from tiktoken where the tokenizer is a plain byte-level BPE (probes/activations/bpe.py).
+        self.bpe = None if self.backend is None else ByteLevelBPE.from_backend(self.backend)
         self.fast = self.backend is not None and (self.template is not None or not self.has_template)
         self.pieces = derive_piece_template(tokenizer, self.backend, self.template, self.specials)
         self._vocab: tuple[int, frozenset[int]] | None = None
@@ -350,6 +353,8 @@ class BatchRenderer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's ids as the rendering's pieces tokenize (no special tokens added), in one tokenizer call."""
+        if self.bpe is not None:
+            return self.bpe.encode_batch(texts)
         return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def vocabulary(self) -> tuple[int, frozenset[int]]:
@@ -391,7 +396,7 @@ class BatchRenderer:
         """Each text's tokens as plain content (no special tokens added), in one tokenizer call."""
         if self.backend is None:
             return [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return self.encode(texts)
 
     def decode(self, rows: Sequence[list[int]]) -> list[str]:
         """``tokenizer.decode`` of each row, in one call when the tokenizer does no Python-side clean-up."""
