@@ -9,7 +9,8 @@ same merges in about a third of the time. It is used only where it is the same f
   no unknown token, no byte fallback, merges applied as listed (``ignore_merges`` off), and merge order is id order
   (tiktoken ranks a merge by the id of what it makes; ``from_backend`` checks that every merge's result has a
   larger id than the one before);
-- added tokens are matched on the raw text with no stripping (tiktoken's special tokens);
+- added tokens are matched on the raw text with no stripping, and none is a prefix of another (tiktoken's special
+  tokens, tried in no set order);
 - a text holding a byte the vocabulary lacks (a few ASCII control characters in SmolLM2's) goes to the Hugging Face
   tokenizer: it drops such a byte and merges across it, which tiktoken does not. So does one with a lone surrogate.
 
@@ -19,6 +20,7 @@ same merges in about a third of the time. It is used only where it is the same f
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -69,9 +71,15 @@ def _unsupported(spec: dict[str, Any]) -> str | None:
             return key
     if model.get("byte_fallback") or model.get("ignore_merges"):
         return "byte_fallback or ignore_merges"
-    for token in spec.get("added_tokens") or []:
+    added = spec.get("added_tokens") or []
+    for token in added:
         if token.get("lstrip") or token.get("rstrip") or token.get("single_word"):
             return f"added token {token.get('content')!r} strips or matches whole words"
+    contents = sorted(str(token.get("content", "")) for token in added)
+    for shorter, longer in itertools.pairwise(contents):
+        if longer.startswith(shorter):
+            # tiktoken tries its specials in no set order, the Hugging Face tokenizer takes the longest match
+            return f"added token {shorter!r} is a prefix of {longer!r}"
     return None
 
 

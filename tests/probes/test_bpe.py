@@ -98,7 +98,7 @@ def _spec(backend: Tokenizer) -> dict[str, Any]:
     return spec
 
 
-@pytest.mark.parametrize("change", ["normalizer", "split", "strip", "merge_order", "unk"])
+@pytest.mark.parametrize("change", ["normalizer", "split", "strip", "prefix", "merge_order", "unk"])
 def test_anything_else_keeps_the_hugging_face_tokenizer(renderer: BatchRenderer, change: str) -> None:
     spec = _spec(renderer.backend)
     if change == "normalizer":
@@ -107,6 +107,9 @@ def test_anything_else_keeps_the_hugging_face_tokenizer(renderer: BatchRenderer,
         spec["pre_tokenizer"] = {"type": "Whitespace"}
     elif change == "strip":
         spec["added_tokens"][0]["lstrip"] = True
+    elif change == "prefix":
+        spec["added_tokens"].append({**spec["added_tokens"][0], "id": len(spec["model"]["vocab"]) + 100,
+                                     "content": spec["added_tokens"][0]["content"] + "x"})
     elif change == "merge_order":
         merges = spec["model"]["merges"]
         merges[10], merges[11] = merges[11], merges[10]
@@ -117,3 +120,11 @@ def test_anything_else_keeps_the_hugging_face_tokenizer(renderer: BatchRenderer,
 
 def test_a_wordpiece_tokenizer_keeps_the_hugging_face_tokenizer(minilm: LoadedModel) -> None:
     assert BatchRenderer(minilm.tokenizer, max_tokens=128).bpe is None
+
+
+@pytest.mark.parametrize("text", ["a" * 64_000, "7" * 20_000, "!?" * 10_000, "漢" * 7_000, " " * 20_000,
+                                  "x\x14" * 5_000])
+def test_long_runs_encode_alike(bpe: ByteLevelBPE, renderer: BatchRenderer, text: str) -> None:
+    """A hostile message of one long pre-token, as a conversation's bounded tail can hold (docs/architecture.md
+    gives the timings: no quadratic merge on a long piece)."""
+    assert bpe.encode_batch([text]) == hf_ids(renderer.backend, [text])
