@@ -367,7 +367,9 @@ async def test_a_long_dialogue_is_decided_at_the_experts_long_cut_when_the_guard
                              long=[is_long_dialogue(r.messages, 1024) for r in records])
     alone = dict(zip((f"wrapped-{r.id}" for r in requests), small_expert.score([r.messages for r in requests]),
                      strict=True))
-    expert_cut = float(min(scores.min(), long.cut.cut - 1e-3))  # every event here is unsafe at the expert's own cut
+    # Every event here is unsafe at the expert's own cut: below the lowest score by more than the 1e-4 the guard's
+    # scores may differ from these (a request near its cut is scored alone, and CPUs round a batch differently).
+    expert_cut = float(min(scores.min() - 2e-4, long.cut.cut - 1e-3))
     assert (scores[: len(held_out)] < long.cut.cut).any() and (scores[len(held_out):] < long.cut.cut).any()
     bundle = tmp_path / "bundle"
     shutil.copytree(small_bundle, bundle)
