@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tiktoken
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from probes.logs import get_logger
 
@@ -42,18 +43,6 @@ SELF_CHECK_TEXTS = (
     "naïve café — «quotes» 日本語のテキスト 한국어 русский текст عربى 😀👍🏽 x² ½ ｆｕｌｌ",
     "1234567890 3.14159 -42 +7e10 0x1F 1,000,000 ...!!!??? ''' \"\"\" ```code``` ::->",
 )
-
-
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character each byte is written as in the vocabulary."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
 
 
 def _unsupported(spec: dict[str, Any]) -> str | None:
@@ -126,7 +115,8 @@ class ByteLevelBPE:
         if reason is not None:
             log.debug("bpe.not_used", reason=reason)
             return None
-        alphabet = _byte_alphabet()
+        # GPT-2's byte-level alphabet: the printable character each byte is written as in the vocabulary.
+        alphabet = {char: byte for byte, char in bytes_to_unicode().items()}
         vocab: dict[str, int] = spec["model"]["vocab"]
 
         def as_bytes(token: str) -> bytes:
