@@ -113,12 +113,41 @@ def _symbols() -> dict[int, str]:
 
 
 # Runs of non-ASCII characters: both translate tables map only such characters, and str.translate with a dict costs
-# a lookup per character, so mostly-ASCII text is scanned in C and only these runs are translated.
+# a lookup per character, so a text with many distinct non-ASCII characters is scanned in C and only these runs are
+# translated.
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+# Most non-ASCII text holds a few distinct such characters (curly quotes, dashes, an accented letter): then one
+# str.replace per character present, each a C pass, beats any regex pass. Past this many, a replace per character
+# would be quadratic in a crafted text; the regex pass stays linear.
+_FEW_DISTINCT = 16
+_ASCII_BYTES = bytes(range(128))
+
+
+def _non_ascii(text: str) -> set[str]:
+    """The distinct non-ASCII characters of ``text``: its UTF-8 with the ASCII bytes deleted, all in C (a set of
+    every character would build a string object per character)."""
+    rest = text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES)
+    return set(rest.decode("utf-8", "surrogatepass"))
 
 
 def _translate(text: str, table: dict[int, str] | dict[int, None]) -> str:
-    return _NON_ASCII.sub(lambda m: m.group(0).translate(table), text)
+    present = _non_ascii(text)
+    if len(present) > _FEW_DISTINCT:
+        return _NON_ASCII.sub(lambda m: m.group(0).translate(table), text)
+    # Keys are non-ASCII and values ASCII (or nothing), so no replacement brings back a key: as str.translate.
+    for char in present:
+        target = table.get(ord(char), char)
+        if target != char:
+            text = text.replace(char, target or "")
+    return text
+
+
+def _map_words(text: str) -> str:
+    """Words holding a non-ASCII word character mapped (``_map_word``); text without any has nothing to map."""
+    # ``\w`` on str patterns is str.isalnum() or "_": a non-ASCII word character is a non-ASCII alphanumeric one.
+    if not any(c.isalnum() for c in _non_ascii(text)):
+        return text
+    return _WORD.sub(_map_word, text)
 
 
 def _map_symbols(text: str) -> str:
@@ -133,8 +162,8 @@ def normalise(text: str) -> str:
     text = _translate(text, _invisible())
     # Look-alikes before NFKC as well as after: the table is keyed on UTS #39's (NFD) forms, and NFKC turns
     # some sources into characters the table does not hold (GREEK LUNATE SIGMA "ϲ", a "c", becomes a final sigma).
-    text = unicodedata.normalize("NFKC", _map_symbols(_WORD.sub(_map_word, text)))
+    text = unicodedata.normalize("NFKC", _map_symbols(_map_words(text)))
     if text.isascii():
         return text
-    return _map_symbols(_WORD.sub(_map_word, text))
+    return _map_symbols(_map_words(text))
 

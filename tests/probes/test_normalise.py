@@ -176,3 +176,16 @@ def test_normalise_is_linear_in_one_huge_word() -> None:
     """A single 200k-character word (no word boundary for the word pass to stop at) normalises in one pass."""
     word = "a" * 200_000 + "\u0430"  # Cyrillic a at the end: the whole word is visited, once
     assert normalise(word) == "a" * 200_001
+
+
+def test_few_and_many_distinct_characters_normalise_alike() -> None:
+    """Up to ``_FEW_DISTINCT`` distinct non-ASCII characters are replaced one by one, more go through the regex
+    pass (a replace per character would be quadratic in a crafted text): both give the reference's text."""
+    from probes.activations.normalise import _FEW_DISTINCT, _non_ascii
+
+    pool = [c for c in homoglyphs() if not c.isalnum()][:40] + ["\u200b", "\u00e9", "\u0430", "\ufe0f"]
+    for count in (1, _FEW_DISTINCT, _FEW_DISTINCT + 1, len(pool)):
+        text = "ab " + " x".join(pool[:count]) + " c\u0430t"
+        assert len(_non_ascii(text)) >= min(count, len(pool))
+        assert normalise(text) == _reference(text)
+    assert _non_ascii("a\ud800b\u00e9c") == {"\ud800", "\u00e9"}  # a lone surrogate is a character like any other
