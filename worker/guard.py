@@ -313,8 +313,6 @@ class GuardHandler(OutputsSlot):
                 continue
             break
         self._set_degraded(False)
-        elapsed = time.monotonic() - started
-        self.metrics.expert_latency.observe(elapsed)
         if len(scores) != len(batch):
             raise ExpertError(f"{len(scores)} scores for {len(batch)} requests")
         bad = [r for r, score in zip(batch, scores, strict=True) if not math.isfinite(float(score))]
@@ -324,6 +322,9 @@ class GuardHandler(OutputsSlot):
             raise ExpertError(f"non-finite expert score {float(scores[0])}")
         self.breaker.success()
         final = await self._canonical_near_cut(batch, scores, cuts)
+        # After the re-scores: a request scored again alone waited for them, and its verdict says so.
+        elapsed = time.monotonic() - started
+        self.metrics.expert_latency.observe(elapsed)
         for review, score, cut in zip(batch, final, cuts, strict=True):
             self._publish(review, float(score), "unsafe" if score >= cut else "safe", started=started,
                           scoring_s=elapsed)

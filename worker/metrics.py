@@ -298,7 +298,8 @@ class GuardMetrics(ConsumerMetrics):
             "ctd_expert_abandoned_calls", "Expert calls still running after their timeout (left behind)", registry=r
         )
         self.expert_latency = Histogram(
-            "ctd_expert_latency_seconds", "Expert scoring time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "ctd_expert_latency_seconds", "Expert scoring time per batch, re-scores near the cut included",
+            buckets=LATENCY_BUCKETS, registry=r
         )
         self.review_latency = Histogram(
             "ctd_expert_review_latency_seconds", "Review requested to expert verdict acknowledged",

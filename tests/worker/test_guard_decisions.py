@@ -8,6 +8,7 @@ tests/worker/test_guard_kafka.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -86,3 +87,32 @@ def test_no_second_score_when_off_or_behind_http(small_expert: Expert, cache_dir
     assert remote.metrics.canonical_rescores._value.get() == 0
     for handler in (off, remote):
         asyncio.run(handler.close())
+
+
+def test_the_scoring_time_of_a_batch_includes_its_re_scores(small_expert: EncoderHeadExpert, cache_dir: Path,
+                                                            datasets_dir: Path) -> None:
+    """A batch whose requests are near the cut is scored again, each request alone: the verdicts' ``inference_ms``
+    and ``ctd_expert_latency_seconds`` count every call, not the first only."""
+    pause_s = 0.2
+
+    class SlowExpert:  # the suite's expert, each call ``pause_s`` slower
+        name = small_expert.name
+
+        def score(self, conversations: Any) -> Any:
+            time.sleep(pause_s)
+            return small_expert.score(conversations)
+
+        def __getattr__(self, attribute: str) -> Any:
+            return getattr(small_expert, attribute)
+
+    handler = _handler(cast(Expert, SlowExpert()), cache_dir, margin=10.0)  # the widest margin allowed
+    published: list[float] = []
+    handler._publish = lambda review, score, decision, *, started, scoring_s, **_: published.append(scoring_s)  # type: ignore[method-assign]
+    try:
+        asyncio.run(handler._review(_requests(datasets_dir, 2)))
+    finally:
+        asyncio.run(handler.close())
+    calls = 1 + handler.metrics.canonical_rescores._value.get()
+    assert calls > 1, "a request must be near the cut, or this proves nothing"
+    assert len(published) == 2 and min(published) >= calls * pause_s
+    assert handler.metrics.expert_latency._sum.get() >= calls * pause_s
