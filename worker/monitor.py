@@ -331,6 +331,8 @@ class MonitorHandler(OutputsSlot):
         guarantees" gives the measured spread). Only the event's rows that can decide it are forwarded again: those
         within the margin below the lowest cut or above it. A row further below stays below every cut forwarded
         on its own too, so it decides nothing; a windowed prompt re-forwards a row or two, not all of its windows.
+        Under a refit head (audit.refit=head) the head decides on the event's pooled activations: an event within
+        the margin of its cut, on its logit, is scored again too, all of its rows.
         """
         margin = self._decision_margin
         if margin <= 0:
@@ -342,7 +344,8 @@ class MonitorHandler(OutputsSlot):
             cuts.append(self.recalibrator.state.probe_cut)
         cut_logits = logit(cuts)
         distance = np.min(np.abs(logit(scores.p_unsafe)[:, None] - cut_logits[None, :]), axis=1)
-        near = np.flatnonzero(distance < margin).tolist()
+        refit_near = self._near_refit_head_cut(scores.features, len(distance), margin)
+        near = np.flatnonzero((distance < margin) | refit_near).tolist()
         if not near:
             return scores
         floor = float(cut_logits.min()) - margin
@@ -354,7 +357,9 @@ class MonitorHandler(OutputsSlot):
         forwarded = 0
         for i in near:
             own = rows[i]
-            deciding = own if row_logits is None else [
+            # Under a refit head every row is forwarded again: the event's features are those of its row with the
+            # highest raw P(unsafe), which batch noise can change between rows far below the bundle's cut.
+            deciding = own if row_logits is None or refit_near[i] else [
                 row for row, z in zip(own, row_logits[starts[i]:starts[i + 1]], strict=True) if z >= floor]
             alone = [self.monitor.score_grouped([self.monitor.collate([row])], [0], 1,
                                                 keep_features=self._keep_features) for row in deciding or own]
@@ -368,6 +373,16 @@ class MonitorHandler(OutputsSlot):
         self.metrics.canonical_rescores.inc(len(near))
         self.metrics.canonical_rows.inc(forwarded)
         return Scores(p_unsafe, dv, signal, features)
+
+    def _near_refit_head_cut(self, features: npt.NDArray[np.float32] | None, n: int,
+                             margin: float) -> npt.NDArray[np.bool_]:
+        """Which of ``n`` events lie within ``margin`` of a refit head's cut (audit.refit=head, a window cut in
+        force), on that head's logit of their pooled activations: there the head, not the raw score, decides."""
+        decider = None if self.recalibrator is None else self.recalibrator.head_cut()
+        if decider is None or features is None:
+            return np.zeros(n, dtype=np.bool_)
+        head, cut = decider
+        return np.asarray(np.abs(head.logit(features) - logit(cut)) < margin, dtype=np.bool_)
 
     # ---------------------------------------------------------------- batch + infer
     async def run(self) -> None:

@@ -265,6 +265,16 @@ class OnlineRecalibrator:
         """The head in force: the refit one under a window head cut, else the bundle's (None in Platt mode)."""
         return self._head
 
+    def head_cut(self) -> tuple[LinearHead, float] | None:
+        """The refit head and its cut while they decide (a window head cut), else None.
+
+        Read from another thread, the two may be one refit apart (``apply`` sets them one after the other): good
+        for choosing which events to score again, not for deciding them."""
+        state, head = self._state, self._head
+        if state.refit != "head" or state.source != "window" or head is None:
+            return None
+        return head, state.cut
+
     def _head_decides(self) -> bool:
         return self._state.refit == "head" and self._state.source == "window"
 

@@ -12,15 +12,17 @@ import orjson
 import pytest
 
 from probes.calibration.recalibration import audit_selected
+from probes.conversation import single_turn
 from probes.errors import ConfigError
-from probes.runtime.monitor import Monitor
+from probes.heads.inference import LinearHead, logit
+from probes.runtime.monitor import Monitor, Scores
 from tests.worker.helpers import worker_settings
 from tests.worker.test_monitor_items import _consumer, _event
 from tests.worker.test_recalibration import T0, FakeVerdictTopic
 from tests.worker.test_stream import P0, FakeProducer, running, stopped, until
 from worker.config import TopicsConfig, WorkerAuditConfig, WorkerSettings
 from worker.metrics import WorkerMetrics
-from worker.monitor import MonitorStream, monitor_stream, safety_head
+from worker.monitor import MonitorHandler, MonitorStream, monitor_stream, safety_head
 from worker.recalibration import Audit
 from worker.stream import ServiceLimits
 
@@ -125,18 +127,13 @@ async def test_a_refitted_window_decides_the_verdicts_that_follow(
     assert handler.metrics.recalibration_version._value.get() == state.version
 
 
-async def test_a_refit_head_decides_on_each_events_activations_and_audits_send_them(
-    monitor: Monitor, small_bundle: Path, cache_dir: Path
-) -> None:
-    settings = _settings(small_bundle, cache_dir, refit="head")
-    n = 24
-    values = [_event(f"h{i}", TEXTS[i % len(TEXTS)]) for i in range(n)]
-    stream, consumer, producer = _stream(settings, monitor, values)
-    handler = stream.handler
+def _window_head_in_force(handler: MonitorHandler, monitor: Monitor) -> None:
+    """Audits of traffic whose harm lies along a direction the bundle's head does not read, fed until a head refit
+    on them is in force."""
     assert handler.feed is not None and handler.recalibrator is not None
     bundle_head = monitor.bundle.heads["safety"]
+    assert isinstance(bundle_head, LinearHead)
     assert handler.recalibrator.features_width == bundle_head.weight.size
-    # Audits of traffic whose harm lies along a direction the bundle's head does not read.
     rng = np.random.default_rng(0)
     direction = rng.normal(size=bundle_head.weight.size)
     direction -= direction @ bundle_head.weight / (bundle_head.weight @ bundle_head.weight) * bundle_head.weight
@@ -146,6 +143,19 @@ async def test_a_refit_head_decides_on_each_events_activations_and_audits_send_t
         z = rng.normal(size=bundle_head.weight.size) + (4.0 * direction if unsafe else 0.0)
         x = (bundle_head.mean + bundle_head.scale * z).astype(np.float32)
         handler.feed.feed(Audit(T0 + i, f"x{i}", float(bundle_head.proba(x[None, :])[0]), unsafe, x))
+
+
+async def test_a_refit_head_decides_on_each_events_activations_and_audits_send_them(
+    monitor: Monitor, small_bundle: Path, cache_dir: Path
+) -> None:
+    settings = _settings(small_bundle, cache_dir, refit="head")
+    n = 24
+    values = [_event(f"h{i}", TEXTS[i % len(TEXTS)]) for i in range(n)]
+    stream, consumer, producer = _stream(settings, monitor, values)
+    handler = stream.handler
+    bundle_head = monitor.bundle.heads["safety"]
+    _window_head_in_force(handler, monitor)
+    assert handler.recalibrator is not None
     state = handler.recalibrator.state
     assert state.refit == "head" and state.source == "window" and state.probe_cut is None
     refit = handler.recalibrator.head
@@ -181,3 +191,37 @@ def test_a_head_refit_needs_a_linear_safety_head() -> None:
     bundle = SimpleNamespace(heads={}, version="v-test")
     with pytest.raises(ConfigError, match="linear safety head"):
         safety_head(SimpleNamespace(bundle=bundle))  # type: ignore[arg-type]
+
+
+def test_events_near_a_refit_heads_cut_are_scored_alone(monitor: Monitor, small_bundle: Path,
+                                                        cache_dir: Path) -> None:
+    """Under a refit head the head decides, on the event's pooled activations: an event near its cut is scored
+    again from its rows forwarded alone (as one near the bundle's cut is), though its raw score is far from every
+    raw cut. At least once, a redelivered event then gets the same refit-head decision."""
+    base = _settings(small_bundle, cache_dir, refit="head")
+    settings = base.model_copy(update={"worker": base.worker.model_copy(update={"decision_logit_margin": 10.0})})
+    handler = monitor_stream(settings, monitor, WorkerMetrics()).handler
+    _window_head_in_force(handler, monitor)
+    assert handler.recalibrator is not None
+    decider = handler.recalibrator.head_cut()
+    assert decider is not None, "a window head cut in force"
+    head, cut = decider
+    rows = monitor.tokenize_windows_batch([single_turn(t) for t in TEXTS])
+    batched = monitor.score_grouped(monitor.collate_by_length([r for item in rows for r in item]),
+                                    [i for i, item in enumerate(rows) for _ in item], len(rows), keep_features=True)
+    assert batched.features is not None
+    near = np.abs(head.logit(batched.features) - logit(cut)) < 10.0
+    assert near.any(), "an event near the refit head's cut, or this proves nothing"
+    # Raw scores far from every raw cut: only the refit head can make these events near.
+    far = Scores(np.full(len(rows), 1e-9), None, np.zeros(len(rows)), batched.features.copy())
+    out = handler._canonical_near_cut(far, rows)
+    assert handler.metrics.canonical_rescores._value.get() == near.sum()
+    assert handler.metrics.canonical_rows._value.get() == sum(len(rows[i]) for i in np.flatnonzero(near))
+    assert out.features is not None and all(len(item) == 1 for item in rows), "short texts: one row each"
+    for i, (row,) in enumerate(rows):
+        if near[i]:  # the scores and activations of its row forwarded alone
+            alone = monitor.score_grouped([monitor.collate([row])], [0], 1, keep_features=True)
+            assert alone.features is not None and np.array_equal(out.features[i], alone.features[0])
+            assert out.p_unsafe[i] == alone.p_unsafe[0]
+        else:
+            assert np.array_equal(out.features[i], batched.features[i]) and out.p_unsafe[i] == 1e-9
