@@ -130,8 +130,8 @@ def _non_ascii(text: str) -> set[str]:
     return set(rest.decode("utf-8", "surrogatepass"))
 
 
-def _translate(text: str, table: dict[int, str] | dict[int, None]) -> str:
-    present = _non_ascii(text)
+def _translate(text: str, table: dict[int, str] | dict[int, None], present: set[str]) -> str:
+    """``text.translate(table)``; ``present`` holds (at least) the non-ASCII characters of ``text``."""
     if len(present) > _FEW_DISTINCT:
         return _NON_ASCII.sub(lambda m: m.group(0).translate(table), text)
     # Keys are non-ASCII and values ASCII (or nothing), so no replacement brings back a key: as str.translate.
@@ -142,28 +142,32 @@ def _translate(text: str, table: dict[int, str] | dict[int, None]) -> str:
     return text
 
 
-def _map_words(text: str) -> str:
+def _map_words(text: str, present: set[str]) -> str:
     """Words holding a non-ASCII word character mapped (``_map_word``); text without any has nothing to map."""
     # ``\w`` on str patterns is str.isalnum() or "_": a non-ASCII word character is a non-ASCII alphanumeric one.
-    if not any(c.isalnum() for c in _non_ascii(text)):
+    if not any(c.isalnum() for c in present):
         return text
     return _WORD.sub(_map_word, text)
 
 
-def _map_symbols(text: str) -> str:
+def _map_symbols(text: str, present: set[str]) -> str:
     """Non-word look-alikes (quotes, dashes, slashes) to their ASCII punctuation; never to letters or digits."""
-    return _translate(text, _symbols())
+    return _translate(text, _symbols(), present)
 
 
 def normalise(text: str) -> str:
     """``text`` as every reader sees it: invisible characters dropped, NFKC, homoglyphs and digits as ASCII."""
     if text.isascii():
         return text  # the common case, and already canonical: nothing below changes ASCII
-    text = _translate(text, _invisible())
+    # Every step but NFKC only drops non-ASCII characters or maps them to ASCII: the characters found first cover
+    # the steps before it, and NFKC, which can write new ones, is followed by a second look.
+    present = _non_ascii(text)
+    text = _translate(text, _invisible(), present)
     # Look-alikes before NFKC as well as after: the table is keyed on UTS #39's (NFD) forms, and NFKC turns
     # some sources into characters the table does not hold (GREEK LUNATE SIGMA "ϲ", a "c", becomes a final sigma).
-    text = unicodedata.normalize("NFKC", _map_symbols(_map_words(text)))
+    text = unicodedata.normalize("NFKC", _map_symbols(_map_words(text, present), present))
     if text.isascii():
         return text
-    return _map_symbols(_map_words(text))
+    present = _non_ascii(text)
+    return _map_symbols(_map_words(text, present), present)
 
