@@ -192,6 +192,11 @@ class RecalibrationState(Frozen):
     epsilon: float
     delta: float
 
+    @property
+    def head_decides(self) -> bool:
+        """The refit head's score decides (a window head cut), not a cut on the raw probe score."""
+        return self.refit == "head" and self.source == "window"
+
 
 @dataclass(frozen=True, slots=True)
 class WindowSnapshot:
@@ -271,12 +276,12 @@ class OnlineRecalibrator:
         Read from another thread, the two may be one refit apart (``apply`` sets them one after the other): good
         for choosing which events to score again, not for deciding them."""
         state, head = self._state, self._head
-        if state.refit != "head" or state.source != "window" or head is None:
+        if not state.head_decides or head is None:
             return None
         return head, state.cut
 
     def _head_decides(self) -> bool:
-        return self._state.refit == "head" and self._state.source == "window"
+        return self._state.head_decides
 
     def calibrated(self, p: npt.ArrayLike, features: npt.ArrayLike | None = None) -> F64:
         """The scores the cut in force applies to: the refit head's on ``features`` under a window head cut, else
