@@ -38,7 +38,9 @@ def warm_up(monitor: Monitor, settings: WorkerSettings, passes: int = 2) -> floa
     A fresh process runs its first forward passes much slower (allocator growth, lazy kernel and thread-pool
     set-up); without this the first real batches pay for it in latency while partitions are already ours.
     """
-    ids = monitor.tokenize(single_turn("warm up " * monitor.max_tokens))
+    # Through the serving path (the event's kept view first, then its windows): a conversation this long is also
+    # read in windows, which builds the tokenizer's vocabulary table (~0.1 s) here, not in a first long event.
+    ids = monitor.tokenize_windows(single_turn("warm up " * monitor.max_tokens))[0]
     b = settings.batching
     batch = monitor.collate([ids] * max(1, min(b.max_items, b.max_batch_tokens // len(ids))))
     started = time.monotonic()

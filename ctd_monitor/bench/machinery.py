@@ -46,7 +46,7 @@ from probes.data import Record, read_file
 from probes.logs import configure_logging
 from probes.runtime.monitor import Monitor
 from worker.config import WorkerSettings
-from worker.main import settle_collector
+from worker.main import settle_collector, warm_up
 from worker.monitor import monitor_stream
 
 # The worker's stage timers (worker/metrics.py StageClock) and what they cover.
@@ -85,7 +85,9 @@ def serve(config: Path, profile: Path | None = None) -> None:
     settings = load_settings(config, cls=WorkerSettings)
     configure_logging(settings.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as run_worker does
-    worker = monitor_stream(settings, null_monitor(settings))
+    monitor = null_monitor(settings)
+    warm_up(monitor, settings)  # as run_worker does before joining the group
+    worker = monitor_stream(settings, monitor)
     settle_collector()  # as run_worker does after loading the model
 
     async def main() -> None:
