@@ -21,6 +21,8 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+_SEQ_BITS = 48  # 2.8e14 events before a sequence number reaches the token count's bits
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -39,11 +41,13 @@ class Pending(Generic[T]):
     key: str = ""
     #: ``(tokens, seq)`` as one int, the order a cut sorts its window by: an int compares several times faster
     #: than a tuple built per item, and the window (up to ``lookahead`` items) is sorted at every cut.
-    by_length: int = field(default=0)
+    by_length: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_length = (self.tokens << _SEQ_BITS) | self.seq
 
 
 _BY_LENGTH = operator.attrgetter("by_length")
-_SEQ_BITS = 48
 
 
 class MicroBatcher(Generic[T]):
@@ -67,8 +71,7 @@ class MicroBatcher(Generic[T]):
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
-        tokens = max(1, tokens)
-        queue.append(Pending(item, tokens, now, self._seq, key, (tokens << _SEQ_BITS) | self._seq))
+        queue.append(Pending(item, max(1, tokens), now, self._seq, key))
         self._len += 1
 
     def _arrival_order(self) -> Iterator[Pending[T]]:
