@@ -280,13 +280,10 @@ class OnlineRecalibrator:
             return None
         return head, state.cut
 
-    def _head_decides(self) -> bool:
-        return self._state.head_decides
-
     def calibrated(self, p: npt.ArrayLike, features: npt.ArrayLike | None = None) -> F64:
         """The scores the cut in force applies to: the refit head's on ``features`` under a window head cut, else
         the probe's scores through the current map (the identity until the first Platt refit)."""
-        if self._head_decides():
+        if self._state.head_decides:
             if features is None or self._head is None:
                 raise ValueError("a refit head scores pooled activations: pass features")
             return self._head.proba(features)
@@ -294,7 +291,7 @@ class OnlineRecalibrator:
 
     def flags(self, p: npt.ArrayLike, features: npt.ArrayLike | None = None) -> npt.NDArray[np.bool_]:
         """The unsafe verdicts under the cut in force (``features``: the pooled activations behind ``p``)."""
-        if self._head_decides():
+        if self._state.head_decides:
             return np.asarray(self.calibrated(p, features) >= self._state.cut, dtype=np.bool_)
         assert self._state.probe_cut is not None
         return np.asarray(p, dtype=np.float64) >= self._state.probe_cut
@@ -316,7 +313,7 @@ class OnlineRecalibrator:
         if not benign:
             return None
         p = np.asarray(self._scores, dtype=np.float64)[benign]
-        feats = np.stack([self._features[i] for i in benign]) if self._head_decides() else None
+        feats = np.stack([self._features[i] for i in benign]) if self._state.head_decides else None
         return float(np.mean(self.flags(p, feats)))
 
     def group_count(self, group: str) -> int:
