@@ -69,7 +69,7 @@ WORKER: tuple[Role, ...] = ("worker",)
 GUARD: tuple[Role, ...] = ("guard",)
 Kind = Literal["verdict", "review_request", "alert", "stream_verdict"]
 Reason = Literal["missing", "malformed", "unknown_key", "wrong_role", "bad_signature", "stale", "future"]
-Headers = Sequence[tuple[str, bytes]]
+Headers = Sequence[tuple[str, bytes | None]]  # a Kafka header value may be null (aiokafka: None)
 #: Which role may write a verdict of each ``source``: the guard alone speaks for the expert.
 VERDICT_WRITER: Mapping[str, Role] = {"probe": "worker", "expert": "guard", "expert_unavailable": "guard"}
 #: aiokafka's ``timestamp_type`` of a record whose timestamp the broker set when appending it.
@@ -339,6 +339,8 @@ class Signer:
             return None  # insecure_dev without these roles' keys: accepted unchecked, as the flag says
         if len(values) != 1:
             raise self.refuse(kind, "missing", "", f"expected one {HEADER} header, found {len(values)}")
+        if not isinstance(values[0], bytes):  # Kafka headers may be null, and aiokafka hands them over as None
+            raise self.refuse(kind, "malformed", "", f"{HEADER} header without a value")
         try:
             version, role, kid, signed_ms_text, index_text, size_text, encoded, path_text = (
                 values[0].decode("ascii").split(":"))

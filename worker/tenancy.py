@@ -76,7 +76,7 @@ class TenantResolver:
         """The topic pattern to subscribe to (topic source), else None: the plain input topic only."""
         return subscription_pattern(self.input_topic) if self.config.source == "topic" else None
 
-    def resolve(self, topic: str, headers: Sequence[tuple[str, bytes]] | None, event_id: str,
+    def resolve(self, topic: str, headers: Sequence[tuple[str, bytes | None]] | None, event_id: str,
                 claimed: str, now: float | None = None) -> Tenancy:
         c = self.config
         if c.source == "payload":

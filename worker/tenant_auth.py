@@ -42,7 +42,7 @@ def gateway_headers(secret: bytes, event_id: str, tenant: str, timestamp: int) -
             (AUTH_HEADER, f"{VERSION}:{timestamp}:{_digest(secret, event_id, tenant, timestamp)}".encode())]
 
 
-def verify_gateway(secret: bytes, event_id: str, headers: Sequence[tuple[str, bytes]] | None, *, now: float,
+def verify_gateway(secret: bytes, event_id: str, headers: Sequence[tuple[str, bytes | None]] | None, *, now: float,
                    max_age_s: float | None) -> str:
     """The tenant the gateway vouched for on this event, or TenantAuthError."""
     tenants = [v for k, v in headers or () if k == TENANT_HEADER]
@@ -51,6 +51,8 @@ def verify_gateway(secret: bytes, event_id: str, headers: Sequence[tuple[str, by
         raise TenantAuthError("missing", "no gateway tenant header")
     if len(tenants) != 1 or len(auths) != 1:
         raise TenantAuthError("malformed", f"{len(tenants)} {TENANT_HEADER} and {len(auths)} {AUTH_HEADER} headers")
+    if not isinstance(tenants[0], bytes) or not isinstance(auths[0], bytes):  # a null header value (aiokafka: None)
+        raise TenantAuthError("malformed", "gateway tenant header without a value")
     try:
         tenant = tenants[0].decode("utf-8")
         version, stamp, digest = auths[0].decode("ascii").split(":")

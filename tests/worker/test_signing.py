@@ -51,6 +51,7 @@ def test_tampering_another_kind_key_role_or_an_unknown_key_is_refused(tmp_path: 
         ("verdict", b"c1", BODY, [], "missing"),
         ("verdict", b"c1", BODY, [*headers, *headers], "missing"),
         ("verdict", b"c1", BODY, [(HEADER, b"v1:k1:00")], "malformed"),
+        ("verdict", b"c1", BODY, [(HEADER, None)], "malformed"),  # Kafka allows a null header value
         ("verdict", b"c1", BODY, [(HEADER, headers[0][1].replace(b"v3:worker:", b"v3:guard:"))], "unknown_key"),
     ]
     for kind, key, body, hdrs, reason in cases:

@@ -78,6 +78,8 @@ def test_gateway_header_authenticates_event_tenant_and_time() -> None:
     assert outcome(gateway_headers(SECRET, "e1", "acme", int(now) - 3600)) == ("unverified", "stale")
     assert outcome([*good, (TENANT_HEADER, b"acme")]) == ("unverified", "malformed")
     assert outcome([good[0], (AUTH_HEADER, b"\xff garbage")]) == ("unverified", "malformed")
+    assert outcome([good[0], (AUTH_HEADER, None)]) == ("unverified", "malformed")
+    assert outcome([(TENANT_HEADER, None), good[1]]) == ("unverified", "malformed")
     with pytest.raises(ConfigError, match="gateway_secret"):
         TenantResolver(TenantConfig(source="header"), "conversations")
 
