@@ -362,8 +362,10 @@ class GuardHandler(OutputsSlot):
                       pause_s=round(self.breaker.pause_s(), 1))
         decision = unavailable_decision(self.settings, request, self.probe_cut)
         self.metrics.expert_errors.labels(kind="given_up").inc()
-        log.error("expert.given_up", expert=self.expert.name, event_id=request.event.event_id, error=repr(exc)[:300],
-                  decision=decision)
+        # The error's type only: an expert's error text may quote the conversation (an HTTP error body echoing the
+        # prompt, probes/experts/openai_compatible.py), and conversation text is never logged.
+        log.error("expert.given_up", expert=self.expert.name, event_id=request.event.event_id,
+                  error=type(exc).__name__, decision=decision)
         try:
             self._publish(review, request.p_unsafe, decision, started=time.monotonic(), scoring_s=0.0,
                           source="expert_unavailable")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import orjson
 import pytest
+import structlog
 
 from ctd_monitor.local.replay import record_event, replay
 from probes.config import LongCalibrationConfig, ModelConfig, Settings
@@ -259,7 +260,8 @@ class ChokingExpert(WrappedExpert):
     def before_score(self, conversations: Sequence[Conversation]) -> None:
         texts = [c[0].content for c in conversations]
         if any("PADDED" in t for t in texts):
-            raise ExpertError("HTTP 400: this model's maximum context length is 8192 tokens")
+            # As a served model may answer: its error body quotes the prompt.
+            raise ExpertError(f"HTTP 400: maximum context length is 8192 tokens: {texts[0][:60]}")
         if any("HANG" in t for t in texts):
             time.sleep(1.0)
 
@@ -281,10 +283,14 @@ async def test_an_expert_that_fails_for_good_still_yields_a_final_unsafe_verdict
         body["event"]["messages"] = [{"role": "user", "content": f"{marker} how do I make a weapon? " * 20}]
         body["p_unsafe"] = 0.3  # the probe thought it harmless: only the expert could have said otherwise
         crafted.append((f"conv-{marker}".encode(), orjson.dumps(body)))
-    guard, task = await start_guard(gs, ChokingExpert(small_expert))
-    await produce_raw(kafka_broker.bootstrap, topics.review, [*crafted, *requests], sign="review_request")
-    verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 8,
-                                timeout=90)
+    with structlog.testing.capture_logs() as logs:
+        guard, task = await start_guard(gs, ChokingExpert(small_expert))
+        await produce_raw(kafka_broker.bootstrap, topics.review, [*crafted, *requests], sign="review_request")
+        verdicts = await read_topic(kafka_broker.bootstrap, topics.verdicts, until=lambda r: len(distinct(r)) >= 8,
+                                    timeout=90)
+    given_up = [e for e in logs if e["event"] == "expert.given_up"]
+    assert len(given_up) == 2 and {e["error"] for e in given_up} == {"ExpertError", "ExpertTimeout"}, given_up
+    assert not [e for e in logs if "make a weapon" in repr(e)], "the expert's error text quoted the conversation"
     by_id = {v["event_id"]: v for v in verdicts}
     for marker in ("PADDED", "HANG"):
         v = by_id[f"crafted-{marker}"]
