@@ -248,6 +248,11 @@ class StreamScorer:
                 outputs = self.extractor.hidden_cached_batch([(seg.run, seg.past) for _, _, seg in batch])
                 for (key, i, seg), (states, cache) in zip(batch, outputs, strict=True):
                     hidden[key, i] = states[len(seg.run) - seg.new:].cpu().numpy().astype(np.float32), cache
+        # A NaN would poison the running aggregate for good (it never crosses the threshold, so the response would
+        # end "allow"): raised before any state changes, so the caller fails that response closed.
+        broken = sorted({key for (key, _), (states, _) in hidden.items() if not np.isfinite(states).all()})
+        if broken:
+            raise ValueError(f"non-finite hidden states for {len(broken)} of {len(chunks)} responses")
         return [self._commit(p, [hidden[p.chunk.key, i] for i in range(len(p.segments))], store) for p in plans]
 
     def _plan(self, chunk: Chunk, store: KVStore) -> _Plan:

@@ -274,6 +274,37 @@ async def test_ready_chunks_of_many_responses_share_passes_and_a_failing_one_fai
     await until(lambda: consumer.last_commit(P0) == len(log))
 
 
+async def test_non_finite_activations_fail_their_response_closed_not_allow(
+        scorer: StreamScorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that returns NaN states for one response (the failure the monitor dead-letters as
+    ``non_finite_score``): a NaN would hold the smoothed score below every threshold and end the response "allow".
+    It ends "stop" with reason "error" and an alert; the others are judged as alone."""
+    reference = await clean_run(scorer)
+    full = {r: chunks(r, t, 4) for r, t in TEXTS.items()}
+    log = [full[r][seq] for seq in range(4) for r in TEXTS]
+    extractor = scorer.extractor
+    flour = set(scorer.tokenizer(" flour", add_special_tokens=False)["input_ids"])  # only r-bread says it
+    real = extractor.hidden_cached_batch
+
+    def nan_for_bread(items):  # type: ignore[no-untyped-def]
+        out = real(items)
+        return [(states.clone().fill_(float("nan")) if flour & set(run) else states, cache)
+                for (run, _), (states, cache) in zip(items, out, strict=True)]
+
+    monkeypatch.setattr(extractor, "hidden_cached_batch", nan_for_bread)
+    stream, consumer, producer = make(scorer, log)
+    await run_until(stream, producer, len(TEXTS))
+    got = {v.response_id: v for v in verdicts(producer)}
+    failed = got.pop("r-bread")
+    assert (failed.decision, failed.reason) == ("stop", "error")
+    assert [a.event_id for a in alerts(producer)] == ["r-bread"]
+    for rid, v in got.items():
+        assert key(v) == key(reference[rid]), rid
+    dead = [value for topic, value, _ in producer.sent if topic == "dlq"]
+    assert len(dead) == 4 and all(b"non-finite hidden states" in d for d in dead)
+    await until(lambda: consumer.last_commit(P0) == len(log))  # nothing left holding the partition
+
+
 def forged(rid: str, seq: int, text: str = "x") -> bytes:
     return ResponseChunk(response_id=rid, seq=seq, text=text, final=False,
                          created_at=dt.datetime.now(dt.UTC)).to_json()
