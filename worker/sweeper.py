@@ -235,8 +235,11 @@ class DelegationSweeper:
                 await self._producer.send_and_wait(self.settings.topics.verdicts, body, key=key, headers=headers)
             except Exception as exc:  # noqa: BLE001 - kept and tried again at the next check
                 log.error("sweeper.publish_failed", event_id=verdict.event_id, error=repr(exc))
-                self._pending[verdict.event_id] = pending
-                self._pending.move_to_end(verdict.event_id, last=False)
+                # Unless it was settled while the send was out: its final verdict came (a fail-closed one now
+                # would supersede the expert's), or its partition went to another alerter, which sweeps it.
+                if verdict.event_id not in self._resolved and pending.tp in self._owned:
+                    self._pending[verdict.event_id] = pending
+                    self._pending.move_to_end(verdict.event_id, last=False)
                 continue
             swept += 1
             self.metrics.sweeper_swept.labels(reason=why).inc()

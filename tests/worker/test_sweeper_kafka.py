@@ -157,6 +157,40 @@ async def test_a_review_request_the_guard_dead_letters_still_ends_final_with_an_
         await asyncio.wait_for(task, 30)
 
 
+async def test_a_failed_sweep_is_retried_unless_settled_while_its_send_was_out() -> None:
+    """A fail-closed verdict whose send fails is tried again at the next check; not when the expert's verdict
+    arrived during that send (it would supersede the expert's) or the partition went to another alerter."""
+    from aiokafka import TopicPartition
+
+    now = [utcnow()]
+    settings = GuardSettings(sweeper=SweeperConfig(deadline_s=10, lookback_s=60))
+    sweeper = DelegationSweeper(settings, AlerterMetrics(),
+                                Signer.from_config(signing_config(), "guard", verifies=("worker", "guard")),
+                                clock=lambda: now[0])
+    tp, other = TopicPartition("verdicts", 0), TopicPartition("verdicts", 1)
+    sweeper._rebuilt |= {tp, other}
+    sweeper._owned |= {tp, other}
+    for event_id, partition in (("late", tp), ("settled", tp), ("moved", other)):
+        sweeper.observe(partition, _probe_verdict(event_id, f"c-{event_id}", decided_at=now[0]))
+    now[0] += dt.timedelta(seconds=11)
+    sent: list[str] = []
+
+    class FailingProducer:
+        async def send_and_wait(self, topic: str, value: bytes, **_: Any) -> None:
+            event_id = orjson.loads(value)["event_id"]
+            sent.append(event_id)
+            if event_id == "settled":  # the expert's verdict is read while this send is out
+                sweeper.observe(tp, _probe_verdict("settled", "c-settled").model_copy(update={"source": "expert"}))
+            if event_id == "moved":
+                sweeper.revoked({other})
+            raise ConnectionError("broker away")
+
+    sweeper._producer = FailingProducer()  # type: ignore[assignment]
+    assert await sweeper.sweep_once() == 0
+    assert sorted(sent) == ["late", "moved", "settled"]
+    assert [p.verdict.event_id for p, _ in sweeper.due()] == ["late"], "only the unsettled one is tried again"
+
+
 def test_the_lookback_does_not_count_a_refusal_the_live_alerter_counted_already() -> None:
     from aiokafka import ConsumerRecord
 
