@@ -219,7 +219,8 @@ async def test_worker_under_the_header_source_trusts_only_the_gateways_hmac(
     stamp = int(time.time())
     signed = gateway_headers(SECRET, "ok", "acme", stamp)
     cases = [("ok", signed), ("forged", [(TENANT_HEADER, b"acme"), (AUTH_HEADER, b"v1:1:00")]),
-             ("copied", signed), ("none", [])]
+             ("copied", signed), ("none", []),
+             ("null", [(TENANT_HEADER, None), (AUTH_HEADER, None)])]  # Kafka allows null header values
     consumer = FakeConsumer({tp: 0})
     consumer.log[tp] = [dataclasses.replace(r, headers=tuple(h)) for r, (_, h) in
                         zip(_records(tp, [_event(e, "victim", "hello") for e, _ in cases]), cases, strict=True)]
@@ -235,9 +236,10 @@ async def test_worker_under_the_header_source_trusts_only_the_gateways_hmac(
     verdicts = {v["event_id"]: (v["tenant"], v.get("claimed_tenant")) for t, raw, _ in producer.sent
                 if t == topics.verdicts for v in [orjson.loads(raw)]}
     assert verdicts == {"ok": ("acme", "victim"), "forged": ("unverified", "victim"),
-                        "copied": ("unverified", "victim"), "none": ("unverified", "victim")}
-    assert {r: metrics.tenant_unverified.labels(reason=r)._value.get() for r in ("mismatch", "missing")} == {
-        "mismatch": 2, "missing": 1}
+                        "copied": ("unverified", "victim"), "none": ("unverified", "victim"),
+                        "null": ("unverified", "victim")}
+    assert {r: metrics.tenant_unverified.labels(reason=r)._value.get() for r in ("mismatch", "missing", "malformed")
+            } == {"mismatch": 2, "missing": 1, "malformed": 1}
 
 
 def test_topics_create_makes_each_tenant_topic_like_the_input() -> None:
