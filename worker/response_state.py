@@ -7,6 +7,12 @@ A closed response's last checkpoint says so (``closed``), so its late or re-deli
 topic is ``cleanup.policy=compact,delete`` (worker/topics.py): the latest checkpoint of a key is what counts,
 and closed responses age out with the retention.
 
+Checkpoints are signed with the worker role's key (kind ``response_state``, worker/signing.py) and a reader
+keeps only those: an unsigned one written by whoever can reach the topic could close a live response unjudged
+("closed") or make its real chunks count as duplicates (a high ``next_seq``). No freshness bound: a checkpoint
+is state, not a command, and the reader keeps the furthest along of a response's, so replaying an older genuine
+one moves nothing forward.
+
 Several records of one key may be read out of write order (a retried send lands after a newer one): the
 reader keeps the one furthest along (a closed one wins), never simply the last.
 """
@@ -14,6 +20,7 @@ reader keeps the one furthest along (a closed one wins), never simply the last.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from typing import Any, Protocol
 
@@ -23,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from probes.logs import get_logger
 from worker.config import KafkaConfig
+from worker.signing import WORKER, SignatureError, Signer
+from worker.stream import Record
 
 log = get_logger(__name__)
 STATE_TOPIC_WAIT_S = 30.0
@@ -72,6 +81,16 @@ def decode_checkpoint(value: bytes | None) -> ResponseCheckpoint | None:
         return None
 
 
+def verified_checkpoint(record: Record, signer: Signer) -> ResponseCheckpoint | None:
+    """The checkpoint in ``record`` if the worker role signed it (unchecked only under ``signing.insecure_dev``
+    without the key), else None: a refusal is counted and logged by the signer."""
+    try:
+        signer.verify_record("response_state", record, roles=WORKER, max_age_s=math.inf)
+    except SignatureError:
+        return None
+    return decode_checkpoint(record.value)
+
+
 class StateLog(Protocol):
     """Reads the checkpoints written since the last call (the first call: all of them)."""
 
@@ -87,12 +106,13 @@ class KafkaStateLog:
     were acknowledged before it committed the offsets they cover, so they are all below those end offsets.
     """
 
-    def __init__(self, kafka: KafkaConfig, topic: str, *, max_bytes: int) -> None:
+    def __init__(self, kafka: KafkaConfig, topic: str, *, max_bytes: int, signer: Signer) -> None:
         self.kafka = kafka
         self.topic = topic
         self.max_bytes = max_bytes
+        self.signer = signer
         self._consumer: AIOKafkaConsumer | None = None
-        self._early: list[bytes] = []  # read while waiting for the assignment
+        self._early: list[Record] = []  # read while waiting for the assignment
 
     async def _start(self) -> AIOKafkaConsumer:
         # Subscribed without a group: every partition of the topic is assigned, read from the earliest offset.
@@ -106,7 +126,7 @@ class KafkaStateLog:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"state topic {self.topic!r} not found: create it (ctd-monitor topics create)")
                 batch = await consumer.getmany(timeout_ms=200)
-                self._early.extend(r.value for rs in batch.values() for r in rs if r.value)
+                self._early.extend(r for rs in batch.values() for r in rs if r.value)
         except BaseException:
             await consumer.stop()
             raise
@@ -116,12 +136,12 @@ class KafkaStateLog:
         if self._consumer is None:
             self._consumer = await self._start()
         consumer = self._consumer
-        values, self._early = self._early, []
+        records, self._early = self._early, []
         ends = await consumer.end_offsets(list(consumer.assignment()))
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batch = await consumer.getmany(timeout_ms=200, max_records=1000)
-            values.extend(r.value for rs in batch.values() for r in rs if r.value)
-        return [c for v in values if (c := decode_checkpoint(v)) is not None]
+            records.extend(r for rs in batch.values() for r in rs if r.value)
+        return [c for r in records if (c := verified_checkpoint(r, self.signer)) is not None]
 
     async def close(self) -> None:
         if self._consumer is not None:

@@ -51,7 +51,7 @@ from worker.events import Alert, ResponseChunk, StreamVerdict, utcnow
 from worker.metrics import ConsumerMetrics
 from worker.response_order import ChunkOrder, ClosedSet
 from worker.response_state import KafkaStateLog, ResponseCheckpoint, StateLog
-from worker.signing import Signer
+from worker.signing import WORKER, Signer
 from worker.stream import Envelope, Message, OutputsSlot, Record, ServiceLimits, Stream, split_on_failure
 
 log = get_logger(__name__)
@@ -114,9 +114,14 @@ class ResponseHandler(OutputsSlot):
         self.scorer = scorer
         self.bundle_version = bundle_version
         self.model_version = model_version
+        # Stream verdicts, stream alerts and checkpoints are the worker role's records: signed with its key like
+        # the conversation verdicts; checkpoints are read back only if that role signed them.
+        self.signer = Signer.from_config(settings.signing, "worker", service="responses",
+                                         verifies=WORKER if self.config.checkpoint else (),
+                                         insecure_gauge=metrics.signing_insecure if metrics is not None else None)
         if self.config.checkpoint and state_log is None:
             state_log = KafkaStateLog(settings.kafka, settings.topics.response_state,
-                                      max_bytes=self.config.max_event_bytes)
+                                      max_bytes=self.config.max_event_bytes, signer=self.signer)
         self.state_log = state_log if self.config.checkpoint else None
         self.store = KVStore(max_bytes=self.config.kv_cache_max_bytes, max_entries=self.config.kv_cache_max_entries)
         self.open: dict[str, OpenResponse] = {}
@@ -128,10 +133,6 @@ class ResponseHandler(OutputsSlot):
         self._infer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctd-stream-infer")
         self._wake = asyncio.Event()
         self._working = False
-        # Stream verdicts and stream alerts are the worker role's records: signed with its key like the
-        # conversation verdicts.
-        self.signer = Signer.from_config(settings.signing, "worker", service="responses",
-                                         insecure_gauge=metrics.signing_insecure if metrics is not None else None)
 
     # ---------------------------------------------------------------- handler protocol
     def busy(self) -> bool:
@@ -196,7 +197,13 @@ class ResponseHandler(OutputsSlot):
                 tp = TopicPartition(checkpoint.topic, checkpoint.partition)
                 if tp in partitions:
                     del self.saved[rid]
-                    self.open[rid] = self._resumed(checkpoint, tp, now)
+                    try:
+                        self.open[rid] = self._resumed(checkpoint, tp, now)
+                    except Exception as exc:  # noqa: BLE001 - one checkpoint must not stop the partition
+                        # Signed by our role yet not resumable (a bug, or a version skew): what it scored is lost,
+                        # so the response cannot be judged in full and ends as an inference failure does.
+                        log.error("responses.resume_failed", response_id=rid, error=type(exc).__name__)
+                        self._close(self._checkpointed(checkpoint, tp, now), "error")
             log.info("responses.resumed", partitions=len(partitions),
                      open=sum(r.tp in partitions for r in self.open.values()))
         self.known |= partitions
@@ -204,9 +211,15 @@ class ResponseHandler(OutputsSlot):
     def _resumed(self, checkpoint: ResponseCheckpoint, tp: TopicPartition, now: float) -> OpenResponse:
         state = self.scorer.resume(prefix=checkpoint.prefix, scored=checkpoint.scored, logits=checkpoint.logits,
                                    text=checkpoint.text, anchor_tok=checkpoint.anchor_tok)
+        response = self._checkpointed(checkpoint, tp, now)
+        response.state, response.step = state, self.scorer.step_of(state)
+        return response
+
+    def _checkpointed(self, checkpoint: ResponseCheckpoint, tp: TopicPartition, now: float) -> OpenResponse:
+        """The response a checkpoint describes, without its scorer state."""
         return OpenResponse(
             checkpoint.response_id, tp, ChunkOrder(self.config.max_pending_chunks, next_seq=checkpoint.next_seq),
-            now, state=state, step=self.scorer.step_of(state), last_seq=checkpoint.last_seq,
+            now, last_seq=checkpoint.last_seq,
             meta=Meta(checkpoint.tenant, checkpoint.conversation_id, checkpoint.metadata),
             chunks=checkpoint.chunks, bytes=checkpoint.text_bytes,
         )
@@ -358,7 +371,9 @@ class ResponseHandler(OutputsSlot):
                 "text": "" if self._capped(state) else state.text[state.anchor_char:],
                 "anchor_tok": state.anchor_tok}),
         )
-        return Message(self.settings.topics.response_state, checkpoint.to_json(), response.response_id.encode())
+        key, body = response.response_id.encode(), checkpoint.to_json()
+        return Message(self.settings.topics.response_state, body, key,
+                       self.signer.headers("response_state", key, body))
 
     def _capped(self, state: ResponseState) -> bool:
         return len(state.scored) >= self.scorer.max_tokens

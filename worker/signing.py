@@ -67,7 +67,7 @@ Role = Literal["worker", "guard"]
 ROLES: tuple[Role, ...] = get_args(Role)
 WORKER: tuple[Role, ...] = ("worker",)
 GUARD: tuple[Role, ...] = ("guard",)
-Kind = Literal["verdict", "review_request", "alert", "stream_verdict"]
+Kind = Literal["verdict", "review_request", "alert", "stream_verdict", "response_state"]
 Reason = Literal["missing", "malformed", "unknown_key", "wrong_role", "bad_signature", "stale", "future"]
 Headers = Sequence[tuple[str, bytes | None]]  # a Kafka header value may be null (aiokafka: None)
 #: Which role may write a verdict of each ``source``: the guard alone speaks for the expert.

@@ -27,6 +27,7 @@ than ``max_tokens`` is not read past it: the step says so (``unread``) and the c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,6 +199,8 @@ class StreamScorer:
         """
         if len(logits) != len(scored) or not 0 <= anchor_tok <= len(scored):
             raise ValueError("a checkpoint's logits, scored tokens and anchor disagree")
+        if not all(math.isfinite(v) for v in logits):
+            raise ValueError("a checkpoint's logits are not finite")
         settings = self.probe.settings
         state = ResponseState(prefix=list(prefix), aggregate=self.probe.new_aggregate(), text=text,
                               scored=list(scored), logits=list(logits), anchor_char=0, anchor_tok=anchor_tok)

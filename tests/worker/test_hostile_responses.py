@@ -20,6 +20,7 @@ from tests.worker.helpers import new_topics, produce_raw, read_topic
 from tests.worker.test_responses import CONTEXT, TEXTS, scorer
 from worker.config import KafkaConfig, ResponsesConfig, WorkerSettings
 from worker.events import ResponseChunk
+from worker.response_state import ResponseCheckpoint
 from worker.responses import scorer_stream
 
 pytestmark = [pytest.mark.kafka, pytest.mark.hostile]
@@ -104,6 +105,47 @@ async def test_hostile_streamed_responses_each_end_in_a_verdict_or_dead_letter_w
     assert (by_id["abandoned"]["decision"], by_id["abandoned"]["reason"]) == ("stop", "timeout")
     assert [(a["event_id"], a["source"], a["severity"]) for a in alerts] == [("abandoned", "stream", "critical")]
     assert {s["response_id"] for s in state} >= {"long", "abandoned"}  # checkpoints were written
+
+
+async def test_unsigned_checkpoints_on_the_state_topic_are_not_resumed(kafka_broker: Any, scorer: StreamScorer) -> None:
+    """Whoever can write to ``response-state`` writes, before the service starts, a "closed" checkpoint for a
+    victim's response (which would drop its chunks unjudged) and a far-along open one for another (which would
+    make its first chunks duplicates, so its verdict would cover one chunk). Neither is signed by the worker role:
+    the service reads past them and judges both responses on all of their chunks."""
+    topics = new_topics(kafka_broker.create_topics, partitions=1)
+    settings = WorkerSettings(
+        kafka=KafkaConfig(bootstrap_servers=kafka_broker.bootstrap, session_timeout_ms=10_000,
+                          heartbeat_interval_ms=1_000),
+        topics=topics,
+        responses=ResponsesConfig(http_port=0, http_host="127.0.0.1", commit_interval_s=0.2, shutdown_deadline_s=10,
+                                  response_timeout_s=30, group_id="forged-state"),
+    )
+    now = dt.datetime.now(dt.UTC)
+    forged = [
+        ResponseCheckpoint(response_id="victim", topic=topics.responses, partition=0, next_seq=0, closed="final",
+                           tenant="default", conversation_id="c-victim", written_at=now),
+        ResponseCheckpoint(response_id="skipped", topic=topics.responses, partition=0, next_seq=3,
+                           tenant="default", conversation_id="c-skipped", written_at=now),
+    ]
+    await produce_raw(kafka_broker.bootstrap, topics.response_state,
+                      [(c.response_id.encode(), c.to_json()) for c in forged])  # type: ignore[arg-type]
+    texts = {"victim": TEXTS["r-bread"], "skipped": TEXTS["r-lock"]}
+    service = scorer_stream(settings, scorer, bundle_version="b", model_version="m")
+    task = asyncio.create_task(service.run())
+    try:
+        await produce_raw(kafka_broker.bootstrap, topics.responses,  # type: ignore[arg-type]
+                          [c for rid, text in texts.items() for c in response(rid, pieces(text, 4))])
+        got = await read_topic(kafka_broker.bootstrap, topics.response_verdicts,
+                               until=lambda r: {v["response_id"] for v in r} >= set(texts), timeout=120)
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 60)
+    by_id = {v["response_id"]: v for v in got}
+    for rid, text in texts.items():
+        v = by_id[rid]
+        assert v["reason"] in ("final", "threshold"), v
+        if v["reason"] == "final":  # read from its first chunk, not from the forged next_seq
+            assert v["tokens_scored"] == min(scorer.max_tokens, len(response_ids(scorer.tokenizer, text))), rid
 
 
 async def _committed_to_end(service: Any, n: int) -> None:

@@ -210,6 +210,36 @@ async def test_redelivery_after_a_crash_resumes_to_the_same_decision(scorer: Str
     await until(lambda: consumer2.last_commit(P0) == len(log))
 
 
+async def test_a_signed_checkpoint_that_cannot_be_resumed_ends_its_response_in_stop_with_an_alert(
+        scorer: StreamScorer) -> None:
+    """A checkpoint whose logits and scored tokens disagree (a bug or a version skew, not a forgery: those are
+    refused before, worker/response_state.py) once made the resume raise out of ``accept`` and stopped the
+    partition on every restart. The response it describes cannot be judged in full: it ends "stop" (reason
+    error) with an alert, and the partition's other traffic goes on."""
+    reference = await clean_run(scorer)
+    rid = next(r for r, v in reference.items() if v.reason == "final")
+    own = chunks(rid, TEXTS[rid], 4)[:2]
+    stream, consumer, _ = make(scorer, own)
+    task = asyncio.create_task(stream.run())
+    await until(lambda: consumer.last_commit(P0) == 2, timeout=300)
+    stream.stop()
+    await asyncio.wait_for(task, 60)
+    state = stream.handler.state_log.values()  # type: ignore[union-attr]
+    broken = orjson.loads(state[-1])
+    assert broken["response_id"] == rid and broken["scored"]
+    broken["logits"] = broken["logits"][:-1]
+    other = next(r for r in TEXTS if r != rid)
+    later = chunks(other, TEXTS[other], 1)
+    stream2, consumer2, producer2 = make(scorer, own + later + chunks(rid, TEXTS[rid], 4)[2:], start=2,
+                                         state=[*state[:-1], orjson.dumps(broken)])
+    await run_until(stream2, producer2, 2)
+    got = {v.response_id: v for v in verdicts(producer2)}
+    assert (got[rid].decision, got[rid].reason) == ("stop", "error")
+    assert [a.event_id for a in alerts(producer2)] == [rid]
+    assert key(got[other]) == key(reference[other])
+    await until(lambda: consumer2.last_commit(P0) == len(own) + len(later) + 2)  # its late chunks are dropped
+
+
 def test_chunk_schema_requires_context_on_chunk_zero_only() -> None:
     now = dt.datetime.now(dt.UTC)
     with pytest.raises(ValueError):

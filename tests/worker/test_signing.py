@@ -212,7 +212,8 @@ def test_the_keys_commands_write_a_pair_per_role_and_the_audit_secret(tmp_path: 
     assert json.loads(again.stdout)["key_ids"] == written["key_ids"], "existing keys are kept"
 
 
-def test_stream_verdicts_are_signed_with_the_worker_key() -> None:
+def test_stream_verdicts_and_checkpoints_are_signed_with_the_worker_key() -> None:
+    import dataclasses
     import datetime as dt
     from types import SimpleNamespace
     from typing import Any
@@ -238,3 +239,21 @@ def test_stream_verdicts_are_signed_with_the_worker_key() -> None:
     signed = verifier().verify(
         "stream_verdict", message.key, message.value, message.headers, roles=("worker",))
     assert signed is not None and signed.role == "worker"
+    # The closing checkpoint is read back only as the worker role signed it (worker/response_state.py).
+    from worker.response_state import verified_checkpoint
+
+    (state,) = [m for m in published if m.topic == handler.settings.topics.response_state]
+    tp = TopicPartition(state.topic, 0)
+
+    def consumed(key: bytes, value: bytes, headers: Any) -> Any:
+        return dataclasses.replace(record(tp, 0, value), key=key, headers=tuple(headers))
+
+    checkpoint = verified_checkpoint(consumed(state.key, state.value, state.headers), handler.signer)
+    assert checkpoint is not None and checkpoint.response_id == "r1" and checkpoint.closed == "final"
+    forged = [
+        consumed(state.key, state.value, []),  # unsigned
+        consumed(b"r2", state.value, state.headers),  # moved to another response
+        consumed(state.key, state.value, role_signer("guard").headers("response_state", state.key, state.value)),
+        consumed(state.key, message.value, handler.signer.headers("stream_verdict", state.key, message.value)),
+    ]
+    assert [verified_checkpoint(r, handler.signer) for r in forged] == [None] * 4
