@@ -10,7 +10,8 @@ its verdict, in the middle of a batch).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -36,7 +37,7 @@ Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
 DecodeReason = Literal[
     "undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation",
-    "metadata_too_deep", "metadata_too_large",
+    "metadata_too_deep", "metadata_too_large", "undecodable",
 ]
 
 
@@ -45,6 +46,19 @@ class DecodeError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason: DecodeReason = reason
         self.detail = detail
+
+
+@contextlib.contextmanager
+def _one_record() -> Iterator[None]:
+    """Whatever else a record's bytes make a decoder raise (an error type a library lets through, as
+    ``astimezone``'s OverflowError did) is that record's DecodeError ("undecodable"), never an exception out of
+    the consumer's accept: one crafted event must not stop its partition."""
+    try:
+        yield
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}"[:500]) from exc
 
 
 def _depth(value: Any) -> int:
@@ -87,9 +101,10 @@ def decode_event(
     An event that decodes can be serialised again inside every output (verdict, review request, alert): the
     metadata limits are what guarantee it.
     """
-    obj = _json_object(raw, max_bytes)
-    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
-    return _validate_event(obj)
+    with _one_record():
+        obj = _json_object(raw, max_bytes)
+        _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+        return _validate_event(obj)
 
 
 def _validate_event(obj: dict[str, Any]) -> ConversationEvent:
@@ -203,10 +218,11 @@ def decode_viewed(
 ) -> Viewed:
     """``decode_event`` for the monitor: an event past the message or content limits is scored on its bounded view
     (``view``) and says so, instead of being dead-lettered. ``max_bytes`` stays the hard transport limit."""
-    obj = _json_object(raw, max_bytes)
-    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
-    kept = _bounded_view(obj, view)
-    return Viewed(_validate_event(obj), kept)
+    with _one_record():
+        obj = _json_object(raw, max_bytes)
+        _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+        kept = _bounded_view(obj, view)
+        return Viewed(_validate_event(obj), kept)
 
 
 def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,
@@ -215,12 +231,14 @@ def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_met
 
     The same metadata limits as events: a chunk's metadata travels into its verdict, which must serialise.
     """
-    obj = _json_object(raw, max_bytes)
-    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
-    try:
-        return ResponseChunk.model_validate(obj)
-    except ValidationError as exc:
-        raise DecodeError("schema_violation", _summary(exc.errors(include_url=False, include_input=False))) from exc
+    with _one_record():
+        obj = _json_object(raw, max_bytes)
+        _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+        try:
+            return ResponseChunk.model_validate(obj)
+        except ValidationError as exc:
+            raise DecodeError("schema_violation",
+                              _summary(exc.errors(include_url=False, include_input=False))) from exc
 
 
 class InvalidVerdict(Exception):
@@ -239,8 +257,8 @@ def decode_verdict(record: Record, signer: Signer, *, roles: Collection[Role] = 
     signed = signer.verify_record("verdict", record, roles=roles, now=now, max_age_s=max_age_s)
     try:
         verdict = Verdict.model_validate(orjson.loads(record.value or b""))
-    except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise InvalidVerdict(str(exc)) from exc
+    except Exception as exc:
+        raise InvalidVerdict(f"{type(exc).__name__}: {exc}") from exc
     if signed is not None and VERDICT_WRITER[verdict.source] != signed.role:
         raise signer.refuse("verdict", "wrong_role", signed.role,
                             f"a {signed.role} key signed a verdict of source {verdict.source!r}")

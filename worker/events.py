@@ -39,7 +39,12 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
     # when it is subtracted from an aware clock reading.
     if value.tzinfo is None or value.utcoffset() is None:
         return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError as exc:
+        # "0001-01-01T00:00:00+01:00" is before year 1 in UTC. pydantic turns only a ValueError from a validator
+        # into a ValidationError: an OverflowError went out of the consumer's accept and stopped the partition.
+        raise ValueError("the timestamp is out of range in UTC") from exc
 
 
 UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]

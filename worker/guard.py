@@ -32,7 +32,6 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from aiokafka import TopicPartition
-from pydantic import ValidationError
 
 from probes.config import ExpertRead
 from probes.conversation import Conversation, is_long_dialogue
@@ -214,8 +213,9 @@ class GuardHandler(OutputsSlot):
                 continue
             try:
                 request = ReviewRequest.model_validate(orjson.loads(record.value or b""))
-            except (orjson.JSONDecodeError, ValidationError) as exc:
-                self.out.dead_letter(record, "invalid_review_request", str(exc)[:500], "decode")
+            except Exception as exc:  # noqa: BLE001 - whatever a body makes the parser raise fails for it alone
+                self.out.dead_letter(record, "invalid_review_request", f"{type(exc).__name__}: {exc}"[:500],
+                                     "decode")
                 continue
             self._pending.append(Envelope.of(record, request, now))
         self._wake.set()

@@ -56,12 +56,27 @@ def test_roundtrip() -> None:
         (orjson.dumps({k: v for k, v in _event().items() if k != "created_at"}), "schema_violation"),
         (orjson.dumps(_event(extra_field=1)), "schema_violation"),
         (orjson.dumps(_event(messages=[{"role": "user", "content": "x" * 5000}])), "oversize"),
+        # Valid ISO 8601, but before year 1 / after 9999 once in UTC: astimezone raised OverflowError, which
+        # pydantic lets through, and it stopped the monitor's partition on every restart.
+        (orjson.dumps(_event(created_at="0001-01-01T00:00:00+01:00")), "schema_violation"),
+        (orjson.dumps(_event(created_at="9999-12-31T23:59:59-01:00")), "schema_violation"),
     ],
 )
 def test_bad_inputs_have_reasons(raw: bytes, reason: str) -> None:
     with pytest.raises(DecodeError) as info:
         decode_event(raw, max_bytes=4096)
     assert info.value.reason == reason
+
+
+def test_whatever_else_a_record_makes_the_decoder_raise_is_its_decode_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library error type nobody expected (as astimezone's OverflowError was) is still one record's dead letter."""
+    def explode(obj: object) -> object:
+        raise OverflowError("something a library lets through")
+
+    monkeypatch.setattr(ConversationEvent, "model_validate", explode)
+    with pytest.raises(DecodeError) as info:
+        decode_event(orjson.dumps(_event()))
+    assert info.value.reason == "undecodable" and "OverflowError" in info.value.detail
 
 
 def test_tombstone() -> None:
@@ -123,6 +138,9 @@ json_values = st.recursive(
 def mutated_events(draw: st.DrawFn) -> bytes:
     """A valid event with fields dropped, replaced by arbitrary JSON, or added: the validator's deep paths."""
     obj: dict[str, object] = dict(_event())
+    if draw(st.booleans()):  # any offset on any date, year 1 and 9999 included
+        offset = dt.timezone(dt.timedelta(minutes=draw(st.integers(-1439, 1439))))
+        obj["created_at"] = draw(st.datetimes()).replace(tzinfo=offset).isoformat()
     for name in draw(st.lists(st.sampled_from([*obj, "schema_version", "extra"]), max_size=3)):
         if draw(st.booleans()):
             obj.pop(name, None)
