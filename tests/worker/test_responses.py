@@ -210,20 +210,28 @@ async def test_redelivery_after_a_crash_resumes_to_the_same_decision(scorer: Str
     await until(lambda: consumer2.last_commit(P0) == len(log))
 
 
+async def _stopped_with_a_response_open(scorer: StreamScorer) -> tuple[
+        dict[str, StreamVerdict], str, list[bytes], Stream[ResponseHandler], FakeProducer]:
+    """A run stopped once the first two chunks of a response (read to its end alone) are checkpointed and
+    committed: the reference verdicts, that response's id, its two chunks, the stopped stream and its producer."""
+    reference = await clean_run(scorer)
+    rid = next(r for r, v in reference.items() if v.reason == "final")
+    own = chunks(rid, TEXTS[rid], 4)[:2]
+    stream, consumer, producer = make(scorer, own)
+    task = asyncio.create_task(stream.run())
+    await until(lambda: consumer.last_commit(P0) == 2, timeout=300)
+    stream.stop()
+    await asyncio.wait_for(task, 60)
+    return reference, rid, own, stream, producer
+
+
 async def test_a_signed_checkpoint_that_cannot_be_resumed_ends_its_response_in_stop_with_an_alert(
         scorer: StreamScorer) -> None:
     """A checkpoint whose logits and scored tokens disagree (a bug or a version skew, not a forgery: those are
     refused before, worker/response_state.py) once made the resume raise out of ``accept`` and stopped the
     partition on every restart. The response it describes cannot be judged in full: it ends "stop" (reason
     error) with an alert, and the partition's other traffic goes on."""
-    reference = await clean_run(scorer)
-    rid = next(r for r, v in reference.items() if v.reason == "final")
-    own = chunks(rid, TEXTS[rid], 4)[:2]
-    stream, consumer, _ = make(scorer, own)
-    task = asyncio.create_task(stream.run())
-    await until(lambda: consumer.last_commit(P0) == 2, timeout=300)
-    stream.stop()
-    await asyncio.wait_for(task, 60)
+    reference, rid, own, stream, _ = await _stopped_with_a_response_open(scorer)
     state = stream.handler.state_log.values()  # type: ignore[union-attr]
     broken = orjson.loads(state[-1])
     assert broken["response_id"] == rid and broken["scored"]
@@ -414,14 +422,7 @@ async def test_a_response_resumed_after_its_chunks_were_committed_still_times_ou
         scorer: StreamScorer) -> None:
     """Its chunks all committed, a restarted service has only the checkpoint: the response resumes with its
     partition and is closed (stop, alert) when no chunk comes, its verdict owed to no record in flight."""
-    reference = await clean_run(scorer)
-    rid = next(r for r, v in reference.items() if v.reason == "final")
-    own = chunks(rid, TEXTS[rid], 4)[:2]
-    stream, consumer, producer = make(scorer, own)
-    task = asyncio.create_task(stream.run())
-    await until(lambda: consumer.last_commit(P0) == 2, timeout=300)
-    stream.stop()
-    await asyncio.wait_for(task, 60)
+    _, rid, own, stream, producer = await _stopped_with_a_response_open(scorer)
     assert not verdicts(producer)
     other = next(r for r in TEXTS if r != rid)
     later = chunks(other, TEXTS[other], 1)  # some other traffic on the partition after the restart
