@@ -31,6 +31,9 @@ from worker.topics import dead_letter_bytes
 from worker.transactions import Outcome, Staged, TransactionalProducer, Transactions
 
 log = get_logger(__name__)
+# Exactly once: the first wait before a failed producer start is tried again, and the longest.
+_ASSIGN_RETRY_S = 1.0
+_ASSIGN_RETRY_MAX_S = 30.0
 Stage = Literal["decode", "inference", "expert", "publish"]
 # A dead letter's Kafka key: enough of the original to find it, never the whole of a hostile multi-MB key.
 _DEAD_LETTER_KEY_BYTES = 256
@@ -438,6 +441,8 @@ class Stream(Generic[H]):
         self._transactional_producer = transactional_producer
         # Exactly once: partitions kept paused and out of commits (producer starting, or handed back after fencing).
         self._held: set[TopicPartition] = set()
+        # Exactly once: partitions whose producer failed to start, still ours → (when to try again, backoff in s).
+        self._assign_retry: dict[TopicPartition, tuple[float, float]] = {}
         # Exactly once: per input partition, a transactional producer and the outputs staged for its commit.
         self.transactions: Transactions[TopicPartition] | None = None
 
@@ -662,7 +667,13 @@ class Stream(Generic[H]):
         except Exception as exc:  # noqa: BLE001 - without its producer a partition cannot commit: hand it back
             log.error("transactions.assign_failed", service=self.name, error=repr(exc))
             await self._hand_back(assigned)
+            now = time.monotonic()
+            for tp in assigned:  # no rebalance follows this failure: _retry_assignments tries again, with backoff
+                backoff = min(2 * self._assign_retry.get(tp, (0.0, _ASSIGN_RETRY_S / 2))[1], _ASSIGN_RETRY_MAX_S)
+                self._assign_retry[tp] = (now + backoff, backoff)
             return
+        for tp in assigned:
+            self._assign_retry.pop(tp, None)
         self._held -= assigned
         live = assigned & self.consumer.assignment()
         if live:
@@ -758,6 +769,23 @@ class Stream(Generic[H]):
             await asyncio.sleep(self.limits.commit_interval_s)
             await self._commit(None)
             await self._update_lag()
+            await self._retry_assignments()
+
+    async def _retry_assignments(self) -> None:
+        """Exactly once: a partition whose producer failed to start (its transaction coordinator away a moment) is
+        still assigned to us, and no rebalance follows such a failure: without this it stayed paused and unread,
+        its lag growing, while liveness stayed green. Its start is tried again, with backoff, while it is ours."""
+        if not self._assign_retry:
+            return
+        assert self.consumer is not None
+        owned = self.consumer.assignment()
+        for tp in [tp for tp in self._assign_retry if tp not in owned or tp not in self._held]:
+            del self._assign_retry[tp]  # revoked meanwhile: its new owner starts it
+        now = time.monotonic()
+        due = {tp for tp, (at, _) in self._assign_retry.items() if at <= now and tp not in self._assigned}
+        if due and not self.stopping.is_set():
+            self.on_assigned(due)
+            await self.assigned_transactional(due)
 
     async def _commit(self, deadline: Deadline | None, only: set[TopicPartition] | None = None) -> None:
         assert self.consumer is not None

@@ -37,6 +37,7 @@ from tests.worker.helpers import (
 from worker.config import ProcessingConfig, WorkerSettings
 from worker.monitor import monitor_stream
 from worker.responses import refuse_exactly_once
+from worker.transactions import Transactions
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 
@@ -85,6 +86,44 @@ async def test_exactly_once_worker_answers_each_event_once_in_process(
         await verdicts.stop()
         worker.stop()
         await asyncio.wait_for(task, 30)
+    seen = Counter(verdicts.ids())
+    assert set(seen) == ids and max(seen.values()) == 1, seen.most_common(3)
+
+
+async def test_a_partition_whose_producer_fails_to_start_is_started_again_not_left_unread(
+    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transaction coordinator away a moment as partitions are assigned: their producers fail to start. No
+    rebalance follows such a failure, so they were handed back and left paused and unread for good (liveness
+    green). They are started again, with backoff, and every event gets its one verdict."""
+    s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=True, partitions=2)
+    real = Transactions.assign
+    failed: list[set[object]] = []
+
+    async def coordinator_away_once(self: Transactions[object], partitions: set[object]) -> None:
+        if not failed:
+            failed.append(set(partitions))
+            raise ConnectionError("transaction coordinator not available")
+        await real(self, partitions)
+
+    monkeypatch.setattr(Transactions, "assign", coordinator_away_once)
+    events = dataset_events(mixed_files(datasets_dir), 40)
+    ids = {e.event_id for e in events}
+    worker = monitor_stream(s, monitor)
+    task = asyncio.create_task(worker.run())
+    verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
+    try:
+        await wait_for(lambda: bool(failed) or task.done(), timeout=60)
+        assert not task.done(), task.exception()
+        await produce_at_rate(s.kafka.bootstrap_servers, s.topics.input, event_values(events))
+        await verdicts.wait(lambda w: w.distinct() >= ids, timeout=90)
+        await _fully_committed(s)
+    finally:
+        await verdicts.stop()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert failed and failed[0], "the first start failed"
     seen = Counter(verdicts.ids())
     assert set(seen) == ids and max(seen.values()) == 1, seen.most_common(3)
 
