@@ -10,10 +10,10 @@ its verdict, in the middle of a batch).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Collection, Iterator, Sequence
+import functools
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeAlias, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DecodeReason = Literal[
     "undecodable_utf8", "invalid_json", "schema_violation", "oversize", "empty_conversation",
@@ -48,17 +50,21 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-@contextlib.contextmanager
-def _one_record() -> Iterator[None]:
-    """Whatever else a record's bytes make a decoder raise (an error type a library lets through, as
-    ``astimezone``'s OverflowError did) is that record's DecodeError ("undecodable"), never an exception out of
-    the consumer's accept: one crafted event must not stop its partition."""
-    try:
-        yield
-    except DecodeError:
-        raise
-    except Exception as exc:
-        raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}"[:500]) from exc
+def _one_record(decode: Callable[P, R]) -> Callable[P, R]:
+    """``decode``, with whatever else a record's bytes make it raise (an error type a library lets through, as
+    ``astimezone``'s OverflowError did) as that record's DecodeError ("undecodable"), never an exception out of
+    the consumer's accept: one crafted event must not stop its partition. A wrapper, not a ``with`` block: on the
+    monitor's path per event, a contextmanager costs ~2.4 µs here, a wrapper ~0.2."""
+    @functools.wraps(decode)
+    def decoded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return decode(*args, **kwargs)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}"[:500]) from exc
+
+    return decoded
 
 
 def _depth(value: Any) -> int:
@@ -92,6 +98,7 @@ def _check_metadata(obj: dict[str, Any], max_depth: int, max_bytes: int) -> None
         raise DecodeError("metadata_too_large", f"metadata is {size} bytes > limit {max_bytes}")
 
 
+@_one_record
 def decode_event(
     raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,
     max_metadata_bytes: int = MAX_METADATA_BYTES,
@@ -101,10 +108,9 @@ def decode_event(
     An event that decodes can be serialised again inside every output (verdict, review request, alert): the
     metadata limits are what guarantee it.
     """
-    with _one_record():
-        obj = _json_object(raw, max_bytes)
-        _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
-        return _validate_event(obj)
+    obj = _json_object(raw, max_bytes)
+    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+    return _validate_event(obj)
 
 
 def _validate_event(obj: dict[str, Any]) -> ConversationEvent:
@@ -212,33 +218,32 @@ def _bounded_view(obj: dict[str, Any], limits: ViewLimits) -> EventView | None:
                      kept_bytes=limits.max_bytes - budget)
 
 
+@_one_record
 def decode_viewed(
     raw: bytes | None, *, view: ViewLimits, max_bytes: int = MAX_EVENT_BYTES,
     max_metadata_depth: int = MAX_METADATA_DEPTH, max_metadata_bytes: int = MAX_METADATA_BYTES,
 ) -> Viewed:
     """``decode_event`` for the monitor: an event past the message or content limits is scored on its bounded view
     (``view``) and says so, instead of being dead-lettered. ``max_bytes`` stays the hard transport limit."""
-    with _one_record():
-        obj = _json_object(raw, max_bytes)
-        _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
-        kept = _bounded_view(obj, view)
-        return Viewed(_validate_event(obj), kept)
+    obj = _json_object(raw, max_bytes)
+    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+    kept = _bounded_view(obj, view)
+    return Viewed(_validate_event(obj), kept)
 
 
+@_one_record
 def decode_chunk(raw: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES, max_metadata_depth: int = MAX_METADATA_DEPTH,
                  max_metadata_bytes: int = MAX_METADATA_BYTES) -> ResponseChunk:
     """Bytes from the ``responses`` topic → a validated response chunk, or DecodeError with the reason.
 
     The same metadata limits as events: a chunk's metadata travels into its verdict, which must serialise.
     """
-    with _one_record():
-        obj = _json_object(raw, max_bytes)
-        _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
-        try:
-            return ResponseChunk.model_validate(obj)
-        except ValidationError as exc:
-            raise DecodeError("schema_violation",
-                              _summary(exc.errors(include_url=False, include_input=False))) from exc
+    obj = _json_object(raw, max_bytes)
+    _check_metadata(obj, max_metadata_depth, max_metadata_bytes)
+    try:
+        return ResponseChunk.model_validate(obj)
+    except ValidationError as exc:
+        raise DecodeError("schema_violation", _summary(exc.errors(include_url=False, include_input=False))) from exc
 
 
 class InvalidVerdict(Exception):

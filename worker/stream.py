@@ -669,7 +669,8 @@ class Stream(Generic[H]):
             await self._hand_back(assigned)
             now = time.monotonic()
             for tp in assigned:  # no rebalance follows this failure: _retry_assignments tries again, with backoff
-                backoff = min(2 * self._assign_retry.get(tp, (0.0, _ASSIGN_RETRY_S / 2))[1], _ASSIGN_RETRY_MAX_S)
+                last = self._assign_retry.get(tp)
+                backoff = _ASSIGN_RETRY_S if last is None else min(2 * last[1], _ASSIGN_RETRY_MAX_S)
                 self._assign_retry[tp] = (now + backoff, backoff)
             return
         for tp in assigned:

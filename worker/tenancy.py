@@ -11,12 +11,13 @@ from __future__ import annotations
 import collections
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from probes.errors import ConfigError
 from probes.logs import get_logger
 from worker.config import TenantConfig
+from worker.signing import Headers
 from worker.tenant_auth import TenantAuthError, verify_gateway
 
 log = get_logger(__name__)
@@ -76,7 +77,7 @@ class TenantResolver:
         """The topic pattern to subscribe to (topic source), else None: the plain input topic only."""
         return subscription_pattern(self.input_topic) if self.config.source == "topic" else None
 
-    def resolve(self, topic: str, headers: Sequence[tuple[str, bytes | None]] | None, event_id: str,
+    def resolve(self, topic: str, headers: Headers | None, event_id: str,
                 claimed: str, now: float | None = None) -> Tenancy:
         c = self.config
         if c.source == "payload":

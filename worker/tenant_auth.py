@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.signing import Headers
 
 TENANT_HEADER = "ctd-tenant"
 AUTH_HEADER = "ctd-tenant-auth"
@@ -42,7 +45,7 @@ def gateway_headers(secret: bytes, event_id: str, tenant: str, timestamp: int) -
             (AUTH_HEADER, f"{VERSION}:{timestamp}:{_digest(secret, event_id, tenant, timestamp)}".encode())]
 
 
-def verify_gateway(secret: bytes, event_id: str, headers: Sequence[tuple[str, bytes | None]] | None, *, now: float,
+def verify_gateway(secret: bytes, event_id: str, headers: Headers | None, *, now: float,
                    max_age_s: float | None) -> str:
     """The tenant the gateway vouched for on this event, or TenantAuthError."""
     tenants = [v for k, v in headers or () if k == TENANT_HEADER]

@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ from tests.worker.helpers import (
     worker_settings,
 )
 from worker.config import ProcessingConfig, WorkerSettings
-from worker.monitor import monitor_stream
+from worker.monitor import MonitorStream, monitor_stream
 from worker.responses import refuse_exactly_once
 from worker.transactions import Transactions
 
@@ -64,30 +65,43 @@ async def _fully_committed(s: WorkerSettings, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.3)
 
 
-async def test_exactly_once_worker_answers_each_event_once_in_process(
-    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
-) -> None:
-    s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=True)
-    events = dataset_events(mixed_files(datasets_dir), 120)
+async def _each_answered_once(s: WorkerSettings, monitor: Monitor, datasets_dir: Path, n: int, *,
+                              started: Callable[[MonitorStream], bool],
+                              then: Callable[[MonitorStream], Awaitable[None]] | None = None) -> None:
+    """An in-process worker fed ``n`` dataset events once ``started``: each gets exactly one verdict to a
+    read_committed reader, and the input is fully committed (``then`` runs on the live worker after that)."""
+    events = dataset_events(mixed_files(datasets_dir), n)
     ids = {e.event_id for e in events}
     worker = monitor_stream(s, monitor)
     task = asyncio.create_task(worker.run())
     verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
     try:
-        await wait_for(lambda: worker.ready() or task.done(), timeout=60)
+        await wait_for(lambda: started(worker) or task.done(), timeout=60)
         assert not task.done(), task.exception()
         await produce_at_rate(s.kafka.bootstrap_servers, s.topics.input, event_values(events))
         await verdicts.wait(lambda w: w.distinct() >= ids, timeout=90)
         await _fully_committed(s)
-        await asyncio.sleep(0.5)
-        assert worker.transactions is not None and worker.transactions.committed_transactions > 0
-        assert worker.transactions.staged() == 0
+        if then is not None:
+            await then(worker)
     finally:
         await verdicts.stop()
         worker.stop()
         await asyncio.wait_for(task, 30)
     seen = Counter(verdicts.ids())
     assert set(seen) == ids and max(seen.values()) == 1, seen.most_common(3)
+
+
+async def test_exactly_once_worker_answers_each_event_once_in_process(
+    kafka_broker: LocalBroker, small_bundle: Path, cache_dir: Path, monitor: Monitor, datasets_dir: Path
+) -> None:
+    async def nothing_left_staged(worker: MonitorStream) -> None:
+        await asyncio.sleep(0.5)
+        assert worker.transactions is not None and worker.transactions.committed_transactions > 0
+        assert worker.transactions.staged() == 0
+
+    s = _settings(kafka_broker, small_bundle, cache_dir, exactly_once=True)
+    await _each_answered_once(s, monitor, datasets_dir, 120, started=lambda worker: worker.ready(),
+                              then=nothing_left_staged)
 
 
 async def test_a_partition_whose_producer_fails_to_start_is_started_again_not_left_unread(
@@ -108,24 +122,8 @@ async def test_a_partition_whose_producer_fails_to_start_is_started_again_not_le
         await real(self, partitions)
 
     monkeypatch.setattr(Transactions, "assign", coordinator_away_once)
-    events = dataset_events(mixed_files(datasets_dir), 40)
-    ids = {e.event_id for e in events}
-    worker = monitor_stream(s, monitor)
-    task = asyncio.create_task(worker.run())
-    verdicts = await TopicWatcher(s.kafka.bootstrap_servers, s.topics.verdicts).start()
-    try:
-        await wait_for(lambda: bool(failed) or task.done(), timeout=60)
-        assert not task.done(), task.exception()
-        await produce_at_rate(s.kafka.bootstrap_servers, s.topics.input, event_values(events))
-        await verdicts.wait(lambda w: w.distinct() >= ids, timeout=90)
-        await _fully_committed(s)
-    finally:
-        await verdicts.stop()
-        worker.stop()
-        await asyncio.wait_for(task, 30)
+    await _each_answered_once(s, monitor, datasets_dir, 40, started=lambda _: bool(failed))
     assert failed and failed[0], "the first start failed"
-    seen = Counter(verdicts.ids())
-    assert set(seen) == ids and max(seen.values()) == 1, seen.most_common(3)
 
 
 @pytest.mark.slow
